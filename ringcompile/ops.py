@@ -1,0 +1,88 @@
+"""``torch.ops.ringcompile.ring_attention``: the op every rewritten attention becomes.
+
+Forward and backward are both custom ops, so AOTAutograd and Inductor treat each as one
+opaque call in the forward and backward graphs; the ring communication inside them is
+never traced. Inputs are the local shards (B, H, S_local, D) in the spec's layout;
+``seq_len`` is the true global sequence length (keys past it are padding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import get_spec
+
+Tensor = torch.Tensor
+
+
+def lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("ringcompile::ring_attention", mutates_args=())
+def ring_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, mask_extras: list[Tensor], score_extras: list[Tensor],
+    seq_len: int, spec_key: str, dropout_seed: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Returns (out in q's dtype, lse of shape (B, Hq, S_local) in fp32, fp64 for fp64 q)."""
+    from .runtime.dispatch import attention_forward
+
+    out, lse = attention_forward(q, k, v, mask_extras, score_extras, seq_len, get_spec(spec_key),
+                                 dropout_seed)
+    return out.to(q.dtype).contiguous(), lse.to(lse_dtype(q)).contiguous()
+
+
+@ring_attention_op.register_fake
+def _(q, k, v, mask_extras, score_extras, seq_len, spec_key, dropout_seed=None):
+    B, H, S, D = q.shape
+    return q.new_empty(B, H, S, v.shape[-1]), q.new_empty(B, H, S, dtype=lse_dtype(q))
+
+
+@torch.library.custom_op("ringcompile::ring_attention_backward", mutates_args=())
+def ring_attention_backward_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    mask_extras: list[Tensor], score_extras: list[Tensor], seq_len: int, spec_key: str,
+    dropout_seed: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """Returns (dq, dk, dv, d_score_extras); a non-differentiable extra gets an empty tensor."""
+    from .runtime.dispatch import attention_backward
+
+    dq, dk, dv, d_extras = attention_backward(dout, q, k, v, out, lse, mask_extras, score_extras,
+                                              seq_len, get_spec(spec_key), dropout_seed)
+    grads = [
+        g.to(e.dtype).contiguous() if g is not None else e.new_empty(0)
+        for g, e in zip(d_extras, score_extras, strict=True)
+    ]
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), grads
+
+
+@ring_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, mask_extras, score_extras, seq_len, spec_key, dropout_seed=None):
+    grads = [e.new_empty(e.shape) if e.is_floating_point() else e.new_empty(0) for e in score_extras]
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grads
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask_extras, score_extras, seq_len, spec_key, dropout_seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *mask_extras, *score_extras,
+                          *(() if dropout_seed is None else (dropout_seed,)))
+    ctx.n_mask, ctx.n_score = len(mask_extras), len(score_extras)
+    ctx.has_seed = dropout_seed is not None
+    ctx.seq_len, ctx.spec_key = seq_len, spec_key
+    ctx.extra_float = [e.is_floating_point() for e in score_extras]
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    mask_extras = rest[:ctx.n_mask]
+    score_extras = rest[ctx.n_mask:ctx.n_mask + ctx.n_score]
+    seed = rest[ctx.n_mask + ctx.n_score] if ctx.has_seed else None
+    dq, dk, dv, d_extras = ring_attention_backward_op(
+        dout.contiguous(), q, k, v, out, lse, list(mask_extras), list(score_extras), ctx.seq_len,
+        ctx.spec_key, seed)
+    d_score = [g if is_float else None for g, is_float in zip(d_extras, ctx.extra_float, strict=True)]
+    return dq, dk, dv, [None] * ctx.n_mask, d_score, None, None
+
+
+ring_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,1 @@
+"""The ring runtime: communicators, layouts, strategies and the block schedule."""
