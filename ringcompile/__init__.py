@@ -1,4 +1,13 @@
-"""ringcompile: ``torch.compile(model, backend="ring")`` makes attention sequence-parallel."""
+"""ringcompile: ``torch.compile(model, backend="ring")`` makes attention sequence-parallel.
+
+Public names are imported lazily so ``import ringcompile`` stays cheap and a backend
+registered through the entry point does not pull in Triton or sympy until needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.ringcompile.*)
 from .errors import (
@@ -13,6 +22,17 @@ from .options import Options
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it
+_LAZY = {
+    "explain": "ringcompile.explain",
+    "ring_attention": "ringcompile.api",
+    "shard": "ringcompile.api",
+    "gather": "ringcompile.api",
+    "plan": "ringcompile.cost_model.planner",
+    "plans": "ringcompile.cost_model.planner",
+    "ring_backend": "ringcompile.backend",
+}
+
 __all__ = [
     "CommunicationError",
     "KernelError",
@@ -22,4 +42,11 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedPatternError",
     "__version__",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'ringcompile' has no attribute {name!r}")

@@ -1,0 +1,62 @@
+"""One attention found in a graph: what discovery learned and what the rewrite needs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+
+from .mods import Mod
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    """An attention subgraph of the normalised (aten, pre-autograd) graph.
+
+    q, k, v:      nodes whose values are (B, H, S, D) in that dim order (B*H merged and H=1
+                  for 3-D attention); k/v carry the *un-repeated* KV heads for GQA.
+    output:       the node whose value is the attention output (replaced by the rewrite).
+    output_layout: how the op's (B, H, S, D) output maps back onto ``output``'s value
+                  ("bhsd", "bshd", or "3d").
+    pattern:      which form matched, e.g. "sdpa", "matmul-softmax-matmul", "bmm", "einsum".
+    layout:       the layout the attention was written in ("bhsd", "bshd", "3d").
+    scale:        softmax scale (None = 1/sqrt(D)).
+    gqa_groups:   query heads per KV head (1 = MHA).
+    dropout_p:    attention dropout probability (0 in eval).
+    softmax_dtype: dtype the softmax ran in (None = input dtype).
+    mask, score:  mods over global indices (see ringcompile.mods), or None.
+    mask_extras, score_extras: graph nodes whose values the mods take as extras.
+    nodes:        nodes that exist only to compute this attention (dead after rewrite).
+    location:     module path or source line, for reports.
+    rewritten, reason: whether the rewrite happened, and why not.
+    """
+
+    name: str
+    pattern: str
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    output: fx.Node
+    layout: str = "bhsd"
+    output_layout: str = "bhsd"
+    scale: float | None = None
+    gqa_groups: int = 1
+    dropout_p: float = 0.0
+    softmax_dtype: torch.dtype | None = None
+    mask: Mod | None = None
+    score: Mod | None = None
+    mask_extras: list[fx.Node] = dataclasses.field(default_factory=list)
+    score_extras: list[fx.Node] = dataclasses.field(default_factory=list)
+    nodes: set[fx.Node] = dataclasses.field(default_factory=set)
+    location: str = ""
+    rewritten: bool = False
+    reason: str | None = None
+
+    @property
+    def mask_description(self) -> str:
+        return self.mask.describe() if self.mask is not None else "none"
+
+    @property
+    def score_description(self) -> str:
+        return self.score.describe() if self.score is not None else "none"
