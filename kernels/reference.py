@@ -10,9 +10,8 @@ always masked. This module materialises one block's scores, so callers keep bloc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import contextlib
+from collections.abc import Sequence
 
 import torch
 
