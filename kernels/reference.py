@@ -77,8 +77,13 @@ def block_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0,
     kv_offset: int = 0, seq_len: int | None = None, mask: Mod | None = None, score: Mod | None = None,
     mask_extras: Sequence[torch.Tensor] = (), score_extras: Sequence[torch.Tensor] = (),
+    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of one block pair; fully masked rows give out = 0 and lse = -inf."""
+    """(out, lse) of one block pair; fully masked rows give out = 0 and lse = -inf.
+
+    With ``dropout_p`` > 0, normalised probabilities are multiplied by keep / (1 - p), keep
+    from ``kernels.dropout.keep_mask`` on global indices; lse is unchanged by dropout.
+    """
     s = block_scores(q, k, scale=scale, q_offset=q_offset, kv_offset=kv_offset, score=score,
                      score_extras=score_extras)
     keep = block_keep_mask(q, k, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len, mask=mask,
@@ -88,9 +93,27 @@ def block_forward(
     lse = torch.logsumexp(s, dim=-1)
     safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(s - safe.unsqueeze(-1))
+    drop = dropout_factor(q, k, q_offset, kv_offset, dropout_p, dropout_seed, p.dtype)
+    if drop is not None:
+        p = p * drop
     groups = q.shape[1] // k.shape[1]
     out = torch.matmul(p, repeat_kv(v, groups).to(p.dtype))
     return out, lse
+
+
+def dropout_factor(
+    q: torch.Tensor, k: torch.Tensor, q_offset: int, kv_offset: int, dropout_p: float,
+    dropout_seed: int | torch.Tensor | None, dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """keep / (1 - dropout_p) on the block's global indices, or None without dropout."""
+    if dropout_p <= 0:
+        return None
+    from .dropout import check_dropout, dropout_scale, seed_to_int
+
+    seed = seed_to_int(dropout_seed)
+    check_dropout(dropout_p, seed)
+    grid = index_grid(q.shape[0], q.shape[1], q_offset, q.shape[2], kv_offset, k.shape[2], device=q.device)
+    return dropout_scale(seed, *grid, dropout_p, dtype)
 
 
 def merge_partials(
@@ -111,6 +134,7 @@ def block_backward(
     lse: torch.Tensor, *, scale: float, q_offset: int = 0, kv_offset: int = 0, seq_len: int | None = None,
     mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
     score_extras: Sequence[torch.Tensor] = (), delta: torch.Tensor | None = None,
+    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """This block pair's (dq, dk, dv, d_score_extras) given the final out and lse.
 
@@ -135,10 +159,13 @@ def block_backward(
         p = p.masked_fill(~keep, 0.0)
     do = dout.to(acc)
     vr = repeat_kv(v, groups).to(acc)
-    dv = torch.matmul(p.transpose(-2, -1), do)
+    drop = dropout_factor(q, k, q_offset, kv_offset, dropout_p, dropout_seed, p.dtype)
+    dv = torch.matmul((p if drop is None else p * drop).transpose(-2, -1), do)
     if delta is None:
         delta = (do * out.to(acc)).sum(-1)
     dp = torch.matmul(do, vr.transpose(-2, -1))
+    if drop is not None:
+        dp = dp * drop
     ds = p * (dp - delta.to(acc).unsqueeze(-1))
     wanted = [qa, ka] + [e for e in extras if e.requires_grad]
     with autograd_enabled():
@@ -159,8 +186,12 @@ def attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
     mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
     score_extras: Sequence[torch.Tensor] = (), dtype: torch.dtype = torch.float64,
+    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eager attention on the full sequence, differentiable, in ``dtype`` (float64 for tests)."""
+    """Eager attention on the full sequence, differentiable, in ``dtype`` (float64 for tests).
+
+    Dropout, when asked for, multiplies softmax(scores) by the global-index keep mask / (1 - p).
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     groups = q.shape[1] // k.shape[1]
@@ -173,4 +204,7 @@ def attention_reference(
         s = s.masked_fill(~evaluate_mask(mask, grid, mask_extras), float("-inf"))
     p = torch.softmax(s, dim=-1)
     p = torch.nan_to_num(p, nan=0.0)  # fully masked rows attend to nothing
+    drop = dropout_factor(q, k, 0, 0, dropout_p, dropout_seed, p.dtype)
+    if drop is not None:
+        p = p * drop
     return torch.matmul(p, repeat_kv(v, groups))

@@ -59,7 +59,9 @@ def ring_attention_backward_op(
 @ring_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, mask_extras, score_extras, seq_len, spec_key, dropout_seed=None):
     grads = [e.new_empty(e.shape) if e.is_floating_point() else e.new_empty(0) for e in score_extras]
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grads
+    contiguous = torch.contiguous_format  # the real op returns .contiguous() grads (q may be permuted)
+    return (torch.empty_like(q, memory_format=contiguous), torch.empty_like(k, memory_format=contiguous),
+            torch.empty_like(v, memory_format=contiguous), grads)
 
 
 def _setup_context(ctx, inputs, output) -> None:

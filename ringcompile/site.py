@@ -30,6 +30,12 @@ class AttentionSite:
     nodes:        nodes that exist only to compute this attention (dead after rewrite).
     location:     module path or source line, for reports.
     rewritten, reason: whether the rewrite happened, and why not.
+    q_perm, k_perm, v_perm: permutations that turn the q/k/v node values into (batch.., S, D)
+                  (None = already in that order); 3-D values get a head dim of 1 inserted after.
+    out_perm:     permutation of the canonical (batch.., S, Dv) output onto ``output``'s value.
+    is_3d:        the attention ran on (B*H, S, D) tensors.
+    output_dtype: dtype of ``output``'s value (the op's result is cast to it).
+    notes:        extra facts for reports (what the mods extraction noticed, ...).
     """
 
     name: str
@@ -52,6 +58,13 @@ class AttentionSite:
     location: str = ""
     rewritten: bool = False
     reason: str | None = None
+    q_perm: tuple[int, ...] | None = None
+    k_perm: tuple[int, ...] | None = None
+    v_perm: tuple[int, ...] | None = None
+    out_perm: tuple[int, ...] | None = None
+    is_3d: bool = False
+    output_dtype: torch.dtype | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def mask_description(self) -> str:

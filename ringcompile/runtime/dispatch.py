@@ -1,4 +1,4 @@
-"""Entry points of the custom op: pick the strategy for this call and run it."""
+"""Entry points of the custom op: resolve the group, pick the strategy for this call, run it."""
 
 from __future__ import annotations
 
@@ -6,9 +6,81 @@ from collections.abc import Sequence
 
 import torch
 
+from ringcompile.errors import OptionError
+from ringcompile.log import get_logger
 from ringcompile.spec import AttentionSpec
 
-from .local import local_backward, local_forward
+from .communicator import RingCommunicator
+from .execute import run_backward, run_forward
+from .group import ResolvedGroup, resolve_group
+from .layouts import check_layout
+from .strategies import NAMES
+
+log = get_logger(__name__)
+
+# strategies that can run on shards of each layout ("local" takes full tensors)
+COMPATIBLE = {
+    "contiguous": ("ring", "allgather", "ulysses", "local"),
+    "zigzag": ("zigzag", "ring", "allgather", "ulysses", "local"),
+}
+ALLGATHER_MAX_SEQ = 4096  # heuristic when no cost model: gathering K/V once wins for short sequences
+
+
+def _planner_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, world_size: int,
+                    spec: AttentionSpec, backward: bool) -> str | None:
+    try:
+        from ringcompile.cost_model.planner import choose_for_call
+    except ImportError:
+        return None
+    causal = spec.mask is not None and "causal" in spec.mask.kinds
+    try:
+        plan = choose_for_call(seq_len=seq_len, world_size=world_size, batch=q.shape[0], heads=q.shape[1],
+                               kv_heads=k.shape[1], head_dim=q.shape[-1], dtype=q.dtype, causal=causal,
+                               backward=backward)
+        return getattr(plan, "strategy", None)
+    except Exception as e:  # the planner is advisory: a failure falls back to the heuristic
+        log.warning("cost-model planner failed (%s); using the built-in heuristic", e)
+        return None
+
+
+def choose_strategy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, world_size: int,
+                    spec: AttentionSpec, layout: str, backward: bool = False) -> str:
+    """The strategy this call runs: deterministic in its inputs, so every rank picks the same."""
+    if spec.strategy not in ("auto", *NAMES):
+        raise OptionError(f"strategy must be 'auto' or one of {list(NAMES)}, got {spec.strategy!r}")
+    if world_size == 1:
+        return "local"
+    if spec.strategy != "auto":
+        if spec.strategy not in COMPATIBLE[layout]:
+            raise OptionError(f"strategy {spec.strategy!r} cannot run on {layout!r}-layout shards; "
+                              f"valid here: {list(COMPATIBLE[layout])}")
+        return spec.strategy
+    if layout == "zigzag":
+        return "zigzag"
+    divisible = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0
+    choice = _planner_choice(q, k, v, seq_len, world_size, spec, backward)
+    if choice in ("ring", "allgather") or (choice == "ulysses" and divisible and spec.dropout_p == 0):
+        return choice
+    if choice is not None:
+        log.info("planner chose %r, not usable on contiguous shards here; using the heuristic", choice)
+    return "allgather" if seq_len <= ALLGATHER_MAX_SEQ else "ring"
+
+
+def _plan(q, k, v, seq_len, spec, backward) -> tuple[ResolvedGroup, str, str]:
+    group = resolve_group(spec.group, spec.mesh_dim)
+    layout = check_layout(spec.layout)
+    strategy = choose_strategy(q, k, v, seq_len, group.world_size, spec, layout, backward)
+    if strategy == "ulysses" and spec.dropout_p > 0:
+        raise OptionError("strategy 'ulysses' does not support attention dropout yet; use 'ring' or 'zigzag'")
+    return group, strategy, layout
+
+
+def _communicator(group: ResolvedGroup, spec: AttentionSpec, device: torch.device):
+    if group.is_single:
+        from .simulated import simulate_single
+
+        return simulate_single(spec.timeout)
+    return RingCommunicator(group, spec.timeout, device=device)
 
 
 def attention_forward(
@@ -16,7 +88,12 @@ def attention_forward(
     score_extras: Sequence[torch.Tensor], seq_len: int, spec: AttentionSpec,
     dropout_seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return local_forward(q, k, v, mask_extras, score_extras, seq_len, spec)
+    group, strategy, layout = _plan(q, k, v, seq_len, spec, backward=False)
+    comm = _communicator(group, spec, q.device)
+    key = (id(spec), id(group.group), group.rank, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype,
+           int(seq_len), strategy, layout)
+    return run_forward(comm, q, k, v, mask_extras, score_extras, seq_len, spec, strategy, layout,
+                       dropout_seed, check_key=key)
 
 
 def attention_backward(
@@ -24,4 +101,7 @@ def attention_backward(
     lse: torch.Tensor, mask_extras: Sequence[torch.Tensor], score_extras: Sequence[torch.Tensor],
     seq_len: int, spec: AttentionSpec, dropout_seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
-    return local_backward(dout, q, k, v, out, lse, mask_extras, score_extras, seq_len, spec)
+    group, strategy, layout = _plan(q, k, v, seq_len, spec, backward=False)
+    comm = _communicator(group, spec, q.device)
+    return run_backward(comm, dout, q, k, v, out, lse, mask_extras, score_extras, seq_len, spec, strategy,
+                        layout, dropout_seed)

@@ -1,7 +1,9 @@
-"""Blockwise attention on one process: the ``local`` strategy and the world-size-1 path.
+"""Blockwise attention on one process: the ``local`` strategy and the per-chunk worker of the ring.
 
-Queries and keys are cut into blocks; each block pair runs through a block kernel and the
-partials merge by log-sum-exp, so extra memory is O(block x block), never O(S x S).
+Queries and keys are cut into blocks; each block pair runs through a block kernel (chosen by
+``kernels.select.block_kernels``) and the partials merge by log-sum-exp, so extra memory is
+O(block x block), never O(S x S). Block pairs the mask removes entirely are skipped; causal
+pairs it keeps entirely run without a mask.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ringcompile.kernels.reference import block_backward, block_forward, block_keep_mask, merge_partials
+from ringcompile.kernels.reference import block_keep_mask, merge_partials
+from ringcompile.kernels.select import BlockKernels, block_kernels
 from ringcompile.spec import AttentionSpec
 
 DEFAULT_BLOCK = 512
@@ -20,9 +23,13 @@ def _blocks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _pair_is_empty(q, k, q0, k0, seq_len, spec, mask_extras) -> bool:
     """True when the mask removes every pair of this block (so it is skipped, not computed)."""
-    if k0 >= seq_len:
+    if k0 >= seq_len or q.shape[2] == 0 or k.shape[2] == 0:
         return True
     if spec.mask is None:
         return False
@@ -33,31 +40,51 @@ def _pair_is_empty(q, k, q0, k0, seq_len, spec, mask_extras) -> bool:
     return keep is not None and not bool(keep.any())
 
 
+def _pair_mask(q, k, q0, k0, spec):
+    """The mask to apply to a non-empty pair: None when a causal mask keeps all of it."""
+    if spec.mask is not None and spec.mask.kind == "causal" and k0 + k.shape[2] - 1 <= q0:
+        return None
+    return spec.mask
+
+
+def _dropout_kwargs(spec: AttentionSpec, dropout_seed) -> dict:
+    if spec.dropout_p > 0 and dropout_seed is not None:
+        return {"dropout_p": spec.dropout_p, "dropout_seed": dropout_seed}
+    return {}
+
+
 def local_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_extras: Sequence[torch.Tensor],
     score_extras: Sequence[torch.Tensor], seq_len: int, spec: AttentionSpec, *, q_offset: int = 0,
-    kv_offset: int = 0, block: int = DEFAULT_BLOCK,
+    kv_offset: int = 0, block: int | None = None, kernels: BlockKernels | None = None,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out fp32, lse fp32) for q at global ``q_offset`` against k/v at ``kv_offset``."""
+    block = DEFAULT_BLOCK if block is None else block
+    kernels = block_kernels(spec, q.device) if kernels is None else kernels
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+    extra = _dropout_kwargs(spec, dropout_seed)
+    acc = acc_dtype(q)
     outs, lses = [], []
     for qs, qe in _blocks(q.shape[2], block):
         qb = q[:, :, qs:qe]
         out = lse = None
         for ks, ke in _blocks(k.shape[2], block):
             kb, vb = k[:, :, ks:ke], v[:, :, ks:ke]
-            if _pair_is_empty(qb, kb, q_offset + qs, kv_offset + ks, seq_len, spec, mask_extras):
+            q0, k0 = q_offset + qs, kv_offset + ks
+            if _pair_is_empty(qb, kb, q0, k0, seq_len, spec, mask_extras):
                 continue
-            o, s = block_forward(qb, kb, vb, scale=scale, q_offset=q_offset + qs, kv_offset=kv_offset + ks,
-                                 seq_len=seq_len, mask=spec.mask, score=spec.score,
-                                 mask_extras=mask_extras, score_extras=score_extras)
-            out, lse = merge_partials(out, lse, o, s)
+            o, s = kernels.forward(qb, kb, vb, scale=scale, q_offset=q0, kv_offset=k0, seq_len=seq_len,
+                                   mask=_pair_mask(qb, kb, q0, k0, spec), score=spec.score,
+                                   mask_extras=mask_extras, score_extras=score_extras, **extra)
+            out, lse = merge_partials(out, lse, o.to(acc), s.to(acc))
         if out is None:
-            acc = torch.float64 if q.dtype == torch.float64 else torch.float32
             out = q.new_zeros(*qb.shape[:3], v.shape[-1], dtype=acc)
             lse = q.new_full(qb.shape[:3], float("-inf"), dtype=acc)
         outs.append(out)
         lses.append(lse)
+    if not outs:
+        return q.new_zeros(*q.shape[:3], v.shape[-1], dtype=acc), q.new_zeros(q.shape[:3], dtype=acc)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
@@ -65,27 +92,33 @@ def local_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, mask_extras: Sequence[torch.Tensor], score_extras: Sequence[torch.Tensor],
     seq_len: int, spec: AttentionSpec, *, q_offset: int = 0, kv_offset: int = 0,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None, kernels: BlockKernels | None = None, delta: torch.Tensor | None = None,
+    dropout_seed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """(dq, dk, dv, d_score_extras) in fp32, accumulated block pair by block pair."""
+    block = DEFAULT_BLOCK if block is None else block
+    kernels = block_kernels(spec, q.device) if kernels is None else kernels
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dq = torch.zeros(q.shape, dtype=acc)
-    dk = torch.zeros(k.shape, dtype=acc)
-    dv = torch.zeros(v.shape, dtype=acc)
+    extra = _dropout_kwargs(spec, dropout_seed)
+    acc = acc_dtype(q)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     d_extras: list[torch.Tensor | None] = [None] * len(score_extras)
-    delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if delta is None:
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
     for qs, qe in _blocks(q.shape[2], block):
         qb = q[:, :, qs:qe]
         for ks, ke in _blocks(k.shape[2], block):
             kb, vb = k[:, :, ks:ke], v[:, :, ks:ke]
-            if _pair_is_empty(qb, kb, q_offset + qs, kv_offset + ks, seq_len, spec, mask_extras):
+            q0, k0 = q_offset + qs, kv_offset + ks
+            if _pair_is_empty(qb, kb, q0, k0, seq_len, spec, mask_extras):
                 continue
-            g = block_backward(qb, kb, vb, out[:, :, qs:qe], dout[:, :, qs:qe], lse[:, :, qs:qe],
-                               scale=scale, q_offset=q_offset + qs, kv_offset=kv_offset + ks,
-                               seq_len=seq_len, mask=spec.mask, score=spec.score,
-                               mask_extras=mask_extras, score_extras=score_extras,
-                               delta=delta[:, :, qs:qe])
+            g = kernels.backward(qb, kb, vb, out[:, :, qs:qe], dout[:, :, qs:qe], lse[:, :, qs:qe],
+                                 scale=scale, q_offset=q0, kv_offset=k0, seq_len=seq_len,
+                                 mask=_pair_mask(qb, kb, q0, k0, spec), score=spec.score,
+                                 mask_extras=mask_extras, score_extras=score_extras,
+                                 delta=delta[:, :, qs:qe], **extra)
             dq[:, :, qs:qe] += g[0]
             dk[:, :, ks:ke] += g[1]
             dv[:, :, ks:ke] += g[2]

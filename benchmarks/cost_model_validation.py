@@ -1,0 +1,214 @@
+"""Validate the cost model against measured gloo runs on this machine.
+
+1. calibrate this machine (or reuse ``--profile PATH``) into a profile TOML;
+2. for N in {2, 4}, spawn N gloo ranks once and time ``ringcompile.ring_attention(...,
+   strategy=s)`` for every configuration of the grid (strategies x sequence lengths x
+   forward / forward+backward), slowest rank per call, median of repetitions;
+3. predict each configuration with ``ringcompile.plan(..., strategy=s, profile=PATH)`` and
+   report predicted vs measured, the mean absolute percentage error, and the planner's
+   regret (measured time of ``choose_for_call``'s pick over the best measured strategy).
+
+Writes JSON (``--out``) and prints a Markdown table. Ranks run one thread each, as the
+profile assumes. Usage::
+
+    python benchmarks/cost_model_validation.py [--profile PATH] [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+STRATEGIES = ("ring", "zigzag", "allgather", "ulysses")
+HEADS, KV_HEADS, HEAD_DIM, BATCH = 8, 4, 64, 1
+DTYPE = torch.float32
+
+
+def grid(quick: bool) -> list[dict]:
+    """Configurations: strategies x S x (fwd, fwd+bwd) for one N (N is added by the caller)."""
+    seqs = (2048, 8192) if quick else (2048, 16384)
+    configs = []
+    for s, strategy in itertools.product(seqs, STRATEGIES):
+        configs.append(dict(strategy=strategy, seq_len=s, causal=True, backward=False))
+    bwd_seq = 2048 if quick else 4096
+    for strategy in STRATEGIES:
+        configs.append(dict(strategy=strategy, seq_len=bwd_seq, causal=True, backward=True))
+    return configs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, configs: list[dict], reps: int, out_path: str) -> None:
+    import torch.distributed as dist
+
+    import ringcompile
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    results = []
+    try:
+        for cfg in configs:
+            gen = torch.Generator().manual_seed(hash((cfg["seq_len"], cfg["strategy"])) % (1 << 31))
+            s = cfg["seq_len"]
+            q = torch.randn(BATCH, HEADS, s, HEAD_DIM, generator=gen, dtype=DTYPE)
+            k = torch.randn(BATCH, KV_HEADS, s, HEAD_DIM, generator=gen, dtype=DTYPE)
+            v = torch.randn(BATCH, KV_HEADS, s, HEAD_DIM, generator=gen, dtype=DTYPE)
+            layout = "zigzag" if cfg["strategy"] == "zigzag" else "contiguous"
+            ql, kl, vl = (ringcompile.shard(t, 2, layout=layout) for t in (q, k, v))
+            if cfg["backward"]:
+                ql.requires_grad_(True), kl.requires_grad_(True), vl.requires_grad_(True)
+            dout = torch.randn(ql.shape, generator=gen, dtype=DTYPE)
+
+            def call(ql=ql, kl=kl, vl=vl, dout=dout, cfg=cfg, layout=layout):
+                with torch.set_grad_enabled(cfg["backward"]):
+                    out = ringcompile.ring_attention(ql, kl, vl, is_causal=cfg["causal"], enable_gqa=True,
+                                                     strategy=cfg["strategy"], layout=layout, seq_len=s)
+                    if cfg["backward"]:
+                        out.backward(dout)
+
+            times = []
+            for i in range(reps + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                call()
+                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                if i > 0:  # the first call builds specs, plans and caches
+                    times.append(float(elapsed))
+            results.append(dict(cfg, world_size=world_size, measured=statistics.median(times), samples=times))
+        if rank == 0:
+            with open(out_path, "w") as fh:
+                json.dump(results, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(world_size: int, configs: list[dict], reps: int, timeout: float) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "results.json")
+        ctx = mp.start_processes(_rank_main, args=(world_size, _free_port(), configs, reps, path),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise TimeoutError(f"N={world_size} measurements did not finish in {timeout:.0f} s")
+        with open(path) as fh:
+            return json.load(fh)
+
+
+def predict(rows: list[dict], profile: str) -> None:
+    import ringcompile
+    from ringcompile.cost_model.planner import choose_for_call
+
+    for r in rows:
+        common = dict(seq_len=r["seq_len"], world_size=r["world_size"], heads=HEADS, kv_heads=KV_HEADS,
+                      head_dim=HEAD_DIM, batch=BATCH, dtype="float32", causal=r["causal"],
+                      backward=r["backward"])
+        # the runtime moves whole shards per ring step, so the chunk is the whole local block
+        p = ringcompile.plan(**common, profile=profile, strategy=r["strategy"], block_size=1 << 30)
+        r["predicted"] = p.time
+        r["predicted_bubble"] = p.bubble
+        choice = choose_for_call(**common, profile=profile)
+        r["planner_choice"] = choice.strategy
+
+
+def summarize(rows: list[dict]) -> dict:
+    errors = [abs(r["predicted"] - r["measured"]) / r["measured"] for r in rows]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["world_size"], r["seq_len"], r["causal"], r["backward"]), []).append(r)
+    regrets = []
+    for key, members in sorted(groups.items()):
+        best = min(members, key=lambda r: r["measured"])
+        chosen = next((r for r in members if r["strategy"] == members[0]["planner_choice"]), None)
+        if chosen is None:
+            continue
+        regrets.append(dict(world_size=key[0], seq_len=key[1], causal=key[2], backward=key[3],
+                            chosen=chosen["strategy"], best=best["strategy"],
+                            regret=chosen["measured"] / best["measured"] - 1))
+    return dict(mape=statistics.mean(errors), max_ape=max(errors), n_configs=len(rows),
+                mean_regret=statistics.mean(r["regret"] for r in regrets),
+                max_regret=max(r["regret"] for r in regrets), regrets=regrets)
+
+
+def markdown(rows: list[dict], summary: dict) -> str:
+    lines = ["| N | S | pass | strategy | predicted (ms) | measured (ms) | error |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["world_size"], r["backward"], r["seq_len"], r["measured"])):
+        err = (r["predicted"] - r["measured"]) / r["measured"]
+        lines.append(f"| {r['world_size']} | {r['seq_len']} | {'fwd+bwd' if r['backward'] else 'fwd'} | "
+                     f"{r['strategy']} | {r['predicted'] * 1e3:.1f} | {r['measured'] * 1e3:.1f} | {err:+.1%} |")
+    lines.append("")
+    lines.append("| N | S | pass | planner's choice | best measured | regret |")
+    lines.append("|---|---|---|---|---|---|")
+    for g in summary["regrets"]:
+        lines.append(f"| {g['world_size']} | {g['seq_len']} | {'fwd+bwd' if g['backward'] else 'fwd'} | "
+                     f"{g['chosen']} | {g['best']} | {g['regret']:.1%} |")
+    lines.append("")
+    lines.append(f"MAPE {summary['mape']:.1%} over {summary['n_configs']} configurations (max "
+                 f"{summary['max_ape']:.1%}); planner regret mean {summary['mean_regret']:.1%}, max "
+                 f"{summary['max_regret']:.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=None, help="reuse this profile TOML instead of calibrating")
+    parser.add_argument("--out", default="benchmarks/results/cost_model_validation.json")
+    parser.add_argument("--quick", action="store_true", help="smaller sequences and fewer repetitions")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--world-sizes", default="2,4")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per world size")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    profile = args.profile
+    if profile is None:
+        from ringcompile.cost_model.calibrate import calibrate
+
+        def progress(i: int, n: int, what: str) -> None:
+            print(f"\rcalibrating [{'#' * i}{'.' * (n - i)}] {what:<40}", end="" if i < n else "\n",
+                  file=sys.stderr, flush=True)
+
+        prof = calibrate(name="cpu-calibrated", progress=progress)
+        profile = str(out.with_name("cpu-calibrated.toml"))
+        Path(profile).write_text(prof.to_toml())
+        print(f"profile written to {profile}", file=sys.stderr)
+    reps = args.reps or (2 if args.quick else 3)
+    rows: list[dict] = []
+    for n in (int(x) for x in args.world_sizes.split(",")):
+        print(f"measuring N={n} ...", file=sys.stderr, flush=True)
+        t0 = time.time()
+        rows += measure(n, grid(args.quick), reps, args.timeout)
+        print(f"  done in {time.time() - t0:.0f} s", file=sys.stderr)
+    predict(rows, profile)
+    summary = summarize(rows)
+    out.write_text(json.dumps(dict(profile=profile, rows=rows, summary=summary,
+                                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                   torch=torch.__version__), indent=1))
+    print(markdown(rows, summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

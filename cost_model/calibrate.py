@@ -1,0 +1,272 @@
+"""Measure this machine and write a profile: the numbers behind the hardware symbols.
+
+Compute is measured the way ranks run (one thread per rank, as the gloo tests and benchmarks
+set it): matmul rate per dtype, copy bandwidth, and the runtime's blockwise attention
+(``runtime.local.local_forward`` through ``kernels.select``) timed on a few shapes and
+fitted to ``t = flops/F_eff + 4*P*scores/M + o*tiles`` (least squares, non-negative). The
+link is measured between 2 spawned processes doing what a ring step does (both ranks send
+to and receive from each other at once), fitted to ``t = alpha + bytes/W``; all-to-all
+efficiency from ``all_to_all_single`` on the same pair. Takes well under a minute.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ringcompile.errors import CommunicationError
+from ringcompile.log import get_logger
+
+from .profiles import Profile
+
+log = get_logger(__name__)
+
+Progress = Callable[[int, int, str], None]
+STEPS = ("matmul float32", "matmul float64", "matmul bfloat16", "memory bandwidth", "attention kernel fit",
+         "attention backward", "link: spawning 2 ranks", "done")
+
+
+def default_output(name: str) -> Path:
+    d = Path("~/.cache/ringcompile/profiles").expanduser()
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{name}.toml"
+
+
+def _best_time(fn: Callable[[], object], repeat: int, min_time: float = 0.0) -> float:
+    fn()  # warm-up
+    times = []
+    t_end = time.perf_counter() + min_time
+    while len(times) < repeat or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) > 50 * repeat:
+            break
+    return min(times)
+
+
+def measure_matmul(dtype: torch.dtype, n: int = 512, repeat: int = 5) -> float:
+    """Dense matmul FLOP/s for ``dtype`` (square n x n)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    t = _best_time(lambda: torch.mm(a, b), repeat)
+    return 2 * n**3 / t
+
+
+def measure_memory_bandwidth(mbytes: int = 64, repeat: int = 5) -> float:
+    """Bytes/s of a large copy (read + write)."""
+    n = mbytes * (1 << 20) // 4
+    src = torch.randn(n)
+    dst = torch.empty_like(src)
+    t = _best_time(lambda: dst.copy_(src), repeat)
+    return 2 * n * 4 / t
+
+
+def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
+    """Non-negative least squares by active-set elimination on a tiny system (relative errors)."""
+    A = torch.tensor(rows, dtype=torch.float64)
+    b = torch.tensor(y, dtype=torch.float64)
+    w = 1 / b                     # fit relative error, so small shapes count as much as big ones
+    active = list(range(A.shape[1]))
+    x = torch.zeros(A.shape[1], dtype=torch.float64)
+    while active:
+        sol = torch.linalg.lstsq(A[:, active] * w[:, None], b * w).solution
+        if (sol >= 0).all():
+            x.zero_()
+            x[active] = sol
+            break
+        active.pop(int(torch.argmin(sol)))
+    return x.tolist()
+
+
+KERNEL_SHAPES = ((256, 256, 32), (512, 512, 32), (512, 512, 128), (1024, 1024, 64), (1024, 512, 16),
+                 (2048, 1024, 64))
+
+
+def measure_kernel(block: int, heads: int = 4, repeat: int = 3, backward: bool = False,
+                   shapes: tuple[tuple[int, int, int], ...] = KERNEL_SHAPES):
+    """[(flops, score elements, tiles, seconds)] of the runtime's blockwise attention, no mask, fp32."""
+    from ringcompile.runtime.local import local_backward, local_forward
+    from ringcompile.spec import AttentionSpec
+
+    spec = AttentionSpec()
+    out = []
+    for x, y, d in shapes:
+        q, k, v = (torch.randn(1, heads, n, d) for n in (x, y, y))
+        if backward:
+            o, lse = local_forward(q, k, v, [], [], y, spec, block=block)
+            dout = torch.randn_like(o)
+
+            def fn(q=q, k=k, v=v, o=o, lse=lse, dout=dout, y=y):
+                return local_backward(dout, q, k, v, o, lse, [], [], y, spec, block=block)
+        else:
+            def fn(q=q, k=k, v=v, y=y):
+                return local_forward(q, k, v, [], [], y, spec, block=block)
+        t = _best_time(fn, repeat)
+        tiles = math.ceil(x / block) * math.ceil(y / block)
+        out.append((4.0 * heads * x * y * d, float(heads * x * y), float(tiles), t))
+    return out
+
+
+def fit_kernel(samples, memory_bandwidth: float) -> tuple[float, float, float]:
+    """(F_eff, score_passes, tile_overhead) from ``measure_kernel`` samples."""
+    coef = _nnls([[fl, 4 * sc / memory_bandwidth, tl] for fl, sc, tl, _ in samples], [s[3] for s in samples])
+    inv_f, passes, overhead = coef
+    return (1 / inv_f if inv_f > 0 else math.inf), passes, overhead
+
+
+# ------------------------------------------------------------------ link measurement (2 processes)
+
+LINK_SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22, 1 << 24)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _link_worker(rank: int, port: int, backend: str, repeat: int, sizes, result_path: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    peer = 1 - rank
+    rows = []
+    try:
+        for nbytes in sizes:
+            send = torch.randn(nbytes // 4)
+            recv = torch.empty_like(send)
+
+            def exchange(send=send, recv=recv):
+                ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
+                if rank == 1:
+                    ops.reverse()
+                for req in dist.batch_isend_irecv(ops):
+                    req.wait()
+
+            times = []
+            for _ in range(repeat + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                exchange()
+                times.append(time.perf_counter() - t0)
+            rows.append(("p2p", nbytes, statistics.median(times[1:])))
+            a2a_in = torch.randn(2 * (nbytes // 8))
+            a2a_out = torch.empty_like(a2a_in)
+            times = []
+            for _ in range(repeat + 1):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_to_all_single(a2a_out, a2a_in)
+                times.append(time.perf_counter() - t0)
+            rows.append(("a2a", nbytes, statistics.median(times[1:])))
+        if rank == 0:
+            with open(result_path, "w") as fh:
+                fh.write("\n".join(f"{k} {n} {t!r}" for k, n, t in rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_link(backend: str = "gloo", repeat: int = 7, sizes=LINK_SIZES, timeout: float = 60.0):
+    """{'p2p': [(bytes, seconds)], 'a2a': [...]} measured between 2 spawned ranks."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "link.txt")
+        ctx = mp.start_processes(_link_worker, args=(_free_port(), backend, repeat, sizes, path), nprocs=2,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise CommunicationError(f"link measurement over {backend} did not finish in {timeout:.0f} s")
+        rows: dict[str, list[tuple[int, float]]] = {"p2p": [], "a2a": []}
+        with open(path) as fh:
+            for line in fh:
+                kind, n, t = line.split()
+                rows[kind].append((int(n), float(t)))
+    return rows
+
+
+def fit_link(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    """(latency s, bandwidth bytes/s) fitted to t = alpha + bytes/W."""
+    alpha, inv_w = _nnls([[1.0, float(n)] for n, _ in samples], [t for _, t in samples])
+    small = min(t for _, t in samples)
+    if inv_w <= 0:   # noise swamped the size dependence: fall back to the largest message's rate
+        n_max, t_max = max(samples)
+        inv_w = max(t_max - alpha, 0.5 * t_max) / n_max
+    return (alpha if alpha > 0 else small), 1 / inv_w
+
+
+def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool = False,
+              progress: Progress | None = None, kernel_block: int = 512,
+              kernel_shapes: tuple[tuple[int, int, int], ...] = KERNEL_SHAPES,
+              link_sizes: tuple[int, ...] = LINK_SIZES) -> Profile:
+    """Measure and return a Profile for CPU ranks on this host (one thread per rank).
+
+    ``kernel_shapes`` (q tokens, kv tokens, head dim) and ``link_sizes`` (bytes) set the sweep;
+    tests pass tiny ones.
+    """
+    total = len(STEPS) - 1
+
+    def step(i: int) -> None:
+        if progress is not None:
+            progress(i, total, STEPS[i])
+        log.info("calibrate: %s", STEPS[i])
+
+    repeat = 2 if quick else 4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        step(0)
+        flops = {"float32": measure_matmul(torch.float32, repeat=repeat)}
+        step(1)
+        flops["float64"] = measure_matmul(torch.float64, repeat=repeat)
+        step(2)
+        raw_bf16 = measure_matmul(torch.bfloat16, n=256, repeat=repeat)
+        # the CPU block kernels compute bf16/fp16 blocks in fp32, so those dtypes run at the fp32 rate
+        flops["bfloat16"] = flops["float16"] = flops["float32"]
+        step(3)
+        mem_bw = measure_memory_bandwidth(repeat=repeat)
+        step(4)
+        fwd = measure_kernel(kernel_block, repeat=repeat, shapes=kernel_shapes)
+        f_eff, passes, overhead = fit_kernel(fwd, mem_bw)
+        step(5)
+        bwd_shapes = kernel_shapes[1:4]
+        bwd = measure_kernel(kernel_block, repeat=max(1, repeat // 2), backward=True, shapes=bwd_shapes)
+        fwd_same = [s for s, shape in zip(fwd, kernel_shapes, strict=True) if shape in bwd_shapes]
+        backward_factor = statistics.median(b[3] / f[3] for b, f in zip(bwd, fwd_same, strict=True))
+    finally:
+        torch.set_num_threads(threads)
+    step(6)
+    link = measure_link(backend, repeat=3 if quick else 7, sizes=link_sizes)
+    latency, bandwidth = fit_link(link["p2p"])
+    _, a2a_bw = fit_link([(n * 1 // 2, t) for n, t in link["a2a"]])  # (N-1)/N of the buffer moves
+    step(7)
+    efficiency = min(1.0, f_eff / flops["float32"]) if math.isfinite(f_eff) else 1.0
+    return Profile(
+        name=name, matmul_flops=flops, memory_bandwidth=mem_bw, link_bandwidth=bandwidth,
+        link_latency=latency,
+        kernel_efficiency=efficiency, score_passes=passes, tile_overhead=overhead, kernel_block=kernel_block,
+        backward_factor=backward_factor, cores=os.cpu_count() or 1,
+        alltoall_efficiency=min(1.0, a2a_bw / bandwidth) if math.isfinite(a2a_bw) else 1.0,
+        device="cpu",
+        description=(f"CPU ranks on this host over {backend} (one thread per rank), measured by "
+                     f"`ringcompile calibrate`; raw bf16 matmul {raw_bf16:.3g} FLOP/s"),
+        source=f"ringcompile calibrate, torch {torch.__version__}, "
+               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+    )

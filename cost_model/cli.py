@@ -1,0 +1,102 @@
+"""``ringcompile plan`` and ``ringcompile calibrate``: the cost model from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ringcompile.errors import RingCompileError
+
+
+def add_plan_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="predict time, bubble and memory of every strategy for a workload",
+                       description="Rank the strategies for one attention workload, best first.")
+    p.add_argument("--seq", type=int, required=True, help="global sequence length (tokens)")
+    p.add_argument("--world-size", type=int, required=True, help="ranks in the ring")
+    p.add_argument("--heads", type=int, required=True, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--backward", action="store_true", help="forward + backward")
+    p.add_argument("--profile", default="h100-nvlink", help="profile name or path to a profile TOML")
+    p.add_argument("--block-size", type=int, default=None, help="fix the ring K/V chunk (tokens)")
+    p.add_argument("--explain", action="store_true", help="print the formulas of the best plan")
+    p.set_defaults(func=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from .crossover import crossovers
+    from .planner import format_bytes, format_seconds, plans
+
+    common = dict(world_size=args.world_size, heads=args.heads, kv_heads=args.kv_heads,
+                  head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, causal=args.causal,
+                  backward=args.backward, profile=args.profile)
+    try:
+        ranked = plans(seq_len=args.seq, block_size=args.block_size, **common)
+        crosses = crossovers(**common)
+    except RingCompileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    best = ranked[0]
+    w = best.workload
+    print(f"S={w.seq_len} N={w.world_size} B={w.batch} H_q={w.heads} H_kv={w.kv_heads} D={w.head_dim} "
+          f"{w.dtype} {'causal' if w.causal else 'full'} {'fwd+bwd' if w.backward else 'fwd'} "
+          f"profile={best.profile}")
+    header = f"{'strategy':<10} {'layout':<11} {'memory/rank':>12} {'time':>12} {'bubble':>8} {'block':>9}"
+    print(header)
+    print("-" * len(header))
+    for p in ranked:
+        print(f"{p.strategy:<10} {p.layout:<11} {format_bytes(p.memory.peak):>12} "
+              f"{format_seconds(p.time):>12} {p.bubble:>7.1%} {p.block_size:>9}")
+    for name, _, reason in best.alternatives:
+        if reason:
+            print(f"{name:<10} infeasible: {reason}")
+    print(f"ring overlap threshold: {best.overlap_threshold:,.0f} tokens per rank block "
+          f"(S/N = {w.seq_len / w.world_size:,.0f})")
+    if crosses:
+        print("crossovers (S where the second overtakes the first):")
+        for c in crosses:
+            print(f"  S={c.seq_len:>10,}  {c.faster_below} -> {c.faster_above}")
+    else:
+        print("crossovers: none in [256, 16M]")
+    if args.explain:
+        print()
+        print(best.explain())
+    return 0
+
+
+def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure this machine and write a profile TOML",
+                       description="Measure matmul rate, memory bandwidth, the attention block kernel "
+                                   "and point-to-point bandwidth/latency between 2 spawned ranks; "
+                                   "write a profile.")
+    p.add_argument("--output", default=None,
+                   help="profile path (default ~/.cache/ringcompile/profiles/NAME.toml)")
+    p.add_argument("--name", default="calibrated-cpu", help="profile name")
+    p.add_argument("--backend", default="gloo", help="torch.distributed backend for the link test")
+    p.add_argument("--quick", action="store_true", help="fewer repetitions (seconds, noisier)")
+    p.set_defaults(func=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate, default_output
+
+    output = args.output or str(default_output(args.name))
+
+    def progress(step: int, total: int, what: str) -> None:
+        bar = "#" * step + "." * (total - step)
+        print(f"\r[{bar}] {step}/{total} {what:<48}", end="" if step < total else "\n", file=sys.stderr,
+              flush=True)
+
+    try:
+        profile = calibrate(name=args.name, backend=args.backend, quick=args.quick, progress=progress)
+    except RingCompileError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    with open(output, "w") as fh:
+        fh.write(profile.to_toml())
+    print(profile.to_toml())
+    print(f"wrote {output}")
+    return 0

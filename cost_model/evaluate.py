@@ -1,0 +1,87 @@
+"""Numbers from the expressions: lambdified once per structure, then plain function calls.
+
+``strategy_functions(name, causal, backward)`` lambdifies a strategy's time, compute,
+transfer, threshold and memory terms over *all* symbols, so a new profile, shape or
+sequence length costs a Python call (microseconds), never a sympy operation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import sympy as sp
+
+from . import symbols as sym
+from .memory import memory_terms
+from .profiles import DTYPE_BYTES, Profile
+from .strategies import ring_threshold, ring_threshold_with_latency, strategy_model
+
+ARGS = sym.ALL  # argument order of every lambdified function
+
+
+def _lambdify(expr: sp.Expr) -> Callable[..., float]:
+    return sp.lambdify(ARGS, expr, modules=["math"])
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyFunctions:
+    time: Callable[..., float]
+    compute: Callable[..., float]
+    comm: Callable[..., float]
+    step_compute: Callable[..., float]
+    step_comm: Callable[..., float]
+    memory: dict[str, Callable[..., float]]
+
+
+@functools.cache
+def strategy_functions(name: str, causal: bool, backward: bool) -> StrategyFunctions:
+    model = strategy_model(name, causal, backward)
+    terms = memory_terms(name, causal, backward)
+    return StrategyFunctions(_lambdify(model.time), _lambdify(model.compute), _lambdify(model.comm),
+                             _lambdify(model.step_compute), _lambdify(model.step_comm),
+                             {label: _lambdify(t) for label, t in terms.items()})
+
+
+@functools.cache
+def threshold_functions(frac: sp.Rational) -> tuple[Callable[..., float], Callable[..., float]]:
+    """(bandwidth-only, latency-aware) ring overlap thresholds as functions of ARGS."""
+    return _lambdify(ring_threshold(frac)), _lambdify(ring_threshold_with_latency(frac))
+
+
+def hardware_values(profile: Profile, dtype: str, world_size: int, strategy: str) -> dict[sp.Symbol, float]:
+    """The profile's numbers for the hardware symbols, for ``strategy`` on ``world_size`` ranks."""
+    share = profile.share(world_size, strategy)
+    return {
+        sym.F: profile.flops(dtype) * profile.kernel_efficiency * share,
+        sym.M: profile.memory_bandwidth * share,
+        sym.W: profile.link_bandwidth,
+        sym.Wa: profile.link_bandwidth * profile.alltoall_efficiency,
+        sym.alpha: profile.link_latency,
+        sym.P: profile.score_passes,
+        sym.o: profile.tile_overhead / share,
+        sym.k: float(profile.kernel_block),
+        sym.kb: profile.backward_factor,
+    }
+
+
+def argument_values(*, seq_len: float, world_size: int, batch: int, heads: int, kv_heads: int, head_dim: int,
+                    dtype: str, block: float, hardware: dict[sp.Symbol, float],
+                    density: float = 1.0) -> dict[sp.Symbol, float]:
+    values = {sym.S: float(seq_len), sym.N: float(world_size), sym.B: float(batch), sym.Hq: float(heads),
+              sym.Hkv: float(kv_heads), sym.D: float(head_dim), sym.e: float(DTYPE_BYTES[dtype]),
+              sym.f: 1.0, sym.d: float(density), sym.c: float(block)}
+    values.update(hardware)
+    return values
+
+
+def as_args(values: dict[sp.Symbol, float]) -> tuple[float, ...]:
+    return tuple(values[s] for s in ARGS)
+
+
+def latency_block(values: dict[sp.Symbol, float], fraction: float = 0.05) -> float:
+    """Smallest chunk (tokens) whose per-message latency is at most ``fraction`` of its transfer."""
+    per_token = 2 * values[sym.B] * values[sym.Hkv] * values[sym.D] * values[sym.e] / values[sym.W]
+    return values[sym.alpha] / (fraction * per_token) if per_token > 0 else math.inf

@@ -1,0 +1,218 @@
+"""Time expressions per strategy: compute, transfer, overlap, exposed communication (bubble).
+
+A strategy's step time is ``Max(compute, transfer)`` when the next transfer overlaps the
+current block (ring, zigzag) and ``compute + transfer`` when it cannot (allgather,
+ulysses). Expressions describe the slowest rank, since a ring step finishes only when the
+slowest rank has its next block. Causality and forward/backward change the *structure*
+(which steps are half-empty, which extra transfers exist), so they select an expression;
+everything numeric stays a symbol (see ``symbols``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import sympy as sp
+
+from .symbols import ACC, B, D, F, Hkv, Hq, M, N, P, S, W, Wa, alpha, c, d, e, f, k, kb, o
+
+STRATEGIES = ("ring", "zigzag", "allgather", "ulysses", "local")
+LAYOUT = {"ring": "contiguous", "zigzag": "zigzag", "allgather": "contiguous", "ulysses": "contiguous",
+          "local": "contiguous"}
+OVERLAPPED = {"ring": True, "zigzag": True, "allgather": False, "ulysses": False, "local": False}
+
+
+def pair_flops(x: sp.Expr, y: sp.Expr, heads: sp.Expr) -> sp.Expr:
+    """FLOPs of one forward block pair (x queries, y keys): Q K^T and P V, 2 FLOPs per MAC."""
+    return 4 * B * heads * x * y * D
+
+
+def kv_bytes(tokens: sp.Expr, elem: sp.Expr = e) -> sp.Expr:
+    """Bytes of K and V for ``tokens`` tokens (GQA: only the KV heads travel)."""
+    return 2 * B * Hkv * tokens * D * elem
+
+
+def pair_compute(x: sp.Expr, y: sp.Expr, heads: sp.Expr, frac: sp.Expr = 1) -> sp.Expr:
+    """Seconds for one forward block pair: matmuls at F, score-tile traffic at M, per-tile overhead.
+
+    ``frac`` is the structural fraction computed (causal halves); ``d`` the density of any other
+    block-sparse mask (sliding window...), whose empty block pairs the kernels skip."""
+    scores = B * heads * x * y
+    return frac * d * (pair_flops(x, y, heads) / F + 4 * P * scores / M + o * x * y / k**2)
+
+
+def transfer(nbytes: sp.Expr, messages: sp.Expr, bandwidth: sp.Expr = W) -> sp.Expr:
+    """Seconds to move ``nbytes`` in ``messages`` messages over one link."""
+    return messages * alpha + nbytes / bandwidth
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyModel:
+    """The expressions for one strategy and one (causal, backward) structure.
+
+    time:       predicted wall time of the call on the slowest rank.
+    compute:    seconds that rank spends computing (no waiting).
+    comm:       seconds of transfer if nothing overlapped.
+    step_compute, step_comm: one ring step (ring/zigzag) or the whole phase (others).
+    threshold:  closed form of the smallest block c (tokens, square blocks as in the Ring
+                Attention paper) whose compute hides its transfer; None when nothing overlaps.
+    subs:       structural substitutions (the causal fraction f) already applied.
+    """
+
+    name: str
+    layout: str
+    time: sp.Expr
+    compute: sp.Expr
+    comm: sp.Expr
+    step_compute: sp.Expr
+    step_comm: sp.Expr
+    threshold: sp.Expr | None
+    notes: str
+
+    @property
+    def exposed(self) -> sp.Expr:
+        return self.time - self.compute
+
+
+def overlap_condition(frac: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+    """(compute, transfer) of one ring step in the paper's setting: a c-token Q block meets a c-token
+    K/V block while the next c-token K/V block moves (bandwidth terms; latency is reported apart)."""
+    return pair_compute(c, c, Hq, frac), kv_bytes(c) / W
+
+
+def _overlap_polynomial(frac: sp.Expr, latency: bool) -> tuple[sp.Expr, sp.Expr, sp.Expr]:
+    """Coefficients (a, b, d) of compute - transfer = a c^2 + b c + d for one ring step."""
+    comp, comm = overlap_condition(frac)
+    poly = sp.Poly(sp.expand(comp - comm - (alpha if latency else 0)), c)
+    coeffs = dict(zip((m[0] for m in poly.monoms()), poly.coeffs(), strict=True))
+    if set(coeffs) - {0, 1, 2}:
+        raise AssertionError(f"overlap condition is not quadratic in c: {poly}")  # expressions changed shape
+    return coeffs.get(2, sp.Integer(0)), coeffs.get(1, sp.Integer(0)), coeffs.get(0, sp.Integer(0))
+
+
+@functools.cache
+def ring_threshold(frac: sp.Expr) -> sp.Expr:
+    """Solve per-step compute >= per-step transfer for c: the ring overlap threshold.
+
+    Compute grows as c^2 and transfer as c, so the condition holds from the positive root of
+    a c^2 + b c = 0 on: c* = -b / a.
+    """
+    a, b, _ = _overlap_polynomial(frac, latency=False)
+    return sp.factor(-b / a)
+
+
+@functools.cache
+def ring_threshold_with_latency(frac: sp.Expr) -> sp.Expr:
+    """Same condition with one message latency per step: positive root of a c^2 + b c + d = 0."""
+    a, b, d = _overlap_polynomial(frac, latency=True)
+    return (-b + sp.sqrt(b**2 - 4 * a * d)) / (2 * a)
+
+
+def _ring_like(name: str, causal: bool, backward: bool) -> StrategyModel:
+    x = S / N                               # local tokens per rank
+    zig = name == "zigzag"
+    frac = sp.Rational(1, 2) if (zig and causal) else sp.Integer(1)
+    pair = pair_compute(x, x, Hq, f)
+    msgs = 2 * x / c                        # K and V travel as separate messages
+    fwd_comp, fwd_comm = pair, transfer(kv_bytes(x), msgs)
+    if causal and not zig:
+        # contiguous: the last rank computes every step; its step 0 is the half-masked diagonal
+        time = sp.Max(fwd_comp / 2, fwd_comm) + (N - 2) * sp.Max(fwd_comp, fwd_comm) + fwd_comp
+        compute = (N - sp.Rational(1, 2)) * fwd_comp
+    else:
+        time = fwd_comp + (N - 1) * sp.Max(fwd_comp, fwd_comm)
+        compute = N * fwd_comp
+    comm = (N - 1) * fwd_comm
+    step_compute, step_comm = fwd_comp, fwd_comm
+    if backward:
+        bwd_comp = kb * pair
+        # K,V travel forward while the dK,dV accumulators (fp32) travel with them
+        bwd_comm = transfer(kv_bytes(x) + kv_bytes(x, ACC), 2 * msgs)
+        last_hop = transfer(kv_bytes(x, ACC), msgs)   # dK,dV return to their owner
+        if causal and not zig:
+            time += sp.Max(bwd_comp / 2, bwd_comm) + (N - 2) * sp.Max(bwd_comp, bwd_comm) + bwd_comp
+            compute += (N - sp.Rational(1, 2)) * bwd_comp
+        else:
+            time += bwd_comp + (N - 1) * sp.Max(bwd_comp, bwd_comm)
+            compute += N * bwd_comp
+        time += last_hop
+        comm += (N - 1) * bwd_comm + last_hop
+    subs = {f: frac}
+    notes = ("K/V shards circulate; step = Max(compute, transfer)"
+             + ("; zigzag layout: every step is half the causal work" if zig and causal else "")
+             + ("; contiguous causal: the last rank does all the work" if causal and not zig else ""))
+    return StrategyModel(name, LAYOUT[name], time.subs(subs), compute.subs(subs), comm.subs(subs),
+                         step_compute.subs(subs), step_comm.subs(subs), ring_threshold(frac), notes)
+
+
+def _allgather(causal: bool, backward: bool) -> StrategyModel:
+    """K and V all-gathered once; the own (diagonal) block is computed while the gather is in flight."""
+    x = S / N
+    pair = pair_compute(x, x, Hq, 1)
+    own = pair / 2 if causal else pair      # the last rank's own block is the half-masked diagonal
+    rest = (N - 1) * pair                   # ... and every earlier block is fully kept
+    gather = transfer((N - 1) / N * kv_bytes(S), 2 * (N - 1))   # K and V, ring all-gather
+    time, compute, comm = sp.Max(own, gather) + rest, own + rest, gather
+    if backward:
+        to_owners = transfer((N - 1) / N * kv_bytes(S, ACC), 2 * (N - 1), Wa)   # dK, dV all-to-all (fp32)
+        time += sp.Max(kb * own, gather) + kb * rest + to_owners                  # K/V gathered again
+        compute += kb * (own + rest)
+        comm += gather + to_owners
+    return StrategyModel("allgather", "contiguous", time, compute, comm, pair, gather, None,
+                         "all of K/V gathered once (overlapping the own block), then local attention")
+
+
+def _ulysses(causal: bool, backward: bool) -> StrategyModel:
+    x = S / N
+    frac = sp.Rational(1, 2) if causal else sp.Integer(1)
+    share = (N - 1) / N
+
+    def a2a(nbytes: sp.Expr, calls: int) -> sp.Expr:
+        return calls * (N - 1) * alpha + share * nbytes / Wa
+
+    fwd_a2a = a2a(B * (2 * Hq + 2 * Hkv) * x * D * e + B * Hq * x * ACC, 5)   # q,k,v in; out,lse back
+    comp = pair_compute(S, S, Hq / N, f)
+    time, compute, comm = fwd_a2a + comp, comp, fwd_a2a
+    if backward:
+        bwd_a2a = (a2a(B * (3 * Hq + 2 * Hkv) * x * D * e + B * Hq * x * ACC, 6)   # dout,q,k,v,out,lse
+                   + a2a(B * (Hq + 2 * Hkv) * x * D * e, 3))                      # dq,dk,dv back
+        time += bwd_a2a + kb * comp
+        compute += kb * comp
+        comm += bwd_a2a
+    subs = {f: frac}
+    return StrategyModel("ulysses", "contiguous", time.subs(subs), compute.subs(subs), comm.subs(subs),
+                         comp.subs(subs), fwd_a2a, None, "all-to-all over heads: full sequence, H/N heads")
+
+
+def _local(causal: bool, backward: bool) -> StrategyModel:
+    frac = sp.Rational(1, 2) if causal else sp.Integer(1)
+    comp = pair_compute(S, S, Hq, f)
+    time = comp * (1 + kb) if backward else comp
+    zero = sp.Integer(0)
+    return StrategyModel("local", "contiguous", time.subs(f, frac), time.subs(f, frac), zero,
+                         comp.subs(f, frac), zero, None, "one device computes the whole sequence")
+
+
+@functools.cache
+def strategy_model(name: str, causal: bool, backward: bool) -> StrategyModel:
+    """The (cached) expressions of strategy ``name``."""
+    if name in ("ring", "zigzag"):
+        return _ring_like(name, causal, backward)
+    if name == "allgather":
+        return _allgather(causal, backward)
+    if name == "ulysses":
+        return _ulysses(causal, backward)
+    if name == "local":
+        return _local(causal, backward)
+    raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
+
+
+def feasible(name: str, *, world_size: int, heads: int, kv_heads: int) -> str | None:
+    """None when ``name`` can run this workload, else the reason it cannot."""
+    if name == "ulysses" and (heads % world_size or kv_heads % world_size):
+        return (f"ulysses needs heads ({heads}) and kv_heads ({kv_heads}) divisible by the world size "
+                f"({world_size})")
+    if name != "local" and world_size < 2:
+        return "a single rank has nothing to distribute: use local"
+    return None

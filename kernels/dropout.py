@@ -1,0 +1,89 @@
+"""Attention-probability dropout whose keep mask is a pure function of global indices.
+
+The keep decision for one (batch, head, query, key) entry is a counter-based hash of
+``(seed, b, h, q_idx, kv_idx)`` with GLOBAL token indices, so the same entries are dropped
+under every layout, block size, ring step and rank count, and a reference can recompute the
+mask for the full sequence. No RNG state is consumed.
+
+The hash, specified on unsigned 32-bit lanes (``mix32`` is Chris Wellons' "lowbias32";
+``M = 0xFFFFFFFF``, ``*`` wraps mod 2**32, ``>>`` is a logical shift)::
+
+    mix32(x):  x ^= x >> 16;  x = x * 0x7FEB352D;  x ^= x >> 15;  x = x * 0x846CA68B;  x ^= x >> 16
+    seed32   = (seed ^ (seed >> 32)) & M            # seed is a non-negative int64
+    row      = mix32(mix32(mix32(mix32(seed32 ^ 0x9E3779B9) ^ b) ^ h) ^ q_idx)
+    col      = mix32(kv_idx ^ 0x85EBCA6B)
+    u        = mix32(row ^ col) >> 8                # 24 uniform bits
+    keep     = u >= threshold(p),  threshold(p) = min(2**24, round(p * 2**24))
+
+Indices enter as their low 32 bits. Kept probabilities are scaled by ``1 / (1 - p)``. Here
+the lanes live in int64 tensors: products of two 32-bit values wrap mod 2**64 in int64,
+which leaves the low 32 bits exact, and every value is masked back to 32 bits before a
+shift, so a Triton kernel on uint32 computes the same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ringcompile.errors import RingCompileError
+
+MASK32 = 0xFFFFFFFF
+MUL_1 = 0x7FEB352D
+MUL_2 = 0x846CA68B
+SEED_SALT = 0x9E3779B9
+KV_SALT = 0x85EBCA6B
+UNIFORM_BITS = 24
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * MUL_1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MUL_2) & MASK32
+    return x ^ (x >> 16)
+
+
+def threshold(p: float) -> int:
+    """Hash values (24 bits) below this are dropped."""
+    return min(1 << UNIFORM_BITS, int(round(p * (1 << UNIFORM_BITS))))
+
+
+def check_dropout(p: float, seed: int | None) -> None:
+    if not 0.0 <= p < 1.0:
+        raise RingCompileError(f"dropout probability must be in [0, 1), got {p}")
+    if p > 0.0 and seed is None:
+        raise RingCompileError("dropout_p > 0 needs a dropout_seed (an int) so every rank drops the same "
+                               "entries; pass dropout_seed=")
+
+
+def seed_to_int(seed: int | torch.Tensor | None) -> int | None:
+    """A Python int from an int or a one-element integer tensor (the op's ``dropout_seed``)."""
+    if seed is None or isinstance(seed, int):
+        return seed
+    return int(seed.reshape(-1)[0].item())
+
+
+def _lanes(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.int64) & MASK32
+
+
+def keep_mask(
+    seed: int, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, p: float,
+) -> torch.Tensor:
+    """Bool keep mask, broadcast over the index tensors (e.g. the ``mods.index_grid`` shapes)."""
+    seed = int(seed)
+    seed32 = (seed ^ (seed >> 32)) & MASK32
+    start = torch.tensor(seed32 ^ SEED_SALT, dtype=torch.int64, device=b.device)
+    row = mix32(mix32(mix32(mix32(start) ^ _lanes(b)) ^ _lanes(h)) ^ _lanes(q))
+    col = mix32(_lanes(kv) ^ KV_SALT)
+    u = mix32(row ^ col) >> (32 - UNIFORM_BITS)
+    return u >= threshold(p)
+
+
+def dropout_scale(
+    seed: int, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, p: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """keep / (1 - p) as ``dtype``: the factor applied to normalised probabilities."""
+    return keep_mask(seed, b, h, q, kv, p).to(dtype) * (1.0 / (1.0 - p))

@@ -1,0 +1,224 @@
+"""Specialise the template for one attention site and produce readable Triton source.
+
+A ``Specialisation`` holds everything generation depends on (head dims, dtype, GQA group
+size, block-skipping structure, the lowered mods and their extras' ranks/dtypes); its hash
+names the cached module. Runtime values (offsets, lengths, strides, scale) are kernel
+arguments and never part of the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from ringcompile.mods import Mod
+
+from . import template
+from .lower_mods import LoweredMod, lower_mod
+
+CODEGEN_VERSION = "1"
+
+
+def pad_dim(d: int) -> int:
+    """Head dims are padded to a power of two (at least 16, what tl.dot needs) and masked."""
+    p = 16
+    while p < d:
+        p *= 2
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSkip:
+    """Mask structure that lets whole tiles be skipped: causal and/or a sliding window."""
+
+    causal: bool = False
+    window: int | None = None  # sliding window width (keys within `window` of the query)
+
+
+def block_skip_for(mask: Mod | None) -> BlockSkip:
+    """Structure promised by the mod's kind; anything else visits every tile (still correct)."""
+    if mask is None:
+        return BlockSkip()
+    kinds = set(mask.kinds)
+    causal = "causal" in kinds
+    window = None
+    if "sliding_window" in kinds and isinstance(mask.params.get("window"), int):
+        window = int(mask.params["window"])
+        causal = causal or bool(mask.params.get("causal", True))
+    return BlockSkip(causal, window)
+
+
+@dataclasses.dataclass(frozen=True)
+class Specialisation:
+    """What one generated module is specialised on (see module docstring)."""
+
+    head_dim: int
+    v_head_dim: int
+    dtype: torch.dtype
+    groups: int
+    skip: BlockSkip
+    mask_lines: tuple[str, ...]
+    mask_result: str | None
+    score_lines: tuple[str, ...]
+    score_result: str | None
+    extras_sig: tuple[tuple[str, int, str], ...]  # (prefix, ndim, dtype) per extra
+    dot_upcast: bool = False  # bf16 tiles computed in fp32 (the interpreter's bf16 dot is broken)
+
+    def key(self) -> str:
+        text = repr((CODEGEN_VERSION, dataclasses.astuple(self)))
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def summary(self) -> str:
+        return (f"head_dim={self.head_dim} v_head_dim={self.v_head_dim} dtype={str(self.dtype)[6:]} "
+                f"groups={self.groups} causal={self.skip.causal} window={self.skip.window} "
+                f"extras={[e[0] + ':' + str(e[1]) + 'd:' + e[2] for e in self.extras_sig]}")
+
+
+@dataclasses.dataclass
+class Generated:
+    """A specialisation with its lowered mods and full source."""
+
+    spec: Specialisation
+    mask: LoweredMod | None
+    score: LoweredMod | None
+    source: str
+
+    @property
+    def key(self) -> str:
+        return self.spec.key()
+
+
+def specialise(
+    mask: Mod | None, score: Mod | None, *, head_dim: int, v_head_dim: int, dtype: torch.dtype, groups: int,
+    mask_extras: Sequence[torch.Tensor], score_extras: Sequence[torch.Tensor], interpret: bool = False,
+) -> Generated:
+    """Lower the mods (raises LoweringError) and generate the module source."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    low_mask = lower_mod(mask, mask_extras, "mask", acc) if mask is not None else None
+    low_score = lower_mod(score, score_extras, "score", acc, with_grad=True) if score is not None else None
+    extras_sig = tuple(
+        (e.prefix, e.ndim, str(e.dtype)[6:])
+        for low in (low_mask, low_score) if low is not None for e in low.extras
+    )
+    spec = Specialisation(
+        head_dim, v_head_dim, dtype, groups, block_skip_for(mask),
+        tuple(low_mask.lines) if low_mask else (), low_mask.result if low_mask else None,
+        tuple(low_score.lines + low_score.grad_lines + [ln for _, lines, e in low_score.extra_grads
+                                                         for ln in (*lines, e)]) if low_score else (),
+        low_score.result if low_score else None, extras_sig, interpret and dtype == torch.bfloat16)
+    return Generated(spec, low_mask, low_score, render(spec, low_mask, low_score))
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _kv_bounds(skip: BlockSkip) -> list[str]:
+    lines = []
+    if skip.causal:
+        lines.append("kv_stop = tl.minimum(kv_stop, q_last - kv_offset + 1)  # causal: keys <= last query")
+    if skip.window is not None:
+        w = skip.window
+        lines.append(f"kv_start = tl.maximum(kv_start, q_first - {w - 1} - kv_offset)  # q - kv < {w}")
+        if not skip.causal:
+            lines.append(f"kv_stop = tl.minimum(kv_stop, q_last + {w} - kv_offset)  # kv - q < {w}")
+    return lines
+
+
+def _q_bounds(skip: BlockSkip) -> list[str]:
+    lines = []
+    if skip.causal:
+        lines.append("q_start = tl.maximum(q_start, kv_first - q_offset)  # causal: queries >= first key")
+    if skip.window is not None:
+        w = skip.window
+        lines.append(f"q_stop = tl.minimum(q_stop, kv_last + {w} - q_offset)  # q - kv < {w}")
+        if not skip.causal:
+            lines.append(f"q_start = tl.maximum(q_start, kv_first - {w - 1} - q_offset)  # kv - q < {w}")
+    return lines
+
+
+def _comment(text: str) -> str:
+    return "\n".join("#   " + line for line in text.splitlines())
+
+
+def _extra_params(lows: Sequence[LoweredMod | None]) -> str:
+    params = [p for low in lows if low is not None for e in low.extras for p in e.params()]
+    return "".join(f"\n    {p}," for p in params)
+
+
+def _grad_params(score: LoweredMod | None) -> str:
+    if score is None:
+        return ""
+    params = []
+    for e in score.extras:
+        if e.dtype.is_floating_point:
+            params += [f"{e.prefix}_grad_ptr", *[f"{e.prefix}_gstride{d}" for d in range(e.ndim)]]
+    return "".join(f"\n    {p}," for p in params)
+
+
+def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
+    """Scatter d(loss)/d(looked-up extra value) into the extra's gradient buffer (atomic adds)."""
+    if score is None:
+        return []
+    lines: list[str] = []
+    for load, dlines, dexpr in score.extra_grads:
+        prefix = score.extras[load.extra].prefix
+        offs = " + ".join(f"({ix}) * {prefix}_gstride{d}" for d, ix in enumerate(load.indices))
+        g = f"g_{load.node_name}"
+        lines += [f"# gradient of {prefix} through `{load.node_name}`", *dlines,
+                  f"{g} = tl.where(keep, ds * ({dexpr}), 0.0)",
+                  f"{g}_ptr = {prefix}_grad_ptr + {offs}"]
+        if load.axes == frozenset():
+            lines.append(f"tl.atomic_add({g}_ptr, tl.sum(tl.sum({g}, 1)[:, None], 0)[None, :], "
+                         f"mask={load.in_bounds})")
+        elif load.axes == frozenset({"q"}):
+            lines.append(f"tl.atomic_add({g}_ptr, tl.sum({g}, 1)[:, None], mask={load.in_bounds})")
+        elif load.axes == frozenset({"kv"}):
+            lines.append(f"tl.atomic_add({g}_ptr, tl.sum({g}, 0)[None, :], mask={load.in_bounds})")
+        else:
+            lines.append(f"{g}_full = {g}_ptr + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)")
+            lines.append(f"tl.atomic_add({g}_full, {g}, mask={load.in_bounds} & keep)")
+    return lines
+
+
+def _dscore_lines(score: LoweredMod | None) -> list[str]:
+    if score is None or score.d_score is None:
+        return []
+    return ["# chain rule through the score mod: ds_raw = ds_mod * d(score_mod)/d(score)",
+            *score.grad_lines, f"ds = tl.where(keep, ds * ({score.d_score}), 0.0)"]
+
+
+def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | None) -> str:
+    """The module source: header constants plus the forward and both backward kernels."""
+    float_dot = spec.dtype in (torch.float32, torch.float64)
+    keep = f" & {mask.result}" if mask is not None else ""
+    holes = {
+        "VERSION": CODEGEN_VERSION,
+        "SPEC": spec.summary(),
+        "MASK_ORIGIN": _comment(mask.origin) if mask else "#   none",
+        "SCORE_ORIGIN": _comment(score.origin) if score else "#   none",
+        "D": str(spec.head_dim), "DV": str(spec.v_head_dim),
+        "D_PAD": str(pad_dim(spec.head_dim)), "DV_PAD": str(pad_dim(spec.v_head_dim)),
+        "GROUPS": str(spec.groups),
+        "ACC": "tl.float64" if spec.dtype == torch.float64 else "tl.float32",
+        "DOT_ARGS": ', input_precision="ieee"' if float_dot or spec.dot_upcast else "",
+        "LOAD_CAST": ".to(tl.float32)" if spec.dot_upcast else "",
+        "EXTRA_PARAMS": _extra_params([mask, score]),
+        "GRAD_PARAMS": _grad_params(score),
+        "KV_BOUNDS": template.indent(_kv_bounds(spec.skip), 4),
+        "Q_BOUNDS": template.indent(_q_bounds(spec.skip), 4),
+        "SCORE_LINES": template.indent(["# score mod", *score.lines] if score else [], 8),
+        "MASK_LINES": template.indent(["# mask mod", *mask.lines] if mask else [], 8),
+        "SCORE_LINES2": template.indent(["# score mod", *score.lines] if score else [], 12),
+        "MASK_LINES2": template.indent(["# mask mod", *mask.lines] if mask else [], 12),
+        "KEEP": keep,
+        "SCORE_RESULT": score.result if score else "score",
+        "DSCORE_LINES": template.indent(_dscore_lines(score), 8),
+        "DSCORE_LINES2": template.indent(_dscore_lines(score), 12),
+        "EXTRA_GRAD_LINES": template.indent(_extra_grad_lines(score), 8),
+    }
+    source = (template.fill(template.HEADER, holes) + template.fill(template.FORWARD, holes)
+              + template.fill(template.BACKWARD_DKDV, holes) + template.fill(template.BACKWARD_DQ, holes))
+    return source

@@ -1,0 +1,308 @@
+"""Python side of the generated kernels: the ``block_forward`` / ``block_backward`` contract.
+
+``TritonBlocks.forward`` and ``.backward`` take exactly the arguments of
+``kernels.reference.block_forward`` / ``block_backward``; they pick (or generate) the module
+for the call's specialisation, compute strides and grids, and launch. When a call cannot run
+as a kernel (a mod whose real extras cannot be lowered, CPU tensors without
+TRITON_INTERPRET=1) the reference block path runs instead, with the reason logged once,
+unless the kernels were forced, in which case ``KernelError`` says what to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ringcompile.errors import KernelError, ShapeMismatchError
+from ringcompile.log import get_logger
+from ringcompile.mods import Mod
+
+from .. import reference
+from . import cache
+from .codegen import Generated, specialise
+from .lower_mods import LoweringError
+
+log = get_logger(__name__)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# The Triton interpreter patches triton.language globally while a kernel runs, so interpreted
+# launches from several threads (the simulated ring runs ranks as threads) take turns.
+_INTERPRETER_LOCK = threading.RLock()
+
+
+# Lowered + rendered specialisations (or why not) by call signature, shared by every site.
+_GENERATED: dict[tuple, Generated | str] = {}
+_GENERATED_LOCK = threading.Lock()
+
+
+def _serialised(q: torch.Tensor):
+    return _INTERPRETER_LOCK if q.device.type == "cpu" else contextlib.nullcontext()
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tile sizes and launch settings for one kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Forward candidates tried once per specialisation and shape on a GPU (fastest kept).
+FORWARD_CANDIDATES = (Tiles(128, 64, 4, 3), Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3), Tiles(128, 32, 4, 4),
+                      Tiles(64, 32, 4, 2))
+INTERPRET_TILES = Tiles(16, 16, 1, 1)
+
+
+def planner_tiles(spec_tiles: Any) -> Tiles | None:
+    """Tiles from the planner (``AttentionSpec.tiles``: a Tiles, a mapping or an object)."""
+    if spec_tiles is None:
+        return None
+    if isinstance(spec_tiles, Tiles):
+        return spec_tiles
+
+    def get(*names: str, default: int | None = None) -> int | None:
+        for n in names:
+            if isinstance(spec_tiles, Mapping) and n in spec_tiles:
+                return int(spec_tiles[n])
+            if hasattr(spec_tiles, n):
+                return int(getattr(spec_tiles, n))
+        return default
+
+    m, n = get("block_m", "BLOCK_M"), get("block_n", "BLOCK_N")
+    if m is None or n is None:
+        return None
+    return Tiles(m, n, get("num_warps", default=4), get("num_stages", default=2))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _extra_args(extras: Sequence[torch.Tensor], device: torch.device) -> list[Any]:
+    args: list[Any] = []
+    for e in extras:
+        e = e.to(device)
+        if e.dtype == torch.bool:
+            e = e.view(torch.uint8)  # bool extras travel as bytes; the kernel compares with 0
+        args += [e, *e.shape, *e.stride()]
+    return args
+
+
+class TritonBlocks:
+    """Generated-kernel block functions for one site (see module docstring)."""
+
+    def __init__(self, forced: bool, tiles: Tiles | None = None, name: str = ""):
+        self.forced = forced
+        self.tiles = tiles
+        self.name = name
+        self._best_forward: dict[tuple, Tiles] = {}
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ selection
+
+    def generated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mod | None,
+                  score: Mod | None, mask_extras: Sequence[torch.Tensor],
+                  score_extras: Sequence[torch.Tensor]) -> Generated:
+        """The specialisation for this call (raises LoweringError, remembered per signature)."""
+        sig = (q.shape[-1], v.shape[-1], q.dtype, q.shape[1] // k.shape[1], mask, score,
+               cache.interpret_mode(),
+               tuple((e.dim(), e.dtype) for e in mask_extras),
+               tuple((e.dim(), e.dtype) for e in score_extras))
+        with _GENERATED_LOCK:
+            hit = _GENERATED.get(sig)
+            if hit is None:
+                try:
+                    hit = specialise(mask, score, head_dim=q.shape[-1], v_head_dim=v.shape[-1], dtype=q.dtype,
+                                     groups=q.shape[1] // k.shape[1], mask_extras=mask_extras,
+                                     score_extras=score_extras, interpret=cache.interpret_mode())
+                except LoweringError as exc:
+                    hit = str(exc)
+                _GENERATED[sig] = hit
+        if isinstance(hit, str):
+            raise LoweringError(hit)
+        return hit
+
+    def _cannot_run(self, q: torch.Tensor) -> tuple[str | None, bool]:
+        """(why the kernels cannot run this call, whether that is an error even when forced)."""
+        if q.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {q.dtype} is not supported by the Triton kernels", True
+        if q.device.type == "cpu" and not cache.interpret_mode():
+            return ("Triton kernels need CUDA tensors; to run them on CPU tensors set TRITON_INTERPRET=1 "
+                    "in the environment before starting Python"), True
+        if q.dtype == torch.float64 and q.device.type != "cpu":
+            # float64 tl.dot is not available on every GPU/Triton pair; exactness matters more here
+            return "float64 inputs run on the PyTorch block path on GPUs", False
+        return None, True
+
+    def _module(self, q, k, v, mask, score, mask_extras, score_extras):
+        """The kernel module, or None after logging why the reference path runs instead."""
+        reason, hard = self._cannot_run(q)
+        gen = None
+        if reason is None:
+            try:
+                gen = self.generated(q, k, v, mask, score, mask_extras, score_extras)
+            except LoweringError as exc:
+                reason = str(exc)
+        if reason is not None:
+            if self.forced and hard:
+                raise KernelError(f"kernel='triton' was requested but cannot run: {reason}")
+            if reason not in self._warned:
+                self._warned.add(reason)
+                log.info("site %s: running the PyTorch block path instead of Triton: %s", self.name, reason)
+            return None
+        return cache.load(gen.key, gen.source)
+
+    def _launch_opts(self, q: torch.Tensor, tiles: Tiles) -> dict[str, int]:
+        opts = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n}
+        if q.device.type != "cpu":
+            opts.update(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        return opts
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0,
+        kv_offset: int = 0, seq_len: int | None = None, mask: Mod | None = None, score: Mod | None = None,
+        mask_extras: Sequence[torch.Tensor] = (), score_extras: Sequence[torch.Tensor] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of one block pair, fp32 (fp64 for fp64 inputs); see reference.block_forward."""
+        _check_shapes(q, k, v)
+        module = self._module(q, k, v, mask, score, mask_extras, score_extras)
+        if module is None:
+            return reference.block_forward(q, k, v, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                                           seq_len=seq_len, mask=mask, score=score, mask_extras=mask_extras,
+                                           score_extras=score_extras)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        B, Hq, Sq, _ = q.shape
+        Sk = k.shape[2]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = torch.empty(B, Hq, Sq, v.shape[-1], dtype=acc, device=q.device)
+        lse = torch.empty(B, Hq, Sq, dtype=acc, device=q.device)
+        if out.numel() == 0 or lse.numel() == 0:
+            return out.zero_(), lse.fill_(float("-inf"))
+        seq = int(seq_len) if seq_len is not None else int(kv_offset) + Sk
+        extras = _extra_args([*mask_extras, *score_extras], q.device)
+
+        def run(tiles: Tiles) -> None:
+            grid = (_cdiv(Sq, tiles.block_m), B * Hq)
+            module.block_fwd[grid](
+                q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+                Hq, Sq, Sk, int(q_offset), int(kv_offset), seq, float(scale), *extras,
+                **self._launch_opts(q, tiles))
+
+        with _serialised(q):
+            run(self._forward_tiles(module, q, k, run))
+        return out, lse
+
+    def _forward_tiles(self, module, q: torch.Tensor, k: torch.Tensor, run) -> Tiles:
+        if self.tiles is not None:
+            return self.tiles
+        if q.device.type == "cpu":
+            return INTERPRET_TILES
+        if q.dtype in (torch.float32, torch.float64):
+            return Tiles(32, 32, 4, 2)
+        key = (module.__name__, q.shape[2] // 1024, k.shape[2] // 1024)
+        best = self._best_forward.get(key)
+        if best is None:
+            best = _autotune(run, FORWARD_CANDIDATES)
+            self._best_forward[key] = best
+            log.info("site %s: forward tiles %s", self.name, best)
+        return best
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+        lse: torch.Tensor, *, scale: float, q_offset: int = 0, kv_offset: int = 0, seq_len: int | None = None,
+        mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
+        score_extras: Sequence[torch.Tensor] = (), delta: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """(dq, dk, dv, d_score_extras) of one block pair; see reference.block_backward."""
+        _check_shapes(q, k, v)
+        module = self._module(q, k, v, mask, score, mask_extras, score_extras)
+        if module is None:
+            return reference.block_backward(
+                q, k, v, out, dout, lse, scale=scale, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
+                mask=mask, score=score, mask_extras=mask_extras, score_extras=score_extras, delta=delta)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        B, Hq, Sq, D = q.shape
+        Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(B, Hq, Sq, D, dtype=acc, device=q.device)
+        dk = torch.zeros(B, Hkv, Sk, D, dtype=acc, device=q.device)
+        dv = torch.zeros(B, Hkv, Sk, Dv, dtype=acc, device=q.device)
+        d_extras: list[torch.Tensor | None] = [
+            torch.zeros(e.shape, dtype=acc, device=q.device) if e.is_floating_point() else None
+            for e in score_extras]
+        if q.numel() == 0 or k.numel() == 0:
+            return dq, dk, dv, d_extras
+        if delta is None:
+            delta = (dout.to(acc) * out.to(acc)).sum(-1)
+        delta = delta.to(device=q.device, dtype=acc).contiguous()
+        lse = lse.to(acc).contiguous()
+        dout = dout.to(q.dtype)
+        seq = int(seq_len) if seq_len is not None else int(kv_offset) + Sk
+        extras = _extra_args([*mask_extras, *score_extras], q.device)
+        grads: list[Any] = []
+        for g in d_extras:
+            if g is not None:
+                grads += [g, *g.stride()]
+        common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+        runtime = (Sq, Sk, int(q_offset), int(kv_offset), seq, float(scale))
+        kv_tiles, q_tiles = self._backward_tiles(q)
+
+        with _serialised(q):
+            module.block_bwd_dkdv[(_cdiv(Sk, kv_tiles.block_n), B * Hkv)](
+                q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), Hkv, *runtime,
+                *extras, **self._launch_opts(q, kv_tiles))
+            module.block_bwd_dq[(_cdiv(Sq, q_tiles.block_m), B * Hq)](
+                q, k, v, dout, lse, delta, dq, *common, *dq.stride(), Hq, *runtime, *extras, *grads,
+                **self._launch_opts(q, q_tiles))
+        return dq, dk, dv, d_extras
+
+    def _backward_tiles(self, q: torch.Tensor) -> tuple[Tiles, Tiles]:
+        """(dK/dV kernel tiles, dQ kernel tiles): the dK/dV kernel walks q tiles, so small BLOCK_M."""
+        if self.tiles is not None:
+            return self.tiles, self.tiles
+        if q.device.type == "cpu":
+            return INTERPRET_TILES, INTERPRET_TILES
+        if q.dtype in (torch.float32, torch.float64):
+            return Tiles(32, 32, 4, 2), Tiles(32, 32, 4, 2)
+        warps = 4 if q.shape[-1] <= 64 else 8
+        return Tiles(32, 128, warps, 2), Tiles(128, 32, warps, 2)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ShapeMismatchError(f"block kernels take (B, H, S, D) tensors, got {tuple(q.shape)}, "
+                                 f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ShapeMismatchError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    if k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1] or q.shape[0] != k.shape[0]:
+        raise ShapeMismatchError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together")
+
+
+def _autotune(run, candidates: Sequence[Tiles]) -> Tiles:
+    """The fastest candidate by triton.testing.do_bench (GPU only; failures are skipped)."""
+    from triton.testing import do_bench
+
+    best, best_ms = candidates[0], float("inf")
+    for tiles in candidates:
+        try:
+            ms = do_bench(lambda t=tiles: run(t), warmup=5, rep=20)
+        except Exception as exc:  # e.g. out of shared memory for this tile shape
+            log.debug("tiles %s failed: %s", tiles, exc)
+            continue
+        if ms < best_ms:
+            best, best_ms = tiles, ms
+    return best

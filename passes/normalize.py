@@ -1,0 +1,89 @@
+"""Canonicalise a Dynamo (torch IR) graph into one pre-autograd aten graph.
+
+Dynamo records ops the way the user spelled them (``@``, ``torch.matmul``, ``F.softmax``,
+``.float()``...). Retracing with ``make_fx(pre_dispatch=True)`` spells them all as aten ops
+above autograd, so discovery matches one form and the rewritten graph still trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ringcompile.errors import UnsupportedPatternError
+from ringcompile.log import get_logger
+
+log = get_logger(__name__)
+
+SOURCE_KEY = "ringcompile_source"
+EXAMPLE_KEY = "ringcompile_example"
+_COPIED_META = ("stack_trace", "nn_module_stack")
+
+
+def source_name(node: fx.Node) -> str | None:
+    """The Dynamo source name (e.g. ``L['x']``) of a Dynamo placeholder, if recorded."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return None
+    name = source.name
+    return name if isinstance(name, str) else name()
+
+
+def _is_module_state(source: str | None) -> bool:
+    """Parameters and buffers of modules: constant tensors whose values may be inspected."""
+    if not source:
+        return False
+    return any(tag in source for tag in ("._buffers[", "._parameters[", ".buffers[", ".parameters[",
+                                         "_buffers", "_parameters"))
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Retrace ``gm`` (a Dynamo graph) into an aten pre-dispatch graph with fake-tensor metadata.
+
+    Placeholders of the result match ``gm``'s one to one (SymInt placeholders included), carry
+    ``meta["ringcompile_source"]`` and, for module buffers/parameters, ``meta["ringcompile_example"]``.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fakes: list[Any] = []
+    for n in placeholders:
+        if "example_value" not in n.meta:
+            raise UnsupportedPatternError(f"graph input {n.name} has no example value; cannot retrace")
+        fakes.append(n.meta["example_value"])
+    fake_mode = torch._guards.detect_fake_mode(fakes)
+    if fake_mode is None:
+        raise UnsupportedPatternError("no fake mode found on the graph inputs; cannot retrace")
+    try:
+        with fake_mode, fx_traceback.preserve_node_meta():
+            aten_gm = make_fx(fx.Interpreter(gm).run, pre_dispatch=True, tracing_mode="fake")(*fakes)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means "leave the graph alone"
+        raise UnsupportedPatternError(f"could not retrace the graph at aten level: {exc}") from exc
+
+    new_placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
+    if len(new_placeholders) != len(placeholders):
+        raise UnsupportedPatternError(
+            f"retraced graph has {len(new_placeholders)} inputs, expected {len(placeholders)}")
+    for old, new in zip(placeholders, new_placeholders, strict=True):
+        src = source_name(old)
+        new.meta[SOURCE_KEY] = src
+        new.meta["ringcompile_dynamo_name"] = old.name
+        if _is_module_state(src):
+            grapharg = old.meta.get("grapharg")
+            example = getattr(grapharg, "example", None)
+            if isinstance(example, torch.Tensor):
+                new.meta[EXAMPLE_KEY] = example
+        for key in _COPIED_META:
+            if key in old.meta and key not in new.meta:
+                new.meta[key] = old.meta[key]
+    log.debug("normalised graph:\n%s", aten_gm.graph)
+    return aten_gm
+
+
+def fake_mode_of(gm: fx.GraphModule) -> Any:
+    """The fake mode the graph's metadata lives in (None when there is none)."""
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    return torch._guards.detect_fake_mode([v for v in vals if v is not None])

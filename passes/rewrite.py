@@ -1,0 +1,147 @@
+"""Replace each attention site with one call of ``torch.ops.ringcompile.ring_attention``.
+
+The op takes (B, H, S, D) q and un-repeated (B, Hkv, S, D) k/v, so the rewrite inserts the
+permutes that bring the site's tensors into that order and the inverse permute (and cast)
+that gives back exactly the value the original subgraph produced. The old subgraph is then
+dead and removed.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ringcompile import ops as _ops  # noqa: F401  (registers the custom op)
+from ringcompile.errors import UnsupportedPatternError
+from ringcompile.log import get_logger
+from ringcompile.options import Options
+from ringcompile.site import AttentionSite
+from ringcompile.spec import AttentionSpec, register_spec
+
+from .normalize import fake_mode_of
+
+log = get_logger(__name__)
+aten = torch.ops.aten
+RING_ATTENTION = torch.ops.ringcompile.ring_attention.default
+SEED_HIGH = 2**62
+
+
+def spec_for(site: AttentionSite, options: Options) -> AttentionSpec:
+    """The static description the op call carries (by registry key)."""
+    return AttentionSpec(
+        scale=site.scale, mask=site.mask, score=site.score, dropout_p=site.dropout_p,
+        strategy=options.strategy, layout=options.layout, group=options.group, mesh_dim=options.mesh_dim,
+        kernel=options.kernel, timeout=options.timeout, block_size=options.block_size,
+        record_timing=options.record_timing, name=site.location or site.name,
+    )
+
+
+class _Builder:
+    """Inserts nodes before an anchor and fills ``meta["val"]`` by running them on fake values."""
+
+    def __init__(self, gm: fx.GraphModule, anchor: fx.Node) -> None:
+        self.graph = gm.graph
+        self.anchor = anchor
+        self.fake_mode = fake_mode_of(gm)
+        self.meta = {k: anchor.meta[k] for k in ("stack_trace", "nn_module_stack") if k in anchor.meta}
+
+    def call(self, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        kwargs = kwargs or {}
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.call_function(target, args, kwargs)
+        node.meta.update(self.meta)
+        vals_args = fx.node.map_arg(args, lambda n: n.meta["val"])
+        vals_kwargs = fx.node.map_arg(kwargs, lambda n: n.meta["val"])
+        if self.fake_mode is not None:
+            with self.fake_mode:
+                node.meta["val"] = target(*vals_args, **vals_kwargs)
+        else:
+            node.meta["val"] = target(*vals_args, **vals_kwargs)
+        return node
+
+
+def _to_bhsd(b: _Builder, node: fx.Node, perm: Sequence[int] | None, is_3d: bool) -> fx.Node:
+    if perm is not None:
+        node = b.call(aten.permute.default, (node, list(perm)))
+    if is_3d:
+        node = b.call(aten.unsqueeze.default, (node, 1))
+    return node
+
+
+def _check_order(gm: fx.GraphModule, site: AttentionSite) -> None:
+    """Every input of the new call must be defined before the node it replaces."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    anchor = order[site.output]
+    for n in [site.q, site.k, site.v, *site.mask_extras, *site.score_extras]:
+        if not isinstance(n, fx.Node) or n not in order:
+            raise UnsupportedPatternError(f"input {n} of {site.name} is not a node of this graph")
+        if order[n] >= anchor:
+            raise UnsupportedPatternError(
+                f"input {n.name} of {site.name} is defined after the attention output")
+
+
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> fx.Node:
+    """Insert the op call for ``site`` and redirect the users of its output; returns the new output."""
+    _check_order(gm, site)
+    b = _Builder(gm, site.output)
+    q = _to_bhsd(b, site.q, site.q_perm, site.is_3d)
+    k = _to_bhsd(b, site.k, site.k_perm, site.is_3d)
+    v = _to_bhsd(b, site.v, site.v_perm, site.is_3d)
+    seq = k.meta["val"].shape[2]
+    seq_len: Any = seq if isinstance(seq, int) else b.call(aten.sym_size.int, (k, 2))
+    seed = None
+    if site.dropout_p > 0:
+        seed = b.call(aten.randint.low, (0, SEED_HIGH, []), {"dtype": torch.int64,
+                                                              "device": q.meta["val"].device})
+    key = register_spec(spec_for(site, options))
+    call = b.call(RING_ATTENTION, (q, k, v, list(site.mask_extras), list(site.score_extras), seq_len, key,
+                                   seed))
+    out = b.call(operator.getitem, (call, 0))
+    if site.is_3d:
+        out = b.call(aten.squeeze.dim, (out, 1))
+    if site.out_perm is not None:
+        out = b.call(aten.permute.default, (out, list(site.out_perm)))
+    want = site.output_dtype or site.output.meta["val"].dtype
+    if out.meta["val"].dtype != want:
+        out = b.call(aten.to.dtype, (out, want))
+    old_shape = tuple(site.output.meta["val"].shape)
+    new_shape = tuple(out.meta["val"].shape)
+    if len(old_shape) != len(new_shape):
+        raise UnsupportedPatternError(f"rewrite of {site.name} changes the output rank")
+    site.output.replace_all_uses_with(out)
+    return out
+
+
+def _substitute(site: AttentionSite, replaced: dict[fx.Node, fx.Node]) -> None:
+    """Point a site at the new outputs of sites rewritten before it (attention feeding attention)."""
+    if not replaced:
+        return
+    site.q, site.k, site.v = (replaced.get(n, n) for n in (site.q, site.k, site.v))
+    site.mask_extras = [replaced.get(n, n) for n in site.mask_extras]
+    site.score_extras = [replaced.get(n, n) for n in site.score_extras]
+
+
+def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], options: Options) -> fx.GraphModule:
+    """Rewrite every site in place (a site that cannot be rewritten keeps its reason); returns ``gm``."""
+    replaced: dict[fx.Node, fx.Node] = {}  # old site output -> new output, for sites that read it
+    for site in sites:
+        if site.reason is not None:
+            continue
+        _substitute(site, replaced)
+        try:
+            replaced[site.output] = rewrite_site(gm, site, options)
+        except UnsupportedPatternError as exc:
+            site.reason = str(exc)
+            log.warning("attention at %s not rewritten: %s", site.location, exc)
+            continue
+        site.rewritten = True
+        log.info("rewrote attention at %s (%s, mask=%s, score=%s, gqa=%d)", site.location, site.pattern,
+                 site.mask_description, site.score_description, site.gqa_groups)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm

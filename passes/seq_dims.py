@@ -1,0 +1,110 @@
+"""Which dim of which graph input is the sequence: walked back from the attention calls.
+
+Every ring_attention op takes q/k/v as (B, H, S, D), so their dim 2 is the sequence. The
+walk follows each op's dim rules (``placements.links_for``; views through ``view_dim``)
+backwards to the graph inputs. Inputs it reaches are sharded at the start of the graph;
+everything else (parameters, arange positions, labels, padding masks) stays replicated
+and is sliced to the local shard where it meets a sharded value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.fx as fx
+
+from ringcompile.errors import UnsupportedPatternError
+
+from .placements import GETITEM, VIEW_OPS, Shard, get_arg, links_for, shape_of, view_dim
+
+RING_OP = torch.ops.ringcompile.ring_attention.default
+
+
+def attention_ops(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is RING_OP]
+
+
+def global_seq_len(ops: Iterable[fx.Node]) -> int:
+    """The one sequence length every attention call shares (q/k/v dim 2)."""
+    lengths = set()
+    for op in ops:
+        for x in op.args[:3]:
+            shape = shape_of(x)
+            if shape is None or len(shape) != 4:
+                raise UnsupportedPatternError(f"attention input {x} has no static 4-D shape")
+            lengths.add(shape[2])
+    if len(lengths) != 1:
+        raise UnsupportedPatternError(
+            f"attention calls in one graph disagree on the sequence length {sorted(lengths)} "
+            "(cross-attention or several sequences): the graph is compiled unsharded")
+    return lengths.pop()
+
+
+def _match_override(node: fx.Node, seq_dims: Mapping[str, int]) -> int | None:
+    names = {node.name, str(node.target)}
+    for key, dim in seq_dims.items():
+        if key in names or any(f"_{key}_" in f"_{n}_" for n in names):
+            return dim
+    return None
+
+
+def find_seq_dims(gm: fx.GraphModule, seq_len: int,
+                  overrides: Mapping[str, int] | None = None) -> dict[fx.Node, Shard]:
+    """{placeholder: Shard(dim, inner)} for the graph inputs that carry the sequence."""
+    seeds: dict[fx.Node, Shard] = {}
+    if overrides:
+        for node in gm.graph.find_nodes(op="placeholder"):
+            dim = _match_override(node, overrides)
+            if dim is not None:
+                shape = shape_of(node)
+                if shape is None or not -len(shape) <= dim < len(shape):
+                    raise UnsupportedPatternError(f"seq_dims gives dim {dim} for input {node.name} of shape "
+                                                  f"{shape}")
+                seeds[node] = Shard(dim % len(shape))
+    known: dict[fx.Node, Shard] = {}
+    work: list[tuple[fx.Node, Shard]] = [(x, Shard(2)) for op in attention_ops(gm) for x in op.args[:3]]
+    while work:
+        node, pl = work.pop()
+        if not isinstance(node, fx.Node):
+            continue
+        if node in known:
+            if known[node] != pl:
+                raise UnsupportedPatternError(
+                    f"{node.name} would carry the sequence on two dims ({known[node]} and {pl}); "
+                    "pass options={'seq_dims': {...}} to say which")
+            continue
+        known[node] = pl
+        if node.op == "placeholder":
+            seeds.setdefault(node, pl)
+            continue
+        if node.op != "call_function":
+            continue
+        work.extend(_inputs_carrying(node, pl, seq_len))
+    return seeds
+
+
+def _inputs_carrying(node: fx.Node, pl: Shard, seq_len: int, out_index: int | None = None
+                     ) -> list[tuple[fx.Node, Shard]]:
+    """The inputs of ``node`` (and their dims) that its output's sequence dim comes from."""
+    if node.target is GETITEM:
+        src, idx = node.args
+        if isinstance(src, fx.Node) and src.op == "call_function":
+            return _inputs_carrying(src, pl, seq_len, idx)
+        return []
+    if node.target in VIEW_OPS:
+        a, b = shape_of(node.args[0]), shape_of(node)
+        if a is None or b is None:
+            return []
+        m = view_dim(b, a, pl.dim, pl.inner, seq_len)
+        return [(node.args[0], m)] if m is not None else []
+    rule = links_for(node)
+    if rule is None:
+        return []
+    found = []
+    for link in rule.links:
+        if link.out_dim == pl.dim and link.out_index == out_index:
+            arg = get_arg(node, link.arg)
+            if isinstance(arg, fx.Node):
+                found.append((arg, Shard(link.in_dim, pl.inner)))
+    return found

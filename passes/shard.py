@@ -1,0 +1,581 @@
+"""Sequence-shard a whole graph around its ring_attention calls (transparent mode).
+
+Entry point ``shard_graph(aten_gm, sites, options)``: mutates the graph so that each rank
+computes only its shard of the sequence. Graph inputs are full on every rank; inputs that
+carry the sequence (found by ``seq_dims``) are sliced at the start; placements
+(``placements``) are propagated node by node; where placements meet, collectives from
+``ringcompile.runtime.collectives`` are inserted:
+
+* replicated meets sharded -> ``to_local`` (slice by the layout's index list);
+* replicated float feeding sharded work -> ``grad_reduce`` (its gradient is summed over ranks);
+* partial consumed by a non-linear op, or at an output -> ``reduce_partial``;
+* sharded consumed by an op with no rule along the sequence -> ``gather_seq`` (correct, not cheap).
+
+Mean losses over the sequence (cross-entropy with ``ignore_index``) become a sum and a count,
+both all-reduced, so the loss is exactly the one-device loss. View ops get their sizes
+rewritten to the local length. Anything the pass cannot do raises
+``UnsupportedPatternError``; the backend then compiles the unsharded (correct) graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ringcompile.errors import UnsupportedPatternError
+from ringcompile.log import get_logger
+from ringcompile.options import Options
+from ringcompile.runtime import collectives as coll
+from ringcompile.spec import get_spec, register_spec
+
+from .placements import (
+    GETITEM,
+    VIEW_OPS,
+    P,
+    Partial,
+    R,
+    Replicate,
+    Shard,
+    arg_or_kwarg,
+    get_arg,
+    links_for,
+    resolve_shape,
+    shape_of,
+    tensor_paths,
+    val_of,
+    view_dim,
+)
+from .seq_dims import RING_OP, attention_ops, find_seq_dims, global_seq_len
+
+log = get_logger(__name__)
+aten = torch.ops.aten
+ops = torch.ops.ringcompile
+
+LOSS_OPS = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_nd.default}
+SYMBOLIC_SHAPES_MSG = ("the graph has symbolic (dynamic) shapes; sequence sharding needs static shapes "
+                       "(compile with dynamic=False), so it runs unsharded")
+
+
+@dataclasses.dataclass
+class ShardReport:
+    """What the pass did to one graph (kept on ``gm.meta['ringcompile_shard']``)."""
+
+    seq_len: int
+    padded: int
+    world_size: int
+    layout: str
+    seeds: dict[str, int]
+    gathers: list[str] = dataclasses.field(default_factory=list)
+    reductions: int = 0
+
+
+def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: int) -> str:
+    """The user's layout, else the one the strategy needs, else zigzag for causal masks."""
+    if options.layout is not None:
+        return options.layout
+    if options.strategy == "zigzag":
+        return "zigzag"
+    if options.strategy in ("ring", "allgather", "ulysses", "local"):
+        return "contiguous"
+    causal = any(m is not None and ("causal" in m.kinds or m.params.get("causal")) for m in masks)
+    if causal and coll.padded_length(seq_len, world, "zigzag") == seq_len:
+        return "zigzag"
+    return "contiguous"
+
+
+class _Sharder:
+    def __init__(self, gm: fx.GraphModule, options: Options, seq_len: int, layout: str, world: int,
+                 group_name: str):
+        self.gm, self.graph, self.options = gm, gm.graph, options
+        self.seq, self.layout, self.world, self.group_name = seq_len, layout, world, group_name
+        self.padded = coll.padded_length(seq_len, world, layout)
+        self.local = self.padded // world
+        self.timeout = float(options.timeout)
+        self.pl: dict[fx.Node, Any] = {}        # placement per original node (tuple for multi-output)
+        self.value: dict[fx.Node, fx.Node] = {}  # node that carries the (local) value of an original node
+        self.cache: dict[tuple, fx.Node] = {}
+        self.gathers: list[str] = []
+        self.reductions = 0
+
+    # ------------------------------------------------------------------ conversions
+
+    def _insert(self, before: fx.Node, target: Any, args: tuple, name_hint: str) -> fx.Node:
+        with self.graph.inserting_before(before):
+            node = self.graph.call_function(target, args)
+        node.meta["ringcompile"] = name_hint
+        return node
+
+    def convert(self, node: fx.Node, have: Any, want: Any, before: fx.Node, at_output: bool = False
+                ) -> fx.Node:
+        """The value of original ``node`` with placement ``want`` (inserting collectives as needed)."""
+        v = self.value.get(node, node)
+        if have == want and not isinstance(want, Shard | Partial):
+            return v
+        if have == want:
+            return v
+        key = (node, want)
+        if key in self.cache:
+            return self.cache[key]
+        if isinstance(have, Partial):
+            out = self.cache.get((node, R))
+            if out is None:
+                out = self._insert(before, ops.reduce_partial.default, (v, self.group_name, self.timeout),
+                                   "reduce")
+                self.reductions += 1
+                self.cache[(node, R)] = out
+            return out if want == R else self.convert_value(out, node, R, want, before)
+        if isinstance(have, Shard):
+            full = self.cache.get((node, R))
+            if full is None:
+                full = self._insert(before, ops.gather_seq.default,
+                                    (v, have.dim, have.inner, self.vlen(have), self.padded, self.layout,
+                                     self.group_name, self.timeout), "gather")
+                if not at_output:
+                    self.gathers.append(node.name)
+                self.cache[(node, R)] = full
+            return full if want == R else self.convert_value(full, node, R, want, before)
+        return self.convert_value(v, node, have, want, before)
+
+    def vlen(self, p: Shard) -> int:
+        return self.seq if p.valid is None else p.valid
+
+    def shard(self, dim: int, inner: int = 1, valid: int | None = None) -> Shard:
+        return Shard(dim, inner, None if valid is None or valid == self.seq else valid)
+
+    def convert_value(self, v: fx.Node, node: fx.Node, have: Any, want: Any, before: fx.Node,
+                      fill: float = 0.0) -> fx.Node:
+        """Replicated -> shard (slice; padding holds ``fill``) or -> replicated with a summed gradient."""
+        key = (node, want, fill)
+        if key in self.cache:
+            return self.cache[key]
+        if isinstance(want, Shard):
+            args = (v, want.dim, want.inner, self.vlen(want), self.padded, self.layout, self.group_name,
+                    self.timeout)
+            out = self._insert(before, ops.to_local.default, args + ((float(fill),) if fill else ()),
+                               "to_local")
+        elif want == "grad":
+            out = self._insert(before, ops.grad_reduce.default, (v, self.group_name, self.timeout),
+                               "grad_reduce")
+        else:
+            raise UnsupportedPatternError(f"cannot convert {node.name} from {have} to {want}")
+        self.cache[key] = out
+        return out
+
+    def placement(self, node: Any) -> Any:
+        return self.pl.get(node, R) if isinstance(node, fx.Node) else R
+
+    def set_arg(self, node: fx.Node, path: tuple[int, ...], new: Any) -> None:
+        args = list(node.args)
+        if len(path) == 1:
+            args[path[0]] = new
+        else:
+            inner = list(args[path[0]])
+            inner[path[1]] = new
+            args[path[0]] = inner
+        node.args = tuple(args)
+
+    def use(self, node: fx.Node, path: tuple[int, ...], want: Any, fill: float = 0.0) -> None:
+        """Make argument ``path`` of ``node`` carry placement ``want``."""
+        arg = get_arg(node, path)
+        if not isinstance(arg, fx.Node):
+            return
+        have = self.placement(arg)
+        if fill and have == R and isinstance(want, Shard):
+            self.set_arg(node, path, self.convert_value(self.value.get(arg, arg), arg, R, want, node, fill))
+            return
+        if want == "grad":
+            if have != R:
+                raise UnsupportedPatternError(f"internal: grad_reduce of a {have} value")
+            val = val_of(arg)
+            if isinstance(val, torch.Tensor) and val.is_floating_point():
+                self.set_arg(node, path, self.convert_value(self.value.get(arg, arg), arg, R, "grad", node))
+            return
+        self.set_arg(node, path, self.convert(arg, have, want, node))
+
+    def keep(self, node: fx.Node) -> None:
+        """Rewire every tensor argument to the node carrying its current value."""
+        for path in tensor_paths(node):
+            arg = get_arg(node, path)
+            if arg in self.value:
+                self.set_arg(node, path, self.value[arg])
+
+    def replicate_all(self, node: fx.Node, why: str) -> None:
+        """Fallback: compute ``node`` on full, replicated inputs."""
+        if any(not isinstance(self.placement(get_arg(node, p)), Replicate) for p in tensor_paths(node)):
+            log.info("ringcompile shard: %s (%s) runs on the full sequence: %s", node.name, node.target, why)
+        for path in tensor_paths(node):
+            self.use(node, path, R)
+        self.pl[node] = _replicated_like(node)
+
+    # ------------------------------------------------------------------ the walk
+
+    def run(self, seeds: dict[fx.Node, Shard]) -> None:
+        nodes = list(self.graph.nodes)
+        first = next(n for n in nodes if n.op != "placeholder")
+        for node in nodes:
+            if node.op == "placeholder":
+                self.pl[node] = R
+                if node in seeds:
+                    self.pl[node] = seeds[node]
+                    self.value[node] = self.convert_value(node, node, R, seeds[node], first)
+            elif node.op == "get_attr":
+                self.pl[node] = R
+            elif node.op == "call_function":
+                self.visit(node)
+            elif node.op == "output":
+                self.outputs(node)
+
+    def visit(self, node: fx.Node) -> None:
+        t = node.target
+        if t is GETITEM:
+            src, idx = node.args
+            p = self.placement(src)
+            self.pl[node] = p[idx] if isinstance(p, tuple) else p
+            self.keep(node)
+            return
+        paths = tensor_paths(node)
+        placements = [self.placement(get_arg(node, p)) for p in paths]
+        if t is RING_OP:
+            return self.attention(node)
+        if all(isinstance(p, Replicate) for p in placements):
+            self.keep(node)
+            self.pl[node] = _replicated_like(node)
+            return
+        if t in VIEW_OPS:
+            return self.view(node)
+        if t in LOSS_OPS:
+            return self.loss(node)
+        if t == aten.slice.Tensor and self.slice_seq(node):
+            return
+        if _has_symbolic(node):
+            raise UnsupportedPatternError(SYMBOLIC_SHAPES_MSG)
+        rule = links_for(node)
+        if rule is None:
+            return self.replicate_all(node, "no sharding rule for this op")
+        self.generic(node, rule, paths, placements)
+
+    def generic(self, node: fx.Node, rule, paths, placements) -> None:
+        links = rule.links
+        for path in rule.passive:
+            self.keep_arg(node, path)
+        active = [(pa, p) for pa, p in zip(paths, placements, strict=True) if pa not in rule.passive]
+        paths, placements = [pa for pa, _ in active], [p for _, p in active]
+        kept: set[tuple[int | None, Shard]] = set()
+        valids = []
+        reduced = False
+        bad: list[tuple[int, ...]] = []
+        partial = []
+        for path, p in zip(paths, placements, strict=True):
+            if isinstance(p, Shard):
+                found = [lk for lk in links if lk.arg == path and lk.in_dim == p.dim]
+                outs = {(lk.out_index, lk.out_dim) for lk in found}
+                if not found:
+                    bad.append(path)
+                elif all(lk.out_dim is None for lk in found):
+                    reduced = True
+                else:
+                    kept |= {(oi, Shard(od, p.inner)) for oi, od in outs if od is not None}
+                    valids.append(self.vlen(p))
+            elif isinstance(p, Partial):
+                partial.append(path)
+        if bad or (reduced and kept) or (reduced and rule.reduce == "full"):
+            return self.replicate_all(node, "the sequence dim is sliced, reduced or moved by this op")
+        out_dims = {od for _, od in kept}
+        if len(out_dims) > 1 or len({oi for oi, _ in kept}) != len(kept):
+            return self.replicate_all(node, "inputs are sharded along different output dims")
+        if partial:
+            linear_ok = (not kept and not reduced and all(pa in rule.linear_in for pa in partial)
+                         and all(isinstance(self.placement(get_arg(node, pa)), Partial)
+                                 for pa in rule.linear_in if get_arg(node, pa) is not None)
+                         and all(isinstance(p, Partial | Replicate) for p in placements))
+            if linear_ok:
+                self.keep(node)
+                for path, p in zip(paths, placements, strict=True):
+                    if isinstance(p, Replicate):
+                        self.use(node, path, "grad")
+                self.pl[node] = _like(node, P)
+                return
+            for path in partial:
+                self.use(node, path, R)
+            placements = [R if isinstance(p, Partial) else p for p in placements]
+            if not kept and not reduced:
+                self.keep(node)
+                self.pl[node] = _replicated_like(node)
+                return
+        if kept:
+            valid = min(valids)
+            kept = {(oi, self.shard(s_.dim, s_.inner, valid)) for oi, s_ in kept}
+            out_shard = next(iter(kept))[1]
+            self._fit_replicated(node, links, paths, placements, out_shard)
+            multi = isinstance(val_of(node), (tuple, list))
+            if multi:
+                self.pl[node] = tuple(next((s for oi, s in kept if oi == i), R)
+                                      for i in range(len(val_of(node))))
+            else:
+                self.pl[node] = out_shard
+            self._resize(node, out_shard)
+            return
+        # the sequence dim is reduced by a linear op (sum, mean, matmul contraction): Partial
+        junk = [p for p in placements if isinstance(p, Shard) and self.vlen(p) != self.padded]
+        if junk:
+            raise UnsupportedPatternError(
+                f"{node.name} reduces over a sequence with padded or shifted positions ({self.seq} tokens on "
+                f"{self.world} ranks, valid {self.vlen(junk[0])}); use a sequence length the layout divides")
+        for path, p in zip(paths, placements, strict=True):
+            if isinstance(p, Replicate):
+                red = [lk for lk in links if lk.arg == path and lk.out_dim is None
+                       and shape_of(get_arg(node, path))[lk.in_dim] == self.seq]
+                sharded_red = [lk for lk in links if lk.out_dim is None and isinstance(
+                    self.placement(get_arg(node, lk.arg)), Shard)]
+                if red and sharded_red:
+                    inner = self.placement(get_arg(node, sharded_red[0].arg)).inner
+                    self.use(node, path, Shard(red[0].in_dim, inner))
+                else:
+                    self.use(node, path, "grad")
+            else:
+                self.keep_arg(node, path)
+        self.pl[node] = P
+        if rule.reduce == "mean":
+            self.scale_after(node, 1.0 / self.world)
+
+    def keep_arg(self, node: fx.Node, path) -> None:
+        arg = get_arg(node, path)
+        if arg in self.value:
+            self.set_arg(node, path, self.value[arg])
+
+    def _fit_replicated(self, node, links, paths, placements, out: Shard) -> None:
+        for path, p in zip(paths, placements, strict=True):
+            if isinstance(p, Shard):
+                self.keep_arg(node, path)
+                continue
+            match = [lk for lk in links if lk.arg == path and lk.out_dim == out.dim]
+            shape = shape_of(get_arg(node, path))
+            if match and shape is not None and \
+                    shape[match[0].in_dim] == shape_of_out(node, match[0].out_index)[out.dim]:
+                self.use(node, path, Shard(match[0].in_dim, out.inner, out.valid))
+            else:
+                self.use(node, path, "grad")
+
+    def _resize(self, node: fx.Node, out: Shard) -> None:
+        """Rewrite explicit size arguments (expand) to the local length."""
+        if node.target == aten.expand.default:
+            sizes = list(node.args[1])
+            full = shape_of(node)
+            sizes[out.dim] = full[out.dim] // self.vlen(out) * self.local
+            self.set_arg(node, (1,), sizes)
+
+    def scale_after(self, node: fx.Node, factor: float) -> None:
+        with self.graph.inserting_after(node):
+            scaled = self.graph.call_function(aten.mul.Tensor, (node, factor))
+        self.value[node] = scaled
+
+    def view(self, node: fx.Node) -> None:
+        src = node.args[0]
+        p = self.placement(src)
+        if isinstance(p, Partial):
+            self.keep(node)
+            self.pl[node] = P
+            return
+        a, b = shape_of(src), shape_of(node)
+        if a is None or b is None:
+            raise UnsupportedPatternError(SYMBOLIC_SHAPES_MSG)
+        out = view_dim(a, b, p.dim, p.inner, self.vlen(p))
+        if out is None:
+            return self.replicate_all(node, "a view splits the sequence dim")
+        out = self.shard(out.dim, out.inner, p.valid)
+        self.keep(node)
+        sizes = resolve_shape(b, int(val_of(node).numel()))
+        sizes[out.dim] = sizes[out.dim] // self.vlen(out) * self.local
+        self.set_arg(node, (1,), sizes)
+        self.pl[node] = out
+
+    def slice_seq(self, node: fx.Node) -> bool:
+        """``x[..., :n, ...]`` along the sequence: the same shards with a shorter valid length."""
+        src = node.args[0]
+        p = self.placement(src)
+        shape = shape_of(src)
+        if not isinstance(p, Shard) or shape is None:
+            return False
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+        start = node.args[2] if len(node.args) > 2 else 0
+        step = node.args[4] if len(node.args) > 4 else 1
+        if dim != p.dim or p.inner != 1 or shape[dim] != self.vlen(p) or step != 1 or start not in (0, None):
+            return False
+        n = shape_of(node)[dim]
+        if n == shape[dim]:
+            self.value[node] = self.value.get(src, src)
+            self.pl[node] = p
+            return True
+        self.value[node] = self.value.get(src, src)
+        self.pl[node] = self.shard(dim, 1, n)
+        return True
+
+    def loss(self, node: fx.Node) -> None:
+        """Cross-entropy / NLL over sharded rows: mean -> all-reduced sum / all-reduced count."""
+        inp, target = node.args[0], node.args[1]
+        p = self.placement(inp)
+        weight = arg_or_kwarg(node, 2, "weight", None)
+        reduction = arg_or_kwarg(node, 3, "reduction", 1)
+        ignore = arg_or_kwarg(node, 4, "ignore_index", -100)
+        smoothing = arg_or_kwarg(node, 5, "label_smoothing", 0.0) if node.target == \
+            aten.cross_entropy_loss.default else 0.0
+        in_shape = shape_of(inp)
+        if isinstance(p, Partial) or not isinstance(p, Shard) or p.dim == (1 if len(in_shape) > 1 else 0):
+            return self.replicate_all(node, "loss input is not sharded along a row dim")
+        if weight is not None or smoothing or reduction not in (0, 1, 2):
+            return self.replicate_all(node, "loss with class weights or label smoothing")
+        tdim = p.dim if p.dim == 0 else p.dim - 1
+        self.keep_arg(node, (0,))
+        tp = self.placement(target)
+        want = self.shard(tdim, p.inner, p.valid)
+        if tp != R and tp != want:
+            return self.replicate_all(node, "loss target is sharded differently from its input")
+        if tp == R:
+            self.use(node, (1,), want, fill=float(ignore))  # padded / shifted-out rows are ignored
+        else:
+            if self.vlen(want) != self.padded:
+                return self.replicate_all(node, "loss target sharded with padding")
+            self.keep_arg(node, (1,))
+        if reduction == 0:
+            self.pl[node] = want
+            return
+        args = [node.args[0], node.args[1], None, 2, ignore]  # reduction "sum"
+        if node.target == aten.cross_entropy_loss.default:
+            args.append(0.0)
+        node.args, node.kwargs = tuple(args), {}
+        if reduction == 2:
+            self.pl[node] = P
+            return
+        g = self.graph
+        with g.inserting_after(node):
+            total = g.call_function(ops.reduce_partial.default, (node, self.group_name, self.timeout))
+        with g.inserting_after(total):
+            valid = g.call_function(aten.ne.Scalar, (node.args[1], ignore))
+        with g.inserting_after(valid):
+            count = g.call_function(aten.sum.default, (valid,))
+        with g.inserting_after(count):
+            count_all = g.call_function(ops.reduce_partial.default, (count, self.group_name, self.timeout))
+        with g.inserting_after(count_all):
+            mean = g.call_function(aten.div.Tensor, (total, count_all))
+        self.reductions += 2
+        self.value[node] = mean
+        self.pl[node] = R
+
+    def attention(self, node: fx.Node) -> None:
+        for i in range(3):
+            self.use(node, (i,), Shard(2))
+        for i in (3, 4):
+            extras = list(node.args[i])
+            for j in range(len(extras)):
+                self.use(node, (i, j), R)
+                if i == 4:
+                    self.use(node, (i, j), "grad")
+        args = list(node.args)
+        args[5] = self.seq
+        spec = get_spec(args[6])
+        args[6] = register_spec(spec.replace(layout=self.layout, group=self.options.group,
+                                             mesh_dim=self.options.mesh_dim))
+        node.args = tuple(args)
+        self.pl[node] = (Shard(2), Shard(2))
+
+    def outputs(self, node: fx.Node) -> None:
+        sharded_out = self.options.outputs == "sharded"
+
+        def fix(a: Any) -> Any:
+            if not isinstance(a, fx.Node):
+                return a
+            p = self.placement(a)
+            if isinstance(p, Shard) and sharded_out:
+                return self.value.get(a, a)
+            if isinstance(p, tuple):
+                return a
+            return self.convert(a, p, R, node, at_output=True)
+
+        node.args = tuple(fx.node.map_aggregate(node.args, fix))
+
+
+def shape_of_out(node: fx.Node, out_index: int | None) -> tuple[int, ...]:
+    v = val_of(node)
+    if out_index is not None and isinstance(v, (tuple, list)):
+        v = v[out_index]
+    return tuple(int(s) for s in v.shape)
+
+
+def _like(node: fx.Node, p: Any) -> Any:
+    v = val_of(node)
+    return tuple(p for _ in v) if isinstance(v, (tuple, list)) else p
+
+
+def _replicated_like(node: fx.Node) -> Any:
+    return _like(node, R)
+
+
+def _has_symbolic(node: fx.Node) -> bool:
+    v = val_of(node)
+    vals = v if isinstance(v, (tuple, list)) else [v]
+    return any(isinstance(x, torch.Tensor) and any(not isinstance(s, int) for s in x.shape) for x in vals)
+
+
+def _check_static(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        v = val_of(node)
+        if isinstance(v, torch.SymInt) or (node.op == "placeholder" and _has_symbolic(node)):
+            raise UnsupportedPatternError(SYMBOLIC_SHAPES_MSG)
+
+
+def _refresh_meta(gm: fx.GraphModule) -> None:
+    """Recompute node.meta['val'] (now local shapes) with fake tensors."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    inputs = [n.meta.get("val") for n in gm.graph.find_nodes(op="placeholder")]
+    mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode()
+        inputs = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in inputs]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options) -> fx.GraphModule:
+    """Shard ``aten_gm`` along the sequence in place (and return it); raise UnsupportedPatternError to
+    make the backend compile the unsharded graph."""
+    from ringcompile.runtime.group import resolve_group
+
+    group = resolve_group(options.group, options.mesh_dim)
+    if group.world_size <= 1:
+        return aten_gm
+    ops_ = attention_ops(aten_gm)
+    if not ops_:
+        raise UnsupportedPatternError("no rewritten attention in the graph: nothing says where the sequence "
+                                      "is")
+    _check_static(aten_gm)
+    seq = global_seq_len(ops_)
+    seeds = find_seq_dims(aten_gm, seq, options.seq_dims)
+    if not seeds:
+        raise UnsupportedPatternError(
+            "no graph input carries the attention's sequence dim; pass options={'seq_dims': {name: dim}}")
+    layout = choose_layout(options, [get_spec(op.args[6]).mask for op in ops_], seq, group.world_size)
+    name = coll.group_name_of(group.group)
+    sharder = _Sharder(aten_gm, options, seq, layout, group.world_size, name)
+    sharder.run(seeds)
+    aten_gm.graph.eliminate_dead_code()
+    aten_gm.graph.lint()
+    aten_gm.recompile()
+    _refresh_meta(aten_gm)
+    report = ShardReport(seq, sharder.padded, group.world_size, layout,
+                         {n.name: s.dim for n, s in seeds.items()}, sharder.gathers, sharder.reductions)
+    aten_gm.meta["ringcompile_shard"] = report
+    log.info("ringcompile shard: seq %d on %d ranks (%s, padded %d); inputs %s; %d gathers %s; "
+             "%d all-reduces",
+             seq, group.world_size, layout, sharder.padded, report.seeds, len(sharder.gathers),
+             sharder.gathers, sharder.reductions)
+    return aten_gm
+
+
+__all__ = ["shard_graph", "choose_layout", "ShardReport"]

@@ -1,0 +1,282 @@
+"""Traceable collectives that sequence sharding of a whole graph inserts.
+
+Each is a custom op with a fake implementation and registered autograd, so Dynamo,
+AOTAutograd and Inductor see one opaque call and the backward collective is traced into
+the backward graph. The conventions (transparent mode) that make ``.grad`` equal the
+one-device gradient:
+
+* ``to_local``       replicated -> local shard (slice by the layout's index list);
+                     backward scatters the local gradient and all-reduces it.
+* ``gather_seq``     local shard -> full replicated tensor (all-gather in layout order,
+                     padding stripped); backward slices the (replicated) gradient.
+* ``reduce_partial`` partial sums -> replicated total (all-reduce); backward is the identity
+                     because the gradient of a replicated value is identical on every rank.
+* ``grad_reduce``    identity forward for a replicated value that feeds sharded work;
+                     backward all-reduces the partial gradient each rank computed.
+
+A sharded tensor is described by ``dim`` and ``inner``: the global size of ``dim`` is
+``outer * seq * inner`` (``inner`` = 1 for a plain sequence dim; > 1 when the sequence was
+flattened together with faster-varying dims), and each rank holds its index list of the
+``seq`` factor.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from ringcompile.errors import CommunicationError, ShapeMismatchError
+
+from .layouts import local_indices, padded_length
+
+Tensor = torch.Tensor
+
+
+__all__ = ["padded_length", "local_index", "reduce_partial", "grad_reduce", "to_local", "gather_seq"]
+
+
+def local_index(padded: int, world: int, rank: int, layout: str) -> list[int]:
+    """Global positions (in the padded sequence) that ``rank`` holds, in local order."""
+    return local_indices(padded, world, rank, layout).tolist()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def group_by_name(group_name: str):
+    """The ProcessGroup behind a name (ops carry names, not group objects)."""
+    if not dist.is_initialized():
+        raise CommunicationError("a sequence-sharded graph ran without torch.distributed initialised; "
+                                 "call dist.init_process_group before running the compiled model")
+    if group_name in ("", "default", "WORLD"):
+        return dist.group.WORLD
+    return dist.distributed_c10d._resolve_process_group(group_name)
+
+
+def group_name_of(group) -> str:
+    """Name to carry in an op call for ``group`` (None = the default group)."""
+    if group is None:
+        return "default"
+    if hasattr(group, "get_group"):  # DeviceMesh
+        group = group.get_group()
+    return group.group_name
+
+
+def _wait(work, timeout: float, what: str, group) -> None:
+    try:
+        ok = work.wait(timeout=datetime.timedelta(seconds=timeout))
+    except RuntimeError as exc:
+        raise CommunicationError(
+            f"rank {dist.get_rank()}: {what} failed or exceeded the {timeout:g} s timeout ({exc}); "
+            "check that every rank runs the same compiled graph with the same sequence length") from exc
+    if ok is False:
+        raise CommunicationError(f"rank {dist.get_rank()}: {what} did not finish within {timeout:g} s")
+
+
+def _all_reduce(x: Tensor, group_name: str, timeout: float) -> Tensor:
+    group = group_by_name(group_name)
+    y = x.detach().clone().contiguous()
+    if dist.get_world_size(group) > 1:
+        _wait(dist.all_reduce(y, group=group, async_op=True), timeout, "all-reduce", group)
+    return y
+
+
+def _split_seq(x: Tensor, dim: int, inner: int, seq: int) -> tuple[Tensor, int]:
+    """``x`` with dim ``dim`` (= outer*seq*inner) split into (outer, seq, inner), and the seq axis."""
+    size = x.shape[dim]
+    if size % (seq * inner):
+        raise ShapeMismatchError(f"dim {dim} of size {size} is not a multiple of seq {seq} x inner {inner}")
+    outer = size // (seq * inner)
+    shape = list(x.shape[:dim]) + [outer, seq, inner] + list(x.shape[dim + 1:])
+    return x.reshape(shape), dim + 1
+
+
+def _merge_seq(x: Tensor, dim: int) -> Tensor:
+    merged = x.shape[dim] * x.shape[dim + 1] * x.shape[dim + 2]
+    shape = list(x.shape[:dim]) + [merged] + list(x.shape[dim + 3:])
+    return x.reshape(shape)
+
+
+def _index(padded: int, group_name: str, layout: str, device) -> Tensor:
+    group = group_by_name(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    return torch.tensor(local_index(padded, world, rank, layout), dtype=torch.long, device=device)
+
+
+def slice_local(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str,
+                world: int, rank: int, fill: float = 0.0) -> Tensor:
+    """Pure slicing (no communication): pad the seq factor to ``padded`` and keep ``rank``'s positions."""
+    xs, axis = _split_seq(x, dim, inner, seq_len)
+    if padded > seq_len:
+        pad_shape = list(xs.shape)
+        pad_shape[axis] = padded - seq_len
+        value = fill if xs.is_floating_point() else int(fill)
+        xs = torch.cat([xs, xs.new_full(pad_shape, value)], dim=axis)
+    idx = torch.tensor(local_index(padded, world, rank, layout), dtype=torch.long, device=x.device)
+    return _merge_seq(xs.index_select(axis, idx), dim)
+
+
+# ---------------------------------------------------------------------------- reduce_partial
+
+
+@torch.library.custom_op("ringcompile::reduce_partial", mutates_args=())
+def reduce_partial(x: Tensor, group_name: str, timeout: float) -> Tensor:
+    """Sum of ``x`` over the ranks of the group (Partial -> Replicate)."""
+    return _all_reduce(x, group_name, timeout)
+
+
+@reduce_partial.register_fake
+def _(x, group_name, timeout):
+    return torch.empty_like(x)
+
+
+def _reduce_partial_backward(ctx, grad):
+    return grad, None, None
+
+
+reduce_partial.register_autograd(_reduce_partial_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------------------- grad_reduce
+
+
+@torch.library.custom_op("ringcompile::grad_reduce", mutates_args=())
+def grad_reduce(x: Tensor, group_name: str, timeout: float) -> Tensor:
+    """Identity (a copy) whose backward all-reduces the gradient across the group."""
+    return x.clone()
+
+
+@grad_reduce.register_fake
+def _(x, group_name, timeout):
+    return torch.empty_like(x)
+
+
+def _grad_reduce_setup(ctx, inputs, output) -> None:
+    ctx.group_name, ctx.timeout = inputs[1], inputs[2]
+
+
+def _grad_reduce_backward(ctx, grad):
+    return reduce_partial(grad.contiguous(), ctx.group_name, ctx.timeout), None, None
+
+
+grad_reduce.register_autograd(_grad_reduce_backward, setup_context=_grad_reduce_setup)
+
+
+# ---------------------------------------------------------------------------- to_local
+
+
+@torch.library.custom_op("ringcompile::slice_seq", mutates_args=())
+def _slice_seq(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str,
+               group_name: str, fill: float = 0.0) -> Tensor:
+    """This rank's shard of a full tensor, without communication (no autograd of its own)."""
+    group = group_by_name(group_name)
+    return slice_local(x, dim, inner, seq_len, padded, layout, dist.get_world_size(group),
+                       dist.get_rank(group), fill).contiguous()
+
+
+@_slice_seq.register_fake
+def _(x, dim, inner, seq_len, padded, layout, group_name, fill=0.0):
+    return x.new_empty(_local_shape(x, dim, seq_len, padded, group_name))
+
+
+def _local_shape(x: Tensor, dim: int, seq_len: int, padded: int, group_name: str) -> list[int]:
+    shape = list(x.shape)
+    world = dist.get_world_size(group_by_name(group_name)) if dist.is_initialized() else 1
+    shape[dim] = shape[dim] // seq_len * (padded // world)
+    return shape
+
+
+@torch.library.custom_op("ringcompile::to_local", mutates_args=())
+def to_local(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str, group_name: str,
+             timeout: float, fill: float = 0.0) -> Tensor:
+    """This rank's shard of a replicated tensor (positions past ``seq_len`` hold ``fill``)."""
+    return _slice_seq(x, dim, inner, seq_len, padded, layout, group_name, fill)
+
+
+@to_local.register_fake
+def _(x, dim, inner, seq_len, padded, layout, group_name, timeout, fill=0.0):
+    return x.new_empty(_local_shape(x, dim, seq_len, padded, group_name))
+
+
+def _to_local_setup(ctx, inputs, output) -> None:
+    x, ctx.dim, ctx.inner, ctx.seq_len, ctx.padded, ctx.layout, ctx.group_name, ctx.timeout = inputs[:8]
+    ctx.full_shape = tuple(x.shape)
+
+
+def _to_local_backward(ctx, grad):
+    full = _scatter_local(grad.contiguous(), ctx.dim, ctx.inner, ctx.seq_len, ctx.padded, ctx.layout,
+                          ctx.group_name)
+    return reduce_partial(full, ctx.group_name, ctx.timeout), None, None, None, None, None, None, None, None
+
+
+to_local.register_autograd(_to_local_backward, setup_context=_to_local_setup)
+
+
+@torch.library.custom_op("ringcompile::scatter_local", mutates_args=())
+def _scatter_local(g: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str,
+                   group_name: str) -> Tensor:
+    """Full-size zeros with this rank's shard written at its positions (padding dropped)."""
+    local_seq = len(local_index(padded, dist.get_world_size(group_by_name(group_name)), 0, layout))
+    gs, axis = _split_seq(g, dim, inner, local_seq)
+    shape = list(gs.shape)
+    shape[axis] = padded
+    full = gs.new_zeros(shape)
+    full.index_copy_(axis, _index(padded, group_name, layout, g.device), gs)
+    return _merge_seq(full.narrow(axis, 0, seq_len), dim).contiguous()
+
+
+@_scatter_local.register_fake
+def _(g, dim, inner, seq_len, padded, layout, group_name):
+    shape = list(g.shape)
+    world = dist.get_world_size(group_by_name(group_name)) if dist.is_initialized() else 1
+    shape[dim] = shape[dim] // (padded // world) * seq_len
+    return g.new_empty(shape)
+
+
+# ---------------------------------------------------------------------------- gather_seq
+
+
+@torch.library.custom_op("ringcompile::gather_seq", mutates_args=())
+def gather_seq(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str, group_name: str,
+               timeout: float) -> Tensor:
+    """The full tensor from every rank's shard, in sequence order, padding stripped."""
+    group = group_by_name(group_name)
+    world = dist.get_world_size(group)
+    local_seq = padded // world
+    xs, axis = _split_seq(x.contiguous(), dim, inner, local_seq)
+    parts = [torch.empty_like(xs) for _ in range(world)]
+    if world > 1:
+        _wait(dist.all_gather(parts, xs.contiguous(), group=group, async_op=True), timeout,
+              "all-gather of a sequence shard", group)
+    else:
+        parts[0].copy_(xs)
+    shape = list(xs.shape)
+    shape[axis] = padded
+    full = xs.new_empty(shape)
+    for r, part in enumerate(parts):
+        idx = torch.tensor(local_index(padded, world, r, layout), dtype=torch.long, device=x.device)
+        full.index_copy_(axis, idx, part)
+    return _merge_seq(full.narrow(axis, 0, seq_len), dim).contiguous()
+
+
+@gather_seq.register_fake
+def _(x, dim, inner, seq_len, padded, layout, group_name, timeout):
+    shape = list(x.shape)
+    world = dist.get_world_size(group_by_name(group_name)) if dist.is_initialized() else 1
+    shape[dim] = shape[dim] // (padded // world) * seq_len
+    return x.new_empty(shape)
+
+
+def _gather_setup(ctx, inputs, output) -> None:
+    _, ctx.dim, ctx.inner, ctx.seq_len, ctx.padded, ctx.layout, ctx.group_name, ctx.timeout = inputs
+
+
+def _gather_backward(ctx, grad):
+    local = _slice_seq(grad.contiguous(), ctx.dim, ctx.inner, ctx.seq_len, ctx.padded, ctx.layout,
+                       ctx.group_name)
+    return local, None, None, None, None, None, None, None
+
+
+gather_seq.register_autograd(_gather_backward, setup_context=_gather_setup)

@@ -1,0 +1,49 @@
+"""Run one strategy on one rank, given a communicator: the code shared by the real process
+group path (``dispatch``) and the simulated ring (``simulated_api``)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from ringcompile.kernels.select import block_kernels
+from ringcompile.spec import AttentionSpec
+
+from .communicator import Communicator
+from .strategies import STRATEGIES
+from .strategies.common import RingContext
+from .validate import check_ranks_agree, metadata, validate_inputs
+
+Tensor = torch.Tensor
+
+
+def _context(comm: Communicator, q: Tensor, mask_extras, score_extras, seq_len: int, spec: AttentionSpec,
+             strategy: str, layout: str, dropout_seed) -> RingContext:
+    return RingContext(comm, spec, strategy, int(seq_len), layout, list(mask_extras), list(score_extras),
+                       block_kernels(spec, q.device), dropout_seed)
+
+
+def run_forward(
+    comm: Communicator, q: Tensor, k: Tensor, v: Tensor, mask_extras: Sequence[Tensor],
+    score_extras: Sequence[Tensor], seq_len: int, spec: AttentionSpec, strategy: str, layout: str,
+    dropout_seed: Tensor | None = None, check_key: Hashable | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of this rank's shard, fp32 (fp64 for fp64 inputs)."""
+    validate_inputs(q, k, v, seq_len, comm.world_size, layout, strategy)
+    if strategy != "local":
+        check_ranks_agree(comm, metadata(q, k, v, seq_len, strategy, layout, len(mask_extras),
+                                         len(score_extras)), check_key)
+    ctx = _context(comm, q, mask_extras, score_extras, seq_len, spec, strategy, layout, dropout_seed)
+    return STRATEGIES[strategy].forward(ctx, q, k, v)
+
+
+def run_backward(
+    comm: Communicator, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    mask_extras: Sequence[Tensor], score_extras: Sequence[Tensor], seq_len: int, spec: AttentionSpec,
+    strategy: str, layout: str, dropout_seed: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None]]:
+    """(dq, dk, dv, d_score_extras) for this rank's shard; extras' grads are summed over ranks."""
+    validate_inputs(q, k, v, seq_len, comm.world_size, layout, strategy)
+    ctx = _context(comm, q, mask_extras, score_extras, seq_len, spec, strategy, layout, dropout_seed)
+    return STRATEGIES[strategy].backward(ctx, dout, q, k, v, out, lse)

@@ -1,0 +1,77 @@
+"""Resolve what the user called "group" to (process group, rank, world size).
+
+Accepted: None (the default group when torch.distributed is initialised, else a single
+process), a ``ProcessGroup``, or a ``DeviceMesh`` plus ``mesh_dim`` (one dimension of a 2-D
+mesh, so sequence parallelism can sit beside data parallelism).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.distributed as dist
+
+from ringcompile.errors import OptionError
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedGroup:
+    """group is None exactly when the call is single-process (world_size 1 or no distributed)."""
+
+    group: Any
+    rank: int
+    world_size: int
+
+    @property
+    def is_single(self) -> bool:
+        return self.world_size == 1
+
+    def global_rank(self, group_rank: int) -> int:
+        """The global rank of ``group_rank`` in this group (what P2P calls take)."""
+        if self.group is None:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+
+SINGLE = ResolvedGroup(None, 0, 1)
+
+
+def _is_mesh(obj: Any) -> bool:
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - very old torch
+        return False
+    return isinstance(obj, DeviceMesh)
+
+
+def resolve_group(group: Any = None, mesh_dim: int | str | None = None) -> ResolvedGroup:
+    """(group, rank, world_size); world size 1 or no initialised group gives ``SINGLE``."""
+    if group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return SINGLE
+        group = dist.group.WORLD
+    elif _is_mesh(group):
+        mesh = group
+        if mesh_dim is None:
+            if mesh.ndim != 1:
+                raise OptionError(f"group is a {mesh.ndim}-D DeviceMesh: say which dimension holds the "
+                                  f"sequence with mesh_dim= (an int or one of {mesh.mesh_dim_names})")
+            mesh_dim = 0
+        try:
+            group = mesh.get_group(mesh_dim)
+        except (KeyError, IndexError, RuntimeError, ValueError) as e:
+            raise OptionError(f"mesh_dim {mesh_dim!r} is not a dimension of the DeviceMesh "
+                              f"(names {mesh.mesh_dim_names}, ndim {mesh.ndim}): {e}") from e
+    elif not isinstance(group, dist.ProcessGroup):
+        raise OptionError(f"group must be None, a torch.distributed ProcessGroup or a DeviceMesh, "
+                          f"got {type(group).__name__}")
+    if not dist.is_initialized():
+        raise OptionError("a process group was given but torch.distributed is not initialised")
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise OptionError("this process is not a member of the given process group")
+    if world == 1:
+        return SINGLE
+    return ResolvedGroup(group, rank, world)

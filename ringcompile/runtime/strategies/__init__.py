@@ -1,0 +1,17 @@
+"""One module per strategy; each defines ``forward(ctx, q, k, v)`` and ``backward(ctx, ...)``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import allgather, local, ring, ulysses, zigzag
+
+STRATEGIES: dict[str, ModuleType] = {
+    "local": local,
+    "ring": ring,
+    "zigzag": zigzag,
+    "allgather": allgather,
+    "ulysses": ulysses,
+}
+
+NAMES = tuple(STRATEGIES)

@@ -1,0 +1,164 @@
+"""What every strategy shares: the per-call context and the chunk-pair compute.
+
+A local shard is a list of *pieces*: runs of tokens at a known global offset (one for
+the contiguous layout, two for zigzag), clipped to ``seq_len`` so padding tokens are never
+handed to a mask (queries past it keep out = 0, lse = -inf; keys past it never count).
+Masks and score mods are therefore always evaluated on true global indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from ringcompile.kernels.reference import merge_partials
+from ringcompile.kernels.select import BlockKernels
+from ringcompile.spec import AttentionSpec
+
+from ..communicator import Communicator
+from ..layouts import local_chunks
+from ..local import acc_dtype, local_backward, local_forward
+from ..timing import Timer
+
+Tensor = torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """``length`` tokens at local position ``local`` and global position ``start``."""
+
+    local: int
+    start: int
+    length: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.local, self.local + self.length)
+
+
+@dataclasses.dataclass
+class RingContext:
+    comm: Communicator
+    spec: AttentionSpec
+    strategy: str
+    seq_len: int
+    layout: str
+    mask_extras: Sequence[Tensor]
+    score_extras: Sequence[Tensor]
+    kernels: BlockKernels
+    dropout_seed: Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    def pieces(self, rank: int, local_len: int, world_size: int | None = None) -> list[Piece]:
+        """The pieces of ``rank``'s shard of length ``local_len``."""
+        n = self.world_size if world_size is None else world_size
+        return chunk_pieces(local_chunks(local_len * n, n, rank, self.layout), self.seq_len)
+
+    def timer(self, phase: str) -> Timer:
+        return Timer(self.spec.record_timing, self.strategy, phase, self.rank, self.world_size)
+
+
+def chunk_pieces(chunks: Sequence[tuple[int, int]], seq_len: int) -> list[Piece]:
+    out, offset = [], 0
+    for start, end in chunks:
+        n = min(end, seq_len) - start
+        if n > 0:
+            out.append(Piece(offset, start, n))
+        offset += end - start
+    return out
+
+
+def _causal_empty(spec: AttentionSpec, qp: Piece, kp: Piece) -> bool:
+    return spec.mask is not None and spec.mask.kind == "causal" and kp.start > qp.start + qp.length - 1
+
+
+def empty_outputs(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    acc = acc_dtype(q)
+    B, H, S, _ = q.shape
+    return (q.new_zeros(B, H, S, v.shape[-1], dtype=acc), q.new_full((B, H, S), float("-inf"), dtype=acc))
+
+
+def forward_pairs(
+    ctx: RingContext, q: Tensor, q_pieces: Sequence[Piece], k: Tensor, v: Tensor,
+    kv_pieces: Sequence[Piece], out: Tensor, lse: Tensor, spec: AttentionSpec | None = None,
+    kernels: BlockKernels | None = None,
+) -> None:
+    """Merge attention of q's pieces against k/v's pieces into (out, lse) in place."""
+    spec = ctx.spec if spec is None else spec
+    for qp in q_pieces:
+        o = s = None
+        qc = q[:, :, qp.rows]
+        for kp in kv_pieces:
+            if _causal_empty(spec, qp, kp):
+                continue
+            po, ps = local_forward(qc, k[:, :, kp.rows], v[:, :, kp.rows], ctx.mask_extras, ctx.score_extras,
+                                   ctx.seq_len, spec, q_offset=qp.start, kv_offset=kp.start,
+                                   block=spec.block_size, kernels=kernels or ctx.kernels,
+                                   dropout_seed=ctx.dropout_seed)
+            o, s = merge_partials(o, s, po, ps)
+        if o is not None:
+            mo, ms = merge_partials(out[:, :, qp.rows], lse[:, :, qp.rows], o, s)
+            out[:, :, qp.rows] = mo
+            lse[:, :, qp.rows] = ms
+
+
+def backward_pairs(
+    ctx: RingContext, dout: Tensor, q: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
+    q_pieces: Sequence[Piece], k: Tensor, v: Tensor, kv_pieces: Sequence[Piece], dq: Tensor, dk: Tensor,
+    dv: Tensor, d_extras: list[Tensor | None], spec: AttentionSpec | None = None,
+    kernels: BlockKernels | None = None,
+) -> None:
+    """Accumulate the pieces' contributions into dq (q's rows), dk/dv (k's rows) and d_extras."""
+    spec = ctx.spec if spec is None else spec
+    for qp in q_pieces:
+        r = qp.rows
+        for kp in kv_pieces:
+            if _causal_empty(spec, qp, kp):
+                continue
+            g = local_backward(dout[:, :, r], q[:, :, r], k[:, :, kp.rows], v[:, :, kp.rows], out[:, :, r],
+                               lse[:, :, r], ctx.mask_extras, ctx.score_extras, ctx.seq_len, spec,
+                               q_offset=qp.start, kv_offset=kp.start, block=spec.block_size,
+                               kernels=kernels or ctx.kernels, delta=delta[:, :, r],
+                               dropout_seed=ctx.dropout_seed)
+            dq[:, :, r] += g[0]
+            dk[:, :, kp.rows] += g[1]
+            dv[:, :, kp.rows] += g[2]
+            for i, de in enumerate(g[3]):
+                if de is not None:
+                    d_extras[i] = de if d_extras[i] is None else d_extras[i] + de
+
+
+def grad_buffers(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    acc = acc_dtype(q)
+    return tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))  # type: ignore[return-value]
+
+
+def delta_of(dout: Tensor, out: Tensor) -> Tensor:
+    acc = acc_dtype(dout)
+    return (dout.to(acc) * out.to(acc)).sum(-1)
+
+
+def reduce_extras(ctx: RingContext, d_extras: list[Tensor | None], step: int) -> list[Tensor | None]:
+    """Sum learnable score-extra grads over ranks. Every float extra takes part on every rank
+    (zeros where this rank saw none), so the collective sequence never depends on the data."""
+    result: list[Tensor | None] = []
+    pending = []
+    for e, d in zip(ctx.score_extras, d_extras, strict=True):
+        if not e.is_floating_point():
+            result.append(None)
+            pending.append(None)
+            continue
+        d = torch.zeros(e.shape, dtype=acc_dtype(e), device=e.device) if d is None else d
+        result.append(d)
+        pending.append(ctx.comm.all_reduce(d, step, "score-mod gradient all-reduce")
+                       if ctx.world_size > 1 else None)
+    return [p.wait()[0] if p is not None else r for p, r in zip(pending, result, strict=True)]

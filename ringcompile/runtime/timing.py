@@ -1,0 +1,122 @@
+"""Per-call timing of the ring: compute and wait seconds per step, and the bubble.
+
+Records are kept when the spec asks (``record_timing``) or while ``record()`` is active.
+The bubble is the fraction of the ring's time spent waiting on transfers:
+wait / (compute + wait). Benchmarks read the records; the library never prints them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+
+_LOCK = threading.Lock()
+_ACTIVE: list[list[CallTiming]] = []
+RECORDS: list[CallTiming] = []  # calls recorded because spec.record_timing was set
+MAX_RECORDS = 10_000
+
+
+@dataclasses.dataclass
+class StepTiming:
+    step: int
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+
+
+@dataclasses.dataclass
+class CallTiming:
+    """One strategy call on one rank."""
+
+    strategy: str
+    phase: str  # "forward" or "backward"
+    rank: int
+    world_size: int
+    steps: list[StepTiming] = dataclasses.field(default_factory=list)
+    total_s: float = 0.0
+
+    @property
+    def compute_s(self) -> float:
+        return sum(s.compute_s for s in self.steps)
+
+    @property
+    def wait_s(self) -> float:
+        return sum(s.wait_s for s in self.steps)
+
+    @property
+    def bubble(self) -> float:
+        busy = self.compute_s + self.wait_s
+        return self.wait_s / busy if busy > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"strategy": self.strategy, "phase": self.phase, "rank": self.rank,
+                "world_size": self.world_size, "total_s": self.total_s, "compute_s": self.compute_s,
+                "wait_s": self.wait_s, "bubble": self.bubble,
+                "steps": [dataclasses.asdict(s) for s in self.steps]}
+
+
+class Timer:
+    """Accumulates one call's step timings; a no-op when nobody listens."""
+
+    def __init__(self, enabled: bool, strategy: str, phase: str, rank: int, world_size: int) -> None:
+        self.enabled = enabled or bool(_ACTIVE)
+        self.call = CallTiming(strategy, phase, rank, world_size)
+        self._start = time.perf_counter()
+
+    def _step(self, step: int) -> StepTiming:
+        while len(self.call.steps) <= step:
+            self.call.steps.append(StepTiming(len(self.call.steps)))
+        return self.call.steps[step]
+
+    @contextlib.contextmanager
+    def compute(self, step: int) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._step(step).compute_s += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def wait(self, step: int) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._step(step).wait_s += time.perf_counter() - t0
+
+    def finish(self, to_records: bool) -> None:
+        if not self.enabled:
+            return
+        self.call.total_s = time.perf_counter() - self._start
+        with _LOCK:
+            for sink in _ACTIVE:
+                sink.append(self.call)
+            if to_records:
+                RECORDS.append(self.call)
+                del RECORDS[:-MAX_RECORDS]
+
+
+@contextlib.contextmanager
+def record() -> Iterator[list[CallTiming]]:
+    """Collect a CallTiming for every strategy call made while active (all threads)."""
+    sink: list[CallTiming] = []
+    with _LOCK:
+        _ACTIVE.append(sink)
+    try:
+        yield sink
+    finally:
+        with _LOCK:
+            _ACTIVE.remove(sink)
+
+
+def clear() -> None:
+    with _LOCK:
+        RECORDS.clear()

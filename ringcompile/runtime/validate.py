@@ -1,0 +1,112 @@
+"""Fail fast: local shape checks, and a cross-rank metadata check before any ring step.
+
+Ranks all-gather a small int64 vector (shapes, dtype, seq_len, strategy, layout); a rank
+that differs from the majority is named in a ``ShapeMismatchError`` raised on every rank,
+so nobody enters the ring with a mismatched peer (which would hang or corrupt results).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+
+import torch
+
+from ringcompile.errors import ShapeMismatchError
+
+from .communicator import Communicator
+from .layouts import chunks_per_rank
+
+Tensor = torch.Tensor
+
+_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+_STRATEGIES = ["local", "ring", "zigzag", "allgather", "ulysses"]
+_LAYOUTS = ["contiguous", "zigzag"]
+FIELDS = ("batch", "query heads", "kv heads", "local query length", "local kv length", "head dim",
+          "value head dim", "dtype", "seq_len", "strategy", "layout", "mask extras", "score extras")
+
+_CHECKED: set[Hashable] = set()
+_LOCK = threading.Lock()
+
+
+def validate_inputs(q: Tensor, k: Tensor, v: Tensor, seq_len: int, world_size: int, layout: str,
+                    strategy: str) -> None:
+    """Checks one rank can make on its own."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ShapeMismatchError(f"q, k, v must be (B, H, S_local, D); got {tuple(q.shape)}, "
+                                 f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ShapeMismatchError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ShapeMismatchError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                                 "batch, kv heads and kv length must match, and q/k head dims must match")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ShapeMismatchError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    if strategy == "local":
+        if seq_len > k.shape[2]:
+            raise ShapeMismatchError(f"strategy 'local' needs the whole sequence: seq_len {seq_len} but k/v "
+                                     f"hold {k.shape[2]} tokens")
+        return
+    if q.shape[2] != k.shape[2]:
+        raise ShapeMismatchError(f"sequence-parallel strategies need equal local q and k/v lengths, got "
+                                 f"{q.shape[2]} and {k.shape[2]}")
+    total = q.shape[2] * world_size
+    unit = chunks_per_rank(layout) * world_size
+    if total % unit:
+        raise ShapeMismatchError(f"layout {layout!r} on {world_size} ranks needs an even local length, got "
+                                 f"{q.shape[2]}: shard with ringcompile.shard(..., layout={layout!r})")
+    if not 0 < seq_len <= total:
+        raise ShapeMismatchError(f"seq_len {seq_len} does not fit {world_size} shards of {q.shape[2]} tokens")
+    if strategy == "ulysses":
+        from .strategies.ulysses import check_heads
+
+        check_heads(q.shape[1], k.shape[1], world_size)
+
+
+def metadata(q: Tensor, k: Tensor, v: Tensor, seq_len: int, strategy: str, layout: str, n_mask: int,
+             n_score: int) -> list[int]:
+    dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 99
+    return [q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], dtype,
+            int(seq_len), _STRATEGIES.index(strategy), _LAYOUTS.index(layout), n_mask, n_score]
+
+
+def _show(field: str, value: int) -> str:
+    if field == "dtype":
+        return str(_DTYPES[value]) if value < len(_DTYPES) else "unsupported"
+    if field == "strategy":
+        return _STRATEGIES[value]
+    if field == "layout":
+        return _LAYOUTS[value]
+    return str(value)
+
+
+def check_ranks_agree(comm: Communicator, meta: list[int], cache_key: Hashable | None = None) -> None:
+    """All-gather ``meta``; raise ShapeMismatchError naming every rank that differs from the majority.
+
+    With ``cache_key`` the check runs once per key (a real process group: ranks cache alike);
+    simulated ranks share one process and pass None.
+    """
+    if comm.world_size == 1:
+        return
+    if cache_key is not None:
+        with _LOCK:
+            if cache_key in _CHECKED:
+                return
+    device = getattr(comm, "device", None) or torch.device("cpu")
+    rows = comm.all_gather(torch.tensor(meta, dtype=torch.int64, device=device), 0,
+                           "metadata check (before the ring)").wait()
+    table = [[int(x) for x in r.cpu().tolist()] for r in rows]
+    problems = []
+    for i, field in enumerate(FIELDS):
+        column = [row[i] for row in table]
+        majority = max(set(column), key=lambda x: (column.count(x), -column.index(x)))
+        for rank, value in enumerate(column):
+            if value != majority:
+                problems.append(f"rank {rank} has {field} {_show(field, value)} where the others have "
+                                f"{_show(field, majority)}")
+    if problems:
+        raise ShapeMismatchError(f"ranks disagree before the ring (seen from rank {comm.rank}): "
+                                 + "; ".join(problems))
+    if cache_key is not None:
+        with _LOCK:
+            _CHECKED.add(cache_key)

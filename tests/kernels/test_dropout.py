@@ -1,0 +1,118 @@
+"""Global-index dropout: the hash, its invariance to blocking, and dropout in the block kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from ringcompile.kernels import cpu, dropout, reference
+
+from ringcompile import mods
+from ringcompile.errors import RingCompileError
+
+M32 = 0xFFFFFFFF
+
+
+def _mix32_int(x: int) -> int:
+    """The documented lowbias32, in plain Python ints (an independent implementation)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def _keep_int(seed: int, b: int, h: int, q: int, kv: int, p: float) -> bool:
+    seed32 = (seed ^ (seed >> 32)) & M32
+    row = _mix32_int(_mix32_int(_mix32_int(_mix32_int(seed32 ^ 0x9E3779B9) ^ b) ^ h) ^ q)
+    col = _mix32_int(kv ^ 0x85EBCA6B)
+    return (_mix32_int(row ^ col) >> 8) >= min(1 << 24, round(p * (1 << 24)))
+
+
+@given(seed=st.integers(0, 2**63 - 1), b=st.integers(0, 7), h=st.integers(0, 63),
+       q=st.integers(0, 2**31 - 1), kv=st.integers(0, 2**31 - 1), p=st.floats(0.0, 0.99))
+def test_keep_mask_matches_the_documented_hash(seed, b, h, q, kv, p):
+    """The int64 tensor version equals the uint32 arithmetic the Triton kernels implement."""
+    t = [torch.tensor([x]) for x in (b, h, q, kv)]
+    assert bool(dropout.keep_mask(seed, *t, p)[0]) == _keep_int(seed, b, h, q, kv, p)
+
+
+def test_keep_mask_is_blocking_invariant_and_has_the_right_rate():
+    B, H, S = 2, 3, 96
+    full = dropout.keep_mask(1234, *mods.index_grid(B, H, 0, S, 0, S), 0.3)
+    assert full.shape == (B, H, S, S)
+    for q0, k0, n in ((0, 0, 17), (40, 7, 33), (90, 60, 6)):
+        part = dropout.keep_mask(1234, *mods.index_grid(B, H, q0, n, k0, n), 0.3)
+        assert torch.equal(part, full[:, :, q0:q0 + n, k0:k0 + n])
+    rate = full.float().mean().item()
+    assert abs(rate - 0.7) < 0.01, rate  # 55k Bernoulli draws: sd ~ 0.002
+    other = dropout.keep_mask(1235, *mods.index_grid(B, H, 0, S, 0, S), 0.3)
+    assert 0.3 < (full != other).float().mean().item() < 0.5  # independent seeds: 2 * 0.3 * 0.7 = 0.42
+    assert not torch.equal(full[0], full[1]) and not torch.equal(full[:, 0], full[:, 1])
+
+
+def test_dropout_arguments_are_checked():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RingCompileError, match="dropout_seed"):
+        cpu.block_forward(q, q, q, scale=0.3, dropout_p=0.1)
+    with pytest.raises(RingCompileError, match=r"\[0, 1\)"):
+        cpu.block_forward(q, q, q, scale=0.3, dropout_p=1.0, dropout_seed=1)
+
+
+def _dropout_attention64(q, k, v, scale, mask, seed, p):
+    """Plain float64 attention with the keep mask applied to softmax(scores): the oracle."""
+    B, Hq, S, _ = q.shape
+    groups = Hq // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = q @ k.transpose(-2, -1) * scale
+    grid = mods.index_grid(B, Hq, 0, S, 0, k.shape[2])
+    if mask is not None:
+        s = s.masked_fill(~mask.fn(*grid), float("-inf"))
+    probs = torch.softmax(s, -1) * dropout.keep_mask(seed, *grid, p).double() / (1 - p)
+    return probs @ v
+
+
+@pytest.mark.parametrize("kernels", [cpu, reference], ids=["cpu", "reference"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_block_dropout_matches_float64(kernels, masked):
+    gen = torch.Generator().manual_seed(11 + masked)
+    B, Hq, hkv, S, D, p, seed = 2, 4, 2, 24, 8, 0.25, 987654321
+    q = torch.randn(B, Hq, S, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, hkv, S, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, hkv, S, D, generator=gen, dtype=torch.float64)
+    mask = mods.causal() if masked else None
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    expected = _dropout_attention64(qr, kr, vr, 0.4, mask, seed, p)
+    dout = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    expected.backward(dout)
+    lib = reference.attention_reference(q, k, v, scale=0.4, mask=mask, dropout_p=p, dropout_seed=seed)
+    torch.testing.assert_close(lib, expected.detach())
+
+    q32, k32, v32, do32 = (t.float() for t in (q, k, v, dout))
+    kw = dict(scale=0.4, seq_len=S, mask=mask, dropout_p=p, dropout_seed=torch.tensor([seed]))
+    cuts = [(0, 10), (10, S)]
+    outs, lses = [], []
+    for q0, q1 in cuts:
+        out = lse = None
+        for k0, k1 in cuts:
+            o, s = kernels.block_forward(q32[:, :, q0:q1], k32[:, :, k0:k1], v32[:, :, k0:k1], q_offset=q0,
+                                         kv_offset=k0, **kw)
+            out, lse = reference.merge_partials(out, lse, o, s)
+        outs.append(out)
+        lses.append(lse)
+    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+    torch.testing.assert_close(out.double(), expected.detach(), atol=2e-5, rtol=2e-5)
+    no_drop = reference.attention_reference(q, k, v, scale=0.4, mask=mask)
+    assert not torch.allclose(out.double(), no_drop, atol=1e-3)  # dropout really happened
+
+    grads = [torch.zeros_like(t) for t in (q32, k32, v32)]
+    for q0, q1 in cuts:
+        for k0, k1 in cuts:
+            g = kernels.block_backward(q32[:, :, q0:q1], k32[:, :, k0:k1], v32[:, :, k0:k1], out[:, :, q0:q1],
+                                       do32[:, :, q0:q1], lse[:, :, q0:q1], q_offset=q0, kv_offset=k0, **kw)
+            grads[0][:, :, q0:q1] += g[0]
+            grads[1][:, :, k0:k1] += g[1]
+            grads[2][:, :, k0:k1] += g[2]
+    for got, ref in zip(grads, (qr.grad, kr.grad, vr.grad), strict=True):
+        torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)

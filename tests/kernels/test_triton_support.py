@@ -1,0 +1,70 @@
+"""Shared helpers for the Triton kernel tests (no tests here): interpreter mode, float64 comparisons."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import pytest
+import torch
+from ringcompile.kernels import reference
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(tmp_path_factory, monkeypatch):
+    """Run generated kernels on CPU tensors (TRITON_INTERPRET=1 is read when a kernel is defined,
+    i.e. when its generated module is imported) with a private kernel cache directory."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cache = os.environ.get("RING_TEST_TRITON_CACHE") or str(tmp_path_factory.getbasetemp() / "rc_cache")
+    monkeypatch.setenv("RINGCOMPILE_CACHE_DIR", cache)
+    yield
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    """|actual - expected| <= tol * (1 + max|expected|), with -inf matching -inf exactly."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    inf_a, inf_e = torch.isinf(actual), torch.isinf(expected)
+    assert torch.equal(inf_a, inf_e), f"{what}: infinities differ"
+    finite = ~inf_e
+    if finite.any():
+        err = (actual[finite] - expected[finite]).abs().max().item()
+        scale = 1.0 + expected[finite].abs().max().item()
+        assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.3g} * {scale:.3g}"
+    assert not torch.isnan(actual).any(), f"{what}: NaN in kernel result"
+
+
+def compare_block(kernels, q, k, v, *, tol: float, scale: float, q_offset: int, kv_offset: int,
+                  seq_len: int | None, mask=None, score=None, mask_extras: Sequence[torch.Tensor] = (),
+                  score_extras: Sequence[torch.Tensor] = (), backward: bool = True, seed: int = 0) -> None:
+    """Kernel forward (and backward) of one block pair against float64 reference block math."""
+    kw = dict(scale=scale, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len, mask=mask, score=score,
+              mask_extras=list(mask_extras))
+    se64 = [e.double() if e.is_floating_point() else e for e in score_extras]
+    out, lse = kernels.forward(q, k, v, score_extras=list(score_extras), **kw)
+    ref_out, ref_lse = reference.block_forward(q.double(), k.double(), v.double(), score_extras=se64, **kw)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert_close(out, ref_out, tol, "out")
+    assert_close(lse, ref_lse, tol, "lse")
+    if not backward:
+        return
+    g = torch.Generator().manual_seed(seed)
+    dout = torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
+    # a final (out, lse) as in a ring: this block's result merged with another block's partial
+    other_out = torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
+    other_lse = torch.randn(ref_lse.shape, generator=g, dtype=torch.float64)
+    fin_out, fin_lse = reference.merge_partials(ref_out, ref_lse, other_out, other_lse)
+    dq, dk, dv, dx = kernels.backward(q, k, v, fin_out.to(q.dtype), dout.to(q.dtype), fin_lse.float(),
+                                      score_extras=list(score_extras), **kw)
+    rq, rk, rv, rx = reference.block_backward(q.double(), k.double(), v.double(), fin_out, dout, fin_lse,
+                                              score_extras=se64, **kw)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert_close(dq, rq, tol, "dq")
+    assert_close(dk, rk, tol, "dk")
+    assert_close(dv, rv, tol, "dv")
+    for i, (a, b) in enumerate(zip(dx, rx, strict=True)):
+        if b is None:
+            assert a is None or not a.abs().any(), f"d_extra {i}: expected no gradient"
+        else:
+            assert a is not None, f"d_extra {i}: missing gradient"
+            assert_close(a, b, tol * 10, f"d_extra {i}")

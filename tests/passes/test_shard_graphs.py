@@ -1,0 +1,296 @@
+"""shard_graph on graphs built here (make_fx pre-dispatch, the backend's graph form), on 2 gloo ranks.
+
+Each case traces a small model that calls ``torch.ops.ringcompile.ring_attention`` directly,
+shards the graph, runs it on real float64 inputs and compares outputs and parameter
+gradients with the same model computed on one process with float64 eager attention
+(``attention_reference``) on the unsharded input.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from harness import run_cases  # noqa: E402
+from ringcompile.kernels.reference import attention_reference  # noqa: E402
+
+from ringcompile.mods import causal, sliding_window  # noqa: E402
+from ringcompile.spec import AttentionSpec, register_spec  # noqa: E402
+
+pytestmark = pytest.mark.multirank
+TOL = dict(rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------- models as functions
+
+
+def make_params(V=37, E=16, H=2, Hkv=2, D=8, max_pos=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def p(*shape, scale=0.3):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
+
+    return {"wte": p(V, E), "wpe": p(max_pos, E), "wq": p(H * D, E), "wk": p(Hkv * D, E),
+            "wv": p(Hkv * D, E), "wo": p(E, H * D), "ln": (1 + p(E, scale=0.1)).detach().requires_grad_(True),
+            "w1": p(2 * E, E), "w2": p(E, 2 * E), "head": p(V, E)}
+
+
+def rope_tables(S, D, device="cpu"):
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64, device=device) / D))
+    pos = torch.arange(S, device=device).to(torch.float64)
+    freqs = torch.outer(pos, inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def model(params, ids, labels, *, H, Hkv, D, key=None, mask=None, rope=False, loss=True, rms=False,
+          pool=False, shift=False):
+    """Embedding (+ learned positions or RoPE) -> attention -> norm -> MLP -> head (-> mean CE loss)."""
+    B, S = ids.shape
+    x = F.embedding(ids, params["wte"])
+    if not rope:
+        x = x + F.embedding(torch.arange(S, device=ids.device), params["wpe"])
+    q = F.linear(x, params["wq"]).view(B, S, H, D).transpose(1, 2)
+    k = F.linear(x, params["wk"]).view(B, S, Hkv, D).transpose(1, 2)
+    v = F.linear(x, params["wv"]).view(B, S, Hkv, D).transpose(1, 2)
+    if rope:
+        cos, sin = rope_tables(S, D, ids.device)
+        cos, sin = cos.unsqueeze(0).unsqueeze(0), sin.unsqueeze(0).unsqueeze(0)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+    if key is None:
+        y = attention_reference(q, k, v, mask=mask)
+    else:
+        y, _ = torch.ops.ringcompile.ring_attention(q, k, v, [], [], S, key)
+    y = F.linear(y.transpose(1, 2).reshape(B, S, H * D), params["wo"])
+    x = x + y
+    if rms:
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * params["ln"]
+    else:
+        h = F.layer_norm(x, (x.shape[-1],), params["ln"])
+    x = x + F.linear(F.silu(F.linear(h, params["w1"])), params["w2"])
+    logits = F.linear(x, params["head"])
+    if pool:
+        return (logits, logits.mean(1))
+    if not loss:
+        return (logits,)
+    if shift:  # next-token loss written the nanoGPT / built-in way: logits[:, :-1] vs labels[:, 1:]
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1))
+    else:
+        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+    return logits, ce
+
+
+# ---------------------------------------------------------------------------- run one case
+
+
+def _trace(fn, args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    return make_fx(fn, pre_dispatch=True, tracing_mode="fake")(*args)
+
+
+def _run_case(rank, world, *, B=2, S=24, H=2, Hkv=2, D=8, mask=None, rope=False, loss=True, rms=False,
+              options=None, seq_dims=None, pool=False, shift=False):
+    from ringcompile.passes.shard import shard_graph
+
+    from ringcompile.options import Options
+
+    torch.manual_seed(1234)  # same inputs on every rank
+    params = make_params(H=H, Hkv=Hkv, D=D)
+    names = list(params)
+    ids = torch.randint(0, 37, (B, S))
+    labels = torch.randint(0, 37, (B, S))
+    labels[0, :3] = -100  # some ignored positions
+    key = register_spec(AttentionSpec(mask=mask, name="test"))
+    kw = dict(H=H, Hkv=Hkv, D=D, mask=mask, rope=rope, loss=loss, rms=rms, pool=pool, shift=shift)
+
+    def fn(*args):
+        p = dict(zip(names, args[:len(names)], strict=True))
+        return model(p, args[-2], args[-1], key=key, **kw)
+
+    inputs = [params[n] for n in names] + [ids, labels]
+    gm = _trace(fn, inputs)
+    opts = Options(**(options or {}), seq_dims=seq_dims)
+    shard_graph(gm, [], opts)
+    report = gm.meta["ringcompile_shard"]
+    outs = gm(*inputs)
+    g_out = torch.randn((B, S, 37), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    if opts.outputs == "sharded":
+        from ringcompile.runtime.layouts import shard_tensor
+
+        g_local = shard_tensor(g_out, 1, world, rank, report.layout)
+        total = (outs[0] * g_local).sum()
+    else:
+        total = (outs[0] * g_out).sum()
+    if loss or pool:
+        total = total + outs[1].sum()
+    grads = torch.autograd.grad(total, [params[n] for n in names], allow_unused=True)
+
+    ref_params = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+    ref = model(ref_params, ids, labels, **kw)
+    ref_total = (ref[0] * g_out).sum() + (ref[1].sum() if loss or pool else 0)
+    ref_grads = torch.autograd.grad(ref_total, [ref_params[n] for n in names], allow_unused=True)
+    if opts.outputs == "sharded":
+        from ringcompile.runtime.layouts import shard_tensor
+
+        expected0 = shard_tensor(ref[0].detach(), 1, world, rank, report.layout)
+    else:
+        expected0 = ref[0].detach()
+    errs = {"out0": (outs[0].detach() - expected0).abs().max().item()}
+    if loss or pool:
+        errs["loss"] = (outs[1] - ref[1]).abs().max().item()
+    for n, g, rg in zip(names, grads, ref_grads, strict=True):
+        if rg is None:
+            errs[f"grad_{n}"] = 0.0 if g is None or not g.any() else float("inf")
+        else:
+            errs[f"grad_{n}"] = (g - rg).abs().max().item()
+    big = _big_nodes(gm, {S, report.padded, report.padded // world})
+    return {"errs": errs, "seeds": report.seeds, "layout": report.layout, "gathers": report.gathers,
+            "padded": report.padded, "big_nodes": big, "out_shape": tuple(outs[0].shape),
+            "targets": sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})}
+
+
+def _big_nodes(gm, seq_sizes):
+    """Nodes whose value has two sequence-sized dims (S x S or (S/N) x S) after the pass."""
+    big = []
+    for n in gm.graph.nodes:
+        v = n.meta.get("val")
+        vals = v if isinstance(v, (tuple, list)) else [v]
+        for t in vals:
+            if isinstance(t, torch.Tensor) and sum(1 for s in t.shape if s in seq_sizes) >= 2:
+                big.append((n.name, tuple(t.shape)))
+    return big
+
+
+# ---------------------------------------------------------------------------- cases (run in the ranks)
+
+
+def case_block_causal(rank, world):
+    return _run_case(rank, world, mask=causal())
+
+
+def case_block_bidirectional_zigzag(rank, world):
+    return _run_case(rank, world, mask=None, options={"layout": "zigzag"})
+
+
+def case_rope_gqa_rmsnorm(rank, world):
+    return _run_case(rank, world, H=4, Hkv=2, mask=causal(), rope=True, rms=True)
+
+
+def case_padding_no_loss(rank, world):
+    return _run_case(rank, world, S=21, mask=sliding_window(5), loss=False)
+
+
+def case_sharded_outputs(rank, world):
+    return _run_case(rank, world, mask=causal(), options={"outputs": "sharded", "layout": "contiguous"})
+
+
+def case_padded_loss(rank, world):
+    return _run_case(rank, world, S=21, mask=causal())
+
+
+def case_shifted_loss(rank, world):
+    return _run_case(rank, world, mask=causal(), shift=True, options={"layout": "zigzag"})
+
+
+def case_shifted_padded_loss(rank, world):
+    return _run_case(rank, world, S=21, mask=causal(), shift=True)
+
+
+def case_sequence_mean(rank, world):
+    return _run_case(rank, world, mask=None, loss=False, pool=True)
+
+
+def case_padded_mean_falls_back(rank, world):
+    from ringcompile.errors import UnsupportedPatternError
+
+    try:
+        _run_case(rank, world, S=21, mask=None, loss=False, pool=True)
+    except UnsupportedPatternError as e:
+        return {"raised": str(e)}
+    return {"raised": None}
+
+
+CASES = ["case_block_causal", "case_block_bidirectional_zigzag", "case_rope_gqa_rmsnorm",
+         "case_padding_no_loss", "case_sharded_outputs", "case_padded_loss", "case_shifted_loss",
+         "case_shifted_padded_loss", "case_sequence_mean", "case_padded_mean_falls_back"]
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_cases("test_shard_graphs", CASES, world=2, timeout=240)
+
+
+def _check(res, name):
+    for r, out in enumerate(res[name]):
+        assert "error" not in out, f"rank {r}: {out.get('error')}"
+        bad = {k: v for k, v in out["errs"].items() if not v < 1e-8}
+        assert not bad, f"rank {r} differs from the one-process float64 reference: {bad}"
+        assert not out["big_nodes"], f"rank {r} allocates S x S-sized values: {out['big_nodes']}"
+    return res[name][0]
+
+
+def test_causal_block_matches_one_process(results):
+    out = _check(results, "case_block_causal")
+    assert list(out["seeds"].values()) == [1]  # only the token ids carry the sequence (dim 1)
+    assert out["gathers"] == []
+    assert out["out_shape"] == (2, 24, 37)
+
+
+def test_causal_mask_picks_zigzag(results):
+    assert _check(results, "case_rope_gqa_rmsnorm")["layout"] == "zigzag"
+
+
+def test_bidirectional_zigzag(results):
+    out = _check(results, "case_block_bidirectional_zigzag")
+    assert out["layout"] == "zigzag"
+
+
+def test_rope_gqa_rmsnorm(results):
+    _check(results, "case_rope_gqa_rmsnorm")
+
+
+def test_padding_without_loss(results):
+    out = _check(results, "case_padding_no_loss")
+    assert out["padded"] == 22 and out["out_shape"] == (2, 21, 37)
+
+
+def test_sharded_outputs(results):
+    out = _check(results, "case_sharded_outputs")
+    assert out["out_shape"] == (2, 12, 37)
+
+
+def test_padded_loss(results):
+    """21 tokens on 2 ranks: padded to 22; the padding row is ignored by the loss."""
+    assert _check(results, "case_padded_loss")["padded"] == 22
+
+
+def test_shifted_loss_keeps_logits_sharded(results):
+    out = _check(results, "case_shifted_loss")
+    assert out["gathers"] == [], "logits[:, :-1] must not gather the logits"
+
+
+def test_shifted_padded_loss(results):
+    out = _check(results, "case_shifted_padded_loss")
+    assert out["gathers"] == []
+
+
+def test_mean_over_sequence_is_partial(results):
+    _check(results, "case_sequence_mean")
+
+
+def test_padded_mean_is_unsupported_not_wrong(results):
+    for out in results["case_padded_mean_falls_back"]:
+        assert "error" not in out, out.get("error")
+        assert out["raised"] and "reduces over a sequence with padded" in out["raised"]
