@@ -35,13 +35,13 @@ HEADS, KV_HEADS, HEAD_DIM, BATCH = 8, 4, 64, 1
 DTYPE = torch.float32
 
 
-def grid(quick: bool) -> list[dict]:
+def grid(quick: bool, seqs: tuple[int, ...] | None = None, bwd_seq: int | None = None) -> list[dict]:
     """Configurations: strategies x S x (fwd, fwd+bwd) for one N (N is added by the caller)."""
-    seqs = (2048, 8192) if quick else (2048, 16384)
+    seqs = seqs or ((2048, 8192) if quick else (2048, 16384))
     configs = []
     for s, strategy in itertools.product(seqs, STRATEGIES):
         configs.append(dict(strategy=strategy, seq_len=s, causal=True, backward=False))
-    bwd_seq = 2048 if quick else 4096
+    bwd_seq = bwd_seq or (2048 if quick else 4096)
     for strategy in STRATEGIES:
         configs.append(dict(strategy=strategy, seq_len=bwd_seq, causal=True, backward=True))
     return configs
@@ -75,7 +75,7 @@ def _rank_main(rank: int, world_size: int, port: int, configs: list[dict], reps:
                 ql.requires_grad_(True), kl.requires_grad_(True), vl.requires_grad_(True)
             dout = torch.randn(ql.shape, generator=gen, dtype=DTYPE)
 
-            def call(ql=ql, kl=kl, vl=vl, dout=dout, cfg=cfg, layout=layout):
+            def call(ql=ql, kl=kl, vl=vl, dout=dout, cfg=cfg, layout=layout, s=s):
                 with torch.set_grad_enabled(cfg["backward"]):
                     out = ringcompile.ring_attention(ql, kl, vl, is_causal=cfg["causal"], enable_gqa=True,
                                                      strategy=cfg["strategy"], layout=layout, seq_len=s)
@@ -117,8 +117,9 @@ def measure(world_size: int, configs: list[dict], reps: int, timeout: float) -> 
 
 
 def predict(rows: list[dict], profile: str) -> None:
-    import ringcompile
     from ringcompile.cost_model.planner import choose_for_call
+
+    import ringcompile
 
     for r in rows:
         common = dict(seq_len=r["seq_len"], world_size=r["world_size"], heads=HEADS, kv_heads=KV_HEADS,
@@ -157,7 +158,8 @@ def markdown(rows: list[dict], summary: dict) -> str:
     for r in sorted(rows, key=lambda r: (r["world_size"], r["backward"], r["seq_len"], r["measured"])):
         err = (r["predicted"] - r["measured"]) / r["measured"]
         lines.append(f"| {r['world_size']} | {r['seq_len']} | {'fwd+bwd' if r['backward'] else 'fwd'} | "
-                     f"{r['strategy']} | {r['predicted'] * 1e3:.1f} | {r['measured'] * 1e3:.1f} | {err:+.1%} |")
+                     f"{r['strategy']} | {r['predicted'] * 1e3:.1f} | {r['measured'] * 1e3:.1f} | "
+                     f"{err:+.1%} |")
     lines.append("")
     lines.append("| N | S | pass | planner's choice | best measured | regret |")
     lines.append("|---|---|---|---|---|---|")
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sequences and fewer repetitions")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--world-sizes", default="2,4")
+    parser.add_argument("--seqs", default=None, help="forward sequence lengths, e.g. 2048,16384")
+    parser.add_argument("--bwd-seq", type=int, default=None, help="sequence length of the fwd+bwd rows")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per world size")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -199,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in (int(x) for x in args.world_sizes.split(",")):
         print(f"measuring N={n} ...", file=sys.stderr, flush=True)
         t0 = time.time()
-        rows += measure(n, grid(args.quick), reps, args.timeout)
+        seqs = tuple(int(x) for x in args.seqs.split(",")) if args.seqs else None
+        rows += measure(n, grid(args.quick, seqs, args.bwd_seq), reps, args.timeout)
         print(f"  done in {time.time() - t0:.0f} s", file=sys.stderr)
     predict(rows, profile)
     summary = summarize(rows)

@@ -30,7 +30,7 @@ log = get_logger(__name__)
 
 Progress = Callable[[int, int, str], None]
 STEPS = ("matmul float32", "matmul float64", "matmul bfloat16", "memory bandwidth", "attention kernel fit",
-         "attention backward", "link: spawning 2 ranks", "done")
+         "attention backward", "causal skipping", "link: spawning 2 ranks", "done")
 
 
 def default_output(name: str) -> Path:
@@ -113,6 +113,27 @@ def measure_kernel(block: int, heads: int = 4, repeat: int = 3, backward: bool =
         tiles = math.ceil(x / block) * math.ceil(y / block)
         out.append((4.0 * heads * x * y * d, float(heads * x * y), float(tiles), t))
     return out
+
+
+def measure_causal_tile(block: int, sizes: tuple[int, ...] = (1024, 2048), heads: int = 4, head_dim: int = 64,
+                        repeat: int = 3) -> int:
+    """Tokens at which the kernels skip causally masked work, from causal / full time of diagonal
+    blocks: ratio = 1/2 + t_c / 2x, so t_c = (ratio - 1/2) * 2x (median over sizes)."""
+    from ringcompile.mods import causal
+    from ringcompile.runtime.local import local_forward
+    from ringcompile.spec import AttentionSpec
+
+    full, masked = AttentionSpec(), AttentionSpec(mask=causal())
+    estimates = []
+    for x in sizes:
+        q, k, v = (torch.randn(1, heads, x, head_dim) for _ in range(3))
+        def run(spec, q=q, k=k, v=v, x=x):
+            return local_forward(q, k, v, [], [], x, spec, block=block)
+
+        t_full = _best_time(lambda: run(full), repeat)
+        t_causal = _best_time(lambda: run(masked), repeat)
+        estimates.append(min(max((t_causal / t_full - 0.5) * 2 * x, 16.0), float(x)))
+    return int(round(statistics.median(estimates)))
 
 
 def fit_kernel(samples, memory_bandwidth: float) -> tuple[float, float, float]:
@@ -215,7 +236,8 @@ def fit_link(samples: list[tuple[int, float]]) -> tuple[float, float]:
 def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool = False,
               progress: Progress | None = None, kernel_block: int = 512,
               kernel_shapes: tuple[tuple[int, int, int], ...] = KERNEL_SHAPES,
-              link_sizes: tuple[int, ...] = LINK_SIZES) -> Profile:
+              link_sizes: tuple[int, ...] = LINK_SIZES,
+              causal_sizes: tuple[int, ...] = (1024, 2048)) -> Profile:
     """Measure and return a Profile for CPU ranks on this host (one thread per rank).
 
     ``kernel_shapes`` (q tokens, kv tokens, head dim) and ``link_sizes`` (bytes) set the sweep;
@@ -250,19 +272,21 @@ def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool =
         bwd = measure_kernel(kernel_block, repeat=max(1, repeat // 2), backward=True, shapes=bwd_shapes)
         fwd_same = [s for s, shape in zip(fwd, kernel_shapes, strict=True) if shape in bwd_shapes]
         backward_factor = statistics.median(b[3] / f[3] for b, f in zip(bwd, fwd_same, strict=True))
+        step(6)
+        causal_tile = measure_causal_tile(kernel_block, sizes=causal_sizes, repeat=repeat)
     finally:
         torch.set_num_threads(threads)
-    step(6)
+    step(7)
     link = measure_link(backend, repeat=3 if quick else 7, sizes=link_sizes)
     latency, bandwidth = fit_link(link["p2p"])
     _, a2a_bw = fit_link([(n * 1 // 2, t) for n, t in link["a2a"]])  # (N-1)/N of the buffer moves
-    step(7)
+    step(8)
     efficiency = min(1.0, f_eff / flops["float32"]) if math.isfinite(f_eff) else 1.0
     return Profile(
         name=name, matmul_flops=flops, memory_bandwidth=mem_bw, link_bandwidth=bandwidth,
         link_latency=latency,
         kernel_efficiency=efficiency, score_passes=passes, tile_overhead=overhead, kernel_block=kernel_block,
-        backward_factor=backward_factor, cores=os.cpu_count() or 1,
+        backward_factor=backward_factor, causal_tile=causal_tile, cores=os.cpu_count() or 1,
         alltoall_efficiency=min(1.0, a2a_bw / bandwidth) if math.isfinite(a2a_bw) else 1.0,
         device="cpu",
         description=(f"CPU ranks on this host over {backend} (one thread per rank), measured by "

@@ -49,6 +49,18 @@ def _time(ev: _Evaluator, w: Workload, seq_len: int) -> float:
     return ev.time(seq_len, block, pad=False)
 
 
+TIE = 1e-3   # relative difference below which two predicted times are the same
+
+
+def _order(t_a: float, t_b: float) -> int:
+    """-1 when a is faster, +1 when b is, 0 when they tie within TIE."""
+    if t_a < t_b * (1 - TIE):
+        return -1
+    if t_b < t_a * (1 - TIE):
+        return 1
+    return 0
+
+
 def _grid(lo: int, hi: int, points: int) -> list[int]:
     step = (math.log(hi) - math.log(lo)) / (points - 1)
     return sorted({int(round(math.exp(math.log(lo) + i * step))) for i in range(points)})
@@ -86,14 +98,19 @@ def crossovers(*, world_size: int, heads: int, head_dim: int, kv_heads: int | No
     found = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            for j in range(len(grid) - 1):
-                before = times[a][j] < times[b][j]
-                if before != (times[a][j + 1] < times[b][j + 1]):
-                    def a_faster(s, a=a, b=b):
-                        return _time(evs[a], w, s) < _time(evs[b], w, s)
-                    s_cross = _bisect(a_faster, grid[j], grid[j + 1])
-                    below, above = (a, b) if before else (b, a)
+            def order(s: int, a=a, b=b) -> int:
+                return _order(_time(evs[a], w, s), _time(evs[b], w, s))
+
+            last, last_s = 0, grid[0]
+            for j, s in enumerate(grid):
+                now = _order(times[a][j], times[b][j])
+                if now == 0:
+                    continue                      # a tie (within TIE) is no crossover
+                if last and now != last:
+                    s_cross = _bisect(lambda x, last=last, order=order: order(x) == last, last_s, s)
+                    below, above = (a, b) if last < 0 else (b, a)
                     found.append(Crossover(s_cross, below, above))
+                last, last_s = now, s
     return sorted(found, key=lambda x: (x.seq_len, x.faster_below))
 
 
@@ -109,7 +126,10 @@ def best_pieces(*, world_size: int, heads: int, head_dim: int, kv_heads: int | N
                     strategies, lo)
 
     def best(s: int) -> str:
-        return min(evs, key=lambda n: (_time(evs[n], w, s), STRATEGIES.index(n)))
+        """The fastest strategy; near-ties (within TIE) go to the earlier name in STRATEGIES."""
+        times = {n: _time(ev, w, s) for n, ev in evs.items()}
+        fastest = min(times.values())
+        return min((n for n, t in times.items() if t <= fastest * (1 + TIE)), key=STRATEGIES.index)
 
     grid = _grid(lo, hi, points)
     pieces: list[Piece] = []

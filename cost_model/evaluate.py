@@ -64,6 +64,7 @@ def hardware_values(profile: Profile, dtype: str, world_size: int, strategy: str
         sym.o: profile.tile_overhead / share,
         sym.k: float(profile.kernel_block),
         sym.kb: profile.backward_factor,
+        sym.tc: float(profile.causal_tile),
     }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -113,6 +114,16 @@ class Plan:
     values: dict[str, float]
     alternatives: tuple[tuple[str, float | None, str], ...] = ()
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON reports (formulas are left to ``explain``)."""
+        return {"strategy": self.strategy, "layout": self.layout, "block_size": self.block_size,
+                "tiles": dict(self.tiles), "time_s": self.time, "bubble": self.bubble,
+                "compute_s": self.compute, "comm_s": self.comm, "memory_peak_bytes": self.memory.peak,
+                "memory_terms": dict(self.memory.terms), "overlap_threshold": self.overlap_threshold,
+                "overlap_threshold_latency": self.overlap_threshold_latency, "profile": self.profile,
+                "workload": dataclasses.asdict(self.workload),
+                "alternatives": [{"strategy": n, "time_s": t, "reason": r} for n, t, r in self.alternatives]}
+
     @property
     def exposed(self) -> float:
         return self.bubble * self.time
@@ -153,7 +164,8 @@ class Plan:
         if self.strategy in ("ring", "zigzag"):
             hidden = "hides" if local_block >= self.overlap_threshold else "does NOT hide"
             lines.append(f"  local block S/N = {local_block:,.0f} tokens: compute {hidden} the transfer")
-        lines.append("numbers substituted: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.values.items()))
+        lines.append("numbers substituted: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.values.items()
+                                                       if k != "f"))   # f is structural, already in
         lines.append("memory per rank:")
         lines.append(self.memory.describe())
         lines.append("all strategies:")
@@ -337,6 +349,7 @@ _LAYOUT_STRATEGIES = {None: DISTRIBUTED, "contiguous": ("ring", "allgather", "ul
                       "zigzag": ("zigzag",)}
 _CALL_CACHE: OrderedDict[tuple, _CallPlanner] = OrderedDict()
 _CALL_CACHE_SIZE = 128
+_CALL_LOCK = threading.RLock()
 
 
 class _CallPlanner:
@@ -383,7 +396,10 @@ def choose_for_call(*, seq_len: int, world_size: int, batch: int, heads: int, kv
            profile if not isinstance(profile, Profile) else id(profile), layout, strategies, device,
            mask_density)
     planner = _CALL_CACHE.get(key)
-    if planner is None:
+    if planner is not None:
+        with _CALL_LOCK:
+            return planner.choose(int(seq_len))
+    with _CALL_LOCK:   # simulated ranks are threads: build and memoise under one lock
         w = _workload(seq_len, world_size, heads, kv_heads, head_dim, batch, dtype, causal, backward,
                       mask_density)
         prof = load_profile(profile, device=device)
@@ -400,7 +416,7 @@ def choose_for_call(*, seq_len: int, world_size: int, batch: int, heads: int, kv
         if len(_CALL_CACHE) > _CALL_CACHE_SIZE:
             _CALL_CACHE.popitem(last=False)
         log.debug("built call planner for %s on %s: %s", w, prof.name, names)
-    return planner.choose(int(seq_len))
+        return planner.choose(int(seq_len))
 
 
 def explain_terms(strategy: str, causal: bool, backward: bool) -> dict[str, sp.Expr]:

@@ -46,6 +46,8 @@ class Profile:
     tile_overhead:     seconds of fixed cost per kernel tile (launch, Python, merge bookkeeping).
     kernel_block:      tile edge in tokens that tile_overhead is charged per.
     backward_factor:   backward compute / forward compute.
+    causal_tile:       tokens at which the kernel skips causally masked work: a diagonal x-by-x
+                       block costs (1/2 + causal_tile / 2x) of a full one.
     cores:             when > 0, ranks share this many cores on one host (per-rank rate falls
                        as min(1, cores / N)); 0 = one dedicated device per rank.
     link_bandwidth:    point-to-point bytes/s per direction between ring neighbours.
@@ -64,6 +66,7 @@ class Profile:
     tile_overhead: float = 0.0
     kernel_block: int = 128
     backward_factor: float = 2.5
+    causal_tile: int = 128
     cores: int = 0
     alltoall_efficiency: float = 1.0
     shared_memory: int = 0
@@ -103,6 +106,7 @@ class Profile:
             f"tile_overhead = {_num(self.tile_overhead)}",
             f"kernel_block = {int(self.kernel_block)}",
             f"backward_factor = {_num(self.backward_factor)}",
+            f"causal_tile = {int(self.causal_tile)}",
             f"cores = {int(self.cores)}",
             f"shared_memory = {int(self.shared_memory)}",
             "",
@@ -139,6 +143,7 @@ def profile_from_dict(data: dict[str, Any], where: str) -> Profile:
             tile_overhead=float(comp.get("tile_overhead", 0.0)),
             kernel_block=int(comp.get("kernel_block", 128)),
             backward_factor=float(comp.get("backward_factor", 2.5)),
+            causal_tile=int(comp.get("causal_tile", 128)),
             cores=int(comp.get("cores", 0)),
             shared_memory=int(comp.get("shared_memory", 0)),
             alltoall_efficiency=float(link.get("alltoall_efficiency", 1.0)),

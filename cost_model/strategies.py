@@ -15,7 +15,7 @@ import functools
 
 import sympy as sp
 
-from .symbols import ACC, B, D, F, Hkv, Hq, M, N, P, S, W, Wa, alpha, c, d, e, f, k, kb, o
+from .symbols import ACC, B, D, F, Hkv, Hq, M, N, P, S, W, Wa, alpha, c, d, e, f, k, kb, o, tc
 
 STRATEGIES = ("ring", "zigzag", "allgather", "ulysses", "local")
 LAYOUT = {"ring": "contiguous", "zigzag": "zigzag", "allgather": "contiguous", "ulysses": "contiguous",
@@ -109,36 +109,41 @@ def ring_threshold_with_latency(frac: sp.Expr) -> sp.Expr:
     return (-b + sp.sqrt(b**2 - 4 * a * d)) / (2 * a)
 
 
+def diagonal_fraction(x: sp.Expr) -> sp.Expr:
+    """Share of a causal diagonal x-by-x block pair that a kernel computes when it skips masked work
+    in t_c-token tiles: the lower triangle x^2/2 plus the diagonal band of tiles, x t_c / 2."""
+    return sp.Min(1, sp.Rational(1, 2) + tc / (2 * x))
+
+
+def _ring_steps(first: sp.Expr, step: sp.Expr, comm: sp.Expr) -> sp.Expr:
+    """N ring steps: step 0 computes ``first`` while the first transfer runs, steps 1..N-2 compute
+    ``step`` while the next one runs, the last step only computes."""
+    return sp.Max(first, comm) + (N - 2) * sp.Max(step, comm) + step
+
+
 def _ring_like(name: str, causal: bool, backward: bool) -> StrategyModel:
     x = S / N                               # local tokens per rank
     zig = name == "zigzag"
     frac = sp.Rational(1, 2) if (zig and causal) else sp.Integer(1)
-    pair = pair_compute(x, x, Hq, f)
+    pair = pair_compute(x, x, Hq, f)        # f = 1 here; the zigzag half is applied below
     msgs = 2 * x / c                        # K and V travel as separate messages
-    fwd_comp, fwd_comm = pair, transfer(kv_bytes(x), msgs)
-    if causal and not zig:
-        # contiguous: the last rank computes every step; its step 0 is the half-masked diagonal
-        time = sp.Max(fwd_comp / 2, fwd_comm) + (N - 2) * sp.Max(fwd_comp, fwd_comm) + fwd_comp
-        compute = (N - sp.Rational(1, 2)) * fwd_comp
-    else:
-        time = fwd_comp + (N - 1) * sp.Max(fwd_comp, fwd_comm)
-        compute = N * fwd_comp
+    # step 0 is each rank's own (diagonal) block; contiguous causal: the last rank computes every
+    # later step in full; zigzag causal: every later step is exactly half a block pair
+    first = pair * diagonal_fraction(x) if causal else pair
+    later = pair * frac
+    fwd_comm = transfer(kv_bytes(x), msgs)
+    time = _ring_steps(first, later, fwd_comm)
+    compute = first + (N - 1) * later
     comm = (N - 1) * fwd_comm
-    step_compute, step_comm = fwd_comp, fwd_comm
+    step_compute, step_comm = later, fwd_comm
     if backward:
-        bwd_comp = kb * pair
         # K,V travel forward while the dK,dV accumulators (fp32) travel with them
         bwd_comm = transfer(kv_bytes(x) + kv_bytes(x, ACC), 2 * msgs)
         last_hop = transfer(kv_bytes(x, ACC), msgs)   # dK,dV return to their owner
-        if causal and not zig:
-            time += sp.Max(bwd_comp / 2, bwd_comm) + (N - 2) * sp.Max(bwd_comp, bwd_comm) + bwd_comp
-            compute += (N - sp.Rational(1, 2)) * bwd_comp
-        else:
-            time += bwd_comp + (N - 1) * sp.Max(bwd_comp, bwd_comm)
-            compute += N * bwd_comp
-        time += last_hop
+        time += _ring_steps(kb * first, kb * later, bwd_comm) + last_hop
+        compute += kb * (first + (N - 1) * later)
         comm += (N - 1) * bwd_comm + last_hop
-    subs = {f: frac}
+    subs = {f: 1}
     notes = ("K/V shards circulate; step = Max(compute, transfer)"
              + ("; zigzag layout: every step is half the causal work" if zig and causal else "")
              + ("; contiguous causal: the last rank does all the work" if causal and not zig else ""))
@@ -150,7 +155,7 @@ def _allgather(causal: bool, backward: bool) -> StrategyModel:
     """K and V all-gathered once; the own (diagonal) block is computed while the gather is in flight."""
     x = S / N
     pair = pair_compute(x, x, Hq, 1)
-    own = pair / 2 if causal else pair      # the last rank's own block is the half-masked diagonal
+    own = pair * diagonal_fraction(x) if causal else pair   # the last rank's own block: the diagonal
     rest = (N - 1) * pair                   # ... and every earlier block is fully kept
     gather = transfer((N - 1) / N * kv_bytes(S), 2 * (N - 1))   # K and V, ring all-gather
     time, compute, comm = sp.Max(own, gather) + rest, own + rest, gather
@@ -165,18 +170,19 @@ def _allgather(causal: bool, backward: bool) -> StrategyModel:
 
 def _ulysses(causal: bool, backward: bool) -> StrategyModel:
     x = S / N
-    frac = sp.Rational(1, 2) if causal else sp.Integer(1)
+    frac = diagonal_fraction(S) if causal else sp.Integer(1)
     share = (N - 1) / N
 
     def a2a(nbytes: sp.Expr, calls: int) -> sp.Expr:
         return calls * (N - 1) * alpha + share * nbytes / Wa
 
-    fwd_a2a = a2a(B * (2 * Hq + 2 * Hkv) * x * D * e + B * Hq * x * ACC, 5)   # q,k,v in; out,lse back
+    # q, k, v in; the fp32 output accumulator with its lse packed alongside goes back
+    fwd_a2a = a2a(B * (Hq + 2 * Hkv) * x * D * e, 3) + a2a(B * Hq * x * (D + 1) * ACC, 1)
     comp = pair_compute(S, S, Hq / N, f)
     time, compute, comm = fwd_a2a + comp, comp, fwd_a2a
     if backward:
         bwd_a2a = (a2a(B * (3 * Hq + 2 * Hkv) * x * D * e + B * Hq * x * ACC, 6)   # dout,q,k,v,out,lse
-                   + a2a(B * (Hq + 2 * Hkv) * x * D * e, 3))                      # dq,dk,dv back
+                   + a2a(B * (Hq + 2 * Hkv) * x * D * ACC, 3))                    # fp32 dq,dk,dv back
         time += bwd_a2a + kb * comp
         compute += kb * comp
         comm += bwd_a2a
@@ -186,7 +192,7 @@ def _ulysses(causal: bool, backward: bool) -> StrategyModel:
 
 
 def _local(causal: bool, backward: bool) -> StrategyModel:
-    frac = sp.Rational(1, 2) if causal else sp.Integer(1)
+    frac = diagonal_fraction(S) if causal else sp.Integer(1)
     comp = pair_compute(S, S, Hq, f)
     time = comp * (1 + kb) if backward else comp
     zero = sp.Integer(0)

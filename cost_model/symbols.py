@@ -35,9 +35,10 @@ P = sp.Symbol("P", nonnegative=True, real=True)   # fp32 passes over the score t
 o = sp.Symbol("o", nonnegative=True, real=True)   # fixed overhead per kernel tile (s)
 k = sp.Symbol("k", **_pos)          # kernel tile edge (tokens)
 kb = sp.Symbol("k_b", **_pos)       # backward / forward compute ratio
+tc = sp.Symbol("t_c", **_pos)       # causal skipping granularity of the kernel (tokens)
 
 WORKLOAD = (S, N, B, Hq, Hkv, D, e, f, d)
-HARDWARE = (F, M, W, Wa, alpha, P, o, k, kb)
+HARDWARE = (F, M, W, Wa, alpha, P, o, k, kb, tc)
 ALL = (*WORKLOAD, c, *HARDWARE)
 
 # bytes of the fp32 accumulators (out, lse, dK/dV in flight) whatever the input dtype

@@ -109,14 +109,16 @@ def block_forward(
     check_dropout(dropout_p, dropout_seed)
     acc = acc_dtype(q.dtype)
     B, Hq, Sq, _ = q.shape
-    out = q.new_zeros(B, Hq, Sq, v.shape[-1], dtype=acc)
-    lse = q.new_full((B, Hq, Sq), _NEG_INF, dtype=acc)
     fused_ok = _fused_ok(q, k, v)
     pieces = plan_pieces(Sq, k.shape[2], q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
                          mask=mask, score=score, dropout=dropout_p > 0, fused_ok=fused_ok)
-    if not pieces:
-        return out, lse
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    if len(pieces) == 1 and pieces[0].kind != "general" and (pieces[0].q0, pieces[0].q1) == (0, Sq):
+        pc = pieces[0]  # the common case: one fused call covers every query row, no copies
+        return _FUSED_FWD(qa, ka[:, :, pc.k0:pc.k1], va[:, :, pc.k0:pc.k1], 0.0, pc.kind == "diagonal",
+                          scale=scale)
+    out = q.new_zeros(B, Hq, Sq, v.shape[-1], dtype=acc)
+    lse = q.new_full((B, Hq, Sq), _NEG_INF, dtype=acc)
     covered: list[tuple[int, int]] = []
     for pc in pieces:
         qp, kp, vp = qa[:, :, pc.q0:pc.q1], ka[:, :, pc.k0:pc.k1], va[:, :, pc.k0:pc.k1]
@@ -154,9 +156,15 @@ class _Context:
         return self.score is not None or self.dropout_p > 0 or self.force_math
 
 
-def _chunk_rows(ctx: _Context, B: int, Hq: int, Sk: int) -> int:
-    per_row = Sk * (B * Hq if ctx.math else 1)
-    return max(1, (TILE_ELEMENTS if ctx.math else MASK_TILE_ELEMENTS) // max(1, per_row))
+def _chunk_rows(ctx: _Context, q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query rows per chunk so a score tile (math) or mask tile (fused) stays within budget."""
+    B, Hq, _, _ = q.shape
+    Sk = k.shape[2]
+    if ctx.math:
+        return max(1, TILE_ELEMENTS // max(1, B * Hq * Sk))
+    probe = _chunk_keep(q[:, :, :1], k, 0, ctx)  # does the mask vary with batch / head?
+    spread = 1 if probe is None else math.prod(probe.shape[:-2])  # batch x head extent of the mask
+    return max(1, MASK_TILE_ELEMENTS // max(1, spread * Sk))
 
 
 def _chunk_keep(q: torch.Tensor, k: torch.Tensor, i0: int, ctx: _Context) -> torch.Tensor | None:
@@ -204,7 +212,7 @@ def _general_forward(q, k, v, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor
     B, Hq, Sq, _ = q.shape
     out = q.new_zeros(B, Hq, Sq, v.shape[-1])
     lse = q.new_full((B, Hq, Sq), _NEG_INF)
-    rows = _chunk_rows(ctx, B, Hq, k.shape[2])
+    rows = _chunk_rows(ctx, q, k)
     for i0 in range(0, Sq, rows):
         i1 = min(Sq, i0 + rows)
         qc = q[:, :, i0:i1]
@@ -295,19 +303,22 @@ def block_backward(
     dropout_seed = seed_to_int(dropout_seed)
     check_dropout(dropout_p, dropout_seed)
     acc = acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     d_extras: list[torch.Tensor | None] = [None] * len(score_extras)
     fused_ok = _fused_ok(q, k, v, out, dout, lse)
     pieces = plan_pieces(q.shape[2], k.shape[2], q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
                          mask=mask, score=score, dropout=dropout_p > 0, fused_ok=fused_ok)
-    if not pieces:
-        return dq, dk, dv, d_extras
     qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
     oa, doa = out.to(acc), dout.to(acc)
     lse_a = lse.to(acc)
     safe_lse = torch.where(torch.isneginf(lse_a), torch.zeros_like(lse_a), lse_a)
+    if len(pieces) == 1 and pieces[0].kind != "general" and pieces[0] == Piece(0, q.shape[2], 0, k.shape[2],
+                                                                                 pieces[0].kind):
+        # the common case: one fused call covers the whole pair, its gradients are the answer
+        dq, dk, dv = _FUSED_BWD(doa, qa, ka, va, oa, safe_lse, 0.0, pieces[0].kind == "diagonal", scale=scale)
+        return dq, dk, dv, d_extras
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     for pc in pieces:
         rq, rk = slice(pc.q0, pc.q1), slice(pc.k0, pc.k1)
         qp, kp, vp = qa[:, :, rq], ka[:, :, rk], va[:, :, rk]
@@ -337,7 +348,7 @@ def _general_backward(q, k, v, out, dout, lse, delta, ctx: _Context):
     dv = torch.zeros_like(v)
     d_extras: list[torch.Tensor | None] = [None] * len(ctx.score_extras)
     B, Hq, Sq, _ = q.shape
-    rows = _chunk_rows(ctx, B, Hq, k.shape[2])
+    rows = _chunk_rows(ctx, q, k)
     for i0 in range(0, Sq, rows):
         i1 = min(Sq, i0 + rows)
         r = slice(i0, i1)

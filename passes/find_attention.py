@@ -127,6 +127,10 @@ def _identity(n: int) -> tuple[int, ...]:
     return tuple(range(n))
 
 
+def _or_none(perm: tuple[int, ...]) -> tuple[int, ...] | None:
+    return None if perm == _identity(len(perm)) else perm
+
+
 def permuted_shape(node: fx.Node, perm: tuple[int, ...]) -> tuple:
     shape = _shape(node)
     return tuple(shape[i] for i in perm)
@@ -304,6 +308,8 @@ def _match_sdpa(node: fx.Node, index: int) -> AttentionSite:
             v_node, v_perm = fold_permutes(v, _identity(ndim))
         else:
             groups = gk
+            k_node, k_perm = fold_permutes(k_node, k_perm)
+            v_node, v_perm = fold_permutes(v_node, v_perm)
     kb = permuted_shape(k_node, k_perm)
     vb = permuted_shape(v_node, v_perm)
     _check_qkv(qs, kb, vb, is_3d)
@@ -340,14 +346,21 @@ def _match_sdpa(node: fx.Node, index: int) -> AttentionSite:
         mask = mods_lib.and_masks(mods_lib.causal(), mask) if mask is not None else mods_lib.causal()
     scale = _scalar_value(args["scale"]) if args["scale"] is not None else None
     out_val = _val(node)
-    layout = "3d" if is_3d else ("bshd" if q_perm == (0, 2, 1, 3) else "bhsd")
+    layout = _layout_name(is_3d, q_perm, k_perm)
     return AttentionSite(
         name=f"attn{index}", pattern="sdpa", q=q_node, k=k_node, v=v_node, output=node, layout=layout,
         output_layout="3d" if is_3d else "bhsd", scale=scale, gqa_groups=groups, dropout_p=dropout_p,
         softmax_dtype=None, mask=mask, score=score, mask_extras=mask_extras, score_extras=score_extras,
-        nodes={node} | consumed, location=location_of(node), q_perm=q_perm, k_perm=k_perm, v_perm=v_perm,
-        out_perm=None, is_3d=is_3d, output_dtype=out_val.dtype, notes=notes,
+        nodes={node} | consumed, location=location_of(node), q_perm=_or_none(q_perm), k_perm=_or_none(k_perm),
+        v_perm=_or_none(v_perm), out_perm=None, is_3d=is_3d, output_dtype=out_val.dtype, notes=notes,
     )
+
+
+def _layout_name(is_3d: bool, q_perm: tuple[int, ...], k_perm: tuple[int, ...]) -> str:
+    """How the user laid the tensors out: q or k read from (B, S, H, D) through a transpose -> "bshd"."""
+    if is_3d:
+        return "3d"
+    return "bshd" if (0, 2, 1, 3) in (q_perm, k_perm) else "bhsd"
 
 
 def _check_qkv(qs: Sequence, ks: Sequence, vs: Sequence, is_3d: bool) -> None:
@@ -460,6 +473,8 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
             k_node, k_perm, v_node, v_perm = k0, kp0, v0, vp0
         else:
             groups = gk
+            k_node, k_perm = fold_permutes(k_node, k_perm)
+            v_node, v_perm = fold_permutes(v_node, v_perm)
         kb = permuted_shape(k_node, k_perm)
         vb = permuted_shape(v_node, v_perm)
         if same_size(kb[1], 1) and not same_size(qb[1], 1) and groups == 1:
@@ -469,7 +484,7 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
     _check_qkv(qb, kb, vb, is_3d)
     scale, mask, score_mod, mask_extras, score_extras, consumed, notes = _extract_chain(
         score, x, ndim, additive, alpha)
-    layout = "3d" if is_3d else ("bshd" if q_perm == (0, 2, 1, 3) else "bhsd")
+    layout = _layout_name(is_3d, q_perm, k_perm)
     out_val = _val(pv)
     return AttentionSite(
         name=f"attn{index}", pattern=pattern, q=q_node, k=k_node, v=v_node, output=pv, layout=layout,

@@ -77,6 +77,7 @@ def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[s
     for a in additive:
         if _depends_on(a, score):
             raise UnsupportedPatternError(f"additive term {a.name} depends on the score itself")
+    ex.path, ex.roots = path, list(additive)
     try:
         return ex.run_chain(path, score, list(additive))
     except NotLiftable as e:
@@ -86,6 +87,7 @@ def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[s
 def extract_attn_mask(mask: fx.Node, *, dims: tuple[str, ...]) -> ExtractedMods:
     """SDPA ``attn_mask``: bool (True = keep) or additive float (0/-inf/finfo.min or any bias)."""
     ex = _Extraction(dims)
+    ex.roots = [mask]
     try:
         if dtype_of(mask) == torch.bool:
             ex.add_keep(ex.mask_l.lift_broadcast(mask, ex.idx_m))
@@ -179,6 +181,8 @@ class _Extraction:
         self.cur: Expr = self.score_b.score
         self.parts: list[tuple[str, str, dict, Any]] = []  # (kind, description, params, bias node)
         self.masked = False
+        self.path: list[fx.Node] = []     # chain nodes: always replaced by the rewrite
+        self.roots: list[fx.Node] = []    # attn_mask / additive nodes: dead if the site is their only user
 
     # mask terms ---------------------------------------------------------------------------
     def add_keep(self, keep: Expr) -> None:
@@ -451,10 +455,23 @@ class _Extraction:
     def result(self, scale: float | None) -> ExtractedMods:
         mask, mask_extras = self._mask_mod()
         score, score_extras = self._score_mod()
-        consumed = self.consumed - set(mask_extras) - set(score_extras)
+        consumed = self._dead_after_rewrite() - set(mask_extras) - set(score_extras)
         for text in self.notes:
             log.info("mods: %s", text)
         return ExtractedMods(scale, mask, score, mask_extras, score_extras, consumed, list(self.notes))
+
+    def _dead_after_rewrite(self) -> set[fx.Node]:
+        """Lifted nodes with no users left once this site is rewritten (shared masks stay)."""
+        dead = set(self.path)
+        dead.update(r for r in self.roots if len(r.users) <= 1)
+        candidates = self.consumed - dead
+        if not candidates:
+            return {n for n in dead if n.op == "call_function"}
+        order = {n: i for i, n in enumerate(next(iter(candidates)).graph.nodes)}
+        for n in sorted(candidates, key=order.__getitem__, reverse=True):
+            if n.users and all(u in dead for u in n.users):
+                dead.add(n)
+        return {n for n in dead if n.op == "call_function"}
 
     def _mask_mod(self) -> tuple[Mod | None, list[fx.Node]]:
         if self.keep is True:

@@ -41,12 +41,28 @@ def _record(entry: CompiledGraph) -> None:
     del HISTORY[:-_HISTORY_LIMIT]
 
 
+def may_hold_attention(gm: fx.GraphModule) -> bool:
+    """Cheap pre-check on the Dynamo graph: no softmax and no SDPA means nothing to find."""
+    for node in gm.graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            name = str(name).lower()
+            if "softmax" in name or "scaled_dot_product_attention" in name or "attention" in name:
+                return True
+    return False
+
+
 def transform(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, CompiledGraph]:
-    """Steps 1-3 (normalise, find, rewrite) on a Dynamo graph; raises on failure."""
+    """Steps 1-3 (normalise, find, rewrite) on a Dynamo graph; raises on failure.
+
+    A graph without any softmax or SDPA is returned as it is (no retrace).
+    """
     from .passes.find_attention import find_attention
     from .passes.normalize import normalize
     from .passes.rewrite import rewrite_attention
 
+    if not may_hold_attention(gm):
+        return gm, CompiledGraph([], [], gm)
     aten_gm = normalize(gm)
     sites, rejected = find_attention(aten_gm)
     if sites:

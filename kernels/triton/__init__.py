@@ -9,6 +9,7 @@ imported only when a kernel is built, so this package is cheap to import.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -26,15 +27,17 @@ def triton_block_kernels(spec: AttentionSpec, forced: bool = False):
 
     With ``forced`` (``kernel="triton"``) a site that cannot be lowered raises KernelError.
     """
-    per_spec = _SELECTED.setdefault(spec, {})
-    if forced not in per_spec:
-        per_spec[forced] = _select(spec, forced)
-    return per_spec[forced]
+    with _SELECT_LOCK:  # virtual ranks ask from several threads at once
+        per_spec = _SELECTED.setdefault(spec, {})
+        if forced not in per_spec:
+            per_spec[forced] = _select(spec, forced)
+        return per_spec[forced]
 
 
 # The runtime asks for kernels on every call: the answer (and its generated modules) is kept
 # per spec for as long as the spec lives.
 _SELECTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SELECT_LOCK = threading.RLock()
 
 
 def _select(spec: AttentionSpec, forced: bool):

@@ -18,6 +18,7 @@ import itertools
 import logging
 import math
 import operator
+import threading
 import weakref
 from collections.abc import Sequence
 
@@ -111,6 +112,8 @@ class LoweredMod:
 
 # ---------------------------------------------------------------------------- tracing
 
+_TRACE_LOCK = threading.RLock()
+
 
 def example_grid(batch: int = 2, heads: int = 4, sq: int = 8, sk: int = 8):
     b = torch.arange(batch).view(-1, 1, 1, 1)
@@ -133,15 +136,16 @@ def trace_mod(mod: Mod, extras: Sequence[torch.Tensor], score_dtype: torch.dtype
     # fake tensors: no bounds checks on example extras, and data-dependent Python control flow
     # raises instead of being baked in; the fake-tensor logger is quiet while probing ranks
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_log.level
-    fake_log.setLevel(logging.CRITICAL)
-    try:
-        return make_fx(mod.fn, tracing_mode="fake")(*args)
-    except Exception as exc:  # the user's function may do anything; say what failed
-        raise LoweringError(f"could not trace {mod.describe()} with make_fx: {type(exc).__name__}: {exc}"
-                            ) from exc
-    finally:
-        fake_log.setLevel(level)
+    with _TRACE_LOCK:  # make_fx keeps global tracing state: one trace at a time (ranks run as threads)
+        level = fake_log.level
+        fake_log.setLevel(logging.CRITICAL)
+        try:
+            return make_fx(mod.fn, tracing_mode="fake")(*args)
+        except Exception as exc:  # the user's function may do anything; say what failed
+            raise LoweringError(f"could not trace {mod.describe()} with make_fx: {type(exc).__name__}: {exc}"
+                                ) from exc
+        finally:
+            fake_log.setLevel(level)
 
 
 # ---------------------------------------------------------------------------- lowering
@@ -657,6 +661,11 @@ def check_lowerable(mod: Mod | None, score_dtype: torch.dtype = torch.float32) -
     """None when ``mod`` can be lowered for extras of some ranks, else the reason it cannot."""
     if mod is None:
         return None
+    with _TRACE_LOCK:
+        return _check_lowerable_locked(mod, score_dtype)
+
+
+def _check_lowerable_locked(mod: Mod, score_dtype: torch.dtype) -> str | None:
     per_mod = _CHECKED.setdefault(mod, {})
     if score_dtype not in per_mod:
         try:

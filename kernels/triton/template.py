@@ -30,11 +30,11 @@ HEADER = '''\
 import triton
 import triton.language as tl
 
-HEAD_DIM = %%D%%        # query/key head dim, padded to D_PAD with masking
-V_HEAD_DIM = %%DV%%     # value head dim, padded to DV_PAD
-D_PAD = %%D_PAD%%
-DV_PAD = %%DV_PAD%%
-GROUPS = %%GROUPS%%       # query heads per KV head: query head h reads KV head h // GROUPS
+HEAD_DIM = tl.constexpr(%%D%%)  # query/key head dim, padded to D_PAD with masking
+V_HEAD_DIM = tl.constexpr(%%DV%%)  # value head dim, padded to DV_PAD
+D_PAD = tl.constexpr(%%D_PAD%%)
+DV_PAD = tl.constexpr(%%DV_PAD%%)
+GROUPS = tl.constexpr(%%GROUPS%%)  # query heads per KV head: query head h reads KV head h // GROUPS
 '''
 
 FORWARD = '''

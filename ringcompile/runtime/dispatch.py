@@ -33,10 +33,13 @@ def _planner_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
     except ImportError:
         return None
     causal = spec.mask is not None and "causal" in spec.mask.kinds
+    divisible = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0 and spec.dropout_p == 0
+    usable = ("ring", "allgather", "ulysses") if divisible else ("ring", "allgather")
     try:
         plan = choose_for_call(seq_len=seq_len, world_size=world_size, batch=q.shape[0], heads=q.shape[1],
                                kv_heads=k.shape[1], head_dim=q.shape[-1], dtype=q.dtype, causal=causal,
-                               backward=backward)
+                               backward=backward, layout="contiguous", strategies=usable,
+                               device=q.device.type)
         return getattr(plan, "strategy", None)
     except Exception as e:  # the planner is advisory: a failure falls back to the heuristic
         log.warning("cost-model planner failed (%s); using the built-in heuristic", e)
@@ -66,12 +69,17 @@ def choose_strategy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
     return "allgather" if seq_len <= ALLGATHER_MAX_SEQ else "ring"
 
 
-def _plan(q, k, v, seq_len, spec, backward) -> tuple[ResolvedGroup, str, str]:
+def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str]:
+    """Forward and backward plan alike (as for training), so both run the same strategy."""
     group = resolve_group(spec.group, spec.mesh_dim)
     layout = check_layout(spec.layout)
-    strategy = choose_strategy(q, k, v, seq_len, group.world_size, spec, layout, backward)
-    if strategy == "ulysses" and spec.dropout_p > 0:
-        raise OptionError("strategy 'ulysses' does not support attention dropout yet; use 'ring' or 'zigzag'")
+    strategy = choose_strategy(q, k, v, seq_len, group.world_size, spec, layout, backward=True)
+    if strategy == "ulysses":
+        from .strategies.ulysses import check_dropout
+
+        check_dropout(spec)
+    log.debug("attention %s: strategy %s, layout %s, rank %d of %d", spec.name or "<op>", strategy, layout,
+              group.rank, group.world_size)
     return group, strategy, layout
 
 
@@ -88,7 +96,7 @@ def attention_forward(
     score_extras: Sequence[torch.Tensor], seq_len: int, spec: AttentionSpec,
     dropout_seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    group, strategy, layout = _plan(q, k, v, seq_len, spec, backward=False)
+    group, strategy, layout = _plan(q, k, v, seq_len, spec)
     comm = _communicator(group, spec, q.device)
     key = (id(spec), id(group.group), group.rank, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype,
            int(seq_len), strategy, layout)
@@ -101,7 +109,7 @@ def attention_backward(
     lse: torch.Tensor, mask_extras: Sequence[torch.Tensor], score_extras: Sequence[torch.Tensor],
     seq_len: int, spec: AttentionSpec, dropout_seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
-    group, strategy, layout = _plan(q, k, v, seq_len, spec, backward=False)
+    group, strategy, layout = _plan(q, k, v, seq_len, spec)
     comm = _communicator(group, spec, q.device)
     return run_backward(comm, dout, q, k, v, out, lse, mask_extras, score_extras, seq_len, spec, strategy,
                         layout, dropout_seed)

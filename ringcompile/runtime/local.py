@@ -14,6 +14,7 @@ import torch
 
 from ringcompile.kernels.reference import block_keep_mask, merge_partials
 from ringcompile.kernels.select import BlockKernels, block_kernels
+from ringcompile.mods import Mod
 from ringcompile.spec import AttentionSpec
 
 DEFAULT_BLOCK = 512
@@ -27,28 +28,49 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def mask_structure(mask: Mod, q0: int, q1: int, k0: int, k1: int) -> str | None:
+    """"empty", "full" or "partial" for masks whose structure is known from indices alone
+    (inclusive query range [q0, q1], key range [k0, k1]); None for other masks."""
+    if mask.kind == "causal":
+        return "empty" if k0 > q1 else "full" if k1 <= q0 else "partial"
+    if mask.kind == "sliding_window":
+        w = mask.params.get("window")
+        if not isinstance(w, int):
+            return None
+        if mask.params.get("causal", True):
+            if k0 > q1 or q0 - k1 >= w:
+                return "empty"
+            return "full" if k1 <= q0 and q1 - k0 < w else "partial"
+        if k0 - q1 >= w or q0 - k1 >= w:
+            return "empty"
+        return "full" if q1 - k0 < w and k1 - q0 < w else "partial"
+    return None
+
+
 def _pair_is_empty(q, k, q0, k0, seq_len, spec, mask_extras) -> bool:
     """True when the mask removes every pair of this block (so it is skipped, not computed)."""
     if k0 >= seq_len or q.shape[2] == 0 or k.shape[2] == 0:
         return True
     if spec.mask is None:
         return False
-    if spec.mask.kind == "causal":
-        return k0 > q0 + q.shape[2] - 1
+    known = mask_structure(spec.mask, q0, q0 + q.shape[2] - 1, k0, k0 + k.shape[2] - 1)
+    if known is not None:
+        return known == "empty"
     keep = block_keep_mask(q, k, q_offset=q0, kv_offset=k0, seq_len=seq_len, mask=spec.mask,
                            mask_extras=mask_extras)
     return keep is not None and not bool(keep.any())
 
 
 def _pair_mask(q, k, q0, k0, spec):
-    """The mask to apply to a non-empty pair: None when a causal mask keeps all of it."""
-    if spec.mask is not None and spec.mask.kind == "causal" and k0 + k.shape[2] - 1 <= q0:
+    """The mask to apply to a non-empty pair: None (the unmasked fast path) when it keeps all of it."""
+    if spec.mask is not None and mask_structure(spec.mask, q0, q0 + q.shape[2] - 1, k0,
+                                             k0 + k.shape[2] - 1) == "full":
         return None
     return spec.mask
 
 
 def _dropout_kwargs(spec: AttentionSpec, dropout_seed) -> dict:
-    if spec.dropout_p > 0 and dropout_seed is not None:
+    if spec.dropout_p > 0:  # a missing seed is the kernel's clear error, never silently no dropout
         return {"dropout_p": spec.dropout_p, "dropout_seed": dropout_seed}
     return {}
 

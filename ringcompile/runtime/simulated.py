@@ -129,7 +129,7 @@ def simulate_single(timeout: float = 60.0) -> SimulatedCommunicator:
 
 class _SimulatedRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec, world_size, strategy, layout, seq_len, mask_extras, *score_extras):
+    def forward(ctx, q, k, v, spec, world_size, strategy, layout, seq_len, mask_extras, seed, *score_extras):
         from .execute import run_forward
         from .layouts import shard_tensor, unshard_tensor
 
@@ -139,11 +139,12 @@ class _SimulatedRing(torch.autograd.Function):
         def rank_forward(comm: Communicator):
             r = comm.rank
             out, lse = run_forward(comm, shards[0][r], shards[1][r], shards[2][r], mask_extras,
-                                   [e.detach() for e in score_extras], seq_len, spec, strategy, layout)
+                                   [e.detach() for e in score_extras], seq_len, spec, strategy, layout, seed)
             return out.to(q.dtype), lse
 
         results = simulate(rank_forward, world_size, spec.timeout)
-        ctx.setup = (spec, world_size, strategy, layout, seq_len, mask_extras, q.dtype, k.dtype, v.dtype)
+        ctx.setup = (spec, world_size, strategy, layout, seq_len, mask_extras, seed, q.dtype, k.dtype,
+                     v.dtype)
         ctx.shards = shards
         ctx.results = results
         ctx.extras = [e.detach() for e in score_extras]
@@ -154,7 +155,7 @@ class _SimulatedRing(torch.autograd.Function):
         from .execute import run_backward
         from .layouts import shard_tensor, unshard_tensor
 
-        spec, world_size, strategy, layout, seq_len, mask_extras, qd, kd, vd = ctx.setup
+        spec, world_size, strategy, layout, seq_len, mask_extras, seed, qd, kd, vd = ctx.setup
         douts = [shard_tensor(dout.contiguous(), 2, world_size, r, layout, seq_len)
                  for r in range(world_size)]
         qs, ks, vs = ctx.shards
@@ -163,14 +164,14 @@ class _SimulatedRing(torch.autograd.Function):
             r = comm.rank
             out, lse = ctx.results[r]
             return run_backward(comm, douts[r].to(qd), qs[r], ks[r], vs[r], out, lse, mask_extras, ctx.extras,
-                                seq_len, spec, strategy, layout)
+                                seq_len, spec, strategy, layout, seed)
 
         grads = simulate(rank_backward, world_size, spec.timeout)
         dq, dk, dv = (unshard_tensor([g[i] for g in grads], 2, layout, seq_len).to(dt)
                       for i, dt in ((0, qd), (1, kd), (2, vd)))
         d_extras = [None if d is None else d.to(e.dtype)
                     for d, e in zip(grads[0][3], ctx.extras, strict=True)]
-        return (dq, dk, dv, None, None, None, None, None, None, *d_extras)
+        return (dq, dk, dv, None, None, None, None, None, None, None, *d_extras)
 
 
 def simulated_ring_attention(
@@ -179,7 +180,8 @@ def simulated_ring_attention(
     scale: float | None = None, enable_gqa: bool = False, seq_len: int | None = None,
     mask: Any = None, score: Any = None, mask_extras: Sequence[Tensor] = (),
     score_extras: Sequence[Tensor] = (),
-    block_size: int | None = None, kernel: str = "auto", timeout: float = 60.0,
+    block_size: int | None = None, kernel: str = "auto", timeout: float = 60.0, dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> Tensor:
     """Ring attention of FULL (B, H, S, D) tensors on ``world_size`` virtual ranks; differentiable.
 
@@ -201,8 +203,11 @@ def simulated_ring_attention(
         spec = spec.replace(mask=and_masks(spec.mask, mask) if spec.mask is not None else mask)
     if score is not None:
         spec = spec.replace(score=compose_scores(spec.score, score) if spec.score is not None else score)
+    if dropout_p:
+        spec = spec.replace(dropout_p=dropout_p)
+    seed = None if dropout_seed is None else torch.tensor([dropout_seed], dtype=torch.int64)
     layout = check_layout(spec.layout)
     seq_len = q.shape[2] if seq_len is None else seq_len
     chosen = choose_strategy(q, k, v, seq_len, world_size, spec, layout)
-    return _SimulatedRing.apply(q, k, v, spec, world_size, chosen, layout, seq_len, list(mask_extras),
+    return _SimulatedRing.apply(q, k, v, spec, world_size, chosen, layout, seq_len, list(mask_extras), seed,
                                 *score_extras)

@@ -19,7 +19,7 @@ from ringcompile.cost_model.strategies import (
 )
 
 HW = {sym.d: 1, sym.F: 1e12, sym.M: 1e11, sym.W: 1e10, sym.Wa: 1e10, sym.alpha: 1e-5, sym.P: 0, sym.o: 0,
-      sym.k: 128, sym.kb: 2.5}
+      sym.k: 128, sym.kb: 2.5, sym.tc: 128}
 
 
 def test_block_pair_flops_and_bytes():
@@ -69,11 +69,13 @@ def test_zigzag_causal_halves_each_step(link):
     vals = dict(HW) | {sym.S: 8192, sym.N: 4, sym.B: 1, sym.Hq: 8, sym.Hkv: 8, sym.D: 128, sym.e: 2,
                        sym.c: 2048, sym.W: link}
     full = float(pair_compute(2048, 2048, 8).subs(vals))
+    diag = full * (0.5 + 128 / (2 * 2048))   # the own block: lower triangle plus the 128-token tile band
     comm = 2 * 1e-5 + 2 * 8 * 2048 * 128 * 2 / link
     zig = strategy_model("zigzag", True, False)
-    assert float(zig.time.subs(vals)) == pytest.approx(full / 2 + 3 * max(full / 2, comm), rel=1e-12)
+    expected = max(diag, comm) + 2 * max(full / 2, comm) + full / 2
+    assert float(zig.time.subs(vals)) == pytest.approx(expected, rel=1e-12)
     ring = strategy_model("ring", True, False)   # contiguous: the last rank computes every step
-    expected = max(full / 2, comm) + 2 * max(full, comm) + full
+    expected = max(diag, comm) + 2 * max(full, comm) + full
     assert float(ring.time.subs(vals)) == pytest.approx(expected, rel=1e-12)
 
 
@@ -83,7 +85,8 @@ def test_allgather_hand_computed():
     full = float(pair_compute(2048, 2048, 8).subs(vals))
     gather = 2 * 3 * 1e-5 + 3 / 4 * (2 * 8 * 8192 * 128 * 2) / 1e8
     model = strategy_model("allgather", True, False)
-    assert float(model.time.subs(vals)) == pytest.approx(max(full / 2, gather) + 3 * full, rel=1e-12)
+    diag = full * (0.5 + 128 / (2 * 2048))
+    assert float(model.time.subs(vals)) == pytest.approx(max(diag, gather) + 3 * full, rel=1e-12)
 
 
 def test_memory_terms_hand_computed():

@@ -46,6 +46,10 @@ def test_explain_shows_formulas_numbers_and_runner_up():
     up = p.runner_up
     assert up is not None and f"runner-up: {up[0]}" in text and "slower" in text
     assert "c >=" in text and "peak per rank" in text
+    import json
+
+    data = json.loads(json.dumps(p.to_dict()))
+    assert data["strategy"] == p.strategy and data["workload"]["seq_len"] == BIG["seq_len"]
 
 
 def test_named_strategy_and_errors():

@@ -59,14 +59,15 @@ def _assert_close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> No
     sq=st.integers(1, 24), sk=st.integers(1, 24), q_offset=st.integers(0, 40), kv_offset=st.integers(0, 40),
     pad=st.one_of(st.none(), st.integers(0, 30)), mask_name=st.sampled_from(MASKS),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), seed=st.integers(0, 2**31 - 1),
+    dv=st.sampled_from([None, 4]),
 )
 def test_cpu_block_matches_reference(B, hkv, groups, D, sq, sk, q_offset, kv_offset, pad, mask_name, dtype,
-                                     seed):
+                                     seed, dv):
     gen = torch.Generator().manual_seed(seed)
     Hq = hkv * groups
     q = torch.randn(B, Hq, sq, D, generator=gen).to(dtype)
     k = torch.randn(B, hkv, sk, D, generator=gen).to(dtype)
-    v = torch.randn(B, hkv, sk, D, generator=gen).to(dtype)
+    v = torch.randn(B, hkv, sk, dv or D, generator=gen).to(dtype)  # a value head dim of its own: math path
     total = max(q_offset + sq, kv_offset + sk)
     seq_len = None if pad is None else max(1, total - pad)
     mask, score, mask_extras, score_extras = _mods(mask_name, B, Hq, total, gen)

@@ -62,7 +62,8 @@ def node_values(gm: fx.GraphModule, args: Sequence, nodes: Sequence[fx.Node]) ->
 def blocks(S: int) -> list[tuple[int, int, int, int]]:
     """(q0, n, k0, m) sub-blocks, including off-diagonal and ragged ones."""
     h = max(S // 2, 1)
-    return [(0, S, 0, S), (h, S - h, 0, h), (0, h, h, S - h), (h, S - h, h, S - h), (1, S - 3, 2, S - 5)]
+    out = [(0, S, 0, S), (h, S - h, 0, h), (0, h, h, S - h), (h, S - h, h, S - h)]
+    return out + [(1, S - 3, 2, S - 5)] if S >= 6 else out
 
 
 def check_chain(fn: Callable, args: Sequence, *, mask: str, score: str = "none", mode: str = "fake",

@@ -57,7 +57,8 @@ def build(causal: str, window: int | None, padding: str, alibi: bool, bias: bool
 
 
 @settings(max_examples=15)
-@given(causal=st.sampled_from(CAUSAL), window=st.sampled_from([None, 1, 2, 4]), padding=st.sampled_from(PADDING),
+@given(causal=st.sampled_from(CAUSAL), window=st.sampled_from([None, 1, 2, 4]),
+       padding=st.sampled_from(PADDING),
        alibi=st.booleans(), bias=st.booleans(), cap=st.sampled_from([None, 2.0, 5.0]),
        scale=st.sampled_from(SCALE), S=st.integers(3, 11), mode=st.sampled_from(["fake", "symbolic"]),
        seed=st.integers(0, 2**16))

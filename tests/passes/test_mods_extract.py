@@ -406,3 +406,24 @@ def test_plain_chain_has_no_mods():
 
     ex = check_chain(fn, qkv(), mask="none", atol=1e-5)  # .float() rounds the original to fp32
     assert ex.scale is None and ex.mask is None and ex.score is None
+
+
+def test_consumed_is_what_the_rewrite_makes_dead():
+    """Mask nodes used only by this chain are consumed; a mask shared with another attention is not."""
+    def fn(q, k, v):
+        m = torch.triu(torch.ones(q.size(2), k.size(2), dtype=torch.bool), 1)
+        a = (q @ k.transpose(-2, -1)).masked_fill(m, float("-inf")).softmax(-1) @ v
+        own = torch.ones(q.size(2), k.size(2), dtype=torch.bool).tril()
+        b = (a @ k.transpose(-2, -1)).masked_fill(m, float("-inf")).masked_fill(~own, float("-inf"))
+        return b.softmax(-1) @ v
+
+    gm = trace(fn, *qkv())
+    sms = [n for n in gm.graph.nodes if n.target is torch.ops.aten.softmax.int]
+    mms = [n for n in gm.graph.nodes if n.target is torch.ops.aten.matmul.default]
+    ex = extract_score_chain(mms[2], sms[1].args[0], dims=("b", "h", "q", "kv"))
+    assert ex.mask.describe() == "causal"
+    names = {n.target.__name__.split(".")[0] for n in ex.consumed}
+    shared = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.triu.default)
+    assert shared not in ex.consumed                      # also used by the first attention
+    assert {"tril", "bitwise_not", "masked_fill"} <= names  # this chain's own mask and chain nodes
+    assert sms[1].args[0] in ex.consumed

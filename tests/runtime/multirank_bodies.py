@@ -107,6 +107,8 @@ def combinations_body(rank: int, world: int, seq_len: int) -> dict:
                         worst[str(dtype)] = max(worst[str(dtype)], err)
                     except Exception as e:  # noqa: BLE001 - reported as a failure of this combination
                         failures.append(f"{strategy}/{mask}/{heads}/{dtype}: {type(e).__name__}: {e}")
+    for mask in ("causal", "padding"):  # "auto": the cost model (or the heuristic) picks per call
+        run_one(rank, world, "auto", mask, HEADS["gqa"], torch.float32, seq_len, failures)
     failures += _local_strategy_check(rank, seq_len)
     failures += _error_checks(rank, world)
     failures += _timing_check(rank, world, seq_len)
@@ -201,6 +203,16 @@ def mesh_and_group_body(rank: int, world: int, seq_len: int) -> dict:
     pg = dist.new_group(list(range(world)))
     run_one(rank, world, "allgather", "padding", HEADS["mha"], torch.float32, seq_len, failures, group=pg,
             tag="explicit-pg/")
+    # gather is differentiable: a replicated consumer's gradient comes back as this rank's slice
+    g = torch.Generator().manual_seed(dp)
+    x, w = torch.randn(3, seq_len, generator=g), torch.randn(3, seq_len, generator=g)
+    local = ringcompile.shard(x, 1, "zigzag", mesh, mesh_dim="sp").requires_grad_(True)
+    full = ringcompile.gather(local, 1, "zigzag", mesh, seq_len, mesh_dim="sp")
+    (full * w).sum().backward()
+    if not torch.equal(full.detach(), x):
+        failures.append(f"gather(shard(x)) != x on rank {rank}")
+    if not torch.equal(local.grad, ringcompile.shard(w, 1, "zigzag", mesh, mesh_dim="sp")):
+        failures.append(f"gather backward is not the local slice on rank {rank}")
     return {"failures": failures}
 
 

@@ -203,3 +203,23 @@ def test_bfloat16_error_does_not_grow_with_world_size():
                   - ref).abs().max().item() for n in (1, 2, 4, 8)}
     assert all(e < 2e-2 for e in errors.values()), errors
     assert max(errors.values()) <= 1.25 * errors[1] + 1e-3, errors
+
+
+@pytest.mark.parametrize("strategy, world", [("ring", 3), ("zigzag", 2), ("allgather", 4)])
+def test_dropout_is_the_same_under_every_layout_and_rank_count(strategy, world):
+    """Dropout keeps entries by a hash of global indices, so N ranks drop what one process drops."""
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 13, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+               for _ in range(3))
+    kw = {"is_causal": True, "dropout_p": 0.3, "dropout_seed": 1234}
+    out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, **kw)
+    one = simulated_ring_attention(q, k, v, world_size=1, strategy="local", **kw)
+    plain = simulated_ring_attention(q, k, v, world_size=1, strategy="local", is_causal=True)
+    assert not torch.allclose(one, plain)  # dropout did something
+    torch.testing.assert_close(out, one)
+    dout = torch.randn(out.shape, dtype=out.dtype, generator=g)
+    for a, b in zip(torch.autograd.grad(out, [q, k, v], dout), torch.autograd.grad(one, [q, k, v], dout),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(OptionError, match="ulysses"):
+        simulated_ring_attention(q, k, v, world_size=2, strategy="ulysses", dropout_p=0.3, dropout_seed=1)

@@ -34,6 +34,12 @@ _CACHE: dict[tuple[int, int], tuple[AttentionSpec, AttentionSpec, BlockKernels]]
 _LOCK = threading.Lock()
 
 
+def check_dropout(spec: AttentionSpec) -> None:
+    if spec.dropout_p > 0:  # the dropout hash takes global head indices, which kernels do not see here
+        raise OptionError("strategy 'ulysses' does not support attention dropout yet; use 'ring', 'zigzag' "
+                          "or 'allgather'")
+
+
 def check_heads(hq: int, hkv: int, world_size: int) -> None:
     if hq % world_size or hkv % world_size:
         raise OptionError(
@@ -95,6 +101,7 @@ def _pieces(ctx: RingContext, local: int):
 def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     n, local = ctx.world_size, q.shape[2]
     check_heads(q.shape[1], k.shape[1], n)
+    check_dropout(ctx.spec)
     timer = ctx.timer("forward")
     spec, kernels = _group_spec(ctx, ctx.rank * (q.shape[1] // n), q.device)
     fq, fk, fv = (_scatter_heads(ctx, t, f"{name} all-to-all") for t, name in ((q, "Q"), (k, "K"), (v, "V")))
@@ -113,6 +120,7 @@ def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
 def backward(ctx: RingContext, dout, q, k, v, out, lse):
     n, local = ctx.world_size, q.shape[2]
     check_heads(q.shape[1], k.shape[1], n)
+    check_dropout(ctx.spec)
     timer = ctx.timer("backward")
     spec, kernels = _group_spec(ctx, ctx.rank * (q.shape[1] // n), q.device)
     inputs = ((q, "Q"), (k, "K"), (v, "V"), (dout, "dO"), (out, "O"), (lse.unsqueeze(-1), "lse"))
