@@ -52,19 +52,23 @@ def threshold_functions(frac: sp.Rational) -> tuple[Callable[..., float], Callab
 
 
 def hardware_values(profile: Profile, dtype: str, world_size: int, strategy: str) -> dict[sp.Symbol, float]:
-    """The profile's numbers for the hardware symbols, for ``strategy`` on ``world_size`` ranks."""
-    share = profile.share(world_size, strategy)
+    """The profile's numbers for the hardware symbols, for ``strategy`` on ``world_size`` ranks.
+
+    Rates are one rank's on its own core/device; ranks sharing a host's cores are bounded
+    through P_h (see ``strategies.strategy_model``)."""
+    cores = world_size if profile.cores <= 0 or strategy == "local" else min(world_size, profile.cores)
     return {
-        sym.F: profile.flops(dtype) * profile.kernel_efficiency * share,
-        sym.M: profile.memory_bandwidth * share,
+        sym.F: profile.flops(dtype) * profile.kernel_efficiency,
+        sym.M: profile.memory_bandwidth,
         sym.W: profile.link_bandwidth,
         sym.Wa: profile.link_bandwidth * profile.alltoall_efficiency,
         sym.alpha: profile.link_latency,
         sym.P: profile.score_passes,
-        sym.o: profile.tile_overhead / share,
+        sym.o: profile.tile_overhead,
         sym.k: float(profile.kernel_block),
         sym.kb: profile.backward_factor,
         sym.tc: float(profile.causal_tile),
+        sym.Ph: float(cores),
     }
 
 

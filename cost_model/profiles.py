@@ -48,8 +48,9 @@ class Profile:
     backward_factor:   backward compute / forward compute.
     causal_tile:       tokens at which the kernel skips causally masked work: a diagonal x-by-x
                        block costs (1/2 + causal_tile / 2x) of a full one.
-    cores:             when > 0, ranks share this many cores on one host (per-rank rate falls
-                       as min(1, cores / N)); 0 = one dedicated device per rank.
+    cores:             when > 0, the ranks share this many cores of one host (CPU ranks, one
+                       thread each), which bounds the call below by total work / min(N, cores);
+                       0 = one dedicated device per rank.
     link_bandwidth:    point-to-point bytes/s per direction between ring neighbours.
     link_latency:      seconds per message.
     alltoall_efficiency: all-to-all bandwidth as a fraction of link_bandwidth.
@@ -82,12 +83,6 @@ class Profile:
         if other in self.matmul_flops:
             return float(self.matmul_flops[other]) * scale
         raise OptionError(f"profile {self.name!r} has no matmul rate for {dtype}; add matmul_flops.{dtype}")
-
-    def share(self, world_size: int, strategy: str) -> float:
-        """Fraction of one rank's compute it really gets when ranks share a host's cores."""
-        if self.cores <= 0 or strategy == "local":
-            return 1.0
-        return min(1.0, self.cores / world_size)
 
     def to_toml(self) -> str:
         """The TOML text ``load_profile`` reads back."""

@@ -15,7 +15,7 @@ import functools
 
 import sympy as sp
 
-from .symbols import ACC, B, D, F, Hkv, Hq, M, N, P, S, W, Wa, alpha, c, d, e, f, k, kb, o, tc
+from .symbols import ACC, B, D, F, Hkv, Hq, M, N, P, Ph, S, W, Wa, alpha, c, d, e, f, k, kb, o, tc
 
 STRATEGIES = ("ring", "zigzag", "allgather", "ulysses", "local")
 LAYOUT = {"ring": "contiguous", "zigzag": "zigzag", "allgather": "contiguous", "ulysses": "contiguous",
@@ -57,7 +57,8 @@ class StrategyModel:
     step_compute, step_comm: one ring step (ring/zigzag) or the whole phase (others).
     threshold:  closed form of the smallest block c (tokens, square blocks as in the Ring
                 Attention paper) whose compute hides its transfer; None when nothing overlaps.
-    subs:       structural substitutions (the causal fraction f) already applied.
+    work:       compute summed over all ranks: when ranks share P_h cores of one host, no
+                schedule beats work / P_h (``strategy_model`` applies that bound).
     """
 
     name: str
@@ -69,6 +70,7 @@ class StrategyModel:
     step_comm: sp.Expr
     threshold: sp.Expr | None
     notes: str
+    work: sp.Expr | None = None
 
     @property
     def exposed(self) -> sp.Expr:
@@ -134,6 +136,12 @@ def _ring_like(name: str, causal: bool, backward: bool) -> StrategyModel:
     fwd_comm = transfer(kv_bytes(x), msgs)
     time = _ring_steps(first, later, fwd_comm)
     compute = first + (N - 1) * later
+    if not causal:
+        work = N * N * pair
+    elif zig:
+        work = N * compute                                  # balanced: every rank does the same
+    else:
+        work = N * first + N * (N - 1) / 2 * pair           # rank r: its diagonal plus r full blocks
     comm = (N - 1) * fwd_comm
     step_compute, step_comm = later, fwd_comm
     if backward:
@@ -142,13 +150,15 @@ def _ring_like(name: str, causal: bool, backward: bool) -> StrategyModel:
         last_hop = transfer(kv_bytes(x, ACC), msgs)   # dK,dV return to their owner
         time += _ring_steps(kb * first, kb * later, bwd_comm) + last_hop
         compute += kb * (first + (N - 1) * later)
+        work *= 1 + kb
         comm += (N - 1) * bwd_comm + last_hop
     subs = {f: 1}
     notes = ("K/V shards circulate; step = Max(compute, transfer)"
              + ("; zigzag layout: every step is half the causal work" if zig and causal else "")
              + ("; contiguous causal: the last rank does all the work" if causal and not zig else ""))
     return StrategyModel(name, LAYOUT[name], time.subs(subs), compute.subs(subs), comm.subs(subs),
-                         step_compute.subs(subs), step_comm.subs(subs), ring_threshold(frac), notes)
+                         step_compute.subs(subs), step_comm.subs(subs), ring_threshold(frac), notes,
+                         work.subs(subs))
 
 
 def _allgather(causal: bool, backward: bool) -> StrategyModel:
@@ -159,13 +169,15 @@ def _allgather(causal: bool, backward: bool) -> StrategyModel:
     rest = (N - 1) * pair                   # ... and every earlier block is fully kept
     gather = transfer((N - 1) / N * kv_bytes(S), 2 * (N - 1))   # K and V, ring all-gather
     time, compute, comm = sp.Max(own, gather) + rest, own + rest, gather
+    work = N * N * pair if not causal else N * own + N * (N - 1) / 2 * pair
     if backward:
         to_owners = transfer((N - 1) / N * kv_bytes(S, ACC), 2 * (N - 1), Wa)   # dK, dV all-to-all (fp32)
         time += sp.Max(kb * own, gather) + kb * rest + to_owners                  # K/V gathered again
         compute += kb * (own + rest)
+        work *= 1 + kb
         comm += gather + to_owners
     return StrategyModel("allgather", "contiguous", time, compute, comm, pair, gather, None,
-                         "all of K/V gathered once (overlapping the own block), then local attention")
+                         "all of K/V gathered once (overlapping the own block), then local attention", work)
 
 
 def _ulysses(causal: bool, backward: bool) -> StrategyModel:
@@ -188,7 +200,8 @@ def _ulysses(causal: bool, backward: bool) -> StrategyModel:
         comm += bwd_a2a
     subs = {f: frac}
     return StrategyModel("ulysses", "contiguous", time.subs(subs), compute.subs(subs), comm.subs(subs),
-                         comp.subs(subs), fwd_a2a, None, "all-to-all over heads: full sequence, H/N heads")
+                         comp.subs(subs), fwd_a2a, None, "all-to-all over heads: full sequence, H/N heads",
+                         (N * compute).subs(subs))
 
 
 def _local(causal: bool, backward: bool) -> StrategyModel:
@@ -197,12 +210,11 @@ def _local(causal: bool, backward: bool) -> StrategyModel:
     time = comp * (1 + kb) if backward else comp
     zero = sp.Integer(0)
     return StrategyModel("local", "contiguous", time.subs(f, frac), time.subs(f, frac), zero,
-                         comp.subs(f, frac), zero, None, "one device computes the whole sequence")
+                         comp.subs(f, frac), zero, None, "one device computes the whole sequence",
+                         time.subs(f, frac))
 
 
-@functools.cache
-def strategy_model(name: str, causal: bool, backward: bool) -> StrategyModel:
-    """The (cached) expressions of strategy ``name``."""
+def _per_device(name: str, causal: bool, backward: bool) -> StrategyModel:
     if name in ("ring", "zigzag"):
         return _ring_like(name, causal, backward)
     if name == "allgather":
@@ -212,6 +224,23 @@ def strategy_model(name: str, causal: bool, backward: bool) -> StrategyModel:
     if name == "local":
         return _local(causal, backward)
     raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
+
+
+@functools.cache
+def strategy_model(name: str, causal: bool, backward: bool) -> StrategyModel:
+    """The (cached) expressions of strategy ``name``.
+
+    The slowest rank's schedule assumes one device per rank; ranks sharing P_h cores of one
+    host (CPU ranks) cannot finish before all their work is done at P_h cores' speed, so
+    time and busy time are bounded below by work / P_h (P_h = N for one device per rank, where
+    the bound never binds: the slowest rank does at least the average work). A rank that
+    finishes early gives its core to the others, which is why unbalanced schedules (the
+    contiguous causal ring) lose less on a shared host than on dedicated devices.
+    """
+    model = _per_device(name, causal, backward)
+    host_bound = model.work / Ph
+    return dataclasses.replace(model, time=sp.Max(model.time, host_bound),
+                               compute=sp.Max(model.compute, host_bound))
 
 
 def feasible(name: str, *, world_size: int, heads: int, kv_heads: int) -> str | None:

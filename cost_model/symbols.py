@@ -36,9 +36,10 @@ o = sp.Symbol("o", nonnegative=True, real=True)   # fixed overhead per kernel ti
 k = sp.Symbol("k", **_pos)          # kernel tile edge (tokens)
 kb = sp.Symbol("k_b", **_pos)       # backward / forward compute ratio
 tc = sp.Symbol("t_c", **_pos)       # causal skipping granularity of the kernel (tokens)
+Ph = sp.Symbol("P_h", **_pos)       # cores the ranks share (N when every rank has its own device)
 
 WORKLOAD = (S, N, B, Hq, Hkv, D, e, f, d)
-HARDWARE = (F, M, W, Wa, alpha, P, o, k, kb, tc)
+HARDWARE = (F, M, W, Wa, alpha, P, o, k, kb, tc, Ph)
 ALL = (*WORKLOAD, c, *HARDWARE)
 
 # bytes of the fp32 accumulators (out, lse, dK/dV in flight) whatever the input dtype

@@ -93,6 +93,8 @@ def real_constant(n: fx.Node) -> torch.Tensor | None:
         val = _getattr_path(mod, str(n.target)) if mod is not None else None
     elif n.op == "placeholder":
         val = n.meta.get("ringcompile_example")
+        if isinstance(val, torch.Tensor) and (val.requires_grad or isinstance(val, torch.nn.Parameter)):
+            return None  # a parameter is trained: never bake its current value into a mod
     if isinstance(val, torch.Tensor) and not isinstance(val, torch._subclasses.FakeTensor):
         return val.detach()
     return None

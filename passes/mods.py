@@ -11,10 +11,11 @@ Classification (``classify_mods``) proves "causal"/"sliding_window" before claim
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -79,7 +80,8 @@ def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[s
             raise UnsupportedPatternError(f"additive term {a.name} depends on the score itself")
     ex.path, ex.roots = path, list(additive)
     try:
-        return ex.run_chain(path, score, list(additive))
+        with _real_tensors():
+            return ex.run_chain(path, score, list(additive))
     except NotLiftable as e:
         raise UnsupportedPatternError(f"score chain cannot be expressed over indices: {e}") from e
 
@@ -89,13 +91,25 @@ def extract_attn_mask(mask: fx.Node, *, dims: tuple[str, ...]) -> ExtractedMods:
     ex = _Extraction(dims)
     ex.roots = [mask]
     try:
-        if dtype_of(mask) == torch.bool:
-            ex.add_keep(ex.mask_l.lift_broadcast(mask, ex.idx_m))
-        else:
-            ex.add_additive(mask, scale=1.0)
-        return ex.result(None)
+        with _real_tensors():
+            if dtype_of(mask) == torch.bool:
+                ex.add_keep(ex.mask_l.lift_broadcast(mask, ex.idx_m))
+            else:
+                ex.add_additive(mask, scale=1.0)
+            return ex.result(None)
     except NotLiftable as e:
         raise UnsupportedPatternError(f"attn_mask cannot be expressed over indices: {e}") from e
+
+
+@contextlib.contextmanager
+def _real_tensors() -> Iterator[None]:
+    """Extraction inspects real buffers and probes mods numerically: leave any ambient
+    fake/proxy mode of the caller (Dynamo's backend context) for its duration."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    with unset_fake_temporarily(), disable_proxy_modes_tracing():
+        yield
 
 
 # ---------------------------------------------------------------------------- chain walking

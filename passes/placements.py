@@ -184,7 +184,8 @@ def view_dim(a: Sequence[int], b: Sequence[int], dim: int, inner: int, seq: int)
         after = 1
         for o in reversed(gj):
             lo, hi = after, after * b[o]
-            if lo <= stride and stride * seq <= hi and stride % lo == 0:
+            # the factor must sit whole inside dim o: o's stride divides it and it divides o's span
+            if stride % lo == 0 and hi % (stride * seq) == 0:
                 return Shard(o, stride // lo)
             after = hi
         return None

@@ -40,3 +40,38 @@ def test_model_training_step_matches_eager(name, mask, groups):
     torch.testing.assert_close(loss, ref_loss, atol=1e-9, rtol=1e-7)
     for (pname, p), (_, r) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, r.grad, atol=1e-8, rtol=1e-6, msg=pname)
+
+
+@pytest.mark.parametrize("arch,impl,mask", [("llama", "eager", "causal"), ("llama", "sdpa", "causal"),
+                                            ("gpt2", "eager", "causal & padding")])
+def test_transformers_models(arch, impl, mask):
+    """Tiny Hugging Face models built from configs (no download): found, rewritten, equal to eager."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=64)
+        groups = 2
+    else:
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)
+        groups = 1
+    cfg._attn_implementation = impl
+    model_cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.GPT2LMHeadModel
+    model = model_cls(cfg).eval().double()
+    ids = torch.randint(0, 64, (2, 19))
+    kwargs = {}
+    if arch == "gpt2":
+        kwargs["attention_mask"] = torch.ones(2, 19, dtype=torch.long)
+        kwargs["attention_mask"][1, 14:] = 0  # right padding on the second sequence
+    compiled = torch.compile(model, backend="ring", options={"inner": "eager"})
+    with torch.no_grad():
+        got = compiled(ids, **kwargs).logits
+        want = model(ids, **kwargs).logits
+    sites = backend.HISTORY[-1].sites
+    assert [(s.mask_description, s.gqa_groups, s.rewritten) for s in sites] == [(mask, groups, True)]
+    # HF's eager Llama runs softmax in float32 even in a float64 model; the op stays in float64
+    tol = 1e-6 if (arch, impl) == ("llama", "eager") else 1e-10
+    torch.testing.assert_close(got[0], want[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(got[1, :14], want[1, :14], atol=tol, rtol=tol)  # rows with kept keys

@@ -43,6 +43,17 @@ def interpret_mode() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def interpreter_ready() -> bool:
+    """Whether Triton itself was imported in interpreter mode (its jit'd helpers, e.g. the
+    combine function of ``tl.sum``, are built at import and only then run on CPU tensors)."""
+    try:
+        from triton.language import standard
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    return not isinstance(getattr(standard, "_sum_combine", None), JITFunction)
+
+
 def module_path(key: str) -> Path:
     return cache_dir() / f"attn_{key}.py"
 

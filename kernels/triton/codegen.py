@@ -20,6 +20,9 @@ from . import template
 from .lower_mods import LoweredMod, lower_mod
 
 CODEGEN_VERSION = "1"
+# an edited template is a new specialisation even if nobody bumps the version
+_TEMPLATE_HASH = hashlib.sha256(
+    (template.HEADER + template.FORWARD + template.BACKWARD_DKDV + template.BACKWARD_DQ).encode()).hexdigest()[:12]
 
 
 def pad_dim(d: int) -> int:
@@ -68,7 +71,7 @@ class Specialisation:
     dot_upcast: bool = False  # bf16 tiles computed in fp32 (the interpreter's bf16 dot is broken)
 
     def key(self) -> str:
-        text = repr((CODEGEN_VERSION, dataclasses.astuple(self)))
+        text = repr((CODEGEN_VERSION, _TEMPLATE_HASH, dataclasses.astuple(self)))
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def summary(self) -> str:

@@ -137,6 +137,9 @@ class TritonBlocks:
         if q.device.type == "cpu" and not cache.interpret_mode():
             return ("Triton kernels need CUDA tensors; to run them on CPU tensors set TRITON_INTERPRET=1 "
                     "in the environment before starting Python"), True
+        if q.device.type == "cpu" and not cache.interpreter_ready():
+            return ("TRITON_INTERPRET=1 was set after Triton was imported (torch.compile and torch._dynamo "
+                    "import it); set it in the environment before starting Python"), True
         if q.dtype == torch.float64 and q.device.type != "cpu":
             # float64 tl.dot is not available on every GPU/Triton pair; exactness matters more here
             return "float64 inputs run on the PyTorch block path on GPUs", False

@@ -7,6 +7,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from ringcompile.errors import RingCompileError, ShapeMismatchError
 from ringcompile.kernels.select import block_kernels
 from ringcompile.spec import AttentionSpec
 
@@ -29,11 +30,26 @@ def run_forward(
     score_extras: Sequence[Tensor], seq_len: int, spec: AttentionSpec, strategy: str, layout: str,
     dropout_seed: Tensor | None = None, check_key: Hashable | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse) of this rank's shard, fp32 (fp64 for fp64 inputs)."""
-    validate_inputs(q, k, v, seq_len, comm.world_size, layout, strategy)
+    """(out, lse) of this rank's shard, fp32 (fp64 for fp64 inputs).
+
+    Ranks validate locally, then (before any ring step) compare metadata: a rank with bad inputs
+    raises its own error and the others a ShapeMismatchError naming it, all at once.
+    """
+    problem: RingCompileError | None = None
+    try:
+        validate_inputs(q, k, v, seq_len, comm.world_size, layout, strategy)
+    except RingCompileError as e:
+        problem = e
     if strategy != "local":
-        check_ranks_agree(comm, metadata(q, k, v, seq_len, strategy, layout, len(mask_extras),
-                                         len(score_extras)), check_key)
+        meta = metadata(q, k, v, seq_len, strategy, layout, len(mask_extras), len(score_extras),
+                        valid=problem is None)
+        try:
+            check_ranks_agree(comm, meta, check_key if problem is None else None)
+        except ShapeMismatchError:
+            if problem is None:
+                raise
+    if problem is not None:
+        raise problem
     ctx = _context(comm, q, mask_extras, score_extras, seq_len, spec, strategy, layout, dropout_seed)
     return STRATEGIES[strategy].forward(ctx, q, k, v)
 

@@ -22,8 +22,9 @@ Tensor = torch.Tensor
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 _STRATEGIES = ["local", "ring", "zigzag", "allgather", "ulysses"]
 _LAYOUTS = ["contiguous", "zigzag"]
-FIELDS = ("batch", "query heads", "kv heads", "local query length", "local kv length", "head dim",
-          "value head dim", "dtype", "seq_len", "strategy", "layout", "mask extras", "score extras")
+FIELDS = ("valid inputs", "batch", "query heads", "kv heads", "local query length", "local kv length",
+          "head dim", "value head dim", "dtype", "seq_len", "strategy", "layout", "mask extras",
+          "score extras")
 
 _CHECKED: set[Hashable] = set()
 _LOCK = threading.Lock()
@@ -64,13 +65,19 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, seq_len: int, world_size: i
 
 
 def metadata(q: Tensor, k: Tensor, v: Tensor, seq_len: int, strategy: str, layout: str, n_mask: int,
-             n_score: int) -> list[int]:
+             n_score: int, valid: bool = True) -> list[int]:
+    """The vector ranks compare; any tensor rank works (missing dims read -1)."""
+    def dim(t: Tensor, i: int) -> int:
+        return t.shape[i] if t.dim() == 4 else -1
+
     dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 99
-    return [q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], dtype,
+    return [int(valid), dim(q, 0), dim(q, 1), dim(k, 1), dim(q, 2), dim(k, 2), dim(q, 3), dim(v, 3), dtype,
             int(seq_len), _STRATEGIES.index(strategy), _LAYOUTS.index(layout), n_mask, n_score]
 
 
 def _show(field: str, value: int) -> str:
+    if field == "valid inputs":
+        return "yes" if value else "no (see that rank's own error)"
     if field == "dtype":
         return str(_DTYPES[value]) if value < len(_DTYPES) else "unsupported"
     if field == "strategy":
@@ -82,6 +89,9 @@ def _show(field: str, value: int) -> str:
 
 def check_ranks_agree(comm: Communicator, meta: list[int], cache_key: Hashable | None = None) -> None:
     """All-gather ``meta``; raise ShapeMismatchError naming every rank that differs from the majority.
+
+    Ranks whose own inputs failed validation take part too (flag 0), so the others fail at once
+    instead of waiting for them until the timeout.
 
     With ``cache_key`` the check runs once per key (a real process group: ranks cache alike);
     simulated ranks share one process and pass None.
@@ -104,6 +114,8 @@ def check_ranks_agree(comm: Communicator, meta: list[int], cache_key: Hashable |
             if value != majority:
                 problems.append(f"rank {rank} has {field} {_show(field, value)} where the others have "
                                 f"{_show(field, majority)}")
+        if field == "valid inputs" and problems:
+            break  # shapes of a rank with invalid inputs say nothing more
     if problems:
         raise ShapeMismatchError(f"ranks disagree before the ring (seen from rank {comm.rank}): "
                                  + "; ".join(problems))

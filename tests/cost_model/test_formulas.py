@@ -18,8 +18,14 @@ from ringcompile.cost_model.strategies import (
     strategy_model,
 )
 
+
+def num(expr: sp.Expr, values: dict) -> float:
+    """Evaluate with numbers (xreplace: much faster than subs on Max/Min expressions)."""
+    return float(expr.xreplace({k: sp.Float(v) for k, v in values.items()}))
+
+
 HW = {sym.d: 1, sym.F: 1e12, sym.M: 1e11, sym.W: 1e10, sym.Wa: 1e10, sym.alpha: 1e-5, sym.P: 0, sym.o: 0,
-      sym.k: 128, sym.kb: 2.5, sym.tc: 128}
+      sym.k: 128, sym.kb: 2.5, sym.tc: 128, sym.Ph: 4}   # P_h = N: one device per rank
 
 
 def test_block_pair_flops_and_bytes():
@@ -31,7 +37,7 @@ def test_block_pair_flops_and_bytes():
 
 def test_pair_compute_terms():
     vals = {sym.B: 1, sym.D: 64, sym.F: 1e12, sym.M: 1e11, sym.P: 3, sym.o: 1e-4, sym.k: 256, sym.d: 1}
-    t = float(pair_compute(512, 256, 2).subs(vals))
+    t = num(pair_compute(512, 256, 2), vals)
     flops = 4 * 2 * 512 * 256 * 64
     score_bytes = 4 * 3 * 2 * 512 * 256         # 3 fp32 passes over a 2 x 512 x 256 score tile
     tiles = (512 / 256) * (256 / 256)
@@ -59,8 +65,8 @@ def test_ring_time_hand_computed(link):
     comp = 4 * 8 * x * x * 128 / 1e12
     comm = 2 * (x / 1024) * 1e-5 + 2 * 8 * x * 128 * 2 / link    # K and V in 2 chunks each
     model = strategy_model("ring", False, False)
-    assert float(model.time.subs(vals)) == pytest.approx(comp + 3 * max(comp, comm), rel=1e-12)
-    assert float(model.compute.subs(vals)) == pytest.approx(4 * comp, rel=1e-12)
+    assert num(model.time, vals) == pytest.approx(comp + 3 * max(comp, comm), rel=1e-12)
+    assert num(model.compute, vals) == pytest.approx(4 * comp, rel=1e-12)
     assert (comm > comp) == (link < 1e9)
 
 
@@ -68,25 +74,25 @@ def test_ring_time_hand_computed(link):
 def test_zigzag_causal_halves_each_step(link):
     vals = dict(HW) | {sym.S: 8192, sym.N: 4, sym.B: 1, sym.Hq: 8, sym.Hkv: 8, sym.D: 128, sym.e: 2,
                        sym.c: 2048, sym.W: link}
-    full = float(pair_compute(2048, 2048, 8).subs(vals))
+    full = num(pair_compute(2048, 2048, 8), vals)
     diag = full * (0.5 + 128 / (2 * 2048))   # the own block: lower triangle plus the 128-token tile band
     comm = 2 * 1e-5 + 2 * 8 * 2048 * 128 * 2 / link
     zig = strategy_model("zigzag", True, False)
     expected = max(diag, comm) + 2 * max(full / 2, comm) + full / 2
-    assert float(zig.time.subs(vals)) == pytest.approx(expected, rel=1e-12)
+    assert num(zig.time, vals) == pytest.approx(expected, rel=1e-12)
     ring = strategy_model("ring", True, False)   # contiguous: the last rank computes every step
     expected = max(diag, comm) + 2 * max(full, comm) + full
-    assert float(ring.time.subs(vals)) == pytest.approx(expected, rel=1e-12)
+    assert num(ring.time, vals) == pytest.approx(expected, rel=1e-12)
 
 
 def test_allgather_hand_computed():
     vals = dict(HW) | {sym.S: 8192, sym.N: 4, sym.B: 1, sym.Hq: 8, sym.Hkv: 8, sym.D: 128, sym.e: 2,
                        sym.W: 1e8}
-    full = float(pair_compute(2048, 2048, 8).subs(vals))
+    full = num(pair_compute(2048, 2048, 8), vals)
     gather = 2 * 3 * 1e-5 + 3 / 4 * (2 * 8 * 8192 * 128 * 2) / 1e8
     model = strategy_model("allgather", True, False)
     diag = full * (0.5 + 128 / (2 * 2048))
-    assert float(model.time.subs(vals)) == pytest.approx(max(diag, gather) + 3 * full, rel=1e-12)
+    assert num(model.time, vals) == pytest.approx(max(diag, gather) + 3 * full, rel=1e-12)
 
 
 def test_memory_terms_hand_computed():
@@ -120,7 +126,7 @@ def test_threshold_agrees_with_sympy_solve():
        st.integers(10, 20), st.sampled_from([2, 4, 8]))
 def test_time_is_at_least_compute_and_grows_with_s(name, causal, backward, log_s, n):
     fns = strategy_functions(name, causal, backward)
-    base = dict(HW) | {sym.N: n, sym.B: 1, sym.Hq: 8, sym.Hkv: 8, sym.D: 64, sym.e: 2, sym.f: 1}
+    base = dict(HW) | {sym.N: n, sym.Ph: n, sym.B: 1, sym.Hq: 8, sym.Hkv: 8, sym.D: 64, sym.e: 2, sym.f: 1}
 
     def args(s):
         return [float((base | {sym.S: s, sym.c: s / n})[a]) for a in ARGS]
@@ -137,4 +143,31 @@ def test_lambdified_matches_expression():
     vals = dict(HW) | {sym.S: 12288, sym.N: 4, sym.B: 2, sym.Hq: 8, sym.Hkv: 2, sym.D: 64, sym.e: 2,
                        sym.c: 1024, sym.f: 1}
     fns = strategy_functions("zigzag", True, True)
-    assert fns.time(*[float(vals[a]) for a in ARGS]) == pytest.approx(float(model.time.subs(vals)))
+    assert fns.time(*[float(vals[a]) for a in ARGS]) == pytest.approx(num(model.time, vals))
+
+
+def test_ulysses_hand_computed():
+    """q,k,v all-to-all in (3 calls), full-sequence attention on H/N heads, fp32 out+lse back (1 call)."""
+    vals = dict(HW) | {sym.S: 8192, sym.N: 4, sym.B: 1, sym.Hq: 8, sym.Hkv: 4, sym.D: 64, sym.e: 2,
+                       sym.Wa: 5e9}
+    x = 2048
+    qkv_in = 3 * 3 * 1e-5 + 3 / 4 * (8 + 2 * 4) * x * 64 * 2 / 5e9
+    out_back = 1 * 3 * 1e-5 + 3 / 4 * 8 * x * 65 * 4 / 5e9
+    comp = 4 * 2 * 8192 * 8192 * 64 / 1e12      # 8 / 4 = 2 heads per rank, every query and key
+    model = strategy_model("ulysses", False, False)
+    assert num(model.time, vals) == pytest.approx(qkv_in + comp + out_back, rel=1e-12)
+
+
+def test_shared_host_bound():
+    """4 CPU ranks on 2 cores: no schedule beats total work / 2; the unbalanced contiguous causal ring
+    loses less than on 4 devices because ranks that finish early hand their core to the last one."""
+    vals = dict(HW) | {sym.S: 8192, sym.N: 4, sym.B: 1, sym.Hq: 8, sym.Hkv: 8, sym.D: 128, sym.e: 2,
+                       sym.c: 2048, sym.Ph: 2}
+    full = num(pair_compute(2048, 2048, 8), vals)
+    diag = full * (0.5 + 128 / (2 * 2048))
+    ring = num(strategy_model("ring", True, False).time, vals)
+    assert ring == pytest.approx((4 * diag + 6 * full) / 2, rel=1e-12)        # ranks do diag + r blocks
+    zig = num(strategy_model("zigzag", True, False).time, vals)
+    assert zig == pytest.approx(4 * (diag + 3 * full / 2) / 2, rel=1e-12)
+    dedicated = num(strategy_model("ring", True, False).time, vals | {sym.Ph: 4})
+    assert dedicated == pytest.approx(diag + 3 * full, rel=1e-12)

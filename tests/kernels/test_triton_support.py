@@ -1,19 +1,92 @@
-"""Shared helpers for the Triton kernel tests (no tests here): interpreter mode, float64 comparisons."""
+"""Shared helpers for the Triton kernel tests (no tests here): interpreter mode, float64 comparisons.
+
+The Triton interpreter only works in a process whose ``import triton`` happened with
+TRITON_INTERPRET=1 (Triton's own jit'd helpers, e.g. the combine function of ``tl.sum``, are
+built at import), and such a process cannot compile for a GPU. So, when this module is first
+imported (at collection, before any test has run torch.compile, which imports Triton):
+
+* on a machine without CUDA, Triton is imported here in interpreter mode (CPU ``torch.compile``
+  is unaffected: Inductor's CPU code is C++), and the kernels run in-process;
+* with CUDA, or when Triton was already imported in compiled mode, the Triton tests run once
+  in a child pytest with TRITON_INTERPRET=1 and each test here reports its child's outcome.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
 from ringcompile.kernels import reference
 
+IN_CHILD = os.environ.get("RING_TRITON_CHILD") == "1"
+
+
+def _interpreter_usable_here() -> bool:
+    if IN_CHILD:
+        return True
+    if torch.cuda.is_available() or os.environ.get("RING_TRITON_FORCE_SUBPROCESS") == "1":
+        return False
+    if "triton" not in sys.modules:
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import triton.language  # noqa: F401
+        except ImportError:
+            return True  # the tests will report the missing Triton themselves
+        finally:
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+    from triton.language import standard
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(getattr(standard, "_sum_combine", None), JITFunction)
+
+
+IN_PROCESS = _interpreter_usable_here()
+_CHILD_RESULTS: dict[str, tuple[str, str]] | None = None
+_CHILD_OUTPUT = ""
+_CHILD_OK = False
+
+
+def _child_results(rootdir: Path) -> dict[str, tuple[str, str]]:
+    """Run every tests/kernels/test_triton_*.py once in a TRITON_INTERPRET=1 child pytest."""
+    global _CHILD_RESULTS, _CHILD_OUTPUT, _CHILD_OK
+    if _CHILD_RESULTS is None:
+        files = sorted(str(p.relative_to(rootdir)) for p in Path(__file__).parent.glob("test_triton_*.py"))
+        env = {**os.environ, "TRITON_INTERPRET": "1", "RING_TRITON_CHILD": "1"}
+        env.pop("RING_TRITON_FORCE_SUBPROCESS", None)
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *files],
+                             cwd=rootdir, env=env, capture_output=True, text=True, timeout=1200)
+        _CHILD_OUTPUT = run.stdout[-6000:] + run.stderr[-2000:]
+        _CHILD_OK = run.returncode == 0
+        _CHILD_RESULTS = {}
+        for line in run.stdout.splitlines():
+            m = re.match(r"^(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (\S+)(?: - (.*))?$", line)
+            if m:
+                _CHILD_RESULTS[m.group(2)] = (m.group(1), m.group(3) or "")
+    return _CHILD_RESULTS
+
 
 @pytest.fixture(autouse=True)
-def triton_interpreter(tmp_path_factory, monkeypatch):
+def triton_interpreter(request, tmp_path_factory, monkeypatch):
     """Run generated kernels on CPU tensors (TRITON_INTERPRET=1 is read when a kernel is defined,
     i.e. when its generated module is imported) with a private kernel cache directory."""
+    if not IN_PROCESS:
+        results = _child_results(Path(request.config.rootpath))
+        outcome, message = results.get(request.node.nodeid, ("MISSING", ""))
+        if outcome == "PASSED":
+            pytest.skip("passed in the TRITON_INTERPRET=1 child pytest (see test_triton_support.py)")
+        if outcome == "SKIPPED" or (outcome == "MISSING" and _CHILD_OK):
+            pytest.skip(f"skipped in the interpreter child {message}")
+        pytest.fail(f"{outcome} in the TRITON_INTERPRET=1 child pytest: {message}\n{_CHILD_OUTPUT}")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cache = os.environ.get("RING_TEST_TRITON_CACHE") or str(tmp_path_factory.getbasetemp() / "rc_cache")
     monkeypatch.setenv("RINGCOMPILE_CACHE_DIR", cache)

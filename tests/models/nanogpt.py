@@ -76,10 +76,13 @@ class GPT(nn.Module):
         b, t = idx.size()
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for i, block in enumerate(self.transformer.h):
+        blocks = list(self.transformer.h)
+        if self.graph_break:  # outside any loop, so Dynamo resumes in a second graph
+            x = blocks[0](x)
+            torch._dynamo.graph_break()
+            blocks = blocks[1:]
+        for block in blocks:
             x = block(x)
-            if self.graph_break and i == 0:
-                torch._dynamo.graph_break()
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = None

@@ -427,3 +427,29 @@ def test_consumed_is_what_the_rewrite_makes_dead():
     assert shared not in ex.consumed                      # also used by the first attention
     assert {"tril", "bitwise_not", "masked_fill"} <= names  # this chain's own mask and chain nodes
     assert sms[1].args[0] in ex.consumed
+
+
+def test_relative_position_bias_lookup_through_index():
+    """A bias table indexed by clamped relative positions (T5-like) is lifted through aten.index."""
+    table = torch.randn(9, H, dtype=f64)
+
+    def fn(q, k, v, table):
+        pos = torch.arange(q.size(2))
+        rel = (pos[None, :] - pos[:, None]).clamp(-4, 4) + 4
+        bias = table[rel].permute(2, 0, 1)  # (H, S, S)
+        return (q @ k.transpose(-2, -1) + bias[None]).softmax(-1) @ v
+
+    ex = check_chain(fn, (*qkv(), table), mask="none", score="dense bias")
+    assert ex.score_extras[0].op == "placeholder"  # the (9, H) table, not an S x S tensor
+
+
+def test_trainable_scalar_parameter_is_not_baked_in():
+    """A 0-dim parameter scaling the scores stays a runtime input (its value changes in training)."""
+    temp = torch.nn.Parameter(torch.tensor(0.7, dtype=f64))
+
+    def fn(q, k, v, t):
+        return ((q @ k.transpose(-2, -1)) * t).softmax(-1) @ v
+
+    gm = trace(fn, *qkv(), temp.detach(), buffers={3: temp})
+    ex = extract_score_chain(*chain_ends(gm), dims=("b", "h", "q", "kv"))
+    assert ex.scale is None and ex.score is not None and len(ex.score_extras) == 1

@@ -169,6 +169,20 @@ def _error_checks(rank: int, world: int) -> list[str]:
     q4, k4, v4 = (torch.randn(1, 2, 4, 8, generator=g).to(dtype) for _ in range(3))
     _expect(failures, "dtype mismatch", ShapeMismatchError, "rank 1 has dtype torch.bfloat16",
             lambda: ringcompile.ring_attention(q4, k4, v4, strategy="allgather", timeout=10.0))
+    # a rank whose own inputs are invalid raises its own error; the others name it at once, not after
+    # waiting out the timeout
+    kv_len = 3 if rank == odd else 4
+    q5, k5, v5 = torch.randn(1, 2, 4, 8, generator=g), *(torch.randn(1, 2, kv_len, 8, generator=g)
+                                                        for _ in range(2))
+    start = time.monotonic()
+    if rank == odd:
+        _expect(failures, "invalid local inputs", ShapeMismatchError, "equal local q and k/v lengths",
+                lambda: ringcompile.ring_attention(q5, k5, v5, strategy="ring", timeout=20.0))
+    else:
+        _expect(failures, "peer with invalid inputs", ShapeMismatchError, f"rank {odd} has valid inputs no",
+                lambda: ringcompile.ring_attention(q5, k5, v5, strategy="ring", timeout=20.0))
+    if time.monotonic() - start > 10.0:
+        failures.append("invalid inputs on one rank: the others waited for the timeout")
     # the group still works afterwards
     dist.barrier()
     return failures
