@@ -57,6 +57,7 @@ def _rank_main(rank: int, world_size: int, port: int, configs: list[dict], reps:
     import torch.distributed as dist
 
     import ringcompile
+    from ringcompile.runtime import timing
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -82,16 +83,22 @@ def _rank_main(rank: int, world_size: int, port: int, configs: list[dict], reps:
                     if cfg["backward"]:
                         out.backward(dout)
 
-            times = []
+            times, bubbles = [], []
             for i in range(reps + 1):
                 dist.barrier()
-                t0 = time.perf_counter()
-                call()
-                elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+                with timing.record() as records:
+                    t0 = time.perf_counter()
+                    call()
+                    elapsed = time.perf_counter() - t0
+                wait = sum(r.wait_s for r in records)
+                busy = sum(r.compute_s + r.wait_s for r in records)
+                stats = torch.tensor([elapsed, wait / busy if busy > 0 else 0.0], dtype=torch.float64)
+                dist.all_reduce(stats, op=dist.ReduceOp.MAX)
                 if i > 0:  # the first call builds specs, plans and caches
-                    times.append(float(elapsed))
-            results.append(dict(cfg, world_size=world_size, measured=statistics.median(times), samples=times))
+                    times.append(float(stats[0]))
+                    bubbles.append(float(stats[1]))
+            results.append(dict(cfg, world_size=world_size, measured=statistics.median(times), samples=times,
+                                measured_bubble=statistics.median(bubbles)))
         if rank == 0:
             with open(out_path, "w") as fh:
                 json.dump(results, fh)
@@ -153,13 +160,14 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def markdown(rows: list[dict], summary: dict) -> str:
-    lines = ["| N | S | pass | strategy | predicted (ms) | measured (ms) | error |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| N | S | pass | strategy | predicted (ms) | measured (ms) | error | bubble pred. / meas. |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["world_size"], r["backward"], r["seq_len"], r["measured"])):
         err = (r["predicted"] - r["measured"]) / r["measured"]
         lines.append(f"| {r['world_size']} | {r['seq_len']} | {'fwd+bwd' if r['backward'] else 'fwd'} | "
                      f"{r['strategy']} | {r['predicted'] * 1e3:.1f} | {r['measured'] * 1e3:.1f} | "
-                     f"{err:+.1%} |")
+                     f"{err:+.1%} | {r.get('predicted_bubble', 0.0):.0%} / "
+                     f"{r.get('measured_bubble', float('nan')):.0%} |")
     lines.append("")
     lines.append("| N | S | pass | planner's choice | best measured | regret |")
     lines.append("|---|---|---|---|---|---|")

@@ -13,7 +13,6 @@ prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -159,16 +158,19 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps({"machine": "2-core CPU VM, torch " + torch.__version__,
                                           "dim": args.dim, "layers": args.layers, "rows": rows}, indent=2))
     mib = 2 ** 20
-    print(f"| model | S | N | per-rank activations (MiB) | one process, ring backend (MiB) | ratio | "
-          f"one process, eager (MiB) | ratio |")
+    print("| model | S | N | per-rank activations (MiB) | one process, ring backend (MiB) | ratio | "
+          "one process, eager (MiB) | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         pr = ", ".join(f"{b / mib:.1f}" if b is not None else "error" for b in r["per_rank_bytes"])
         ra = r["ratio_vs_one_process_ring"]
         re_ = r["ratio_vs_one_process_eager"]
-        print(f"| {r['model']} | {r['seq']} | {r['world_size']} | {pr} | {r['one_process_ring_bytes'] / mib:.1f} | "
-              f"{ra:.2f}x | {r['one_process_eager_bytes'] / mib:.1f} | {re_:.2f}x |" if ra else f"| {r['model']} | "
-              f"error: {r['errors']} |")
+        if not ra:
+            print(f"| {r['model']} | error: {r['errors']} |")
+            continue
+        print(f"| {r['model']} | {r['seq']} | {r['world_size']} | {pr} | "
+              f"{r['one_process_ring_bytes'] / mib:.1f} | {ra:.2f}x | "
+              f"{r['one_process_eager_bytes'] / mib:.1f} | {re_:.2f}x |")
     return 0
 
 

@@ -121,7 +121,7 @@ _SYMPY_UNARY = {torch.tanh: sympy.tanh, torch.exp: sympy.exp, torch.log: sympy.l
                 torch.sqrt: sympy.sqrt, operator.neg: operator.neg}
 _ARITH = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
           operator.truediv: operator.truediv, operator.pow: operator.pow,
-          operator.floordiv: lambda a, b: sympy.floor(a / b)}
+          operator.floordiv: lambda a, b: sympy.floor(a / b), operator.mod: sympy.Mod}
 _RELS = {operator.lt: sympy.Lt, operator.le: sympy.Le, operator.gt: sympy.Gt, operator.ge: sympy.Ge,
          operator.eq: sympy.Eq, operator.ne: sympy.Ne}
 
@@ -151,8 +151,9 @@ def to_sympy(gm: fx.GraphModule, node: fx.Node | None = None,
         env[n] = _convert(n, env)
         if n is node:
             break
-    out = target if not isinstance(target, fx.Node) else env[target]
-    return out
+    if node is not None and node not in env:
+        raise KeyError(f"{node} is not in the mod graph")
+    return target if not isinstance(target, fx.Node) else env[target]
 
 
 def _arg(a: Any, env: dict) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -136,17 +137,25 @@ def permuted_shape(node: fx.Node, perm: tuple[int, ...]) -> tuple:
     return tuple(shape[i] for i in perm)
 
 
+def module_path(source: str) -> str:
+    """``L['self'].layers[0]._modules['attn']`` -> ``layers.0.attn`` (``G['mha']`` -> ``mha``)."""
+    path = re.sub(r"^[LG]\['([^']+)'\]", r"\1", source)
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    for prefix in ("self.", "self"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    return path
+
+
 def location_of(node: fx.Node) -> str:
     """Module path and source line of a node, for reports."""
     where = ""
     stack = node.meta.get("nn_module_stack")
     if stack:
-        path = list(stack.values())[-1][0]
-        path = str(path)
-        for prefix in ("L['self'].", "L['self']", "L['fn']."):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-        where = path.replace("._modules['", ".").replace("']", "")
+        where = module_path(str(list(stack.values())[-1][0]))
     trace = node.meta.get("stack_trace") or ""
     line = ""
     for text in reversed(trace.strip().splitlines()):
@@ -266,6 +275,12 @@ def find_attention(gm: fx.GraphModule) -> Discovery:
             pattern = "sdpa" if node.target in SDPA_OPS else "softmax"
             rejected.append(Rejected(location_of(node), pattern, str(exc), node))
             log.info("attention-like subgraph at %s not rewritten: %s", location_of(node), exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - a matcher bug must cost one site, not the graph
+            pattern = "sdpa" if node.target in SDPA_OPS else "softmax"
+            reason = f"internal error while matching: {type(exc).__name__}: {exc}"
+            rejected.append(Rejected(location_of(node), pattern, reason, node))
+            log.warning("attention at %s not rewritten: %s", location_of(node), reason)
             continue
         if site.nodes & claimed:
             rejected.append(Rejected(site.location, site.pattern, "overlaps another attention site", node))
@@ -401,10 +416,38 @@ def _score_spine(x: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
 
     visit(x, [x])
     if not found:
+        if _reshaped_score(x):
+            raise _NotASite("the score matrix is reshaped between q.k^T and the softmax (e.g. a view from "
+                            "(B*H, S, S) to (B, H, S, S)); only pointwise ops may sit in between")
         return None
     if len(found) > 1:
         raise _NotASite("several matmuls feed the softmax input")
     return found[0]
+
+
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int,
+             aten.flatten.using_ints}
+
+
+def _reshaped_score(x: fx.Node, depth: int = 12) -> bool:
+    """True when a matmul reaches ``x`` through chain ops and at least one reshape (reported, not matched)."""
+    stack = [(x, False, 0)]
+    seen: set[fx.Node] = set()
+    while stack:
+        n, reshaped, d = stack.pop()
+        if n in seen or d > depth or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n.target in MATMUL_OPS:
+            if reshaped:
+                return True
+            continue
+        if n.target not in CHAIN_OPS and n.target not in _RESHAPES:
+            continue
+        for a in n.args:
+            if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor):
+                stack.append((a, reshaped or n.target in _RESHAPES, d + 1))
+    return False
 
 
 def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:

@@ -459,17 +459,64 @@ class IndexLifter:
             return a[0], tuple(reversed(idx))
         if p in _VIEWS:
             x = a[0]
-            xs, ns = shape_of(x), shape_of(n)
-            xi = [j for j in range(len(xs)) if not is_one(xs[j])]
-            ni = [j for j in range(len(ns)) if not is_one(ns[j])]
-            if len(xi) != len(ni) or not all(bool(xs[i] == ns[j]) for i, j in zip(xi, ni, strict=True)):
+            return x, self._reshape_idx(shape_of(x), shape_of(n), idx)
+        return None
+
+    def _reshape_idx(self, xs: tuple, ns: tuple, idx: Idx) -> Idx:
+        """Source index of a row-major reshape ``xs -> ns``.
+
+        Unit dims and equal dims map one to one. A group of dims that splits or merges (e.g.
+        B*H <-> (B, H)) maps through flat offsets, but only with static sizes and never
+        touching the last two dims (the sequence dims of a mask): a reshape that merges the
+        sequence dim is not a function of (q, kv) we want to lift, so it stays dense.
+        """
+        B = self.b
+        new: list[Expr] = [0] * len(xs)
+        i = j = 0
+        protected_x = set(range(max(len(xs) - 2, 0), len(xs)))
+        protected_n = set(range(max(len(ns) - 2, 0), len(ns)))
+        while i < len(xs) or j < len(ns):
+            if i < len(xs) and is_one(xs[i]):
+                i += 1
+                continue
+            if j < len(ns) and is_one(ns[j]):
+                j += 1
+                continue
+            if i >= len(xs) or j >= len(ns):
+                raise NotLiftable("reshape with mismatched sizes")
+            if bool(xs[i] == ns[j]):
+                new[i] = idx[j]
+                i, j = i + 1, j + 1
+                continue
+            gi, gj = [i], [j]
+            px, pn = static_int(xs[i]), static_int(ns[j])
+            i, j = i + 1, j + 1
+            while px is not None and pn is not None and px != pn:
+                if px < pn and i < len(xs):
+                    size = static_int(xs[i])
+                    px = px * size if size is not None else None
+                    gi.append(i)
+                    i += 1
+                elif pn < px and j < len(ns):
+                    size = static_int(ns[j])
+                    pn = pn * size if size is not None else None
+                    gj.append(j)
+                    j += 1
+                else:
+                    break
+            if px is None or pn is None or px != pn or protected_x & set(gi) or protected_n & set(gj):
                 raise NotLiftable("mask kept dense: reshape merges or splits a non-unit dim "
                                   "(e.g. the sequence dim)")
-            new = [0] * len(xs)
-            for i, j in zip(xi, ni, strict=True):
-                new[i] = idx[j]
-            return x, tuple(new)
-        return None
+            flat: Expr = 0
+            for d in gj:  # row-major offset within the group
+                flat = B.add(B.mul(flat, static_int(ns[d])), idx[d])
+            stride = 1
+            for d in reversed(gi):
+                size = static_int(xs[d])
+                part = B.call(operator.floordiv, flat, stride) if stride != 1 else flat
+                new[d] = B.call(operator.mod, part, size) if d != gi[0] else part
+                stride *= size
+        return tuple(new)
 
     # the interpreter ------------------------------------------------------------------------
     def _lift(self, n: fx.Node, idx: Idx) -> Expr:

@@ -25,10 +25,11 @@ from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
 from ringcompile.mods import Mod, index_grid
 
-from .classify_mods import Bool, classify_bias, classify_keep, to_sympy
+from .classify_mods import Bool, MaskClass, classify_bias, classify_keep, to_sympy
 from .index_lift import (
     _CASTS,
     _IDENTITY,
+    _VIEWS,
     POINTWISE,
     SHAPE_ONLY,
     Expr,
@@ -84,6 +85,11 @@ def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[s
             return ex.run_chain(path, score, list(additive))
     except NotLiftable as e:
         raise UnsupportedPatternError(f"score chain cannot be expressed over indices: {e}") from e
+    except UnsupportedPatternError:
+        raise
+    except Exception as e:  # a bug here must cost one site, not the whole graph
+        log.warning("mods: internal error extracting the score chain of %s: %r", softmax_input.name, e)
+        raise UnsupportedPatternError(f"internal error in mask/score extraction: {e!r}") from e
 
 
 def extract_attn_mask(mask: fx.Node, *, dims: tuple[str, ...]) -> ExtractedMods:
@@ -99,6 +105,11 @@ def extract_attn_mask(mask: fx.Node, *, dims: tuple[str, ...]) -> ExtractedMods:
             return ex.result(None)
     except NotLiftable as e:
         raise UnsupportedPatternError(f"attn_mask cannot be expressed over indices: {e}") from e
+    except UnsupportedPatternError:
+        raise
+    except Exception as e:  # a bug here must cost one site, not the whole graph
+        log.warning("mods: internal error extracting attn_mask %s: %r", mask.name, e)
+        raise UnsupportedPatternError(f"internal error in attn_mask extraction: {e!r}") from e
 
 
 @contextlib.contextmanager
@@ -138,7 +149,7 @@ def _chain_path(score: fx.Node, softmax_input: fx.Node) -> list[fx.Node]:
         if sum(1 for a in cur.args if a is prev) != 1:
             raise UnsupportedPatternError(f"{cur.name} ({cur.target}) uses the score twice")
         p = packet_of(cur)
-        if p not in POINTWISE and p not in _CASTS and p not in _IDENTITY:
+        if p not in POINTWISE and p not in _CASTS and p not in _IDENTITY and p not in _VIEWS:
             raise UnsupportedPatternError(
                 f"{cur.name} ({cur.target}) in the score chain is not a pointwise op")
         path.append(cur)
@@ -335,10 +346,14 @@ class _Extraction:
                 return self.split_terms(*remapped, L)
         return [(n, idx)]
 
-    def add_additive(self, n: fx.Node, *, scale: float) -> None:
-        """Add an additive operand: 0/-inf parts become mask terms, the rest score biases."""
-        terms_m = self.split_terms(n, _bidx(n, self.idx_m), self.mask_l)
-        terms_s = self.split_terms(n, _bidx(n, self.idx_s), self.score_l)
+    def add_additive(self, n: fx.Node, *, scale: float, idx: tuple[tuple, tuple] | None = None) -> None:
+        """Add an additive operand: 0/-inf parts become mask terms, the rest score biases.
+
+        ``idx`` = (mask, score) index tuples of the value it is added to (default: the
+        running score's current ones)."""
+        idx_m, idx_s = idx if idx is not None else (self.idx_m, self.idx_s)
+        terms_m = self.split_terms(n, _bidx(n, idx_m), self.mask_l)
+        terms_s = self.split_terms(n, _bidx(n, idx_s), self.score_l)
         for (tm, im), (ts, is_) in zip(terms_m, terms_s, strict=True):
             keep = self.keep_of(tm, im) if scale > 0 else None
             if keep is not None:
@@ -359,10 +374,13 @@ class _Extraction:
     def run_chain(self, path: list[fx.Node], score: fx.Node, additive: list[fx.Node]) -> ExtractedMods:
         scale, i, found = 1.0, 0, False
         prev = score
+        raw_idx = (self.idx_m, self.idx_s)  # the additive terms are added to the raw score
         while i < len(path):  # head: casts and constant factors
             n = path[i]
             p = packet_of(n)
-            if p in _CASTS or p in _IDENTITY:
+            if p in _CASTS or p in _IDENTITY or p in _VIEWS:
+                if p in _VIEWS:
+                    self._chain_view(n, prev)
                 prev, i = n, i + 1
                 continue
             factor = _constant_factor(n, prev)
@@ -375,7 +393,7 @@ class _Extraction:
         if not found:
             scale = 1.0
         for a in additive:
-            self.add_additive(a, scale=scale)
+            self.add_additive(a, scale=scale, idx=raw_idx)
         # softcap right after the head: tanh(raw * k) * c  ==  scale k*c, tanh(s / c) * c
         if (i + 1 < len(path) and packet_of(path[i]) is aten.tanh and not additive
                 and _constant_factor(path[i + 1], path[i]) is not None
@@ -406,6 +424,9 @@ class _Extraction:
         a = n.args
         ri = _running_index(n, prev)
         if p in _CASTS or p in _IDENTITY:
+            return 1
+        if p in _VIEWS:
+            self._chain_view(n, prev)
             return 1
         if p is aten.masked_fill and ri == 0:
             fill = static_number(a[2])
@@ -452,6 +473,17 @@ class _Extraction:
         self.parts.append(("custom", "custom", {}, None))
         return 1
 
+    def _chain_view(self, n: fx.Node, prev: fx.Node) -> None:
+        """A reshape of the running score (e.g. (B*H, S, S) <-> (B, H, S, S)): re-index its dims."""
+        if len(n.args) < 1 or n.args[0] is not prev:
+            raise UnsupportedPatternError(f"{n.name}: unexpected reshape in the score chain")
+        try:
+            self.idx_m = self.mask_l._reshape_idx(shape_of(n), shape_of(prev), self.idx_m)
+            self.idx_s = self.score_l._reshape_idx(shape_of(n), shape_of(prev), self.idx_s)
+        except NotLiftable as e:
+            raise UnsupportedPatternError(f"{n.name}: reshape of the score chain is not index-liftable: {e}"
+                                          ) from e
+
     def _score_operand(self, x: Any) -> Any:
         if isinstance(x, fx.Node):
             return self.score_l.lift_broadcast(x, self.idx_s)
@@ -492,7 +524,11 @@ class _Extraction:
             return None, []
         gm = self.mask_b.finish(self.keep)
         extras = list(self.mask_b.extras)
-        cls = classify_keep(_as_bool(to_sympy(gm, extra_dtypes=self.mask_b.extra_dtypes)))
+        try:
+            cls = classify_keep(_as_bool(to_sympy(gm, extra_dtypes=self.mask_b.extra_dtypes)))
+        except Exception as e:  # classification only enables fast paths: unknown is always safe
+            log.info("mods: could not classify the mask (%r); treated as custom", e)
+            cls = MaskClass("custom", "custom", {}, None)
         if cls.always_true:
             return None, []
         if cls.index_only is not None:
@@ -519,8 +555,12 @@ class _Extraction:
         params: dict[str, Any] = {}
         for kind, desc, prm, bias in self.parts:
             if kind == "bias":
-                val = to_sympy(gm, bias, self.score_b.extra_dtypes) if isinstance(bias, fx.Node) else None
-                kind, desc = classify_bias(val) if val is not None else ("custom", "custom bias")
+                try:
+                    val = to_sympy(gm, bias, self.score_b.extra_dtypes) if isinstance(bias, fx.Node) else None
+                    kind, desc = classify_bias(val) if val is not None else ("custom", "custom bias")
+                except Exception as e:  # description only; the graph is exact either way
+                    log.info("mods: could not classify a bias term (%r)", e)
+                    kind, desc = "custom", "custom bias"
             if kinds and kinds[-1] == kind == "custom":
                 continue
             kinds.append(kind)
@@ -631,6 +671,20 @@ def aten_graph(gm: fx.GraphModule, is_mask: bool, extras: Sequence[fx.Node]) -> 
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    key = (gm.code, is_mask, tuple((v.dim(), v.dtype) if (v := tensor_val(e)) is not None else None
+                                   for e in extras))
+    if key not in _ATEN_CACHE:
+        if len(_ATEN_CACHE) > 256:
+            _ATEN_CACHE.clear()
+        _ATEN_CACHE[key] = _trace_aten(gm, is_mask, extras, make_fx)
+    return _ATEN_CACHE[key]
+
+
+_ATEN_CACHE: dict[Any, fx.GraphModule | None] = {}  # identical mods (one per layer) trace once
+
+
+def _trace_aten(gm: fx.GraphModule, is_mask: bool, extras: Sequence[fx.Node], make_fx: Any
+                ) -> fx.GraphModule | None:
     args: list[torch.Tensor] = [] if is_mask else [torch.zeros(2, 4, 8, 8)]
     args += list(index_grid(2, 4, 0, 8, 0, 8))
     for e in extras:

@@ -91,6 +91,11 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     q = _to_bhsd(b, site.q, site.q_perm, site.is_3d)
     k = _to_bhsd(b, site.k, site.k_perm, site.is_3d)
     v = _to_bhsd(b, site.v, site.v_perm, site.is_3d)
+    dtypes = [n.meta["val"].dtype for n in (q, k, v)]
+    common = torch.promote_types(torch.promote_types(dtypes[0], dtypes[1]), dtypes[2])
+    if any(d != common for d in dtypes):  # the op takes one dtype; compute in the widest one
+        q, k, v = (n if d == common else b.call(aten.to.dtype, (n, common)) for n, d in zip((q, k, v), dtypes,
+                                                                                            strict=True))
     seq = k.meta["val"].shape[2]
     seq_len: Any = seq if isinstance(seq, int) else b.call(aten.sym_size.int, (k, 2))
     seed = None

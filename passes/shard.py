@@ -74,9 +74,14 @@ class ShardReport:
 
 
 def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: int) -> str:
-    """The user's layout, else the one the strategy needs, else zigzag for causal masks."""
+    """The user's layout, else the one the strategy needs, else zigzag for causal masks.
+
+    With ``outputs="sharded"`` the user assembles outputs with ``ringcompile.gather``, whose
+    default layout is contiguous, so that is the default there too."""
     if options.layout is not None:
         return options.layout
+    if options.outputs == "sharded":
+        return "contiguous"
     if options.strategy == "zigzag":
         return "zigzag"
     if options.strategy in ("ring", "allgather", "ulysses", "local"):
@@ -253,6 +258,9 @@ class _Sharder:
             return
         if _has_symbolic(node):
             raise UnsupportedPatternError(SYMBOLIC_SHAPES_MSG)
+        if _mutates(t) and paths and not isinstance(placements[0], Shard):
+            # x.add_(sharded) on a full x: slicing x would mutate a copy; compute on full values
+            return self.replicate_all(node, "in-place op on a full tensor")
         rule = links_for(node)
         if rule is None:
             return self.replicate_all(node, "no sharding rule for this op")
@@ -512,6 +520,11 @@ def _like(node: fx.Node, p: Any) -> Any:
 
 def _replicated_like(node: fx.Node) -> Any:
     return _like(node, R)
+
+
+def _mutates(target: Any) -> bool:
+    schema = getattr(target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
 
 
 def _has_symbolic(node: fx.Node) -> bool:

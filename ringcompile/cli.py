@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "demo": "ringcompile.demo:add_parser",
     "plan": "ringcompile.cost_model.cli:add_plan_parser",
     "calibrate": "ringcompile.cost_model.cli:add_calibrate_parser",
+    "kernels": "ringcompile.kernels.triton.cli:add_parser",
 }
 
 

@@ -1,10 +1,15 @@
 """Generated Triton kernels for attention blocks.
 
 ``triton_block_kernels(spec)`` returns block functions with the exact contract of
-``kernels.reference.block_forward`` / ``block_backward`` whose work runs in Triton kernels
-generated for the site (its mods lowered from FX, its head dim, dtype and GQA mapping), or
-None when the site cannot be lowered. ``show(site)`` returns the generated source. Triton is
-imported only when a kernel is built, so this package is cheap to import.
+``kernels.reference.block_forward`` / ``block_backward`` (dropout included) whose work runs
+in Triton kernels generated for the site (its mods lowered from FX, its head dim, dtype and
+GQA mapping), or None when the site cannot be lowered. ``show(site)`` returns the generated
+source. Triton is imported only when a kernel is built, so this package is cheap to import.
+
+Modules: ``lower_mods`` (FX mod graph -> Triton statements and their derivatives),
+``template`` (the kernel text), ``codegen`` (specialisation, key, rendering), ``cache``
+(generated modules on disk), ``launch`` (strides, grids, tiles, fallbacks), ``offline``
+(compile for a GPU target without a GPU).
 """
 
 from __future__ import annotations
@@ -73,11 +78,11 @@ def _triton_missing() -> str | None:
 def show(spec_or_site: Any, *, head_dim: int = 64, v_head_dim: int | None = None,
          dtype: torch.dtype = torch.bfloat16, groups: int | None = None,
          mask_extras: list[torch.Tensor] | None = None,
-         score_extras: list[torch.Tensor] | None = None) -> str:
+         score_extras: list[torch.Tensor] | None = None, dropout: bool | None = None) -> str:
     """The generated Triton source for a site (an AttentionSpec or AttentionSite).
 
     Head dim, dtype and GQA group size are what the source is specialised on; extras default
-    to examples of the ranks the mods index them with.
+    to examples of the ranks the mods index them with; dropout defaults to the site's.
     """
     from .codegen import specialise
     from .lower_mods import example_extras
@@ -88,7 +93,8 @@ def show(spec_or_site: Any, *, head_dim: int = 64, v_head_dim: int | None = None
     mx = mask_extras if mask_extras is not None else example_extras(mask, acc)
     sx = score_extras if score_extras is not None else example_extras(score, acc)
     gen = specialise(mask, score, head_dim=head_dim, v_head_dim=v_head_dim or head_dim, dtype=dtype,
-                     groups=groups, mask_extras=mx, score_extras=sx)
+                     groups=groups, mask_extras=mx, score_extras=sx,
+                     dropout=bool(getattr(spec_or_site, "dropout_p", 0.0)) if dropout is None else dropout)
     return gen.source
 
 

@@ -21,8 +21,8 @@ from .lower_mods import LoweredMod, lower_mod
 
 CODEGEN_VERSION = "1"
 # an edited template is a new specialisation even if nobody bumps the version
-_TEMPLATE_HASH = hashlib.sha256(
-    (template.HEADER + template.FORWARD + template.BACKWARD_DKDV + template.BACKWARD_DQ).encode()).hexdigest()[:12]
+_TEMPLATE_TEXT = template.HEADER + template.FORWARD + template.BACKWARD_DKDV + template.BACKWARD_DQ
+_TEMPLATE_HASH = hashlib.sha256(_TEMPLATE_TEXT.encode()).hexdigest()[:12]
 
 
 def pad_dim(d: int) -> int:
@@ -69,6 +69,7 @@ class Specialisation:
     score_result: str | None
     extras_sig: tuple[tuple[str, int, str], ...]  # (prefix, ndim, dtype) per extra
     dot_upcast: bool = False  # bf16 tiles computed in fp32 (the interpreter's bf16 dot is broken)
+    dropout: bool = False  # attention-probability dropout (hash of global indices, kernels/dropout.py)
 
     def key(self) -> str:
         text = repr((CODEGEN_VERSION, _TEMPLATE_HASH, dataclasses.astuple(self)))
@@ -97,6 +98,7 @@ class Generated:
 def specialise(
     mask: Mod | None, score: Mod | None, *, head_dim: int, v_head_dim: int, dtype: torch.dtype, groups: int,
     mask_extras: Sequence[torch.Tensor], score_extras: Sequence[torch.Tensor], interpret: bool = False,
+    dropout: bool = False,
 ) -> Generated:
     """Lower the mods (raises LoweringError) and generate the module source."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -111,7 +113,7 @@ def specialise(
         tuple(low_mask.lines) if low_mask else (), low_mask.result if low_mask else None,
         tuple(low_score.lines + low_score.grad_lines + [ln for _, lines, e in low_score.extra_grads
                                                          for ln in (*lines, e)]) if low_score else (),
-        low_score.result if low_score else None, extras_sig, interpret and dtype == torch.bfloat16)
+        low_score.result if low_score else None, extras_sig, interpret and dtype == torch.bfloat16, dropout)
     return Generated(spec, low_mask, low_score, render(spec, low_mask, low_score))
 
 
@@ -158,7 +160,7 @@ def _grad_params(score: LoweredMod | None) -> str:
     for e in score.extras:
         if e.dtype.is_floating_point:
             params += [f"{e.prefix}_grad_ptr", *[f"{e.prefix}_gstride{d}" for d in range(e.ndim)]]
-    return "".join(f"\n    {p}," for p in params)
+    return "".join(f"{p},\n    " for p in params)
 
 
 def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
@@ -193,6 +195,15 @@ def _dscore_lines(score: LoweredMod | None) -> list[str]:
             *score.grad_lines, f"ds = tl.where(keep, ds * ({score.d_score}), 0.0)"]
 
 
+def _drop_dp(dropout: bool, spaces: int) -> str:
+    """dP of the undropped probabilities: the dropped entries' gradient is zero, kept ones scale."""
+    return f"\n{' ' * spaces}dp = tl.where(drop_keep, dp * drop_scale, 0.0)" if dropout else ""
+
+
+def _drop_lines(dropout: bool) -> list[str]:
+    return template.DROPOUT_KEEP.splitlines() if dropout else ["p_v = p"]
+
+
 def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | None) -> str:
     """The module source: header constants plus the forward and both backward kernels."""
     float_dot = spec.dtype in (torch.float32, torch.float64)
@@ -221,6 +232,13 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "DSCORE_LINES": template.indent(_dscore_lines(score), 8),
         "DSCORE_LINES2": template.indent(_dscore_lines(score), 12),
         "EXTRA_GRAD_LINES": template.indent(_extra_grad_lines(score), 8),
+        "DROP_PARAMS": "\n    drop_row_base, drop_threshold, drop_scale," if spec.dropout else "",
+        "DROP_HELPERS": template.DROPOUT_HELPERS if spec.dropout else "",
+        "DROP_FWD": template.indent(_drop_lines(spec.dropout), 8),
+        "DROP_BWD": template.indent(_drop_lines(spec.dropout), 8),
+        "DROP_BWD2": template.indent(_drop_lines(spec.dropout), 12),
+        "DROP_DP": _drop_dp(spec.dropout, 8),
+        "DROP_DP2": _drop_dp(spec.dropout, 12),
     }
     source = (template.fill(template.HEADER, holes) + template.fill(template.FORWARD, holes)
               + template.fill(template.BACKWARD_DKDV, holes) + template.fill(template.BACKWARD_DQ, holes))

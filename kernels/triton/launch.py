@@ -110,10 +110,10 @@ class TritonBlocks:
 
     def generated(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mod | None,
                   score: Mod | None, mask_extras: Sequence[torch.Tensor],
-                  score_extras: Sequence[torch.Tensor]) -> Generated:
+                  score_extras: Sequence[torch.Tensor], dropout: bool = False) -> Generated:
         """The specialisation for this call (raises LoweringError, remembered per signature)."""
         sig = (q.shape[-1], v.shape[-1], q.dtype, q.shape[1] // k.shape[1], mask, score,
-               cache.interpret_mode(),
+               cache.interpret_mode(), dropout,
                tuple((e.dim(), e.dtype) for e in mask_extras),
                tuple((e.dim(), e.dtype) for e in score_extras))
         with _GENERATED_LOCK:
@@ -122,7 +122,8 @@ class TritonBlocks:
                 try:
                     hit = specialise(mask, score, head_dim=q.shape[-1], v_head_dim=v.shape[-1], dtype=q.dtype,
                                      groups=q.shape[1] // k.shape[1], mask_extras=mask_extras,
-                                     score_extras=score_extras, interpret=cache.interpret_mode())
+                                     score_extras=score_extras, interpret=cache.interpret_mode(),
+                                     dropout=dropout)
                 except LoweringError as exc:
                     hit = str(exc)
                 _GENERATED[sig] = hit
@@ -145,13 +146,13 @@ class TritonBlocks:
             return "float64 inputs run on the PyTorch block path on GPUs", False
         return None, True
 
-    def _module(self, q, k, v, mask, score, mask_extras, score_extras):
+    def _module(self, q, k, v, mask, score, mask_extras, score_extras, dropout=False):
         """The kernel module, or None after logging why the reference path runs instead."""
         reason, hard = self._cannot_run(q)
         gen = None
         if reason is None:
             try:
-                gen = self.generated(q, k, v, mask, score, mask_extras, score_extras)
+                gen = self.generated(q, k, v, mask, score, mask_extras, score_extras, dropout)
             except LoweringError as exc:
                 reason = str(exc)
         if reason is not None:
@@ -175,14 +176,17 @@ class TritonBlocks:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0,
         kv_offset: int = 0, seq_len: int | None = None, mask: Mod | None = None, score: Mod | None = None,
         mask_extras: Sequence[torch.Tensor] = (), score_extras: Sequence[torch.Tensor] = (),
+        dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of one block pair, fp32 (fp64 for fp64 inputs); see reference.block_forward."""
         _check_shapes(q, k, v)
-        module = self._module(q, k, v, mask, score, mask_extras, score_extras)
+        drop = _dropout_args(dropout_p, dropout_seed)
+        module = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
             return reference.block_forward(q, k, v, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
                                            seq_len=seq_len, mask=mask, score=score, mask_extras=mask_extras,
-                                           score_extras=score_extras)
+                                           score_extras=score_extras, dropout_p=dropout_p,
+                                           dropout_seed=dropout_seed)
         k, v = k.to(q.dtype), v.to(q.dtype)
         B, Hq, Sq, _ = q.shape
         Sk = k.shape[2]
@@ -198,7 +202,7 @@ class TritonBlocks:
             grid = (_cdiv(Sq, tiles.block_m), B * Hq)
             module.block_fwd[grid](
                 q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-                Hq, Sq, Sk, int(q_offset), int(kv_offset), seq, float(scale), *extras,
+                Hq, Sq, Sk, int(q_offset), int(kv_offset), seq, float(scale), *drop, *extras,
                 **self._launch_opts(q, tiles))
 
         with _serialised(q):
@@ -227,14 +231,17 @@ class TritonBlocks:
         lse: torch.Tensor, *, scale: float, q_offset: int = 0, kv_offset: int = 0, seq_len: int | None = None,
         mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
         score_extras: Sequence[torch.Tensor] = (), delta: torch.Tensor | None = None,
+        dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         """(dq, dk, dv, d_score_extras) of one block pair; see reference.block_backward."""
         _check_shapes(q, k, v)
-        module = self._module(q, k, v, mask, score, mask_extras, score_extras)
+        drop = _dropout_args(dropout_p, dropout_seed)
+        module = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
             return reference.block_backward(
                 q, k, v, out, dout, lse, scale=scale, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
-                mask=mask, score=score, mask_extras=mask_extras, score_extras=score_extras, delta=delta)
+                mask=mask, score=score, mask_extras=mask_extras, score_extras=score_extras, delta=delta,
+                dropout_p=dropout_p, dropout_seed=dropout_seed)
         k, v = k.to(q.dtype), v.to(q.dtype)
         B, Hq, Sq, D = q.shape
         Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -259,7 +266,7 @@ class TritonBlocks:
             if g is not None:
                 grads += [g, *g.stride()]
         common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
-        runtime = (Sq, Sk, int(q_offset), int(kv_offset), seq, float(scale))
+        runtime = (Sq, Sk, int(q_offset), int(kv_offset), seq, float(scale), *drop)
         kv_tiles, q_tiles = self._backward_tiles(q)
 
         with _serialised(q):
@@ -281,6 +288,19 @@ class TritonBlocks:
             return Tiles(32, 32, 4, 2), Tiles(32, 32, 4, 2)
         warps = 4 if q.shape[-1] <= 64 else 8
         return Tiles(32, 128, warps, 2), Tiles(128, 32, warps, 2)
+
+
+def _dropout_args(p: float, seed: int | torch.Tensor | None) -> tuple:
+    """Kernel arguments (row hash base, threshold, 1/(1-p)) for dropout, or () without it."""
+    if not p or p <= 0:
+        return ()
+    from .. import dropout
+
+    seed_int = dropout.seed_to_int(seed)
+    dropout.check_dropout(p, seed_int)
+    seed32 = (seed_int ^ (seed_int >> 32)) & dropout.MASK32
+    base = int(dropout.mix32(torch.tensor(seed32 ^ dropout.SEED_SALT, dtype=torch.int64)).item())
+    return (base, dropout.threshold(p), 1.0 / (1.0 - p))
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

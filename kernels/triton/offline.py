@@ -25,8 +25,10 @@ def signature(fn, dtype: str, extra_dtypes: dict[str, str]) -> dict[str, str]:
             sig[name] = extra_dtypes.get(name.removesuffix("_ptr"), "*fp32")
         elif name[0].isupper():
             sig[name] = "*fp32"  # Out, Lse, Delta, DQ, DK, DV: fp32 accumulators
-        elif name == "sm_scale":
+        elif name in ("sm_scale", "drop_scale"):
             sig[name] = "fp32"
+        elif name == "drop_row_base":
+            sig[name] = "i64"  # a 32-bit hash value: Triton passes values >= 2**31 as i64
         else:
             sig[name] = "i32"
     return sig

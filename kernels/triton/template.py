@@ -35,7 +35,7 @@ V_HEAD_DIM = tl.constexpr(%%DV%%)  # value head dim, padded to DV_PAD
 D_PAD = tl.constexpr(%%D_PAD%%)
 DV_PAD = tl.constexpr(%%DV_PAD%%)
 GROUPS = tl.constexpr(%%GROUPS%%)  # query heads per KV head: query head h reads KV head h // GROUPS
-'''
+%%DROP_HELPERS%%'''
 
 FORWARD = '''
 
@@ -47,7 +47,7 @@ def block_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_lb, stride_lh, stride_lm,
-    n_heads, q_len, kv_len, q_offset, kv_offset, seq_len, sm_scale,%%EXTRA_PARAMS%%
+    n_heads, q_len, kv_len, q_offset, kv_offset, seq_len, sm_scale,%%DROP_PARAMS%%%%EXTRA_PARAMS%%
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
@@ -96,10 +96,11 @@ def block_fwd(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+%%DROP_FWD%%
         v = tl.load(V + b * stride_vb + kv_h * stride_vh + cols[:, None] * stride_vn
                     + offs_dv[None, :] * stride_vd,
                     mask=col_ok[:, None] & dv_ok[None, :], other=0.0)%%LOAD_CAST%%
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v%%DOT_ARGS%%)
+        acc = acc * alpha[:, None] + tl.dot(p_v.to(v.dtype), v%%DOT_ARGS%%)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -123,7 +124,7 @@ def block_bwd_dkdv(
     stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    n_kv_heads, q_len, kv_len, q_offset, kv_offset, seq_len, sm_scale,%%EXTRA_PARAMS%%
+    n_kv_heads, q_len, kv_len, q_offset, kv_offset, seq_len, sm_scale,%%DROP_PARAMS%%%%EXTRA_PARAMS%%
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_n = tl.program_id(0)
@@ -176,8 +177,9 @@ def block_bwd_dkdv(
 %%MASK_LINES2%%
             keep = row_ok[:, None] & col_ok[None, :]%%KEEP%%
             p = tl.where(keep, tl.exp(%%SCORE_RESULT%% - lse[:, None]), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do%%DOT_ARGS%%)
-            dp = tl.dot(do, vT%%DOT_ARGS%%)
+%%DROP_BWD2%%
+            dv += tl.dot(tl.trans(p_v.to(do.dtype)), do%%DOT_ARGS%%)
+            dp = tl.dot(do, vT%%DOT_ARGS%%)%%DROP_DP2%%
             ds = p * (dp - delta[:, None])
 %%DSCORE_LINES2%%
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q%%DOT_ARGS%%)
@@ -200,8 +202,8 @@ def block_bwd_dq(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    n_heads, q_len, kv_len, q_offset, kv_offset, seq_len, sm_scale,%%EXTRA_PARAMS%%%%GRAD_PARAMS%%
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    n_heads, q_len, kv_len, q_offset, kv_offset, seq_len, sm_scale,%%DROP_PARAMS%%%%EXTRA_PARAMS%%
+    %%GRAD_PARAMS%%BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -251,7 +253,8 @@ def block_bwd_dq(
 %%MASK_LINES%%
         keep = row_ok[:, None] & col_ok[None, :]%%KEEP%%
         p = tl.where(keep, tl.exp(%%SCORE_RESULT%% - lse[:, None]), 0.0)
-        dp = tl.dot(do, vT%%DOT_ARGS%%)
+%%DROP_BWD%%
+        dp = tl.dot(do, vT%%DOT_ARGS%%)%%DROP_DP%%
         ds = p * (dp - delta[:, None])
 %%EXTRA_GRAD_LINES%%
 %%DSCORE_LINES%%
@@ -277,3 +280,25 @@ def fill(template: str, holes: dict[str, str]) -> str:
 def indent(lines: list[str], spaces: int) -> str:
     pad = " " * spaces
     return "\n".join(pad + line for line in lines) if lines else pad + "pass"
+
+
+DROPOUT_HELPERS = '''
+
+# Dropout keep mask: the counter-based hash of kernels/dropout.py on uint32 lanes, so every
+# kernel, layout and ring step drops the same (b, h, q_idx, kv_idx) entries as the CPU path.
+@triton.jit
+def mix32(x):
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+'''
+
+DROPOUT_KEEP = '''\
+# dropout: keep / (1 - p) from a hash of the global indices (lse is unchanged by dropout)
+drop_row = mix32(mix32(mix32(drop_row_base.to(tl.uint32) ^ b_idx.to(tl.uint32)) ^ h_idx.to(tl.uint32))
+                 ^ q_idx.to(tl.uint32))
+drop_col = mix32(kv_idx.to(tl.uint32) ^ 0x85EBCA6B)
+drop_keep = (mix32(drop_row ^ drop_col) >> 8) >= drop_threshold
+p_v = tl.where(drop_keep, p * drop_scale, 0.0)'''

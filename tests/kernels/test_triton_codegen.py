@@ -155,7 +155,8 @@ def test_planner_tiles_are_accepted_in_several_forms():
 
 
 def test_generated_source_compiles_for_a_cuda_target_without_a_gpu(tmp_path):
-    """Triton's real compiler (to a sm_90 cubin) accepts what the interpreter ran: no GPU needed.
+    """Triton's real compiler (to a sm_90 cubin) accepts what the interpreter ran: no GPU needed
+    (bf16, GQA, sliding window + key padding + ALiBi + softcap, dropout).
 
     In a fresh process: Triton imported under TRITON_INTERPRET=1 cannot compile for a GPU.
     """
@@ -174,7 +175,7 @@ def test_generated_source_compiles_for_a_cuda_target_without_a_gpu(tmp_path):
         g = specialise(mods.and_masks(mods.sliding_window(64), mods.key_padding()),
                        mods.compose_scores(mods.alibi(), mods.softcap(30.0)), head_dim=80, v_head_dim=80,
                        dtype=torch.bfloat16, groups=4, mask_extras=[torch.ones(2, 8, dtype=torch.bool)],
-                       score_extras=[torch.rand(4)])
+                       score_extras=[torch.rand(4)], dropout=True)
         compiled = compile_module(cache.load(g.key, g.source), dtype="bf16", extra_dtypes={"mask_x0": "*u8"})
         print(sorted(name for name, k in compiled.items() if "cubin" in k.asm))
     """)
@@ -185,3 +186,13 @@ def test_generated_source_compiles_for_a_cuda_target_without_a_gpu(tmp_path):
     if run.stdout.startswith("NO-AOT-API"):
         pytest.skip(run.stdout)
     assert run.stdout.strip() == "['block_bwd_dkdv', 'block_bwd_dq', 'block_fwd']"
+
+
+def test_cli_prints_the_generated_kernels(capsys):
+    from ringcompile.cli import main
+
+    assert main(["kernels", "--mask", "causal", "--mask", "padding", "--score", "softcap:30",
+                 "--head-dim", "64", "--groups", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "def block_fwd(" in out and "GROUPS = tl.constexpr(4)" in out and "softcap(30)" in out
+    assert "mask_x0_ptr" in out  # the padding mask's extra

@@ -144,3 +144,46 @@ def test_non_contiguous_inputs_use_their_strides():
     v = torch.randn(1, 19, 2, 32, generator=g).transpose(1, 2)
     compare_block(kernels_for(mask), q, k, v, tol=2e-5, scale=0.18, q_offset=3, kv_offset=0, seq_len=19,
                   mask=mask)
+
+
+def test_dropout_drops_the_same_entries_as_the_cpu_hash():
+    """Dropout in the kernels uses the global-index hash of kernels/dropout.py: the same entries are
+    dropped as in the float64 block path, forward and backward (a different mask is an O(1) error)."""
+    mask, score = mods.causal(), mods.alibi()
+    q, k, v, g = qkv(2, 4, 2, 20, 23, 16, seed=12)
+    slopes = torch.rand(4, generator=g)
+    kernels = kernels_for(mask, score)
+    for seed in (3, 2**40 + 12345):
+        kw = dict(scale=0.3, q_offset=17, kv_offset=5, seq_len=40, mask=mask, score=score, dropout_p=0.3,
+                  dropout_seed=torch.tensor([seed]))
+        out, lse = kernels.forward(q, k, v, score_extras=[slopes], **kw)
+        ref_out, ref_lse = reference.block_forward(q.double(), k.double(), v.double(),
+                                                   score_extras=[slopes.double()], **kw)
+        assert_close(out, ref_out, 2e-5, "out")
+        assert_close(lse, ref_lse, 2e-5, "lse")
+        dout = torch.randn(ref_out.shape, generator=g, dtype=torch.float64)
+        grads = kernels.backward(q, k, v, ref_out.float(), dout.float(), ref_lse.float(),
+                                 score_extras=[slopes], **kw)
+        ref = reference.block_backward(q.double(), k.double(), v.double(), ref_out, dout, ref_lse,
+                                       score_extras=[slopes.double()], **kw)
+        for got, want, name in zip(grads[:3], ref[:3], ("dq", "dk", "dv"), strict=True):
+            assert_close(got, want, 2e-5, name)
+        assert_close(grads[3][0], ref[3][0], 2e-4, "d_slopes")
+
+
+def test_mod_graph_from_discovery_is_used_when_present():
+    """A Mod's ``graph`` (what mod extraction attaches) is lowered instead of tracing ``fn``: here
+    ``fn`` branches on data, so only its graph can be lowered."""
+    from ringcompile.kernels.triton.lower_mods import example_grid
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fn(b, h, q, kv, key_mask):
+        return (kv <= q) & key_mask[b, kv] if bool((q >= 0).all()) else kv > q
+
+    graph = make_fx(lambda b, h, q, kv, m: (kv <= q) & m[b, kv], tracing_mode="fake")(
+        *example_grid(), torch.ones(2, 8, dtype=torch.bool))
+    mask = mods.Mod(fn, True, "custom", n_extras=1, description="traced elsewhere", graph=graph)
+    q, k, v, g = qkv(2, 2, 1, 18, 21, 16, seed=14)
+    key_mask = torch.rand(2, 40, generator=g) > 0.3
+    compare_block(kernels_for(mask), q, k, v, tol=2e-5, scale=0.25, q_offset=19, kv_offset=0, seq_len=21,
+                  mask=mask, mask_extras=[key_mask])

@@ -1,6 +1,6 @@
 """Hypothesis: random compositions of the supported index ops, lowered to Triton, equal the
 PyTorch block path (float64) on the same inputs, forward and backward (gradients of float
-extras included)."""
+extras included), with and without dropout."""
 
 from __future__ import annotations
 
@@ -68,9 +68,9 @@ score_atom = st.tuples(st.sampled_from(sorted(SCORE_ATOMS)), st.integers(1, 6))
        B=st.integers(1, 2), Hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 4]),
        Sq=st.integers(1, 24), Sk=st.integers(1, 24), D=st.sampled_from([16, 24]),
        q_offset=st.integers(0, 24), kv_offset=st.integers(0, 24), seq_cut=st.integers(0, 6),
-       seed=st.integers(0, 2**16))
+       dropout_p=st.sampled_from([0.0, 0.0, 0.25]), seed=st.integers(0, 2**16))
 def test_random_mods_match_block_path(mask_atoms, use_or, score_atoms, B, Hkv, groups, Sq, Sk, D, q_offset,
-                                      kv_offset, seq_cut, seed):
+                                      kv_offset, seq_cut, dropout_p, seed):
     combine = (lambda a, b: a | b) if use_or else (lambda a, b: a & b)
     mask, mkinds = compose(mask_atoms, MASK_ATOMS, True, combine) if mask_atoms else (None, [])
     score, skinds = compose(score_atoms, SCORE_ATOMS, False, None) if score_atoms else (None, [])
@@ -91,4 +91,5 @@ def test_random_mods_match_block_path(mask_atoms, use_or, score_atoms, B, Hkv, g
     se = [make[kind]() for kind in skinds]
     kernels = triton_block_kernels(AttentionSpec(mask=mask, score=score, kernel="triton"), forced=True)
     compare_block(kernels, q, k, v, tol=5e-5, scale=D ** -0.5, q_offset=q_offset, kv_offset=kv_offset,
-                  seq_len=seq_len, mask=mask, score=score, mask_extras=me, score_extras=se, seed=seed)
+                  seq_len=seq_len, mask=mask, score=score, mask_extras=me, score_extras=se, seed=seed,
+                  dropout_p=dropout_p)

@@ -109,10 +109,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
 
 def compare_block(kernels, q, k, v, *, tol: float, scale: float, q_offset: int, kv_offset: int,
                   seq_len: int | None, mask=None, score=None, mask_extras: Sequence[torch.Tensor] = (),
-                  score_extras: Sequence[torch.Tensor] = (), backward: bool = True, seed: int = 0) -> None:
+                  score_extras: Sequence[torch.Tensor] = (), backward: bool = True, seed: int = 0,
+                  dropout_p: float = 0.0) -> None:
     """Kernel forward (and backward) of one block pair against float64 reference block math."""
     kw = dict(scale=scale, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len, mask=mask, score=score,
               mask_extras=list(mask_extras))
+    if dropout_p:
+        kw.update(dropout_p=dropout_p, dropout_seed=seed)
     se64 = [e.double() if e.is_floating_point() else e for e in score_extras]
     out, lse = kernels.forward(q, k, v, score_extras=list(score_extras), **kw)
     ref_out, ref_lse = reference.block_forward(q.double(), k.double(), v.double(), score_extras=se64, **kw)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from _mods_harness import check_chain
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ringcompile.passes.classify_mods import classify_keep, to_sympy
+from ringcompile.passes.index_lift import ModGraphBuilder
+from ringcompile.passes.mods import _as_bool
+
+from ringcompile.mods import index_grid
 
 B, H, D = 2, 2, 4
 f64 = torch.float64
@@ -91,3 +97,34 @@ def test_random_compositions(causal, window, padding, alibi, bias, cap, scale, S
         assert ex.scale is None
     else:
         assert math.isclose(ex.scale, expected_scale, rel_tol=1e-12)
+
+
+# ---------------------------------------------------------------------------- classification soundness
+
+_RELS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
+         "!=": operator.ne}
+_literal = st.tuples(st.sampled_from([1, 2, -1, -3]), st.integers(-3, 3), st.sampled_from(sorted(_RELS)))
+
+
+@settings(max_examples=40)
+@given(clauses=st.lists(st.lists(_literal, min_size=1, max_size=2), min_size=1, max_size=3))
+def test_index_mask_classification_is_exact(clauses):
+    """Random CNFs of relations on d = kv - q: 'causal'/'sliding_window' iff numerically so."""
+    B = ModGraphBuilder(with_score=False)
+    q, kv = B.role("q"), B.role("kv")
+    keep = True
+    for clause in clauses:
+        c = False
+        for alpha, gamma, rel in clause:
+            e = B.add(B.mul(B.sub(kv, q), alpha), gamma)
+            c = B.or_(c, B.call(_RELS[rel], e, 0))
+        keep = B.and_(keep, c)
+    gm = B.finish(keep)
+    cls = classify_keep(_as_bool(to_sympy(gm)))
+    grid = index_grid(1, 1, 0, 60, 0, 60)
+    got = torch.as_tensor(gm(*grid)).expand(1, 1, 60, 60)
+    d = grid[3] - grid[2]
+    is_causal = torch.equal(got, (d <= 0).expand_as(got))
+    assert (cls.index_only == "causal") == is_causal, (clauses, cls)
+    windows = [w for w in range(1, 8) if torch.equal(got, ((d <= 0) & (d > -w)).expand_as(got))]
+    assert (cls.index_only == "sliding_window" and cls.window in windows) == bool(windows), (clauses, cls)

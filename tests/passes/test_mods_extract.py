@@ -453,3 +453,65 @@ def test_trainable_scalar_parameter_is_not_baked_in():
     gm = trace(fn, *qkv(), temp.detach(), buffers={3: temp})
     ex = extract_score_chain(*chain_ends(gm), dims=("b", "h", "q", "kv"))
     assert ex.scale is None and ex.score is not None and len(ex.score_extras) == 1
+
+
+def test_batch_head_split_reshape_is_lifted():
+    """Falcon/Bloom-style ALiBi: a (B*H, 1, S) tensor viewed as (B, H, 1, S) is indexed, not dense."""
+    def fn(q, k, v, alibi_flat):
+        s = q @ k.transpose(-2, -1) + alibi_flat.view(q.size(0), q.size(1), 1, -1)
+        return s.softmax(-1) @ v
+
+    alibi_flat = torch.randn(B * H, 1, S, dtype=f64)
+    ex = check_chain(fn, (*qkv(), alibi_flat), mask="none", score="custom bias")
+    assert ex.score_extras[0].op == "placeholder" and not any("dense" in n for n in ex.notes)
+
+
+def test_three_d_mask_merged_from_four_d():
+    """A (B, H, S, S) mask reshaped to (B*H, S, S) for a 3-D bmm attention."""
+    def fn(q, k, v, am):
+        n = q.size(1)
+        qi = torch.arange(n)
+        keep = (qi[None, :] <= qi[:, None])[None, None] & am[:, None, None, :].bool()
+        keep = keep.expand(B, H, n, n).reshape(B * H, n, n)
+        s = torch.bmm(q, k.transpose(1, 2)).masked_fill(~keep, float("-inf"))
+        return torch.bmm(s.softmax(-1), v)
+
+    q, k, v = (torch.randn(B * H, S, D, dtype=f64) for _ in range(3))
+    ex = check_chain(fn, (q, k, v, padding_mask()), mask="causal & padding", dims=("b", "q", "kv"),
+                     to4d=lambda t: t.unsqueeze(1))
+    assert len(ex.mask_extras) == 1
+
+
+def test_chain_through_batch_head_view_bloom_style():
+    """baddbmm on (B*H, S, S), viewed to (B, H, S, S), + a 4-D additive causal mask, softmax."""
+    def fn(q, k, v, alibi, am):
+        n = q.size(1)
+        s = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=0.5)
+        s = s.view(B, H, n, n)
+        qi = torch.arange(n)
+        keep = (qi[None, :] <= qi[:, None])[None, None] & am[:, None, None, :].bool()
+        s = s + torch.zeros(B, 1, n, n, dtype=q.dtype).masked_fill(~keep, torch.finfo(q.dtype).min)
+        p = F.softmax(s, dim=-1).view(B * H, n, n)
+        return torch.bmm(p, v)
+
+    q, k, v = (torch.randn(B * H, S, D, dtype=f64) for _ in range(3))
+    alibi = torch.randn(B * H, 1, S, dtype=f64)
+    args = (q, k, v, alibi, padding_mask())
+    gm = trace(fn, *args)
+    bad = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.baddbmm.default)
+    sm = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.softmax.int)
+    # discovery's view: the raw score is the baddbmm (alpha 0.5 is the op's scale), the bias additive
+    ex = extract_score_chain(bad, sm.args[0], dims=("b", "q", "kv"), additive=[bad.args[0]])
+    assert ex.mask.describe() == "causal & padding" and ex.score.describe() == "custom bias"
+    from _mods_harness import node_values
+
+    vals = node_values(gm, args, [sm.args[0], *ex.mask_extras, *ex.score_extras])
+    raw = (torch.bmm(q, k.transpose(1, 2)) * 0.5).unsqueeze(1)
+    from ringcompile.mods import evaluate_mask, index_grid
+
+    grid = index_grid(B * H, 1, 0, S, 0, S)
+    keep = evaluate_mask(ex.mask, grid, [vals[n] for n in ex.mask_extras]).expand(B * H, 1, S, S)
+    orig = vals[sm.args[0]].reshape(B * H, 1, S, S)
+    assert torch.equal(keep, orig > -1e4)
+    got = ex.score(raw, *grid, *[vals[n] for n in ex.score_extras])
+    torch.testing.assert_close(got[keep], orig[keep])

@@ -54,7 +54,7 @@ def rotate_half(x):
 
 
 def model(params, ids, labels, *, H, Hkv, D, key=None, mask=None, rope=False, loss=True, rms=False,
-          pool=False, shift=False):
+          pool=False, shift=False, neighbours=False):
     """Embedding (+ learned positions or RoPE) -> attention -> norm -> MLP -> head (-> mean CE loss)."""
     B, S = ids.shape
     x = F.embedding(ids, params["wte"])
@@ -74,6 +74,11 @@ def model(params, ids, labels, *, H, Hkv, D, key=None, mask=None, rope=False, lo
         y, _ = torch.ops.ringcompile.ring_attention(q, k, v, [], [], S, key)
     y = F.linear(y.transpose(1, 2).reshape(B, S, H * D), params["wo"])
     x = x + y
+    if neighbours:  # ops that read other positions along the sequence: causal conv1d over time, cumsum
+        E = x.shape[-1]
+        conv = F.conv1d(F.pad(x.transpose(1, 2), (2, 0)), params["w1"][:E].view(E, 1, -1)[:, :, :3], groups=E)
+        x = x + conv.transpose(1, 2) + 0.01 * torch.cumsum(x, dim=1)
+        x = x.clone().add_(0.5)  # an in-place op on a sharded value
     if rms:
         h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * params["ln"]
     else:
@@ -101,7 +106,7 @@ def _trace(fn, args):
 
 
 def _run_case(rank, world, *, B=2, S=24, H=2, Hkv=2, D=8, mask=None, rope=False, loss=True, rms=False,
-              options=None, seq_dims=None, pool=False, shift=False):
+              options=None, seq_dims=None, pool=False, shift=False, keep_outputs=False, neighbours=False):
     from ringcompile.passes.shard import shard_graph
 
     from ringcompile.options import Options
@@ -113,7 +118,8 @@ def _run_case(rank, world, *, B=2, S=24, H=2, Hkv=2, D=8, mask=None, rope=False,
     labels = torch.randint(0, 37, (B, S))
     labels[0, :3] = -100  # some ignored positions
     key = register_spec(AttentionSpec(mask=mask, name="test"))
-    kw = dict(H=H, Hkv=Hkv, D=D, mask=mask, rope=rope, loss=loss, rms=rms, pool=pool, shift=shift)
+    kw = dict(H=H, Hkv=Hkv, D=D, mask=mask, rope=rope, loss=loss, rms=rms, pool=pool, shift=shift,
+              neighbours=neighbours)
 
     def fn(*args):
         p = dict(zip(names, args[:len(names)], strict=True))
@@ -156,7 +162,8 @@ def _run_case(rank, world, *, B=2, S=24, H=2, Hkv=2, D=8, mask=None, rope=False,
         else:
             errs[f"grad_{n}"] = (g - rg).abs().max().item()
     big = _big_nodes(gm, {S, report.padded, report.padded // world})
-    return {"errs": errs, "seeds": report.seeds, "layout": report.layout, "gathers": report.gathers,
+    extra = {"outputs": outs, "ref0": ref[0].detach()} if keep_outputs else {}
+    return {**extra, "errs": errs, "seeds": report.seeds, "layout": report.layout, "gathers": report.gathers,
             "padded": report.padded, "big_nodes": big, "out_shape": tuple(outs[0].shape),
             "targets": sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})}
 
@@ -193,7 +200,12 @@ def case_padding_no_loss(rank, world):
 
 
 def case_sharded_outputs(rank, world):
-    return _run_case(rank, world, mask=causal(), options={"outputs": "sharded", "layout": "contiguous"})
+    out = _run_case(rank, world, mask=causal(), options={"outputs": "sharded"}, keep_outputs=True)
+    import ringcompile
+
+    full = ringcompile.gather(out.pop("outputs")[0].detach(), dim=1, seq_len=24)  # default layout
+    out["errs"]["gathered"] = (full - out.pop("ref0")).abs().max().item()
+    return out
 
 
 def case_padded_loss(rank, world):
@@ -210,6 +222,10 @@ def case_shifted_padded_loss(rank, world):
 
 def case_sequence_mean(rank, world):
     return _run_case(rank, world, mask=None, loss=False, pool=True)
+
+
+def case_neighbour_ops(rank, world):
+    return _run_case(rank, world, mask=causal(), neighbours=True)
 
 
 def case_padded_mean_falls_back(rank, world):
@@ -236,7 +252,8 @@ def case_collectives(rank, world):
         local = ops.to_local(x, 1, inner, S, padded, layout, "default", 30.0)
         # expected: shard the (3, 2, S, inner, 5) view along S with the runtime's layout helper
         want = shard_tensor(x.detach().view(3, 2, S, inner, 5), 2, world, rank, layout, S)
-        errs[f"to_local_{layout}_{S}_{inner}"] = (local.detach() - want.reshape(local.shape)).abs().max().item()
+        err = (local.detach() - want.reshape(local.shape)).abs().max().item()
+        errs[f"to_local_{layout}_{S}_{inner}"] = err
         full = ops.gather_seq(local * 2.0, 1, inner, S, padded, layout, "default", 30.0)
         errs[f"gather_{layout}_{S}_{inner}"] = (full.detach() - 2 * x.detach()).abs().max().item()
         # d(sum(full * w))/dx = 2 w on every rank (gather backward slices, to_local backward sums)
@@ -254,7 +271,8 @@ def case_collectives(rank, world):
 
 CASES = ["case_collectives", "case_block_causal", "case_block_bidirectional_zigzag", "case_rope_gqa_rmsnorm",
          "case_padding_no_loss", "case_sharded_outputs", "case_padded_loss", "case_shifted_loss",
-         "case_shifted_padded_loss", "case_sequence_mean", "case_padded_mean_falls_back"]
+         "case_shifted_padded_loss", "case_sequence_mean", "case_padded_mean_falls_back",
+         "case_neighbour_ops"]
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +324,7 @@ def test_padding_without_loss(results):
 def test_sharded_outputs(results):
     out = _check(results, "case_sharded_outputs")
     assert out["out_shape"] == (2, 12, 37)
+    assert out["layout"] == "contiguous"  # what ringcompile.gather assumes by default
 
 
 def test_padded_loss(results):
@@ -321,6 +340,11 @@ def test_shifted_loss_keeps_logits_sharded(results):
 def test_shifted_padded_loss(results):
     out = _check(results, "case_shifted_padded_loss")
     assert out["gathers"] == []
+
+
+def test_ops_reading_neighbours_gather_and_stay_correct(results):
+    out = _check(results, "case_neighbour_ops")
+    assert out["gathers"], "conv1d / cumsum over the sequence need the full sequence (a gather)"
 
 
 def test_mean_over_sequence_is_partial(results):

@@ -1,0 +1,97 @@
+"""The rewritten graph itself: one op call per site, (B, H, S, D) operands, the old subgraph gone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ringcompile import backend
+from ringcompile.spec import get_spec
+
+aten = torch.ops.aten
+RING = torch.ops.ringcompile.ring_attention.default
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile(fn, *args, dynamic=False):
+    out = torch.compile(fn, backend="ring", options={"inner": "eager"}, dynamic=dynamic)(*args)
+    return out, backend.HISTORY[-1].graph
+
+
+def _calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is RING]
+
+
+def test_old_subgraph_is_removed_and_operands_are_bhsd():
+    q, k, v = torch.randn(2, 10, 4, 8), torch.randn(2, 10, 2, 8), torch.randn(2, 10, 2, 8)
+
+    def fn(q, k, v):  # (B, S, H, D) inputs, GQA by repeat_interleave, einsum products
+        k, v = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(8)
+        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+    out, gm = _compile(fn, q, k, v)
+    torch.testing.assert_close(out.double(), fn(q.double(), k.double(), v.double()), atol=1e-5, rtol=1e-5)
+    (call,) = _calls(gm)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert aten.softmax.int not in targets and aten.einsum.default not in targets
+    assert aten.repeat_interleave.self_int not in targets  # K/V are never repeated
+    qv, kv, vv = (a.meta["val"] for a in call.args[:3])
+    assert tuple(qv.shape) == (2, 4, 10, 8)
+    assert tuple(kv.shape) == (2, 2, 10, 8) and tuple(vv.shape) == (2, 2, 10, 8)
+    assert call.args[5] == 10
+    spec = get_spec(call.args[6])
+    assert spec.scale == pytest.approx(1 / math.sqrt(8)) and spec.mask is None and spec.dropout_p == 0
+
+
+def test_dynamic_seq_len_is_a_symbolic_size_node():
+    q, k, v = (torch.randn(1, 2, 12, 4) for _ in range(3))
+    _, gm = _compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v,
+                     dynamic=True)
+    (call,) = _calls(gm)
+    seq_len = call.args[5]
+    assert isinstance(seq_len, torch.fx.Node) and seq_len.target == aten.sym_size.int
+    assert seq_len.args == (call.args[1], 2)
+    assert get_spec(call.args[6]).mask.kind == "causal"
+
+
+def test_dropout_gets_a_seed_node_only_when_training():
+    q, k, v = (torch.randn(1, 2, 12, 4) for _ in range(3))
+
+    def train(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+
+    def evaluate(q, k, v):
+        return F.dropout(torch.softmax(q @ k.transpose(-2, -1), -1), 0.1, training=False) @ v
+
+    _, gm = _compile(train, q, k, v)
+    (call,) = _calls(gm)
+    assert call.args[7].target == aten.randint.low and get_spec(call.args[6]).dropout_p == pytest.approx(0.1)
+    _, gm = _compile(evaluate, q, k, v)
+    (call,) = _calls(gm)
+    assert call.args[7] is None and get_spec(call.args[6]).dropout_p == 0
+
+
+def test_output_dtype_and_3d_layout_restored():
+    q, k, v = (torch.randn(6, 9, 4, dtype=torch.bfloat16) for _ in range(3))
+
+    def fn(q, k, v):
+        p = F.softmax(torch.bmm(q, k.transpose(1, 2)).float() * 0.5, dim=-1)
+        return torch.bmm(p, v.float())  # float32 output from bfloat16 inputs
+
+    out, gm = _compile(fn, q, k, v)
+    assert out.dtype == torch.float32 and out.shape == (6, 9, 4)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    ref = torch.softmax(q64 @ k64.transpose(1, 2) * 0.5, dim=-1) @ v64
+    torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
+    (call,) = _calls(gm)
+    assert tuple(call.args[0].meta["val"].shape) == (6, 1, 9, 4)
