@@ -416,9 +416,6 @@ def _score_spine(x: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
 
     visit(x, [x])
     if not found:
-        if _reshaped_score(x):
-            raise _NotASite("the score matrix is reshaped between q.k^T and the softmax (e.g. a view from "
-                            "(B*H, S, S) to (B, H, S, S)); only pointwise ops may sit in between")
         return None
     if len(found) > 1:
         raise _NotASite("several matmuls feed the softmax input")
@@ -450,14 +447,68 @@ def _reshaped_score(x: fx.Node, depth: int = 12) -> bool:
     return False
 
 
+def _head_split_spine(x: fx.Node):
+    """Bloom's spelling: a 3-D (B*H, S, S) matmul viewed to (B, H, S, S) and then chain ops to ``x``.
+
+    Returns (matmul, view, path from view to x, (B, H) view sizes) or None.
+    """
+    target_shape = _shape(x)
+    if len(target_shape) != 4:
+        return None
+    found: list = []
+    seen: set[fx.Node] = set()
+
+    def visit(n: fx.Node, path: list[fx.Node]) -> None:
+        if n in seen or len(found) > 1 or n.op != "call_function":
+            return
+        seen.add(n)
+        if n.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+            mm = n.args[0]
+            sizes = n.args[1]
+            if (isinstance(mm, fx.Node) and mm.op == "call_function" and mm.target in MATMUL_OPS
+                    and len(_shape(mm)) == 3 and _same_shape(_shape(n), target_shape)
+                    and isinstance(sizes, (list, tuple)) and len(sizes) == 4
+                    and not any(isinstance(z, int) and z < 0 for z in sizes[:2])):
+                ms, vs = _shape(mm), _shape(n)
+                if same_size(ms[0], vs[0] * vs[1]) and _same_shape(ms[1:], vs[2:]):
+                    found.append((mm, n, path, (sizes[0], sizes[1])))
+            return
+        if n.target not in CHAIN_OPS:
+            return
+        for a in n.args:
+            if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor):
+                visit(a, [a, *path])
+
+    visit(x, [x])
+    if len(found) != 1:
+        return None
+    return found[0]
+
+
+def _unflatten_heads(anchor: fx.Node, node: fx.Node, heads: tuple[Any, Any]) -> fx.Node:
+    """Insert ``unflatten(node, 0, [B, H])`` before ``anchor`` (dead code if the site is not rewritten)."""
+    from .rewrite import _Builder
+
+    builder = _Builder(anchor.graph.owning_module, anchor)
+    return builder.call(aten.unflatten.int, (node, 0, list(heads)))
+
+
 def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
     x = sm.args[0]
     if not isinstance(x, fx.Node):
         return None
     spine = _score_spine(x)
+    head_split = None
     if spine is None:
-        return None
-    score, path = spine
+        split = _head_split_spine(x)
+        if split is None:
+            if _reshaped_score(x):
+                raise _NotASite("the score matrix is reshaped between q.k^T and the softmax in a way other "
+                                "than splitting (B*H) into (B, H); only pointwise ops may sit in between")
+            return None
+        mm, score, path, head_split = split
+        if len(mm.users) != 1:
+            raise _NotASite(f"the score matrix ({mm.name}) is also used outside the softmax")
     xs = _shape(x)
     ndim = len(xs)
     dim = _norm_dim(int(sm.args[1]), ndim)
@@ -469,7 +520,11 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
         if len(n.users) != 1:
             raise _NotASite(f"the score matrix ({n.name}) is also used outside the softmax")
     # q . k^T
-    q_node, q_perm, k_node, k_perm, pattern, additive, alpha = _match_qk(score, ndim)
+    if head_split is None:
+        q_node, q_perm, k_node, k_perm, pattern, additive, alpha = _match_qk(score, ndim)
+    else:
+        q_node, q_perm, k_node, k_perm, pattern, additive, alpha = _match_qk(mm, 3)
+        pattern += "+view"
     # softmax -> casts/dropout -> matmul with v
     dropout_p = 0.0
     cur = sm
@@ -496,10 +551,19 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
             cur = user
         elif user.op == "call_function" and user.target in MATMUL_OPS:
             break
+        elif (head_split is not None and user.op == "call_function" and user.target in _RESHAPES
+              and user.args[0] is cur and len(_shape(user)) == 3 and same_size(_shape(user)[0], xs[0] * xs[1])
+              and _same_shape(_shape(user)[1:], xs[2:])):
+            cur = user  # (B, H, S, S) probabilities merged back to (B*H, S, S) for a bmm with v
         else:
             raise _NotASite(f"softmax output feeds {user.target}, not a matmul with v")
         forward.append(cur)
     pv = next(iter(cur.users))
+    if head_split is not None:
+        if len(_shape(cur)) != 3:
+            raise _NotASite("probabilities are not merged back to (B*H, S, S) before the matmul with v")
+        return _head_split_site(index, sm, x, mm, score, path, forward, pv, cur, head_split, q_node, q_perm,
+                                k_node, k_perm, pattern, additive, alpha, dropout_p)
     v_node, v_perm, out_perm = _match_pv(pv, cur, ndim)
     if pattern == "einsum" and pv.target != aten.einsum.default:
         pattern = "einsum+matmul"
@@ -540,6 +604,35 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
         v_perm=None if v_perm == _identity(ndim) else v_perm,
         out_perm=None if out_perm == _identity(ndim) else out_perm, is_3d=is_3d,
         output_dtype=out_val.dtype, notes=notes,
+    )
+
+
+def _head_split_site(index, sm, x, mm, view, path, forward, pv, probs, heads, q_node, q_perm, k_node, k_perm,
+                     pattern, additive, alpha, dropout_p) -> AttentionSite:
+    """A site whose q/k/v are (B*H, S, D) but whose mask/score chain runs on (B, H, S, S) scores."""
+    v_node, v_perm, _ = _match_pv(pv, probs, 3)
+    qb, kb, vb = (permuted_shape(n, p) for n, p in ((q_node, q_perm), (k_node, k_perm), (v_node, v_perm)))
+    _check_qkv(qb, kb, vb, True)
+    split_additive = []
+    for bias in additive:  # baddbmm's (B*H, ., .) bias, re-viewed to (B, H, ., .) for the 4-D chain
+        bs = _shape(bias)
+        if len(bs) == 3 and same_size(bs[0], qb[0]) and not same_size(bs[0], 1):
+            split_additive.append(_unflatten_heads(view, bias, heads))
+        elif len(bs) < 3 or (len(bs) == 3 and same_size(bs[0], 1)):
+            split_additive.append(bias)  # broadcasts the same way against 3-D and 4-D scores
+        else:
+            raise _NotASite("baddbmm bias does not split into (B, H) like the scores")
+    scale, mask, score_mod, mask_extras, score_extras, consumed, notes = _extract_chain(
+        view, x, 4, split_additive, alpha)
+    ident = _identity(3)
+    return AttentionSite(
+        name=f"attn{index}", pattern=pattern, q=q_node, k=k_node, v=v_node, output=pv, layout="3d",
+        output_layout="3d", scale=scale, gqa_groups=1, dropout_p=dropout_p, softmax_dtype=_val(sm).dtype,
+        mask=mask, score=score_mod, mask_extras=mask_extras, score_extras=score_extras,
+        nodes=set(path) | set(forward) | {pv, mm} | consumed, location=location_of(sm),
+        q_perm=None if q_perm == ident else q_perm, k_perm=None if k_perm == ident else k_perm,
+        v_perm=None if v_perm == ident else v_perm, out_perm=None, is_3d=False, head_split=heads,
+        output_dtype=_val(pv).dtype, notes=notes,
     )
 
 

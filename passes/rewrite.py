@@ -64,10 +64,13 @@ class _Builder:
         return node
 
 
-def _to_bhsd(b: _Builder, node: fx.Node, perm: Sequence[int] | None, is_3d: bool) -> fx.Node:
+def _to_bhsd(b: _Builder, node: fx.Node, perm: Sequence[int] | None, is_3d: bool,
+             head_split: Sequence[Any] | None = None) -> fx.Node:
     if perm is not None:
         node = b.call(aten.permute.default, (node, list(perm)))
-    if is_3d:
+    if head_split is not None:
+        node = b.call(aten.unflatten.int, (node, 0, list(head_split)))
+    elif is_3d:
         node = b.call(aten.unsqueeze.default, (node, 1))
     return node
 
@@ -88,9 +91,9 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     """Insert the op call for ``site`` and redirect the users of its output; returns the new output."""
     _check_order(gm, site)
     b = _Builder(gm, site.output)
-    q = _to_bhsd(b, site.q, site.q_perm, site.is_3d)
-    k = _to_bhsd(b, site.k, site.k_perm, site.is_3d)
-    v = _to_bhsd(b, site.v, site.v_perm, site.is_3d)
+    q = _to_bhsd(b, site.q, site.q_perm, site.is_3d, site.head_split)
+    k = _to_bhsd(b, site.k, site.k_perm, site.is_3d, site.head_split)
+    v = _to_bhsd(b, site.v, site.v_perm, site.is_3d, site.head_split)
     dtypes = [n.meta["val"].dtype for n in (q, k, v)]
     common = torch.promote_types(torch.promote_types(dtypes[0], dtypes[1]), dtypes[2])
     if any(d != common for d in dtypes):  # the op takes one dtype; compute in the widest one
@@ -106,7 +109,9 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     call = b.call(RING_ATTENTION, (q, k, v, list(site.mask_extras), list(site.score_extras), seq_len, key,
                                    seed))
     out = b.call(operator.getitem, (call, 0))
-    if site.is_3d:
+    if site.head_split is not None:
+        out = b.call(aten.flatten.using_ints, (out, 0, 1))
+    elif site.is_3d:
         out = b.call(aten.squeeze.dim, (out, 1))
     if site.out_perm is not None:
         out = b.call(aten.permute.default, (out, list(site.out_perm)))

@@ -50,7 +50,8 @@ def ring_attention_backward_op(
     dq, dk, dv, d_extras = attention_backward(dout, q, k, v, out, lse, mask_extras, score_extras,
                                               seq_len, get_spec(spec_key), dropout_seed)
     grads = [
-        g.to(e.dtype).contiguous() if g is not None else e.new_empty(0)
+        g.to(e.dtype).contiguous() if g is not None
+        else (torch.zeros_like(e) if e.is_floating_point() else e.new_empty(0))
         for g, e in zip(d_extras, score_extras, strict=True)
     ]
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), grads

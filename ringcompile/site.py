@@ -34,6 +34,8 @@ class AttentionSite:
                   (None = already in that order); 3-D values get a head dim of 1 inserted after.
     out_perm:     permutation of the canonical (batch.., S, Dv) output onto ``output``'s value.
     is_3d:        the attention ran on (B*H, S, D) tensors.
+    head_split:   (B, H) sizes (ints or SymInt nodes) when (B*H, S, D) q/k/v are split into
+                  (B, H, S, D) for the op because the mask chain ran on (B, H, S, S) scores.
     output_dtype: dtype of ``output``'s value (the op's result is cast to it).
     notes:        extra facts for reports (what the mods extraction noticed, ...).
     """
@@ -63,6 +65,7 @@ class AttentionSite:
     v_perm: tuple[int, ...] | None = None
     out_perm: tuple[int, ...] | None = None
     is_3d: bool = False
+    head_split: tuple | None = None
     output_dtype: torch.dtype | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 

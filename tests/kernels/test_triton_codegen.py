@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from ringcompile.kernels import select
+from ringcompile.kernels import reference, select
 from ringcompile.kernels.triton import cache, show, triton_block_kernels
 from ringcompile.kernels.triton.codegen import specialise
 from ringcompile.kernels.triton.launch import Tiles, TritonBlocks, planner_tiles
@@ -107,19 +107,24 @@ def test_select_uses_triton_when_forced_and_it_runs_on_cpu_under_the_interpreter
     spec = AttentionSpec(mask=mods.causal(), kernel="triton")
     kernels = select.block_kernels(spec, torch.device("cpu"))
     assert kernels.name == "triton"
-    q = torch.randn(1, 2, 5, 16)
-    out, lse = kernels.forward(q, q, q, scale=0.25, mask=spec.mask, seq_len=5)
-    assert torch.isfinite(lse).all() and out.shape == (1, 2, 5, 16)
+    q, k, v = torch.randn(3, 1, 2, 5, 16).unbind(0)
+    out, lse = kernels.forward(q, k, v, scale=0.25, mask=spec.mask, seq_len=5)
+    ref_out, ref_lse = reference.block_forward(q.double(), k.double(), v.double(), scale=0.25, mask=spec.mask,
+                                               seq_len=5)
+    assert torch.allclose(out.double(), ref_out, atol=1e-5)
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
 
 
 def test_cpu_tensors_without_interpreter_raise_when_forced(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q = torch.randn(1, 1, 4, 16)
+    q, k, v = torch.randn(3, 1, 1, 4, 16).unbind(0)
     with pytest.raises(KernelError, match="TRITON_INTERPRET=1"):
-        TritonBlocks(forced=True).forward(q, q, q, scale=0.25)
+        TritonBlocks(forced=True).forward(q, k, v, scale=0.25)
     # not forced: the PyTorch block path answers instead
-    out, lse = TritonBlocks(forced=False).forward(q, q, q, scale=0.25)
-    assert out.shape == (1, 1, 4, 16) and torch.isfinite(lse).all()
+    out, lse = TritonBlocks(forced=False).forward(q, k, v, scale=0.25)
+    ref_out, ref_lse = reference.block_forward(q.double(), k.double(), v.double(), scale=0.25)
+    assert torch.allclose(out.double(), ref_out, atol=1e-5)
+    assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
 
 
 def test_show_returns_readable_source_for_a_site():

@@ -51,7 +51,7 @@ def build(kind: str, impl: str = "eager"):
         return GPT(vocab_size=V, block_size=64, graph_break=kind == "nanogpt-break")
     import transformers as tf
 
-    if kind == "llama":
+    if kind in ("llama", "llama-pad"):
         return tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **_hf_common(impl)))
     if kind == "mistral":
         cfg = tf.MistralConfig(num_key_value_heads=2, sliding_window=6, **_hf_common(impl))
@@ -88,6 +88,10 @@ def inputs_for(kind: str) -> dict:
         mask[1, S - 5:] = 0  # padding in the batch
         return {"input_ids": ids, "attention_mask": mask}
     labels[1, :3] = -100
+    if kind == "llama-pad":  # left padding in the batch, as a tokenizer makes for generation
+        mask = torch.ones(B, S, dtype=torch.long)
+        mask[1, :4] = 0
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
     return {"input_ids": ids, "labels": labels}
 
 
@@ -172,8 +176,12 @@ def case_nanogpt_graph_break(rank, world):
 
 HF_DEFAULT = [("llama", "sdpa"), ("mistral", "eager"), ("qwen2", "sdpa"), ("gemma2", "eager"),
               ("gpt2", "eager"), ("bert", "sdpa")]
-HF_EXTRA = [("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("bert", "eager")]
+HF_EXTRA = [("llama-pad", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("bert", "eager")]
 HF = HF_DEFAULT + (HF_EXTRA if ALL else [])
+
+
+def _name(kind, impl):
+    return f"case_hf_{kind.replace('-', '_')}_{impl}"
 
 
 def _hf_case(kind, impl):
@@ -183,10 +191,10 @@ def _hf_case(kind, impl):
 
 
 for _kind, _impl in HF_DEFAULT + HF_EXTRA:
-    globals()[f"case_hf_{_kind}_{_impl}"] = _hf_case(_kind, _impl)
+    globals()[_name(_kind, _impl)] = _hf_case(_kind, _impl)
 
 CASES = ["case_builtin_llama", "case_builtin_gpt2", "case_nanogpt", "case_nanogpt_graph_break"] + [
-    f"case_hf_{k}_{i}" for k, i in HF]
+    _name(k, i) for k, i in HF]
 
 
 @pytest.fixture(scope="module")
@@ -238,5 +246,5 @@ def test_hugging_face(results, kind, impl):
     # HF eager attention runs its softmax in float32 (softmax(..., dtype=float32)), so the one-process
     # reference is float32-accurate there; the HF losses upcast logits to float32 too.
     tol = 1e-6 if impl == "eager" and kind not in ("gpt2", "bert") else 1e-8
-    check(results, f"case_hf_{kind}_{impl}", tol=tol, loss_tol=FP32_LOSS)
+    check(results, _name(kind, impl), tol=tol, loss_tol=FP32_LOSS)
 

@@ -209,6 +209,28 @@ def test_baddbmm_with_bias():
     assert report.sites[0].scale == pytest.approx(D ** -0.5)
 
 
+def test_bloom_style_head_split_views():
+    """3-D baddbmm scores viewed to (B, H, S, S) for a causal mask, merged back for the bmm with v."""
+    q, k, v = _rand(B * H, S, D), _rand(B * H, S, D), _rand(B * H, S, D)
+    alibi = _rand(B * H, 1, S)
+
+    def fn(q, k, v, alibi):
+        s = torch.baddbmm(alibi, q, k.transpose(1, 2), beta=1.0, alpha=D ** -0.5).view(B, H, S, S)
+        s = s.masked_fill(torch.triu(torch.ones(S, S, dtype=torch.bool), 1), torch.finfo(s.dtype).min)
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype).view(B * H, S, S)
+        return torch.bmm(p, v)
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend="ring", options={"inner": "eager"})(q, k, v, alibi)
+    assert backend.rewritten_op_count(backend.HISTORY[-1].graph) == 1
+    torch.testing.assert_close(out.double(), fn(q.double(), k.double(), v.double(), alibi.double()),
+                               atol=2e-5, rtol=2e-5)
+    report = ringcompile.explain(fn, q, k, v, alibi)
+    site = report.sites[0]
+    assert site.rewritten and site.pattern == "baddbmm+view" and site.mask == "causal", report
+    assert site.score_mod != "none" and site.scale == pytest.approx(D ** -0.5), report
+
+
 # ---------------------------------------------------------------------------- softmax spellings, dropout
 
 

@@ -92,14 +92,13 @@ def test_cross_attention_lengths_differ():
     _check_left_alone(fn, q, k, v, reason_contains="lengths differ")
 
 
-def test_score_reshaped_between_matmul_and_softmax():
-    """Bloom's spelling: 3-D baddbmm scores viewed to 4-D for the softmax, then back to 3-D."""
-    q, k, v = (torch.randn(B * H, S, D) for _ in range(3))
-    bias = torch.randn(B * H, 1, S)
 
-    def fn(q, k, v, bias):
-        s = torch.baddbmm(bias, q, k.transpose(1, 2), beta=1.0, alpha=0.3).view(B, H, S, S)
-        p = torch.softmax(s, dim=-1).view(B * H, S, S)
-        return torch.bmm(p, v)
+def test_score_flattened_before_the_softmax():
+    """Scores reshaped to (B*H*S, S) for the softmax: not a head split, so left alone."""
+    q, k, v = (torch.randn(B, H, S, D) for _ in range(3))
 
-    _check_left_alone(fn, q, k, v, bias, reason_contains="reshaped between")
+    def fn(q, k, v):
+        s = (q @ k.transpose(-2, -1)).reshape(B * H * S, S)
+        return torch.softmax(s, dim=-1).reshape(B, H, S, S) @ v
+
+    _check_left_alone(fn, q, k, v, reason_contains="reshaped between")

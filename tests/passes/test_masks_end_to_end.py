@@ -151,3 +151,30 @@ def test_sdpa_bool_and_additive_masks():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
 
     run(add_fn, *_qkv(), mask="causal")
+
+
+class PaddedGPT2Attention(GPT2Attention):
+    def forward(self, q, k, v, am):
+        T = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        att = att.masked_fill(am[:, None, None, :] == 0, float("-inf"))
+        return F.softmax(att, dim=-1) @ v
+
+
+def test_dynamic_lengths_do_not_recompile_masks():
+    """Buffer-sliced causal + padding masks lift without specialising the sequence length."""
+    m = PaddedGPT2Attention(block=64)
+    compiled = torch.compile(m, backend="ring", dynamic=True, options={"inner": "eager"})
+    before = len(backend.HISTORY)
+    for n in (12, 17, 23):
+        q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
+        am = (torch.rand(B, n) > 0.3).long()
+        am[:, 0] = 1
+        out = compiled(q, k, v, am)
+        ref = PaddedGPT2Attention(block=64).double()(q.double(), k.double(), v.double(), am)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    assert len(backend.HISTORY) - before == 1
+    assert backend.rewritten_op_count(backend.HISTORY[-1].graph) == 1
+    (site,) = backend.HISTORY[-1].sites
+    assert site.mask_description == "causal & padding"
