@@ -91,7 +91,11 @@ def _distributed_rank(rank: int, world: int, port: int, impl: str, cfg: dict, re
         S = cfg["seq"]
         records = []
         if impl == "lucidrains":
-            from ring_attention_pytorch import ring_flash_attn
+            try:
+                from ring_attention_pytorch import ring_flash_attn
+            except ImportError as e:
+                raise ImportError("the lucidrains baseline needs `pip install ring-attention-pytorch` "
+                                  "(or `pip install -e .[bench]`)") from e
 
             n = S // world
             rows = torch.arange(rank * n, (rank + 1) * n)

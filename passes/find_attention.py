@@ -509,6 +509,8 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
         mm, score, path, head_split = split
         if len(mm.users) != 1:
             raise _NotASite(f"the score matrix ({mm.name}) is also used outside the softmax")
+    else:
+        score, path = spine
     xs = _shape(x)
     ndim = len(xs)
     dim = _norm_dim(int(sm.args[1]), ndim)

@@ -247,16 +247,18 @@ class ModGraphBuilder:
             return x.args[0]
         return self.call(operator.invert, x)
 
-    def where(self, c: Expr, x: Expr, y: Expr) -> Expr:
+    def where(self, c: Expr, x: Expr, y: Expr, logical: bool = False) -> Expr:
+        """``where(c, x, y)``; ``logical`` says x and y are both bool-valued (then a constant
+        branch folds into and/or; with a numeric branch it must stay a where)."""
         if isinstance(c, bool):
             return x if c else y
         if x is True and y is False:
             return c
         if x is False and y is True:
             return self.not_(c)
-        if isinstance(x, bool) and isinstance(y, fx.Node):
+        if logical and isinstance(x, bool) and isinstance(y, fx.Node):
             return self.or_(self.and_(c, x), self.and_(self.not_(c), y))
-        if isinstance(y, bool) and isinstance(x, fx.Node):
+        if logical and isinstance(y, bool) and isinstance(x, fx.Node):
             return self.or_(self.and_(c, x), self.and_(self.not_(c), y))
         if isinstance(x, fx.Node) and x is y:
             return x
@@ -594,7 +596,7 @@ class IndexLifter:
             d = B.sub(idx[-1], idx[-2])
             cond = B.call(operator.ge if p is aten.triu else operator.le, d, diag)
             zero = _zero_of(dtype_of(n))
-            return B.where(cond, x, zero)
+            return B.where(cond, x, zero, logical=dtype_of(n) == torch.bool)
         if p in _CASTS:
             src = a[0]
             x = self.lift(src, idx)
@@ -688,6 +690,12 @@ def toeplitz_band(t: torch.Tensor) -> tuple[int, int, int, int] | None:
 
 
 # ---------------------------------------------------------------------------- pointwise table
+
+
+def _all_bool(values: Sequence, dtypes: Sequence) -> bool:
+    """Every operand is bool-valued (bool tensors or Python bools)."""
+    return all(isinstance(v, bool) or (dt == torch.bool and not isinstance(v, (int, float)))
+               for v, dt in zip(values, dtypes, strict=True))
 
 
 def _alpha(args: list, kwargs: dict, pos: int = 2) -> Any:
@@ -795,6 +803,7 @@ POINTWISE: dict[Any, Callable[..., Expr]] = {
     aten.bitwise_xor: _bitwise(operator.xor, lambda B, x, y: B.call(operator.xor, x, y)),
     aten.__xor__: _bitwise(operator.xor, lambda B, x, y: B.call(operator.xor, x, y)),
     aten.bitwise_not: _not,
-    aten.where: lambda B, a, k, d: B.where(a[0], a[1], a[2]),
-    aten.masked_fill: lambda B, a, k, d: B.where(a[1], a[2], a[0]),
+    aten.where: lambda B, a, k, d: B.where(a[0], a[1], a[2], logical=_all_bool(a[1:3], d[1:3])),
+    aten.masked_fill: lambda B, a, k, d: B.where(a[1], a[2], a[0], logical=_all_bool([a[2], a[0]],
+                                                                                      [d[2], d[0]])),
 }

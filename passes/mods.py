@@ -12,6 +12,7 @@ Classification (``classify_mods``) proves "causal"/"sliding_window" before claim
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import operator
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
@@ -40,6 +42,7 @@ from .index_lift import (
     creation_value,
     dtype_of,
     is_huge_negative,
+    is_one,
     packet_of,
     real_constant,
     shape_of,
@@ -79,6 +82,10 @@ def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[s
     for a in additive:
         if _depends_on(a, score):
             raise UnsupportedPatternError(f"additive term {a.name} depends on the score itself")
+        if not _broadcasts_to(a, score):
+            raise UnsupportedPatternError(
+                f"additive term {a.name} {tuple(shape_of(a))} does not broadcast to the score "
+                f"{score.name} {tuple(shape_of(score))}; pass the score node it is added to")
     ex.path, ex.roots = path, list(additive)
     try:
         with _real_tensors():
@@ -261,7 +268,7 @@ class _Extraction:
             kx = self.keep_of(a[1], _bidx(a[1], idx))
             ky = self.keep_of(a[2], _bidx(a[2], idx)) if kx is not None else None
             if kx is not None and ky is not None:
-                out = B.where(L.lift_broadcast(a[0], idx), kx, ky)
+                out = B.where(L.lift_broadcast(a[0], idx), kx, ky, logical=True)
         elif p is aten.masked_fill:
             x, m, fill = a[0], a[1], static_number(a[2])
             kf = self.keep_const(fill)
@@ -270,7 +277,7 @@ class _Extraction:
             elif kf is not None:
                 kx = self.keep_of(x, _bidx(x, idx))
                 if kx is not None:
-                    out = B.where(L.lift_broadcast(m, idx), kf, kx)
+                    out = B.where(L.lift_broadcast(m, idx), kf, kx, logical=True)
         elif p is aten.add and _alpha_is_one(n):
             kx = self.keep_of(a[0], _bidx(a[0], idx))
             ky = self.keep_of(a[1], _bidx(a[1], idx)) if kx is not None else None
@@ -300,7 +307,7 @@ class _Extraction:
             if kx is not None and isinstance(diag, int):
                 d = B.sub(idx[-1], idx[-2])
                 cond = B.call(operator.ge if p is aten.triu else operator.le, d, diag)
-                out = B.where(cond, kx, True)
+                out = B.where(cond, kx, True, logical=True)
         if out is not None:
             self.consumed.add(n)
         return out
@@ -539,10 +546,11 @@ class _Extraction:
                 log.warning("mods: mask proved %s but a numeric probe disagrees; treated as custom",
                             cls.description)
                 self.note(f"mask proved {cls.description} but the probe disagreed: kept as custom")
-                return Mod(gm, True, "custom", {}, 0, "custom", aten_graph(gm, True, extras)), extras
+                return Mod(clamp_lookups(gm), True, "custom", {}, 0, "custom",
+                           aten_graph(gm, True, extras)), extras
         if "dense" in cls.kind.split("+"):
             self.note("mask kept dense: it is not a function of indices, a tensor input is indexed instead")
-        return Mod(gm, True, cls.kind, cls.params, len(extras), cls.description,
+        return Mod(clamp_lookups(gm), True, cls.kind, cls.params, len(extras), cls.description,
                    aten_graph(gm, True, extras)), extras
 
     def _score_mod(self) -> tuple[Mod | None, list[fx.Node]]:
@@ -566,7 +574,7 @@ class _Extraction:
             kinds.append(kind)
             descs.append(desc)
             params.update(prm)
-        return Mod(gm, False, "+".join(kinds), params, len(extras), " then ".join(descs),
+        return Mod(clamp_lookups(gm), False, "+".join(kinds), params, len(extras), " then ".join(descs),
                    aten_graph(gm, False, extras)), extras
 
 
@@ -577,6 +585,20 @@ def _bidx(n: Any, idx: tuple) -> tuple:
     if not isinstance(n, fx.Node) or tensor_val(n) is None:
         return ()
     return bcast_idx(shape_of(n), idx)
+
+
+def _broadcasts_to(a: Any, target: fx.Node) -> bool:
+    """``a`` broadcasts to ``target``'s shape by PyTorch's rules (provably, for symbolic sizes)."""
+    if not isinstance(a, fx.Node) or tensor_val(a) is None:
+        return True
+    sa, st = shape_of(a), shape_of(target)
+    if len(sa) > len(st):
+        return False
+    for x, y in zip(reversed(sa), reversed(st), strict=False):
+        if not (is_one(x) or (x == y if isinstance(x, int) and isinstance(y, int)
+                              else statically_known_true(x == y))):
+            return False
+    return True
 
 
 def _alpha_is_one(n: fx.Node) -> bool:
@@ -661,6 +683,39 @@ def canonical_mask(kind: str, window: int | None = None, is_causal: bool = True)
     gm = B.finish(out)
     return Mod(gm, True, "sliding_window", {"window": window, "causal": is_causal}, 0,
                f"sliding_window({window})", aten_graph(gm, True, []))
+
+
+def clamp_lookups(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose extra lookups clamp indices to the extra's size.
+
+    Mods index full-length extras with global indices; a runtime that pads the sequence
+    (S not divisible by the ranks) evaluates them at q/kv >= S too. Those pairs are masked
+    or discarded anyway, so clamping (upper bound only: negative indices keep PyTorch's
+    wrap-around meaning) changes nothing in range and avoids index errors out of range.
+    The Triton path bounds-checks its loads itself, so ``Mod.graph`` stays unclamped.
+    """
+    lookups = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.getitem
+               and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"
+               and isinstance(n.args[1], tuple)]
+    if not lookups:
+        return gm
+    out = copy.deepcopy(gm)
+    g = out.graph
+    for n in [n for n in g.nodes if n.op == "call_function" and n.target is operator.getitem
+              and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"
+              and isinstance(n.args[1], tuple)]:
+        extra, idx = n.args
+        new_idx = []
+        with g.inserting_before(n):
+            for d, i in enumerate(idx):
+                if isinstance(i, fx.Node):
+                    last = g.call_function(operator.sub, (g.call_method("size", (extra, d)), 1))
+                    i = g.call_function(torch.clamp, (i,), {"max": last})
+                new_idx.append(i)
+        n.args = (extra, tuple(new_idx))
+    g.lint()
+    out.recompile()
+    return out
 
 
 def aten_graph(gm: fx.GraphModule, is_mask: bool, extras: Sequence[fx.Node]) -> fx.GraphModule | None:

@@ -118,8 +118,6 @@ class _Sharder:
                 ) -> fx.Node:
         """The value of original ``node`` with placement ``want`` (inserting collectives as needed)."""
         v = self.value.get(node, node)
-        if have == want and not isinstance(want, Shard | Partial):
-            return v
         if have == want:
             return v
         key = (node, want)
@@ -163,7 +161,7 @@ class _Sharder:
             out = self._insert(before, ops.to_local.default, args + ((float(fill),) if fill else ()),
                                "to_local")
         elif want == "grad":
-            out = self._insert(before, ops.grad_reduce.default, (v, self.group_name, self.timeout),
+            out = self._insert(before, coll.grad_reduce_view, (v, self.group_name, self.timeout),
                                "grad_reduce")
         else:
             raise UnsupportedPatternError(f"cannot convert {node.name} from {have} to {want}")

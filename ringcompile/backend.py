@@ -31,9 +31,9 @@ class CompiledGraph:
     fallback_reason: str | None = None
 
 
-# the last few graphs compiled by this process; tests and explain() read them
+# the graphs compiled by this process, oldest first (the last 1024 kept); tests and tools read them
 HISTORY: list[CompiledGraph] = []
-_HISTORY_LIMIT = 64
+_HISTORY_LIMIT = 1024
 
 
 def _record(entry: CompiledGraph) -> None:

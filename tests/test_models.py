@@ -43,7 +43,8 @@ def test_model_training_step_matches_eager(name, mask, groups):
 
 
 @pytest.mark.parametrize("arch,impl,mask", [("llama", "eager", "causal"), ("llama", "sdpa", "causal"),
-                                            ("gpt2", "eager", "causal & padding")])
+                                            ("gpt2", "eager", "causal & padding"),
+                                            ("bloom", "eager", "causal & padding")])
 def test_transformers_models(arch, impl, mask):
     """Tiny Hugging Face models built from configs (no download): found, rewritten, equal to eager."""
     transformers = pytest.importorskip("transformers")
@@ -53,16 +54,20 @@ def test_transformers_models(arch, impl, mask):
                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                        max_position_embeddings=64)
         groups = 2
+    elif arch == "bloom":  # ALiBi through baddbmm on (B*H, S, D), scores viewed to (B, H, S, S)
+        cfg = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)
+        groups = 1
     else:
         cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=64,
                                       bos_token_id=0, eos_token_id=0)
         groups = 1
     cfg._attn_implementation = impl
-    model_cls = transformers.LlamaForCausalLM if arch == "llama" else transformers.GPT2LMHeadModel
+    model_cls = {"llama": transformers.LlamaForCausalLM, "gpt2": transformers.GPT2LMHeadModel,
+                 "bloom": transformers.BloomForCausalLM}[arch]
     model = model_cls(cfg).eval().double()
     ids = torch.randint(0, 64, (2, 19))
     kwargs = {}
-    if arch == "gpt2":
+    if arch in ("gpt2", "bloom"):
         kwargs["attention_mask"] = torch.ones(2, 19, dtype=torch.long)
         kwargs["attention_mask"][1, 14:] = 0  # right padding on the second sequence
     compiled = torch.compile(model, backend="ring", options={"inner": "eager"})
@@ -71,7 +76,7 @@ def test_transformers_models(arch, impl, mask):
         want = model(ids, **kwargs).logits
     sites = backend.HISTORY[-1].sites
     assert [(s.mask_description, s.gqa_groups, s.rewritten) for s in sites] == [(mask, groups, True)]
-    # HF's eager Llama runs softmax in float32 even in a float64 model; the op stays in float64
-    tol = 1e-6 if (arch, impl) == ("llama", "eager") else 1e-10
+    # HF's eager Llama and Bloom run softmax in float32 even in a float64 model; the op stays in float64
+    tol = 1e-6 if arch in ("llama", "bloom") and impl == "eager" else 1e-10
     torch.testing.assert_close(got[0], want[0], atol=tol, rtol=tol)
     torch.testing.assert_close(got[1, :14], want[1, :14], atol=tol, rtol=tol)  # rows with kept keys

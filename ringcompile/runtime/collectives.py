@@ -34,7 +34,8 @@ from .layouts import local_indices, padded_length
 Tensor = torch.Tensor
 
 
-__all__ = ["padded_length", "local_index", "reduce_partial", "grad_reduce", "to_local", "gather_seq"]
+__all__ = ["padded_length", "local_index", "reduce_partial", "grad_reduce", "grad_reduce_view", "to_local",
+           "gather_seq"]
 
 
 def local_index(padded: int, world: int, rank: int, layout: str) -> list[int]:
@@ -162,6 +163,24 @@ def _grad_reduce_backward(ctx, grad):
 
 
 grad_reduce.register_autograd(_grad_reduce_backward, setup_context=_grad_reduce_setup)
+
+
+class _GradReduceView(torch.autograd.Function):
+    """Like ``grad_reduce`` but the forward returns a view, so no copy of the parameter is kept."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group_name: str, timeout: float) -> Tensor:
+        ctx.group_name, ctx.timeout = group_name, timeout
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return reduce_partial(grad.contiguous(), ctx.group_name, ctx.timeout), None, None
+
+
+def grad_reduce_view(x: Tensor, group_name: str, timeout: float) -> Tensor:
+    """Identity (a view) whose backward all-reduces the gradient; what the sharding pass inserts."""
+    return _GradReduceView.apply(x, group_name, timeout)
 
 
 # ---------------------------------------------------------------------------- to_local

@@ -176,7 +176,8 @@ def case_nanogpt_graph_break(rank, world):
 
 HF_DEFAULT = [("llama", "sdpa"), ("mistral", "eager"), ("qwen2", "sdpa"), ("gemma2", "eager"),
               ("gpt2", "eager"), ("bert", "sdpa")]
-HF_EXTRA = [("llama-pad", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "eager"), ("gpt2", "sdpa"), ("bert", "eager")]
+HF_EXTRA = [("llama-pad", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "eager"),
+            ("gpt2", "sdpa"), ("bert", "eager")]
 HF = HF_DEFAULT + (HF_EXTRA if ALL else [])
 
 

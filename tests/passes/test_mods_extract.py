@@ -515,3 +515,50 @@ def test_chain_through_batch_head_view_bloom_style():
     assert torch.equal(keep, orig > -1e4)
     got = ex.score(raw, *grid, *[vals[n] for n in ex.score_extras])
     torch.testing.assert_close(got[keep], orig[keep])
+
+
+def test_lookups_tolerate_padded_positions():
+    """A runtime that pads S evaluates mods at q/kv >= S: lookups must not fail there, and
+    in-range values are unchanged."""
+    def fn(q, k, v, am, bias):
+        s = (q @ k.transpose(-2, -1) + bias).masked_fill(am[:, None, None, :] == 0, float("-inf"))
+        return s.softmax(-1) @ v
+
+    bias = torch.randn(B, H, S, S, dtype=f64)
+    am = padding_mask()
+    ex = check_chain(fn, (*qkv(), am, bias), mask="padding", score="dense bias")
+    from ringcompile.mods import evaluate_mask, index_grid
+
+    grid = index_grid(B, H, S - 3, 6, S - 4, 8)  # runs past the end on both axes
+    keep = evaluate_mask(ex.mask, grid, [am]).expand(B, H, 6, 8)
+    assert torch.equal(keep[:, :, :, :4], (am[:, None, None, S - 4:] != 0).expand(B, H, 6, 4))
+    s = torch.randn(B, H, 6, 8, dtype=f64)
+    got = ex.score(s, *grid, bias)
+    torch.testing.assert_close(got[:, :, :3, :4], s[:, :, :3, :4] + bias[:, :, S - 3:, S - 4:])
+
+
+def test_additive_that_does_not_broadcast_to_the_score_is_rejected():
+    """A (B*H, 1, S) baddbmm bias passed against a (B, H, S, S) score would be mis-indexed."""
+    def fn(q, k, v, alibi):
+        s = torch.baddbmm(alibi, q, k.transpose(1, 2)).view(B, H, S, S)
+        return torch.bmm(s.softmax(-1).view(B * H, S, S), v)
+
+    q, k, v = (torch.randn(B * H, S, D, dtype=f64) for _ in range(3))
+    gm = trace(fn, q, k, v, torch.randn(B * H, 1, S, dtype=f64))
+    bad = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.baddbmm.default)
+    view = next(iter(bad.users))
+    with pytest.raises(UnsupportedPatternError, match="does not broadcast"):
+        extract_score_chain(view, view, dims=("b", "h", "q", "kv"), additive=[bad.args[0]])
+
+
+def test_where_mixing_a_bool_constant_and_numbers_keeps_numeric_meaning():
+    """where(c, True, int_tensor) promotes to int in PyTorch; it must not become c | (~c & x)."""
+    def fn(q, k, v, pos_bias):
+        n = q.size(2)
+        qi = torch.arange(n)
+        ones = torch.ones(n, n, dtype=torch.bool)
+        b = torch.where(qi[:, None] > qi[None, :], ones, pos_bias)  # True -> 1 where q > kv
+        return (q @ k.transpose(-2, -1) + b.to(q.dtype)).softmax(-1) @ v
+
+    pos_bias = torch.randint(2, 6, (S, S))
+    check_chain(fn, (*qkv(), pos_bias), mask="none", score="custom bias")
