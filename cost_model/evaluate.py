@@ -57,6 +57,7 @@ def hardware_values(profile: Profile, dtype: str, world_size: int, strategy: str
     Rates are one rank's on its own core/device; ranks sharing a host's cores are bounded
     through P_h (see ``strategies.strategy_model``)."""
     cores = world_size if profile.cores <= 0 or strategy == "local" else min(world_size, profile.cores)
+    cores = max(cores, 1.0)
     return {
         sym.F: profile.flops(dtype) * profile.kernel_efficiency,
         sym.M: profile.memory_bandwidth,

@@ -68,7 +68,7 @@ class Profile:
     kernel_block: int = 128
     backward_factor: float = 2.5
     causal_tile: int = 128
-    cores: int = 0
+    cores: float = 0
     alltoall_efficiency: float = 1.0
     shared_memory: int = 0
     device: str = "cuda"
@@ -102,7 +102,7 @@ class Profile:
             f"kernel_block = {int(self.kernel_block)}",
             f"backward_factor = {_num(self.backward_factor)}",
             f"causal_tile = {int(self.causal_tile)}",
-            f"cores = {int(self.cores)}",
+            f"cores = {_num(self.cores)}",
             f"shared_memory = {int(self.shared_memory)}",
             "",
             "[link]",
@@ -139,7 +139,7 @@ def profile_from_dict(data: dict[str, Any], where: str) -> Profile:
             kernel_block=int(comp.get("kernel_block", 128)),
             backward_factor=float(comp.get("backward_factor", 2.5)),
             causal_tile=int(comp.get("causal_tile", 128)),
-            cores=int(comp.get("cores", 0)),
+            cores=float(comp.get("cores", 0)),
             shared_memory=int(comp.get("shared_memory", 0)),
             alltoall_efficiency=float(link.get("alltoall_efficiency", 1.0)),
             device=str(data.get("device", "cuda")),

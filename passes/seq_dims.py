@@ -41,10 +41,18 @@ def global_seq_len(ops: Iterable[fx.Node]) -> int:
     return lengths.pop()
 
 
+def input_name(node: fx.Node) -> str:
+    """The user-facing name of a graph input: Dynamo's source (``L['input_ids']``) when recorded."""
+    return str(node.meta.get("ringcompile_source") or node.name)
+
+
 def _match_override(node: fx.Node, seq_dims: Mapping[str, int]) -> int | None:
-    names = {node.name, str(node.target)}
+    """``seq_dims`` keys match the input's node name, or its Dynamo source (``input_ids`` matches
+    ``L['input_ids']``, ``L_input_ids_``)."""
+    source = str(node.meta.get("ringcompile_source") or "")
+    names = {node.name, str(node.target), source}
     for key, dim in seq_dims.items():
-        if key in names or any(f"_{key}_" in f"_{n}_" for n in names):
+        if key in names or f"'{key}'" in source or any(f"_{key}_" in f"_{n}_" for n in names):
             return dim
     return None
 

@@ -49,7 +49,7 @@ from .placements import (
     val_of,
     view_dim,
 )
-from .seq_dims import RING_OP, attention_ops, find_seq_dims, global_seq_len
+from .seq_dims import RING_OP, attention_ops, find_seq_dims, global_seq_len, input_name
 
 log = get_logger(__name__)
 aten = torch.ops.aten
@@ -579,8 +579,9 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
     aten_gm.graph.lint()
     aten_gm.recompile()
     _refresh_meta(aten_gm)
-    report = ShardReport(seq, sharder.padded, group.world_size, layout,
-                         {n.name: s.dim for n, s in seeds.items()}, sharder.gathers, sharder.reductions)
+    seed_names = {input_name(n): s.dim for n, s in seeds.items()}
+    report = ShardReport(seq, sharder.padded, group.world_size, layout, seed_names, sharder.gathers,
+                         sharder.reductions)
     aten_gm.meta["ringcompile_shard"] = report
     log.info("ringcompile shard: seq %d on %d ranks (%s, padded %d); inputs %s; %d gathers %s; "
              "%d all-reduces",

@@ -85,7 +85,9 @@ def _backward(ctx, dout, dlse):
         dout.contiguous(), q, k, v, out, lse, list(mask_extras), list(score_extras), ctx.seq_len,
         ctx.spec_key, seed)
     d_score = [g if is_float else None for g, is_float in zip(d_extras, ctx.extra_float, strict=True)]
-    return dq, dk, dv, [None] * ctx.n_mask, d_score, None, None
+    # one gradient per input actually passed: the dispatcher drops a trailing dropout_seed=None, so
+    # the seed's None is returned only when a seed tensor was given
+    return (dq, dk, dv, [None] * ctx.n_mask, d_score, None, None) + ((None,) if ctx.has_seed else ())
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)

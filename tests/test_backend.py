@@ -127,3 +127,24 @@ def test_entry_point_works_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "rewritten" in result.stdout
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_training_with_dropout_backward_uses_the_forward_mask(inner):
+    """out = dropout(P) @ v is linear in v, so loss = <out, w> must equal <v.grad, v> exactly when the
+    backward replays the forward's dropout mask (a different mask would break the identity)."""
+    q, k = torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    v = torch.randn(B, H, S, D, requires_grad=True)
+    w = torch.randn(B, H, S, D)
+
+    def fn(q, k, v, w):
+        p = torch.nn.functional.dropout(torch.softmax(q @ k.transpose(-2, -1) * 0.3, -1), 0.4, training=True)
+        return ((p @ v) * w).sum()
+
+    loss = torch.compile(fn, backend="ring", options={"inner": inner})(q, k, v, w)
+    loss.backward()
+    assert [(s.dropout_p, s.rewritten) for s in backend.HISTORY[-1].sites] == [(0.4, True)]
+    no_dropout = (torch.softmax(q @ k.transpose(-2, -1) * 0.3, -1) @ v * w).sum()
+    assert abs(loss.item() - no_dropout.item()) > 1e-3  # dropout was applied
+    torch.testing.assert_close((v.grad.double() * v.detach().double()).sum(), loss.double(),
+                               atol=1e-3, rtol=1e-4)

@@ -54,12 +54,14 @@ def rotate_half(x):
 
 
 def model(params, ids, labels, *, H, Hkv, D, key=None, mask=None, rope=False, loss=True, rms=False,
-          pool=False, shift=False, neighbours=False):
+          pool=False, shift=False, neighbours=False, roll=False):
     """Embedding (+ learned positions or RoPE) -> attention -> norm -> MLP -> head (-> mean CE loss)."""
     B, S = ids.shape
     x = F.embedding(ids, params["wte"])
     if not rope:
         x = x + F.embedding(torch.arange(S, device=ids.device), params["wpe"])
+    if roll:  # an op with no sharding rule between the inputs and the attention
+        x = torch.roll(x, 1, -1)
     q = F.linear(x, params["wq"]).view(B, S, H, D).transpose(1, 2)
     k = F.linear(x, params["wk"]).view(B, S, Hkv, D).transpose(1, 2)
     v = F.linear(x, params["wv"]).view(B, S, Hkv, D).transpose(1, 2)
@@ -106,7 +108,8 @@ def _trace(fn, args):
 
 
 def _run_case(rank, world, *, B=2, S=24, H=2, Hkv=2, D=8, mask=None, rope=False, loss=True, rms=False,
-              options=None, seq_dims=None, pool=False, shift=False, keep_outputs=False, neighbours=False):
+              options=None, seq_dims=None, pool=False, shift=False, keep_outputs=False, neighbours=False,
+              roll=False):
     from ringcompile.passes.shard import shard_graph
 
     from ringcompile.options import Options
@@ -119,7 +122,7 @@ def _run_case(rank, world, *, B=2, S=24, H=2, Hkv=2, D=8, mask=None, rope=False,
     labels[0, :3] = -100  # some ignored positions
     key = register_spec(AttentionSpec(mask=mask, name="test"))
     kw = dict(H=H, Hkv=Hkv, D=D, mask=mask, rope=rope, loss=loss, rms=rms, pool=pool, shift=shift,
-              neighbours=neighbours)
+              neighbours=neighbours, roll=roll)
 
     def fn(*args):
         p = dict(zip(names, args[:len(names)], strict=True))
@@ -228,6 +231,20 @@ def case_neighbour_ops(rank, world):
     return _run_case(rank, world, mask=causal(), neighbours=True)
 
 
+def case_seq_dims_override(rank, world):
+    """No rule for roll: the sequence cannot be traced back to the inputs unless the user names it."""
+    from ringcompile.errors import UnsupportedPatternError
+
+    try:
+        _run_case(rank, world, mask=causal(), roll=True)
+        raised = None
+    except UnsupportedPatternError as e:
+        raised = str(e)
+    out = _run_case(rank, world, mask=causal(), roll=True, seq_dims={"arg10_1": 1})  # the token ids
+    out["raised"] = raised
+    return out
+
+
 def case_padded_mean_falls_back(rank, world):
     from ringcompile.errors import UnsupportedPatternError
 
@@ -272,7 +289,7 @@ def case_collectives(rank, world):
 CASES = ["case_collectives", "case_block_causal", "case_block_bidirectional_zigzag", "case_rope_gqa_rmsnorm",
          "case_padding_no_loss", "case_sharded_outputs", "case_padded_loss", "case_shifted_loss",
          "case_shifted_padded_loss", "case_sequence_mean", "case_padded_mean_falls_back",
-         "case_neighbour_ops"]
+         "case_neighbour_ops", "case_seq_dims_override"]
 
 
 @pytest.fixture(scope="module")
@@ -345,6 +362,12 @@ def test_shifted_padded_loss(results):
 def test_ops_reading_neighbours_gather_and_stay_correct(results):
     out = _check(results, "case_neighbour_ops")
     assert out["gathers"], "conv1d / cumsum over the sequence need the full sequence (a gather)"
+
+
+def test_seq_dims_option_supplies_the_sequence_dim(results):
+    out = _check(results, "case_seq_dims_override")
+    assert out["raised"] and "seq_dims" in out["raised"]
+    assert out["seeds"] == {"arg10_1": 1}
 
 
 def test_mean_over_sequence_is_partial(results):
