@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
-    "explain": "ringcompile.explain",
+    "explain": "ringcompile.report",
     "ring_attention": "ringcompile.api",
     "shard": "ringcompile.api",
     "gather": "ringcompile.api",

@@ -23,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .explain import explain
+    from .report import explain
 
     cfg = ModelConfig(layers=args.layers, max_seq=max(args.seq, 16),
                       kv_heads=2 if args.model == "llama" else 4)

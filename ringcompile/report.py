@@ -1,4 +1,4 @@
-"""``ringcompile.explain``: which attentions the backend finds in a model, and what it makes of them.
+"""``ringcompile.explain()`` and its Report: which attentions the backend finds, and what it makes of them.
 
 It compiles the model with a capturing backend that runs discovery and the rewrite on every
 graph Dynamo captures (nothing distributed runs, and the model itself executes unchanged),
@@ -8,8 +8,6 @@ calls it once on the given inputs, and reports per site and per rejected candida
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -160,14 +158,3 @@ def explain(model_or_fn: Callable, *args: Any, options: dict[str, Any] | None = 
     with torch.no_grad():
         compiled(*args, **kwargs)
     return capture.report
-
-
-class _CallableModule(types.ModuleType):
-    """``ringcompile.explain`` is both this module and the function: importing the submodule makes
-    Python bind the package attribute to the module, so the module forwards calls to the function."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Report:
-        return explain(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
