@@ -192,12 +192,8 @@ def view_dim(a: Sequence[int], b: Sequence[int], dim: int, inner: int, seq: int)
     return None
 
 
+# views are handled by view_dim (they need the sequence length), not by links_for
 VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
-
-
-def view_target_shape(node: fx.Node) -> list[int] | None:
-    out = shape_of(node)
-    return list(out) if out is not None else None
 
 
 # ---------------------------------------------------------------------------- op tables
@@ -222,9 +218,6 @@ DIM_KEEPING_REDUCTIONS = {  # ops that keep every dim but combine values along o
     aten.cumsum.default, aten.cumprod.default,
 }
 NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
-MULTI_OUTPUT_OPS = {aten.native_layer_norm.default, aten.native_dropout.default, aten.split.Tensor,
-                    aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
-
 
 def is_pointwise(target: Any) -> bool:
     tags = getattr(target, "tags", ())
@@ -265,10 +258,6 @@ def links_for(node: fx.Node) -> OpRule | None:
 
 
 # ---------------------------------------------------------------------------- special rules
-
-
-def _view(node: fx.Node) -> OpRule | None:
-    return None  # handled by view_dim in the pass (needs the sequence length)
 
 
 def _expand(node: fx.Node) -> OpRule:

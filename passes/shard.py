@@ -9,7 +9,10 @@ carry the sequence (found by ``seq_dims``) are sliced at the start; placements
 * replicated meets sharded -> ``to_local`` (slice by the layout's index list);
 * replicated float feeding sharded work -> ``grad_reduce`` (its gradient is summed over ranks);
 * partial consumed by a non-linear op, or at an output -> ``reduce_partial``;
-* sharded consumed by an op with no rule along the sequence -> ``gather_seq`` (correct, not cheap).
+* ``x[:, :-k]`` of a shard -> the same shard with a shorter valid length (no communication);
+* ``x[:, k:]`` of a shard -> ``shift_seq`` (a halo of k positions from the neighbouring chunks);
+* sharded consumed by an op with no rule along the sequence (cumsum, conv1d over time, a
+  select of one position) -> ``gather_seq`` (correct, not cheap).
 
 Mean losses over the sequence (cross-entropy with ``ignore_index``) become a sum and a count,
 both all-reduced, so the loss is exactly the one-device loss. View ops get their sizes
@@ -409,15 +412,41 @@ class _Sharder:
         dim = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
         start = node.args[2] if len(node.args) > 2 else 0
         step = node.args[4] if len(node.args) > 4 else 1
-        if dim != p.dim or p.inner != 1 or shape[dim] != self.vlen(p) or step != 1 or start not in (0, None):
+        if dim != p.dim or p.inner != 1 or shape[dim] != self.vlen(p) or step != 1:
             return False
         n = shape_of(node)[dim]
+        if start not in (0, None):
+            return self.shift(node, src, p, dim, start, n)
         if n == shape[dim]:
             self.value[node] = self.value.get(src, src)
             self.pl[node] = p
             return True
         self.value[node] = self.value.get(src, src)
         self.pl[node] = self.shard(dim, 1, n)
+        return True
+
+    def _mask_junk(self, node: fx.Node, target: fx.Node, want: Shard, ignore: int) -> fx.Node:
+        """where(row is valid, local target, ignore_index) for a sharded target with junk rows."""
+        g = self.graph
+        with g.inserting_before(node):
+            ones = g.call_function(aten.ones.default, (list(shape_of(target)),), {"dtype": torch.bool})
+        valid = self._insert(node, ops.to_local.default,
+                             (ones, want.dim, want.inner, self.vlen(want), self.padded, self.layout,
+                              self.group_name, self.timeout), "valid rows")
+        return self._insert(node, aten.where.ScalarOther, (valid, self.value.get(target, target), ignore),
+                            "mask junk")
+
+    def shift(self, node: fx.Node, src: fx.Node, p: Shard, dim: int, start: int, n: int) -> bool:
+        """``x[..., k:]`` along the sequence (to the end): same layout, rows fetched as a halo."""
+        full = self.vlen(p)
+        k = start if start >= 0 else full + start
+        chunk = self.local // (2 if self.layout == "zigzag" else 1)
+        if not 0 < k <= chunk or n != full - k:
+            return False
+        self.value[node] = self._insert(node, ops.shift_seq.default,
+                                        (self.value.get(src, src), dim, k, self.padded, self.layout,
+                                         self.group_name, self.timeout), "halo")
+        self.pl[node] = self.shard(dim, 1, full - k)
         return True
 
     def loss(self, node: fx.Node) -> None:
@@ -443,9 +472,9 @@ class _Sharder:
         if tp == R:
             self.use(node, (1,), want, fill=float(ignore))  # padded / shifted-out rows are ignored
         else:
-            if self.vlen(want) != self.padded:
-                return self.replicate_all(node, "loss target sharded with padding")
             self.keep_arg(node, (1,))
+            if self.vlen(want) != self.padded:  # rows past the valid length hold junk: ignore them
+                self.set_arg(node, (1,), self._mask_junk(node, target, want, ignore))
         if reduction == 0:
             self.pl[node] = want
             return

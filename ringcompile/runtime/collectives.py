@@ -13,6 +13,8 @@ one-device gradient:
                      because the gradient of a replicated value is identical on every rank.
 * ``grad_reduce``    identity forward for a replicated value that feeds sharded work;
                      backward all-reduces the partial gradient each rank computed.
+* ``shift_seq``      ``x[..., k:, ...]`` of a shard in the same layout: a halo of ``k``
+                     positions per chunk comes from the neighbouring chunks, not a gather.
 
 A sharded tensor is described by ``dim`` and ``inner``: the global size of ``dim`` is
 ``outer * seq * inner`` (``inner`` = 1 for a plain sequence dim; > 1 when the sequence was
@@ -299,3 +301,86 @@ def _gather_backward(ctx, grad):
 
 
 gather_seq.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+# ---------------------------------------------------------------------------- shift_seq (halo)
+
+
+def _shift_plan(padded: int, world: int, rank: int, layout: str, k: int):
+    """Index lists for ``y[i] = x[i + k]`` on ``rank``'s shard: what each rank sends (the first k
+    positions of each of its chunks), and where every local output row reads from in
+    cat(local x, gathered halo table, one zero row)."""
+    from .layouts import local_chunks
+
+    chunks = local_chunks(padded, world, rank, layout)
+    pos = local_index(padded, world, rank, layout)
+    where = {p: i for i, p in enumerate(pos)}
+    table = [s + j for rr in range(world) for s, _ in local_chunks(padded, world, rr, layout)
+             for j in range(k)]
+    in_table = {p: len(pos) + j for j, p in enumerate(table)}
+    zero = len(pos) + len(table)
+    src = [where.get(p + k, in_table.get(p + k, zero)) if p + k < padded else zero for p in pos]
+    send = [where[s + j] for s, _ in chunks for j in range(k)]
+    return src, send, len(table)
+
+
+@torch.library.custom_op("ringcompile::shift_seq", mutates_args=())
+def shift_seq(x: Tensor, dim: int, k: int, padded: int, layout: str, group_name: str,
+              timeout: float) -> Tensor:
+    """``x[..., k:, ...]`` of a sequence shard, kept in the same layout: each rank receives the first
+    ``k`` positions of the chunks that follow its own (a halo), not the whole sequence."""
+    group = group_by_name(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    src, send, _ = _shift_plan(padded, world, rank, layout, k)
+    rows = x.index_select(dim, torch.tensor(send, dtype=torch.long, device=x.device)).contiguous()
+    parts = [torch.empty_like(rows) for _ in range(world)]
+    if world > 1:
+        _wait(dist.all_gather(parts, rows, group=group, async_op=True), timeout, "halo exchange", group)
+    else:
+        parts[0].copy_(rows)
+    zshape = list(x.shape)
+    zshape[dim] = 1
+    full = torch.cat([x, *parts, x.new_zeros(zshape)], dim=dim)
+    return full.index_select(dim, torch.tensor(src, dtype=torch.long, device=x.device)).contiguous()
+
+
+@shift_seq.register_fake
+def _(x, dim, k, padded, layout, group_name, timeout):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("ringcompile::shift_seq_backward", mutates_args=())
+def _shift_seq_backward(g: Tensor, dim: int, k: int, padded: int, layout: str, group_name: str,
+                        timeout: float) -> Tensor:
+    """Gradient of ``shift_seq``: local rows locally, halo rows summed back to the ranks that own them."""
+    group = group_by_name(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    src, send, n_table = _shift_plan(padded, world, rank, layout, k)
+    local = g.shape[dim]
+    shape = list(g.shape)
+    shape[dim] = local + n_table + 1
+    acc = g.new_zeros(shape).index_add_(dim, torch.tensor(src, dtype=torch.long, device=g.device), g)
+    gx = acc.narrow(dim, 0, local).clone()
+    table = acc.narrow(dim, local, n_table).contiguous()
+    if world > 1:
+        _wait(dist.all_reduce(table, group=group, async_op=True), timeout, "halo gradient exchange", group)
+    mine = table.narrow(dim, rank * len(send), len(send))
+    return gx.index_add_(dim, torch.tensor(send, dtype=torch.long, device=g.device), mine)
+
+
+@_shift_seq_backward.register_fake
+def _(g, dim, k, padded, layout, group_name, timeout):
+    return torch.empty_like(g)
+
+
+def _shift_setup(ctx, inputs, output) -> None:
+    _, ctx.dim, ctx.k, ctx.padded, ctx.layout, ctx.group_name, ctx.timeout = inputs
+
+
+def _shift_backward(ctx, grad):
+    g = _shift_seq_backward(grad.contiguous(), ctx.dim, ctx.k, ctx.padded, ctx.layout, ctx.group_name,
+                            ctx.timeout)
+    return g, None, None, None, None, None, None
+
+
+shift_seq.register_autograd(_shift_backward, setup_context=_shift_setup)

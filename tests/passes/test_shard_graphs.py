@@ -231,6 +231,16 @@ def case_neighbour_ops(rank, world):
     return _run_case(rank, world, mask=causal(), neighbours=True)
 
 
+def case_sharded_labels_shift(rank, world):
+    """Labels named as sequence inputs: labels[:, 1:] of a shard is a halo exchange, not a gather."""
+    return _run_case(rank, world, mask=causal(), shift=True, seq_dims={"arg10_1": 1, "arg11_1": 1},
+                     options={"layout": "zigzag"})
+
+
+def case_sharded_labels_shift_padded(rank, world):
+    return _run_case(rank, world, S=21, mask=causal(), shift=True, seq_dims={"arg10_1": 1, "arg11_1": 1})
+
+
 def case_seq_dims_override(rank, world):
     """No rule for roll: the sequence cannot be traced back to the inputs unless the user names it."""
     from ringcompile.errors import UnsupportedPatternError
@@ -277,6 +287,20 @@ def case_collectives(rank, world):
         w = torch.randn(full.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         (gx,) = torch.autograd.grad((full * w).sum(), [x])
         errs[f"grad_{layout}_{S}_{inner}"] = (gx - 2 * w).abs().max().item()
+    for layout, S, k in (("zigzag", 16, 1), ("contiguous", 12, 2), ("zigzag", 24, 3)):
+        padded = padded_length(S, world, layout)
+        x = torch.randn(2, S, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+        x.requires_grad_(True)
+        local = shard_tensor(x, 1, world, rank, layout)
+        y = ops.shift_seq(local, 1, k, padded, layout, "default", 30.0)
+        full = ops.gather_seq(y, 1, 1, S - k, padded, layout, "default", 30.0)  # drops the junk tail
+        errs[f"shift_{layout}_{S}_{k}"] = (full.detach() - x.detach()[:, k:]).abs().max().item()
+        w = torch.randn(full.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        (gx,) = torch.autograd.grad((full * w).sum(), [x])  # shard_tensor's grad is local: sum over ranks
+        gx = ops.reduce_partial(gx, "default", 30.0)
+        want = torch.zeros_like(x)
+        want[:, k:] = w
+        errs[f"shift_grad_{layout}_{S}_{k}"] = (gx - want).abs().max().item()
     p = torch.full((2,), float(rank + 1), dtype=torch.float64, requires_grad=True)
     total = ops.reduce_partial(p, "default", 30.0)
     errs["reduce"] = (total.detach() - sum(range(1, world + 1))).abs().max().item()
@@ -289,7 +313,8 @@ def case_collectives(rank, world):
 CASES = ["case_collectives", "case_block_causal", "case_block_bidirectional_zigzag", "case_rope_gqa_rmsnorm",
          "case_padding_no_loss", "case_sharded_outputs", "case_padded_loss", "case_shifted_loss",
          "case_shifted_padded_loss", "case_sequence_mean", "case_padded_mean_falls_back",
-         "case_neighbour_ops", "case_seq_dims_override"]
+         "case_neighbour_ops", "case_seq_dims_override", "case_sharded_labels_shift",
+         "case_sharded_labels_shift_padded"]
 
 
 @pytest.fixture(scope="module")
@@ -362,6 +387,16 @@ def test_shifted_padded_loss(results):
 def test_ops_reading_neighbours_gather_and_stay_correct(results):
     out = _check(results, "case_neighbour_ops")
     assert out["gathers"], "conv1d / cumsum over the sequence need the full sequence (a gather)"
+
+
+def test_shift_of_a_shard_uses_a_halo(results):
+    out = _check(results, "case_sharded_labels_shift")
+    assert out["gathers"] == [] and "ringcompile.shift_seq.default" in out["targets"]
+
+
+def test_shift_of_a_padded_shard(results):
+    out = _check(results, "case_sharded_labels_shift_padded")
+    assert out["gathers"] == [] and out["padded"] == 22
 
 
 def test_seq_dims_option_supplies_the_sequence_dim(results):
