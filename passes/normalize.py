@@ -57,11 +57,17 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     fake_mode = torch._guards.detect_fake_mode(fakes)
     if fake_mode is None:
         raise UnsupportedPatternError("no fake mode found on the graph inputs; cannot retrace")
+    # Under dynamic=True Dynamo turns float module attributes (e.g. nn.Embedding.norm_type) into
+    # 0-d tensor inputs read back with .item(); let that trace as an unbacked scalar.
+    allowed = fake_mode.allow_scalar_outputs
+    fake_mode.allow_scalar_outputs = fake_mode.shape_env is not None
     try:
         with fake_mode, fx_traceback.preserve_node_meta():
             aten_gm = make_fx(fx.Interpreter(gm).run, pre_dispatch=True, tracing_mode="fake")(*fakes)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "leave the graph alone"
         raise UnsupportedPatternError(f"could not retrace the graph at aten level: {exc}") from exc
+    finally:
+        fake_mode.allow_scalar_outputs = allowed
 
     new_placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     if len(new_placeholders) != len(placeholders):

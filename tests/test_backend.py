@@ -91,6 +91,27 @@ def test_dynamic_shapes_four_lengths_one_compile():
     assert backend.rewritten_op_count(backend.HISTORY[-1].graph) == 1
 
 
+def test_dynamic_model_with_float_module_attributes_is_rewritten_not_fallen_back():
+    """dynamic=True turns float module attributes (nn.Embedding.norm_type) into .item() inputs."""
+    from ringcompile.models import build_model
+
+    model = build_model("llama").eval()
+    calls = []
+
+    def counting(gm, example_inputs):
+        calls.append(1)
+        return backend.ring_backend(gm, example_inputs, options={"inner": "eager"})
+
+    compiled = torch.compile(model, backend=counting, dynamic=True)
+    for seq in (12, 20, 33):
+        ids = torch.randint(0, 100, (2, seq))
+        torch.testing.assert_close(compiled(ids), model(ids), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 1
+    entry = backend.HISTORY[-1]
+    assert entry.fallback_reason is None
+    assert backend.rewritten_op_count(entry.graph) == len(model.layers)
+
+
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
 def test_training_gradients_match_eager(inner):
     q, k, v = torch.randn(B, S, H, D), torch.randn(B, S, 2, D), torch.randn(B, S, 2, D)
