@@ -83,22 +83,28 @@ def _rank_main(rank: int, world_size: int, port: int, configs: list[dict], reps:
                     if cfg["backward"]:
                         out.backward(dout)
 
-            times, bubbles = [], []
+            times, bubbles, cpus, cpu_seconds = [], [], [], []
             for i in range(reps + 1):
                 dist.barrier()
                 with timing.record() as records:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     call()
-                    elapsed = time.perf_counter() - t0
+                    elapsed, cpu = time.perf_counter() - t0, time.thread_time() - c0
                 wait = sum(r.wait_s for r in records)
                 busy = sum(r.compute_s + r.wait_s for r in records)
                 stats = torch.tensor([elapsed, wait / busy if busy > 0 else 0.0], dtype=torch.float64)
                 dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+                cpu_total = torch.tensor([cpu], dtype=torch.float64)
+                dist.all_reduce(cpu_total)   # CPU seconds of all ranks: low when others hold the cores
                 if i > 0:  # the first call builds specs, plans and caches
                     times.append(float(stats[0]))
                     bubbles.append(float(stats[1]))
+                    cpus.append(float(cpu_total) / float(stats[0]))
+                    cpu_seconds.append(float(cpu_total))
             results.append(dict(cfg, world_size=world_size, measured=statistics.median(times), samples=times,
-                                measured_bubble=statistics.median(bubbles)))
+                                measured_bubble=statistics.median(bubbles),
+                                busy_cores=statistics.median(cpus),
+                                cpu_seconds=statistics.median(cpu_seconds)))
         if rank == 0:
             with open(out_path, "w") as fh:
                 json.dump(results, fh)
@@ -124,9 +130,14 @@ def measure(world_size: int, configs: list[dict], reps: int, timeout: float) -> 
 
 
 def predict(rows: list[dict], profile: str) -> None:
+    import sympy as sp
+    from ringcompile.cost_model import symbols as sym
     from ringcompile.cost_model.planner import choose_for_call
+    from ringcompile.cost_model.strategies import strategy_model
 
     import ringcompile
+
+    by_name = {str(s): s for s in sym.ALL}
 
     for r in rows:
         common = dict(seq_len=r["seq_len"], world_size=r["world_size"], heads=HEADS, kv_heads=KV_HEADS,
@@ -136,6 +147,10 @@ def predict(rows: list[dict], profile: str) -> None:
         p = ringcompile.plan(**common, profile=profile, strategy=r["strategy"], block_size=1 << 30)
         r["predicted"] = p.time
         r["predicted_bubble"] = p.bubble
+        # compute summed over ranks: comparable with the ranks' CPU seconds whatever else runs
+        work = strategy_model(r["strategy"], r["causal"], r["backward"]).work
+        numbers = {by_name[k]: sp.Float(v) for k, v in p.values.items()}
+        r["predicted_cpu_seconds"] = float(work.xreplace(numbers))
         choice = choose_for_call(**common, profile=profile)
         r["planner_choice"] = choice.strategy
 
@@ -154,20 +169,26 @@ def summarize(rows: list[dict]) -> dict:
         regrets.append(dict(world_size=key[0], seq_len=key[1], causal=key[2], backward=key[3],
                             chosen=chosen["strategy"], best=best["strategy"],
                             regret=chosen["measured"] / best["measured"] - 1))
+    cpu_errors = [abs(r["predicted_cpu_seconds"] - r["cpu_seconds"]) / r["cpu_seconds"] for r in rows
+                  if "cpu_seconds" in r and "predicted_cpu_seconds" in r]
     return dict(mape=statistics.mean(errors), max_ape=max(errors), n_configs=len(rows),
+                cpu_mape=statistics.mean(cpu_errors) if cpu_errors else None,
                 mean_regret=statistics.mean(r["regret"] for r in regrets),
                 max_regret=max(r["regret"] for r in regrets), regrets=regrets)
 
 
 def markdown(rows: list[dict], summary: dict) -> str:
-    lines = ["| N | S | pass | strategy | predicted (ms) | measured (ms) | error | bubble pred. / meas. |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | S | pass | strategy | predicted (ms) | measured (ms) | error | bubble pred. / meas. "
+             "| busy cores | CPU s pred. / meas. |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["world_size"], r["backward"], r["seq_len"], r["measured"])):
         err = (r["predicted"] - r["measured"]) / r["measured"]
         lines.append(f"| {r['world_size']} | {r['seq_len']} | {'fwd+bwd' if r['backward'] else 'fwd'} | "
                      f"{r['strategy']} | {r['predicted'] * 1e3:.1f} | {r['measured'] * 1e3:.1f} | "
                      f"{err:+.1%} | {r.get('predicted_bubble', 0.0):.0%} / "
-                     f"{r.get('measured_bubble', float('nan')):.0%} |")
+                     f"{r.get('measured_bubble', float('nan')):.0%} | "
+                     f"{r.get('busy_cores', float('nan')):.2f} | "
+                     f"{r.get('predicted_cpu_seconds', float('nan')):.2f} / "
+                     f"{r.get('cpu_seconds', float('nan')):.2f} |")
     lines.append("")
     lines.append("| N | S | pass | planner's choice | best measured | regret |")
     lines.append("|---|---|---|---|---|---|")
@@ -178,6 +199,8 @@ def markdown(rows: list[dict], summary: dict) -> str:
     lines.append(f"MAPE {summary['mape']:.1%} over {summary['n_configs']} configurations (max "
                  f"{summary['max_ape']:.1%}); planner regret mean {summary['mean_regret']:.1%}, max "
                  f"{summary['max_regret']:.1%}")
+    if summary.get("cpu_mape") is not None:
+        lines.append(f"compute summed over ranks vs the ranks' CPU seconds: MAPE {summary['cpu_mape']:.1%}")
     return "\n".join(lines)
 
 

@@ -139,10 +139,12 @@ def permuted_shape(node: fx.Node, perm: tuple[int, ...]) -> tuple:
 
 def module_path(source: str) -> str:
     """``L['self'].layers[0]._modules['attn']`` -> ``layers.0.attn`` (``G['mha']`` -> ``mha``)."""
-    path = re.sub(r"^[LG]\['([^']+)'\]", r"\1", source)
-    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"""^[LG]\[(['"])(.+?)\1\]""", r"\2", source)
+    path = re.sub(r"""^[LG]\[['"]""", "", path)  # a frame local whose quote was cut: L['blocks[1].attn
+    path = re.sub(r"""\._(?:modules|parameters|buffers)\[(['"])([^'"]+)\1\]""", r".\2", path)
+    path = re.sub(r"""\[(['"])([^'"]+)\1\]""", r".\2", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = path.replace("'", "").replace('"', "")
     for prefix in ("self.", "self"):
         if path.startswith(prefix):
             path = path[len(prefix):]

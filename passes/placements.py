@@ -92,9 +92,37 @@ def val_of(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
 
+def hint_of(size: Any) -> int | None:
+    """The example value of a size (an int, or a SymInt's hint), read without adding a guard."""
+    if isinstance(size, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        try:
+            return int(optimization_hint(size))
+        except Exception:  # noqa: BLE001 - unbacked sizes have no hint
+            return None
+    return int(size)
+
+
 def shape_of(node: Any) -> tuple[int, ...] | None:
+    """Shape of a node's value; symbolic sizes read as their example values (hints), never guarded."""
     v = val_of(node)
-    return tuple(int(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
+    if not isinstance(v, torch.Tensor):
+        return None
+    shape = tuple(hint_of(s) for s in v.shape)
+    return None if any(s is None for s in shape) else shape
+
+
+def size_expr(size: Any) -> Any:
+    """A size as a sympy expression (an Integer for a static size): compared structurally, no guards."""
+    import sympy
+
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def sym_shape_of(node: Any) -> tuple | None:
+    v = val_of(node)
+    return tuple(size_expr(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
 
 def get_arg(node: fx.Node, path: ArgPath) -> Any:
@@ -128,11 +156,20 @@ def broadcast_links(node: fx.Node, paths: Sequence[ArgPath], out_ndim: int,
         s = shape_of(get_arg(node, path))
         if s is None:
             continue
+        exprs, out_exprs = sym_shape_of(get_arg(node, path)), _out_exprs(node, out_index)
         off = out_ndim - len(s)
         for i, n in enumerate(s):
-            if n == out_shape[i + off] and not (n == 1 and out_shape[i + off] != 1):
+            if n == out_shape[i + off] and not (n == 1 and out_shape[i + off] != 1) and (
+                    out_exprs is None or exprs[i] == out_exprs[i + off]):
                 links.append(DimLink(path, i, i + off, out_index))
     return links
+
+
+def _out_exprs(node: fx.Node, out_index: int | None) -> tuple | None:
+    v = val_of(node)
+    if out_index is not None and isinstance(v, (tuple, list)):
+        v = v[out_index]
+    return tuple(size_expr(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
 
 
 # ---------------------------------------------------------------------------- views
@@ -313,9 +350,10 @@ def _select(node: fx.Node) -> OpRule:
 def _slice(node: fx.Node) -> OpRule:
     """Slicing keeps every dim; along the sliced dim only a full-range slice keeps the link."""
     s, out = shape_of(node.args[0]), shape_of(node)
+    se, oe = sym_shape_of(node.args[0]), sym_shape_of(node)
     d = (node.args[1] if len(node.args) > 1 else 0) % len(s)
-    return OpRule([DimLink((0,), i, i) for i in range(len(s)) if i != d or s[i] == out[i]],
-                  linear_in=((0,),))
+    keep = [i for i in range(len(s)) if i != d or (s[i] == out[i] and se[i] == oe[i])]
+    return OpRule([DimLink((0,), i, i) for i in keep], linear_in=((0,),))
 
 
 def _cat(node: fx.Node) -> OpRule:

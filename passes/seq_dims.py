@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ringcompile.errors import UnsupportedPatternError
 
-from .placements import GETITEM, VIEW_OPS, Shard, get_arg, links_for, shape_of, view_dim
+from .placements import GETITEM, VIEW_OPS, Shard, get_arg, links_for, shape_of, size_expr, val_of, view_dim
 
 RING_OP = torch.ops.ringcompile.ring_attention.default
 
@@ -34,11 +34,18 @@ def global_seq_len(ops: Iterable[fx.Node]) -> int:
             if shape is None or len(shape) != 4:
                 raise UnsupportedPatternError(f"attention input {x} has no static 4-D shape")
             lengths.add(shape[2])
-    if len(lengths) != 1:
+    exprs = {size_expr(val_of(x).shape[2]) for op in ops for x in op.args[:3]}
+    if len(lengths) != 1 or len(exprs) != 1:
         raise UnsupportedPatternError(
-            f"attention calls in one graph disagree on the sequence length {sorted(lengths)} "
+            f"attention calls in one graph disagree on the sequence length {sorted(map(str, exprs))} "
             "(cross-attention or several sequences): the graph is compiled unsharded")
     return lengths.pop()
+
+
+def global_seq_size(ops: Iterable[fx.Node]) -> int | torch.SymInt:
+    """The sequence length as the graph knows it: an int, or a SymInt under dynamic shapes."""
+    global_seq_len(ops)
+    return val_of(next(iter(ops)).args[0]).shape[2]
 
 
 def input_name(node: fx.Node) -> str:

@@ -14,6 +14,14 @@ carry the sequence (found by ``seq_dims``) are sliced at the start; placements
 * sharded consumed by an op with no rule along the sequence (cumsum, conv1d over time, a
   select of one position) -> ``gather_seq`` (correct, not cheap).
 
+Dynamic shapes: when the sequence length is a SymInt (``torch.compile(dynamic=True)`` or Dynamo's
+automatic dynamic shapes), decisions are made on the example length (the SymInt's hint, read without
+a guard) but nothing length-dependent is baked in: ``passes.sym_sizes.SymSizes`` emits nodes that
+compute the padded length, the local length, shifted valid lengths and local view sizes from the
+graph's size inputs at run time; ``sym_size`` reads of sharded tensors are replaced by the global
+size; a reduction over the sequence (whose padding is known only at run time) runs on the gathered
+sequence. One compiled graph then serves every length, padded or not.
+
 Mean losses over the sequence (cross-entropy with ``ignore_index``) become a sum and a count,
 both all-reduced, so the loss is exactly the one-device loss. View ops get their sizes
 rewritten to the local length. Anything the pass cannot do raises
@@ -23,6 +31,7 @@ rewritten to the local length. Anything the pass cannot do raises
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,38 +54,46 @@ from .placements import (
     Shard,
     arg_or_kwarg,
     get_arg,
+    hint_of,
     links_for,
     resolve_shape,
     shape_of,
+    size_expr,
+    sym_shape_of,
     tensor_paths,
     val_of,
     view_dim,
 )
-from .seq_dims import RING_OP, attention_ops, find_seq_dims, global_seq_len, input_name
+from .seq_dims import RING_OP, attention_ops, find_seq_dims, global_seq_len, global_seq_size, input_name
+from .sym_sizes import SymSizes
 
 log = get_logger(__name__)
 aten = torch.ops.aten
 ops = torch.ops.ringcompile
 
 LOSS_OPS = {aten.cross_entropy_loss.default, aten.nll_loss.default, aten.nll_loss_nd.default}
-SYMBOLIC_SHAPES_MSG = ("the graph has symbolic (dynamic) shapes; sequence sharding needs static shapes "
-                       "(compile with dynamic=False), so it runs unsharded")
+SYMBOLIC_SHAPES_MSG = ("a tensor of the graph has a data-dependent (unbacked) size; sequence sharding needs "
+                       "sizes with example values, so the graph runs unsharded")
+DYNAMIC_REDUCE_MSG = ("the sequence length is symbolic, so whether padding exists is known only at run time: "
+                      "this reduction over the sequence runs on the gathered sequence")
 
 
 @dataclasses.dataclass
 class ShardReport:
     """What the pass did to one graph (kept on ``gm.meta['ringcompile_shard']``)."""
 
-    seq_len: int
+    seq_len: int  # the example's length (and padded length) when ``dynamic``
     padded: int
     world_size: int
     layout: str
     seeds: dict[str, int]
     gathers: list[str] = dataclasses.field(default_factory=list)
     reductions: int = 0
+    dynamic: bool = False  # the sequence length is a SymInt: lengths are computed in the graph at run time
 
 
-def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: int) -> str:
+def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: int, dynamic: bool = False
+                  ) -> str:
     """The user's layout, else the one the strategy needs, else zigzag for causal masks.
 
     With ``outputs="sharded"`` the user assembles outputs with ``ringcompile.gather``, whose
@@ -90,15 +107,17 @@ def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: i
     if options.strategy in ("ring", "allgather", "ulysses", "local"):
         return "contiguous"
     causal = any(m is not None and ("causal" in m.kinds or m.params.get("causal")) for m in masks)
-    if causal and coll.padded_length(seq_len, world, "zigzag") == seq_len:
+    if causal and (dynamic or coll.padded_length(seq_len, world, "zigzag") == seq_len):
         return "zigzag"
     return "contiguous"
 
 
 class _Sharder:
     def __init__(self, gm: fx.GraphModule, options: Options, seq_len: int, layout: str, world: int,
-                 group_name: str):
+                 group_name: str, sizes: SymSizes | None = None):
         self.gm, self.graph, self.options = gm, gm.graph, options
+        self.sizes = sizes  # set when the sequence length is symbolic
+        self.dynamic = sizes is not None
         self.seq, self.layout, self.world, self.group_name = seq_len, layout, world, group_name
         self.padded = coll.padded_length(seq_len, world, layout)
         self.local = self.padded // world
@@ -108,6 +127,15 @@ class _Sharder:
         self.cache: dict[tuple, fx.Node] = {}
         self.gathers: list[str] = []
         self.reductions = 0
+
+    # ------------------------------------------------------------------ lengths written into the graph
+
+    def len_arg(self, n: int) -> Any:
+        """Global length ``n`` (an example value when dynamic) as an op argument."""
+        return self.sizes.length(n) if self.dynamic else n
+
+    def padded_arg(self) -> Any:
+        return self.sizes.padded if self.dynamic else self.padded
 
     # ------------------------------------------------------------------ conversions
 
@@ -138,8 +166,8 @@ class _Sharder:
             full = self.cache.get((node, R))
             if full is None:
                 full = self._insert(before, ops.gather_seq.default,
-                                    (v, have.dim, have.inner, self.vlen(have), self.padded, self.layout,
-                                     self.group_name, self.timeout), "gather")
+                                    (v, have.dim, have.inner, self.len_arg(self.vlen(have)),
+                                     self.padded_arg(), self.layout, self.group_name, self.timeout), "gather")
                 if not at_output:
                     self.gathers.append(node.name)
                 self.cache[(node, R)] = full
@@ -159,8 +187,8 @@ class _Sharder:
         if key in self.cache:
             return self.cache[key]
         if isinstance(want, Shard):
-            args = (v, want.dim, want.inner, self.vlen(want), self.padded, self.layout, self.group_name,
-                    self.timeout)
+            args = (v, want.dim, want.inner, self.len_arg(self.vlen(want)), self.padded_arg(), self.layout,
+                    self.group_name, self.timeout)
             out = self._insert(before, ops.to_local.default, args + ((float(fill),) if fill else ()),
                                "to_local")
         elif want == "grad":
@@ -221,9 +249,11 @@ class _Sharder:
 
     def run(self, seeds: dict[fx.Node, Shard]) -> None:
         nodes = list(self.graph.nodes)
-        first = next(n for n in nodes if n.op != "placeholder")
+        first = self.sizes.anchor if self.dynamic else next(n for n in nodes if n.op != "placeholder")
         for node in nodes:
-            if node.op == "placeholder":
+            if node.meta.get("ringcompile") == "size":  # emitted by SymSizes: global sizes, replicated
+                self.pl[node] = R
+            elif node.op == "placeholder":
                 self.pl[node] = R
                 if node in seeds:
                     self.pl[node] = seeds[node]
@@ -247,6 +277,8 @@ class _Sharder:
         placements = [self.placement(get_arg(node, p)) for p in paths]
         if t is RING_OP:
             return self.attention(node)
+        if self.dynamic and _is_sym_scalar(node):
+            return self.sym_scalar(node)
         if all(isinstance(p, Replicate) for p in placements):
             self.keep(node)
             self.pl[node] = _replicated_like(node)
@@ -257,7 +289,7 @@ class _Sharder:
             return self.loss(node)
         if t == aten.slice.Tensor and self.slice_seq(node):
             return
-        if _has_symbolic(node):
+        if shape_of(node) is None and _has_unbacked(node):
             raise UnsupportedPatternError(SYMBOLIC_SHAPES_MSG)
         if _mutates(t) and paths and not isinstance(placements[0], Shard):
             # x.add_(sharded) on a full x: slicing x would mutate a copy; compute on full values
@@ -330,6 +362,8 @@ class _Sharder:
             return
         # the sequence dim is reduced by a linear op (sum, mean, matmul contraction): Partial
         junk = [p for p in placements if isinstance(p, Shard) and self.vlen(p) != self.padded]
+        if self.dynamic and any(isinstance(p, Shard) for p in placements):
+            return self.replicate_all(node, DYNAMIC_REDUCE_MSG)
         if junk:
             raise UnsupportedPatternError(
                 f"{node.name} reduces over a sequence with padded or shifted positions ({self.seq} tokens on "
@@ -364,7 +398,9 @@ class _Sharder:
             match = [lk for lk in links if lk.arg == path and lk.out_dim == out.dim]
             shape = shape_of(get_arg(node, path))
             if match and shape is not None and \
-                    shape[match[0].in_dim] == shape_of_out(node, match[0].out_index)[out.dim]:
+                    shape[match[0].in_dim] == shape_of_out(node, match[0].out_index)[out.dim] and \
+                    sym_shape_of(get_arg(node, path))[match[0].in_dim] == \
+                    _out_size_expr(node, match[0].out_index, out.dim):
                 self.use(node, path, Shard(match[0].in_dim, out.inner, out.valid))
             else:
                 self.use(node, path, "grad")
@@ -373,6 +409,10 @@ class _Sharder:
         """Rewrite explicit size arguments (expand) to the local length."""
         if node.target == aten.expand.default:
             sizes = list(node.args[1])
+            if self.dynamic:  # -1: keep the (already local) input size
+                sizes[out.dim] = -1
+                self.set_arg(node, (1,), sizes)
+                return
             full = shape_of(node)
             sizes[out.dim] = full[out.dim] // self.vlen(out) * self.local
             self.set_arg(node, (1,), sizes)
@@ -397,7 +437,14 @@ class _Sharder:
             return self.replicate_all(node, "a view splits the sequence dim")
         out = self.shard(out.dim, out.inner, p.valid)
         self.keep(node)
-        sizes = resolve_shape(b, int(val_of(node).numel()))
+        if self.dynamic:
+            sizes = list(node.args[1])
+            if not (isinstance(sizes[out.dim], int) and sizes[out.dim] == -1):
+                sizes[out.dim] = self.sizes.local_size(val_of(node).shape[out.dim], self.vlen(out))
+            self.set_arg(node, (1,), sizes)
+            self.pl[node] = out
+            return
+        sizes = resolve_shape(b, math.prod(b))
         sizes[out.dim] = sizes[out.dim] // self.vlen(out) * self.local
         self.set_arg(node, (1,), sizes)
         self.pl[node] = out
@@ -414,7 +461,12 @@ class _Sharder:
         step = node.args[4] if len(node.args) > 4 else 1
         if dim != p.dim or p.inner != 1 or shape[dim] != self.vlen(p) or step != 1:
             return False
+        if not isinstance(start, int | None):
+            return False
         n = shape_of(node)[dim]
+        if self.dynamic and (self.sizes.offset(val_of(src).shape[dim]) != self.seq - shape[dim]
+                             or self.sizes.offset(val_of(node).shape[dim]) != self.seq - n):
+            return False  # not (sequence length - constant) for every length
         if start not in (0, None):
             return self.shift(node, src, p, dim, start, n)
         if n == shape[dim]:
@@ -428,11 +480,14 @@ class _Sharder:
     def _mask_junk(self, node: fx.Node, target: fx.Node, want: Shard, ignore: int) -> fx.Node:
         """where(row is valid, local target, ignore_index) for a sharded target with junk rows."""
         g = self.graph
+        full = list(shape_of(target))
+        if self.dynamic:  # the global shape of the target, computed at run time
+            full = [self.sizes.emit(size_expr(s)) for s in val_of(target).shape]
         with g.inserting_before(node):
-            ones = g.call_function(aten.ones.default, (list(shape_of(target)),), {"dtype": torch.bool})
+            ones = g.call_function(aten.ones.default, (full,), {"dtype": torch.bool})
         valid = self._insert(node, ops.to_local.default,
-                             (ones, want.dim, want.inner, self.vlen(want), self.padded, self.layout,
-                              self.group_name, self.timeout), "valid rows")
+                             (ones, want.dim, want.inner, self.len_arg(self.vlen(want)), self.padded_arg(),
+                              self.layout, self.group_name, self.timeout), "valid rows")
         return self._insert(node, aten.where.ScalarOther, (valid, self.value.get(target, target), ignore),
                             "mask junk")
 
@@ -444,7 +499,7 @@ class _Sharder:
         if not 0 < k <= chunk or n != full - k:
             return False
         self.value[node] = self._insert(node, ops.shift_seq.default,
-                                        (self.value.get(src, src), dim, k, self.padded, self.layout,
+                                        (self.value.get(src, src), dim, k, self.padded_arg(), self.layout,
                                          self.group_name, self.timeout), "halo")
         self.pl[node] = self.shard(dim, 1, full - k)
         return True
@@ -473,7 +528,7 @@ class _Sharder:
             self.use(node, (1,), want, fill=float(ignore))  # padded / shifted-out rows are ignored
         else:
             self.keep_arg(node, (1,))
-            if self.vlen(want) != self.padded:  # rows past the valid length hold junk: ignore them
+            if self.dynamic or self.vlen(want) != self.padded:  # rows past the valid length hold junk
                 self.set_arg(node, (1,), self._mask_junk(node, target, want, ignore))
         if reduction == 0:
             self.pl[node] = want
@@ -510,12 +565,21 @@ class _Sharder:
                 if i == 4:
                     self.use(node, (i, j), "grad")
         args = list(node.args)
-        args[5] = self.seq
+        args[5] = self.len_arg(self.seq)
         spec = get_spec(args[6])
         args[6] = register_spec(spec.replace(layout=self.layout, group=self.options.group,
                                              mesh_dim=self.options.mesh_dim))
         node.args = tuple(args)
         self.pl[node] = (Shard(2), Shard(2))
+
+    def sym_scalar(self, node: fx.Node) -> None:
+        """A size read from a (now local) tensor, e.g. ``sym_size(k, 2)``: the global size, recomputed from
+        the graph's size inputs."""
+        if all(isinstance(self.placement(get_arg(node, p)), Replicate) for p in tensor_paths(node)):
+            self.keep(node)
+        else:
+            node.replace_all_uses_with(self.sizes.emit(size_expr(val_of(node))))
+        self.pl[node] = R
 
     def outputs(self, node: fx.Node) -> None:
         sharded_out = self.options.outputs == "sharded"
@@ -537,7 +601,24 @@ def shape_of_out(node: fx.Node, out_index: int | None) -> tuple[int, ...]:
     v = val_of(node)
     if out_index is not None and isinstance(v, (tuple, list)):
         v = v[out_index]
-    return tuple(int(s) for s in v.shape)
+    return tuple(hint_of(s) for s in v.shape)
+
+
+def _out_size_expr(node: fx.Node, out_index: int | None, dim: int) -> Any:
+    v = val_of(node)
+    if out_index is not None and isinstance(v, (tuple, list)):
+        v = v[out_index]
+    return size_expr(v.shape[dim])
+
+
+def _is_sym_scalar(node: fx.Node) -> bool:
+    return isinstance(val_of(node), torch.SymInt)
+
+
+def _has_unbacked(node: fx.Node) -> bool:
+    v = val_of(node)
+    vals = v if isinstance(v, (tuple, list)) else [v]
+    return any(isinstance(x, torch.Tensor) and any(hint_of(s) is None for s in x.shape) for x in vals)
 
 
 def _like(node: fx.Node, p: Any) -> Any:
@@ -554,16 +635,9 @@ def _mutates(target: Any) -> bool:
     return bool(schema is not None and schema.is_mutable)
 
 
-def _has_symbolic(node: fx.Node) -> bool:
-    v = val_of(node)
-    vals = v if isinstance(v, (tuple, list)) else [v]
-    return any(isinstance(x, torch.Tensor) and any(not isinstance(s, int) for s in x.shape) for x in vals)
-
-
-def _check_static(gm: fx.GraphModule) -> None:
-    for node in gm.graph.nodes:
-        v = val_of(node)
-        if isinstance(v, torch.SymInt) or (node.op == "placeholder" and _has_symbolic(node)):
+def _check_hinted(gm: fx.GraphModule) -> None:
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if _has_unbacked(node):
             raise UnsupportedPatternError(SYMBOLIC_SHAPES_MSG)
 
 
@@ -579,7 +653,12 @@ def _refresh_meta(gm: fx.GraphModule) -> None:
 
         mode = FakeTensorMode()
         inputs = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in inputs]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    allowed = mode.allow_scalar_outputs
+    mode.allow_scalar_outputs = mode.shape_env is not None  # .item() of Dynamo's unspecialised floats
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    finally:
+        mode.allow_scalar_outputs = allowed
 
 
 def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options) -> fx.GraphModule:
@@ -594,15 +673,19 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
     if not ops_:
         raise UnsupportedPatternError("no rewritten attention in the graph: nothing says where the sequence "
                                       "is")
-    _check_static(aten_gm)
+    _check_hinted(aten_gm)
     seq = global_seq_len(ops_)
+    seq_size = global_seq_size(ops_)
+    dynamic = isinstance(seq_size, torch.SymInt)
     seeds = find_seq_dims(aten_gm, seq, options.seq_dims)
     if not seeds:
         raise UnsupportedPatternError(
             "no graph input carries the attention's sequence dim; pass options={'seq_dims': {name: dim}}")
-    layout = choose_layout(options, [get_spec(op.args[6]).mask for op in ops_], seq, group.world_size)
+    masks = [get_spec(op.args[6]).mask for op in ops_]
+    layout = choose_layout(options, masks, seq, group.world_size, dynamic)
     name = coll.group_name_of(group.group)
-    sharder = _Sharder(aten_gm, options, seq, layout, group.world_size, name)
+    sizes = SymSizes(aten_gm, seq_size, group.world_size, layout) if dynamic else None
+    sharder = _Sharder(aten_gm, options, seq, layout, group.world_size, name, sizes)
     sharder.run(seeds)
     aten_gm.graph.eliminate_dead_code()
     aten_gm.graph.lint()
@@ -610,7 +693,7 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
     _refresh_meta(aten_gm)
     seed_names = {input_name(n): s.dim for n, s in seeds.items()}
     report = ShardReport(seq, sharder.padded, group.world_size, layout, seed_names, sharder.gathers,
-                         sharder.reductions)
+                         sharder.reductions, dynamic)
     aten_gm.meta["ringcompile_shard"] = report
     log.info("ringcompile shard: seq %d on %d ranks (%s, padded %d); inputs %s; %d gathers %s; "
              "%d all-reduces",

@@ -331,6 +331,10 @@ def shift_seq(x: Tensor, dim: int, k: int, padded: int, layout: str, group_name:
     ``k`` positions of the chunks that follow its own (a halo), not the whole sequence."""
     group = group_by_name(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    chunk = padded // (world * (2 if layout == "zigzag" else 1))
+    if not 0 < k <= chunk:  # a graph compiled for dynamic lengths may meet a sequence this short
+        raise ShapeMismatchError(f"cannot shift a sequence shard by {k} positions: the chunks of this "
+                                 f"{padded}-position ({layout}) sequence hold {chunk}; use a longer sequence")
     src, send, _ = _shift_plan(padded, world, rank, layout, k)
     rows = x.index_select(dim, torch.tensor(send, dtype=torch.long, device=x.device)).contiguous()
     parts = [torch.empty_like(rows) for _ in range(world)]
