@@ -61,9 +61,10 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     # 0-d tensor inputs read back with .item(); let that trace as an unbacked scalar.
     allowed = fake_mode.allow_scalar_outputs
     fake_mode.allow_scalar_outputs = fake_mode.shape_env is not None
+    retracer = _Retracer(gm)  # reads real example values: outside the fake mode
     try:
         with fake_mode, fx_traceback.preserve_node_meta():
-            aten_gm = make_fx(fx.Interpreter(gm).run, pre_dispatch=True, tracing_mode="fake")(*fakes)
+            aten_gm = make_fx(retracer.run, pre_dispatch=True, tracing_mode="fake")(*fakes)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "leave the graph alone"
         raise UnsupportedPatternError(f"could not retrace the graph at aten level: {exc}") from exc
     finally:
@@ -87,6 +88,41 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
                 new.meta[key] = old.meta[key]
     log.debug("normalised graph:\n%s", aten_gm.graph)
     return aten_gm
+
+
+class _Retracer(fx.Interpreter):
+    """Replays the Dynamo graph, pinning unspecialised float inputs read back with ``.item()``.
+
+    Under dynamic shapes Dynamo passes float module attributes (LayerNorm's eps, an attention
+    scale, a dropout p) as 0-d tensors and reads them with ``.item()``; traced symbolically they
+    become unbacked floats that ops like layer_norm cannot take. Their value at compile time is
+    used instead, with a run-time assertion in the graph so a changed value fails loudly
+    rather than computing with the old one.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.pinned: dict[fx.Node, float | int | bool] = {}
+        for n in gm.graph.nodes:
+            if n.op != "placeholder" or not n.users:
+                continue
+            if not all(u.op == "call_method" and u.target == "item" for u in n.users):
+                continue
+            example = getattr(n.meta.get("grapharg"), "example", None)
+            if isinstance(example, torch.Tensor) and example.dim() == 0:
+                self.pinned[n] = example.item()
+            elif isinstance(example, (float, int, bool)):
+                self.pinned[n] = example
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_method" and n.target == "item" and n.args[0] in self.pinned:
+            value = self.pinned[n.args[0]]
+            tensor = self.env[n.args[0]]
+            torch._assert_async(torch.eq(tensor, value),
+                                f"ringcompile: {n.args[0].name} changed since compilation (was {value!r}); "
+                                "recompile the model (torch._dynamo.reset()) after changing it")
+            return value
+        return super().run_node(n)
 
 
 def fake_mode_of(gm: fx.GraphModule) -> Any:

@@ -112,6 +112,32 @@ def test_dynamic_model_with_float_module_attributes_is_rewritten_not_fallen_back
     assert backend.rewritten_op_count(entry.graph) == len(model.layers)
 
 
+class _NormedAttention(torch.nn.Module):
+    """LayerNorm's eps becomes a 0-d tensor input read with .item() under dynamic=True."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(16, eps=1e-5)
+
+    def forward(self, x):
+        q = self.norm(x).view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+
+def test_dynamic_float_attributes_are_pinned_with_a_runtime_check():
+    model = _NormedAttention().double()
+    compiled = torch.compile(model, backend="ring", options={"inner": "eager"}, dynamic=True)
+    for seq in (10, 17, 23):
+        x = torch.randn(2, seq, 16, dtype=torch.float64)
+        torch.testing.assert_close(compiled(x), model(x))
+    entry = backend.HISTORY[-1]
+    assert entry.fallback_reason is None and backend.rewritten_op_count(entry.graph) == 1
+    assert "_assert_async" in entry.graph.code  # the pinned eps is checked at run time
+    model.norm.eps = 1e-2  # a changed value must never be computed with the pinned one
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
 def test_training_gradients_match_eager(inner):
     q, k, v = torch.randn(B, S, H, D), torch.randn(B, S, 2, D), torch.randn(B, S, 2, D)
