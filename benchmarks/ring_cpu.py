@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         res["iters"], res["warmup"] = impl_cfg["iters"], impl_cfg["warmup"]
         res["wall_s"] = time.time() - t0
         rows.append(res)
-        print(f"{impl}: {res['step_s']:.2f} s/step (sample err {res['sample_max_err']:.1e})", flush=True)
+        print(f"{impl}: {res['step_s']:.2f} s/step, {res['cpu_s_all_ranks']:.2f} CPU s, bubble "
+              f"{res.get('bubble', float('nan')):.3f} (sample err {res['sample_max_err']:.1e})", flush=True)
     single = [r["step_s"] for r in rows if r["impl"] in SINGLE]
     best_single = min(single) if single else None
     luc = next((r["step_s"] for r in rows if r["impl"] == "lucidrains"), None)
