@@ -93,16 +93,20 @@ def check_ranks_agree(comm: Communicator, meta: list[int], cache_key: Hashable |
     Ranks whose own inputs failed validation take part too (flag 0), so the others fail at once
     instead of waiting for them until the timeout.
 
-    With ``cache_key`` the check runs once per key (a real process group: ranks cache alike);
-    simulated ranks share one process and pass None.
+    With ``cache_key`` the check runs once per key on CUDA (a real process group: ranks cache
+    alike); on CPU it runs every call; simulated ranks share one process and pass None.
     """
     if comm.world_size == 1:
         return
+    device = getattr(comm, "device", None) or torch.device("cpu")
+    if device.type == "cpu":
+        # one tiny all_gather: run it every call, so a rank whose shapes change on a later call is
+        # still named at once (on CUDA the check costs a host sync, so it runs once per key)
+        cache_key = None
     if cache_key is not None:
         with _LOCK:
             if cache_key in _CHECKED:
                 return
-    device = getattr(comm, "device", None) or torch.device("cpu")
     rows = comm.all_gather(torch.tensor(meta, dtype=torch.int64, device=device), 0,
                            "metadata check (before the ring)").wait()
     table = [[int(x) for x in r.cpu().tolist()] for r in rows]

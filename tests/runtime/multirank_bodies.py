@@ -183,6 +183,15 @@ def _error_checks(rank: int, world: int) -> list[str]:
                 lambda: ringcompile.ring_attention(q5, k5, v5, strategy="ring", timeout=20.0))
     if time.monotonic() - start > 10.0:
         failures.append("invalid inputs on one rank: the others waited for the timeout")
+    # a mismatch on a LATER call (after a call with these shapes succeeded) is still named at once
+    q6, k6, v6 = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(3))
+    ringcompile.ring_attention(q6, k6, v6, strategy="ring", timeout=20.0)
+    q7, k7, v7 = (torch.randn(1, 2, 6 if rank == odd else 4, 8, generator=g) for _ in range(3))
+    start = time.monotonic()
+    _expect(failures, "later-call mismatch", ShapeMismatchError, f"rank {odd} has local query length 6",
+            lambda: ringcompile.ring_attention(q7, k7, v7, strategy="ring", timeout=20.0))
+    if time.monotonic() - start > 10.0:
+        failures.append("later-call mismatch: ranks waited for the timeout")
     # the group still works afterwards
     dist.barrier()
     return failures
