@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blockwise import blockwise_attention
 from hypothesis import given
 from hypothesis import strategies as st
 from ringcompile.kernels import cpu, reference
@@ -123,26 +124,9 @@ def test_blockwise_cpu_equals_float64_attention(mask_name, gqa):
     cuts = [(0, 17), (17, S)]
     kw = dict(scale=0.3, seq_len=S, mask=mask, score=score, mask_extras=mask_extras,
               score_extras=score_extras)
-    outs, lses = [], []
-    for q0, q1 in cuts:
-        out = lse = None
-        for k0, k1 in cuts:
-            o, s = cpu.block_forward(q32[:, :, q0:q1], k32[:, :, k0:k1], v32[:, :, k0:k1], q_offset=q0,
-                                     kv_offset=k0, **kw)
-            out, lse = reference.merge_partials(out, lse, o, s)
-        outs.append(out)
-        lses.append(lse)
-    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+    out, lse, dq, dk, dv = blockwise_attention(cpu.block_forward, cpu.block_backward, q32, k32, v32, do32,
+                                               cuts, **kw)
     torch.testing.assert_close(out.double(), expected.detach(), atol=2e-5, rtol=2e-5)
-
-    dq, dk, dv = torch.zeros_like(q32), torch.zeros_like(k32), torch.zeros_like(v32)
-    for q0, q1 in cuts:
-        for k0, k1 in cuts:
-            g = cpu.block_backward(q32[:, :, q0:q1], k32[:, :, k0:k1], v32[:, :, k0:k1], out[:, :, q0:q1],
-                                   do32[:, :, q0:q1], lse[:, :, q0:q1], q_offset=q0, kv_offset=k0, **kw)
-            dq[:, :, q0:q1] += g[0]
-            dk[:, :, k0:k1] += g[1]
-            dv[:, :, k0:k1] += g[2]
     for got, ref in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
         torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from blockwise import blockwise_attention
 from hypothesis import given
 from hypothesis import strategies as st
 from ringcompile.kernels import cpu, dropout, reference
@@ -92,28 +93,12 @@ def test_block_dropout_matches_float64(kernels, masked):
     q32, k32, v32, do32 = (t.float() for t in (q, k, v, dout))
     kw = dict(scale=0.4, seq_len=S, mask=mask, dropout_p=p, dropout_seed=torch.tensor([seed]))
     cuts = [(0, 10), (10, S)]
-    outs, lses = [], []
-    for q0, q1 in cuts:
-        out = lse = None
-        for k0, k1 in cuts:
-            o, s = kernels.block_forward(q32[:, :, q0:q1], k32[:, :, k0:k1], v32[:, :, k0:k1], q_offset=q0,
-                                         kv_offset=k0, **kw)
-            out, lse = reference.merge_partials(out, lse, o, s)
-        outs.append(out)
-        lses.append(lse)
-    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+    out, lse, *grads = blockwise_attention(kernels.block_forward, kernels.block_backward, q32, k32, v32, do32,
+                                           cuts, **kw)
     torch.testing.assert_close(out.double(), expected.detach(), atol=2e-5, rtol=2e-5)
     no_drop = reference.attention_reference(q, k, v, scale=0.4, mask=mask)
     assert not torch.allclose(out.double(), no_drop, atol=1e-3)  # dropout really happened
 
-    grads = [torch.zeros_like(t) for t in (q32, k32, v32)]
-    for q0, q1 in cuts:
-        for k0, k1 in cuts:
-            g = kernels.block_backward(q32[:, :, q0:q1], k32[:, :, k0:k1], v32[:, :, k0:k1], out[:, :, q0:q1],
-                                       do32[:, :, q0:q1], lse[:, :, q0:q1], q_offset=q0, kv_offset=k0, **kw)
-            grads[0][:, :, q0:q1] += g[0]
-            grads[1][:, :, k0:k1] += g[1]
-            grads[2][:, :, k0:k1] += g[2]
     for got, ref in zip(grads, (qr.grad, kr.grad, vr.grad), strict=True):
         torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
 

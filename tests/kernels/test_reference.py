@@ -1,14 +1,10 @@
 """The block-math contract: blockwise forward/backward with merging equals full float64 attention."""
 
 import torch
+from blockwise import blockwise_attention
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcompile.kernels.reference import (
-    attention_reference,
-    block_backward,
-    block_forward,
-    merge_partials,
-)
+from ringcompile.kernels.reference import attention_reference, block_backward, block_forward
 
 from ringcompile import mods
 
@@ -45,26 +41,8 @@ def test_blockwise_equals_full(S, blocks, groups, kind, seed):
     size = -(-S // blocks)
     cuts = [(s, min(s + size, S)) for s in range(0, S, size)]
     kw = dict(scale=scale, seq_len=S, mask=mask, score=score, mask_extras=me, score_extras=se)
-    outs, lses = [], []
-    for qs, qe in cuts:
-        out = lse = None
-        for ks, ke in cuts:
-            o, m = block_forward(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], q_offset=qs,
-                                 kv_offset=ks, **kw)
-            out, lse = merge_partials(out, lse, o, m)
-        outs.append(out)
-        lses.append(lse)
-    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)
+    out, lse, dq, dk, dv = blockwise_attention(block_forward, block_backward, q, k, v, dout, cuts, **kw)
     torch.testing.assert_close(out, ref.detach(), atol=1e-10, rtol=1e-10)
-
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for qs, qe in cuts:
-        for ks, ke in cuts:
-            g_ = block_backward(q[:, :, qs:qe], k[:, :, ks:ke], v[:, :, ks:ke], out[:, :, qs:qe],
-                                dout[:, :, qs:qe], lse[:, :, qs:qe], q_offset=qs, kv_offset=ks, **kw)
-            dq[:, :, qs:qe] += g_[0]
-            dk[:, :, ks:ke] += g_[1]
-            dv[:, :, ks:ke] += g_[2]
     for mine, theirs in zip((dq, dk, dv), ref_grads, strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-9, rtol=1e-9)
 
