@@ -6,5 +6,6 @@ logger = logging.getLogger("ringcompile")
 
 
 def get_logger(name: str) -> logging.Logger:
-    """A child of the package logger, e.g. ``ringcompile.passes.find_attention``."""
-    return logger.getChild(name)
+    """A child of the package logger: ``get_logger(__name__)`` in ``ringcompile/passes/x.py`` gives
+    ``ringcompile.passes.x`` (the package prefix is not repeated)."""
+    return logger.getChild(name.removeprefix("ringcompile."))
