@@ -70,19 +70,16 @@ class Timer:
             self.call.steps.append(StepTiming(len(self.call.steps)))
         return self.call.steps[step]
 
-    @contextlib.contextmanager
-    def compute(self, step: int) -> Iterator[None]:
-        if not self.enabled:
-            yield
-            return
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._step(step).compute_s += time.perf_counter() - t0
+    def compute(self, step: int) -> contextlib.AbstractContextManager[None]:
+        """Time spent computing in ``step``."""
+        return self._measure(step, "compute_s")
+
+    def wait(self, step: int) -> contextlib.AbstractContextManager[None]:
+        """Time spent waiting on a transfer in ``step`` (the bubble)."""
+        return self._measure(step, "wait_s")
 
     @contextlib.contextmanager
-    def wait(self, step: int) -> Iterator[None]:
+    def _measure(self, step: int, field: str) -> Iterator[None]:
         if not self.enabled:
             yield
             return
@@ -90,7 +87,8 @@ class Timer:
         try:
             yield
         finally:
-            self._step(step).wait_s += time.perf_counter() - t0
+            timing = self._step(step)
+            setattr(timing, field, getattr(timing, field) + time.perf_counter() - t0)
 
     def finish(self, to_records: bool) -> None:
         if not self.enabled:
