@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -394,29 +394,43 @@ def _check_qkv(qs: Sequence, ks: Sequence, vs: Sequence, is_3d: bool) -> None:
         raise _NotASite("query and key head dims differ")
 
 
-def _score_spine(x: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """The unique matmul-like node feeding ``x`` through chain ops, and the path from it to ``x``."""
-    target_shape = _shape(x)
-    found: list[tuple[fx.Node, list[fx.Node]]] = []
+def _find_through_chain(x: fx.Node, probe: Callable[[fx.Node, list[fx.Node]], tuple[bool, Any]]) -> list:
+    """Walk from ``x`` back through chain ops, asking ``probe(node, path)`` at each node.
+
+    ``probe`` returns (stop, item): a non-None item is collected, and ``stop`` ends the walk along
+    that branch. The walk gives up after two items (callers want exactly one). ``path`` runs from
+    the node to ``x``.
+    """
+    found: list = []
     seen: set[fx.Node] = set()
 
     def visit(n: fx.Node, path: list[fx.Node]) -> None:
-        if n in seen or len(found) > 1:
+        if n in seen or len(found) > 1 or n.op != "call_function":
             return
         seen.add(n)
-        if n.op != "call_function":
-            return
-        if n.target in MATMUL_OPS:
-            if _same_shape(_shape(n), target_shape):
-                found.append((n, path))
-            return
-        if n.target not in CHAIN_OPS:
+        stop, item = probe(n, path)
+        if item is not None:
+            found.append(item)
+        if stop or n.target not in CHAIN_OPS:
             return
         for a in n.args:
             if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor):
                 visit(a, [a, *path])
 
     visit(x, [x])
+    return found
+
+
+def _score_spine(x: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The unique matmul-like node feeding ``x`` through chain ops, and the path from it to ``x``."""
+    target_shape = _shape(x)
+
+    def probe(n: fx.Node, path: list[fx.Node]) -> tuple[bool, Any]:
+        if n.target in MATMUL_OPS:
+            return True, (n, path) if _same_shape(_shape(n), target_shape) else None
+        return False, None
+
+    found = _find_through_chain(x, probe)
     if not found:
         return None
     if len(found) > 1:
@@ -457,31 +471,22 @@ def _head_split_spine(x: fx.Node):
     target_shape = _shape(x)
     if len(target_shape) != 4:
         return None
-    found: list = []
-    seen: set[fx.Node] = set()
 
-    def visit(n: fx.Node, path: list[fx.Node]) -> None:
-        if n in seen or len(found) > 1 or n.op != "call_function":
-            return
-        seen.add(n)
-        if n.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-            mm = n.args[0]
-            sizes = n.args[1]
-            if (isinstance(mm, fx.Node) and mm.op == "call_function" and mm.target in MATMUL_OPS
-                    and len(_shape(mm)) == 3 and _same_shape(_shape(n), target_shape)
-                    and isinstance(sizes, (list, tuple)) and len(sizes) == 4
-                    and not any(isinstance(z, int) and z < 0 for z in sizes[:2])):
-                ms, vs = _shape(mm), _shape(n)
-                if same_size(ms[0], vs[0] * vs[1]) and _same_shape(ms[1:], vs[2:]):
-                    found.append((mm, n, path, (sizes[0], sizes[1])))
-            return
-        if n.target not in CHAIN_OPS:
-            return
-        for a in n.args:
-            if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor):
-                visit(a, [a, *path])
+    def probe(n: fx.Node, path: list[fx.Node]) -> tuple[bool, Any]:
+        if n.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+            return False, None
+        mm = n.args[0]
+        sizes = n.args[1]
+        if (isinstance(mm, fx.Node) and mm.op == "call_function" and mm.target in MATMUL_OPS
+                and len(_shape(mm)) == 3 and _same_shape(_shape(n), target_shape)
+                and isinstance(sizes, (list, tuple)) and len(sizes) == 4
+                and not any(isinstance(z, int) and z < 0 for z in sizes[:2])):
+            ms, vs = _shape(mm), _shape(n)
+            if same_size(ms[0], vs[0] * vs[1]) and _same_shape(ms[1:], vs[2:]):
+                return True, (mm, n, path, (sizes[0], sizes[1]))
+        return True, None
 
-    visit(x, [x])
+    found = _find_through_chain(x, probe)
     if len(found) != 1:
         return None
     return found[0]
