@@ -3,10 +3,14 @@
 1. calibrate this machine (or reuse ``--profile PATH``) into a profile TOML;
 2. for N in {2, 4}, spawn N gloo ranks once and time ``ringcompile.ring_attention(...,
    strategy=s)`` for every configuration of the grid (strategies x sequence lengths x
-   forward / forward+backward), slowest rank per call, median of repetitions;
+   forward / forward+backward), slowest rank per call, median of repetitions; then the
+   ``local`` strategy (one process, one thread: the whole sequence on one core) on the same
+   sequences, the baseline a planner must beat;
 3. predict each configuration with ``ringcompile.plan(..., strategy=s, profile=PATH)`` and
    report predicted vs measured, the mean absolute percentage error, and the planner's
-   regret (measured time of ``choose_for_call``'s pick over the best measured strategy).
+   regret: measured time of ``ringcompile.plan``'s pick (local included) over the best
+   measured strategy. The runtime's own pick (``choose_for_call``, distributed strategies
+   only) is reported beside it.
 
 Writes JSON (``--out``) and prints a Markdown table. Ranks run one thread each, as the
 profile assumes. Usage::
@@ -35,14 +39,15 @@ HEADS, KV_HEADS, HEAD_DIM, BATCH = 8, 4, 64, 1
 DTYPE = torch.float32
 
 
-def grid(quick: bool, seqs: tuple[int, ...] | None = None, bwd_seq: int | None = None) -> list[dict]:
+def grid(quick: bool, seqs: tuple[int, ...] | None = None, bwd_seq: int | None = None,
+         strategies: tuple[str, ...] = STRATEGIES) -> list[dict]:
     """Configurations: strategies x S x (fwd, fwd+bwd) for one N (N is added by the caller)."""
-    seqs = seqs or ((2048, 8192) if quick else (2048, 16384))
+    seqs = seqs or ((512, 2048, 8192) if quick else (512, 2048, 16384))
     configs = []
-    for s, strategy in itertools.product(seqs, STRATEGIES):
+    for s, strategy in itertools.product(seqs, strategies):
         configs.append(dict(strategy=strategy, seq_len=s, causal=True, backward=False))
     bwd_seq = bwd_seq or (2048 if quick else 4096)
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         configs.append(dict(strategy=strategy, seq_len=bwd_seq, causal=True, backward=True))
     return configs
 
@@ -138,36 +143,49 @@ def predict(rows: list[dict], profile: str) -> None:
     import ringcompile
 
     by_name = {str(s): s for s in sym.ALL}
+    sizes = sorted({r["world_size"] for r in rows if r["world_size"] > 1})
 
     for r in rows:
         common = dict(seq_len=r["seq_len"], world_size=r["world_size"], heads=HEADS, kv_heads=KV_HEADS,
                       head_dim=HEAD_DIM, batch=BATCH, dtype="float32", causal=r["causal"],
                       backward=r["backward"])
-        # the runtime moves whole shards per ring step, so the chunk is the whole local block
-        p = ringcompile.plan(**common, profile=profile, strategy=r["strategy"], block_size=1 << 30)
+        p = ringcompile.plan(**common, profile=profile, strategy=r["strategy"])
         r["predicted"] = p.time
         r["predicted_bubble"] = p.bubble
+        r["block_size"] = p.block_size
         # compute summed over ranks: comparable with the ranks' CPU seconds whatever else runs
         work = strategy_model(r["strategy"], r["causal"], r["backward"]).work
         numbers = {by_name[k]: sp.Float(v) for k, v in p.values.items()}
         r["predicted_cpu_seconds"] = float(work.xreplace(numbers))
-        choice = choose_for_call(**common, profile=profile)
-        r["planner_choice"] = choice.strategy
+        if r["world_size"] > 1:
+            r["plan_choice"] = ringcompile.plan(**common, profile=profile).strategy
+            r["planner_choice"] = choose_for_call(**common, profile=profile).strategy
+    # the one-process baseline belongs to every world size's group
+    for r in [r for r in rows if r["world_size"] == 1]:
+        r["candidate_for"] = sizes
 
 
 def summarize(rows: list[dict]) -> dict:
+    """MAPE over every row; per (N, S, pass) group the regret of ``plan``'s pick (``plan_choice``;
+    ``planner_choice`` when a row has none) over the best measured candidate, local included."""
     errors = [abs(r["predicted"] - r["measured"]) / r["measured"] for r in rows]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["world_size"], r["seq_len"], r["causal"], r["backward"]), []).append(r)
+        for n in ([r["world_size"]] if r["world_size"] > 1 else r.get("candidate_for", [])):
+            groups.setdefault((n, r["seq_len"], r["causal"], r["backward"]), []).append(r)
     regrets = []
     for key, members in sorted(groups.items()):
+        distributed = [r for r in members if r["world_size"] > 1]
+        if not distributed:
+            continue
         best = min(members, key=lambda r: r["measured"])
-        chosen = next((r for r in members if r["strategy"] == members[0]["planner_choice"]), None)
+        pick = distributed[0].get("plan_choice", distributed[0]["planner_choice"])
+        runtime_pick = distributed[0]["planner_choice"]
+        chosen = next((r for r in members if r["strategy"] == pick), None)
         if chosen is None:
             continue
         regrets.append(dict(world_size=key[0], seq_len=key[1], causal=key[2], backward=key[3],
-                            chosen=chosen["strategy"], best=best["strategy"],
+                            chosen=chosen["strategy"], runtime_choice=runtime_pick, best=best["strategy"],
                             regret=chosen["measured"] / best["measured"] - 1))
     cpu_errors = [abs(r["predicted_cpu_seconds"] - r["cpu_seconds"]) / r["cpu_seconds"] for r in rows
                   if "cpu_seconds" in r and "predicted_cpu_seconds" in r]
@@ -190,11 +208,11 @@ def markdown(rows: list[dict], summary: dict) -> str:
                      f"{r.get('predicted_cpu_seconds', float('nan')):.2f} / "
                      f"{r.get('cpu_seconds', float('nan')):.2f} |")
     lines.append("")
-    lines.append("| N | S | pass | planner's choice | best measured | regret |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| N | S | pass | plan()'s choice | runtime's choice | best measured | regret |")
+    lines.append("|---|---|---|---|---|---|---|")
     for g in summary["regrets"]:
         lines.append(f"| {g['world_size']} | {g['seq_len']} | {'fwd+bwd' if g['backward'] else 'fwd'} | "
-                     f"{g['chosen']} | {g['best']} | {g['regret']:.1%} |")
+                     f"{g['chosen']} | {g['runtime_choice']} | {g['best']} | {g['regret']:.1%} |")
     lines.append("")
     lines.append(f"MAPE {summary['mape']:.1%} over {summary['n_configs']} configurations (max "
                  f"{summary['max_ape']:.1%}); planner regret mean {summary['mean_regret']:.1%}, max "
@@ -214,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqs", default=None, help="forward sequence lengths, e.g. 2048,16384")
     parser.add_argument("--bwd-seq", type=int, default=None, help="sequence length of the fwd+bwd rows")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per world size")
+    parser.add_argument("--no-local", action="store_true", help="skip the one-process local baseline")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -229,13 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         profile = str(out.with_name("cpu-calibrated.toml"))
         Path(profile).write_text(prof.to_toml())
         print(f"profile written to {profile}", file=sys.stderr)
-    reps = args.reps or (2 if args.quick else 3)
+    reps = args.reps or (2 if args.quick else 5)
     rows: list[dict] = []
-    for n in (int(x) for x in args.world_sizes.split(",")):
-        print(f"measuring N={n} ...", file=sys.stderr, flush=True)
+    seqs = tuple(int(x) for x in args.seqs.split(",")) if args.seqs else None
+    runs = [(int(x), STRATEGIES) for x in args.world_sizes.split(",")]
+    if not args.no_local:
+        runs.append((1, ("local",)))
+    for n, strategies in runs:
+        print(f"measuring N={n} ({', '.join(strategies)}) ...", file=sys.stderr, flush=True)
         t0 = time.time()
-        seqs = tuple(int(x) for x in args.seqs.split(",")) if args.seqs else None
-        rows += measure(n, grid(args.quick, seqs, args.bwd_seq), reps, args.timeout)
+        rows += measure(n, grid(args.quick, seqs, args.bwd_seq, strategies), reps, args.timeout)
         print(f"  done in {time.time() - t0:.0f} s", file=sys.stderr)
     predict(rows, profile)
     summary = summarize(rows)

@@ -5,9 +5,11 @@ set it) and in CPU time, so a busy machine does not distort it: matmul rate per 
 bandwidth, and the runtime's blockwise attention (``runtime.local.local_forward`` through
 ``kernels.select``) timed on a few shapes and fitted to ``t = flops/F_eff + 4*P*scores/M +
 o*tiles`` (least squares, non-negative). Two spawned processes then multiply at the same time
-(how many cores really run in parallel) and do what a ring step does (both send to and
-receive from each other at once), fitted to ``t = alpha + bytes/W``; all-to-all efficiency
-comes from ``all_to_all_single`` on the same pair. Takes well under a minute.
+(how many cores really run in parallel), run the attention kernel at the same time (how much
+slower it gets beside another rank: ``shared_slowdown``), do what a ring step does (both send
+to and receive from each other at once), fitted to ``t = alpha + bytes/W``, time
+``all_to_all_single`` (all-to-all efficiency), and run a tiny zigzag ring attention whose
+kernels cost nothing (host overhead per ring step: ``step_overhead``). Takes about a minute.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ log = get_logger(__name__)
 
 Progress = Callable[[int, int, str], None]
 STEPS = ("matmul float32", "matmul float64", "matmul bfloat16", "memory bandwidth", "attention kernel fit",
-         "attention backward", "causal skipping", "link: spawning 2 ranks", "done")
+         "attention backward", "causal skipping", "link, shared kernel, step overhead: 2 ranks", "done")
+
+
+def _available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def default_output(name: str) -> Path:
@@ -154,7 +164,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _link_worker(rank: int, port: int, backend: str, repeat: int, sizes, result_path: str) -> None:
+PROBE_SHAPE = (1024, 1024, 64)   # (q tokens, kv tokens, head dim) of the shared-host kernel probe
+
+
+def _step_overhead_probe(repeat: int) -> float:
+    """Median seconds of a tiny causal zigzag forward+backward over the process group: 2N ring steps
+    whose kernels cost nothing, so what remains is host overhead and message latency."""
+    import torch.distributed as dist
+
+    import ringcompile
+
+    n = dist.get_world_size()
+    q, k, v = (torch.randn(1, 1, 8, 16, requires_grad=True) for _ in range(3))
+
+    def call() -> None:
+        out = ringcompile.ring_attention(q, k, v, is_causal=True, strategy="zigzag", layout="zigzag",
+                                         seq_len=8 * n, timeout=30.0)
+        out.sum().backward()
+
+    call()   # the first call builds the spec, plan and caches
+    times = []
+    for _ in range(max(3, 2 * repeat)):
+        dist.barrier()
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _link_worker(rank: int, port: int, backend: str, repeat: int, sizes, result_path: str,
+                 kernel_block: int = 512, probe_shape: tuple[int, int, int] = PROBE_SHAPE) -> None:
     import datetime
 
     import torch.distributed as dist
@@ -169,6 +208,12 @@ def _link_worker(rank: int, port: int, backend: str, repeat: int, sizes, result_
         rate = torch.tensor([measure_matmul(torch.float32, repeat=3)], dtype=torch.float64)
         dist.all_reduce(rate)
         rows.append(("concurrent", 2, float(rate) / 2))
+        dist.barrier()   # both ranks run the attention kernel at once: how much slower than alone?
+        kernel = torch.tensor([measure_kernel(kernel_block, repeat=3, shapes=(probe_shape,))[0][3]],
+                              dtype=torch.float64)
+        dist.all_reduce(kernel)
+        rows.append(("kernel", 2, float(kernel) / 2))
+        rows.append(("overhead", 2, _step_overhead_probe(repeat)))
         for nbytes in sizes:
             send = torch.randn(nbytes // 4)
             recv = torch.empty_like(send)
@@ -203,23 +248,27 @@ def _link_worker(rank: int, port: int, backend: str, repeat: int, sizes, result_
         dist.destroy_process_group()
 
 
-def measure_link(backend: str = "gloo", repeat: int = 7, sizes=LINK_SIZES, timeout: float = 60.0):
-    """{'p2p': [(bytes, seconds)], 'a2a': [...]} measured between 2 spawned ranks."""
+def measure_link(backend: str = "gloo", repeat: int = 7, sizes=LINK_SIZES, timeout: float = 90.0,
+                 kernel_block: int = 512, probe_shape: tuple[int, int, int] = PROBE_SHAPE):
+    """{'p2p': [(bytes, seconds)], 'a2a': [...], 'concurrent': [...], 'kernel': [...], 'overhead': [...]}
+    measured between 2 spawned ranks."""
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "link.txt")
-        ctx = mp.start_processes(_link_worker, args=(_free_port(), backend, repeat, sizes, path), nprocs=2,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_link_worker, args=(_free_port(), backend, repeat, sizes, path, kernel_block,
+                                                     probe_shape),
+                                 nprocs=2, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     p.kill()
                 raise CommunicationError(f"link measurement over {backend} did not finish in {timeout:.0f} s")
-        rows: dict[str, list[tuple[int, float]]] = {"p2p": [], "a2a": [], "concurrent": []}
+        rows: dict[str, list[tuple[int, float]]] = {"p2p": [], "a2a": [], "concurrent": [], "kernel": [],
+                                                    "overhead": []}
         with open(path) as fh:
             for line in fh:
                 kind, n, t = line.split()
@@ -241,10 +290,12 @@ def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool =
               progress: Progress | None = None, kernel_block: int = 512,
               kernel_shapes: tuple[tuple[int, int, int], ...] = KERNEL_SHAPES,
               link_sizes: tuple[int, ...] = LINK_SIZES,
-              causal_sizes: tuple[int, ...] = (1024, 2048)) -> Profile:
+              causal_sizes: tuple[int, ...] = (1024, 2048),
+              probe_shape: tuple[int, int, int] = PROBE_SHAPE) -> Profile:
     """Measure and return a Profile for CPU ranks on this host (one thread per rank).
 
-    ``kernel_shapes`` (q tokens, kv tokens, head dim) and ``link_sizes`` (bytes) set the sweep;
+    ``kernel_shapes`` (q tokens, kv tokens, head dim), ``link_sizes`` (bytes) and
+    ``probe_shape`` (the kernel timed alone and then in two ranks at once) set the sweep;
     tests pass tiny ones.
     """
     total = len(STEPS) - 1
@@ -278,15 +329,23 @@ def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool =
         backward_factor = statistics.median(b[3] / f[3] for b, f in zip(bwd, fwd_same, strict=True))
         step(6)
         causal_tile = measure_causal_tile(kernel_block, sizes=causal_sizes, repeat=repeat)
+        solo_probe = measure_kernel(kernel_block, repeat=3, shapes=(probe_shape,))[0][3]
     finally:
         torch.set_num_threads(threads)
     step(7)
-    link = measure_link(backend, repeat=3 if quick else 7, sizes=link_sizes)
+    link = measure_link(backend, repeat=3 if quick else 7, sizes=link_sizes, kernel_block=kernel_block,
+                        probe_shape=probe_shape)
     latency, bandwidth = fit_link(link["p2p"])
     # matmul rate per process while two run at once, over the rate alone: below 1 when the "cores"
     # share execution units (SMT siblings, an oversubscribed hypervisor)
     parallel = min(1.0, link["concurrent"][0][1] / flops["float32"]) if link["concurrent"] else 1.0
-    cores = max(1.0, (os.cpu_count() or 1) * parallel)
+    cores = max(1.0, _available_cpus() * parallel)
+    # the attention kernel slows down more than a matmul when two run at once (it streams scores
+    # through shared caches and memory): the part of its slowdown that `cores` does not explain
+    slowdown = max(1.0, link["kernel"][0][1] / solo_probe * parallel) if link["kernel"] else 1.0
+    # a tiny zigzag forward+backward at N=2: 2N = 4 ring steps and 4 transfers (K/V forward; K/V
+    # and dK/dV twice in the backward), each about one message latency
+    step_overhead = max(0.0, (link["overhead"][0][1] - 4 * latency) / 4) if link["overhead"] else 0.0
     _, a2a_bw = fit_link([(n * 1 // 2, t) for n, t in link["a2a"]])  # (N-1)/N of the buffer moves
     step(8)
     # the block kernel's own GEMMs may beat torch.mm on 512 x 512, so this ratio can exceed 1
@@ -296,6 +355,7 @@ def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool =
         link_latency=latency,
         kernel_efficiency=efficiency, score_passes=passes, tile_overhead=overhead, kernel_block=kernel_block,
         backward_factor=backward_factor, causal_tile=causal_tile, cores=round(cores, 2),
+        shared_slowdown=round(slowdown, 3), step_overhead=step_overhead,
         alltoall_efficiency=min(1.0, a2a_bw / bandwidth) if math.isfinite(a2a_bw) else 1.0,
         device="cpu",
         description=(f"CPU ranks on this host over {backend} (one thread per rank), measured by "

@@ -54,22 +54,28 @@ def threshold_functions(frac: sp.Rational) -> tuple[Callable[..., float], Callab
 def hardware_values(profile: Profile, dtype: str, world_size: int, strategy: str) -> dict[sp.Symbol, float]:
     """The profile's numbers for the hardware symbols, for ``strategy`` on ``world_size`` ranks.
 
-    Rates are one rank's on its own core/device; ranks sharing a host's cores are bounded
-    through P_h (see ``strategies.strategy_model``)."""
-    cores = world_size if profile.cores <= 0 or strategy == "local" else min(world_size, profile.cores)
+    Rates are one rank's on its own core/device. Ranks sharing a host's cores are bounded
+    through P_h (see ``strategies.shared_makespan``), and each runs its kernels
+    ``shared_slowdown`` times slower than alone (caches and memory bandwidth are shared too):
+    that divides F and M and multiplies the tile overhead, so the formulas stay those of one
+    device with slower effective rates."""
+    shared = profile.cores > 0 and strategy != "local" and world_size > 1
+    cores = min(world_size, profile.cores) if shared else world_size
     cores = max(cores, 1.0)
+    slow = max(profile.shared_slowdown, 1e-9) if shared else 1.0
     return {
-        sym.F: profile.flops(dtype) * profile.kernel_efficiency,
-        sym.M: profile.memory_bandwidth,
+        sym.F: profile.flops(dtype) * profile.kernel_efficiency / slow,
+        sym.M: profile.memory_bandwidth / slow,
         sym.W: profile.link_bandwidth,
         sym.Wa: profile.link_bandwidth * profile.alltoall_efficiency,
         sym.alpha: profile.link_latency,
         sym.P: profile.score_passes,
-        sym.o: profile.tile_overhead,
+        sym.o: profile.tile_overhead * slow,
         sym.k: float(profile.kernel_block),
         sym.kb: profile.backward_factor,
         sym.tc: float(profile.causal_tile),
         sym.Ph: float(cores),
+        sym.h: profile.step_overhead,
     }
 
 

@@ -164,6 +164,11 @@ class Plan:
         if self.strategy in ("ring", "zigzag"):
             hidden = "hides" if local_block >= self.overlap_threshold else "does NOT hide"
             lines.append(f"  local block S/N = {local_block:,.0f} tokens: compute {hidden} the transfer")
+        cores, ranks = self.values.get("P_h", w.world_size), w.world_size
+        if self.strategy != "local" and cores < ranks:
+            lines.append(f"shared host: {ranks} ranks on {cores:g} cores; the OS shares the cores among the "
+                         f"ranks still working, so time >= shared makespan = "
+                         f"{sp.sstr(model.shared)}")
         lines.append("numbers substituted: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self.values.items()
                                                        if k != "f"))   # f is structural, already in
         lines.append("memory per rank:")

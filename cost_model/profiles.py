@@ -49,8 +49,13 @@ class Profile:
     causal_tile:       tokens at which the kernel skips causally masked work: a diagonal x-by-x
                        block costs (1/2 + causal_tile / 2x) of a full one.
     cores:             when > 0, the ranks share this many cores of one host (CPU ranks, one
-                       thread each), which bounds the call below by total work / min(N, cores);
-                       0 = one dedicated device per rank.
+                       thread each): the OS shares them among the ranks still working
+                       (``strategies.shared_makespan``); 0 = one dedicated device per rank.
+    shared_slowdown:   on a shared host (cores > 0), how much slower the attention kernel runs
+                       while other ranks run beside it (shared caches and memory bandwidth): the
+                       compute rates are divided by it when more than one rank runs. 1 = none.
+    step_overhead:     seconds of host work per ring step per rank outside the kernels (Python
+                       dispatch, buffers, merges, the per-call checks), charged N times per pass.
     link_bandwidth:    point-to-point bytes/s per direction between ring neighbours.
     link_latency:      seconds per message.
     alltoall_efficiency: all-to-all bandwidth as a fraction of link_bandwidth.
@@ -69,6 +74,8 @@ class Profile:
     backward_factor: float = 2.5
     causal_tile: int = 128
     cores: float = 0
+    shared_slowdown: float = 1.0
+    step_overhead: float = 0.0
     alltoall_efficiency: float = 1.0
     shared_memory: int = 0
     device: str = "cuda"
@@ -103,6 +110,8 @@ class Profile:
             f"backward_factor = {_num(self.backward_factor)}",
             f"causal_tile = {int(self.causal_tile)}",
             f"cores = {_num(self.cores)}",
+            f"shared_slowdown = {_num(self.shared_slowdown)}",
+            f"step_overhead = {_num(self.step_overhead)}",
             f"shared_memory = {int(self.shared_memory)}",
             "",
             "[link]",
@@ -140,6 +149,8 @@ def profile_from_dict(data: dict[str, Any], where: str) -> Profile:
             backward_factor=float(comp.get("backward_factor", 2.5)),
             causal_tile=int(comp.get("causal_tile", 128)),
             cores=float(comp.get("cores", 0)),
+            shared_slowdown=float(comp.get("shared_slowdown", 1.0)),
+            step_overhead=float(comp.get("step_overhead", 0.0)),
             shared_memory=int(comp.get("shared_memory", 0)),
             alltoall_efficiency=float(link.get("alltoall_efficiency", 1.0)),
             device=str(data.get("device", "cuda")),

@@ -15,7 +15,7 @@ import functools
 
 import sympy as sp
 
-from .symbols import ACC, B, D, F, Hkv, Hq, M, N, P, Ph, S, W, Wa, alpha, c, d, e, f, k, kb, o, tc
+from .symbols import ACC, B, D, F, Hkv, Hq, M, N, P, Ph, S, W, Wa, alpha, c, d, e, f, h, k, kb, o, tc
 
 STRATEGIES = ("ring", "zigzag", "allgather", "ulysses", "local")
 LAYOUT = {"ring": "contiguous", "zigzag": "zigzag", "allgather": "contiguous", "ulysses": "contiguous",
@@ -57,8 +57,10 @@ class StrategyModel:
     step_compute, step_comm: one ring step (ring/zigzag) or the whole phase (others).
     threshold:  closed form of the smallest block c (tokens, square blocks as in the Ring
                 Attention paper) whose compute hides its transfer; None when nothing overlaps.
-    work:       compute summed over all ranks: when ranks share P_h cores of one host, no
-                schedule beats work / P_h (``strategy_model`` applies that bound).
+    work:       compute summed over all ranks (what the ranks' CPU seconds measure).
+    shared:     the call's time when the N ranks share P_h cores of one host and the OS shares
+                the cores fairly among the ranks still working (``shared_makespan``); equal to
+                the busiest rank's compute when every rank has its own device.
     """
 
     name: str
@@ -71,10 +73,30 @@ class StrategyModel:
     threshold: sp.Expr | None
     notes: str
     work: sp.Expr | None = None
+    shared: sp.Expr | None = None
 
     @property
     def exposed(self) -> sp.Expr:
         return self.time - self.compute
+
+
+def _staircase() -> sp.Expr:
+    """Sum over j = 1..N-1 of Max(1, j / P_h), in closed form (P_h may be fractional)."""
+    m = sp.Min(N - 1, sp.floor(Ph))
+    return m + (N * (N - 1) / 2 - m * (m + 1) / 2) / Ph
+
+
+def shared_makespan(base: sp.Expr, increment: sp.Expr | int = 0) -> sp.Expr:
+    """Time for N ranks whose loads are ``base + r * increment`` (r = 0..N-1) sharing P_h cores.
+
+    Processor sharing (what the OS scheduler does with one thread per rank): while j ranks
+    still work, each takes Max(1, j / P_h) times its solo time; ranks finish in load order,
+    so the phase between the (r-1)-th and the r-th finishing costs
+    ``increment * Max(1, (N - r) / P_h)``. With P_h >= N it is the largest load; with equal
+    loads it is ``base * N / P_h``. This is why the contiguous causal ring (loads grow with r)
+    loses to zigzag (equal loads) on a shared host too, though by less than on N devices.
+    """
+    return base * sp.Max(1, N / Ph) + increment * _staircase()
 
 
 def overlap_condition(frac: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
@@ -123,6 +145,24 @@ def _ring_steps(first: sp.Expr, step: sp.Expr, comm: sp.Expr) -> sp.Expr:
     return sp.Max(first, comm) + (N - 2) * sp.Max(step, comm) + step
 
 
+@dataclasses.dataclass(frozen=True)
+class Loads:
+    """Per-rank compute of one pass: rank r (in load order) does ``base + r * increment``."""
+
+    base: sp.Expr
+    increment: sp.Expr | int = 0
+
+    def scaled(self, factor: sp.Expr, overhead: sp.Expr) -> Loads:
+        return Loads(factor * self.base + overhead, factor * self.increment)
+
+    def plus(self, other: Loads) -> Loads:
+        return Loads(self.base + other.base, self.increment + other.increment)
+
+    @property
+    def work(self) -> sp.Expr:
+        return N * self.base + self.increment * N * (N - 1) / 2
+
+
 def _ring_like(name: str, causal: bool, backward: bool) -> StrategyModel:
     x = S / N                               # local tokens per rank
     zig = name == "zigzag"
@@ -134,23 +174,23 @@ def _ring_like(name: str, causal: bool, backward: bool) -> StrategyModel:
     first = pair * diagonal_fraction(x) if causal else pair
     later = pair * frac
     fwd_comm = transfer(kv_bytes(x), msgs)
-    time = _ring_steps(first, later, fwd_comm)
-    compute = first + (N - 1) * later
-    if not causal:
-        work = N * N * pair
-    elif zig:
-        work = N * compute                                  # balanced: every rank does the same
+    # every step costs h of host work (Python, buffers, merges), skipped or not
+    time = _ring_steps(first + h, later + h, fwd_comm)
+    compute = first + (N - 1) * later + N * h
+    if causal and not zig:
+        kernel = Loads(first, pair)         # rank r: its diagonal plus r full blocks
     else:
-        work = N * first + N * (N - 1) / 2 * pair           # rank r: its diagonal plus r full blocks
+        kernel = Loads(first + (N - 1) * later)   # balanced: every rank does the same
+    loads = kernel.scaled(1, N * h)
     comm = (N - 1) * fwd_comm
     step_compute, step_comm = later, fwd_comm
     if backward:
         # K,V travel forward while the dK,dV accumulators (fp32) travel with them
         bwd_comm = transfer(kv_bytes(x) + kv_bytes(x, ACC), 2 * msgs)
         last_hop = transfer(kv_bytes(x, ACC), msgs)   # dK,dV return to their owner
-        time += _ring_steps(kb * first, kb * later, bwd_comm) + last_hop
-        compute += kb * (first + (N - 1) * later)
-        work *= 1 + kb
+        time += _ring_steps(kb * first + h, kb * later + h, bwd_comm) + last_hop
+        compute += kb * (first + (N - 1) * later) + N * h
+        loads = loads.plus(kernel.scaled(kb, N * h))
         comm += (N - 1) * bwd_comm + last_hop
     subs = {f: 1}
     notes = ("K/V shards circulate; step = Max(compute, transfer)"
@@ -158,7 +198,7 @@ def _ring_like(name: str, causal: bool, backward: bool) -> StrategyModel:
              + ("; contiguous causal: the last rank does all the work" if causal and not zig else ""))
     return StrategyModel(name, LAYOUT[name], time.subs(subs), compute.subs(subs), comm.subs(subs),
                          step_compute.subs(subs), step_comm.subs(subs), ring_threshold(frac), notes,
-                         work.subs(subs))
+                         loads.work.subs(subs), shared_makespan(loads.base, loads.increment).subs(subs))
 
 
 def _allgather(causal: bool, backward: bool) -> StrategyModel:
@@ -168,16 +208,18 @@ def _allgather(causal: bool, backward: bool) -> StrategyModel:
     own = pair * diagonal_fraction(x) if causal else pair   # the last rank's own block: the diagonal
     rest = (N - 1) * pair                   # ... and every earlier block is fully kept
     gather = transfer((N - 1) / N * kv_bytes(S), 2 * (N - 1))   # K and V, ring all-gather
-    time, compute, comm = sp.Max(own, gather) + rest, own + rest, gather
-    work = N * N * pair if not causal else N * own + N * (N - 1) / 2 * pair
+    time, compute, comm = sp.Max(own, gather) + rest + N * h, own + rest + N * h, gather
+    kernel = Loads(own, pair) if causal else Loads(own + rest)
+    loads = kernel.scaled(1, N * h)
     if backward:
         to_owners = transfer((N - 1) / N * kv_bytes(S, ACC), 2 * (N - 1), Wa)   # dK, dV all-to-all (fp32)
-        time += sp.Max(kb * own, gather) + kb * rest + to_owners                  # K/V gathered again
-        compute += kb * (own + rest)
-        work *= 1 + kb
+        time += sp.Max(kb * own, gather) + kb * rest + to_owners + N * h          # K/V gathered again
+        compute += kb * (own + rest) + N * h
+        loads = loads.plus(kernel.scaled(kb, N * h))
         comm += gather + to_owners
     return StrategyModel("allgather", "contiguous", time, compute, comm, pair, gather, None,
-                         "all of K/V gathered once (overlapping the own block), then local attention", work)
+                         "all of K/V gathered once (overlapping the own block), then local attention",
+                         loads.work, shared_makespan(loads.base, loads.increment))
 
 
 def _ulysses(causal: bool, backward: bool) -> StrategyModel:
@@ -191,27 +233,27 @@ def _ulysses(causal: bool, backward: bool) -> StrategyModel:
     # q, k, v in; the fp32 output accumulator with its lse packed alongside goes back
     fwd_a2a = a2a(B * (Hq + 2 * Hkv) * x * D * e, 3) + a2a(B * Hq * x * (D + 1) * ACC, 1)
     comp = pair_compute(S, S, Hq / N, f)
-    time, compute, comm = fwd_a2a + comp, comp, fwd_a2a
+    time, compute, comm = fwd_a2a + comp + N * h, comp + N * h, fwd_a2a
     if backward:
         bwd_a2a = (a2a(B * (3 * Hq + 2 * Hkv) * x * D * e + B * Hq * x * ACC, 6)   # dout,q,k,v,out,lse
                    + a2a(B * (Hq + 2 * Hkv) * x * D * ACC, 3))                    # fp32 dq,dk,dv back
-        time += bwd_a2a + kb * comp
-        compute += kb * comp
+        time += bwd_a2a + kb * comp + N * h
+        compute += kb * comp + N * h
         comm += bwd_a2a
     subs = {f: frac}
     return StrategyModel("ulysses", "contiguous", time.subs(subs), compute.subs(subs), comm.subs(subs),
                          comp.subs(subs), fwd_a2a, None, "all-to-all over heads: full sequence, H/N heads",
-                         (N * compute).subs(subs))
+                         (N * compute).subs(subs), shared_makespan(compute).subs(subs))
 
 
 def _local(causal: bool, backward: bool) -> StrategyModel:
     frac = diagonal_fraction(S) if causal else sp.Integer(1)
     comp = pair_compute(S, S, Hq, f)
-    time = comp * (1 + kb) if backward else comp
+    time = (comp * (1 + kb) + 2 * h) if backward else comp + h
     zero = sp.Integer(0)
-    return StrategyModel("local", "contiguous", time.subs(f, frac), time.subs(f, frac), zero,
-                         comp.subs(f, frac), zero, None, "one device computes the whole sequence",
-                         time.subs(f, frac))
+    time = time.subs(f, frac)
+    return StrategyModel("local", "contiguous", time, time, zero, comp.subs(f, frac), zero, None,
+                         "one device computes the whole sequence", time, time)
 
 
 def _per_device(name: str, causal: bool, backward: bool) -> StrategyModel:
@@ -230,17 +272,15 @@ def _per_device(name: str, causal: bool, backward: bool) -> StrategyModel:
 def strategy_model(name: str, causal: bool, backward: bool) -> StrategyModel:
     """The (cached) expressions of strategy ``name``.
 
-    The slowest rank's schedule assumes one device per rank; ranks sharing P_h cores of one
-    host (CPU ranks) cannot finish before all their work is done at P_h cores' speed, so
-    time and busy time are bounded below by work / P_h (P_h = N for one device per rank, where
-    the bound never binds: the slowest rank does at least the average work). A rank that
+    The slowest rank's schedule assumes one device per rank. Ranks sharing P_h cores of one
+    host (CPU ranks) also cannot finish before the OS has run all their work on P_h cores
+    (``shared_makespan``; P_h = N for one device per rank, where it never binds). A rank that
     finishes early gives its core to the others, which is why unbalanced schedules (the
     contiguous causal ring) lose less on a shared host than on dedicated devices.
     """
     model = _per_device(name, causal, backward)
-    host_bound = model.work / Ph
-    return dataclasses.replace(model, time=sp.Max(model.time, host_bound),
-                               compute=sp.Max(model.compute, host_bound))
+    return dataclasses.replace(model, time=sp.Max(model.time, model.shared),
+                               compute=sp.Max(model.compute, model.shared))
 
 
 def feasible(name: str, *, world_size: int, heads: int, kv_heads: int) -> str | None:

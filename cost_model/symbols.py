@@ -37,9 +37,10 @@ k = sp.Symbol("k", **_pos)          # kernel tile edge (tokens)
 kb = sp.Symbol("k_b", **_pos)       # backward / forward compute ratio
 tc = sp.Symbol("t_c", **_pos)       # causal skipping granularity of the kernel (tokens)
 Ph = sp.Symbol("P_h", **_pos)       # cores the ranks share (N when every rank has its own device)
+h = sp.Symbol("h", nonnegative=True, real=True)   # host overhead per ring step per rank (s): Python, buffers
 
 WORKLOAD = (S, N, B, Hq, Hkv, D, e, f, d)
-HARDWARE = (F, M, W, Wa, alpha, P, o, k, kb, tc, Ph)
+HARDWARE = (F, M, W, Wa, alpha, P, o, k, kb, tc, Ph, h)
 ALL = (*WORKLOAD, c, *HARDWARE)
 
 # bytes of the fp32 accumulators (out, lse, dK/dV in flight) whatever the input dtype

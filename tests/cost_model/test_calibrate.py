@@ -31,11 +31,12 @@ def test_tiny_calibration_writes_a_profile_the_planner_reads(tmp_path):
     seen = []
     prof = calibrate(name="tiny", quick=True, progress=lambda i, n, what: seen.append(i),
                      kernel_shapes=((64, 64, 16), (128, 128, 16), (128, 128, 32), (256, 128, 16)),
-                     link_sizes=(1 << 10, 1 << 14, 1 << 16), causal_sizes=(256,))
+                     link_sizes=(1 << 10, 1 << 14, 1 << 16), causal_sizes=(256,), probe_shape=(128, 128, 16))
     assert seen == sorted(seen) and seen[-1] == len(STEPS) - 1
     assert prof.flops("float32") > 1e6 and prof.memory_bandwidth > 1e6
     assert prof.link_bandwidth > 1e5 and 0 < prof.link_latency < 1.0
     assert prof.cores >= 1 and prof.backward_factor > 0 and 16 <= prof.causal_tile <= 256
+    assert prof.shared_slowdown >= 1 and 0 <= prof.step_overhead < 1.0
     path = tmp_path / "tiny.toml"
     path.write_text(prof.to_toml())
     assert load_profile(str(path)) == prof

@@ -25,7 +25,7 @@ def num(expr: sp.Expr, values: dict) -> float:
 
 
 HW = {sym.d: 1, sym.F: 1e12, sym.M: 1e11, sym.W: 1e10, sym.Wa: 1e10, sym.alpha: 1e-5, sym.P: 0, sym.o: 0,
-      sym.k: 128, sym.kb: 2.5, sym.tc: 128, sym.Ph: 4}   # P_h = N: one device per rank
+      sym.k: 128, sym.kb: 2.5, sym.tc: 128, sym.Ph: 4, sym.h: 0}   # P_h = N: one device per rank
 
 
 def test_block_pair_flops_and_bytes():
@@ -158,16 +158,51 @@ def test_ulysses_hand_computed():
     assert num(model.time, vals) == pytest.approx(qkv_in + comp + out_back, rel=1e-12)
 
 
+def processor_sharing(loads: list[float], cores: float) -> float:
+    """Event simulation of fair sharing: while j jobs remain, each progresses at min(1, cores / j)."""
+    remaining, t = sorted(loads), 0.0
+    while remaining:
+        rate = min(1.0, cores / len(remaining))
+        step = remaining[0]
+        t += step / rate
+        remaining = [r - step for r in remaining[1:]]
+    return t
+
+
+@given(n=st.integers(1, 9), cores=st.sampled_from([1.0, 1.16, 1.95, 2.0, 3.0, 4.0, 16.0]),
+       base=st.floats(0.01, 10), inc=st.floats(0.0, 10))
+def test_shared_makespan_matches_a_simulation(n, cores, base, inc):
+    from ringcompile.cost_model.strategies import shared_makespan
+
+    expr = shared_makespan(sym.S, sym.D)   # stand-in symbols for base and increment
+    got = num(expr, {sym.S: base, sym.D: inc, sym.N: n, sym.Ph: cores})
+    assert got == pytest.approx(processor_sharing([base + r * inc for r in range(n)], cores), rel=1e-9)
+
+
 def test_shared_host_bound():
-    """4 CPU ranks on 2 cores: no schedule beats total work / 2; the unbalanced contiguous causal ring
-    loses less than on 4 devices because ranks that finish early hand their core to the last one."""
+    """4 CPU ranks on 2 cores share them fairly: zigzag's equal loads take total work / 2; the
+    unbalanced contiguous causal ring (loads diag + r blocks) takes longer, but less longer than
+    on 4 devices, because ranks that finish early hand their core to the others."""
     vals = dict(HW) | {sym.S: 8192, sym.N: 4, sym.B: 1, sym.Hq: 8, sym.Hkv: 8, sym.D: 128, sym.e: 2,
                        sym.c: 2048, sym.Ph: 2}
     full = num(pair_compute(2048, 2048, 8), vals)
     diag = full * (0.5 + 128 / (2 * 2048))
     ring = num(strategy_model("ring", True, False).time, vals)
-    assert ring == pytest.approx((4 * diag + 6 * full) / 2, rel=1e-12)        # ranks do diag + r blocks
+    assert ring == pytest.approx(processor_sharing([diag + r * full for r in range(4)], 2), rel=1e-12)
+    assert ring > (4 * diag + 6 * full) / 2                                    # more than work / cores
     zig = num(strategy_model("zigzag", True, False).time, vals)
     assert zig == pytest.approx(4 * (diag + 3 * full / 2) / 2, rel=1e-12)
     dedicated = num(strategy_model("ring", True, False).time, vals | {sym.Ph: 4})
     assert dedicated == pytest.approx(diag + 3 * full, rel=1e-12)
+    assert ring / zig < dedicated / num(strategy_model("zigzag", True, False).time, vals | {sym.Ph: 4})
+
+
+def test_step_overhead_is_charged_per_step_and_shared():
+    """h seconds of host work per ring step per rank: N steps per pass, 2N with the backward."""
+    vals = dict(HW) | {sym.S: 4096, sym.N: 4, sym.B: 1, sym.Hq: 4, sym.Hkv: 4, sym.D: 64, sym.e: 4,
+                       sym.c: 1024, sym.Ph: 4}
+    for backward, steps in ((False, 4), (True, 8)):
+        model = strategy_model("zigzag", True, backward)
+        base = num(model.compute, vals)
+        assert num(model.compute, vals | {sym.h: 1e-3}) == pytest.approx(base + steps * 1e-3, rel=1e-9)
+        assert num(model.work, vals | {sym.h: 1e-3}) == pytest.approx(4 * (base + steps * 1e-3), rel=1e-9)

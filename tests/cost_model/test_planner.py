@@ -131,3 +131,40 @@ def test_profile_path_works_like_a_name(tmp_path):
     by_name = ringcompile.plan(**BIG, profile="a100-nvlink")
     by_path = ringcompile.plan(**BIG, profile=str(path))
     assert by_path.time == pytest.approx(by_name.time) and by_path.strategy == by_name.strategy
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_shared_host_prefers_the_balanced_layout_when_ranks_outnumber_cores(backward):
+    """4 CPU ranks on 2 cores: the contiguous causal ring's unequal loads keep the last rank busy after
+    the others finish, so zigzag (equal loads) must win, and explain() says the cores are shared."""
+    import dataclasses
+
+    from ringcompile.cost_model.profiles import load_profile
+
+    prof = dataclasses.replace(load_profile("cpu-gloo-loopback"), cores=2.0)
+    ranked = ringcompile.plans(seq_len=16384, world_size=4, heads=8, kv_heads=4, head_dim=64, dtype="float32",
+                               causal=True, backward=backward, profile=prof)
+    times = {p.strategy: p.time for p in ranked}
+    assert times["zigzag"] < times["ring"]
+    assert "shared host: 4 ranks on 2 cores" in ranked[0].explain() or ranked[0].strategy == "local"
+
+
+def test_shared_slowdown_and_step_overhead_only_touch_shared_hosts():
+    """A dedicated-device profile ignores both; on a shared host they raise distributed times, and the
+    one-process local baseline never sees the shared slowdown."""
+    import dataclasses
+
+    from ringcompile.cost_model.profiles import load_profile
+
+    args = dict(seq_len=8192, world_size=2, heads=8, kv_heads=8, head_dim=64, dtype="float32", causal=True)
+    cpu = load_profile("cpu-gloo-loopback")
+    base = {p.strategy: p.time for p in ringcompile.plans(**args, profile=dataclasses.replace(
+        cpu, shared_slowdown=1.0, step_overhead=0.0))}
+    slow = {p.strategy: p.time for p in ringcompile.plans(**args, profile=dataclasses.replace(
+        cpu, shared_slowdown=1.5, step_overhead=0.0))}
+    assert slow["zigzag"] > 1.3 * base["zigzag"] and slow["local"] == pytest.approx(base["local"])
+    over = {p.strategy: p.time for p in ringcompile.plans(**args, profile=dataclasses.replace(
+        cpu, shared_slowdown=1.0, step_overhead=0.01))}
+    assert over["zigzag"] == pytest.approx(base["zigzag"] + 2 * 0.01, rel=1e-6)   # N = 2 steps
+    gpu = load_profile("h100-nvlink")
+    assert gpu.cores == 0 and gpu.shared_slowdown == 1.0 and gpu.step_overhead == 0.0

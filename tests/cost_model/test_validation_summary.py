@@ -39,3 +39,19 @@ def test_grid_has_at_least_12_configurations_over_two_world_sizes():
     per_n = mod.grid(quick=False)
     assert 2 * len(per_n) >= 12
     assert {c["strategy"] for c in per_n} == set(mod.STRATEGIES)
+
+
+def test_local_baseline_is_a_candidate_in_every_world_size_group():
+    """A one-process local row competes in each N group: plan()'s pick of local is judged against
+    the distributed rows, and a faster local makes a distributed pick regret it."""
+    mod = _module()
+    local = dict(strategy="local", seq_len=2048, world_size=1, causal=True, backward=False, measured=1.5,
+                 predicted=1.4, candidate_for=[2, 4])
+    rows = [dict(_row("zigzag", 1.0, 1.0, "zigzag"), plan_choice="zigzag"),
+            dict(_row("ring", 2.0, 2.1, "ring", n=4), plan_choice="local"), local]
+    summary = mod.summarize(rows)
+    by_n = {g["world_size"]: g for g in summary["regrets"]}
+    assert by_n[2]["best"] == "zigzag" and by_n[2]["regret"] == pytest.approx(0.0)
+    assert by_n[4]["chosen"] == "local" and by_n[4]["runtime_choice"] == "ring"
+    assert by_n[4]["best"] == "local" and by_n[4]["regret"] == pytest.approx(0.0)
+    assert summary["n_configs"] == 3                    # the local row counts once in the MAPE
