@@ -59,8 +59,9 @@ def hardware_values(profile: Profile, dtype: str, world_size: int, strategy: str
     ``shared_slowdown`` times slower than alone (caches and memory bandwidth are shared too):
     that divides F and M and multiplies the tile overhead, so the formulas stay those of one
     device with slower effective rates."""
-    shared = profile.cores > 0 and strategy != "local" and world_size > 1
-    cores = min(world_size, profile.cores) if shared else world_size
+    host = profile.host_cores()
+    shared = host > 0 and strategy != "local" and world_size > 1
+    cores = min(world_size, host) if shared else world_size
     cores = max(cores, 1.0)
     slow = max(profile.shared_slowdown, 1e-9) if shared else 1.0
     return {

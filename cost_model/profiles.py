@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ class Profile:
                        block costs (1/2 + causal_tile / 2x) of a full one.
     cores:             when > 0, the ranks share this many cores of one host (CPU ranks, one
                        thread each): the OS shares them among the ranks still working
-                       (``strategies.shared_makespan``); 0 = one dedicated device per rank.
+                       (``strategies.shared_makespan``); -1 = the CPUs this process may use,
+                       read where the plan is made (for a profile shipped to many machines);
+                       0 = one dedicated device per rank.
     shared_slowdown:   on a shared host (cores > 0), how much slower the attention kernel runs
                        while other ranks run beside it (shared caches and memory bandwidth): the
                        compute rates are divided by it when more than one rank runs. 1 = none.
@@ -81,6 +84,15 @@ class Profile:
     device: str = "cuda"
     description: str = ""
     source: str = ""
+
+    def host_cores(self) -> float:
+        """Cores the ranks share (``cores``, with -1 read off this host); 0 for dedicated devices."""
+        if self.cores >= 0:
+            return float(self.cores)
+        try:
+            return float(len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return float(os.cpu_count() or 1)
 
     def flops(self, dtype: str) -> float:
         """Matmul FLOP/s for ``dtype`` (falls back to a related dtype's rate)."""

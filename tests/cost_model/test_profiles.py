@@ -69,3 +69,21 @@ def test_tiles_fit_shared_memory(head_dim, dtype):
     smem = shared_memory_bytes(t["BLOCK_M"], t["BLOCK_N"], t["num_stages"], head_dim, elem)
     assert smem <= prof.shared_memory
     assert choose_tiles(head_dim, dtype, load_profile("cpu-gloo-loopback"))["BLOCK_M"] == 64
+
+
+def test_cores_minus_one_reads_this_hosts_cpus(monkeypatch):
+    """A profile shipped to many machines says cores = -1: the planner uses the CPUs this process may
+    run on, so 8 ranks on a 2-CPU host are planned as sharing 2 cores and on a 64-CPU host as not."""
+    import dataclasses
+    import os
+
+    from ringcompile.cost_model.evaluate import hardware_values
+    from ringcompile.cost_model.profiles import load_profile
+    from ringcompile.cost_model.symbols import Ph
+
+    prof = dataclasses.replace(load_profile("cpu-gloo-loopback"), cores=-1)
+    for cpus, expected in ((2, 2.0), (64, 8.0)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert prof.host_cores() == cpus
+        assert hardware_values(prof, "float32", 8, "zigzag")[Ph] == expected
+    assert hardware_values(dataclasses.replace(prof, cores=0), "float32", 8, "zigzag")[Ph] == 8.0
