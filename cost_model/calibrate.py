@@ -100,13 +100,26 @@ KERNEL_SHAPES = ((256, 256, 32), (512, 512, 32), (512, 512, 128), (1024, 1024, 6
                  (2048, 2048, 64), (4096, 2048, 64))
 
 
-def measure_kernel(block: int, heads: int = 8, repeat: int = 3, backward: bool = False,
+def runtime_block(spec) -> int:
+    """Tokens per block pair the ring runtime hands the CPU kernels for ``spec`` (what it really runs)."""
+    from ringcompile.kernels.select import cpu_block_kernels
+
+    from ringcompile.runtime.strategies.common import compute_block
+
+    return compute_block(spec, cpu_block_kernels(spec))
+
+
+def measure_kernel(tile: int, heads: int = 8, repeat: int = 3, backward: bool = False,
                    shapes: tuple[tuple[int, int, int], ...] = KERNEL_SHAPES):
-    """[(flops, score elements, tiles, seconds)] of the runtime's blockwise attention, no mask, fp32."""
+    """[(flops, score elements, tiles, seconds)] of the runtime's blockwise attention, no mask, fp32.
+
+    Blocks are cut as the ring runtime cuts them (``runtime_block``); ``tiles`` counts
+    ``tile``-token squares of the score matrix, as the model's tile-overhead term does."""
     from ringcompile.runtime.local import local_backward, local_forward
     from ringcompile.spec import AttentionSpec
 
     spec = AttentionSpec()
+    block = runtime_block(spec)
     out = []
     for x, y, d in shapes:
         q, k, v = (torch.randn(1, heads, n, d) for n in (x, y, y))
@@ -120,12 +133,11 @@ def measure_kernel(block: int, heads: int = 8, repeat: int = 3, backward: bool =
             def fn(q=q, k=k, v=v, y=y):
                 return local_forward(q, k, v, [], [], y, spec, block=block)
         t = _best_time(fn, repeat)
-        tiles = math.ceil(x / block) * math.ceil(y / block)
-        out.append((4.0 * heads * x * y * d, float(heads * x * y), float(tiles), t))
+        out.append((4.0 * heads * x * y * d, float(heads * x * y), x * y / tile**2, t))
     return out
 
 
-def measure_causal_tile(block: int, sizes: tuple[int, ...] = (1024, 2048), heads: int = 4, head_dim: int = 64,
+def measure_causal_tile(sizes: tuple[int, ...] = (1024, 2048), heads: int = 4, head_dim: int = 64,
                         repeat: int = 3) -> int:
     """Tokens at which the kernels skip causally masked work, from causal / full time of diagonal
     blocks: ratio = 1/2 + t_c / 2x, so t_c = (ratio - 1/2) * 2x (median over sizes)."""
@@ -138,7 +150,7 @@ def measure_causal_tile(block: int, sizes: tuple[int, ...] = (1024, 2048), heads
     for x in sizes:
         q, k, v = (torch.randn(1, heads, x, head_dim) for _ in range(3))
         def run(spec, q=q, k=k, v=v, x=x):
-            return local_forward(q, k, v, [], [], x, spec, block=block)
+            return local_forward(q, k, v, [], [], x, spec, block=runtime_block(spec))
 
         t_full = _best_time(lambda: run(full), repeat)
         t_causal = _best_time(lambda: run(masked), repeat)
@@ -328,7 +340,7 @@ def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool =
         fwd_same = [s for s, shape in zip(fwd, kernel_shapes, strict=True) if shape in bwd_shapes]
         backward_factor = statistics.median(b[3] / f[3] for b, f in zip(bwd, fwd_same, strict=True))
         step(6)
-        causal_tile = measure_causal_tile(kernel_block, sizes=causal_sizes, repeat=repeat)
+        causal_tile = measure_causal_tile(sizes=causal_sizes, repeat=repeat)
         solo_probe = measure_kernel(kernel_block, repeat=3, shapes=(probe_shape,))[0][3]
     finally:
         torch.set_num_threads(threads)

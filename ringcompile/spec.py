@@ -31,7 +31,11 @@ class AttentionSpec:
     mesh_dim:  which DeviceMesh dimension, when group is a mesh.
     kernel:    "auto", "triton" or "cpu".
     timeout:   seconds per collective.
-    block_size: K/V chunk per transfer (tokens), None = whole shard.
+    block_size: K/V tokens per ring transfer chunk (ring/zigzag): a shard travels as
+              ceil(local/block_size) messages; None = the planner's choice (whole shard
+              when no plan is available). The compute block is the kernels' own choice.
+    tiles:     Triton tile sizes (a mapping with BLOCK_M/BLOCK_N/num_warps/num_stages, or a
+              ``kernels.triton.launch.Tiles``); None = the planner's on CUDA, defaults elsewhere.
     record_timing: keep a timing record per call.
     name:      where the site came from, for logs and reports.
     """
@@ -47,6 +51,7 @@ class AttentionSpec:
     kernel: str = "auto"
     timeout: float = 300.0
     block_size: int | None = None
+    tiles: Any = None
     record_timing: bool = False
     name: str = ""
 
@@ -61,7 +66,7 @@ _LOCK = threading.Lock()
 def register_spec(spec: AttentionSpec) -> str:
     """Store ``spec`` and return the key the op call should carry."""
     fields = (spec.scale, spec.dropout_p, spec.strategy, spec.layout, spec.kernel, spec.timeout,
-              spec.block_size, spec.record_timing, spec.name, spec.mesh_dim,
+              spec.block_size, _tiles_identity(spec.tiles), spec.record_timing, spec.name, spec.mesh_dim,
               _mod_identity(spec.mask), _mod_identity(spec.score), id(spec.group) if spec.group else 0)
     digest = hashlib.sha1(repr(fields).encode()).hexdigest()[:16]
     with _LOCK:
@@ -88,6 +93,13 @@ def _mod_identity(mod: Mod | None) -> Any:
     if mod is None:
         return None
     return (mod.kind, tuple(sorted(mod.params.items())), mod.n_extras, mod.description, id(mod.fn))
+
+
+def _tiles_identity(tiles: Any) -> Any:
+    """Tiles as plain sorted items (mappings) so equal tiles give equal keys."""
+    if isinstance(tiles, dict):
+        return tuple(sorted((str(k), v) for k, v in tiles.items()))
+    return tiles
 
 
 def _same(a: AttentionSpec, b: AttentionSpec) -> bool:

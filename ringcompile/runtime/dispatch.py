@@ -10,6 +10,7 @@ from ringcompile.errors import OptionError
 from ringcompile.log import get_logger
 from ringcompile.spec import AttentionSpec
 
+from .call_plan import effective_spec
 from .communicator import RingCommunicator
 from .execute import run_backward, run_forward
 from .group import ResolvedGroup, resolve_group
@@ -69,8 +70,13 @@ def choose_strategy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
     return "allgather" if seq_len <= ALLGATHER_MAX_SEQ else "ring"
 
 
-def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str]:
-    """Forward and backward plan alike (as for training), so both run the same strategy."""
+def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str, AttentionSpec]:
+    """Forward and backward plan alike (as for training), so both run the same strategy.
+
+    The returned spec is the one the strategy runs: ``block_size`` (K/V chunk per ring
+    transfer) and ``tiles`` resolved from the cost model's Plan for the chosen strategy
+    unless the user set them (``call_plan.effective_spec``).
+    """
     group = resolve_group(spec.group, spec.mesh_dim)
     layout = check_layout(spec.layout)
     strategy = choose_strategy(q, k, v, seq_len, group.world_size, spec, layout, backward=True)
@@ -80,7 +86,8 @@ def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str]:
         check_dropout(spec)
     log.debug("attention %s: strategy %s, layout %s, rank %d of %d", spec.name or "<op>", strategy, layout,
               group.rank, group.world_size)
-    return group, strategy, layout
+    run_spec = effective_spec(q, k, seq_len, group.world_size, spec, strategy)
+    return group, strategy, layout, run_spec
 
 
 def _communicator(group: ResolvedGroup, spec: AttentionSpec, device: torch.device):
@@ -96,11 +103,11 @@ def attention_forward(
     score_extras: Sequence[torch.Tensor], seq_len: int, spec: AttentionSpec,
     dropout_seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    group, strategy, layout = _plan(q, k, v, seq_len, spec)
+    group, strategy, layout, run_spec = _plan(q, k, v, seq_len, spec)
     comm = _communicator(group, spec, q.device)
     key = (id(spec), id(group.group), group.rank, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype,
-           int(seq_len), strategy, layout)
-    return run_forward(comm, q, k, v, mask_extras, score_extras, seq_len, spec, strategy, layout,
+           int(seq_len), strategy, layout, run_spec.block_size)
+    return run_forward(comm, q, k, v, mask_extras, score_extras, seq_len, run_spec, strategy, layout,
                        dropout_seed, check_key=key)
 
 
@@ -109,7 +116,7 @@ def attention_backward(
     lse: torch.Tensor, mask_extras: Sequence[torch.Tensor], score_extras: Sequence[torch.Tensor],
     seq_len: int, spec: AttentionSpec, dropout_seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
-    group, strategy, layout = _plan(q, k, v, seq_len, spec)
+    group, strategy, layout, run_spec = _plan(q, k, v, seq_len, spec)
     comm = _communicator(group, spec, q.device)
-    return run_backward(comm, dout, q, k, v, out, lse, mask_extras, score_extras, seq_len, spec, strategy,
+    return run_backward(comm, dout, q, k, v, out, lse, mask_extras, score_extras, seq_len, run_spec, strategy,
                         layout, dropout_seed)

@@ -11,6 +11,7 @@ from ringcompile.errors import RingCompileError, ShapeMismatchError
 from ringcompile.kernels.select import block_kernels
 from ringcompile.spec import AttentionSpec
 
+from .call_plan import CHUNKED
 from .communicator import Communicator
 from .strategies import STRATEGIES
 from .strategies.common import RingContext
@@ -42,7 +43,7 @@ def run_forward(
         problem = e
     if strategy != "local":
         meta = metadata(q, k, v, seq_len, strategy, layout, len(mask_extras), len(score_extras),
-                        valid=problem is None)
+                        valid=problem is None, chunk=spec.block_size if strategy in CHUNKED else None)
         try:
             check_ranks_agree(comm, meta, check_key if problem is None else None)
         except ShapeMismatchError:

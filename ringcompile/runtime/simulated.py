@@ -193,6 +193,7 @@ def simulated_ring_attention(
     from ringcompile.api import build_spec, check_gqa
     from ringcompile.mods import and_masks, compose_scores
 
+    from .call_plan import effective_spec
     from .dispatch import choose_strategy
     from .layouts import check_layout
 
@@ -209,5 +210,6 @@ def simulated_ring_attention(
     layout = check_layout(spec.layout)
     seq_len = q.shape[2] if seq_len is None else seq_len
     chosen = choose_strategy(q, k, v, seq_len, world_size, spec, layout)
+    spec = effective_spec(q, k, seq_len, world_size, spec, chosen)  # K/V chunk and tiles, as dispatch does
     return _SimulatedRing.apply(q, k, v, spec, world_size, chosen, layout, seq_len, list(mask_extras), seed,
                                 *score_extras)

@@ -24,7 +24,7 @@ _STRATEGIES = ["local", "ring", "zigzag", "allgather", "ulysses"]
 _LAYOUTS = ["contiguous", "zigzag"]
 FIELDS = ("valid inputs", "batch", "query heads", "kv heads", "local query length", "local kv length",
           "head dim", "value head dim", "dtype", "seq_len", "strategy", "layout", "mask extras",
-          "score extras")
+          "score extras", "K/V transfer chunk (0 = whole shard)")
 
 _CHECKED: set[Hashable] = set()
 _LOCK = threading.Lock()
@@ -65,14 +65,18 @@ def validate_inputs(q: Tensor, k: Tensor, v: Tensor, seq_len: int, world_size: i
 
 
 def metadata(q: Tensor, k: Tensor, v: Tensor, seq_len: int, strategy: str, layout: str, n_mask: int,
-             n_score: int, valid: bool = True) -> list[int]:
-    """The vector ranks compare; any tensor rank works (missing dims read -1)."""
+             n_score: int, valid: bool = True, chunk: int | None = None) -> list[int]:
+    """The vector ranks compare; any tensor rank works (missing dims read -1).
+
+    ``chunk`` is the K/V tokens per ring transfer (None or >= the local length: whole shard).
+    """
     def dim(t: Tensor, i: int) -> int:
         return t.shape[i] if t.dim() == 4 else -1
 
     dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 99
     return [int(valid), dim(q, 0), dim(q, 1), dim(k, 1), dim(q, 2), dim(k, 2), dim(q, 3), dim(v, 3), dtype,
-            int(seq_len), _STRATEGIES.index(strategy), _LAYOUTS.index(layout), n_mask, n_score]
+            int(seq_len), _STRATEGIES.index(strategy), _LAYOUTS.index(layout), n_mask, n_score,
+            int(chunk) if chunk is not None and 0 < chunk < dim(k, 2) else 0]
 
 
 def _show(field: str, value: int) -> str:

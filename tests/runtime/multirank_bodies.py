@@ -72,14 +72,15 @@ def _compare(name: str, got: torch.Tensor, want: torch.Tensor, atol: float, fail
 
 def run_one(rank: int, world: int, strategy: str, mask: str, heads: tuple[int, int], dtype: torch.dtype,
             seq_len: int, failures: list[str], group=None, mesh_dim=None, seed_extra=0,
-            tag: str = "") -> float:
+            tag: str = "", block_size: int | None = None) -> float:
     layout = "zigzag" if strategy == "zigzag" else "contiguous"
     seed = _seed(strategy, mask, heads, str(dtype), seq_len, seed_extra)
     (q, k, v, dout), api, ref, ref_grads = make_case(mask, heads, seq_len, dtype, seed)
     locals_ = [ringcompile.shard(t, 2, layout, group, mesh_dim=mesh_dim, seq_len=seq_len).requires_grad_(True)
                for t in (q, k, v)]
     out = ringcompile.ring_attention(*locals_, **api, enable_gqa=True, strategy=strategy, layout=layout,
-                                     group=group, mesh_dim=mesh_dim, timeout=30.0, seq_len=seq_len)
+                                     group=group, mesh_dim=mesh_dim, timeout=30.0, seq_len=seq_len,
+                                     block_size=block_size)
     name = f"{tag}{strategy}/{mask}/{'gqa' if heads[0] != heads[1] else 'mha'}/{dtype}/rank{rank}"
     fwd_tol, grad_tol = TOL[dtype]
     resolved = resolve_group(group, mesh_dim)
@@ -239,8 +240,10 @@ def mesh_and_group_body(rank: int, world: int, seq_len: int) -> dict:
     return {"failures": failures}
 
 
-def killed_rank_body(rank: int, world: int, timeout: float) -> dict:
-    """The last rank dies at ring step 1; the others must raise CommunicationError within the timeout."""
+def killed_rank_body(rank: int, world: int, timeout: float, block_size: int | None = None) -> dict:
+    """The last rank dies at ring step 1; the others must raise CommunicationError within the timeout.
+
+    With ``block_size`` the K/V travel in chunks, so it dies with chunk transfers in flight."""
     from ringcompile.runtime import communicator
 
     victim = world - 1
@@ -257,9 +260,75 @@ def killed_rank_body(rank: int, world: int, timeout: float) -> dict:
     q, k, v = (torch.randn(1, 2, 64, 8, generator=g) for _ in range(3))
     start = time.monotonic()
     try:
-        ringcompile.ring_attention(q, k, v, strategy="ring", timeout=timeout)
+        ringcompile.ring_attention(q, k, v, strategy="ring", timeout=timeout, block_size=block_size)
     except CommunicationError as e:
         return {"raised": "CommunicationError", "message": str(e), "seconds": time.monotonic() - start}
     except Exception as e:  # noqa: BLE001
         return {"raised": type(e).__name__, "message": str(e), "seconds": time.monotonic() - start}
     return {"raised": None, "seconds": time.monotonic() - start}
+
+
+def _count_ring_shifts() -> list[tuple[int, int, int]]:
+    """Record (step, channel, tokens) of every ring_shift this rank makes (the process is ours alone)."""
+    from ringcompile.runtime import communicator
+
+    calls: list[tuple[int, int, int]] = []
+    original = communicator.RingCommunicator.ring_shift
+
+    def counting(self, tensors, step, channel=0, what="K/V"):
+        calls.append((step, channel, tensors[0].shape[2]))
+        return original(self, tensors, step, channel, what)
+
+    communicator.RingCommunicator.ring_shift = counting
+    return calls
+
+
+def _expected_shifts(world: int, local: int, chunk: int) -> list[tuple[int, int, int]]:
+    """Forward + backward ring_shift calls of a chunked ring: (step, channel, chunk tokens), sorted."""
+    spans = [(lo, min(lo + chunk, local)) for lo in range(0, local, chunk)]
+    kv = [(s, 2 * j, hi - lo) for s in range(world - 1) for j, (lo, hi) in enumerate(spans)]
+    grads = [(s, 2 * j + 1, hi - lo) for s in range(world) for j, (lo, hi) in enumerate(spans)]
+    return sorted(kv + kv + grads)
+
+
+def chunked_body(rank: int, world: int, seq_len: int, block_size: int) -> dict:
+    """Ring and zigzag with K/V travelling in ``block_size``-token chunks (not dividing the shard):
+    {none, causal, sliding} x {MHA, GQA}, forward and backward against float64, and the exact
+    chunked transfers made; then strategy "auto" running the chunk the (patched) planner chose."""
+    from types import SimpleNamespace
+
+    from ringcompile.cost_model import planner
+
+    failures: list[str] = []
+    calls = _count_ring_shifts()
+    for strategy in ("ring", "zigzag"):
+        layout = "zigzag" if strategy == "zigzag" else "contiguous"
+        local = shard_tensor(torch.empty(1, 1, seq_len, 1), 2, world, rank, layout, seq_len).shape[2]
+        for mask in ("none", "causal", "sliding"):
+            for name, heads in HEADS.items():
+                calls.clear()
+                try:
+                    run_one(rank, world, strategy, mask, heads, torch.float32, seq_len, failures,
+                            seed_extra=("chunked", block_size), tag=f"chunk={block_size}/",
+                            block_size=block_size)
+                except Exception as e:  # noqa: BLE001 - reported as a failure of this combination
+                    failures.append(f"chunk={block_size}/{strategy}/{mask}/{name}: {type(e).__name__}: {e}")
+                    continue
+                want = _expected_shifts(world, local, block_size)
+                if sorted(calls) != want:
+                    failures.append(f"chunk={block_size}/{strategy}/{mask}/{name}/rank{rank}: ring_shift "
+                                    f"calls {sorted(calls)} != {want}")
+    # strategy "auto", no block_size: the plan's chunk is what runs
+    real = planner.choose_for_call
+    planner.choose_for_call = lambda **kw: SimpleNamespace(strategy="ring", layout="contiguous", block_size=3,
+                                                           tiles={"BLOCK_M": 16, "BLOCK_N": 16})
+    try:
+        calls.clear()
+        run_one(rank, world, "auto", "causal", HEADS["gqa"], torch.float32, seq_len, failures,
+                tag="auto-plan/")
+        local = shard_tensor(torch.empty(1, 1, seq_len, 1), 2, world, rank, "contiguous", seq_len).shape[2]
+        if sorted(calls) != _expected_shifts(world, local, 3):
+            failures.append(f"auto/rank{rank}: the plan's 3-token chunk did not run: {sorted(calls)}")
+    finally:
+        planner.choose_for_call = real
+    return {"failures": failures}

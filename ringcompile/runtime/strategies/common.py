@@ -4,6 +4,12 @@ A local shard is a list of *pieces*: runs of tokens at a known global offset (on
 the contiguous layout, two for zigzag), clipped to ``seq_len`` so padding tokens are never
 handed to a mask (queries past it keep out = 0, lse = -inf; keys past it never count).
 Masks and score mods are therefore always evaluated on true global indices.
+
+Ring transfers may cut a shard into K/V *chunks* (``spec.block_size`` tokens each, see
+``ring``); ``pieces_in`` gives a chunk's pieces, so a zigzag chunk that straddles the
+shard's two runs still carries the right global offsets. Inside a chunk, block pairs are
+computed ``compute_block`` tokens at a time: the kernels' preferred block (whole chunks
+for the CPU kernels' fused unmasked/causal path), else ``local.DEFAULT_BLOCK``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from ringcompile.spec import AttentionSpec
 
 from ..communicator import Communicator
 from ..layouts import local_chunks
-from ..local import acc_dtype, local_backward, local_forward, mask_structure
+from ..local import DEFAULT_BLOCK, acc_dtype, local_backward, local_forward, mask_structure
 from ..timing import Timer
 
 Tensor = torch.Tensor
@@ -77,6 +83,36 @@ def chunk_pieces(chunks: Sequence[tuple[int, int]], seq_len: int) -> list[Piece]
     return out
 
 
+def pieces_in(pieces: Sequence[Piece], lo: int, hi: int) -> list[Piece]:
+    """The parts of ``pieces`` inside local token range [lo, hi), re-based to start at ``lo``.
+
+    A chunk of a shard is the shard's rows [lo, hi); its pieces keep their global offsets.
+    """
+    out = []
+    for p in pieces:
+        a, b = max(p.local, lo), min(p.local + p.length, hi)
+        if b > a:
+            out.append(Piece(a - lo, p.start + (a - p.local), b - a))
+    return out
+
+
+def compute_block(spec: AttentionSpec, kernels: BlockKernels) -> int:
+    """Tokens per block pair handed to the kernels inside a chunk.
+
+    Kernels with a preferred block (the CPU ones, which tile internally) get it on their fused
+    path: no mask or a causal one, no score mod, no dropout. Everything else keeps
+    ``DEFAULT_BLOCK`` pairs: there the kernels materialise a mask or score tile per pair, and
+    small pairs let ``local`` skip the pairs a window removes. Measured on the CPU kernels at
+    4096 tokens (fwd+bwd, 8 heads, D=64): causal 1.15 s whole vs 1.32 s in 512-blocks; sliding
+    window 1.24 s vs 0.66 s, ALiBi 6.3 s vs 4.9 s and twice the memory, so those stay blocked.
+    """
+    preferred = kernels.preferred_block
+    if preferred is None:
+        return DEFAULT_BLOCK
+    fused = spec.score is None and spec.dropout_p == 0 and (spec.mask is None or spec.mask.kind == "causal")
+    return max(preferred, DEFAULT_BLOCK) if fused else DEFAULT_BLOCK
+
+
 def _causal_empty(spec: AttentionSpec, qp: Piece, kp: Piece) -> bool:
     """Skip a whole piece pair that a structured mask removes (cheaper than asking per block)."""
     return spec.mask is not None and mask_structure(spec.mask, qp.start, qp.start + qp.length - 1, kp.start,
@@ -96,6 +132,8 @@ def forward_pairs(
 ) -> None:
     """Merge attention of q's pieces against k/v's pieces into (out, lse) in place."""
     spec = ctx.spec if spec is None else spec
+    kernels = kernels or ctx.kernels
+    block = compute_block(spec, kernels)
     for qp in q_pieces:
         o = s = None
         qc = q[:, :, qp.rows]
@@ -104,8 +142,7 @@ def forward_pairs(
                 continue
             po, ps = local_forward(qc, k[:, :, kp.rows], v[:, :, kp.rows], ctx.mask_extras, ctx.score_extras,
                                    ctx.seq_len, spec, q_offset=qp.start, kv_offset=kp.start,
-                                   block=spec.block_size, kernels=kernels or ctx.kernels,
-                                   dropout_seed=ctx.dropout_seed)
+                                   block=block, kernels=kernels, dropout_seed=ctx.dropout_seed)
             o, s = merge_partials(o, s, po, ps)
         if o is not None:
             mo, ms = merge_partials(out[:, :, qp.rows], lse[:, :, qp.rows], o, s)
@@ -121,6 +158,8 @@ def backward_pairs(
 ) -> None:
     """Accumulate the pieces' contributions into dq (q's rows), dk/dv (k's rows) and d_extras."""
     spec = ctx.spec if spec is None else spec
+    kernels = kernels or ctx.kernels
+    block = compute_block(spec, kernels)
     for qp in q_pieces:
         r = qp.rows
         for kp in kv_pieces:
@@ -128,8 +167,8 @@ def backward_pairs(
                 continue
             g = local_backward(dout[:, :, r], q[:, :, r], k[:, :, kp.rows], v[:, :, kp.rows], out[:, :, r],
                                lse[:, :, r], ctx.mask_extras, ctx.score_extras, ctx.seq_len, spec,
-                               q_offset=qp.start, kv_offset=kp.start, block=spec.block_size,
-                               kernels=kernels or ctx.kernels, delta=delta[:, :, r],
+                               q_offset=qp.start, kv_offset=kp.start, block=block,
+                               kernels=kernels, delta=delta[:, :, r],
                                dropout_seed=ctx.dropout_seed)
             dq[:, :, r] += g[0]
             dk[:, :, kp.rows] += g[1]
