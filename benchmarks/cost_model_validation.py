@@ -89,7 +89,8 @@ def _rank_main(rank: int, world_size: int, port: int, configs: list[dict], reps:
                         out.backward(dout)
 
             times, bubbles, cpus, cpu_seconds = [], [], [], []
-            for i in range(reps + 1):
+            # short calls vary by tens of percent from scheduling alone: take more samples of them
+            for i in range((3 * reps if s <= 2048 else reps) + 1):
                 dist.barrier()
                 with timing.record() as records:
                     t0, c0 = time.perf_counter(), time.thread_time()

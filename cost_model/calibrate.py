@@ -4,8 +4,8 @@ Compute is measured the way ranks run (one thread per rank, as the gloo tests an
 set it) and in CPU time, so a busy machine does not distort it: matmul rate per dtype, copy
 bandwidth, and the runtime's blockwise attention (``runtime.local.local_forward`` through
 ``kernels.select``) timed on a few shapes and fitted to ``t = flops/F_eff + 4*P*scores/M +
-o*tiles`` (least squares, non-negative). Two spawned processes then multiply at the same time
-(how many cores really run in parallel), run the attention kernel at the same time (how much
+o*tiles`` (least squares, non-negative). The ranks share the CPUs this process may use
+(``cores``). Two spawned processes then run the attention kernel at the same time (how much
 slower it gets beside another rank: ``shared_slowdown``), do what a ring step does (both send
 to and receive from each other at once), fitted to ``t = alpha + bytes/W``, time
 ``all_to_all_single`` (all-to-all efficiency), and run a tiny zigzag ring attention whose
@@ -114,7 +114,7 @@ def measure_kernel(tile: int, heads: int = 8, repeat: int = 3, backward: bool = 
     """[(flops, score elements, tiles, seconds)] of the runtime's blockwise attention, no mask, fp32.
 
     Blocks are cut as the ring runtime cuts them (``runtime_block``); ``tiles`` counts
-    ``tile``-token squares of the score matrix, as the model's tile-overhead term does."""
+    ``tile``-token squares of every head's score matrix, as the model's tile-overhead term does."""
     from ringcompile.runtime.local import local_backward, local_forward
     from ringcompile.spec import AttentionSpec
 
@@ -133,7 +133,7 @@ def measure_kernel(tile: int, heads: int = 8, repeat: int = 3, backward: bool = 
             def fn(q=q, k=k, v=v, y=y):
                 return local_forward(q, k, v, [], [], y, spec, block=block)
         t = _best_time(fn, repeat)
-        out.append((4.0 * heads * x * y * d, float(heads * x * y), x * y / tile**2, t))
+        out.append((4.0 * heads * x * y * d, float(heads * x * y), heads * x * y / tile**2, t))
     return out
 
 
@@ -177,6 +177,7 @@ def _free_port() -> int:
 
 
 PROBE_SHAPE = (1024, 1024, 64)   # (q tokens, kv tokens, head dim) of the shared-host kernel probe
+PROBE_REPEAT = 7
 
 
 def _step_overhead_probe(repeat: int) -> float:
@@ -216,13 +217,9 @@ def _link_worker(rank: int, port: int, backend: str, repeat: int, sizes, result_
     peer = 1 - rank
     rows = []
     try:
-        dist.barrier()   # both ranks multiply at once: do two cores really run two threads' matmuls?
-        rate = torch.tensor([measure_matmul(torch.float32, repeat=3)], dtype=torch.float64)
-        dist.all_reduce(rate)
-        rows.append(("concurrent", 2, float(rate) / 2))
         dist.barrier()   # both ranks run the attention kernel at once: how much slower than alone?
-        kernel = torch.tensor([measure_kernel(kernel_block, repeat=3, shapes=(probe_shape,))[0][3]],
-                              dtype=torch.float64)
+        alone_beside = measure_kernel(kernel_block, repeat=PROBE_REPEAT, shapes=(probe_shape,))[0][3]
+        kernel = torch.tensor([alone_beside], dtype=torch.float64)
         dist.all_reduce(kernel)
         rows.append(("kernel", 2, float(kernel) / 2))
         rows.append(("overhead", 2, _step_overhead_probe(repeat)))
@@ -262,7 +259,7 @@ def _link_worker(rank: int, port: int, backend: str, repeat: int, sizes, result_
 
 def measure_link(backend: str = "gloo", repeat: int = 7, sizes=LINK_SIZES, timeout: float = 90.0,
                  kernel_block: int = 512, probe_shape: tuple[int, int, int] = PROBE_SHAPE):
-    """{'p2p': [(bytes, seconds)], 'a2a': [...], 'concurrent': [...], 'kernel': [...], 'overhead': [...]}
+    """{'p2p': [(bytes, seconds)], 'a2a': [...], 'kernel': [...], 'overhead': [...]}
     measured between 2 spawned ranks."""
     import tempfile
 
@@ -279,8 +276,7 @@ def measure_link(backend: str = "gloo", repeat: int = 7, sizes=LINK_SIZES, timeo
                 for p in ctx.processes:
                     p.kill()
                 raise CommunicationError(f"link measurement over {backend} did not finish in {timeout:.0f} s")
-        rows: dict[str, list[tuple[int, float]]] = {"p2p": [], "a2a": [], "concurrent": [], "kernel": [],
-                                                    "overhead": []}
+        rows: dict[str, list[tuple[int, float]]] = {"p2p": [], "a2a": [], "kernel": [], "overhead": []}
         with open(path) as fh:
             for line in fh:
                 kind, n, t = line.split()
@@ -341,20 +337,17 @@ def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool =
         backward_factor = statistics.median(b[3] / f[3] for b, f in zip(bwd, fwd_same, strict=True))
         step(6)
         causal_tile = measure_causal_tile(sizes=causal_sizes, repeat=repeat)
-        solo_probe = measure_kernel(kernel_block, repeat=3, shapes=(probe_shape,))[0][3]
+        solo_probe = measure_kernel(kernel_block, repeat=PROBE_REPEAT, shapes=(probe_shape,))[0][3]
     finally:
         torch.set_num_threads(threads)
     step(7)
     link = measure_link(backend, repeat=3 if quick else 7, sizes=link_sizes, kernel_block=kernel_block,
                         probe_shape=probe_shape)
     latency, bandwidth = fit_link(link["p2p"])
-    # matmul rate per process while two run at once, over the rate alone: below 1 when the "cores"
-    # share execution units (SMT siblings, an oversubscribed hypervisor)
-    parallel = min(1.0, link["concurrent"][0][1] / flops["float32"]) if link["concurrent"] else 1.0
-    cores = max(1.0, _available_cpus() * parallel)
-    # the attention kernel slows down more than a matmul when two run at once (it streams scores
-    # through shared caches and memory): the part of its slowdown that `cores` does not explain
-    slowdown = max(1.0, link["kernel"][0][1] / solo_probe * parallel) if link["kernel"] else 1.0
+    cores = float(_available_cpus())
+    # the attention kernel's CPU time when two ranks run it at once over its time alone: above 1
+    # when the cores share caches, memory bandwidth or execution units (SMT siblings, a busy host)
+    slowdown = max(1.0, link["kernel"][0][1] / solo_probe) if link["kernel"] else 1.0
     # a tiny zigzag forward+backward at N=2: 2N = 4 ring steps and 4 transfers (K/V forward; K/V
     # and dK/dV twice in the backward), each about one message latency
     step_overhead = max(0.0, (link["overhead"][0][1] - 4 * latency) / 4) if link["overhead"] else 0.0

@@ -44,7 +44,8 @@ class Profile:
     memory_bandwidth:  bytes/s.
     kernel_efficiency: fraction of matmul_flops the attention block kernel reaches.
     score_passes:      fp32 passes over the score tile through memory per block pair (0 when fused).
-    tile_overhead:     seconds of fixed cost per kernel tile (launch, Python, merge bookkeeping).
+    tile_overhead:     seconds of fixed cost per kernel tile: a kernel_block-square of one
+                       (batch, head) score matrix (launch, loop and merge bookkeeping).
     kernel_block:      tile edge in tokens that tile_overhead is charged per.
     backward_factor:   backward compute / forward compute.
     causal_tile:       tokens at which the kernel skips causally masked work: a diagonal x-by-x

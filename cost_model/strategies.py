@@ -36,10 +36,12 @@ def kv_bytes(tokens: sp.Expr, elem: sp.Expr = e) -> sp.Expr:
 def pair_compute(x: sp.Expr, y: sp.Expr, heads: sp.Expr, frac: sp.Expr = 1) -> sp.Expr:
     """Seconds for one forward block pair: matmuls at F, score-tile traffic at M, per-tile overhead.
 
-    ``frac`` is the structural fraction computed (causal halves); ``d`` the density of any other
-    block-sparse mask (sliding window...), whose empty block pairs the kernels skip."""
+    Tiles are k x k squares of one (batch, head) score matrix, as kernels launch them (a Triton
+    program per query tile and head). ``frac`` is the structural fraction computed (causal
+    halves); ``d`` the density of any other block-sparse mask (sliding window...), whose empty
+    block pairs the kernels skip."""
     scores = B * heads * x * y
-    return frac * d * (pair_flops(x, y, heads) / F + 4 * P * scores / M + o * x * y / k**2)
+    return frac * d * (pair_flops(x, y, heads) / F + 4 * P * scores / M + o * scores / k**2)
 
 
 def transfer(nbytes: sp.Expr, messages: sp.Expr, bandwidth: sp.Expr = W) -> sp.Expr:

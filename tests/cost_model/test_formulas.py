@@ -40,7 +40,7 @@ def test_pair_compute_terms():
     t = num(pair_compute(512, 256, 2), vals)
     flops = 4 * 2 * 512 * 256 * 64
     score_bytes = 4 * 3 * 2 * 512 * 256         # 3 fp32 passes over a 2 x 512 x 256 score tile
-    tiles = (512 / 256) * (256 / 256)
+    tiles = 2 * (512 / 256) * (256 / 256)       # 256-token squares of each of the 2 heads' score matrices
     assert abs(t - (flops / 1e12 + score_bytes / 1e11 + tiles * 1e-4)) < 1e-15
 
 
