@@ -36,6 +36,8 @@ class AttentionSpec:
               when no plan is available). The compute block is the kernels' own choice.
     tiles:     Triton tile sizes (a mapping with BLOCK_M/BLOCK_N/num_warps/num_stages, or a
               ``kernels.triton.launch.Tiles``); None = the planner's on CUDA, defaults elsewhere.
+    profile:   hardware profile (name or TOML path) the run-time planner uses for "auto" and the
+              K/V chunk; None = the default for the device.
     record_timing: keep a timing record per call.
     name:      where the site came from, for logs and reports.
     """
@@ -52,6 +54,7 @@ class AttentionSpec:
     timeout: float = 300.0
     block_size: int | None = None
     tiles: Any = None
+    profile: str | None = None
     record_timing: bool = False
     name: str = ""
 
@@ -66,7 +69,8 @@ _LOCK = threading.Lock()
 def register_spec(spec: AttentionSpec) -> str:
     """Store ``spec`` and return the key the op call should carry."""
     fields = (spec.scale, spec.dropout_p, spec.strategy, spec.layout, spec.kernel, spec.timeout,
-              spec.block_size, _tiles_identity(spec.tiles), spec.record_timing, spec.name, spec.mesh_dim,
+              spec.block_size, _tiles_identity(spec.tiles), spec.profile, spec.record_timing, spec.name,
+              spec.mesh_dim,
               _mod_identity(spec.mask), _mod_identity(spec.score), id(spec.group) if spec.group else 0)
     digest = hashlib.sha1(repr(fields).encode()).hexdigest()[:16]
     with _LOCK:

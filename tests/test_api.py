@@ -1,6 +1,8 @@
 """The public API in one process (world size 1 -> local), strategy choice and group resolution.
 Multi-rank behaviour of the same functions is in tests/runtime/test_multirank.py."""
 
+import types
+
 import pytest
 import torch
 from ringcompile.kernels.reference import attention_reference
@@ -102,6 +104,42 @@ def test_strategy_choice():
         assert choose_strategy(q, k, v, 100_000, 4, plain, "contiguous") == "ring"
     finally:
         dispatch._planner_choice = orig
+
+
+def test_auto_on_zigzag_shards_lets_the_planner_pick_ulysses_with_the_spec_profile(monkeypatch):
+    """On zigzag shards "auto" ranks zigzag against ulysses (which runs on any layout) with the
+    spec's profile; with heads that do not split over N, or dropout, zigzag is the only choice."""
+    import ringcompile.cost_model.planner as planner
+
+    seen = []
+
+    def fake(**kw):
+        seen.append(kw)
+        return types.SimpleNamespace(strategy="ulysses")
+
+    monkeypatch.setattr(planner, "choose_for_call", fake)
+    q, k, v = _qkv(hq=8, hkv=4)
+    s = spec.AttentionSpec(profile="h100-infiniband")
+    assert choose_strategy(q, k, v, 100, 4, s, "zigzag") == "ulysses"
+    assert seen[-1]["strategies"] == ("zigzag", "ulysses") and seen[-1]["profile"] == "h100-infiniband"
+    assert choose_strategy(q, k, v, 100, 4, s, "contiguous") == "ulysses"
+    assert seen[-1]["strategies"] == ("ring", "allgather", "ulysses")
+    calls = len(seen)
+    q3, k3, v3 = _qkv(hq=6, hkv=3)
+    assert choose_strategy(q3, k3, v3, 100, 4, s, "zigzag") == "zigzag"          # 3 kv heads over 4 ranks
+    assert choose_strategy(q, k, v, 100, 4, s.replace(dropout_p=0.1), "zigzag") == "zigzag"
+    assert len(seen) == calls                                                   # one candidate: no planning
+
+
+def test_options_profile_reaches_the_spec():
+    """The backend's ``profile`` option is what the run-time planner of every rewritten site uses."""
+    from ringcompile.passes.rewrite import spec_for
+
+    from ringcompile.options import Options
+
+    site = types.SimpleNamespace(scale=None, mask=None, score=None, dropout_p=0.0, location="x", name="x")
+    assert spec_for(site, Options(profile="a100-nvlink")).profile == "a100-nvlink"
+    assert spec_for(site, Options()).profile is None
 
 
 def test_record_timing_in_spec_keeps_records():

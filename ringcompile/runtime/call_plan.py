@@ -42,7 +42,8 @@ def call_plan(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: int, s
         return choose_for_call(seq_len=int(seq_len), world_size=world_size, batch=q.shape[0],
                                heads=q.shape[1],
                                kv_heads=k.shape[1], head_dim=q.shape[-1], dtype=q.dtype, causal=causal,
-                               backward=True, layout=None, strategies=(strategy,), device=q.device.type)
+                               backward=True, layout=None, strategies=(strategy,), device=q.device.type,
+                               profile=spec.profile)
     except Exception as e:  # the planner is advisory: whole shards and default tiles still run
         message = f"{type(e).__name__}: {e}"
         if message not in _WARNED:

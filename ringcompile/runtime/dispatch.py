@@ -27,20 +27,29 @@ COMPATIBLE = {
 ALLGATHER_MAX_SEQ = 4096  # heuristic when no cost model: gathering K/V once wins for short sequences
 
 
-def _planner_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, world_size: int,
-                    spec: AttentionSpec, backward: bool) -> str | None:
+# what strategy "auto" may pick on shards of each layout (the planner ranks them; ulysses needs
+# heads divisible by N and no dropout). Ulysses runs on either layout: it gathers whole sequences.
+AUTO_CANDIDATES = {"contiguous": ("ring", "allgather", "ulysses"), "zigzag": ("zigzag", "ulysses")}
+
+
+def _auto_candidates(q: torch.Tensor, k: torch.Tensor, world_size: int, spec: AttentionSpec,
+                     layout: str) -> tuple[str, ...]:
+    heads_split = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0 and spec.dropout_p == 0
+    return tuple(s for s in AUTO_CANDIDATES[layout] if s != "ulysses" or heads_split)
+
+
+def _planner_choice(q: torch.Tensor, seq_len: int, world_size: int, spec: AttentionSpec, kv_heads: int,
+                    candidates: tuple[str, ...], backward: bool) -> str | None:
     try:
         from ringcompile.cost_model.planner import choose_for_call
     except ImportError:
         return None
     causal = spec.mask is not None and "causal" in spec.mask.kinds
-    divisible = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0 and spec.dropout_p == 0
-    usable = ("ring", "allgather", "ulysses") if divisible else ("ring", "allgather")
     try:
         plan = choose_for_call(seq_len=seq_len, world_size=world_size, batch=q.shape[0], heads=q.shape[1],
-                               kv_heads=k.shape[1], head_dim=q.shape[-1], dtype=q.dtype, causal=causal,
-                               backward=backward, layout="contiguous", strategies=usable,
-                               device=q.device.type)
+                               kv_heads=kv_heads, head_dim=q.shape[-1], dtype=q.dtype, causal=causal,
+                               backward=backward, layout=None, strategies=candidates,
+                               device=q.device.type, profile=spec.profile)
         return getattr(plan, "strategy", None)
     except Exception as e:  # the planner is advisory: a failure falls back to the heuristic
         log.warning("cost-model planner failed (%s); using the built-in heuristic", e)
@@ -59,15 +68,16 @@ def choose_strategy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
             raise OptionError(f"strategy {spec.strategy!r} cannot run on {layout!r}-layout shards; "
                               f"valid here: {list(COMPATIBLE[layout])}")
         return spec.strategy
-    if layout == "zigzag":
-        return "zigzag"
-    divisible = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0
-    choice = _planner_choice(q, k, v, seq_len, world_size, spec, backward)
-    if choice in ("ring", "allgather") or (choice == "ulysses" and divisible and spec.dropout_p == 0):
+    candidates = _auto_candidates(q, k, world_size, spec, layout)
+    fallback = "zigzag" if layout == "zigzag" else "allgather" if seq_len <= ALLGATHER_MAX_SEQ else "ring"
+    if len(candidates) == 1:
+        return candidates[0]
+    choice = _planner_choice(q, seq_len, world_size, spec, k.shape[1], candidates, backward)
+    if choice in candidates:
         return choice
     if choice is not None:
-        log.info("planner chose %r, not usable on contiguous shards here; using the heuristic", choice)
-    return "allgather" if seq_len <= ALLGATHER_MAX_SEQ else "ring"
+        log.info("planner chose %r, not usable on %s shards here; using %s", choice, layout, fallback)
+    return fallback
 
 
 def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str, AttentionSpec]:

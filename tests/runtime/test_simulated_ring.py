@@ -41,10 +41,11 @@ def _case(mask: str, B: int, hq: int, hkv: int, S: int, D: int, seed: int, dtype
     return (q, k, v), m, s, me, se
 
 
-def _check(strategy, world, mask, B, hq, hkv, S, D, seed, block_size=None, tol=1e-9):
+def _check(strategy, world, mask, B, hq, hkv, S, D, seed, block_size=None, tol=1e-9, layout=None):
     (q, k, v), m, s, me, se = _case(mask, B, hq, hkv, S, D, seed)
     out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, mask=m, score=s,
-                                   mask_extras=me, score_extras=se, enable_gqa=True, block_size=block_size)
+                                   mask_extras=me, score_extras=se, enable_gqa=True, block_size=block_size,
+                                   layout=layout)
     ref = attention_reference(q, k, v, mask=m, score=s, mask_extras=me, score_extras=se)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     dout = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(seed + 1))
@@ -61,6 +62,14 @@ def test_simulated_ring_matches_reference(world, strategy, mask, S, hkv, groups,
     if strategy == "ulysses":  # heads must divide: scale them up to the world size
         hkv, hq = hkv * world, hq * world
     _check(strategy, world, mask, 1 + seed % 2, hq, hkv, S, 4, seed, block_size=block)
+
+
+@given(world=st.integers(1, 6), strategy=st.sampled_from(["ulysses", "allgather", "ring"]),
+       mask=st.sampled_from(MASKS), S=st.integers(1, 29), seed=st.integers(0, 10_000))
+def test_contiguous_strategies_on_zigzag_shards(world, strategy, mask, S, seed):
+    """Strategies that "auto" or the user may run on zigzag-layout shards give the reference too."""
+    hkv = world if strategy == "ulysses" else 1
+    _check(strategy, world, mask, 1, 2 * hkv, hkv, S, 4, seed, layout="zigzag")
 
 
 @pytest.mark.parametrize("mask", ["causal", "padding", "document"])
