@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import multirank_bodies as bodies
 import pytest
 import torch
+from attention_cases import check_simulated
 from hypothesis import given
 from hypothesis import strategies as st
 from ring_harness import run_ranks
@@ -49,40 +50,12 @@ def test_killed_rank_with_chunks_in_flight_raises_communication_error():
         assert r["seconds"] < 3 * timeout + 5, r
 
 
-def _case(mask: str, B: int, hq: int, hkv: int, S: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, h, S, 4, generator=g, dtype=torch.float64).requires_grad_(True)
-               for h in (hq, hkv, hkv))
-    m, me = None, []
-    if mask == "causal":
-        m = mods.causal()
-    elif mask == "sliding":
-        m = mods.sliding_window(3, is_causal=bool(seed % 2))
-    elif mask == "padding":
-        key_mask = torch.rand(B, S, generator=g) > 0.4
-        key_mask[:, 0] = True
-        m, me = mods.key_padding(), [key_mask]
-    elif mask == "document":  # no index-only structure: the runtime must materialise it per pair
-        doc = torch.cumsum(torch.rand(S, generator=g) < 0.2, 0)
-        m = mods.from_callable(lambda b, h, qi, kv: doc[qi] == doc[kv], is_mask=True)
-    return (q, k, v), m, me
-
-
 @given(world=st.integers(1, 6), strategy=st.sampled_from(["ring", "zigzag"]),
        mask=st.sampled_from(["none", "causal", "sliding", "padding", "document"]), S=st.integers(1, 30),
        block=st.integers(1, 30), hkv=st.integers(1, 2), groups=st.integers(1, 2), seed=st.integers(0, 10_000))
 def test_simulated_chunked_ring_matches_reference(world, strategy, mask, S, block, hkv, groups, seed):
     block = min(block, S)  # block_size in 1..S
-    (q, k, v), m, me = _case(mask, 1 + seed % 2, hkv * groups, hkv, S, seed)
-    out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, mask=m, mask_extras=me,
-                                   enable_gqa=True, block_size=block)
-    ref = attention_reference(q, k, v, mask=m, mask_extras=me)
-    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
-    dout = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(seed + 1))
-    got = torch.autograd.grad(out, [q, k, v], dout)
-    want = torch.autograd.grad(ref, [q, k, v], dout)
-    for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    check_simulated(strategy, world, mask, 1 + seed % 2, hkv * groups, hkv, S, 4, seed, block_size=block)
 
 
 @pytest.fixture

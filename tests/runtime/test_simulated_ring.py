@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from attention_cases import MASKS, attention_case, check_simulated
 from hypothesis import given
 from hypothesis import strategies as st
 from ringcompile.kernels.reference import attention_reference
@@ -15,44 +16,6 @@ from ringcompile.runtime import timing
 from ringcompile.runtime.simulated import SimulatedCommunicator, simulate, simulated_ring_attention
 from ringcompile.runtime.strategies import common, ring
 
-MASKS = ("none", "causal", "sliding", "padding", "alibi", "softcap_causal", "document")
-
-
-def _case(mask: str, B: int, hq: int, hkv: int, S: int, D: int, seed: int, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, h, S, D, generator=g, dtype=dtype).requires_grad_(True) for h in (hq, hkv, hkv))
-    m, s, me, se = None, None, [], []
-    if mask == "causal":
-        m = mods.causal()
-    elif mask == "sliding":
-        m = mods.sliding_window(3, is_causal=bool(seed % 2))
-    elif mask == "padding":
-        key_mask = torch.rand(B, S, generator=g) > 0.4
-        key_mask[:, 0] = True
-        m, me = mods.key_padding(), [key_mask]
-    elif mask == "alibi":  # learnable slopes: their gradient is all-reduced over ranks
-        m, s = mods.causal(), mods.alibi()
-        se = [torch.rand(hq, generator=g, dtype=dtype).requires_grad_(True)]
-    elif mask == "softcap_causal":
-        m, s = mods.causal(), mods.softcap(2.0)
-    elif mask == "document":  # a mask no fast path knows: documents of random lengths
-        doc = torch.cumsum(torch.rand(S, generator=g) < 0.2, 0)
-        m = mods.from_callable(lambda b, h, qi, kv: doc[qi] == doc[kv], is_mask=True)
-    return (q, k, v), m, s, me, se
-
-
-def _check(strategy, world, mask, B, hq, hkv, S, D, seed, block_size=None, tol=1e-9, layout=None):
-    (q, k, v), m, s, me, se = _case(mask, B, hq, hkv, S, D, seed)
-    out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, mask=m, score=s,
-                                   mask_extras=me, score_extras=se, enable_gqa=True, block_size=block_size,
-                                   layout=layout)
-    ref = attention_reference(q, k, v, mask=m, score=s, mask_extras=me, score_extras=se)
-    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
-    dout = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(seed + 1))
-    wrt = [q, k, v, *se]
-    for a, b in zip(torch.autograd.grad(out, wrt, dout), torch.autograd.grad(ref, wrt, dout), strict=True):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
-
 
 @given(world=st.integers(1, 8), strategy=st.sampled_from(["ring", "zigzag", "allgather", "ulysses"]),
        mask=st.sampled_from(MASKS), S=st.integers(1, 37), hkv=st.integers(1, 3), groups=st.integers(1, 3),
@@ -61,7 +24,7 @@ def test_simulated_ring_matches_reference(world, strategy, mask, S, hkv, groups,
     hq = hkv * groups
     if strategy == "ulysses":  # heads must divide: scale them up to the world size
         hkv, hq = hkv * world, hq * world
-    _check(strategy, world, mask, 1 + seed % 2, hq, hkv, S, 4, seed, block_size=block)
+    check_simulated(strategy, world, mask, 1 + seed % 2, hq, hkv, S, 4, seed, block_size=block)
 
 
 @given(world=st.integers(1, 6), strategy=st.sampled_from(["ulysses", "allgather", "ring"]),
@@ -69,7 +32,7 @@ def test_simulated_ring_matches_reference(world, strategy, mask, S, hkv, groups,
 def test_contiguous_strategies_on_zigzag_shards(world, strategy, mask, S, seed):
     """Strategies that "auto" or the user may run on zigzag-layout shards give the reference too."""
     hkv = world if strategy == "ulysses" else 1
-    _check(strategy, world, mask, 1, 2 * hkv, hkv, S, 4, seed, layout="zigzag")
+    check_simulated(strategy, world, mask, 1, 2 * hkv, hkv, S, 4, seed, layout="zigzag")
 
 
 @pytest.mark.parametrize("mask", ["causal", "padding", "document"])
@@ -78,12 +41,12 @@ def test_contiguous_strategies_on_zigzag_shards(world, strategy, mask, S, seed):
 def test_every_world_size_with_padding_not_divisible(strategy, world, mask):
     """S = 4N + 3 divides neither N nor 2N; mods that index per-token tensors must never see padding."""
     hkv = world if strategy == "ulysses" else 1
-    _check(strategy, world, mask, 1, 2 * hkv, hkv, 4 * world + 3, 8, seed=world)
+    check_simulated(strategy, world, mask, 1, 2 * hkv, hkv, 4 * world + 3, 8, seed=world)
 
 
 def test_float32_and_bfloat16_tolerances():
     for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 3e-2)):
-        (q, k, v), m, s, me, se = _case("causal", 2, 4, 2, 23, 16, 7, dtype=dtype)
+        (q, k, v), m, s, me, se = attention_case("causal", 2, 4, 2, 23, 16, 7, dtype=dtype)
         out = simulated_ring_attention(q, k, v, world_size=4, strategy="zigzag", is_causal=True,
                                        enable_gqa=True)
         ref = attention_reference(q, k, v, mask=mods.causal())
