@@ -116,6 +116,9 @@ def _rank_main(rank: int, world_size: int, port: int, configs: list[dict], reps:
                 json.dump(results, fh)
     finally:
         dist.destroy_process_group()
+    from ringcompile.runtime.rank_exit import exit_rank
+
+    exit_rank(0)   # skip interpreter finalization, where gloo can abort the process
 
 
 def measure(world_size: int, configs: list[dict], reps: int, timeout: float) -> list[dict]:

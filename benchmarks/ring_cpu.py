@@ -140,6 +140,9 @@ def _distributed_rank(rank: int, world: int, port: int, impl: str, cfg: dict, re
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, {"error": traceback.format_exc()}))
+    from ringcompile.runtime.rank_exit import exit_rank
+
+    exit_rank(0, queues=[results])   # skip interpreter finalization, where gloo can abort the process
 
 
 def _single_process(impl: str, cfg: dict, results) -> None:
@@ -233,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--impls", default="zigzag,ring,allgather,local,sdpa,lucidrains")
-    ap.add_argument("--block-size", type=int, default=None, help="ringcompile local block (tokens)")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="K/V tokens per ring transfer chunk (default: the planner's)")
     ap.add_argument("--lucidrains-bucket", type=int, default=1024)
     ap.add_argument("--lucidrains-once", action="store_true",
                     help="time the (slow) ring-attention-pytorch baseline once, without warm-up")

@@ -255,6 +255,9 @@ def _link_worker(rank: int, port: int, backend: str, repeat: int, sizes, result_
                 fh.write("\n".join(f"{k} {n} {t!r}" for k, n, t in rows))
     finally:
         dist.destroy_process_group()
+    from ringcompile.runtime.rank_exit import exit_rank
+
+    exit_rank(0)   # skip interpreter finalization, where gloo can abort the process
 
 
 def measure_link(backend: str = "gloo", repeat: int = 7, sizes=LINK_SIZES, timeout: float = 90.0,

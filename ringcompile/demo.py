@@ -130,10 +130,15 @@ def _plans(cfg: DemoConfig, graphs: list[Any]) -> list[dict]:
 
 def rank_main(rank: int, cfg: DemoConfig, init_file: str, out: Any) -> None:
     """Everything one rank does; the result (or the traceback) goes to ``out``."""
+    from ringcompile.runtime.rank_exit import exit_rank
+
+    code = 0
     try:
         out.put((rank, _rank_main(rank, cfg, init_file)))
     except BaseException:  # noqa: BLE001 - report, never hang the parent
         out.put((rank, {"error": traceback.format_exc()}))
+        code = 1
+    exit_rank(code, queues=[out])   # skip interpreter finalization, where gloo can abort the process
 
 
 def _rank_main(rank: int, cfg: DemoConfig, init_file: str) -> dict:
