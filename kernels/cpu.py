@@ -29,7 +29,7 @@ import torch
 from ringcompile.mods import Mod, index_grid
 
 from .dropout import check_dropout, dropout_scale, seed_to_int
-from .reference import autograd_enabled, block_keep_mask, merge_partials
+from .reference import add_extra_grads, autograd_enabled, block_keep_mask, merge_partials
 
 TILE_ELEMENTS = 1 << 22  # score-tile elements per chunk on the math path (16 MiB in fp32)
 MASK_TILE_ELEMENTS = 1 << 22  # mask elements per chunk on the fused-with-mask path
@@ -330,9 +330,7 @@ def block_backward(
             else:
                 dl = delta[:, :, rq].to(acc)
             g = _general_backward(qp, kp, vp, oa[:, :, rq], doa[:, :, rq], safe_lse[:, :, rq], dl, ctx)
-            for i, de in enumerate(g[3]):
-                if de is not None:
-                    d_extras[i] = de if d_extras[i] is None else d_extras[i] + de
+            add_extra_grads(d_extras, g[3])
         else:
             g = _FUSED_BWD(doa[:, :, rq], qp, kp, vp, oa[:, :, rq], safe_lse[:, :, rq], 0.0,
                            pc.kind == "diagonal", scale=scale)
@@ -360,9 +358,7 @@ def _general_backward(q, k, v, out, dout, lse, delta, ctx: _Context):
         kc, vc = k[:, :, j0:j1], v[:, :, j0:j1]
         if cctx.math:
             g = _math_backward(qc, kc, vc, dout[:, :, r], lse[:, :, r], delta[:, :, r], keep, i0, cctx)
-            for i, de in enumerate(g[3]):
-                if de is not None:
-                    d_extras[i] = de if d_extras[i] is None else d_extras[i] + de
+            add_extra_grads(d_extras, g[3])
         else:
             attn_mask = None if keep is None else _additive(keep, q.dtype)
             g = _FUSED_BWD(dout[:, :, r], qc, kc, vc, out[:, :, r], lse[:, :, r], 0.0, False,

@@ -116,6 +116,13 @@ def dropout_factor(
     return dropout_scale(seed, *grid, dropout_p, dtype)
 
 
+def add_extra_grads(total: list[torch.Tensor | None], grads: Sequence[torch.Tensor | None]) -> None:
+    """Add one block pair's score-extra gradients (None: that extra got none) into ``total`` in place."""
+    for i, g in enumerate(grads):
+        if g is not None:
+            total[i] = g if total[i] is None else total[i] + g
+
+
 def merge_partials(
     out_a: torch.Tensor | None, lse_a: torch.Tensor | None, out_b: torch.Tensor, lse_b: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:

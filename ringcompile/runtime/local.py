@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ringcompile.kernels.reference import block_keep_mask, merge_partials
+from ringcompile.kernels.reference import add_extra_grads, block_keep_mask, merge_partials
 from ringcompile.kernels.select import BlockKernels, block_kernels
 from ringcompile.mods import Mod
 from ringcompile.spec import AttentionSpec
@@ -144,7 +144,5 @@ def local_backward(
             dq[:, :, qs:qe] += g[0]
             dk[:, :, ks:ke] += g[1]
             dv[:, :, ks:ke] += g[2]
-            for i, de in enumerate(g[3]):
-                if de is not None:
-                    d_extras[i] = de if d_extras[i] is None else d_extras[i] + de
+            add_extra_grads(d_extras, g[3])
     return dq, dk, dv, d_extras

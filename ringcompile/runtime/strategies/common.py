@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ringcompile.kernels.reference import merge_partials
+from ringcompile.kernels.reference import add_extra_grads, merge_partials
 from ringcompile.kernels.select import BlockKernels
 from ringcompile.spec import AttentionSpec
 
@@ -173,9 +173,7 @@ def backward_pairs(
             dq[:, :, r] += g[0]
             dk[:, :, kp.rows] += g[1]
             dv[:, :, kp.rows] += g[2]
-            for i, de in enumerate(g[3]):
-                if de is not None:
-                    d_extras[i] = de if d_extras[i] is None else d_extras[i] + de
+            add_extra_grads(d_extras, g[3])
 
 
 def grad_buffers(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
