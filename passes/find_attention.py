@@ -243,6 +243,21 @@ def strip_repeat(node: fx.Node, perm: tuple[int, ...]) -> tuple[fx.Node, tuple[i
     return node, perm, 1
 
 
+def strip_kv_repeats(k_node: fx.Node, k_perm: tuple[int, ...], v_node: fx.Node, v_perm: tuple[int, ...]
+                     ) -> tuple[fx.Node, tuple[int, ...], fx.Node, tuple[int, ...], int]:
+    """K and V without their KV-head repeat (GQA) and the group count: (k, k_perm, v, v_perm, groups).
+
+    When K and V are repeated differently they are returned as given with groups 1: whatever
+    repeat there was stays in the graph (correct, just not GQA-aware)."""
+    k1, kp1, gk = strip_repeat(k_node, k_perm)
+    v1, vp1, gv = strip_repeat(v_node, v_perm)
+    if gk != gv:
+        return k_node, k_perm, v_node, v_perm, 1
+    k1, kp1 = fold_permutes(k1, kp1)
+    v1, vp1 = fold_permutes(v1, vp1)
+    return k1, kp1, v1, vp1, gk
+
+
 def _is_full_slice(node: fx.Node) -> bool:
     args = list(node.args) + [None] * (5 - len(node.args))
     start, end, step = args[2], args[3], args[4]
@@ -318,15 +333,7 @@ def _match_sdpa(node: fx.Node, index: int) -> AttentionSite:
     v_node, v_perm = fold_permutes(v, _identity(ndim))
     groups = 1
     if not is_3d:
-        k_node, k_perm, gk = strip_repeat(k_node, k_perm)
-        v_node, v_perm, gv = strip_repeat(v_node, v_perm)
-        if gk != gv:  # keep whatever repeat there was: correct, just not GQA-aware
-            k_node, k_perm = fold_permutes(k, _identity(ndim))
-            v_node, v_perm = fold_permutes(v, _identity(ndim))
-        else:
-            groups = gk
-            k_node, k_perm = fold_permutes(k_node, k_perm)
-            v_node, v_perm = fold_permutes(v_node, v_perm)
+        k_node, k_perm, v_node, v_perm, groups = strip_kv_repeats(k_node, k_perm, v_node, v_perm)
     kb = permuted_shape(k_node, k_perm)
     vb = permuted_shape(v_node, v_perm)
     _check_qkv(qs, kb, vb, is_3d)
@@ -582,15 +589,7 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
     vb = permuted_shape(v_node, v_perm)
     groups = 1
     if not is_3d:
-        k0, kp0, v0, vp0 = k_node, k_perm, v_node, v_perm
-        k_node, k_perm, gk = strip_repeat(k_node, k_perm)
-        v_node, v_perm, gv = strip_repeat(v_node, v_perm)
-        if gk != gv:
-            k_node, k_perm, v_node, v_perm = k0, kp0, v0, vp0
-        else:
-            groups = gk
-            k_node, k_perm = fold_permutes(k_node, k_perm)
-            v_node, v_perm = fold_permutes(v_node, v_perm)
+        k_node, k_perm, v_node, v_perm, groups = strip_kv_repeats(k_node, k_perm, v_node, v_perm)
         kb = permuted_shape(k_node, k_perm)
         vb = permuted_shape(v_node, v_perm)
         if same_size(kb[1], 1) and not same_size(qb[1], 1) and groups == 1:
