@@ -25,7 +25,6 @@ import datetime
 import itertools
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -50,12 +49,6 @@ def grid(quick: bool, seqs: tuple[int, ...] | None = None, bwd_seq: int | None =
     for strategy in strategies:
         configs.append(dict(strategy=strategy, seq_len=bwd_seq, causal=True, backward=True))
     return configs
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, configs: list[dict], reps: int, out_path: str) -> None:
@@ -116,24 +109,18 @@ def _rank_main(rank: int, world_size: int, port: int, configs: list[dict], reps:
                 json.dump(results, fh)
     finally:
         dist.destroy_process_group()
-    from ringcompile.runtime.rank_exit import exit_rank
+    from ringcompile.runtime.spawned_ranks import exit_rank
 
     exit_rank(0)   # skip interpreter finalization, where gloo can abort the process
 
 
 def measure(world_size: int, configs: list[dict], reps: int, timeout: float) -> list[dict]:
-    import torch.multiprocessing as mp
+    from ringcompile.runtime.spawned_ranks import free_port, run_spawned
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "results.json")
-        ctx = mp.start_processes(_rank_main, args=(world_size, _free_port(), configs, reps, path),
-                                 nprocs=world_size, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"N={world_size} measurements did not finish in {timeout:.0f} s")
+        if not run_spawned(_rank_main, (world_size, free_port(), configs, reps, path), world_size, timeout):
+            raise TimeoutError(f"N={world_size} measurements did not finish in {timeout:.0f} s")
         with open(path) as fh:
             return json.load(fh)
 

@@ -97,7 +97,7 @@ def _rank(rank, world, init_file, args, out):
         import traceback
 
         out.put((rank, {"error": f"{exc}\n{traceback.format_exc()}"}))
-    from ringcompile.runtime.rank_exit import exit_rank
+    from ringcompile.runtime.spawned_ranks import exit_rank
 
     exit_rank(0, queues=[out])   # skip interpreter finalization, where gloo can abort the process
 

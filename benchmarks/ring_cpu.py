@@ -27,7 +27,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -36,15 +35,11 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from ringcompile.runtime.spawned_ranks import free_port
+
 DISTRIBUTED = ("ring", "zigzag", "allgather", "lucidrains")
 SINGLE = ("local", "sdpa")
 SAMPLE_ROWS = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs(cfg: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -140,7 +135,7 @@ def _distributed_rank(rank: int, world: int, port: int, impl: str, cfg: dict, re
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, {"error": traceback.format_exc()}))
-    from ringcompile.runtime.rank_exit import exit_rank
+    from ringcompile.runtime.spawned_ranks import exit_rank
 
     exit_rank(0, queues=[results])   # skip interpreter finalization, where gloo can abort the process
 
@@ -179,7 +174,7 @@ def run_impl(impl: str, cfg: dict) -> dict:
     results = ctx.Queue()
     world = cfg["world"] if impl in DISTRIBUTED else 1
     if impl in DISTRIBUTED:
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_distributed_rank, args=(r, world, port, impl, cfg, results))
                  for r in range(world)]
     else:

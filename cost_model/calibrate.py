@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -170,12 +169,6 @@ def fit_kernel(samples, memory_bandwidth: float) -> tuple[float, float, float]:
 LINK_SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22, 1 << 24)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 PROBE_SHAPE = (1024, 1024, 64)   # (q tokens, kv tokens, head dim) of the shared-host kernel probe
 PROBE_REPEAT = 7
 
@@ -255,7 +248,7 @@ def _link_worker(rank: int, port: int, backend: str, repeat: int, sizes, result_
                 fh.write("\n".join(f"{k} {n} {t!r}" for k, n, t in rows))
     finally:
         dist.destroy_process_group()
-    from ringcompile.runtime.rank_exit import exit_rank
+    from ringcompile.runtime.spawned_ranks import exit_rank
 
     exit_rank(0)   # skip interpreter finalization, where gloo can abort the process
 
@@ -266,19 +259,13 @@ def measure_link(backend: str = "gloo", repeat: int = 7, sizes=LINK_SIZES, timeo
     measured between 2 spawned ranks."""
     import tempfile
 
-    import torch.multiprocessing as mp
+    from ringcompile.runtime.spawned_ranks import free_port, run_spawned
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "link.txt")
-        ctx = mp.start_processes(_link_worker, args=(_free_port(), backend, repeat, sizes, path, kernel_block,
-                                                     probe_shape),
-                                 nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise CommunicationError(f"link measurement over {backend} did not finish in {timeout:.0f} s")
+        args = (free_port(), backend, repeat, sizes, path, kernel_block, probe_shape)
+        if not run_spawned(_link_worker, args, 2, timeout):
+            raise CommunicationError(f"link measurement over {backend} did not finish in {timeout:.0f} s")
         rows: dict[str, list[tuple[int, float]]] = {"p2p": [], "a2a": [], "kernel": [], "overhead": []}
         with open(path) as fh:
             for line in fh:

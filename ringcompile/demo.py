@@ -130,7 +130,7 @@ def _plans(cfg: DemoConfig, graphs: list[Any]) -> list[dict]:
 
 def rank_main(rank: int, cfg: DemoConfig, init_file: str, out: Any) -> None:
     """Everything one rank does; the result (or the traceback) goes to ``out``."""
-    from ringcompile.runtime.rank_exit import exit_rank
+    from ringcompile.runtime.spawned_ranks import exit_rank
 
     code = 0
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -21,11 +20,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ringcompile.runtime.spawned_ranks import free_port
 
 
 class RankFailure(Exception):
