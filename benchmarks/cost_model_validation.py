@@ -8,9 +8,9 @@
    sequences, the baseline a planner must beat;
 3. predict each configuration with ``ringcompile.plan(..., strategy=s, profile=PATH)`` and
    report predicted vs measured, the mean absolute percentage error, and the planner's
-   regret: measured time of ``ringcompile.plan``'s pick (local included) over the best
-   measured strategy. The runtime's own pick (``choose_for_call``, distributed strategies
-   only) is reported beside it.
+   regret: measured time of ``ringcompile.plan``'s pick among the measured strategies (local
+   included unless ``--no-local``) over the best measured strategy. The runtime's own pick
+   (``choose_for_call``, distributed strategies only) is reported beside it.
 
 Writes JSON (``--out``) and prints a Markdown table. Ranks run one thread each, as the
 profile assumes. Usage::
@@ -135,6 +135,7 @@ def predict(rows: list[dict], profile: str) -> None:
 
     by_name = {str(s): s for s in sym.ALL}
     sizes = sorted({r["world_size"] for r in rows if r["world_size"] > 1})
+    measured = {r["strategy"] for r in rows}   # plan()'s pick is judged among what was measured
 
     for r in rows:
         common = dict(seq_len=r["seq_len"], world_size=r["world_size"], heads=HEADS, kv_heads=KV_HEADS,
@@ -149,7 +150,8 @@ def predict(rows: list[dict], profile: str) -> None:
         numbers = {by_name[k]: sp.Float(v) for k, v in p.values.items()}
         r["predicted_cpu_seconds"] = float(work.xreplace(numbers))
         if r["world_size"] > 1:
-            r["plan_choice"] = ringcompile.plan(**common, profile=profile).strategy
+            r["plan_choice"] = next(p.strategy for p in ringcompile.plans(**common, profile=profile)
+                                    if p.strategy in measured)
             r["planner_choice"] = choose_for_call(**common, profile=profile).strategy
     # the one-process baseline belongs to every world size's group
     for r in [r for r in rows if r["world_size"] == 1]:
