@@ -47,22 +47,13 @@ def build(kind: str, seq: int, dim: int, layers: int) -> torch.nn.Module:
 
 def run_step(model, ids, labels) -> tuple[int, float]:
     """(activation bytes saved for backward, seconds for forward+backward)."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
+    from ringcompile.demo import activation_bytes
 
     t0 = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(ids, labels=labels)
+    out, saved = activation_bytes(lambda: model(ids, labels=labels))
     loss = out[1] if isinstance(out, tuple) else out.loss
     loss.backward()
-    return sum(seen.values()), time.perf_counter() - t0
+    return saved, time.perf_counter() - t0
 
 
 def inputs(seq: int):

@@ -75,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 # ---------------------------------------------------------------------------- one rank
 
 
-def _activation_bytes(fn) -> tuple[Any, int]:
+def activation_bytes(fn) -> tuple[Any, int]:
     """Run ``fn`` and count the bytes autograd saves for backward (distinct storages)."""
     import torch
 
@@ -174,7 +174,7 @@ def _rank_main(rank: int, cfg: DemoConfig, init_file: str) -> dict:
 
     with timing.record() as calls:
         t0 = time.perf_counter()
-        (_, loss), act_bytes = _activation_bytes(lambda: compiled(ids, labels))
+        (_, loss), act_bytes = activation_bytes(lambda: compiled(ids, labels))
         loss.backward()
         step_s = time.perf_counter() - t0
     entries = backend.HISTORY[first:]
@@ -182,7 +182,7 @@ def _rank_main(rank: int, cfg: DemoConfig, init_file: str) -> dict:
     fallbacks = [e.fallback_reason for e in entries if e.fallback_reason]
 
     t0 = time.perf_counter()
-    (_, ref_loss), ref_act_bytes = _activation_bytes(lambda: reference(ids, labels))
+    (_, ref_loss), ref_act_bytes = activation_bytes(lambda: reference(ids, labels))
     ref_loss.backward()
     ref_s = time.perf_counter() - t0
 
