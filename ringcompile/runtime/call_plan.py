@@ -30,6 +30,15 @@ _LOCK = threading.Lock()
 _WARNED: set[str] = set()
 
 
+def planner_query(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: int, spec: AttentionSpec,
+                  strategies: tuple[str, ...], backward: bool = True) -> dict[str, Any]:
+    """The arguments of ``cost_model.planner.choose_for_call`` for this call, among ``strategies``."""
+    causal = spec.mask is not None and "causal" in spec.mask.kinds
+    return dict(seq_len=int(seq_len), world_size=world_size, batch=q.shape[0], heads=q.shape[1],
+                kv_heads=k.shape[1], head_dim=q.shape[-1], dtype=q.dtype, causal=causal, backward=backward,
+                layout=None, strategies=strategies, device=q.device.type, profile=spec.profile)
+
+
 def call_plan(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: int, spec: AttentionSpec,
               strategy: str) -> Any | None:
     """The planner's Plan for ``strategy`` on this call (forward+backward, as for training), or None."""
@@ -37,13 +46,8 @@ def call_plan(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: int, s
         from ringcompile.cost_model.planner import choose_for_call
     except ImportError:
         return None
-    causal = spec.mask is not None and "causal" in spec.mask.kinds
     try:
-        return choose_for_call(seq_len=int(seq_len), world_size=world_size, batch=q.shape[0],
-                               heads=q.shape[1],
-                               kv_heads=k.shape[1], head_dim=q.shape[-1], dtype=q.dtype, causal=causal,
-                               backward=True, layout=None, strategies=(strategy,), device=q.device.type,
-                               profile=spec.profile)
+        return choose_for_call(**planner_query(q, k, seq_len, world_size, spec, (strategy,)))
     except Exception as e:  # the planner is advisory: whole shards and default tiles still run
         message = f"{type(e).__name__}: {e}"
         if message not in _WARNED:

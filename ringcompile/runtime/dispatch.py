@@ -10,7 +10,7 @@ from ringcompile.errors import OptionError
 from ringcompile.log import get_logger
 from ringcompile.spec import AttentionSpec
 
-from .call_plan import effective_spec
+from .call_plan import effective_spec, planner_query
 from .communicator import RingCommunicator
 from .execute import run_backward, run_forward
 from .group import ResolvedGroup, resolve_group
@@ -38,18 +38,14 @@ def _auto_candidates(q: torch.Tensor, k: torch.Tensor, world_size: int, spec: At
     return tuple(s for s in AUTO_CANDIDATES[layout] if s != "ulysses" or heads_split)
 
 
-def _planner_choice(q: torch.Tensor, seq_len: int, world_size: int, spec: AttentionSpec, kv_heads: int,
+def _planner_choice(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: int, spec: AttentionSpec,
                     candidates: tuple[str, ...], backward: bool) -> str | None:
     try:
         from ringcompile.cost_model.planner import choose_for_call
     except ImportError:
         return None
-    causal = spec.mask is not None and "causal" in spec.mask.kinds
     try:
-        plan = choose_for_call(seq_len=seq_len, world_size=world_size, batch=q.shape[0], heads=q.shape[1],
-                               kv_heads=kv_heads, head_dim=q.shape[-1], dtype=q.dtype, causal=causal,
-                               backward=backward, layout=None, strategies=candidates,
-                               device=q.device.type, profile=spec.profile)
+        plan = choose_for_call(**planner_query(q, k, seq_len, world_size, spec, candidates, backward))
         return getattr(plan, "strategy", None)
     except Exception as e:  # the planner is advisory: a failure falls back to the heuristic
         log.warning("cost-model planner failed (%s); using the built-in heuristic", e)
@@ -72,7 +68,7 @@ def choose_strategy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
     fallback = "zigzag" if layout == "zigzag" else "allgather" if seq_len <= ALLGATHER_MAX_SEQ else "ring"
     if len(candidates) == 1:
         return candidates[0]
-    choice = _planner_choice(q, seq_len, world_size, spec, k.shape[1], candidates, backward)
+    choice = _planner_choice(q, k, seq_len, world_size, spec, candidates, backward)
     if choice in candidates:
         return choice
     if choice is not None:
