@@ -497,15 +497,21 @@ def _embedding(node: fx.Node) -> OpRule:
 
 
 def _index(node: fx.Node) -> OpRule | None:
-    indices = node.args[1]
+    """``x[..., idx, ...]`` with one integer index tensor at position k (``None`` before it): x's dims
+    before k keep their place, idx's dims replace dim k, x's later dims follow them."""
+    indices = list(node.args[1])
     x = shape_of(node.args[0])
-    if len(indices) != 1 or not isinstance(indices[0], fx.Node):
+    k = next((i for i, a in enumerate(indices) if a is not None), None)
+    if k is None or x is None or any(a is not None for a in indices[k + 1:]):
         return None
-    idx = shape_of(indices[0])
-    if val_of(indices[0]).dtype == torch.bool:
+    if not isinstance(indices[k], fx.Node) or val_of(indices[k]).dtype == torch.bool:
         return None
-    links = [DimLink((1, 0), i, i) for i in range(len(idx))]
-    links += [DimLink((0,), i, len(idx) + i - 1) for i in range(1, len(x))]
+    idx = shape_of(indices[k])
+    if idx is None:
+        return None
+    links = [DimLink((0,), i, i) for i in range(k)]
+    links += [DimLink((1, k), j, k + j) for j in range(len(idx))]
+    links += [DimLink((0,), i, len(idx) + i - 1) for i in range(k + 1, len(x))]
     return OpRule(links)
 
 
@@ -578,6 +584,7 @@ def _where(node: fx.Node) -> OpRule:
 
 _SPECIAL: dict[Any, Callable[[fx.Node], OpRule | None]] = {
     aten.expand.default: _expand,
+    aten.broadcast_to.default: _expand,
     aten.permute.default: _permute,
     aten.transpose.int: _transpose,
     aten.t.default: _transpose,

@@ -64,9 +64,12 @@ def _match_override(node: fx.Node, seq_dims: Mapping[str, int]) -> int | None:
     return None
 
 
-def find_seq_dims(gm: fx.GraphModule, seq_len: int,
-                  overrides: Mapping[str, int] | None = None) -> dict[fx.Node, Shard]:
-    """{placeholder: Shard(dim, inner)} for the graph inputs that carry the sequence."""
+def find_seq_dims(gm: fx.GraphModule, seq_len: int, overrides: Mapping[str, int] | None = None,
+                  stops: list[fx.Node] | None = None) -> dict[fx.Node, Shard]:
+    """{placeholder: Shard(dim, inner)} for the graph inputs that carry the sequence.
+
+    ``stops`` (when given) collects the ops where the walk ended without reaching an input although they
+    read tensors: the reason to report when no input carries the sequence."""
     seeds: dict[fx.Node, Shard] = {}
     if overrides:
         for node in gm.graph.find_nodes(op="placeholder"):
@@ -95,8 +98,34 @@ def find_seq_dims(gm: fx.GraphModule, seq_len: int,
             continue
         if node.op != "call_function":
             continue
-        work.extend(_inputs_carrying(node, pl, seq_len))
+        found = _inputs_carrying(node, pl, seq_len)
+        if not found and stops is not None and _reads_tensors(node):
+            stops.append(node)
+        work.extend(found)
     return seeds
+
+
+def _reads_tensors(node: fx.Node) -> bool:
+    return any(isinstance(val_of(a), torch.Tensor) for a in node.all_input_nodes)
+
+
+def _why_stopped(node: fx.Node) -> str:
+    name = str(node.target)
+    if "conv" in name:
+        return "a convolution over the sequence (stride and halo have no sequence rule)"
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and schema.is_mutable:
+        return "an in-place write"
+    return "no sequence rule for this op"
+
+
+def no_seed_reason(stops: list[fx.Node]) -> str:
+    """Why no graph input carries the sequence, naming where the walk back from the attention stopped."""
+    msg = "no graph input carries the attention's sequence dim"
+    if stops:
+        where = "; ".join(f"{n.name} ({n.target}: {_why_stopped(n)})" for n in stops[:4])
+        msg += f": walking back from the attention stops at {where}"
+    return msg + "; pass options={'seq_dims': {name: dim}} to name the input"
 
 
 def _inputs_carrying(node: fx.Node, pl: Shard, seq_len: int, out_index: int | None = None

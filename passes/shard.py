@@ -66,7 +66,15 @@ from .placements import (
     val_of,
     view_dim,
 )
-from .seq_dims import RING_OP, attention_ops, find_seq_dims, global_seq_len, global_seq_size, input_name
+from .seq_dims import (
+    RING_OP,
+    attention_ops,
+    find_seq_dims,
+    global_seq_len,
+    global_seq_size,
+    input_name,
+    no_seed_reason,
+)
 from .sym_sizes import SymSizes
 
 log = get_logger(__name__)
@@ -422,7 +430,7 @@ class _Sharder:
 
     def _resize(self, node: fx.Node, out: Shard) -> None:
         """Rewrite explicit size arguments (expand) to the local length."""
-        if node.target == aten.expand.default:
+        if node.target in (aten.expand.default, aten.broadcast_to.default):
             sizes = list(node.args[1])
             if self.dynamic:  # -1: keep the (already local) input size
                 sizes[out.dim] = -1
@@ -735,10 +743,10 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
     seq = global_seq_len(ops_)
     seq_size = global_seq_size(ops_)
     dynamic = isinstance(seq_size, torch.SymInt)
-    seeds = find_seq_dims(aten_gm, seq, options.seq_dims)
+    stops: list[fx.Node] = []
+    seeds = find_seq_dims(aten_gm, seq, options.seq_dims, stops)
     if not seeds:
-        raise UnsupportedPatternError(
-            "no graph input carries the attention's sequence dim; pass options={'seq_dims': {name: dim}}")
+        raise UnsupportedPatternError(no_seed_reason(stops))
     masks = [get_spec(op.args[6]).mask for op in ops_]
     layout = choose_layout(options, masks, seq, group.world_size, dynamic)
     name = coll.group_name_of(group.group)

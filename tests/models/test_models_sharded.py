@@ -29,6 +29,43 @@ V, S, B = 97, 24, 2
 # ---------------------------------------------------------------------------- model builders
 
 
+class RelBiasLM(torch.nn.Module):
+    """One bidirectional attention layer with a learned relative-position bias table (T5-style buckets:
+    the clamped distance k - q picks a per-head bias). The table is fed to attention as a score extra, so
+    its gradient is the one the op's backward sums over ranks."""
+
+    def __init__(self, vocab=V, dim=32, heads=4, max_distance=6):
+        super().__init__()
+        self.heads, self.max_distance = heads, max_distance
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.bias = torch.nn.Embedding(2 * max_distance + 1, heads)
+        self.head = torch.nn.Linear(dim, vocab)
+
+    def forward(self, idx, targets):
+        b, s = idx.shape
+        x = self.emb(idx)
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(s, device=idx.device)
+        m = self.max_distance
+        bucket = (pos[None, :] - pos[:, None]).clamp(-m, m) + m
+        bias = self.bias(bucket).permute(2, 0, 1).unsqueeze(0)
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias
+        y = torch.softmax(scores, dim=-1) @ v
+        logits = self.head(x + y.transpose(1, 2).reshape(b, s, -1))
+        return logits, torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+
+
+class _BloomGeluForward(torch.nn.Module):
+    """Bloom's eval-mode gelu without its ``GeLUFunction`` (a custom autograd.Function the normalize retrace
+    does not keep opaque yet, issue 10 item 1c): so the test checks the sharding, not that bug."""
+
+    def forward(self, x):
+        from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
+
+        return bloom_gelu_forward(x)
+
+
 def _hf_common(impl):
     return dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                 num_attention_heads=4, max_position_embeddings=64, attn_implementation=impl, use_cache=False)
@@ -48,8 +85,43 @@ def build(kind: str, impl: str = "eager"):
         from nanogpt import GPT
 
         return GPT(vocab_size=V, block_size=64, graph_break=kind == "nanogpt-break")
+    if kind == "relbias":
+        return RelBiasLM()
     import transformers as tf
 
+    if kind == "t5":
+        cfg = tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                          num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0, use_cache=False,
+                          attn_implementation=impl, decoder_start_token_id=0, pad_token_id=0)
+        return tf.T5ForConditionalGeneration(cfg)
+    if kind == "llama4":  # complex RoPE (view_as_complex / polar), then xq_out.type_as(xq)
+        cfg = tf.Llama4TextConfig(num_key_value_heads=2, head_dim=8, intermediate_size_mlp=64,
+                                  num_local_experts=2, moe_layers=[], no_rope_layers=[1],
+                                  attention_chunk_size=64, **_hf_common(impl))
+        return tf.Llama4ForCausalLM(cfg)
+    if kind == "roberta":  # positions from cumsum(mask).type_as(mask)
+        cfg = tf.RobertaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                               attention_probs_dropout_prob=0.0, attn_implementation=impl)
+        return tf.RobertaModel(cfg, add_pooling_layer=False)
+    if kind == "bloom":  # head split by the rewrite's own aten.unflatten
+        model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=V, hidden_size=32, n_layer=1, n_head=4,
+                                                   attn_implementation=impl, use_cache=False))
+        for block in model.transformer.h:
+            block.mlp.gelu_impl = _BloomGeluForward()
+        return model
+    if kind == "falcon":  # new decoder architecture: flatten.using_ints of the heads, broadcast_to K/V groups
+        cfg = tf.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                              new_decoder_architecture=True, num_kv_heads=2, attn_implementation=impl,
+                              use_cache=True, hidden_dropout=0.0, attention_dropout=0.0)
+        return tf.FalconForCausalLM(cfg)
+    if kind == "whisper":
+        cfg = tf.WhisperConfig(vocab_size=V, num_mel_bins=8, d_model=32, encoder_layers=1, decoder_layers=1,
+                               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, max_source_positions=S, max_target_positions=64,
+                               dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=0,
+                               decoder_start_token_id=1, attn_implementation=impl, use_cache=False)
+        return tf.WhisperForConditionalGeneration(cfg)
     if kind in ("llama", "llama-pad"):
         return tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **_hf_common(impl)))
     if kind == "mistral":
@@ -79,6 +151,13 @@ def inputs_for(kind: str) -> dict:
     labels = torch.randint(0, V, (B, S), generator=g)
     if kind in ("builtin-llama", "builtin-gpt2"):
         return {"input_ids": ids, "labels": labels}
+    if kind == "relbias":
+        return {"idx": ids, "targets": labels}
+    if kind == "whisper":
+        feats = torch.randn(B, 8, 2 * S, generator=g, dtype=torch.float64)
+        return {"input_features": feats, "labels": labels}
+    if kind == "roberta":
+        return {"input_ids": ids, "attention_mask": torch.ones(B, S, dtype=torch.long)}
     if kind.startswith("nanogpt"):
         labels[0, :2] = -1
         return {"idx": ids, "targets": labels}
@@ -97,7 +176,7 @@ def inputs_for(kind: str) -> dict:
 def outputs_of(kind: str, out) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(out, tuple):
         return out[0], out[1]
-    if kind == "bert":
+    if kind in ("bert", "roberta"):
         return out.last_hidden_state, None
     return out.logits, out.loss
 
@@ -173,11 +252,18 @@ def case_nanogpt_graph_break(rank, world):
     return compare(rank, world, "nanogpt-break")
 
 
+def case_relbias(rank, world):
+    return compare(rank, world, "relbias")
+
+
 HF_DEFAULT = [("llama", "sdpa"), ("mistral", "eager"), ("qwen2", "sdpa"), ("gemma2", "eager"),
               ("gpt2", "eager"), ("bert", "sdpa")]
 HF_EXTRA = [("llama-pad", "sdpa"), ("llama", "eager"), ("mistral", "sdpa"), ("qwen2", "eager"),
             ("gpt2", "sdpa"), ("bert", "eager")]
-HF = HF_DEFAULT + (HF_EXTRA if ALL else [])
+# families whose sharding needed a placement rule of their own (issue 10): each one sharded, not fallen back
+HF_PLACEMENT = [("t5", "eager"), ("llama4", "eager"), ("roberta", "sdpa"), ("bloom", "eager"),
+                ("falcon", "sdpa")]
+HF = HF_DEFAULT + HF_PLACEMENT + (HF_EXTRA if ALL else [])
 
 
 def _name(kind, impl):
@@ -190,11 +276,11 @@ def _hf_case(kind, impl):
     return case
 
 
-for _kind, _impl in HF_DEFAULT + HF_EXTRA:
+for _kind, _impl in HF_DEFAULT + HF_EXTRA + HF_PLACEMENT + [("whisper", "sdpa")]:
     globals()[_name(_kind, _impl)] = _hf_case(_kind, _impl)
 
-CASES = ["case_builtin_llama", "case_builtin_gpt2", "case_nanogpt", "case_nanogpt_graph_break"] + [
-    _name(k, i) for k, i in HF]
+CASES = ["case_builtin_llama", "case_builtin_gpt2", "case_nanogpt", "case_nanogpt_graph_break",
+         "case_relbias", _name("whisper", "sdpa")] + [_name(k, i) for k, i in HF]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +289,7 @@ def results():
     return run_cases("test_models_sharded", CASES, world=2, timeout=420)
 
 
-def check(results, name, *, tol=1e-8, loss_tol=1e-8):
+def check(results, name, *, tol=1e-8, loss_tol=1e-8, s_by_s_ok=False):
     """``tol``: relative error of outputs and gradients; ``loss_tol``: absolute error of the loss."""
     for r, out in enumerate(results[name]):
         assert "error" not in out, f"rank {r}: {out['error']}"
@@ -215,7 +301,7 @@ def check(results, name, *, tol=1e-8, loss_tol=1e-8):
         limits = {"out": tol, "grad": tol, "loss": loss_tol}
         bad = {k: v for k, v in out["errs"].items() if not v <= limits[k]}
         assert not bad, f"rank {r} differs from one process: {bad}"
-        assert not out["big"], f"rank {r} holds S x S-sized values: {out['big']}"
+        assert s_by_s_ok or not out["big"], f"rank {r} holds S x S-sized values: {out['big']}"
     return results[name][0]
 
 
@@ -236,6 +322,11 @@ def test_nanogpt(results):
     check(results, "case_nanogpt")
 
 
+def test_learned_score_bias_gradient_reduced_once(results):
+    # the bias table's gradient was exactly 2x when both the graph (grad_reduce) and the op summed it
+    check(results, "case_relbias")
+
+
 def test_graph_break_each_graph_sharded_on_its_own(results):
     out = check(results, "case_nanogpt_graph_break")
     assert [n for n, _ in out["graphs"] if n] == [1, 1], out["graphs"]
@@ -246,5 +337,17 @@ def test_hugging_face(results, kind, impl):
     # HF eager attention runs its softmax in float32 (softmax(..., dtype=float32)), so the one-process
     # reference is float32-accurate there; the HF losses upcast logits to float32 too.
     tol = 1e-6 if impl == "eager" and kind not in ("gpt2", "bert") else 1e-8
-    check(results, _name(kind, impl), tol=tol, loss_tol=FP32_LOSS)
+    # T5's relative-position buckets are still computed as a replicated S x S index table (the lifted score
+    # mod reads it): correct, but memory the index lift could save (reported on issue 10)
+    check(results, _name(kind, impl), tol=tol, loss_tol=FP32_LOSS, s_by_s_ok=kind == "t5")
 
+
+
+def test_whisper_unsharded_with_the_reason(results):
+    """Whisper's encoder sequence comes out of a stride-2 conv over time and its decoder ids out of
+    shift_tokens_right's in-place writes: no sequence rule, so the graph runs unsharded (still right) and the
+    fallback names where the walk back from the attention stopped."""
+    for r, out in enumerate(results[_name("whisper", "sdpa")]):
+        assert "error" not in out, f"rank {r}: {out['error']}"
+        assert all(v <= 1e-8 for k, v in out["errs"].items() if k != "loss") and out["errs"]["loss"] <= 1e-5
+        assert out["fallbacks"] and "convolution" in out["fallbacks"][0], out["fallbacks"]
