@@ -195,7 +195,8 @@ def _near_matmul(node: fx.Node, depth: int = 4) -> bool:
     """Whether a matmul feeds ``node`` or consumes its result within ``depth`` steps."""
     frontier, seen = {node}, {node}
     for _ in range(depth):
-        frontier = {m for n in frontier for m in (*n.users, *n.all_input_nodes)} - seen
+        near = {m for n in frontier for m in (*n.users, *n.all_input_nodes)}
+        frontier = {m for m in near if m.op == "call_function"} - seen
         if any(m.op == "call_function" and any(k in _target_name(m) for k in _MATMUL_NAMES)
                for m in frontier):
             return True
