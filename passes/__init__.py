@@ -218,7 +218,7 @@ def _graphs(gm: fx.GraphModule) -> Iterator[tuple[str, fx.Graph]]:
 
 def _account_for_candidates(state: PipelineState) -> None:
     """Every softmax / SDPA / flex call that no site or rejection covers gets a decision with the reason."""
-    from .find_attention import location_of
+    from .locations import location_of
 
     covered: set[fx.Node] = set()
     for site in state.sites:

@@ -101,7 +101,7 @@ def attention_calls(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _location(node: fx.Node) -> str:
-    from .find_attention import location_of
+    from .locations import location_of
 
     return location_of(node)
 
