@@ -47,12 +47,14 @@ from ringcompile.spec import get_spec, register_spec
 from .placements import (
     GETITEM,
     VIEW_OPS,
+    VIEW_SIZES,
     P,
     Partial,
     R,
     Replicate,
     Shard,
     arg_or_kwarg,
+    explicit_template,
     get_arg,
     hint_of,
     links_for,
@@ -224,8 +226,7 @@ class _Sharder:
         if want == "grad":
             if have != R:
                 raise UnsupportedPatternError(f"internal: grad_reduce of a {have} value")
-            val = val_of(arg)
-            if isinstance(val, torch.Tensor) and val.is_floating_point():
+            if _needs_grad_sum(arg):
                 self.set_arg(node, path, self.convert_value(self.value.get(arg, arg), arg, R, "grad", node))
             return
         self.set_arg(node, path, self.convert(arg, have, want, node))
@@ -340,13 +341,20 @@ class _Sharder:
                         self.use(node, path, "grad")
                 self.pl[node] = _like(node, P)
                 return
-            for path in partial:
-                self.use(node, path, R)
-            placements = [R if isinstance(p, Partial) else p for p in placements]
             if not kept and not reduced:
+                for path in partial:
+                    self.use(node, path, R)
                 self.keep(node)
                 self.pl[node] = _replicated_like(node)
                 return
+            # a sharded output: ``_fit_replicated`` turns each Partial argument into the shard it needs
+            # (reduce, then slice) or, where it is broadcast, into a reduced value with a summed gradient
+        if not kept and not reduced:
+            # no active argument is sharded (only a dtype/shape template is): the result is replicated.
+            # Falling through would call it a reduction and make it Partial (summed N times).
+            self.keep(node)
+            self.pl[node] = _replicated_like(node)
+            return
         if kept:
             valid = min(valids)
             kept = {(oi, self.shard(s_.dim, s_.inner, valid)) for oi, s_ in kept}
@@ -396,6 +404,13 @@ class _Sharder:
                 self.keep_arg(node, path)
                 continue
             match = [lk for lk in links if lk.arg == path and lk.out_dim == out.dim]
+            if isinstance(p, Partial) and not match:
+                arg = get_arg(node, path)
+                full = self.convert(arg, p, R, node)
+                if _needs_grad_sum(arg):
+                    full = self.convert_value(full, arg, R, "grad", node)
+                self.set_arg(node, path, full)
+                continue
             shape = shape_of(get_arg(node, path))
             if match and shape is not None and \
                     shape[match[0].in_dim] == shape_of_out(node, match[0].out_index)[out.dim] and \
@@ -437,6 +452,12 @@ class _Sharder:
             return self.replicate_all(node, "a view splits the sequence dim")
         out = self.shard(out.dim, out.inner, p.valid)
         self.keep(node)
+        where = VIEW_SIZES[node.target]
+        if where is None:  # flatten: the output shape follows from the (local) input's
+            self.pl[node] = out
+            return
+        if node.target == aten.unflatten.int:
+            return self.unflatten(node, out)
         if self.dynamic:
             sizes = list(node.args[1])
             if not (isinstance(sizes[out.dim], int) and sizes[out.dim] == -1):
@@ -447,6 +468,21 @@ class _Sharder:
         sizes = resolve_shape(b, math.prod(b))
         sizes[out.dim] = sizes[out.dim] // self.vlen(out) * self.local
         self.set_arg(node, (1,), sizes)
+        self.pl[node] = out
+
+    def unflatten(self, node: fx.Node, out: Shard) -> None:
+        """``unflatten(x, dim, sizes)``: the size of the sequence's output dim becomes the local one."""
+        d = node.args[1] % len(shape_of(node.args[0]))
+        sizes = list(node.args[2])
+        k = out.dim - d
+        if 0 <= k < len(sizes):
+            if self.dynamic:
+                if any(isinstance(x, int) and x == -1 for i, x in enumerate(sizes) if i != k):
+                    return self.replicate_all(node, "unflatten with a -1 size and a symbolic sequence length")
+                sizes[k] = -1
+            else:
+                sizes[k] = shape_of(node)[out.dim] // self.vlen(out) * self.local
+            self.set_arg(node, (2,), sizes)
         self.pl[node] = out
 
     def slice_seq(self, node: fx.Node) -> bool:
@@ -556,14 +592,16 @@ class _Sharder:
         self.pl[node] = R
 
     def attention(self, node: fx.Node) -> None:
+        # Score extras (learned biases) stay plain replicated values: the op's backward already returns
+        # their gradient summed over ranks (runtime ``reduce_extras``), as it does for k/v, whose grads
+        # it sums around the ring. A ``grad_reduce`` here would sum that sum again (N x the gradient).
+        # The op owns the reduction because only it knows which ranks saw which (q, k) pairs, and
+        # because callers of the op outside this pass (``ringcompile.api``) need the same contract.
         for i in range(3):
             self.use(node, (i,), Shard(2))
         for i in (3, 4):
-            extras = list(node.args[i])
-            for j in range(len(extras)):
+            for j in range(len(node.args[i])):
                 self.use(node, (i, j), R)
-                if i == 4:
-                    self.use(node, (i, j), "grad")
         args = list(node.args)
         args[5] = self.len_arg(self.seq)
         spec = get_spec(args[6])
@@ -611,6 +649,12 @@ def _out_size_expr(node: fx.Node, out_index: int | None, dim: int) -> Any:
     return size_expr(v.shape[dim])
 
 
+def _needs_grad_sum(node: fx.Node) -> bool:
+    """Whether a replicated value can carry a gradient (float or complex), so its uses sum it over ranks."""
+    v = val_of(node)
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+
+
 def _is_sym_scalar(node: fx.Node) -> bool:
     return isinstance(val_of(node), torch.SymInt)
 
@@ -639,6 +683,19 @@ def _check_hinted(gm: fx.GraphModule) -> None:
     for node in gm.graph.find_nodes(op="placeholder"):
         if _has_unbacked(node):
             raise UnsupportedPatternError(SYMBOLIC_SHAPES_MSG)
+
+
+def _explicit_templates(gm: fx.GraphModule) -> None:
+    """``view_as(x, t)`` / ``reshape_as`` / ``expand_as`` -> the op with t's (global) sizes written out, so
+    that the template's placement never reaches the result (the walk then treats them as plain views and
+    expands). Symbolic sizes are left alone: those ops have no rule and run on full values."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        explicit = explicit_template(node)
+        if explicit is not None:
+            node.target, node.args = explicit
+            node.kwargs = {}
 
 
 def _refresh_meta(gm: fx.GraphModule) -> None:
@@ -674,6 +731,7 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
         raise UnsupportedPatternError("no rewritten attention in the graph: nothing says where the sequence "
                                       "is")
     _check_hinted(aten_gm)
+    _explicit_templates(aten_gm)
     seq = global_seq_len(ops_)
     seq_size = global_seq_size(ops_)
     dynamic = isinstance(seq_size, torch.SymInt)

@@ -42,14 +42,11 @@ def _record(entry: CompiledGraph) -> None:
 
 
 def may_hold_attention(gm: fx.GraphModule) -> bool:
-    """Cheap pre-check on the Dynamo graph: no softmax and no SDPA means nothing to find."""
-    for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method", "call_module"):
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            name = str(name).lower()
-            if "softmax" in name or "scaled_dot_product_attention" in name or "attention" in name:
-                return True
-    return False
+    """Cheap pre-check on the Dynamo graph: no softmax, SDPA or flex call (HOP bodies included) means
+    nothing to find."""
+    from .passes.hops import attention_calls
+
+    return bool(attention_calls(gm))
 
 
 def transform(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, CompiledGraph]:
@@ -57,6 +54,7 @@ def transform(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Com
 
     A graph without any softmax or SDPA is returned as it is (no retrace).
     """
+    from .passes import hops
     from .passes.find_attention import find_attention
     from .passes.normalize import normalize
     from .passes.rewrite import rewrite_attention
@@ -65,8 +63,10 @@ def transform(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Com
         return gm, CompiledGraph([], [], gm)
     aten_gm = normalize(gm)
     sites, rejected = find_attention(aten_gm)
+    rejected = [*rejected, *aten_gm.meta.get(hops.REJECTED_KEY, [])]  # attention inside opaque HOPs
     if sites:
         rewrite_attention(aten_gm, sites, options)
+        hops.mark_ring_ops_saved(aten_gm)  # checkpointed regions reuse (out, lse), never re-run the ring
     return aten_gm, CompiledGraph(sites, rejected, aten_gm)
 
 
