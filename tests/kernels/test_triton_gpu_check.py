@@ -19,7 +19,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
 def test_gpu_check_exits_at_once_without_cuda(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(["bash", str(SCRIPT), str(out)], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode == 2, run.stdout + run.stderr
     assert "no CUDA GPU" in run.stderr and "Nothing was run" in run.stderr
     assert not out.exists()  # nothing written, no step started
