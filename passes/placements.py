@@ -229,8 +229,38 @@ def view_dim(a: Sequence[int], b: Sequence[int], dim: int, inner: int, seq: int)
     return None
 
 
-# views are handled by view_dim (they need the sequence length), not by links_for
-VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
+# Views: one table for every op whose output is a regrouping of its input's dims. They are all handled
+# by view_dim on (input shape, output shape), which needs only the two shapes and the sequence length;
+# the value says where the op's explicit size list sits (None: the op has none, its output shape follows
+# from the input's). ``flatten``/``unflatten`` come from the pre-dispatch retrace and from the rewrite's
+# own head-split / head-merge nodes (``passes/rewrite``).
+VIEW_SIZES: dict[Any, int | None] = {
+    aten.view.default: 1, aten._unsafe_view.default: 1, aten.reshape.default: 1,
+    aten.flatten.using_ints: None, aten.unflatten.int: 2,
+}
+VIEW_OPS = set(VIEW_SIZES)
+
+# ``op(data, template)``: the template contributes only its shape (and dtype/device). The sharding pass
+# rewrites them into the explicit-size op before anything else reads the graph (``explicit_template``),
+# so the template's placement can never leak into the result.
+TEMPLATE_SHAPE_OPS = {aten.view_as.default: aten.reshape.default,
+                      aten.reshape_as.default: aten.reshape.default,
+                      aten.expand_as.default: aten.expand.default}
+# ``op(data, template, ...)``: the template contributes only its dtype/device; the result has the data's
+# placement (never the template's: ``type_as(replicated, sharded)`` is replicated).
+DTYPE_TEMPLATE_OPS = {aten.type_as.default, aten.to.other}
+# ``template.new_*(size)``: a fresh constant of the given size; the template is read for dtype/device only.
+NEW_FROM_TEMPLATE_OPS = {aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default,
+                         aten.new_full.default}
+
+
+def explicit_template(node: fx.Node) -> tuple[Any, tuple] | None:
+    """(target, args) of the explicit-size spelling of a ``*_as`` op (static shapes only), else None."""
+    target = TEMPLATE_SHAPE_OPS.get(node.target)
+    out = shape_of(node)
+    if target is None or out is None or any(isinstance(s, torch.SymInt) for s in val_of(node).shape):
+        return None
+    return target, (node.args[0], list(out))
 
 
 # ---------------------------------------------------------------------------- op tables
@@ -241,7 +271,8 @@ SAME_SHAPE_OPS = {
     aten.dropout.default, aten.lift_fresh_copy.default, aten.masked_fill.Tensor, aten.masked_fill.Scalar,
     aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
     aten.type_as.default, aten.silu.default, aten.gelu.default, aten.relu.default,
-    aten.fill.Scalar, aten.triu.default, aten.tril.default,
+    aten.fill.Scalar, aten.triu.default, aten.tril.default, aten.polar.default, aten.complex.default,
+    aten.real.default, aten.imag.default,
 }
 # ops linear in their first argument: a Partial there may pass through unreduced
 LINEAR_FIRST_OPS = {
@@ -285,7 +316,7 @@ def links_for(node: fx.Node) -> OpRule | None:
     if is_pointwise(t) or t in SAME_SHAPE_OPS:
         paths = tensor_paths(node)
         passive: tuple[ArgPath, ...] = ()
-        if t in (aten.type_as.default, aten.to.other):
+        if t in DTYPE_TEMPLATE_OPS:
             paths, passive = paths[:1], tuple(paths[1:])
         linear = ((0,),) if t in LINEAR_FIRST_OPS else ()
         if t in (aten.add.Tensor, aten.sub.Tensor):
@@ -295,6 +326,23 @@ def links_for(node: fx.Node) -> OpRule | None:
 
 
 # ---------------------------------------------------------------------------- special rules
+
+
+def _new_from_template(node: fx.Node) -> OpRule:
+    """``x.new_zeros(size)``: no dim of ``x`` reaches the output; ``x`` is read for dtype/device only."""
+    return OpRule([], passive=tuple(tensor_paths(node)))
+
+
+def _view_as_complex(node: fx.Node) -> OpRule:
+    """(..., 2) real -> (...) complex: every dim but the last pair is kept (linear)."""
+    n = len(shape_of(node))
+    return OpRule([DimLink((0,), i, i) for i in range(n)], linear_in=((0,),))
+
+
+def _view_as_real(node: fx.Node) -> OpRule:
+    """(...) complex -> (..., 2) real: every dim is kept, a trailing pair added (linear)."""
+    n = len(shape_of(node)) - 1
+    return OpRule([DimLink((0,), i, i) for i in range(n)], linear_in=((0,),))
 
 
 def _expand(node: fx.Node) -> OpRule:
@@ -357,14 +405,21 @@ def _slice(node: fx.Node) -> OpRule:
 
 
 def _cat(node: fx.Node) -> OpRule:
+    """Every dim but the cat dim links; the cat dim links too when all other inputs are empty along it
+    (a K/V cache ``cat([past, k], dim=seq)`` with no past: the output is ``k``)."""
     out = shape_of(node)
     d = (node.args[1] if len(node.args) > 1 else 0) % len(out)
     links = []
+    parts = []
     for path in tensor_paths(node):
         s = shape_of(get_arg(node, path))
         if s is None or len(s) != len(out):
             continue  # legacy empty tensors
         links += [DimLink(path, i, i) for i in range(len(s)) if i != d]
+        parts.append((path, s))
+    full = [path for path, s in parts if s[d] != 0]
+    if len(full) == 1 and sym_shape_of(get_arg(node, full[0]))[d] == sym_shape_of(node)[d]:
+        links.append(DimLink(full[0], d, d))
     return OpRule(links)
 
 
@@ -548,6 +603,9 @@ _SPECIAL: dict[Any, Callable[[fx.Node], OpRule | None]] = {
     aten.index_select.default: _index_select,
     aten.native_dropout.default: _native_dropout,
     aten.where.self: _where,
+    aten.view_as_complex.default: _view_as_complex,
+    aten.view_as_real.default: _view_as_real,
+    **{op: _new_from_template for op in NEW_FROM_TEMPLATE_OPS},
     **{op: _reduce for op in REDUCE_SUM_OPS},
     **{op: _reduce_other for op in (aten.amax.default, aten.amin.default, aten.var.correction,
                                     aten.std.correction, aten.var.dim, aten.std.dim)},

@@ -4,7 +4,7 @@ Entry point ``shard_graph(aten_gm, sites, options)``: mutates the graph so that 
 computes only its shard of the sequence. Graph inputs are full on every rank; inputs that
 carry the sequence (found by ``seq_dims``) are sliced at the start; placements
 (``placements``) are propagated node by node; where placements meet, collectives from
-``ringcompile.runtime.collectives`` are inserted:
+``ringcompile.graph_ops`` (the runtime's interface for passes) are inserted:
 
 * replicated meets sharded -> ``to_local`` (slice by the layout's index list);
 * replicated float feeding sharded work -> ``grad_reduce`` (its gradient is summed over ranks);
@@ -38,21 +38,24 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ringcompile import graph_ops as coll
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
+from ringcompile.ops import RingCall
 from ringcompile.options import Options
-from ringcompile.runtime import collectives as coll
-from ringcompile.spec import get_spec, register_spec
+from ringcompile.spec import register_spec
 
 from .placements import (
     GETITEM,
     VIEW_OPS,
+    VIEW_SIZES,
     P,
     Partial,
     R,
     Replicate,
     Shard,
     arg_or_kwarg,
+    explicit_template,
     get_arg,
     hint_of,
     links_for,
@@ -224,8 +227,7 @@ class _Sharder:
         if want == "grad":
             if have != R:
                 raise UnsupportedPatternError(f"internal: grad_reduce of a {have} value")
-            val = val_of(arg)
-            if isinstance(val, torch.Tensor) and val.is_floating_point():
+            if _needs_grad_sum(arg):
                 self.set_arg(node, path, self.convert_value(self.value.get(arg, arg), arg, R, "grad", node))
             return
         self.set_arg(node, path, self.convert(arg, have, want, node))
@@ -340,13 +342,20 @@ class _Sharder:
                         self.use(node, path, "grad")
                 self.pl[node] = _like(node, P)
                 return
-            for path in partial:
-                self.use(node, path, R)
-            placements = [R if isinstance(p, Partial) else p for p in placements]
             if not kept and not reduced:
+                for path in partial:
+                    self.use(node, path, R)
                 self.keep(node)
                 self.pl[node] = _replicated_like(node)
                 return
+            # a sharded output: ``_fit_replicated`` turns each Partial argument into the shard it needs
+            # (reduce, then slice) or, where it is broadcast, into a reduced value with a summed gradient
+        if not kept and not reduced:
+            # no active argument is sharded (only a dtype/shape template is): the result is replicated.
+            # Falling through would call it a reduction and make it Partial (summed N times).
+            self.keep(node)
+            self.pl[node] = _replicated_like(node)
+            return
         if kept:
             valid = min(valids)
             kept = {(oi, self.shard(s_.dim, s_.inner, valid)) for oi, s_ in kept}
@@ -396,6 +405,13 @@ class _Sharder:
                 self.keep_arg(node, path)
                 continue
             match = [lk for lk in links if lk.arg == path and lk.out_dim == out.dim]
+            if isinstance(p, Partial) and not match:
+                arg = get_arg(node, path)
+                full = self.convert(arg, p, R, node)
+                if _needs_grad_sum(arg):
+                    full = self.convert_value(full, arg, R, "grad", node)
+                self.set_arg(node, path, full)
+                continue
             shape = shape_of(get_arg(node, path))
             if match and shape is not None and \
                     shape[match[0].in_dim] == shape_of_out(node, match[0].out_index)[out.dim] and \
@@ -437,6 +453,12 @@ class _Sharder:
             return self.replicate_all(node, "a view splits the sequence dim")
         out = self.shard(out.dim, out.inner, p.valid)
         self.keep(node)
+        where = VIEW_SIZES[node.target]
+        if where is None:  # flatten: the output shape follows from the (local) input's
+            self.pl[node] = out
+            return
+        if node.target == aten.unflatten.int:
+            return self.unflatten(node, out)
         if self.dynamic:
             sizes = list(node.args[1])
             if not (isinstance(sizes[out.dim], int) and sizes[out.dim] == -1):
@@ -447,6 +469,21 @@ class _Sharder:
         sizes = resolve_shape(b, math.prod(b))
         sizes[out.dim] = sizes[out.dim] // self.vlen(out) * self.local
         self.set_arg(node, (1,), sizes)
+        self.pl[node] = out
+
+    def unflatten(self, node: fx.Node, out: Shard) -> None:
+        """``unflatten(x, dim, sizes)``: the size of the sequence's output dim becomes the local one."""
+        d = node.args[1] % len(shape_of(node.args[0]))
+        sizes = list(node.args[2])
+        k = out.dim - d
+        if 0 <= k < len(sizes):
+            if self.dynamic:
+                if any(isinstance(x, int) and x == -1 for i, x in enumerate(sizes) if i != k):
+                    return self.replicate_all(node, "unflatten with a -1 size and a symbolic sequence length")
+                sizes[k] = -1
+            else:
+                sizes[k] = shape_of(node)[out.dim] // self.vlen(out) * self.local
+            self.set_arg(node, (2,), sizes)
         self.pl[node] = out
 
     def slice_seq(self, node: fx.Node) -> bool:
@@ -556,20 +593,19 @@ class _Sharder:
         self.pl[node] = R
 
     def attention(self, node: fx.Node) -> None:
+        # Score extras (learned biases) stay plain replicated values: the op's backward already returns
+        # their gradient summed over ranks (runtime ``reduce_extras``), as it does for k/v, whose grads
+        # it sums around the ring. A ``grad_reduce`` here would sum that sum again (N x the gradient).
+        # The op owns the reduction because only it knows which ranks saw which (q, k) pairs, and
+        # because callers of the op outside this pass (``ringcompile.api``) need the same contract.
         for i in range(3):
             self.use(node, (i,), Shard(2))
         for i in (3, 4):
-            extras = list(node.args[i])
-            for j in range(len(extras)):
+            for j in range(len(node.args[i])):
                 self.use(node, (i, j), R)
-                if i == 4:
-                    self.use(node, (i, j), "grad")
-        args = list(node.args)
-        args[5] = self.len_arg(self.seq)
-        spec = get_spec(args[6])
-        args[6] = register_spec(spec.replace(layout=self.layout, group=self.options.group,
-                                             mesh_dim=self.options.mesh_dim))
-        node.args = tuple(args)
+        call = RingCall.from_node(node)
+        spec = call.spec.replace(layout=self.layout, group=self.options.group, mesh_dim=self.options.mesh_dim)
+        call.replace_args(seq_len=self.len_arg(self.seq), spec_key=register_spec(spec))
         self.pl[node] = (Shard(2), Shard(2))
 
     def sym_scalar(self, node: fx.Node) -> None:
@@ -611,6 +647,12 @@ def _out_size_expr(node: fx.Node, out_index: int | None, dim: int) -> Any:
     return size_expr(v.shape[dim])
 
 
+def _needs_grad_sum(node: fx.Node) -> bool:
+    """Whether a replicated value can carry a gradient (float or complex), so its uses sum it over ranks."""
+    v = val_of(node)
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+
+
 def _is_sym_scalar(node: fx.Node) -> bool:
     return isinstance(val_of(node), torch.SymInt)
 
@@ -641,6 +683,19 @@ def _check_hinted(gm: fx.GraphModule) -> None:
             raise UnsupportedPatternError(SYMBOLIC_SHAPES_MSG)
 
 
+def _explicit_templates(gm: fx.GraphModule) -> None:
+    """``view_as(x, t)`` / ``reshape_as`` / ``expand_as`` -> the op with t's (global) sizes written out, so
+    that the template's placement never reaches the result (the walk then treats them as plain views and
+    expands). Symbolic sizes are left alone: those ops have no rule and run on full values."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        explicit = explicit_template(node)
+        if explicit is not None:
+            node.target, node.args = explicit
+            node.kwargs = {}
+
+
 def _refresh_meta(gm: fx.GraphModule) -> None:
     """Recompute node.meta['val'] (now local shapes) with fake tensors."""
     from torch._guards import detect_fake_mode
@@ -664,9 +719,7 @@ def _refresh_meta(gm: fx.GraphModule) -> None:
 def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options) -> fx.GraphModule:
     """Shard ``aten_gm`` along the sequence in place (and return it); raise UnsupportedPatternError to
     make the backend compile the unsharded graph."""
-    from ringcompile.runtime.group import resolve_group
-
-    group = resolve_group(options.group, options.mesh_dim)
+    group = coll.resolve_group(options.group, options.mesh_dim)
     if group.world_size <= 1:
         return aten_gm
     ops_ = attention_ops(aten_gm)
@@ -674,6 +727,7 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
         raise UnsupportedPatternError("no rewritten attention in the graph: nothing says where the sequence "
                                       "is")
     _check_hinted(aten_gm)
+    _explicit_templates(aten_gm)
     seq = global_seq_len(ops_)
     seq_size = global_seq_size(ops_)
     dynamic = isinstance(seq_size, torch.SymInt)
@@ -681,7 +735,7 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
     if not seeds:
         raise UnsupportedPatternError(
             "no graph input carries the attention's sequence dim; pass options={'seq_dims': {name: dim}}")
-    masks = [get_spec(op.args[6]).mask for op in ops_]
+    masks = [RingCall.from_node(op).spec.mask for op in ops_]
     layout = choose_layout(options, masks, seq, group.world_size, dynamic)
     name = coll.group_name_of(group.group)
     sizes = SymSizes(aten_gm, seq_size, group.world_size, layout) if dynamic else None
