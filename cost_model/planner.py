@@ -29,7 +29,6 @@ from .evaluate import (
     strategy_functions,
     threshold_functions,
 )
-from .memory import memory_terms
 from .profiles import Profile, dtype_name, load_profile
 from .strategies import LAYOUT, OVERLAPPED, STRATEGIES, feasible, ring_threshold, strategy_model
 from .tiles import choose_tiles
@@ -423,7 +422,3 @@ def choose_for_call(*, seq_len: int, world_size: int, batch: int, heads: int, kv
         log.debug("built call planner for %s on %s: %s", w, prof.name, names)
         return planner.choose(int(seq_len))
 
-
-def explain_terms(strategy: str, causal: bool, backward: bool) -> dict[str, sp.Expr]:
-    """The symbolic memory terms (for printing)."""
-    return memory_terms(strategy, causal, backward)

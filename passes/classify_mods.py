@@ -449,7 +449,11 @@ def _clause_kind(clause: list[tuple[Any, bool]]) -> str:
 
 
 def classify_bias(value: Any) -> tuple[str, str]:
-    """(kind, description) of an additive score term: "alibi", "bias" (dense lookup) or "custom"."""
+    """(kind, description) of an additive score term: "alibi", "bias" (dense lookup),
+    "padding_bias" (a function of a lookup by (b, kv) only: an additive key padding whose
+    constant does not provably mask) or "custom"."""
+    if _is_key_lookup_only(value):
+        return "padding_bias", "padding bias"
     if not isinstance(value, Num) or len(value.cases) != 1:
         return "custom", "custom bias"
     e = value.cases[0][0]
@@ -471,3 +475,73 @@ def _arg_syms(e: sympy.Expr) -> set:
     for f in e.atoms(sympy.core.function.AppliedUndef):
         out |= f.free_symbols
     return out
+
+
+# ---------------------------------------------------------------------------- finite "masking" constants
+
+
+def exp_underflow_limit(dtype: torch.dtype | None) -> float:
+    """x below which ``exp(x)`` rounds to exactly 0 in ``dtype``, and in float32 too.
+
+    Softmax may run in float32 for 16-bit inputs, so the stricter (more negative) of the two
+    limits is used: ``log(smallest subnormal / 2)`` (-103.97 for float32, -745.13 for float64).
+    """
+    dtypes = [torch.float32] + ([dtype] if dtype is not None and dtype.is_floating_point else [])
+    return min(math.log(fi.smallest_normal) + math.log(fi.eps) - math.log(2)
+               for fi in map(torch.finfo, dtypes))
+
+
+def score_premise(dtype: torch.dtype | None) -> float:
+    """The bound on |kept scores| assumed when nothing bounds them: a quarter of the dtype's
+    range, i.e. scores that can be doubled and summed without overflowing."""
+    dt = dtype if dtype is not None and dtype.is_floating_point else torch.float32
+    return torch.finfo(dt).max / 4
+
+
+def masking_margin(c: float, *, additive: bool, dtype: torch.dtype | None, bound: float | None) -> float:
+    """Upper bound of ``x_masked - rowmax`` for a pair that gets the constant ``c`` (<= 0).
+
+    With ``|kept score| <= B`` (``bound``, or ``score_premise(dtype)`` when None) and at least
+    one kept key in the row (so rowmax >= -B): a fill (``masked_fill(s, m, c)``,
+    ``where(m, s, c)``) gives ``x = c`` and ``x - rowmax <= c + B``; an additive term gives
+    ``x = s + c`` and ``x - rowmax <= c + 2B``.
+    """
+    B = score_premise(dtype) if bound is None else bound
+    return c + (2 * B if additive else B)
+
+
+def masks_exactly(c: float, *, additive: bool, dtype: torch.dtype | None, bound: float | None) -> bool:
+    """``c`` provably sends the pair's softmax weight to exactly 0 (so it may be treated as masked).
+
+    The condition is ``masking_margin(...) < exp_underflow_limit(dtype)``. -inf always qualifies;
+    finfo.min does under the premise; -10000 (BERT) or -1e9 only when the scores are provably
+    bounded (a softcap before the mask): otherwise they stay an exact score bias.
+    """
+    if math.isnan(c) or c > 0:
+        return False
+    if math.isinf(c):
+        return True
+    return masking_margin(c, additive=additive, dtype=dtype, bound=bound) < exp_underflow_limit(dtype)
+
+
+def _is_key_lookup_only(value: Any) -> bool:
+    """``value`` is an additive key padding: a function of extra lookups indexed by (b, kv)
+    only, with a large negative constant (<= -1e4) in it."""
+    if not isinstance(value, Num):
+        return False
+    looked_up = huge = False
+    for e, cond in value.cases:
+        for part in (e, cond):
+            if not isinstance(part, sympy.Basic):
+                continue
+            if any(str(s).startswith("_opaque") for s in part.free_symbols):
+                return False
+            if part.free_symbols - {SYMS["b"], KV}:
+                return False
+            roles = _lookup_roles(part)
+            if roles is not None:
+                if not roles <= {SYMS["b"], KV}:
+                    return False
+                looked_up = True
+            huge = huge or any(a.is_number and a.is_real and a <= -10000 for a in part.atoms(sympy.Number))
+    return looked_up and huge

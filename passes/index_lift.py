@@ -21,9 +21,23 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
+
+from .aten import (
+    CASTS,
+    CREATION,
+    IDENTITY,
+    RESHAPES,
+    SHAPE_ONLY,
+    dtype_of,
+    is_one,
+    static_int,
+    tensor_val,
+)
+from .aten import functional_packet as packet_of
+from .aten import norm_dim as _norm_dim
 
 aten = torch.ops.aten
+__all__ = ["SHAPE_ONLY", "dtype_of", "is_one", "packet_of", "static_int", "tensor_val"]  # re-exported
 Expr = Any  # fx.Node of the lifted graph, or a Python bool/int/float constant
 Idx = tuple[Expr, ...]
 
@@ -37,52 +51,11 @@ class NotLiftable(Exception):
 # ---------------------------------------------------------------------------- small helpers
 
 
-def tensor_val(n: Any) -> torch.Tensor | None:
-    """The (fake) tensor a node holds, or None for non-tensor nodes."""
-    if isinstance(n, fx.Node):
-        val = n.meta.get("val", n.meta.get("example_value"))
-        if isinstance(val, torch.Tensor):
-            return val
-    return None
-
-
 def shape_of(n: fx.Node) -> tuple:
     val = tensor_val(n)
     if val is None:
         raise NotLiftable(f"{n} has no tensor metadata")
     return tuple(val.shape)
-
-
-def dtype_of(n: Any) -> torch.dtype | None:
-    val = tensor_val(n)
-    if val is not None:
-        return val.dtype
-    if isinstance(n, bool):
-        return torch.bool
-    if isinstance(n, int):
-        return torch.int64
-    if isinstance(n, float):
-        return torch.float64
-    return None
-
-
-def is_one(size: Any) -> bool:
-    if isinstance(size, int):
-        return size == 1
-    return statically_known_true(size == 1)
-
-
-def static_int(x: Any) -> int | None:
-    """A Python int for ints and concrete SymInts (never specialises a dynamic size)."""
-    if isinstance(x, bool):
-        return int(x)
-    if isinstance(x, int):
-        return x
-    if isinstance(x, fx.Node):
-        x = x.meta.get("val")
-    if isinstance(x, torch.SymInt) and is_concrete_int(x):
-        return int(x)
-    return None
 
 
 def real_constant(n: fx.Node) -> torch.Tensor | None:
@@ -142,20 +115,12 @@ def is_huge_negative(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v <= -1e4
 
 
-def packet_of(n: fx.Node) -> Any:
-    return getattr(n.target, "overloadpacket", None) if n.op == "call_function" else None
-
-
 def bcast_idx(operand_shape: Sequence, idx: Idx) -> Idx:
     """Index of a broadcast operand: right-aligned, size-1 dims read index 0."""
     m, r = len(operand_shape), len(idx)
     if m > r:
         raise NotLiftable("operand has more dims than the result")
     return tuple(0 if is_one(operand_shape[j]) else idx[r - m + j] for j in range(m))
-
-
-def _norm_dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
 
 
 # ---------------------------------------------------------------------------- graph builder
@@ -310,15 +275,7 @@ def _is_const(x: Any, value: float) -> bool:
 
 # ---------------------------------------------------------------------------- the lifter
 
-_CASTS = (aten.to, aten._to_copy, aten.type_as)
-_IDENTITY = (aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
-_VIEWS = (aten.view, aten.reshape, aten._unsafe_view)
-_CREATION = (aten.ones, aten.zeros, aten.full, aten.ones_like, aten.zeros_like, aten.full_like,
-             aten.scalar_tensor, aten.new_ones, aten.new_zeros, aten.new_full)
-# ops whose value does not depend on their tensor inputs' values (only on shapes)
-SHAPE_ONLY = (aten.ones_like, aten.zeros_like, aten.full_like, aten.empty_like, aten.new_ones,
-              aten.new_zeros, aten.new_full, aten.new_empty, aten.sym_size, aten.sym_numel,
-              aten.sym_stride)
+_CASTS, _IDENTITY, _VIEWS, _CREATION = CASTS, IDENTITY, RESHAPES, CREATION
 
 
 def creation_value(n: fx.Node) -> Any:

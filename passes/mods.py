@@ -27,7 +27,16 @@ from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
 from ringcompile.mods import Mod, index_grid
 
-from .classify_mods import Bool, MaskClass, classify_bias, classify_keep, to_sympy
+from .classify_mods import (
+    Bool,
+    MaskClass,
+    classify_bias,
+    classify_keep,
+    exp_underflow_limit,
+    masking_margin,
+    masks_exactly,
+    to_sympy,
+)
 from .index_lift import (
     _CASTS,
     _IDENTITY,
@@ -56,6 +65,9 @@ aten = torch.ops.aten
 
 FINFO_NOTE = ("scores are masked with a large finite negative constant (finfo.min or similar): rows with "
               "every key masked return 0 here, where eager returns uniform weights")
+BIAS_NOTE = ("a finite negative constant ({c:g}) is kept as an exact score bias, not a mask: with scores "
+             "bounded only by |s| <= {bound:.3g} it does not provably underflow exp() in {dtype} "
+             "(needs c + {k}*bound < {limit:.2f})")
 
 
 @dataclasses.dataclass
@@ -77,7 +89,7 @@ class ExtractedMods:
 def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[str, ...],
                         additive: Sequence[fx.Node] = ()) -> ExtractedMods:
     """Lift the pointwise chain from the raw ``score`` (q @ k^T) to ``softmax_input``."""
-    ex = _Extraction(dims)
+    ex = _Extraction(dims, dtype_of(softmax_input))
     path = _chain_path(score, softmax_input)
     for a in additive:
         if _depends_on(a, score):
@@ -101,7 +113,8 @@ def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[s
 
 def extract_attn_mask(mask: fx.Node, *, dims: tuple[str, ...]) -> ExtractedMods:
     """SDPA ``attn_mask``: bool (True = keep) or additive float (0/-inf/finfo.min or any bias)."""
-    ex = _Extraction(dims)
+    dt = dtype_of(mask)
+    ex = _Extraction(dims, dt if dt is not None and dt.is_floating_point else None)
     ex.roots = [mask]
     try:
         with _real_tensors():
@@ -196,7 +209,7 @@ def _running_index(n: fx.Node, prev: fx.Node) -> int:
 class _Extraction:
     """State while walking one chain: two graph builders (mask, score) and what was found."""
 
-    def __init__(self, dims: tuple[str, ...]):
+    def __init__(self, dims: tuple[str, ...], dtype: torch.dtype | None = None):
         dims = tuple(dims)
         if len(dims) < 2 or dims[-2:] != ("q", "kv") or any(d not in ("b", "h", "q", "kv") for d in dims):
             raise UnsupportedPatternError(f"score dims {dims} must end with ('q', 'kv') and use b/h/q/kv")
@@ -215,6 +228,10 @@ class _Extraction:
         self.masked = False
         self.path: list[fx.Node] = []     # chain nodes: always replaced by the rewrite
         self.roots: list[fx.Node] = []    # attn_mask / additive nodes: dead if the site is their only user
+        self.dtype = dtype                # dtype of the scores fed to exp (softmax input)
+        self.bound: float | None = None   # proven bound of |running score| (None: the premise only)
+        self.factor = 1.0                 # constant factor additive terms are multiplied by (head scale)
+        self.claims: list[list] = []      # [c, additive, bound, later factor] of each finite mask claim
 
     # mask terms ---------------------------------------------------------------------------
     def add_keep(self, keep: Expr) -> None:
@@ -225,16 +242,55 @@ class _Extraction:
         if text not in self.notes:
             self.notes.append(text)
 
-    def keep_const(self, v: Any) -> Expr | None:
+    def keep_const(self, v: Any, *, additive: bool = True) -> Expr | None:
+        """True for 0, False for a constant that provably masks (``masks_exactly``), else None.
+
+        ``additive``: the constant is added to the score (else it replaces the score)."""
         if v is None or isinstance(v, bool):
             return None
         if v == 0:
             return True
         if is_huge_negative(v):
-            if not math.isinf(v):
-                self.note(FINFO_NOTE)
+            if math.isinf(v):
+                return False
+            c = float(v) * (self.factor if additive else 1.0)
+            if not masks_exactly(c, additive=additive, dtype=self.dtype, bound=self.bound):
+                self._bias_note(c, additive)
+                return None
+            self.claims.append([c, additive, self.bound, 1.0])
+            self.note(FINFO_NOTE)
             return False
         return None
+
+    def _bias_note(self, c: float, additive: bool) -> None:
+        from .classify_mods import score_premise
+
+        bound = self.bound if self.bound is not None else score_premise(self.dtype)
+        dtype = str(self.dtype or torch.float32).replace("torch.", "")
+        self.note(BIAS_NOTE.format(c=c, bound=bound, dtype=dtype, k=2 if additive else 1,
+                                   limit=exp_underflow_limit(self.dtype)))
+
+    def scale_running(self, f: float) -> None:
+        """The running score (masked entries included) is multiplied by ``f``."""
+        if self.bound is not None:
+            self.bound *= abs(f)
+        for claim in self.claims:
+            claim[3] *= f
+
+    def check_claims(self) -> None:
+        """Finite mask claims must still underflow after the factors applied after them."""
+        from .classify_mods import score_premise
+
+        limit = exp_underflow_limit(self.dtype)
+        for c, additive, bound, f in self.claims:
+            if bound is not None:
+                margin = f * masking_margin(c, additive=additive, dtype=self.dtype, bound=bound)
+            else:  # the premise bounds the final scores
+                margin = f * c + (2 if additive else 1) * score_premise(self.dtype)
+            if not margin < limit:
+                raise UnsupportedPatternError(
+                    f"the masking constant {c:g} is scaled by {f:g} after masking and no longer provably "
+                    "underflows exp(); apply the scale before the mask")
 
     def keep_of(self, n: Any, idx: tuple) -> Expr | None:
         """Keep-expression when ``n[idx]`` is provably 0 (kept) or hugely negative (masked)."""
@@ -291,9 +347,7 @@ class _Extraction:
                     cv = creation_value(c)
                 if cv is None or isinstance(cv, bool):
                     continue
-                if is_huge_negative(cv) and _is_integral(z):
-                    if not math.isinf(cv):
-                        self.note(FINFO_NOTE)
+                if is_huge_negative(cv) and _is_integral(z) and self.keep_const(cv) is False:
                     self.note(f"{n.name}: additive mask (m * {cv:g}) assumes m is a 0/1 indicator")
                     out = B.call(operator.eq, L.lift_broadcast(z, idx), 0)
                     break
@@ -321,6 +375,8 @@ class _Extraction:
             return None
         if const.dim() == 0:
             return self.keep_const(const.item())
+        if not bool(zero.all()) and self.keep_const(float(const[~zero].max())) is not False:
+            return None
         band = toeplitz_band(zero)
         if band is None:
             return None
@@ -362,7 +418,11 @@ class _Extraction:
         terms_m = self.split_terms(n, _bidx(n, idx_m), self.mask_l)
         terms_s = self.split_terms(n, _bidx(n, idx_s), self.score_l)
         for (tm, im), (ts, is_) in zip(terms_m, terms_s, strict=True):
-            keep = self.keep_of(tm, im) if scale > 0 else None
+            self.factor = scale
+            try:
+                keep = self.keep_of(tm, im) if scale > 0 else None
+            finally:
+                self.factor = 1.0
             if keep is not None:
                 if isinstance(tm, fx.Node):
                     self.consumed.add(tm)
@@ -372,6 +432,7 @@ class _Extraction:
             if scale != 1.0:
                 bias = self.score_b.mul(bias, scale)
             self.cur = self.score_b.add(self.cur, bias)
+            self.bound = None  # an unbounded term joins the running score
             self.parts.append(("bias", "", {}, bias))
         for t in (n, *[t for t, _ in terms_m]):
             if isinstance(t, fx.Node) and t.op == "call_function" and packet_of(t) is aten.add:
@@ -423,6 +484,7 @@ class _Extraction:
     def _softcap(self, cap: float) -> None:
         B = self.score_b
         self.cur = B.mul(B.call(torch.tanh, B.call(operator.truediv, self.cur, cap)), cap)
+        self.bound = abs(cap)  # |cap * tanh(s / cap)| <= cap
         self.parts.append(("softcap", f"softcap({cap:g})", {"cap": cap}, None))
 
     def _chain_op(self, n: fx.Node, prev: fx.Node, rest: list[fx.Node]) -> int:
@@ -437,7 +499,7 @@ class _Extraction:
             return 1
         if p is aten.masked_fill and ri == 0:
             fill = static_number(a[2])
-            kf = self.keep_const(fill)
+            kf = self.keep_const(fill, additive=False)
             if kf is False:
                 self.add_keep(self.mask_b.not_(self.mask_l.lift_broadcast(a[1], self.idx_m)))
                 return 1
@@ -447,7 +509,7 @@ class _Extraction:
                 or tensor_val(other).dim() == 0 else creation_value(other)
             if ov is None and isinstance(other, fx.Node):
                 ov = creation_value(other)
-            if self.keep_const(ov) is False:
+            if self.keep_const(ov, additive=False) is False:
                 cond = self.mask_l.lift_broadcast(a[0], self.idx_m)
                 self.add_keep(cond if ri == 1 else self.mask_b.not_(cond))
                 return 1
@@ -469,11 +531,13 @@ class _Extraction:
                 raise UnsupportedPatternError(
                     f"{n.name}: multiplying masked scores by {factor:g} would unmask them")
             self.cur = self.score_b.mul(self.cur, factor)
+            self.scale_running(factor)
             self.parts.append(("custom", "custom", {}, None))
             return 1
         # any other pointwise op on the running score
         self._require_unmasked(n)
         handler = POINTWISE[p]
+        self.bound = None
         args = [self.cur if j == ri else self._score_operand(x) for j, x in enumerate(a)]
         kwargs = {k: self._score_operand(x) for k, x in n.kwargs.items()}
         self.cur = handler(self.score_b, args, kwargs, [dtype_of(x) for x in a])
@@ -506,6 +570,7 @@ class _Extraction:
 
     # result -------------------------------------------------------------------------------
     def result(self, scale: float | None) -> ExtractedMods:
+        self.check_claims()
         mask, mask_extras = self._mask_mod()
         score, score_extras = self._score_mod()
         consumed = self._dead_after_rewrite() - set(mask_extras) - set(score_extras)

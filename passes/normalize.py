@@ -17,6 +17,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
 
+from . import hops
+
 log = get_logger(__name__)
 
 SOURCE_KEY = "ringcompile_source"
@@ -48,6 +50,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     Placeholders of the result match ``gm``'s one to one (SymInt placeholders included), carry
     ``meta["ringcompile_source"]`` and, for module buffers/parameters, ``meta["ringcompile_example"]``.
     """
+    if hops.has_hops(gm):
+        gm = hops.flatten_hops(gm)  # a copy: the original graph stays intact for the fallback
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fakes: list[Any] = []
     for n in placeholders:
@@ -86,6 +90,8 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         for key in _COPIED_META:
             if key in old.meta and key not in new.meta:
                 new.meta[key] = old.meta[key]
+    aten_gm.meta[hops.REJECTED_KEY] = gm.meta.get(hops.REJECTED_KEY, [])
+    hops.apply_selective_policies(aten_gm, gm.meta.get(hops.AC_CONTEXT_KEY, {}))
     log.debug("normalised graph:\n%s", aten_gm.graph)
     return aten_gm
 
@@ -122,6 +128,9 @@ class _Retracer(fx.Interpreter):
                                 f"ringcompile: {n.args[0].name} changed since compilation (was {value!r}); "
                                 "recompile the model (torch._dynamo.reset()) after changing it")
             return value
+        if n.op == "call_function" and hops.is_autograd_function(n.target):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return hops.emit_autograd_function(n.target, args, kwargs)
         return super().run_node(n)
 
 

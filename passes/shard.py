@@ -4,7 +4,7 @@ Entry point ``shard_graph(aten_gm, sites, options)``: mutates the graph so that 
 computes only its shard of the sequence. Graph inputs are full on every rank; inputs that
 carry the sequence (found by ``seq_dims``) are sliced at the start; placements
 (``placements``) are propagated node by node; where placements meet, collectives from
-``ringcompile.runtime.collectives`` are inserted:
+``ringcompile.graph_ops`` (the runtime's interface for passes) are inserted:
 
 * replicated meets sharded -> ``to_local`` (slice by the layout's index list);
 * replicated float feeding sharded work -> ``grad_reduce`` (its gradient is summed over ranks);
@@ -38,11 +38,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ringcompile import graph_ops as coll
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
+from ringcompile.ops import RingCall
 from ringcompile.options import Options
-from ringcompile.runtime import collectives as coll
-from ringcompile.spec import get_spec, register_spec
+from ringcompile.spec import register_spec
 
 from .placements import (
     GETITEM,
@@ -610,12 +611,9 @@ class _Sharder:
         for i in (3, 4):
             for j in range(len(node.args[i])):
                 self.use(node, (i, j), R)
-        args = list(node.args)
-        args[5] = self.len_arg(self.seq)
-        spec = get_spec(args[6])
-        args[6] = register_spec(spec.replace(layout=self.layout, group=self.options.group,
-                                             mesh_dim=self.options.mesh_dim))
-        node.args = tuple(args)
+        call = RingCall.from_node(node)
+        spec = call.spec.replace(layout=self.layout, group=self.options.group, mesh_dim=self.options.mesh_dim)
+        call.replace_args(seq_len=self.len_arg(self.seq), spec_key=register_spec(spec))
         self.pl[node] = (Shard(2), Shard(2))
 
     def sym_scalar(self, node: fx.Node) -> None:
@@ -729,9 +727,7 @@ def _refresh_meta(gm: fx.GraphModule) -> None:
 def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options) -> fx.GraphModule:
     """Shard ``aten_gm`` along the sequence in place (and return it); raise UnsupportedPatternError to
     make the backend compile the unsharded graph."""
-    from ringcompile.runtime.group import resolve_group
-
-    group = resolve_group(options.group, options.mesh_dim)
+    group = coll.resolve_group(options.group, options.mesh_dim)
     if group.world_size <= 1:
         return aten_gm
     ops_ = attention_ops(aten_gm)
@@ -747,7 +743,7 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
     seeds = find_seq_dims(aten_gm, seq, options.seq_dims, stops)
     if not seeds:
         raise UnsupportedPatternError(no_seed_reason(stops))
-    masks = [get_spec(op.args[6]).mask for op in ops_]
+    masks = [RingCall.from_node(op).spec.mask for op in ops_]
     layout = choose_layout(options, masks, seq, group.world_size, dynamic)
     name = coll.group_name_of(group.group)
     sizes = SymSizes(aten_gm, seq_size, group.world_size, layout) if dynamic else None

@@ -16,6 +16,7 @@ from .errors import (
     OptionError,
     RingCompileError,
     ShapeMismatchError,
+    UnshardedAttentionError,
     UnsupportedPatternError,
 )
 from .options import Options
@@ -40,6 +41,7 @@ __all__ = [
     "Options",
     "RingCompileError",
     "ShapeMismatchError",
+    "UnshardedAttentionError",
     "UnsupportedPatternError",
     "__version__",
     *_LAZY,

@@ -1,4 +1,4 @@
-"""The ``ring`` torch.compile backend: normalise, find attention, rewrite, shard, compile the rest.
+"""The ``ring`` torch.compile backend: run the declared pipeline (``passes.STAGES``), compile the rest.
 
 Any failure before the inner compiler (other than a bad user option) falls back to compiling
 the original graph unchanged: the answer is then correct but unsharded, and a WARNING says why.
@@ -13,9 +13,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import OptionError
+from .errors import OptionError, UnshardedAttentionError
 from .log import get_logger
 from .options import Options
+from .passes import Decision, PipelineState, run_pipeline, stages_through, world_size
 from .site import AttentionSite
 
 log = get_logger(__name__)
@@ -29,6 +30,7 @@ class CompiledGraph:
     rejected: list[Any]
     graph: fx.GraphModule | None
     fallback_reason: str | None = None
+    decisions: list[Decision] = dataclasses.field(default_factory=list)  # per stage: what and why
 
 
 # the graphs compiled by this process, oldest first (the last 1024 kept); tests and tools read them
@@ -42,55 +44,56 @@ def _record(entry: CompiledGraph) -> None:
 
 
 def may_hold_attention(gm: fx.GraphModule) -> bool:
-    """Cheap pre-check on the Dynamo graph: no softmax and no SDPA means nothing to find."""
-    for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method", "call_module"):
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            name = str(name).lower()
-            if "softmax" in name or "scaled_dot_product_attention" in name or "attention" in name:
-                return True
-    return False
+    """Cheap pre-check on the Dynamo graph: no softmax, SDPA or flex call (HOP bodies included) means
+    nothing to find."""
+    from .passes.hops import attention_calls
+
+    return bool(attention_calls(gm))
 
 
 def transform(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, CompiledGraph]:
-    """Steps 1-3 (normalise, find, rewrite) on a Dynamo graph; raises on failure.
+    """The pipeline through ``rewrite`` (normalise, find, rewrite) on a Dynamo graph; raises on failure.
 
     A graph without any softmax or SDPA is returned as it is (no retrace).
     """
-    from .passes.find_attention import find_attention
-    from .passes.normalize import normalize
-    from .passes.rewrite import rewrite_attention
-
-    if not may_hold_attention(gm):
+    state = _state(gm, options)
+    if state is None:
         return gm, CompiledGraph([], [], gm)
-    aten_gm = normalize(gm)
-    sites, rejected = find_attention(aten_gm)
-    if sites:
-        rewrite_attention(aten_gm, sites, options)
-    return aten_gm, CompiledGraph(sites, rejected, aten_gm)
+    run_pipeline(state, stages_through("rewrite"))
+    return state.graph, _entry(state)
 
 
-def _world_size(options: Options) -> int:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1
-    group = options.group
-    if group is not None and hasattr(group, "get_group"):  # a DeviceMesh
-        group = group.get_group(options.mesh_dim) if options.mesh_dim is not None else group.get_group()
-    return dist.get_world_size(group)
+def _state(gm: fx.GraphModule, options: Options) -> PipelineState | None:
+    return PipelineState(gm, options) if may_hold_attention(gm) else None
 
 
-def _shard(aten_gm: fx.GraphModule, sites: list[AttentionSite], options: Options) -> fx.GraphModule:
-    if not options.shard_graph or not any(s.rewritten for s in sites) or _world_size(options) <= 1:
-        return aten_gm
-    try:
-        from .passes.shard import shard_graph
-    except ImportError as exc:
-        log.warning("graph sharding unavailable (%s); attention runs unsharded on every rank", exc)
-        return aten_gm
-    result = shard_graph(aten_gm, sites, options)
-    return result if isinstance(result, fx.GraphModule) else aten_gm
+def _entry(state: PipelineState) -> CompiledGraph:
+    return CompiledGraph(state.sites, state.rejected, state.graph, decisions=state.decisions)
+
+
+def _unsharded_message(left: list[Decision]) -> str:
+    return "; ".join(f"{d.location} [{d.pattern}] ({d.stage}: {d.outcome}): {d.reason}" for d in left)
+
+
+def _check_all_sharded(state: PipelineState, fallback: str | None = None) -> None:
+    """No silent fallback: one WARNING per graph that leaves attention unsharded on more than one rank
+    (UnshardedAttentionError under ``require_sharded=True``); a fallback with one rank keeps its warning."""
+    ranks = world_size(state.options)
+    left = state.unsharded_attention()
+    if ranks <= 1 or not left:
+        if fallback is not None:
+            log.warning("ringcompile: falling back to the original graph (attention not rewritten): %s",
+                        fallback)
+        return
+    what = _unsharded_message(left)
+    if fallback is not None:
+        what = f"falling back to the original graph ({fallback}); {what}"
+    if state.options.require_sharded:
+        raise UnshardedAttentionError(
+            f"require_sharded=True, but this graph would run attention unsharded on each of {ranks} ranks: "
+            f"{what}. Rewrite that attention in a supported form (ringcompile.explain() lists what is "
+            "recognised), or drop require_sharded to accept the unsharded (correct, slower) graph.")
+    log.warning("ringcompile: attention left unsharded on %d ranks: %s", ranks, what)
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Callable:
@@ -104,21 +107,26 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
 
 def ring_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                  options: Mapping[str, Any] | Options | None = None) -> Callable:
-    """``torch.compile(model, backend="ring", options={...})`` lands here."""
+    """``torch.compile(model, backend="ring", options={...})`` lands here: run ``passes.STAGES``."""
     opts = options if isinstance(options, Options) else Options.from_mapping(options)
+    state = _state(gm, opts)
+    if state is None:
+        _record(CompiledGraph([], [], gm))
+        return inner_compile(gm, example_inputs, opts)
     try:
-        aten_gm, entry = transform(gm, opts)
-        aten_gm = _shard(aten_gm, entry.sites, opts)
-        entry.graph = aten_gm
+        run_pipeline(state)
     except OptionError:
         raise
     except Exception as exc:  # noqa: BLE001 - any internal failure: run the original graph instead
-        log.warning("ringcompile: falling back to the original graph (attention not rewritten): %s: %s",
-                    type(exc).__name__, exc)
-        _record(CompiledGraph([], [], None, fallback_reason=f"{type(exc).__name__}: {exc}"))
+        reason = f"{type(exc).__name__}: {exc}"
+        state.decide("graph", "graph", "graph left unchanged", reason, unsharded=True)
+        _record(CompiledGraph([], [], None, fallback_reason=reason, decisions=state.decisions))
+        _check_all_sharded(state, fallback=f"{state.decisions[-1].stage} failed: {reason}")
         return inner_compile(gm, example_inputs, opts)
+    entry = _entry(state)
     _record(entry)
-    return inner_compile(aten_gm, example_inputs, opts)
+    _check_all_sharded(state)
+    return inner_compile(state.graph, example_inputs, opts)
 
 
 def rewritten_op_count(gm: fx.GraphModule) -> int:

@@ -96,20 +96,18 @@ def activation_bytes(fn) -> tuple[Any, int]:
 
 def _plans(cfg: DemoConfig, graphs: list[Any]) -> list[dict]:
     """The plan for each ring_attention call in the compiled graphs (what strategy "auto" runs)."""
-    import torch
-
-    from .spec import get_spec
+    from .ops import RingCall, is_ring_call
 
     rows = []
-    target = torch.ops.ringcompile.ring_attention.default
     for gm in graphs:
         report = gm.meta.get("ringcompile_shard")
         for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target is not target:
+            if not is_ring_call(node):
                 continue
-            spec = get_spec(node.args[6])
-            q, k = node.args[0].meta["val"], node.args[1].meta["val"]
-            seq = int(node.args[5])
+            call = RingCall.from_node(node)
+            spec = call.spec
+            q, k = call.q.meta["val"], call.k.meta["val"]
+            seq = int(call.seq_len)
             row = {"site": spec.name or node.name, "mask": spec.mask.describe() if spec.mask else "none",
                    "layout": spec.layout or "contiguous", "local_q": tuple(int(s) for s in q.shape),
                    "seq": seq, "sharded_graph": report is not None}

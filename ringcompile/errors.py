@@ -25,3 +25,7 @@ class CommunicationError(RingCompileError):
 
 class KernelError(RingCompileError):
     """A generated kernel could not be built or launched."""
+
+
+class UnshardedAttentionError(RingCompileError):
+    """``require_sharded=True`` and a graph would run some attention unsharded; the message names it."""

@@ -142,12 +142,6 @@ def softcap(cap: float) -> Mod:
                description=f"softcap({cap:g})")
 
 
-def dense_bias() -> Mod:
-    """score + bias[b, h, q_idx, kv_idx] from a dense (broadcastable) tensor extra."""
-    return Mod(lambda s, b, h, q, kv, bias: s + bias[b, h, q, kv], False, "bias", n_extras=1,
-               description="dense bias")
-
-
 def compose_scores(*mods: Mod) -> Mod:
     """Apply score mods in order; extras are concatenated in order."""
     mods = tuple(m for m in mods if m is not None)

@@ -8,9 +8,13 @@ never traced. Inputs are the local shards (B, H, S_local, D) in the spec's layou
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from typing import Any
 
-from .spec import get_spec
+import torch
+import torch.fx as fx
+
+from .spec import AttentionSpec, get_spec
 
 Tensor = torch.Tensor
 
@@ -91,3 +95,59 @@ def _backward(ctx, dout, dlse):
 
 
 ring_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@dataclasses.dataclass(frozen=True)
+class RingCall:
+    """The arguments of one ``ring_attention`` call in an FX graph, by name (passes never index args).
+
+    Fields follow the op's schema; ``seq_len`` is an int or a SymInt node, ``spec_key`` the
+    registry key of the call's ``AttentionSpec``.
+    """
+
+    node: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask_extras: list[Any]
+    score_extras: list[Any]
+    seq_len: Any
+    spec_key: str
+    dropout_seed: Any = None
+
+    @classmethod
+    def from_node(cls, node: fx.Node) -> RingCall:
+        """Read ``node`` (positional or keyword arguments); ValueError if it is not a ring_attention call."""
+        if not is_ring_call(node):
+            raise ValueError(f"{node.format_node()} is not a call of torch.ops.ringcompile.ring_attention")
+        values = {}
+        for i, arg in enumerate(_SCHEMA_ARGS):
+            if i < len(node.args):
+                values[arg.name] = node.args[i]
+            elif arg.name in node.kwargs:
+                values[arg.name] = node.kwargs[arg.name]
+            else:
+                values[arg.name] = arg.default_value if arg.has_default_value() else None
+        return cls(node=node, **values)
+
+    @property
+    def spec(self) -> AttentionSpec:
+        return get_spec(self.spec_key)
+
+    def replace_args(self, **changes: Any) -> None:
+        """Set the named arguments of the call in the graph (others unchanged), e.g. ``seq_len=n``."""
+        unknown = set(changes) - {a.name for a in _SCHEMA_ARGS}
+        if unknown:
+            raise TypeError(f"ring_attention has no argument(s) {sorted(unknown)}")
+        merged = {a.name: changes.get(a.name, getattr(self, a.name)) for a in _SCHEMA_ARGS}
+        self.node.args = tuple(merged[a.name] for a in _SCHEMA_ARGS)
+        self.node.kwargs = {}
+
+
+RING_ATTENTION = torch.ops.ringcompile.ring_attention.default
+_SCHEMA_ARGS = tuple(RING_ATTENTION._schema.arguments)
+
+
+def is_ring_call(node: Any) -> bool:
+    """Whether ``node`` is a call of the ring_attention op."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is RING_ATTENTION

@@ -32,6 +32,8 @@ class Options:
     outputs:       "full" (default) or "sharded" local shards of sequence outputs.
     shard_graph:   shard the whole graph along the sequence (True) or only attention.
     record_timing: keep per-call timing records (compute/wait per ring step).
+    require_sharded: with more than one rank, raise UnshardedAttentionError instead of warning when a
+                   graph would run any attention unsharded (a guarantee for long-context training).
     """
 
     inner: str = "inductor"
@@ -47,6 +49,7 @@ class Options:
     outputs: str = "full"
     shard_graph: bool = True
     record_timing: bool = False
+    require_sharded: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("inner", self.inner, INNER_COMPILERS)

@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from .log import get_logger
 from .options import Options
+from .passes import Decision, PipelineState, run_pipeline, stages_through
 from .site import AttentionSite
 
 log = get_logger(__name__)
@@ -37,14 +38,15 @@ class SiteReport:
     dropout_p: float = 0.0
     softmax_dtype: str | None = None
     graph: int = 0
+    stage: str = ""  # the pipeline stage that decided the site's final state (rewritten or why not)
 
     @classmethod
-    def from_site(cls, site: AttentionSite, graph: int) -> SiteReport:
+    def from_site(cls, site: AttentionSite, graph: int, stage: str = "") -> SiteReport:
         return cls(location=site.location, pattern=site.pattern, mask=site.mask_description,
                    score_mod=site.score_description, gqa_groups=site.gqa_groups, rewritten=site.rewritten,
                    reason=site.reason, layout=site.layout, scale=site.scale, dropout_p=site.dropout_p,
                    softmax_dtype=_dtype_name(site.softmax_dtype),
-                   graph=graph)
+                   graph=graph, stage=stage)
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -59,6 +61,23 @@ class NotRewritten:
     pattern: str
     reason: str
     graph: int = 0
+    stage: str = ""  # the pipeline stage that left it alone
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionReport:
+    """One decision of one pipeline stage (provenance): which stage decided what, where, and why."""
+
+    graph: int
+    stage: str
+    location: str
+    pattern: str
+    outcome: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"graph {self.graph} [{self.stage}] {self.location} ({self.pattern})"
+        return f"{where}: {self.outcome}: {self.reason}"
 
 
 @dataclasses.dataclass
@@ -70,12 +89,22 @@ class Report:
                     sites whose rewrite failed), with reasons.
     graphs:         number of graphs Dynamo captured (graphs - 1 graph breaks, roughly).
     fallbacks:      graphs the backend could not process at all, with the reason.
+    decisions:      every decision of every pipeline stage, in order (``by_stage()`` groups them);
+                    each softmax / SDPA / flex call the graph holds appears here with its reason.
     """
 
     sites: list[SiteReport] = dataclasses.field(default_factory=list)
     not_rewritten: list[NotRewritten] = dataclasses.field(default_factory=list)
     graphs: int = 0
     fallbacks: list[str] = dataclasses.field(default_factory=list)
+    decisions: list[DecisionReport] = dataclasses.field(default_factory=list)
+
+    def by_stage(self) -> dict[str, list[DecisionReport]]:
+        """The decisions grouped by the stage that made them (pipeline order)."""
+        out: dict[str, list[DecisionReport]] = {}
+        for d in self.decisions:
+            out.setdefault(d.stage, []).append(d)
+        return out
 
     @property
     def graph_breaks(self) -> int:
@@ -94,15 +123,19 @@ class Report:
             rows = [header]
             for i, s in enumerate(self.sites):
                 rows.append((str(i), s.location, s.pattern, s.layout, s.mask, s.score_mod, str(s.gqa_groups),
-                             f"{s.dropout_p:g}", "yes" if s.rewritten else f"no: {s.reason}"))
+                             f"{s.dropout_p:g}", "yes" if s.rewritten else f"no ({s.stage}): {s.reason}"))
             lines += _table(rows)
         if self.not_rewritten:
             lines.append("")
             lines.append("attention-like subgraphs not rewritten:")
             for n in self.not_rewritten:
-                lines.append(f"  - {n.location} [{n.pattern}]: {n.reason}")
+                lines.append(f"  - {n.location} [{n.pattern}] ({n.stage}): {n.reason}")
         for reason in self.fallbacks:
             lines.append(f"graph left unchanged: {reason}")
+        if self.decisions:
+            lines.append("")
+            lines.append("decisions by stage:")
+            lines += [f"  {d}" for d in self.decisions]
         return "\n".join(lines)
 
 
@@ -124,24 +157,41 @@ class _Capture:
         self.report = Report()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        from .backend import transform
+        from .backend import may_hold_attention
 
         index = self.report.graphs
         self.report.graphs += 1
+        state = None
         try:
-            _, entry = transform(gm, self.options)
+            state = PipelineState(gm, self.options)
+            if may_hold_attention(gm):
+                run_pipeline(state, stages_through("rewrite"))
         except Exception as exc:  # noqa: BLE001 - reported, never raised: explain must not fail on a model
-            self.report.fallbacks.append(f"graph {index}: {type(exc).__name__}: {exc}")
+            self.report.fallbacks.append(f"graph {index} ({state.stage if state else '?'}): "
+                                         f"{type(exc).__name__}: {exc}")
+            self._add_decisions(index, state.decisions if state else [])
             return gm.forward
-        for site in entry.sites:
-            rep = SiteReport.from_site(site, index)
-            self.report.sites.append(rep)
+        self._add_decisions(index, state.decisions)
+        for site in state.sites:
+            stage = _last_stage(state.decisions, site.location, site.pattern)
+            self.report.sites.append(SiteReport.from_site(site, index, stage))
             if not site.rewritten:
                 self.report.not_rewritten.append(NotRewritten(site.location, site.pattern,
-                                                              site.reason or "not rewritten", index))
-        for rej in entry.rejected:
-            self.report.not_rewritten.append(NotRewritten(rej.location, rej.pattern, rej.reason, index))
+                                                              site.reason or "not rewritten", index, stage))
+        for d in state.decisions:  # rejected candidates and uncovered attention calls
+            if d.leaves_attention_unsharded and d.outcome in ("not a site", "left alone"):
+                self.report.not_rewritten.append(NotRewritten(d.location, d.pattern, d.reason, index,
+                                                              d.stage))
         return gm.forward
+
+    def _add_decisions(self, index: int, decisions: Sequence[Decision]) -> None:
+        self.report.decisions += [DecisionReport(index, d.stage, d.location, d.pattern, d.outcome, d.reason)
+                                  for d in decisions]
+
+
+def _last_stage(decisions: Sequence[Decision], location: str, pattern: str) -> str:
+    stages = [d.stage for d in decisions if d.location == location and d.pattern == pattern]
+    return stages[-1] if stages else ""
 
 
 def explain(model_or_fn: Callable, *args: Any, options: dict[str, Any] | None = None,

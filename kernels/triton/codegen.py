@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from collections.abc import Sequence
 
 import torch
@@ -19,10 +20,25 @@ from ringcompile.mods import Mod
 from . import template
 from .lower_mods import LoweredMod, lower_mod
 
-CODEGEN_VERSION = "1"
+CODEGEN_VERSION = "2"
 # an edited template is a new specialisation even if nobody bumps the version
 _TEMPLATE_TEXT = template.HEADER + template.FORWARD + template.BACKWARD_DKDV + template.BACKWARD_DQ
 _TEMPLATE_HASH = hashlib.sha256(_TEMPLATE_TEXT.encode()).hexdigest()[:12]
+
+
+FP32_DOT_ENV = "RINGCOMPILE_FP32_DOT"
+FP32_DOT_CHOICES = ("tf32", "tf32x3", "ieee")
+
+
+def fp32_dot_precision() -> str:
+    """``tl.dot`` precision for fp32 inputs: TF32 by default (what FlashAttention-style kernels and
+    cuBLAS with TF32 enabled use); ``RINGCOMPILE_FP32_DOT=ieee`` (or ``tf32x3``) asks for more."""
+    choice = os.environ.get(FP32_DOT_ENV, "tf32").strip().lower() or "tf32"
+    if choice not in FP32_DOT_CHOICES:
+        from ringcompile.errors import KernelError
+
+        raise KernelError(f"{FP32_DOT_ENV}={choice!r} is not one of {', '.join(FP32_DOT_CHOICES)}")
+    return choice
 
 
 def pad_dim(d: int) -> int:
@@ -70,6 +86,7 @@ class Specialisation:
     extras_sig: tuple[tuple[str, int, str], ...]  # (prefix, ndim, dtype) per extra
     dot_upcast: bool = False  # bf16 tiles computed in fp32 (the interpreter's bf16 dot is broken)
     dropout: bool = False  # attention-probability dropout (hash of global indices, kernels/dropout.py)
+    fp32_dot: str = "tf32"  # tl.dot input precision for fp32 inputs (see fp32_dot_precision)
 
     def key(self) -> str:
         text = repr((CODEGEN_VERSION, _TEMPLATE_HASH, dataclasses.astuple(self)))
@@ -113,7 +130,8 @@ def specialise(
         tuple(low_mask.lines) if low_mask else (), low_mask.result if low_mask else None,
         tuple(low_score.lines + low_score.grad_lines + [ln for _, lines, e in low_score.extra_grads
                                                          for ln in (*lines, e)]) if low_score else (),
-        low_score.result if low_score else None, extras_sig, interpret and dtype == torch.bfloat16, dropout)
+        low_score.result if low_score else None, extras_sig, interpret and dtype == torch.bfloat16, dropout,
+        fp32_dot_precision() if dtype == torch.float32 else "ieee")
     return Generated(spec, low_mask, low_score, render(spec, low_mask, low_score))
 
 
@@ -204,9 +222,21 @@ def _drop_lines(dropout: bool) -> list[str]:
     return template.DROPOUT_KEEP.splitlines() if dropout else ["p_v = p"]
 
 
+_TL_TILE = {torch.float32: "tl.float32", torch.float64: "tl.float64", torch.float16: "tl.float16",
+            torch.bfloat16: "tl.bfloat16"}
+
+
 def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | None) -> str:
     """The module source: header constants plus the forward and both backward kernels."""
-    float_dot = spec.dtype in (torch.float32, torch.float64)
+    if spec.dtype == torch.float64 or spec.dot_upcast:
+        dot_args = ', input_precision="ieee"'
+    elif spec.dtype == torch.float32:
+        dot_args = f', input_precision="{spec.fp32_dot}"'
+    else:
+        dot_args = ""
+    exact = spec.dtype == torch.float64
+    tile_cast = (".to(tl.bfloat16).to(tl.float32)" if spec.dot_upcast  # bf16 rounding, fp32 interpreter dot
+                 else f".to({_TL_TILE[spec.dtype]})")
     keep = f" & {mask.result}" if mask is not None else ""
     holes = {
         "VERSION": CODEGEN_VERSION,
@@ -217,7 +247,13 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "D_PAD": str(pad_dim(spec.head_dim)), "DV_PAD": str(pad_dim(spec.v_head_dim)),
         "GROUPS": str(spec.groups),
         "ACC": "tl.float64" if spec.dtype == torch.float64 else "tl.float32",
-        "DOT_ARGS": ', input_precision="ieee"' if float_dot or spec.dot_upcast else "",
+        "DOT_ARGS": dot_args,
+        "TILE_CAST": tile_cast,
+        "LOG2E": "1.0" if exact else "1.4426950408889634", "LN2": "1.0" if exact else "0.6931471805599453",
+        "EXP": "tl.exp" if exact else "tl.exp2", "LOG": "tl.log" if exact else "tl.log2",
+        # log2(e) joins the QK scale unless a score mod must see natural-log scores (then it follows the mod)
+        "QK_SCALE": "sm_scale" if score or exact else "(sm_scale * LOG2E)",
+        "SCORE_LOG2": (f"{score.result} * LOG2E" if not exact else score.result) if score else "score",
         "LOAD_CAST": ".to(tl.float32)" if spec.dot_upcast else "",
         "EXTRA_PARAMS": _extra_params([mask, score]),
         "GRAD_PARAMS": _grad_params(score),
@@ -228,7 +264,6 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "SCORE_LINES2": template.indent(["# score mod", *score.lines] if score else [], 12),
         "MASK_LINES2": template.indent(["# mask mod", *mask.lines] if mask else [], 12),
         "KEEP": keep,
-        "SCORE_RESULT": score.result if score else "score",
         "DSCORE_LINES": template.indent(_dscore_lines(score), 8),
         "DSCORE_LINES2": template.indent(_dscore_lines(score), 12),
         "EXTRA_GRAD_LINES": template.indent(_extra_grad_lines(score), 8),

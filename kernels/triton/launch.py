@@ -11,7 +11,6 @@ unless the kernels were forced, in which case ``KernelError`` says what to chang
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from .. import reference
 from . import cache
 from .codegen import Generated, specialise
 from .lower_mods import LoweringError
+from .tiles import Tiles, candidates
 
 log = get_logger(__name__)
 
@@ -45,19 +45,6 @@ def _serialised(q: torch.Tensor):
     return _INTERPRETER_LOCK if q.device.type == "cpu" else contextlib.nullcontext()
 
 
-@dataclasses.dataclass(frozen=True)
-class Tiles:
-    """Tile sizes and launch settings for one kernel."""
-
-    block_m: int
-    block_n: int
-    num_warps: int = 4
-    num_stages: int = 2
-
-
-# Forward candidates tried once per specialisation and shape on a GPU (fastest kept).
-FORWARD_CANDIDATES = (Tiles(128, 64, 4, 3), Tiles(128, 64, 8, 3), Tiles(64, 64, 4, 3), Tiles(128, 32, 4, 4),
-                      Tiles(64, 32, 4, 2))
 INTERPRET_TILES = Tiles(16, 16, 1, 1)
 
 
@@ -103,7 +90,7 @@ class TritonBlocks:
         self.forced = forced
         self.tiles = tiles
         self.name = name
-        self._best_forward: dict[tuple, Tiles] = {}
+        self._chosen: dict[tuple, Tiles] = {}  # per kernel and shape class: the tiles that launched
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ selection
@@ -206,23 +193,38 @@ class TritonBlocks:
                 **self._launch_opts(q, tiles))
 
         with _serialised(q):
-            run(self._forward_tiles(module, q, k, run))
+            self._launch("fwd", q, k, run, tune=True)
         return out, lse
 
-    def _forward_tiles(self, module, q: torch.Tensor, k: torch.Tensor, run) -> Tiles:
-        if self.tiles is not None:
-            return self.tiles
+    def _launch(self, kernel: str, q: torch.Tensor, k: torch.Tensor, run, tune: bool = False) -> None:
+        """Run ``kernel`` with its tiles: the interpreter's small tiles on CPU; on a GPU the kernel's
+        own candidates (``tiles.candidates``; the planner's tiles lead for the forward only), the
+        first that the device accepts, retrying smaller ones on Triton's OutOfResources."""
         if q.device.type == "cpu":
-            return INTERPRET_TILES
-        if q.dtype in (torch.float32, torch.float64):
-            return Tiles(32, 32, 4, 2)
-        key = (module.__name__, q.shape[2] // 1024, k.shape[2] // 1024)
-        best = self._best_forward.get(key)
-        if best is None:
-            best = _autotune(run, FORWARD_CANDIDATES)
-            self._best_forward[key] = best
-            log.info("site %s: forward tiles %s", self.name, best)
-        return best
+            run(self.tiles or INTERPRET_TILES)
+            return
+        key = (kernel, q.shape[-1], q.dtype, q.shape[2] // 1024, k.shape[2] // 1024)
+        known = self._chosen.get(key)
+        if known is not None:
+            run(known)
+            return
+        cands = candidates(kernel, q.shape[-1], q.dtype, self.tiles if kernel == "fwd" else None)
+        if tune and q.dtype in (torch.bfloat16, torch.float16) and self.tiles is None:
+            cands = (_autotune(run, cands), *cands)
+        too_big = _out_of_resources_error()
+        for i, tiles in enumerate(cands):
+            try:
+                run(tiles)
+            except too_big as exc:
+                if i == len(cands) - 1:
+                    raise KernelError(f"site {self.name}: no tile choice of the {kernel} kernel fits this "
+                                      f"GPU (last tried {tiles}): {exc}") from exc
+                log.info("site %s: %s kernel tiles %s do not fit (%s); trying smaller ones", self.name,
+                         kernel, tiles, exc)
+                continue
+            self._chosen[key] = tiles
+            log.info("site %s: %s kernel tiles %s", self.name, kernel, tiles)
+            return
 
     # ------------------------------------------------------------------ backward
 
@@ -267,27 +269,33 @@ class TritonBlocks:
                 grads += [g, *g.stride()]
         common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
         runtime = (Sq, Sk, int(q_offset), int(kv_offset), seq, float(scale), *drop)
-        kv_tiles, q_tiles = self._backward_tiles(q)
+
+        def run_dkdv(tiles: Tiles) -> None:
+            module.block_bwd_dkdv[(_cdiv(Sk, tiles.block_n), B * Hkv)](
+                q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), Hkv, *runtime,
+                *extras, **self._launch_opts(q, tiles))
+
+        def run_dq(tiles: Tiles) -> None:
+            module.block_bwd_dq[(_cdiv(Sq, tiles.block_m), B * Hq)](
+                q, k, v, dout, lse, delta, dq, *common, *dq.stride(), Hq, *runtime, *extras, *grads,
+                **self._launch_opts(q, tiles))
 
         with _serialised(q):
-            module.block_bwd_dkdv[(_cdiv(Sk, kv_tiles.block_n), B * Hkv)](
-                q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), Hkv, *runtime,
-                *extras, **self._launch_opts(q, kv_tiles))
-            module.block_bwd_dq[(_cdiv(Sq, q_tiles.block_m), B * Hq)](
-                q, k, v, dout, lse, delta, dq, *common, *dq.stride(), Hq, *runtime, *extras, *grads,
-                **self._launch_opts(q, q_tiles))
+            self._launch("dkdv", q, k, run_dkdv)
+            self._launch("dq", q, k, run_dq)
         return dq, dk, dv, d_extras
 
-    def _backward_tiles(self, q: torch.Tensor) -> tuple[Tiles, Tiles]:
-        """(dK/dV kernel tiles, dQ kernel tiles): the dK/dV kernel walks q tiles, so small BLOCK_M."""
-        if self.tiles is not None:
-            return self.tiles, self.tiles
-        if q.device.type == "cpu":
-            return INTERPRET_TILES, INTERPRET_TILES
-        if q.dtype in (torch.float32, torch.float64):
-            return Tiles(32, 32, 4, 2), Tiles(32, 32, 4, 2)
-        warps = 4 if q.shape[-1] <= 64 else 8
-        return Tiles(32, 128, warps, 2), Tiles(128, 32, warps, 2)
+
+def _out_of_resources_error() -> type[BaseException]:
+    """Triton's OutOfResources (raised at launch when a compiled kernel needs more shared memory
+    or registers than the device has); its module moved across Triton versions."""
+    for path in ("triton.runtime.errors", "triton.runtime.autotuner", "triton.compiler.errors"):
+        try:
+            module = __import__(path, fromlist=["OutOfResources"])
+            return module.OutOfResources
+        except (ImportError, AttributeError):
+            continue
+    return type("NeverRaised", (Exception,), {})
 
 
 def _dropout_args(p: float, seed: int | torch.Tensor | None) -> tuple:

@@ -12,8 +12,17 @@ mask/score mod statements. Three kernels per specialisation:
 
 Offsets of the q and kv blocks and the true sequence length are runtime arguments, so one
 compiled kernel serves every ring step and every layout. Holes are ``%%NAME%%``.
-``%%LOAD_CAST%%`` upcasts bf16 tiles to fp32 under the Triton interpreter, whose bf16
-``tl.dot`` is wrong (numpy has no bf16); compiled kernels keep bf16.
+
+Numerics (issue 16 item 8): memory offsets are 64-bit (``b``, ``h`` and row indices are cast to
+int64 before meeting a stride); the softmax runs in base 2 (``exp2``, log2(e) folded into the
+QK scale when there is no score mod, applied after the mod otherwise); P @ V accumulates in
+place (``tl.dot(p, v, acc)``); the dK/dV kernel computes transposed scores so the kv tile is
+the M dimension of all its dots. ``%%LOAD_CAST%%`` upcasts bf16 tiles to fp32 under the
+Triton interpreter, whose bf16 ``tl.dot`` is wrong (numpy has no bf16); ``%%TILE_CAST%%``
+then still rounds P and dS through bf16 before their dots, as the compiled kernel does, so
+interpreted bf16 runs carry the compiled kernel's rounding. Head dims are padded to the next
+power of two (``tl.arange`` needs one) with masked loads: padded lanes cost MMA work, never
+memory traffic.
 """
 
 from __future__ import annotations
@@ -35,6 +44,10 @@ V_HEAD_DIM = tl.constexpr(%%DV%%)  # value head dim, padded to DV_PAD
 D_PAD = tl.constexpr(%%D_PAD%%)
 DV_PAD = tl.constexpr(%%DV_PAD%%)
 GROUPS = tl.constexpr(%%GROUPS%%)  # query heads per KV head: query head h reads KV head h // GROUPS
+# softmax base: 2 (exp2, log2(e) folded into the scale) except for float64, whose exactness a
+# float32 constant would spoil; lse is stored in base e either way
+LOG2E = tl.constexpr(%%LOG2E%%)
+LN2 = tl.constexpr(%%LN2%%)
 %%DROP_HELPERS%%'''
 
 FORWARD = '''
@@ -52,12 +65,16 @@ def block_fwd(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
+    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast in every backend)
+    b_idx = bh // n_heads + tl.zeros([1, 1], tl.int32)
+    h_idx = bh % n_heads + tl.zeros([1, 1], tl.int32)
+    # 64-bit offsets: b * stride_b + h * stride_h passes 2**31 at long sequences (Triton strides are i32)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
     kv_h = h // GROUPS
-    # batch and head as [1, 1] blocks for the mods (scalar booleans do not broadcast in every backend)
-    b_idx = b + tl.zeros([1, 1], tl.int32)
-    h_idx = h + tl.zeros([1, 1], tl.int32)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -65,8 +82,9 @@ def block_fwd(
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < V_HEAD_DIM
     row_ok = offs_m < q_len
+    rows64 = offs_m.to(tl.int64)
     q_idx = (q_offset + offs_m)[:, None]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(q_base + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)%%LOAD_CAST%%
     m_i = tl.full([BLOCK_M], float("-inf"), %%ACC%%)
     l_i = tl.zeros([BLOCK_M], %%ACC%%)
@@ -82,34 +100,34 @@ def block_fwd(
     for start_n in range(kv_start, kv_stop, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < kv_stop
+        cols64 = cols.to(tl.int64)
         kv_idx = (kv_offset + cols)[None, :]
-        kT = tl.load(K + b * stride_kb + kv_h * stride_kh + cols[None, :] * stride_kn
-                     + offs_d[:, None] * stride_kd,
+        kT = tl.load(k_base + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)%%LOAD_CAST%%
-        score = tl.dot(q, kT%%DOT_ARGS%%) * sm_scale
+        score = tl.dot(q, kT%%DOT_ARGS%%) * %%QK_SCALE%%
 %%SCORE_LINES%%
 %%MASK_LINES%%
         keep = col_ok[None, :]%%KEEP%%
-        s = tl.where(keep, %%SCORE_RESULT%%, float("-inf"))
+        s = tl.where(keep, %%SCORE_LOG2%%, float("-inf"))  # base-2 logits
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        p = %%EXP%%(s - m_safe[:, None])
+        alpha = %%EXP%%(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
 %%DROP_FWD%%
-        v = tl.load(V + b * stride_vb + kv_h * stride_vh + cols[:, None] * stride_vn
-                    + offs_dv[None, :] * stride_vd,
+        v = tl.load(v_base + cols64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=col_ok[:, None] & dv_ok[None, :], other=0.0)%%LOAD_CAST%%
-        acc = acc * alpha[:, None] + tl.dot(p_v.to(v.dtype), v%%DOT_ARGS%%)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p_v%%TILE_CAST%%, v, acc%%DOT_ARGS%%)
         m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    lse = tl.where(empty, float("-inf"), (m_i + %%LOG%%(l_safe)) * LN2)
+    tl.store(Out + b * stride_ob + h * stride_oh + rows64[:, None] * stride_om + offs_dv[None, :] * stride_od,
              out, mask=row_ok[:, None] & dv_ok[None, :])
-    tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_lm, lse, mask=row_ok)
+    tl.store(Lse + b * stride_lb + h * stride_lh + rows64 * stride_lm, lse, mask=row_ok)
 '''
 
 BACKWARD_DKDV = '''
@@ -127,11 +145,14 @@ def block_bwd_dkdv(
     n_kv_heads, q_len, kv_len, q_offset, kv_offset, seq_len, sm_scale,%%DROP_PARAMS%%%%EXTRA_PARAMS%%
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # Transposed orientation: every dot has the kv tile (BLOCK_N, a multiple of 64 on GPUs) as its
+    # M dimension (Hopper wgmma), so scores are [BLOCK_N, BLOCK_M] with kv_idx a column, q_idx a row.
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // n_kv_heads
-    kv_h = bh % n_kv_heads
-    b_idx = b + tl.zeros([1, 1], tl.int32)
+    b_idx = bh // n_kv_heads + tl.zeros([1, 1], tl.int32)
+    kv_h32 = bh % n_kv_heads
+    b = (bh // n_kv_heads).to(tl.int64)
+    kv_h = kv_h32.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -139,12 +160,12 @@ def block_bwd_dkdv(
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < V_HEAD_DIM
     col_ok = (offs_n < kv_len) & (kv_offset + offs_n < seq_len)
-    kv_idx = (kv_offset + offs_n)[None, :]
-    kT = tl.load(K + b * stride_kb + kv_h * stride_kh + offs_n[None, :] * stride_kn
-                 + offs_d[:, None] * stride_kd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)%%LOAD_CAST%%
-    vT = tl.load(V + b * stride_vb + kv_h * stride_vh + offs_n[None, :] * stride_vn
-                 + offs_dv[:, None] * stride_vd,
-                 mask=col_ok[None, :] & dv_ok[:, None], other=0.0)%%LOAD_CAST%%
+    cols64 = offs_n.to(tl.int64)
+    kv_idx = (kv_offset + offs_n)[:, None]
+    k = tl.load(K + b * stride_kb + kv_h * stride_kh + cols64[:, None] * stride_kn
+                + offs_d[None, :] * stride_kd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)%%LOAD_CAST%%
+    v = tl.load(V + b * stride_vb + kv_h * stride_vh + cols64[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vd, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)%%LOAD_CAST%%
     dk = tl.zeros([BLOCK_N, D_PAD], %%ACC%%)
     dv = tl.zeros([BLOCK_N, DV_PAD], %%ACC%%)
 
@@ -156,38 +177,39 @@ def block_bwd_dkdv(
 %%Q_BOUNDS%%
     q_start = (q_start // BLOCK_M) * BLOCK_M
     for g in range(GROUPS):
+        h_idx = kv_h32 * GROUPS + g + tl.zeros([1, 1], tl.int32)
         h = kv_h * GROUPS + g
-        h_idx = h + tl.zeros([1, 1], tl.int32)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
         for start_m in range(q_start, q_stop, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < q_len
-            q_idx = (q_offset + rows)[:, None]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm
-                        + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)%%LOAD_CAST%%
-            do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom
-                         + offs_dv[None, :] * stride_dod,
+            rows64 = rows.to(tl.int64)
+            q_idx = (q_offset + rows)[None, :]
+            qT = tl.load(q_base + rows64[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                         mask=row_ok[None, :] & d_ok[:, None], other=0.0)%%LOAD_CAST%%
+            do = tl.load(do_base + rows64[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                          mask=row_ok[:, None] & dv_ok[None, :], other=0.0)%%LOAD_CAST%%
-            row_stat = b * stride_lb + h * stride_lh + rows * stride_lm
+            row_stat = b * stride_lb + h * stride_lh + rows64 * stride_lm
             lse = tl.load(Lse + row_stat, mask=row_ok, other=0.0)
             delta = tl.load(Delta + row_stat, mask=row_ok, other=0.0)
-            lse = tl.where(lse == float("-inf"), 0.0, lse)
-            score = tl.dot(q, kT%%DOT_ARGS%%) * sm_scale
+            lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
+            score = tl.dot(k, qT%%DOT_ARGS%%) * %%QK_SCALE%%
 %%SCORE_LINES2%%
 %%MASK_LINES2%%
-            keep = row_ok[:, None] & col_ok[None, :]%%KEEP%%
-            p = tl.where(keep, tl.exp(%%SCORE_RESULT%% - lse[:, None]), 0.0)
+            keep = col_ok[:, None] & row_ok[None, :]%%KEEP%%
+            p = tl.where(keep, %%EXP%%(%%SCORE_LOG2%% - lse2[None, :]), 0.0)
 %%DROP_BWD2%%
-            dv += tl.dot(tl.trans(p_v.to(do.dtype)), do%%DOT_ARGS%%)
-            dp = tl.dot(do, vT%%DOT_ARGS%%)%%DROP_DP2%%
-            ds = p * (dp - delta[:, None])
+            dv = tl.dot(p_v%%TILE_CAST%%, do, dv%%DOT_ARGS%%)
+            dp = tl.dot(v, tl.trans(do)%%DOT_ARGS%%)%%DROP_DP2%%
+            ds = p * (dp - delta[None, :])
 %%DSCORE_LINES2%%
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q%%DOT_ARGS%%)
+            dk = tl.dot(ds%%TILE_CAST%%, tl.trans(qT), dk%%DOT_ARGS%%)
 
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + kv_h * stride_dkh + offs_n[:, None] * stride_dkn
+    tl.store(DK + b * stride_dkb + kv_h * stride_dkh + cols64[:, None] * stride_dkn
              + offs_d[None, :] * stride_dkd, dk, mask=(offs_n < kv_len)[:, None] & d_ok[None, :])
-    tl.store(DV + b * stride_dvb + kv_h * stride_dvh + offs_n[:, None] * stride_dvn
+    tl.store(DV + b * stride_dvb + kv_h * stride_dvh + cols64[:, None] * stride_dvn
              + offs_dv[None, :] * stride_dvd, dv, mask=(offs_n < kv_len)[:, None] & dv_ok[None, :])
 '''
 
@@ -207,12 +229,14 @@ def block_bwd_dq(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // n_heads
-    h = bh % n_heads
+    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast in every backend)
+    b_idx = bh // n_heads + tl.zeros([1, 1], tl.int32)
+    h_idx = bh % n_heads + tl.zeros([1, 1], tl.int32)
+    b = (bh // n_heads).to(tl.int64)  # 64-bit offsets (see block_fwd)
+    h = (bh % n_heads).to(tl.int64)
     kv_h = h // GROUPS
-    # batch and head as [1, 1] blocks for the mods (scalar booleans do not broadcast in every backend)
-    b_idx = b + tl.zeros([1, 1], tl.int32)
-    h_idx = h + tl.zeros([1, 1], tl.int32)
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
@@ -220,16 +244,17 @@ def block_bwd_dq(
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < V_HEAD_DIM
     row_ok = offs_m < q_len
+    rows64 = offs_m.to(tl.int64)
     q_idx = (q_offset + offs_m)[:, None]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)%%LOAD_CAST%%
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows64[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dod,
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0)%%LOAD_CAST%%
-    row_stat = b * stride_lb + h * stride_lh + offs_m * stride_lm
+    row_stat = b * stride_lb + h * stride_lh + rows64 * stride_lm
     lse = tl.load(Lse + row_stat, mask=row_ok, other=0.0)
     delta = tl.load(Delta + row_stat, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
     dq = tl.zeros([BLOCK_M, D_PAD], %%ACC%%)
 
     q_first = q_offset + start_m * BLOCK_M
@@ -241,27 +266,26 @@ def block_bwd_dq(
     for start_n in range(kv_start, kv_stop, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < kv_stop
+        cols64 = cols.to(tl.int64)
         kv_idx = (kv_offset + cols)[None, :]
-        kT = tl.load(K + b * stride_kb + kv_h * stride_kh + cols[None, :] * stride_kn
-                     + offs_d[:, None] * stride_kd,
+        kT = tl.load(k_base + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)%%LOAD_CAST%%
-        vT = tl.load(V + b * stride_vb + kv_h * stride_vh + cols[None, :] * stride_vn
-                     + offs_dv[:, None] * stride_vd,
+        vT = tl.load(v_base + cols64[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=col_ok[None, :] & dv_ok[:, None], other=0.0)%%LOAD_CAST%%
-        score = tl.dot(q, kT%%DOT_ARGS%%) * sm_scale
+        score = tl.dot(q, kT%%DOT_ARGS%%) * %%QK_SCALE%%
 %%SCORE_LINES%%
 %%MASK_LINES%%
         keep = row_ok[:, None] & col_ok[None, :]%%KEEP%%
-        p = tl.where(keep, tl.exp(%%SCORE_RESULT%% - lse[:, None]), 0.0)
+        p = tl.where(keep, %%EXP%%(%%SCORE_LOG2%% - lse2[:, None]), 0.0)
 %%DROP_BWD%%
         dp = tl.dot(do, vT%%DOT_ARGS%%)%%DROP_DP%%
         ds = p * (dp - delta[:, None])
 %%EXTRA_GRAD_LINES%%
 %%DSCORE_LINES%%
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT)%%DOT_ARGS%%)
+        dq = tl.dot(ds%%TILE_CAST%%, tl.trans(kT), dq%%DOT_ARGS%%)
 
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq, mask=row_ok[:, None] & d_ok[None, :])
 '''
 

@@ -1,0 +1,371 @@
+"""The transformers zoo: every installed text family on 2 gloo ranks under backend="ring" vs one process.
+
+Families come from the auto mappings (causal LM, masked LM, seq2seq LM); each tiny config is built
+generically from the config class's defaults by shrinking size-like fields (``shrink_config``), so a
+new family needs no code here. Each (family, attention implementation) run is classified:
+
+  ok               right, and every attention the eager model runs was rewritten in a sharded graph
+  wrong            outputs or gradients differ from one process (and aot_eager is right)
+  crash            ring raised (and aot_eager runs)
+  unsharded-reason not (fully) sharded, and explain/HISTORY says why
+  unsharded-silent attention ran in eager, but no site and no reason: a defect
+  skipped          not a text model, the tiny config does not build or run eagerly, or aot_eager fails too
+
+Usage: python benchmarks/zoo.py [--families llama,gpt2] [--impls eager,sdpa] [--jobs 1]
+       [--group-size 8] [--timeout 120] [--out benchmarks/results/zoo.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "models"))
+
+V, S, B = 97, 16, 2
+OUT_TOL, GRAD_TOL = 1e-5, 1e-4  # relative to the reference's max |value|: float32-accurate
+
+# generic field-name rules: (predicate on the field name, value for an int field)
+_EXACT = {
+    "vocab_size": V, "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "num_decoder_layers": 2,
+    "encoder_layers": 2, "decoder_layers": 2, "n_layers": 2, "num_attention_heads": 4, "n_head": 4,
+    "n_heads": 4, "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_heads": 4,
+    "num_key_value_heads": 2, "n_kv_heads": 2, "num_kv_heads": 2, "head_dim": 8, "d_kv": 8,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
+    "moe_topk": 2, "top_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
+    "type_vocab_size": 2, "sliding_window": 8, "attention_window": 8,
+}
+
+
+def _int_rule(name: str, default: int) -> int | None:
+    """The tiny value for an int config field, or None to keep the default."""
+    if name in _EXACT:
+        return _EXACT[name]
+    if "position" in name or name in ("n_positions", "n_ctx", "max_seq_len", "seq_length"):
+        return max(4 * S, 64) if default > 4 * S else None
+    if name.endswith(("hidden_size", "d_model", "n_embd", "hidden_dim", "embed_dim", "dim",
+                      "embedding_size")):
+        return 32
+    if "intermediate" in name or name.endswith(("ffn_dim", "d_ff", "n_inner", "ffn_hidden_size")):
+        return 64
+    if name.endswith(("_layers", "layers_count")):
+        return 2
+    if "lora_rank" in name or name.endswith("_rank"):
+        return 8
+    if "head_dim" in name:
+        return 8
+    return None
+
+
+def shrink_config(config_cls, impl: str):
+    """A tiny config of ``config_cls``: its defaults with every size-like int field shrunk."""
+    cfg = config_cls()
+    for name, value in list(vars(cfg).items()):
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        new = _int_rule(name, value)
+        if new is not None and new < value or name in _EXACT and new is not None:
+            setattr(cfg, name, new)
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                 "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "activation_dropout"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 0.0)
+    for name in ("use_cache", "tie_word_embeddings"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, False)
+    for name in ("layer_types", "mlp_layer_types"):  # per-layer lists follow the layer count
+        v = getattr(cfg, name, None)
+        if isinstance(v, list) and v:
+            setattr(cfg, name, (v * 2)[:2])
+    cfg._attn_implementation = impl
+    return cfg
+
+
+def families() -> dict[str, str]:
+    """{family: model class name}: causal LM first, then masked LM, then seq2seq LM."""
+    from transformers.models.auto import modeling_auto as ma
+
+    out: dict[str, str] = {}
+    for mapping in (ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                    ma.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES):
+        for fam, cls in mapping.items():
+            out.setdefault(fam, cls if isinstance(cls, str) else cls[0])
+    return out
+
+
+def build(family: str, impl: str):
+    """(model, inputs) or raises _Skip with the reason."""
+    import transformers as tf
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    cls = getattr(tf, families()[family])
+    config_cls = CONFIG_MAPPING[family]
+    if getattr(config_cls, "sub_configs", None):
+        raise _Skip(f"composite config ({', '.join(config_cls.sub_configs)}): not a text-only model")
+    if getattr(cls, "main_input_name", "input_ids") != "input_ids":
+        raise _Skip(f"main input is {cls.main_input_name}")
+    impls = [i for i, flag in (("eager", True), ("sdpa", getattr(cls, "_supports_sdpa", False)),
+                               ("flex_attention", getattr(cls, "_supports_flex_attn", False))) if flag]
+    if impl not in impls:
+        raise _Skip(f"{impl} not offered")
+    try:
+        torch.manual_seed(0)
+        model = cls(shrink_config(config_cls, impl))
+    except Exception as exc:  # noqa: BLE001
+        raise _Skip(f"tiny config does not build: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    g = torch.Generator().manual_seed(3)
+    inputs = {"input_ids": torch.randint(3, V, (B, S), generator=g)}
+    if getattr(model.config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = torch.randint(3, V, (B, S), generator=g)
+    return model.double().eval(), inputs
+
+
+class _Skip(Exception):
+    pass
+
+
+def _first_tensor(out):
+    for key in ("logits", "last_hidden_state", "prediction_logits"):
+        v = getattr(out, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def count_attention(model, inputs) -> int:
+    """How many attention computations an eager forward runs: softmaxes over an S-long last dim of a
+    value with another S-long dim, plus fused SDPA kernels (seen at dispatch, once each)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    softmax = {torch.ops.aten._softmax.default, torch.ops.aten._safe_softmax.default}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if func in softmax:
+                shape = args[0].shape
+                if len(shape) >= 3 and shape[-1] == S and S in shape[:-1]:
+                    Count.n += 1
+            elif "scaled_dot_product" in name and "backward" not in name:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        model(**inputs)
+    return Count.n
+
+
+def _errors(model, ref, out, r_out) -> dict:
+    g = torch.randn(r_out.shape, generator=torch.Generator().manual_seed(9), dtype=r_out.dtype)
+    (out * g).sum().backward()
+    (r_out * g).sum().backward()
+    errs = {"out_abs": (out - r_out).abs().max().item()}
+    errs["out_rel"] = errs["out_abs"] / max(r_out.abs().max().item(), 1e-30)
+    grads = [(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters(), strict=True)]
+    scale = max((q.abs().max().item() for _, q in grads if q is not None), default=1.0) or 1.0
+    gabs = 0.0
+    for p, q in grads:
+        if (p is None) != (q is None):
+            gabs = float("inf")
+        elif p is not None:
+            gabs = max(gabs, (p - q).abs().max().item())
+    errs["grad_abs"], errs["grad_rel"] = gabs, gabs / scale
+    return errs
+
+
+def _compiled_run(model, inputs, backend: str):
+    from ringcompile import backend as rb
+
+    torch._dynamo.reset()
+    m = copy.deepcopy(model)
+    ref = copy.deepcopy(model)
+    first = len(rb.HISTORY)
+    opts = {"options": {"inner": "eager"}} if backend == "ring" else {}
+    compiled = torch.compile(m, backend=backend, dynamic=False, **opts)
+    out = _first_tensor(compiled(**inputs))
+    r_out = _first_tensor(ref(**inputs))
+    return _errors(m, ref, out, r_out), rb.HISTORY[first:]
+
+
+def _wrong(errs) -> bool:
+    return not (errs["out_rel"] <= OUT_TOL and errs["grad_rel"] <= GRAD_TOL)
+
+
+def run_one(family: str, impl: str) -> dict:
+    """One classified run (inside a rank)."""
+    rec: dict = {"family": family, "impl": impl}
+    try:
+        model, inputs = build(family, impl)
+        rec["expected_sites"] = count_attention(model, inputs)
+    except _Skip as exc:
+        return {**rec, "status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # noqa: BLE001
+        why = f"eager run fails: {type(exc).__name__}: {str(exc)[:200]}"
+        return {**rec, "status": "skipped", "reason": why}
+    try:
+        errs, entries = _compiled_run(model, inputs, "ring")
+    except Exception as exc:  # noqa: BLE001
+        rec["error"] = traceback.format_exc()[-1500:]
+        return {**rec, **_control(model, inputs, "crash", f"{type(exc).__name__}: {str(exc)[:300]}")}
+    rec["errs"] = errs
+    sites = [s for e in entries for s in e.sites]
+    rec["rewritten"] = sum(s.rewritten for s in sites)
+    reasons = [f"{s.location or s.name}: {s.reason}" for s in sites if not s.rewritten]
+    reasons += [f"{r.location}: {r.reason}" for e in entries for r in e.rejected]
+    reasons += [e.fallback_reason for e in entries if e.fallback_reason]
+    rec["sharded_graphs"] = sum(1 for e in entries if e.graph is not None
+                                and e.graph.meta.get("ringcompile_shard") is not None)
+    rec["reasons"] = reasons[:10]
+    if _wrong(errs):
+        return {**rec, **_control(model, inputs, "wrong", "differs from one process")}
+    if rec["expected_sites"] == 0:
+        return {**rec, "status": "skipped", "reason": "no attention in the eager forward"}
+    if rec["rewritten"] >= rec["expected_sites"] and rec["sharded_graphs"]:
+        return {**rec, "status": "ok"}
+    return {**rec, "status": "unsharded-reason" if reasons else "unsharded-silent"}
+
+
+def _control(model, inputs, status: str, why: str) -> dict:
+    """aot_eager as a control: a failure it shares is not ours."""
+    try:
+        errs, _ = _compiled_run(model, inputs, "aot_eager")
+    except Exception as exc:  # noqa: BLE001
+        return {"status": "skipped", "reason": f"{status} under ring, aot_eager raises too: "
+                                               f"{type(exc).__name__}: {str(exc)[:200]}"}
+    if _wrong(errs):
+        return {"status": "skipped", "reason": f"{status} under ring, aot_eager is wrong too: {errs}"}
+    return {"status": status, "reason": why}
+
+
+# ---------------------------------------------------------------------------- ranks
+
+
+def _rank_main(rank: int, world: int, init_file: str, runs: list, out) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from ringcompile.runtime.spawned_ranks import exit_rank
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    import logging
+
+    logging.getLogger("ringcompile").setLevel(logging.ERROR)
+    for fam, impl in runs:
+        out.put((rank, fam, impl, run_one(fam, impl)))
+    out.put((rank, None, None, None))
+    exit_rank(0, [out])
+
+
+def run_group(runs: list, timeout: float) -> list[dict]:
+    """Run ``runs`` [(family, impl)] on 2 spawned ranks; rank 0's record (rank 1's error if it differs).
+    A run that does not finish within ``timeout`` seconds ends the group: it is a crash (hang), and
+    the remaining runs go to a fresh group."""
+    import os
+    import queue
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    results: dict[tuple, dict] = {}
+    todo = list(runs)
+    while todo:
+        ctx = mp.get_context("spawn")
+        out = ctx.Queue()
+        fd, init_file = tempfile.mkstemp(prefix="zoo_init_")
+        os.close(fd)
+        os.unlink(init_file)
+        procs = [ctx.Process(target=_rank_main, args=(r, 2, init_file, todo, out), daemon=True)
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        got: dict[tuple, dict] = {}
+        done = 0
+        while done < 2:
+            try:
+                rank, fam, impl, rec = out.get(timeout=timeout + 60)  # +60: the first run pays start-up
+            except queue.Empty:
+                break
+            if fam is None:
+                done += 1
+                continue
+            if rank == 0 or (fam, impl) not in got:
+                got.setdefault((fam, impl), rec)
+                if rank == 0:
+                    got[(fam, impl)] = rec
+        for p in procs:
+            p.kill() if p.is_alive() and done < 2 else p.join(timeout=10)
+        results.update(got)
+        finished = [r for r in todo if tuple(r) in got]
+        rest = [r for r in todo if tuple(r) not in got]
+        if rest and done < 2:
+            hung = rest[0]
+            results[tuple(hung)] = {"family": hung[0], "impl": hung[1], "status": "crash",
+                                    "reason": f"no result within {timeout:g} s (hang or rank died)"}
+            rest = rest[1:]
+        todo = rest if finished or done < 2 else []
+    return [results[tuple(r)] for r in runs if tuple(r) in results]
+
+
+def markdown(records: list[dict], command: str) -> str:
+    import collections
+    import datetime
+    import platform
+
+    counts = collections.Counter(r["status"] for r in records)
+    lines = ["## Transformers zoo (benchmarks/zoo.py)", "",
+             f"Command: `{command}`; machine: {platform.machine()} CPU, {torch.get_num_threads()} threads, "
+             f"torch {torch.__version__}; date {datetime.date.today()}; 2 gloo ranks, float64 models, "
+             f"outputs rel tol {OUT_TOL:g}, grads rel tol {GRAD_TOL:g}.", "",
+             "Counts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), "",
+             "| family | impl | status | sites (rewritten/expected) | out rel | grad rel | reason |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        e = r.get("errs", {})
+        reason = (r.get("reason") or "; ".join(r.get("reasons", [])))[:160]
+        reason = reason.replace("|", "/").replace("\n", " ")
+        lines.append(f"| {r['family']} | {r['impl']} | {r['status']} | {r.get('rewritten', '-')}/"
+                     f"{r.get('expected_sites', '-')} | {e.get('out_rel', float('nan')):.1e} | "
+                     f"{e.get('grad_rel', float('nan')):.1e} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", default="", help="comma-separated; default: every installed family")
+    ap.add_argument("--impls", default="eager,sdpa")
+    ap.add_argument("--jobs", type=int, default=1, help="rank pairs run at once")
+    ap.add_argument("--group-size", type=int, default=12, help="runs per spawned rank pair")
+    ap.add_argument("--timeout", type=float, default=180.0, help="seconds per run")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo.json"))
+    ap.add_argument("--markdown", default="", help="write the table here too (e.g. a file to paste)")
+    a = ap.parse_args(argv)
+    fams = [f for f in a.families.split(",") if f] or sorted(families())
+    runs = [(f, i) for f in fams for i in a.impls.split(",") if i]
+    groups = [runs[k:k + a.group_size] for k in range(0, len(runs), a.group_size)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+        records = [r for rs in pool.map(lambda g: run_group(g, a.timeout), groups) for r in rs]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(records, indent=1, default=str))
+    md = markdown(records, "python benchmarks/zoo.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if a.markdown:
+        Path(a.markdown).write_text(md)
+    sys.stdout.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The aten vocabulary the passes share: node values, shapes and dims, op families, the ring op.
+
+Every pass reads the same normalised (pre-dispatch aten) graph, so what "a view", "a cast" or
+"the tensor a node holds" means is decided here once. Helpers that mean something different
+keep a different name (``tensor_val`` returns a tensor or None; ``val_of`` any value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
+
+aten = torch.ops.aten
+
+# ---------------------------------------------------------------------------- node values
+
+
+def val_of(node: Any) -> Any:
+    """The value a node holds (``meta["val"]``, else Dynamo's ``example_value``); non-nodes as is."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return node
+
+
+def tensor_val(n: Any) -> torch.Tensor | None:
+    """The (fake) tensor a node holds, or None for non-tensor nodes and non-nodes."""
+    if isinstance(n, fx.Node):
+        val = val_of(n)
+        if isinstance(val, torch.Tensor):
+            return val
+    return None
+
+
+def shape_or_none(n: Any) -> tuple | None:
+    """The shape of a tensor node, or None."""
+    val = tensor_val(n)
+    return tuple(val.shape) if val is not None else None
+
+
+def dtype_of(n: Any) -> torch.dtype | None:
+    """A tensor node's dtype, or the dtype a Python scalar promotes as."""
+    val = tensor_val(n)
+    if val is not None:
+        return val.dtype
+    if isinstance(n, bool):
+        return torch.bool
+    if isinstance(n, int):
+        return torch.int64
+    if isinstance(n, float):
+        return torch.float64
+    return None
+
+
+def packet_of(n: fx.Node) -> Any:
+    """The overload packet (``aten.add``) of a call_function node, else None."""
+    return getattr(n.target, "overloadpacket", None) if n.op == "call_function" else None
+
+
+# ---------------------------------------------------------------------------- sizes and dims
+
+
+def is_one(size: Any) -> bool:
+    """The size is provably 1 (never guards a symbolic size)."""
+    if isinstance(size, int):
+        return size == 1
+    return statically_known_true(size == 1)
+
+
+def static_int(x: Any) -> int | None:
+    """A Python int for ints and concrete SymInts (never specialises a dynamic size)."""
+    if isinstance(x, bool):
+        return int(x)
+    if isinstance(x, int):
+        return x
+    if isinstance(x, fx.Node):
+        x = x.meta.get("val")
+    if isinstance(x, torch.SymInt) and is_concrete_int(x):
+        return int(x)
+    return None
+
+
+def norm_dim(d: int, rank: int) -> int:
+    """A possibly negative dim as an index in ``range(rank)``."""
+    return d + rank if d < 0 else d
+
+
+def norm_dims(dims: int | Sequence[int] | None, rank: int) -> list[int]:
+    """Dims argument (one, several, or None = all) as sorted non-negative indices."""
+    if dims is None:
+        return list(range(rank))
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted({norm_dim(int(d), rank) for d in dims})
+
+
+# ---------------------------------------------------------------------------- op families (packets)
+
+CASTS = (aten.to, aten._to_copy, aten.type_as)
+IDENTITY = (aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
+RESHAPES = (aten.view, aten.reshape, aten._unsafe_view)
+# ops whose result may alias their first argument (in-place ops on it mutate the source too)
+ALIASING = RESHAPES + (aten.alias, aten.detach, aten.expand, aten.slice, aten.select, aten.permute,
+                       aten.transpose, aten.t, aten.unsqueeze, aten.squeeze, aten.as_strided,
+                       aten.unflatten, aten.flatten, aten.view_as, aten.unfold, aten.diagonal,
+                       aten.narrow, aten.split, aten.chunk, aten.unbind, aten.contiguous, aten.to,
+                       aten.type_as, aten.lift_fresh_copy)
+CREATION = (aten.ones, aten.zeros, aten.full, aten.ones_like, aten.zeros_like, aten.full_like,
+            aten.scalar_tensor, aten.new_ones, aten.new_zeros, aten.new_full)
+# ops whose value does not depend on their tensor inputs' values (only on shapes)
+SHAPE_ONLY = (aten.ones_like, aten.zeros_like, aten.full_like, aten.empty_like, aten.new_ones,
+              aten.new_zeros, aten.new_full, aten.new_empty, aten.sym_size, aten.sym_numel,
+              aten.sym_stride)
+
+# in-place pointwise ops and their functional twins
+INPLACE = {
+    aten.add_: aten.add, aten.sub_: aten.sub, aten.mul_: aten.mul, aten.div_: aten.div,
+    aten.masked_fill_: aten.masked_fill, aten.clamp_: aten.clamp, aten.clamp_min_: aten.clamp_min,
+    aten.clamp_max_: aten.clamp_max, aten.neg_: aten.neg, aten.tanh_: aten.tanh, aten.exp_: aten.exp,
+    aten.logical_not_: aten.logical_not, aten.bitwise_not_: aten.bitwise_not, aten.tril_: aten.tril,
+    aten.triu_: aten.triu, aten.fill_: aten.fill,
+}
+
+
+def functional_packet(n: fx.Node) -> Any:
+    """``n``'s packet, with an in-place op read as its functional twin where that is exact.
+
+    Exact when the mutated tensor is a fresh result (not a view of anything) whose only user
+    is ``n``: nothing else can observe the mutation, so ``n``'s value is the functional op's.
+    """
+    p = packet_of(n)
+    twin = INPLACE.get(p)
+    if twin is None:
+        return p
+    src = n.args[0] if n.args else None
+    if (isinstance(src, fx.Node) and src.op == "call_function" and len(src.users) == 1
+            and packet_of(src) not in ALIASING):
+        return twin
+    return p
+
+
+# ---------------------------------------------------------------------------- the ring op
+
+
+def ring_attention_op() -> Any:
+    """``torch.ops.ringcompile.ring_attention.default`` (registered by ``ringcompile.ops``)."""
+    import ringcompile.ops  # noqa: F401 - registers the op
+
+    return torch.ops.ringcompile.ring_attention.default
