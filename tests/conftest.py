@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -9,3 +10,16 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("ci")
+
+
+@pytest.fixture
+def fresh_dynamo_small_blocks(monkeypatch):
+    """A clean Dynamo cache around each test, and 8-token CPU blocks so tiny shapes still cut into pairs."""
+    import torch
+
+    from ringcompile.runtime import local
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(local, "DEFAULT_BLOCK", 8)
+    yield
+    torch._dynamo.reset()

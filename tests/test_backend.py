@@ -12,17 +12,11 @@ import pytest
 import torch
 
 from ringcompile import OptionError, backend
-from ringcompile.runtime import local
 
 B, H, S, D = 2, 4, 20, 8
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    torch._dynamo.reset()
-    monkeypatch.setattr(local, "DEFAULT_BLOCK", 8)
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo_small_blocks")
 
 
 def _repeat_kv(x, n):

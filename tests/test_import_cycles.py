@@ -17,7 +17,7 @@ def test_no_new_import_cycles():
 
 
 @pytest.mark.parametrize("cycle", KNOWN, ids=lambda c: " <-> ".join(c))
-@pytest.mark.xfail(strict=True, reason="known cycle, fixed on the cuda-runtime branch")
+@pytest.mark.xfail(strict=True, reason="known cycle, still open (issue 11 item 4)")
 def test_known_cycle_is_gone(cycle):
     assert cycle not in cycles(import_graph())
 

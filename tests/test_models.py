@@ -7,15 +7,8 @@ import torch
 
 from ringcompile import backend
 from ringcompile.models import ModelConfig, build_model, repeat_kv
-from ringcompile.runtime import local
 
-
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    torch._dynamo.reset()
-    monkeypatch.setattr(local, "DEFAULT_BLOCK", 8)
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo_small_blocks")
 
 
 def test_repeat_kv_matches_repeat_interleave():

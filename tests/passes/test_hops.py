@@ -10,17 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from ringcompile import backend
-from ringcompile.runtime import local
 
 B, H, S, D = 2, 2, 16, 8
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    torch._dynamo.reset()
-    monkeypatch.setattr(local, "DEFAULT_BLOCK", 8)
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo_small_blocks")
 
 
 class ScaledStraightThrough(torch.autograd.Function):
