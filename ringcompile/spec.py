@@ -29,7 +29,8 @@ class AttentionSpec:
     layout:    "contiguous" or "zigzag" for the q/k/v shards the op receives; None = contiguous.
     group:     ProcessGroup, DeviceMesh or None (default group / single process).
     mesh_dim:  which DeviceMesh dimension, when group is a mesh.
-    kernel:    "auto", "triton" or "cpu".
+    kernel:    "auto", "triton" or "cpu" ("cpu" = no Triton: the CPU kernels on CPU tensors, the
+              device-generic PyTorch kernels on other devices).
     timeout:   seconds per collective.
     block_size: K/V tokens per ring transfer chunk (ring/zigzag): a shard travels as
               ceil(local/block_size) messages; None = the planner's choice (whole shard
