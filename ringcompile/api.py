@@ -66,7 +66,8 @@ def _cached_spec(is_causal, mask_mod, score_mod, scale, strategy, group, mesh_di
         hit = _SPEC_CACHE.get(key)
         if hit is not None and hit[2][0] is mask_mod and hit[2][1] is score_mod and hit[2][2] is group:
             _SPEC_CACHE.move_to_end(key)
-            return hit
+    if hit is not None and hit[2][0] is mask_mod and hit[2][1] is score_mod and hit[2][2] is group:
+        return hit[0], register_spec(hit[0]), hit[2]  # again: the bounded registry may have evicted it
     mask = mods.from_callable(mask_mod, is_mask=True)
     if is_causal:
         mask = _CAUSAL if mask is None else mods.and_masks(_CAUSAL, mask)

@@ -13,7 +13,7 @@ from ringcompile.spec import AttentionSpec
 from .call_plan import effective_spec, planner_query
 from .communicator import RingCommunicator
 from .execute import run_backward, run_forward
-from .group import ResolvedGroup, resolve_group
+from .group import ResolvedGroup, group_key, resolve_group
 from .layouts import check_layout
 from .strategies import NAMES
 
@@ -111,10 +111,23 @@ def attention_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     group, strategy, layout, run_spec = _plan(q, k, v, seq_len, spec)
     comm = _communicator(group, spec, q.device)
-    key = (id(spec), id(group.group), group.rank, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype,
-           int(seq_len), strategy, layout, run_spec.block_size)
     return run_forward(comm, q, k, v, mask_extras, score_extras, seq_len, run_spec, strategy, layout,
-                       dropout_seed, check_key=key)
+                       dropout_seed, check_key=metadata_check_key(q, k, v, seq_len, spec, group, strategy,
+                                                                  layout, run_spec.block_size))
+
+
+def metadata_check_key(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, spec: AttentionSpec,
+                       group: ResolvedGroup, strategy: str, layout: str, block_size: int | None):
+    """What the once-per-key metadata check (``validate.check_ranks_agree``) is cached under.
+
+    By content only: an ``id()`` can be reused on one rank and not on another, and then one rank
+    would skip the check's all_gather while its peers run it (mismatched collectives: a hang).
+    None (check every call) when the spec has a part with no stable description.
+    """
+    if not spec.content.stable:
+        return None
+    return (spec.content.digest, group_key(group), tuple(q.shape), tuple(k.shape), tuple(v.shape),
+            str(q.dtype), int(seq_len), strategy, layout, block_size)
 
 
 def attention_backward(

@@ -37,6 +37,17 @@ class ResolvedGroup:
 SINGLE = ResolvedGroup(None, 0, 1)
 
 
+def group_key(group: ResolvedGroup) -> tuple:
+    """The group by what its members agree on (global ranks, world size), never by object address."""
+    if group.group is None:
+        return ("single", group.world_size)
+    try:
+        ranks = tuple(dist.get_process_group_ranks(group.group))
+    except Exception:  # a fake group in tests, or an older torch: its size is what every member knows
+        ranks = ()
+    return ("group", group.world_size, ranks)
+
+
 def _is_mesh(obj: Any) -> bool:
     try:
         from torch.distributed.device_mesh import DeviceMesh
