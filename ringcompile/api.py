@@ -8,7 +8,6 @@ and calls ``torch.ops.ringcompile.ring_attention``: the same op the compiler emi
 from __future__ import annotations
 
 import collections
-import datetime
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +18,7 @@ import torch.distributed as dist
 from . import mods
 from .errors import CommunicationError, ShapeMismatchError
 from .options import Options
-from .runtime.group import resolve_group
+from .runtime.group import resolve_group, wait_work
 from .runtime.layouts import check_layout, shard_tensor, unshard_tensor
 from .spec import AttentionSpec, register_spec
 
@@ -124,7 +123,7 @@ class _Gather(torch.autograd.Function):
         parts = [torch.empty_like(x) for _ in range(group.world_size)]
         work = dist.all_gather(parts, x.contiguous(), group=group.group, async_op=True)
         try:
-            work.wait(timeout=datetime.timedelta(seconds=timeout))
+            wait_work(work, group.group, timeout)
         except Exception as e:
             raise CommunicationError(f"rank {group.rank}: gather all_gather failed or timed out after "
                                      f"{timeout:g} s ({e})") from e

@@ -24,13 +24,12 @@ flattened together with faster-varying dims), and each rank holds its index list
 
 from __future__ import annotations
 
-import datetime
-
 import torch
 import torch.distributed as dist
 
 from ringcompile.errors import CommunicationError, ShapeMismatchError
 
+from .group import wait_work
 from .layouts import local_indices, padded_length
 
 Tensor = torch.Tensor
@@ -69,7 +68,7 @@ def group_name_of(group) -> str:
 
 def _wait(work, timeout: float, what: str, group) -> None:
     try:
-        ok = work.wait(timeout=datetime.timedelta(seconds=timeout))
+        ok = wait_work(work, group, timeout)  # explicit timeout on gloo only (runtime/group.py)
     except RuntimeError as exc:
         raise CommunicationError(
             f"rank {dist.get_rank()}: {what} failed or exceeded the {timeout:g} s timeout ({exc}); "
