@@ -4,9 +4,10 @@ Keys never use ``id()`` or a per-process counter: an address can be reused on on
 not on another, and a recompiled graph in a new process must find its spec again. Functions
 (mask/score mods) are identified by their module, qualified name, bytecode, constants, and
 the values they close over or read as globals. ``content_key`` reports whether every part
-could be keyed this way (``stable``); a value with no stable description (an object whose
-repr is its address) is named by its type only, so such a key is not trusted for decisions
-that must agree across ranks (the metadata-check cache runs the check every call instead).
+could be keyed this way (``stable``); a value with no stable description (an arbitrary
+object or nn.Module: a repr need not show the state that matters) is named by its type
+only, so such a key is not trusted for decisions that must agree across ranks (the
+metadata-check cache runs the check every call instead).
 """
 
 from __future__ import annotations
@@ -93,15 +94,31 @@ class _Walker:
         if isinstance(x, type):
             return ("type", x.__module__, x.__qualname__)
         if isinstance(x, torch.fx.GraphModule):
-            return ("graph", x.code)
-        if dataclasses.is_dataclass(x):
+            return self._graph_module(x, depth)
+        if isinstance(x, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            return ("op", str(x))
+        if isinstance(x, (slice, range)):
+            return (type(x).__name__, d(x.start, depth), d(x.stop, depth), d(x.step, depth))
+        if isinstance(x, (torch.layout, torch.memory_format)) or x is Ellipsis:
+            return (type(x).__name__, str(x))
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
             return ("dataclass", type(x).__module__, type(x).__qualname__,
                     tuple((f.name, d(getattr(x, f.name), depth)) for f in dataclasses.fields(x)
                           if f.compare and f.name != "graph"))
-        text = repr(x)
-        if " at 0x" in text or " object at " in text:
-            return self._fallback(x, "its repr is its address")
-        return ("repr", type(x).__module__, type(x).__qualname__, text)
+        # anything else (modules, arbitrary objects): a repr need not show all the state that
+        # matters (an nn.Module's repr omits its weights), so it is never trusted as content
+        return self._fallback(x, "no stable description of its state")
+
+    def _graph_module(self, gm: torch.fx.GraphModule, depth: int) -> Any:
+        """Its code plus every attribute the code reads (tensor constants, submodules)."""
+        attrs = []
+        for node in gm.graph.nodes:
+            if node.op in ("get_attr", "call_module"):
+                value: Any = gm
+                for part in str(node.target).split("."):
+                    value = getattr(value, part, None)
+                attrs.append((str(node.target), self.describe(value, depth)))
+        return ("graph", gm.code, tuple(attrs))
 
     def _function(self, fn: types.FunctionType, depth: int) -> Any:
         cells = []
