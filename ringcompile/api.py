@@ -7,81 +7,19 @@ and calls ``torch.ops.ringcompile.ring_attention``: the same op the compiler emi
 
 from __future__ import annotations
 
-import collections
-import datetime
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from . import mods
-from .errors import CommunicationError, ShapeMismatchError
-from .options import Options
-from .runtime.group import resolve_group
+from .errors import CommunicationError
+from .runtime.group import resolve_group, wait_work
 from .runtime.layouts import check_layout, shard_tensor, unshard_tensor
-from .spec import AttentionSpec, register_spec
+from .runtime.user_spec import build_spec, cached_spec, check_gqa
 
 Tensor = torch.Tensor
-_CAUSAL = mods.causal()
-_SPEC_CACHE: collections.OrderedDict[tuple, tuple[AttentionSpec, str, tuple]] = collections.OrderedDict()
-_SPEC_CACHE_SIZE = 512
-_LOCK = threading.Lock()
-
-
-def check_gqa(q: Tensor, k: Tensor, enable_gqa: bool) -> None:
-    """Like SDPA: differing head counts are an error unless GQA was asked for."""
-    if q.dim() != 4 or k.dim() != 4:
-        raise ShapeMismatchError(
-            f"q and k must be (B, H, S_local, D), got {tuple(q.shape)} and {tuple(k.shape)}")
-    if q.shape[1] != k.shape[1]:
-        if not enable_gqa:
-            raise ShapeMismatchError(
-                f"q has {q.shape[1]} heads but k/v have {k.shape[1]}: pass enable_gqa=True for grouped-query "
-                "attention (as with scaled_dot_product_attention)")
-        if q.shape[1] % k.shape[1]:
-            raise ShapeMismatchError(f"with enable_gqa, query heads ({q.shape[1]}) must be a multiple of kv "
-                                     f"heads ({k.shape[1]})")
-
-
-def build_spec(
-    *, is_causal: bool = False, mask_mod: Callable | None = None, score_mod: Callable | None = None,
-    scale: float | None = None, strategy: str = "auto", group: Any = None, mesh_dim: int | str | None = None,
-    layout: str | None = None, kernel: str = "auto", timeout: float = 300.0, block_size: int | None = None,
-    record_timing: bool = False,
-) -> AttentionSpec:
-    """The spec for these arguments (validated through ``Options``); the same object for the same args."""
-    return _cached_spec(is_causal, mask_mod, score_mod, scale, strategy, group, mesh_dim, layout, kernel,
-                        timeout, block_size, record_timing)[0]
-
-
-def _cached_spec(is_causal, mask_mod, score_mod, scale, strategy, group, mesh_dim, layout, kernel, timeout,
-                 block_size, record_timing) -> tuple[AttentionSpec, str, tuple]:
-    layout = layout if layout is not None else ("zigzag" if strategy == "zigzag" else "contiguous")
-    Options(strategy=strategy, layout=layout, kernel=kernel, timeout=timeout, block_size=block_size)
-    key = (bool(is_causal), id(mask_mod), id(score_mod), scale, strategy, id(group), mesh_dim, layout, kernel,
-           float(timeout), block_size, bool(record_timing))
-    with _LOCK:
-        hit = _SPEC_CACHE.get(key)
-        if hit is not None and hit[2][0] is mask_mod and hit[2][1] is score_mod and hit[2][2] is group:
-            _SPEC_CACHE.move_to_end(key)
-            return hit
-    mask = mods.from_callable(mask_mod, is_mask=True)
-    if is_causal:
-        mask = _CAUSAL if mask is None else mods.and_masks(_CAUSAL, mask)
-    spec = AttentionSpec(scale=scale, mask=mask, score=mods.from_callable(score_mod, is_mask=False),
-                         strategy=strategy, layout=layout, group=group, mesh_dim=mesh_dim, kernel=kernel,
-                         timeout=float(timeout), block_size=block_size, record_timing=record_timing,
-                         name="ringcompile.ring_attention")
-    entry = (spec, register_spec(spec), (mask_mod, score_mod, group))  # keeps the ids in the key alive
-    with _LOCK:
-        _SPEC_CACHE[key] = entry
-        while len(_SPEC_CACHE) > _SPEC_CACHE_SIZE:
-            _SPEC_CACHE.popitem(last=False)
-    return entry
-
-
+__all__ = ["build_spec", "check_gqa", "gather", "ring_attention", "shard"]
 def ring_attention(
     q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, mask_mod: Callable | None = None,
     score_mod: Callable | None = None, scale: float | None = None, enable_gqa: bool = False,
@@ -97,8 +35,8 @@ def ring_attention(
     Mods take global indices. Returns the local output shard (B, Hq, S_local, D).
     """
     check_gqa(q, k, enable_gqa)
-    spec, key, _ = _cached_spec(is_causal, mask_mod, score_mod, scale, strategy, group, mesh_dim, layout,
-                                kernel, timeout, block_size, record_timing)
+    spec, key = cached_spec(is_causal, mask_mod, score_mod, scale, strategy, group, mesh_dim, layout,
+                            kernel, timeout, block_size, record_timing)
     if seq_len is None:
         world = 1 if strategy == "local" else resolve_group(group, mesh_dim).world_size
         seq_len = q.shape[2] * world
@@ -123,7 +61,7 @@ class _Gather(torch.autograd.Function):
         parts = [torch.empty_like(x) for _ in range(group.world_size)]
         work = dist.all_gather(parts, x.contiguous(), group=group.group, async_op=True)
         try:
-            work.wait(timeout=datetime.timedelta(seconds=timeout))
+            wait_work(work, group.group, timeout)
         except Exception as e:
             raise CommunicationError(f"rank {group.rank}: gather all_gather failed or timed out after "
                                      f"{timeout:g} s ({e})") from e

@@ -29,3 +29,7 @@ class KernelError(RingCompileError):
 
 class UnshardedAttentionError(RingCompileError):
     """``require_sharded=True`` and a graph would run some attention unsharded; the message names it."""
+
+
+class SpecEvictedError(RingCompileError):
+    """A compiled graph called a spec the bounded registry evicted; the message says how to keep it."""

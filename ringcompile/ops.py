@@ -4,6 +4,9 @@ Forward and backward are both custom ops, so AOTAutograd and Inductor treat each
 opaque call in the forward and backward graphs; the ring communication inside them is
 never traced. Inputs are the local shards (B, H, S_local, D) in the spec's layout;
 ``seq_len`` is the true global sequence length (keys past it are padding).
+Both ops wait on collectives (and the metadata check reads a result on the host), so they
+are tagged cudagraph-unsafe where torch has the tag (``op_support``); their work runs under
+``torch.cuda.device(q.device)``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import op_support
 from .spec import AttentionSpec, get_spec
 
 Tensor = torch.Tensor
@@ -23,7 +27,7 @@ def lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("ringcompile::ring_attention", mutates_args=())
+@torch.library.custom_op("ringcompile::ring_attention", mutates_args=(), **op_support.SYNCING)
 def ring_attention_op(
     q: Tensor, k: Tensor, v: Tensor, mask_extras: list[Tensor], score_extras: list[Tensor],
     seq_len: int, spec_key: str, dropout_seed: Tensor | None = None,
@@ -31,8 +35,9 @@ def ring_attention_op(
     """Returns (out in q's dtype, lse of shape (B, Hq, S_local) in fp32, fp64 for fp64 q)."""
     from .runtime.dispatch import attention_forward
 
-    out, lse = attention_forward(q, k, v, mask_extras, score_extras, seq_len, get_spec(spec_key),
-                                 dropout_seed)
+    with op_support.device_guard(q.device):
+        out, lse = attention_forward(q, k, v, mask_extras, score_extras, seq_len, get_spec(spec_key),
+                                     dropout_seed)
     return out.to(q.dtype).contiguous(), lse.to(lse_dtype(q)).contiguous()
 
 
@@ -42,7 +47,7 @@ def _(q, k, v, mask_extras, score_extras, seq_len, spec_key, dropout_seed=None):
     return q.new_empty(B, H, S, v.shape[-1]), q.new_empty(B, H, S, dtype=lse_dtype(q))
 
 
-@torch.library.custom_op("ringcompile::ring_attention_backward", mutates_args=())
+@torch.library.custom_op("ringcompile::ring_attention_backward", mutates_args=(), **op_support.SYNCING)
 def ring_attention_backward_op(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     mask_extras: list[Tensor], score_extras: list[Tensor], seq_len: int, spec_key: str,
@@ -51,8 +56,9 @@ def ring_attention_backward_op(
     """Returns (dq, dk, dv, d_score_extras); a non-differentiable extra gets an empty tensor."""
     from .runtime.dispatch import attention_backward
 
-    dq, dk, dv, d_extras = attention_backward(dout, q, k, v, out, lse, mask_extras, score_extras,
-                                              seq_len, get_spec(spec_key), dropout_seed)
+    with op_support.device_guard(q.device):
+        dq, dk, dv, d_extras = attention_backward(dout, q, k, v, out, lse, mask_extras, score_extras,
+                                                  seq_len, get_spec(spec_key), dropout_seed)
     grads = [
         g.to(e.dtype).contiguous() if g is not None
         else (torch.zeros_like(e) if e.is_floating_point() else e.new_empty(0))

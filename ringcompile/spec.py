@@ -2,18 +2,23 @@
 
 Custom ops take only tensors and scalars, so each site's static description (scale, mods,
 strategy, group...) lives here under a string key that the op call carries. Keys are
-content-derived so a recompiled graph in a new process finds the same key after the
-backend re-registers it.
+content keys (``ringcompile.content_key``, no ``id()``), so a recompiled graph in a new
+process finds the same key after the backend re-registers it, and every rank computes the
+same key for the same site. The registry is a bounded LRU (``set_registry_size``); calling
+an evicted spec raises ``SpecEvictedError`` saying how to raise the limit.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import hashlib
+import functools
+import os
 import threading
 from typing import Any
 
-from .errors import RingCompileError
+from .content_key import ContentKey, content_key
+from .errors import RingCompileError, SpecEvictedError
 from .mods import Mod
 
 
@@ -29,7 +34,8 @@ class AttentionSpec:
     layout:    "contiguous" or "zigzag" for the q/k/v shards the op receives; None = contiguous.
     group:     ProcessGroup, DeviceMesh or None (default group / single process).
     mesh_dim:  which DeviceMesh dimension, when group is a mesh.
-    kernel:    "auto", "triton" or "cpu".
+    kernel:    "auto", "triton" or "cpu" ("cpu" = no Triton: the CPU kernels on CPU tensors, the
+              device-generic PyTorch kernels on other devices).
     timeout:   seconds per collective.
     block_size: K/V tokens per ring transfer chunk (ring/zigzag): a shard travels as
               ceil(local/block_size) messages; None = the planner's choice (whole shard
@@ -61,42 +67,98 @@ class AttentionSpec:
     def replace(self, **changes: Any) -> AttentionSpec:
         return dataclasses.replace(self, **changes)
 
+    @functools.cached_property
+    def content(self) -> ContentKey:
+        """This spec's content key (``ringcompile.content_key``): equal specs built anywhere agree."""
+        fields = tuple((f.name, _group_identity(getattr(self, f.name)) if f.name == "group"
+                        else _tiles_identity(getattr(self, f.name)) if f.name == "tiles"
+                        else getattr(self, f.name)) for f in dataclasses.fields(self))
+        return content_key(fields)
 
-_REGISTRY: dict[str, AttentionSpec] = {}
+
+DEFAULT_REGISTRY_SIZE = int(os.environ.get("RINGCOMPILE_SPEC_REGISTRY_SIZE", "4096"))
+_REGISTRY: collections.OrderedDict[str, AttentionSpec] = collections.OrderedDict()
+_EVICTED: collections.OrderedDict[str, None] = collections.OrderedDict()  # recently evicted keys
 _LOCK = threading.Lock()
+_limit = DEFAULT_REGISTRY_SIZE
+
+
+def set_registry_size(size: int) -> None:
+    """Keep at most ``size`` specs (least recently used go first); also RINGCOMPILE_SPEC_REGISTRY_SIZE."""
+    global _limit
+    if size < 1:
+        raise RingCompileError(f"the spec registry size must be at least 1, got {size}")
+    with _LOCK:
+        _limit = int(size)
+        _evict()
+
+
+def registry_size() -> int:
+    return _limit
 
 
 def register_spec(spec: AttentionSpec) -> str:
-    """Store ``spec`` and return the key the op call should carry."""
-    fields = (spec.scale, spec.dropout_p, spec.strategy, spec.layout, spec.kernel, spec.timeout,
-              spec.block_size, _tiles_identity(spec.tiles), spec.profile, spec.record_timing, spec.name,
-              spec.mesh_dim,
-              _mod_identity(spec.mask), _mod_identity(spec.score), id(spec.group) if spec.group else 0)
-    digest = hashlib.sha1(repr(fields).encode()).hexdigest()[:16]
+    """Store ``spec`` and return the key the op call should carry: its content digest.
+
+    Two different specs with one digest (only possible when some part has no stable
+    description, ``spec.content.stable`` False) get ``-1``, ``-2``... suffixes in this process.
+    """
+    digest = spec.content.digest
     with _LOCK:
-        key = digest
-        n = 0
+        key, n = digest, 0
         while key in _REGISTRY and _REGISTRY[key] is not spec and not _same(_REGISTRY[key], spec):
             n += 1
             key = f"{digest}-{n}"
-        _REGISTRY[key] = spec
+        if key not in _REGISTRY:
+            _REGISTRY[key] = spec
+        _REGISTRY.move_to_end(key)
+        _EVICTED.pop(key, None)
+        _evict()
     return key
 
 
 def get_spec(key: str) -> AttentionSpec:
+    with _LOCK:
+        spec = _REGISTRY.get(key)
+        if spec is not None:
+            _REGISTRY.move_to_end(key)
+            return spec
+        evicted = key in _EVICTED
+    if evicted:
+        raise SpecEvictedError(
+            f"the attention spec {key!r} was evicted from the spec registry, which keeps the {_limit} most "
+            "recently used specs (a run with many distinct sites or options); raise the limit with "
+            "ringcompile.spec.set_registry_size(n) or RINGCOMPILE_SPEC_REGISTRY_SIZE=n, or recompile "
+            "(torch._dynamo.reset()) so the backend registers it again")
+    raise RingCompileError(
+        f"no attention spec registered under {key!r}: a compiled graph is being run in a process "
+        "where ringcompile did not compile it; recompile with backend='ring' in this process"
+    )
+
+
+def _evict() -> None:
+    """Drop least recently used specs past the limit (caller holds the lock)."""
+    while len(_REGISTRY) > _limit:
+        old, _ = _REGISTRY.popitem(last=False)
+        _EVICTED[old] = None
+    while len(_EVICTED) > 16 * _limit:
+        _EVICTED.popitem(last=False)
+
+
+def _group_identity(group: Any) -> Any:
+    """A process group or mesh by what every rank sees alike: its ranks (and names), never its address."""
+    if group is None or isinstance(group, (str, int)):
+        return group
+    mesh = getattr(group, "mesh", None)
+    if mesh is not None and hasattr(group, "mesh_dim_names"):
+        return ("mesh", getattr(group, "device_type", None), tuple(mesh.flatten().tolist()),
+                tuple(mesh.shape), group.mesh_dim_names)
     try:
-        return _REGISTRY[key]
-    except KeyError:
-        raise RingCompileError(
-            f"no attention spec registered under {key!r}: a compiled graph is being run in a process "
-            "where ringcompile did not compile it; recompile with backend='ring' in this process"
-        ) from None
+        import torch.distributed as dist
 
-
-def _mod_identity(mod: Mod | None) -> Any:
-    if mod is None:
-        return None
-    return (mod.kind, tuple(sorted(mod.params.items())), mod.n_extras, mod.description, id(mod.fn))
+        return ("process_group", tuple(dist.get_process_group_ranks(group)))
+    except Exception:  # not a group of the initialised world: no stable description
+        return group
 
 
 def _tiles_identity(tiles: Any) -> Any:
@@ -107,6 +169,9 @@ def _tiles_identity(tiles: Any) -> Any:
 
 
 def _same(a: AttentionSpec, b: AttentionSpec) -> bool:
+    """Equal stable content keys describe the same spec; otherwise only the same objects do."""
+    if a.content.stable and a.content == b.content:
+        return True
     return a.mask is b.mask and a.score is b.score and a.group is b.group and dataclasses.astuple(
         a.replace(mask=None, score=None, group=None)) == dataclasses.astuple(
         b.replace(mask=None, score=None, group=None))

@@ -93,17 +93,17 @@ def test_strategy_choice():
     with pytest.raises(OptionError, match="zigzag"):
         choose_strategy(q, k, v, 100, 4, plain.replace(strategy="zigzag"), "contiguous")
     # without a usable planner, short sequences gather K/V, long ones ring
-    import ringcompile.runtime.dispatch as dispatch
+    import ringcompile.runtime.choice as choice
 
-    orig = dispatch._planner_choice
+    orig = choice._planner_choice
     try:
-        dispatch._planner_choice = lambda *a, **kw: None
+        choice._planner_choice = lambda *a, **kw: None
         assert choose_strategy(q, k, v, 1000, 4, plain, "contiguous") == "allgather"
         assert choose_strategy(q, k, v, 100_000, 4, plain, "contiguous") == "ring"
-        dispatch._planner_choice = lambda *a, **kw: "ulysses"  # heads (2 kv) not divisible by 4
+        choice._planner_choice = lambda *a, **kw: "ulysses"  # heads (2 kv) not divisible by 4
         assert choose_strategy(q, k, v, 100_000, 4, plain, "contiguous") == "ring"
     finally:
-        dispatch._planner_choice = orig
+        choice._planner_choice = orig
 
 
 def test_auto_on_zigzag_shards_lets_the_planner_pick_ulysses_with_the_spec_profile(monkeypatch):

@@ -3,12 +3,9 @@
 import pytest
 from import_graph import cycles, import_graph
 
-# cycles being removed on the cuda-runtime branch; delete an entry when its fix is merged (strict xfail
-# turns a fixed one into a failure, so the list cannot go stale)
-KNOWN = [
-    ["ringcompile.kernels.select", "ringcompile.kernels.triton"],
-    ["ringcompile.runtime.dispatch", "ringcompile.runtime.simulated"],
-]
+# known cycles still open (none now); a strict xfail turns a fixed one into a failure, so the list
+# cannot go stale
+KNOWN: list[list[str]] = []
 
 
 def test_no_new_import_cycles():

@@ -46,7 +46,7 @@ _SELECT_LOCK = threading.RLock()
 
 
 def _select(spec: AttentionSpec, forced: bool):
-    from ..select import BlockKernels
+    from ..kernel_set import BlockKernels
     from .launch import TritonBlocks, planner_tiles
     from .lower_mods import check_lowerable
 

@@ -42,10 +42,8 @@ def planner_query(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: in
 def call_plan(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: int, spec: AttentionSpec,
               strategy: str) -> Any | None:
     """The planner's Plan for ``strategy`` on this call (forward+backward, as for training), or None."""
-    try:
-        from ringcompile.cost_model.planner import choose_for_call
-    except ImportError:
-        return None
+    from ringcompile.cost_model.planner import choose_for_call  # lazily: the cost model is heavy
+
     try:
         return choose_for_call(**planner_query(q, k, seq_len, world_size, spec, (strategy,)))
     except Exception as e:  # the planner is advisory: whole shards and default tiles still run

@@ -24,13 +24,13 @@ flattened together with faster-varying dims), and each rank holds its index list
 
 from __future__ import annotations
 
-import datetime
-
 import torch
 import torch.distributed as dist
 
 from ringcompile.errors import CommunicationError, ShapeMismatchError
+from ringcompile.op_support import SYNCING
 
+from .group import wait_work
 from .layouts import local_indices, padded_length
 
 Tensor = torch.Tensor
@@ -69,7 +69,7 @@ def group_name_of(group) -> str:
 
 def _wait(work, timeout: float, what: str, group) -> None:
     try:
-        ok = work.wait(timeout=datetime.timedelta(seconds=timeout))
+        ok = wait_work(work, group, timeout)  # explicit timeout on gloo only (runtime/group.py)
     except RuntimeError as exc:
         raise CommunicationError(
             f"rank {dist.get_rank()}: {what} failed or exceeded the {timeout:g} s timeout ({exc}); "
@@ -124,7 +124,7 @@ def slice_local(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layo
 # ---------------------------------------------------------------------------- reduce_partial
 
 
-@torch.library.custom_op("ringcompile::reduce_partial", mutates_args=())
+@torch.library.custom_op("ringcompile::reduce_partial", mutates_args=(), **SYNCING)
 def reduce_partial(x: Tensor, group_name: str, timeout: float) -> Tensor:
     """Sum of ``x`` over the ranks of the group (Partial -> Replicate)."""
     return _all_reduce(x, group_name, timeout)
@@ -145,7 +145,7 @@ reduce_partial.register_autograd(_reduce_partial_backward, setup_context=lambda 
 # ---------------------------------------------------------------------------- grad_reduce
 
 
-@torch.library.custom_op("ringcompile::grad_reduce", mutates_args=())
+@torch.library.custom_op("ringcompile::grad_reduce", mutates_args=(), **SYNCING)
 def grad_reduce(x: Tensor, group_name: str, timeout: float) -> Tensor:
     """Identity (a copy) whose backward all-reduces the gradient across the group."""
     return x.clone()
@@ -188,7 +188,7 @@ def grad_reduce_view(x: Tensor, group_name: str, timeout: float) -> Tensor:
 # ---------------------------------------------------------------------------- to_local
 
 
-@torch.library.custom_op("ringcompile::slice_seq", mutates_args=())
+@torch.library.custom_op("ringcompile::slice_seq", mutates_args=(), **SYNCING)
 def _slice_seq(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str,
                group_name: str, fill: float = 0.0) -> Tensor:
     """This rank's shard of a full tensor, without communication (no autograd of its own)."""
@@ -209,7 +209,7 @@ def _local_shape(x: Tensor, dim: int, seq_len: int, padded: int, group_name: str
     return shape
 
 
-@torch.library.custom_op("ringcompile::to_local", mutates_args=())
+@torch.library.custom_op("ringcompile::to_local", mutates_args=(), **SYNCING)
 def to_local(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str, group_name: str,
              timeout: float, fill: float = 0.0) -> Tensor:
     """This rank's shard of a replicated tensor (positions past ``seq_len`` hold ``fill``)."""
@@ -235,7 +235,7 @@ def _to_local_backward(ctx, grad):
 to_local.register_autograd(_to_local_backward, setup_context=_to_local_setup)
 
 
-@torch.library.custom_op("ringcompile::scatter_local", mutates_args=())
+@torch.library.custom_op("ringcompile::scatter_local", mutates_args=(), **SYNCING)
 def _scatter_local(g: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str,
                    group_name: str) -> Tensor:
     """Full-size zeros with this rank's shard written at its positions (padding dropped)."""
@@ -259,7 +259,7 @@ def _(g, dim, inner, seq_len, padded, layout, group_name):
 # ---------------------------------------------------------------------------- gather_seq
 
 
-@torch.library.custom_op("ringcompile::gather_seq", mutates_args=())
+@torch.library.custom_op("ringcompile::gather_seq", mutates_args=(), **SYNCING)
 def gather_seq(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str, group_name: str,
                timeout: float) -> Tensor:
     """The full tensor from every rank's shard, in sequence order, padding stripped."""
@@ -324,7 +324,7 @@ def _shift_plan(padded: int, world: int, rank: int, layout: str, k: int):
     return src, send, len(table)
 
 
-@torch.library.custom_op("ringcompile::shift_seq", mutates_args=())
+@torch.library.custom_op("ringcompile::shift_seq", mutates_args=(), **SYNCING)
 def shift_seq(x: Tensor, dim: int, k: int, padded: int, layout: str, group_name: str,
               timeout: float) -> Tensor:
     """``x[..., k:, ...]`` of a sequence shard, kept in the same layout: each rank receives the first
@@ -353,7 +353,7 @@ def _(x, dim, k, padded, layout, group_name, timeout):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("ringcompile::shift_seq_backward", mutates_args=())
+@torch.library.custom_op("ringcompile::shift_seq_backward", mutates_args=(), **SYNCING)
 def _shift_seq_backward(g: Tensor, dim: int, k: int, padded: int, layout: str, group_name: str,
                         timeout: float) -> Tensor:
     """Gradient of ``shift_seq``: local rows locally, halo rows summed back to the ranks that own them."""

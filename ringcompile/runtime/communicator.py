@@ -4,14 +4,15 @@ Strategies only talk to a ``Communicator``; ``RingCommunicator`` runs over a pro
 (gloo on CPU, NCCL on CUDA) and ``simulated.SimulatedCommunicator`` runs N virtual ranks in
 one process, so the same schedule and merge code is tested both ways.
 
-Every operation is started asynchronously and returns a ``Pending``; its ``wait()`` applies
-the timeout and turns any failure into a ``CommunicationError`` naming the rank and step.
+Every operation is started asynchronously and returns a ``Pending``; its ``wait()`` waits
+through ``group.wait_work`` (an explicit timeout on gloo; on NCCL the process group's timeout
+and watchdog, so the host never blocks on the GPU) and turns any failure into a
+``CommunicationError`` naming the rank and step.
 """
 
 from __future__ import annotations
 
 import abc
-import datetime
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from ringcompile.errors import CommunicationError
 from ringcompile.log import get_logger
 
-from .group import ResolvedGroup
+from .group import ResolvedGroup, wait_work
 
 log = get_logger(__name__)
 Tensor = torch.Tensor
@@ -98,7 +99,6 @@ class RingCommunicator(Communicator):
         self.rank = group.rank
         self.world_size = group.world_size
         self.timeout = float(timeout)
-        self._td = datetime.timedelta(seconds=self.timeout)
         self._next = group.global_rank(self.next_rank)
         self._prev = group.global_rank(self.prev_rank)
 
@@ -106,7 +106,7 @@ class RingCommunicator(Communicator):
         def finish() -> list[Tensor]:
             for w in works:
                 try:
-                    ok = w.wait(timeout=self._td)
+                    ok = wait_work(w, self.group, self.timeout)
                 except Exception as e:  # gloo raises on timeout or a closed peer connection
                     raise self.error(step, what, e) from e
                 if ok is False:

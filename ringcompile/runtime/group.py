@@ -8,6 +8,7 @@ mesh, so sequence parallelism can sit beside data parallelism).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 from typing import Any
 
 import torch.distributed as dist
@@ -35,6 +36,17 @@ class ResolvedGroup:
 
 
 SINGLE = ResolvedGroup(None, 0, 1)
+
+
+def group_key(group: ResolvedGroup) -> tuple:
+    """The group by what its members agree on (global ranks, world size), never by object address."""
+    if group.group is None:
+        return ("single", group.world_size)
+    try:
+        ranks = tuple(dist.get_process_group_ranks(group.group))
+    except Exception:  # a fake group in tests, or an older torch: its size is what every member knows
+        ranks = ()
+    return ("group", group.world_size, ranks)
 
 
 def _is_mesh(obj: Any) -> bool:
@@ -75,3 +87,29 @@ def resolve_group(group: Any = None, mesh_dim: int | str | None = None) -> Resol
     if world == 1:
         return SINGLE
     return ResolvedGroup(group, rank, world)
+
+
+def backend_name(group: Any) -> str:
+    """The group's backend in lower case ("gloo", "nccl", "cpu:gloo,cuda:nccl"...); "" if unknown."""
+    try:
+        return str(dist.get_backend(group)).lower()
+    except Exception:  # not a registered group (a test double): ask the object itself
+        name = getattr(group, "name", None)
+        try:
+            return str(name() if callable(name) else name or "").lower()
+        except Exception:
+            return ""
+
+
+def wait_work(work: Any, group: Any, timeout: float) -> Any:
+    """Wait for a torch.distributed ``Work``: the one place that decides how.
+
+    On gloo, an explicit timeout (gloo has no watchdog; the caller turns a timeout into a
+    ``CommunicationError``). On NCCL and every other backend, ``wait()`` with no argument:
+    with a timeout, ProcessGroupNCCL blocks the host until the GPU work finishes, so the CPU
+    could never run ahead of the GPU; without one, the current stream waits on the collective
+    and the process group's own timeout and watchdog still abort a hung collective.
+    """
+    if backend_name(group) == "gloo":
+        return work.wait(timeout=datetime.timedelta(seconds=timeout))
+    return work.wait()

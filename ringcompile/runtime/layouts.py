@@ -48,11 +48,6 @@ def padded_length(seq_len: int, world_size: int, layout: str | None) -> int:
     return -(-int(seq_len) // unit) * unit
 
 
-def local_length(seq_len: int, world_size: int, layout: str | None) -> int:
-    """Tokens per rank (padding included)."""
-    return padded_length(seq_len, world_size, layout) // world_size
-
-
 def local_chunks(padded_len: int, world_size: int, rank: int, layout: str | None) -> list[tuple[int, int]]:
     """Global [start, end) ranges held by ``rank``, in the order they sit in its local shard."""
     _check_world(world_size, rank)

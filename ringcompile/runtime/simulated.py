@@ -190,12 +190,12 @@ def simulated_ring_attention(
     ``mods.Mod`` objects with ``mask_extras``/``score_extras`` (as discovery produces them);
     ``mask_mod``/``score_mod`` are FlexAttention-style callables, as in ``ring_attention``.
     """
-    from ringcompile.api import build_spec, check_gqa
     from ringcompile.mods import and_masks, compose_scores
 
     from .call_plan import effective_spec
-    from .dispatch import choose_strategy
+    from .choice import choose_strategy
     from .layouts import check_layout
+    from .user_spec import build_spec, check_gqa
 
     check_gqa(q, k, enable_gqa)
     spec = build_spec(is_causal=is_causal, mask_mod=mask_mod, score_mod=score_mod, scale=scale,

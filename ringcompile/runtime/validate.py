@@ -7,6 +7,7 @@ so nobody enters the ring with a mismatched peer (which would hang or corrupt re
 
 from __future__ import annotations
 
+import collections
 import threading
 from collections.abc import Hashable
 
@@ -26,7 +27,9 @@ FIELDS = ("valid inputs", "batch", "query heads", "kv heads", "local query lengt
           "head dim", "value head dim", "dtype", "seq_len", "strategy", "layout", "mask extras",
           "score extras", "K/V transfer chunk (0 = whole shard)")
 
-_CHECKED: set[Hashable] = set()
+# content keys (``dispatch.metadata_check_key``) of checks already passed, least recently used first
+_CHECKED: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
+CHECKED_LIMIT = 4096
 _LOCK = threading.Lock()
 
 
@@ -97,8 +100,9 @@ def check_ranks_agree(comm: Communicator, meta: list[int], cache_key: Hashable |
     Ranks whose own inputs failed validation take part too (flag 0), so the others fail at once
     instead of waiting for them until the timeout.
 
-    With ``cache_key`` the check runs once per key on CUDA (a real process group: ranks cache
-    alike); on CPU it runs every call; simulated ranks share one process and pass None.
+    With ``cache_key`` the check runs once per key on CUDA; on CPU it runs every call; simulated
+    ranks share one process and pass None. The key must be a content key (never an ``id()``):
+    every rank must make the same skip-or-run decision, or the all_gather mismatches.
     """
     if comm.world_size == 1:
         return
@@ -110,6 +114,7 @@ def check_ranks_agree(comm: Communicator, meta: list[int], cache_key: Hashable |
     if cache_key is not None:
         with _LOCK:
             if cache_key in _CHECKED:
+                _CHECKED.move_to_end(cache_key)
                 return
     rows = comm.all_gather(torch.tensor(meta, dtype=torch.int64, device=device), 0,
                            "metadata check (before the ring)").wait()
@@ -129,4 +134,6 @@ def check_ranks_agree(comm: Communicator, meta: list[int], cache_key: Hashable |
                                  + "; ".join(problems))
     if cache_key is not None:
         with _LOCK:
-            _CHECKED.add(cache_key)
+            _CHECKED[cache_key] = None
+            while len(_CHECKED) > CHECKED_LIMIT:
+                _CHECKED.popitem(last=False)

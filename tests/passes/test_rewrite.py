@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ringcompile import backend
-from ringcompile.spec import get_spec
+from ringcompile.ops import RingCall
 
 aten = torch.ops.aten
 RING = torch.ops.ringcompile.ring_attention.default
@@ -28,7 +28,7 @@ def _compile(fn, *args, dynamic=False):
 
 
 def _calls(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is RING]
+    return [RingCall.from_node(n) for n in gm.graph.nodes if n.op == "call_function" and n.target is RING]
 
 
 def test_old_subgraph_is_removed_and_operands_are_bhsd():
@@ -45,11 +45,11 @@ def test_old_subgraph_is_removed_and_operands_are_bhsd():
     targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
     assert aten.softmax.int not in targets and aten.einsum.default not in targets
     assert aten.repeat_interleave.self_int not in targets  # K/V are never repeated
-    qv, kv, vv = (a.meta["val"] for a in call.args[:3])
+    qv, kv, vv = (a.meta["val"] for a in (call.q, call.k, call.v))
     assert tuple(qv.shape) == (2, 4, 10, 8)
     assert tuple(kv.shape) == (2, 2, 10, 8) and tuple(vv.shape) == (2, 2, 10, 8)
-    assert call.args[5] == 10
-    spec = get_spec(call.args[6])
+    assert call.seq_len == 10
+    spec = call.spec
     assert spec.scale == pytest.approx(1 / math.sqrt(8)) and spec.mask is None and spec.dropout_p == 0
 
 
@@ -58,10 +58,10 @@ def test_dynamic_seq_len_is_a_symbolic_size_node():
     _, gm = _compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), q, k, v,
                      dynamic=True)
     (call,) = _calls(gm)
-    seq_len = call.args[5]
+    seq_len = call.seq_len
     assert isinstance(seq_len, torch.fx.Node) and seq_len.target == aten.sym_size.int
-    assert seq_len.args == (call.args[1], 2)
-    assert get_spec(call.args[6]).mask.kind == "causal"
+    assert seq_len.args == (call.k, 2)
+    assert call.spec.mask.kind == "causal"
 
 
 def test_dropout_gets_a_seed_node_only_when_training():
@@ -75,10 +75,10 @@ def test_dropout_gets_a_seed_node_only_when_training():
 
     _, gm = _compile(train, q, k, v)
     (call,) = _calls(gm)
-    assert call.args[7].target == aten.randint.low and get_spec(call.args[6]).dropout_p == pytest.approx(0.1)
+    assert call.dropout_seed.target == aten.randint.low and call.spec.dropout_p == pytest.approx(0.1)
     _, gm = _compile(evaluate, q, k, v)
     (call,) = _calls(gm)
-    assert call.args[7] is None and get_spec(call.args[6]).dropout_p == 0
+    assert call.dropout_seed is None and call.spec.dropout_p == 0
 
 
 def test_output_dtype_and_3d_layout_restored():
@@ -94,4 +94,4 @@ def test_output_dtype_and_3d_layout_restored():
     ref = torch.softmax(q64 @ k64.transpose(1, 2) * 0.5, dim=-1) @ v64
     torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
     (call,) = _calls(gm)
-    assert tuple(call.args[0].meta["val"].shape) == (6, 1, 9, 4)
+    assert tuple(call.q.meta["val"].shape) == (6, 1, 9, 4)

@@ -70,7 +70,8 @@ class RingContext:
         return chunk_pieces(local_chunks(local_len * n, n, rank, self.layout), self.seq_len)
 
     def timer(self, phase: str) -> Timer:
-        return Timer(self.spec.record_timing, self.strategy, phase, self.rank, self.world_size)
+        return Timer(self.spec.record_timing, self.strategy, phase, self.rank, self.world_size,
+                     getattr(self.comm, "device", None))
 
 
 def chunk_pieces(chunks: Sequence[tuple[int, int]], seq_len: int) -> list[Piece]:
