@@ -299,16 +299,17 @@ def _out_of_resources_error() -> type[BaseException]:
 
 
 def _dropout_args(p: float, seed: int | torch.Tensor | None) -> tuple:
-    """Kernel arguments (row hash base, threshold, 1/(1-p)) for dropout, or () without it."""
+    """Kernel arguments (row hash base, threshold, 1/(1-p)) for dropout, or () without it.
+
+    Host integer arithmetic only; callers pass the seed as an int (``RingContext`` reads the op's
+    seed tensor once per call), so a launch never waits for the device."""
     if not p or p <= 0:
         return ()
     from .. import dropout
 
     seed_int = dropout.seed_to_int(seed)
     dropout.check_dropout(p, seed_int)
-    seed32 = (seed_int ^ (seed_int >> 32)) & dropout.MASK32
-    base = int(dropout.mix32(torch.tensor(seed32 ^ dropout.SEED_SALT, dtype=torch.int64)).item())
-    return (base, dropout.threshold(p), 1.0 / (1.0 - p))
+    return (dropout.row_base(seed_int), dropout.threshold(p), 1.0 / (1.0 - p))
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

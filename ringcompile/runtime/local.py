@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ringcompile.kernels.dropout import seed_to_int
 from ringcompile.kernels.reference import add_extra_grads, block_keep_mask, merge_partials
 from ringcompile.kernels.select import BlockKernels, block_kernels
 from ringcompile.mods import Mod
@@ -28,16 +29,34 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def mask_structure(mask: Mod, q0: int, q1: int, k0: int, k1: int) -> str | None:
-    """"empty", "full" or "partial" for masks whose structure is known from indices alone
-    (inclusive query range [q0, q1], key range [k0, k1]); None for other masks."""
-    if mask.kind == "causal":
+_INDEX_KINDS = ("causal", "sliding_window")
+
+
+def mask_parts(mask: Mod) -> list[tuple[str, dict]]:
+    """(kind, params) of every mask joined in ``mask`` (an AND).
+
+    ``and_masks`` compositions carry their parts; a mod classified by discovery ("causal+padding",
+    "sliding_window+padding") has at most one index part, so its params belong to that part. Two
+    index parts without ``parts`` cannot be told apart: they come back as "custom" (unknown).
+    """
+    if mask.parts:
+        return [kp for p in mask.parts for kp in mask_parts(p)]
+    kinds = mask.kinds
+    if len(kinds) == 1:
+        return [(kinds[0], dict(mask.params))]
+    n_index = sum(k in _INDEX_KINDS for k in kinds)
+    return [(k, dict(mask.params)) if k not in _INDEX_KINDS or n_index == 1 else ("custom", {})
+            for k in kinds]
+
+
+def _index_structure(kind: str, params: dict, q0: int, q1: int, k0: int, k1: int) -> str | None:
+    if kind == "causal":
         return "empty" if k0 > q1 else "full" if k1 <= q0 else "partial"
-    if mask.kind == "sliding_window":
-        w = mask.params.get("window")
+    if kind == "sliding_window":
+        w = params.get("window")
         if not isinstance(w, int):
             return None
-        if mask.params.get("causal", True):
+        if params.get("causal", True):
             if k0 > q1 or q0 - k1 >= w:
                 return "empty"
             return "full" if k1 <= q0 and q1 - k0 < w else "partial"
@@ -47,8 +66,33 @@ def mask_structure(mask: Mod, q0: int, q1: int, k0: int, k1: int) -> str | None:
     return None
 
 
+def mask_structure(mask: Mod, q0: int, q1: int, k0: int, k1: int) -> str | None:
+    """"empty", "full" or "partial" for masks whose structure is known from indices alone
+    (inclusive query range [q0, q1], key range [k0, k1]); None when it depends on data.
+
+    Host integer arithmetic only. A composition is an AND: "empty" when any part is, "full" when
+    every part is; a part that depends on data (padding, a dense or custom mask) leaves it None
+    unless an index part already makes it "empty".
+    """
+    states = [_index_structure(kind, params, q0, q1, k0, k1) for kind, params in mask_parts(mask)]
+    if "empty" in states:
+        return "empty"
+    if None in states:
+        return None
+    return "full" if all(st == "full" for st in states) else "partial"
+
+
+def host_checks_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing extra (CPU), unlike on a GPU,
+    where ``bool(t)`` waits for every queued kernel."""
+    return device.type == "cpu"
+
+
 def _pair_is_empty(q, k, q0, k0, seq_len, spec, mask_extras) -> bool:
-    """True when the mask removes every pair of this block (so it is skipped, not computed)."""
+    """True when the mask removes every pair of this block (so it is skipped, not computed).
+
+    Decided from indices (host ints); a mask that depends on data (padding) is only evaluated
+    on the CPU. On a GPU such a pair runs and the kernel masks it, so the host never waits."""
     if k0 >= seq_len or q.shape[2] == 0 or k.shape[2] == 0:
         return True
     if spec.mask is None:
@@ -56,6 +100,8 @@ def _pair_is_empty(q, k, q0, k0, seq_len, spec, mask_extras) -> bool:
     known = mask_structure(spec.mask, q0, q0 + q.shape[2] - 1, k0, k0 + k.shape[2] - 1)
     if known is not None:
         return known == "empty"
+    if not host_checks_are_free(q.device):
+        return False
     keep = block_keep_mask(q, k, q_offset=q0, kv_offset=k0, seq_len=seq_len, mask=spec.mask,
                            mask_extras=mask_extras)
     return keep is not None and not bool(keep.any())
@@ -70,8 +116,9 @@ def _pair_mask(q, k, q0, k0, spec):
 
 
 def _dropout_kwargs(spec: AttentionSpec, dropout_seed) -> dict:
+    """The kernels' dropout arguments, the seed read once here (not once per block pair)."""
     if spec.dropout_p > 0:  # a missing seed is the kernel's clear error, never silently no dropout
-        return {"dropout_p": spec.dropout_p, "dropout_seed": dropout_seed}
+        return {"dropout_p": spec.dropout_p, "dropout_seed": seed_to_int(dropout_seed)}
     return {}
 
 
