@@ -154,6 +154,8 @@ def local_forward(
         lses.append(lse)
     if not outs:
         return q.new_zeros(*q.shape[:3], v.shape[-1], dtype=acc), q.new_zeros(q.shape[:3], dtype=acc)
+    if len(outs) == 1:  # one query block (whole chunks): no copy
+        return outs[0], lses[0]
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
@@ -170,12 +172,21 @@ def local_backward(
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
     extra = _dropout_kwargs(spec, dropout_seed)
     acc = acc_dtype(q)
+    if delta is None:
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if block >= q.shape[2] and block >= k.shape[2]:  # one pair (whole chunks): the kernel's own buffers
+        if _pair_is_empty(q, k, q_offset, kv_offset, seq_len, spec, mask_extras):
+            zeros = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
+            return zeros[0], zeros[1], zeros[2], [None] * len(score_extras)
+        g = kernels.backward(q, k, v, out, dout, lse, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                             seq_len=seq_len, mask=_pair_mask(q, k, q_offset, kv_offset, spec),
+                             score=spec.score, mask_extras=mask_extras, score_extras=score_extras,
+                             delta=delta, **extra)
+        return g[0].to(acc), g[1].to(acc), g[2].to(acc), list(g[3])
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     d_extras: list[torch.Tensor | None] = [None] * len(score_extras)
-    if delta is None:
-        delta = (dout.to(acc) * out.to(acc)).sum(-1)
     for qs, qe in _blocks(q.shape[2], block):
         qb = q[:, :, qs:qe]
         for ks, ke in _blocks(k.shape[2], block):

@@ -13,10 +13,8 @@ recorder (no GPU here); everything on the host side of the launch runs for real.
 
 from __future__ import annotations
 
-import pytest
 import torch
-from ringcompile.kernels.select import BlockKernels
-from ringcompile.kernels.triton import launch
+from fake_gpu import GPU
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringcompile import mods
@@ -33,7 +31,6 @@ from ringcompile.runtime.strategies.common import (
 from ringcompile.spec import AttentionSpec
 
 aten = torch.ops.aten
-GPU = torch.device("meta")
 _READS = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.item.default}
 
 
@@ -92,27 +89,6 @@ class SyncCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return len(self.reads) + len(self.uploads)
-
-
-class _RecordingKernel:
-    """Stands in for a compiled Triton kernel: ``kernel[grid](*args)`` records the launch."""
-
-    def __init__(self, name: str, launches: list):
-        self.name, self.launches = name, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.name, grid))
-
-
-@pytest.fixture
-def triton_on_fake_gpu(monkeypatch):
-    """Triton block kernels whose launches are recorded instead of run."""
-    launches: list = []
-    module = type("Module", (), {n: _RecordingKernel(n, launches)
-                                 for n in ("block_fwd", "block_bwd_dkdv", "block_bwd_dq")})()
-    monkeypatch.setattr(launch.TritonBlocks, "_module", lambda self, *a, **k: module)
-    blocks = launch.TritonBlocks(forced=False)
-    return BlockKernels("triton", blocks.forward, blocks.backward), launches
 
 
 def _case(S: int, B: int = 2, H: int = 2, D: int = 16):
