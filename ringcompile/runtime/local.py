@@ -30,6 +30,7 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 _INDEX_KINDS = ("causal", "sliding_window")
+_MATERIALISE_LIMIT = 512 * 512  # query x key tokens of a pair whose data-dependent mask may be evaluated
 
 
 def mask_parts(mask: Mod) -> list[tuple[str, dict]]:
@@ -92,7 +93,8 @@ def _pair_is_empty(q, k, q0, k0, seq_len, spec, mask_extras) -> bool:
     """True when the mask removes every pair of this block (so it is skipped, not computed).
 
     Decided from indices (host ints); a mask that depends on data (padding) is only evaluated
-    on the CPU. On a GPU such a pair runs and the kernel masks it, so the host never waits."""
+    on the CPU, for pairs of at most ``_MATERIALISE_LIMIT`` entries. On a GPU such a pair runs and
+    the kernel masks it, so the host never waits."""
     if k0 >= seq_len or q.shape[2] == 0 or k.shape[2] == 0:
         return True
     if spec.mask is None:
@@ -100,8 +102,8 @@ def _pair_is_empty(q, k, q0, k0, seq_len, spec, mask_extras) -> bool:
     known = mask_structure(spec.mask, q0, q0 + q.shape[2] - 1, k0, k0 + k.shape[2] - 1)
     if known is not None:
         return known == "empty"
-    if not host_checks_are_free(q.device):
-        return False
+    if not host_checks_are_free(q.device) or q.shape[2] * k.shape[2] > _MATERIALISE_LIMIT:
+        return False  # a whole chunk's mask is not materialised just to ask: its kernel masks it
     keep = block_keep_mask(q, k, q_offset=q0, kv_offset=k0, seq_len=seq_len, mask=spec.mask,
                            mask_extras=mask_extras)
     return keep is not None and not bool(keep.any())
