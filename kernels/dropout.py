@@ -35,8 +35,8 @@ KV_SALT = 0x85EBCA6B
 UNIFORM_BITS = 24
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int64 tensors holding values in [0, 2**32)."""
+def mix32(x):
+    """lowbias32 on int64 tensors (or Python ints) holding values in [0, 2**32)."""
     x = x ^ (x >> 16)
     x = (x * MUL_1) & MASK32
     x = x ^ (x >> 15)
@@ -61,7 +61,13 @@ def seed_to_int(seed: int | torch.Tensor | None) -> int | None:
     """A Python int from an int or a one-element integer tensor (the op's ``dropout_seed``)."""
     if seed is None or isinstance(seed, int):
         return seed
-    return int(seed.reshape(-1)[0].item())
+    return int(seed.reshape(-1).narrow(0, 0, 1).reshape(()).item())  # one read of the first element
+
+
+def row_base(seed: int) -> int:
+    """``mix32(seed32 ^ SEED_SALT)``: the seed's share of every row hash, as a Python int."""
+    seed32 = (seed ^ (seed >> 32)) & MASK32
+    return mix32(seed32 ^ SEED_SALT)
 
 
 def _lanes(x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +79,9 @@ def keep_mask(
 ) -> torch.Tensor:
     """Bool keep mask, broadcast over the index tensors (e.g. the ``mods.index_grid`` shapes)."""
     seed = int(seed)
-    seed32 = (seed ^ (seed >> 32)) & MASK32
-    start = torch.tensor(seed32 ^ SEED_SALT, dtype=torch.int64, device=b.device)
-    row = mix32(mix32(mix32(mix32(start) ^ _lanes(b)) ^ _lanes(h)) ^ _lanes(q))
+    # the seed's part is mixed on the host: a Python int enters the tensor op as a scalar, with no
+    # host-to-device copy
+    row = mix32(mix32(mix32(row_base(seed) ^ _lanes(b)) ^ _lanes(h)) ^ _lanes(q))
     col = mix32(_lanes(kv) ^ KV_SALT)
     u = mix32(row ^ col) >> (32 - UNIFORM_BITS)
     return u >= threshold(p)

@@ -30,9 +30,12 @@ class Mod:
 
     kind:   "causal", "sliding_window", "padding", "alibi", "softcap", "bias", "custom",
             or several joined by "+" for compositions (e.g. "causal+padding").
-    params: structural facts used by fast paths, e.g. {"window": 128}.
+    params: structural facts used by fast paths, e.g. {"window": 128}. For a composition, the
+            facts on which all its parts agree (two windows of different widths keep neither).
     graph:  the same function as an FX graph of index arithmetic (for Triton lowering);
             None means "not lowered yet": kernels may trace ``fn`` themselves.
+    parts:  for ``and_masks`` compositions, the masks joined, each with its own params (so block
+            skipping can ask every part); empty for a single mod or one discovery classified.
     """
 
     fn: Callable[..., torch.Tensor]
@@ -42,6 +45,7 @@ class Mod:
     n_extras: int = 0
     description: str = ""
     graph: torch.fx.GraphModule | None = None
+    parts: tuple[Mod, ...] = ()
 
     def __call__(self, *args: Any) -> torch.Tensor:
         return self.fn(*args)
@@ -106,7 +110,11 @@ def key_padding() -> Mod:
 
 
 def and_masks(*mods: Mod) -> Mod:
-    """All masks must keep a pair; extras are concatenated in order."""
+    """All masks must keep a pair; extras are concatenated in order.
+
+    Each part keeps its own params in ``parts`` (nested compositions are flattened); the joined
+    mod's ``params`` hold only the facts every part that states them agrees on.
+    """
     mods = tuple(m for m in mods if m is not None)
     if len(mods) == 1:
         return mods[0]
@@ -120,11 +128,21 @@ def and_masks(*mods: Mod) -> Mod:
             i += n
         return keep
 
+    parts = tuple(p for m in mods for p in (m.parts or (m,)))
+    return Mod(fn, True, "+".join(m.kind for m in mods), agreed_params(parts), sum(counts),
+               " & ".join(m.describe() for m in mods), parts=parts)
+
+
+def agreed_params(parts: Sequence[Mod]) -> dict[str, Any]:
+    """The params whose value is the same in every part that has them (conflicts are dropped)."""
     params: dict[str, Any] = {}
-    for m in mods:
-        params.update(m.params)
-    return Mod(fn, True, "+".join(m.kind for m in mods), params, sum(counts),
-               " & ".join(m.describe() for m in mods))
+    conflicts: set[str] = set()
+    for m in parts:
+        for key, value in m.params.items():
+            if key in params and params[key] != value:
+                conflicts.add(key)
+            params.setdefault(key, value)
+    return {k: v for k, v in params.items() if k not in conflicts}
 
 
 # ---------------------------------------------------------------------------- score library

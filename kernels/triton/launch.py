@@ -170,10 +170,10 @@ class TritonBlocks:
         drop = _dropout_args(dropout_p, dropout_seed)
         module = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
-            return reference.block_forward(q, k, v, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
-                                           seq_len=seq_len, mask=mask, score=score, mask_extras=mask_extras,
-                                           score_extras=score_extras, dropout_p=dropout_p,
-                                           dropout_seed=dropout_seed)
+            return blocked_reference_forward(q, k, v, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                                             seq_len=seq_len, mask=mask, score=score, mask_extras=mask_extras,
+                                             score_extras=score_extras, dropout_p=dropout_p,
+                                             dropout_seed=dropout_seed)
         k, v = k.to(q.dtype), v.to(q.dtype)
         B, Hq, Sq, _ = q.shape
         Sk = k.shape[2]
@@ -240,7 +240,7 @@ class TritonBlocks:
         drop = _dropout_args(dropout_p, dropout_seed)
         module = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
-            return reference.block_backward(
+            return blocked_reference_backward(
                 q, k, v, out, dout, lse, scale=scale, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
                 mask=mask, score=score, mask_extras=mask_extras, score_extras=score_extras, delta=delta,
                 dropout_p=dropout_p, dropout_seed=dropout_seed)
@@ -286,6 +286,67 @@ class TritonBlocks:
         return dq, dk, dv, d_extras
 
 
+# ---------------------------------------------------------------------- fallback for whole chunks
+
+FALLBACK_BLOCK = 512  # tokens per reference block pair when a call cannot run as a kernel
+
+
+def _fallback_pairs(q: torch.Tensor, k: torch.Tensor, q_offset: int, kv_offset: int, seq_len: int | None,
+                    mask: Mod | None):
+    """(query slice, key slice) of the reference pairs to compute, skipping pairs past ``seq_len``
+    and, for masks with a causal part, pairs wholly above the diagonal."""
+    causal = mask is not None and "causal" in mask.kinds
+    for qs in range(0, q.shape[2], FALLBACK_BLOCK):
+        qe = min(qs + FALLBACK_BLOCK, q.shape[2])
+        for ks in range(0, k.shape[2], FALLBACK_BLOCK):
+            k0 = kv_offset + ks
+            if (seq_len is not None and k0 >= seq_len) or (causal and k0 > q_offset + qe - 1):
+                continue
+            yield slice(qs, qe), slice(ks, min(ks + FALLBACK_BLOCK, k.shape[2]))
+
+
+def blocked_reference_forward(q, k, v, *, q_offset: int = 0, kv_offset: int = 0, seq_len=None, mask=None,
+                              **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.block_forward`` a ``FALLBACK_BLOCK`` pair at a time: the runtime hands these
+    kernels whole chunks, which the reference math would materialise as one S x S score block."""
+    if q.shape[2] <= FALLBACK_BLOCK and k.shape[2] <= FALLBACK_BLOCK:
+        return reference.block_forward(q, k, v, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
+                                       mask=mask, **kw)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=acc, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+    for r, c in _fallback_pairs(q, k, q_offset, kv_offset, seq_len, mask):
+        o, s = reference.block_forward(q[:, :, r], k[:, :, c], v[:, :, c], q_offset=q_offset + r.start,
+                                       kv_offset=kv_offset + c.start, seq_len=seq_len, mask=mask, **kw)
+        merged = reference.merge_partials(out[:, :, r], lse[:, :, r], o.to(acc), s.to(acc))
+        out[:, :, r], lse[:, :, r] = merged
+    return out, lse
+
+
+def blocked_reference_backward(q, k, v, out, dout, lse, *, q_offset: int = 0, kv_offset: int = 0,
+                               seq_len=None, mask=None, score_extras=(), delta=None, **kw):
+    """``reference.block_backward`` a ``FALLBACK_BLOCK`` pair at a time (see the forward)."""
+    if q.shape[2] <= FALLBACK_BLOCK and k.shape[2] <= FALLBACK_BLOCK:
+        return reference.block_backward(q, k, v, out, dout, lse, q_offset=q_offset, kv_offset=kv_offset,
+                                        seq_len=seq_len, mask=mask, score_extras=score_extras, delta=delta,
+                                        **kw)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if delta is None:
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=q.device) for x in (q, k, v))
+    d_extras: list[torch.Tensor | None] = [None] * len(score_extras)
+    for r, c in _fallback_pairs(q, k, q_offset, kv_offset, seq_len, mask):
+        g = reference.block_backward(q[:, :, r], k[:, :, c], v[:, :, c], out[:, :, r], dout[:, :, r],
+                                     lse[:, :, r], q_offset=q_offset + r.start, kv_offset=kv_offset + c.start,
+                                     seq_len=seq_len, mask=mask, score_extras=score_extras,
+                                     delta=delta[:, :, r], **kw)
+        dq[:, :, r] += g[0]
+        dk[:, :, c] += g[1]
+        dv[:, :, c] += g[2]
+        reference.add_extra_grads(d_extras, g[3])
+    return dq, dk, dv, d_extras
+
+
 def _out_of_resources_error() -> type[BaseException]:
     """Triton's OutOfResources (raised at launch when a compiled kernel needs more shared memory
     or registers than the device has); its module moved across Triton versions."""
@@ -299,16 +360,17 @@ def _out_of_resources_error() -> type[BaseException]:
 
 
 def _dropout_args(p: float, seed: int | torch.Tensor | None) -> tuple:
-    """Kernel arguments (row hash base, threshold, 1/(1-p)) for dropout, or () without it."""
+    """Kernel arguments (row hash base, threshold, 1/(1-p)) for dropout, or () without it.
+
+    Host integer arithmetic only; callers pass the seed as an int (``RingContext`` reads the op's
+    seed tensor once per call), so a launch never waits for the device."""
     if not p or p <= 0:
         return ()
     from .. import dropout
 
     seed_int = dropout.seed_to_int(seed)
     dropout.check_dropout(p, seed_int)
-    seed32 = (seed_int ^ (seed_int >> 32)) & dropout.MASK32
-    base = int(dropout.mix32(torch.tensor(seed32 ^ dropout.SEED_SALT, dtype=torch.int64)).item())
-    return (base, dropout.threshold(p), 1.0 / (1.0 - p))
+    return (dropout.row_base(seed_int), dropout.threshold(p), 1.0 / (1.0 - p))
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

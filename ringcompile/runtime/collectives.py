@@ -24,6 +24,8 @@ flattened together with faster-varying dims), and each rank holds its index list
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -46,6 +48,16 @@ def local_index(padded: int, world: int, rank: int, layout: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+@functools.lru_cache(maxsize=256)
+def layout_index(padded: int, world: int, rank: int, layout: str, device: torch.device) -> Tensor:
+    """``local_index`` as a LongTensor on ``device``, built once per (device, content).
+
+    Building one from a list copies host memory to the device (on a GPU: a synchronous upload)
+    on every call; the same few lists repeat, so each is uploaded once and reused. The tensors
+    are only ever read (index_select / index_copy_ / index_add_)."""
+    return torch.tensor(local_index(padded, world, rank, layout), dtype=torch.long, device=device)
 
 
 def group_by_name(group_name: str):
@@ -105,7 +117,7 @@ def _merge_seq(x: Tensor, dim: int) -> Tensor:
 def _index(padded: int, group_name: str, layout: str, device) -> Tensor:
     group = group_by_name(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    return torch.tensor(local_index(padded, world, rank, layout), dtype=torch.long, device=device)
+    return layout_index(padded, world, rank, layout, torch.device(device))
 
 
 def slice_local(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str,
@@ -117,7 +129,7 @@ def slice_local(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layo
         pad_shape[axis] = padded - seq_len
         value = fill if xs.is_floating_point() else int(fill)
         xs = torch.cat([xs, xs.new_full(pad_shape, value)], dim=axis)
-    idx = torch.tensor(local_index(padded, world, rank, layout), dtype=torch.long, device=x.device)
+    idx = layout_index(padded, world, rank, layout, x.device)
     return _merge_seq(xs.index_select(axis, idx), dim)
 
 
@@ -277,7 +289,7 @@ def gather_seq(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layou
     shape[axis] = padded
     full = xs.new_empty(shape)
     for r, part in enumerate(parts):
-        idx = torch.tensor(local_index(padded, world, r, layout), dtype=torch.long, device=x.device)
+        idx = layout_index(padded, world, r, layout, x.device)
         full.index_copy_(axis, idx, part)
     return _merge_seq(full.narrow(axis, 0, seq_len), dim).contiguous()
 
@@ -324,6 +336,15 @@ def _shift_plan(padded: int, world: int, rank: int, layout: str, k: int):
     return src, send, len(table)
 
 
+@functools.lru_cache(maxsize=256)
+def _shift_index(padded: int, world: int, rank: int, layout: str, k: int,
+                 device: torch.device) -> tuple[Tensor, Tensor, int]:
+    """``_shift_plan``'s index lists as LongTensors on ``device``, built once per (device, content)."""
+    src, send, n_table = _shift_plan(padded, world, rank, layout, k)
+    return (torch.tensor(src, dtype=torch.long, device=device),
+            torch.tensor(send, dtype=torch.long, device=device), n_table)
+
+
 @torch.library.custom_op("ringcompile::shift_seq", mutates_args=(), **SYNCING)
 def shift_seq(x: Tensor, dim: int, k: int, padded: int, layout: str, group_name: str,
               timeout: float) -> Tensor:
@@ -335,8 +356,8 @@ def shift_seq(x: Tensor, dim: int, k: int, padded: int, layout: str, group_name:
     if not 0 < k <= chunk:  # a graph compiled for dynamic lengths may meet a sequence this short
         raise ShapeMismatchError(f"cannot shift a sequence shard by {k} positions: the chunks of this "
                                  f"{padded}-position ({layout}) sequence hold {chunk}; use a longer sequence")
-    src, send, _ = _shift_plan(padded, world, rank, layout, k)
-    rows = x.index_select(dim, torch.tensor(send, dtype=torch.long, device=x.device)).contiguous()
+    src, send, _ = _shift_index(padded, world, rank, layout, k, x.device)
+    rows = x.index_select(dim, send).contiguous()
     parts = [torch.empty_like(rows) for _ in range(world)]
     if world > 1:
         _wait(dist.all_gather(parts, rows, group=group, async_op=True), timeout, "halo exchange", group)
@@ -345,7 +366,7 @@ def shift_seq(x: Tensor, dim: int, k: int, padded: int, layout: str, group_name:
     zshape = list(x.shape)
     zshape[dim] = 1
     full = torch.cat([x, *parts, x.new_zeros(zshape)], dim=dim)
-    return full.index_select(dim, torch.tensor(src, dtype=torch.long, device=x.device)).contiguous()
+    return full.index_select(dim, src).contiguous()
 
 
 @shift_seq.register_fake
@@ -359,17 +380,17 @@ def _shift_seq_backward(g: Tensor, dim: int, k: int, padded: int, layout: str, g
     """Gradient of ``shift_seq``: local rows locally, halo rows summed back to the ranks that own them."""
     group = group_by_name(group_name)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    src, send, n_table = _shift_plan(padded, world, rank, layout, k)
+    src, send, n_table = _shift_index(padded, world, rank, layout, k, g.device)
     local = g.shape[dim]
     shape = list(g.shape)
     shape[dim] = local + n_table + 1
-    acc = g.new_zeros(shape).index_add_(dim, torch.tensor(src, dtype=torch.long, device=g.device), g)
+    acc = g.new_zeros(shape).index_add_(dim, src, g)
     gx = acc.narrow(dim, 0, local).clone()
     table = acc.narrow(dim, local, n_table).contiguous()
     if world > 1:
         _wait(dist.all_reduce(table, group=group, async_op=True), timeout, "halo gradient exchange", group)
     mine = table.narrow(dim, rank * len(send), len(send))
-    return gx.index_add_(dim, torch.tensor(send, dtype=torch.long, device=g.device), mine)
+    return gx.index_add_(dim, send, mine)
 
 
 @_shift_seq_backward.register_fake

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ringcompile.kernels.dropout import seed_to_int
 from ringcompile.kernels.reference import add_extra_grads, block_keep_mask, merge_partials
 from ringcompile.kernels.select import BlockKernels, block_kernels
 from ringcompile.mods import Mod
@@ -28,16 +29,35 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def mask_structure(mask: Mod, q0: int, q1: int, k0: int, k1: int) -> str | None:
-    """"empty", "full" or "partial" for masks whose structure is known from indices alone
-    (inclusive query range [q0, q1], key range [k0, k1]); None for other masks."""
-    if mask.kind == "causal":
+_INDEX_KINDS = ("causal", "sliding_window")
+_MATERIALISE_LIMIT = 512 * 512  # query x key tokens of a pair whose data-dependent mask may be evaluated
+
+
+def mask_parts(mask: Mod) -> list[tuple[str, dict]]:
+    """(kind, params) of every mask joined in ``mask`` (an AND).
+
+    ``and_masks`` compositions carry their parts; a mod classified by discovery ("causal+padding",
+    "sliding_window+padding") has at most one index part, so its params belong to that part. Two
+    index parts without ``parts`` cannot be told apart: they come back as "custom" (unknown).
+    """
+    if mask.parts:
+        return [kp for p in mask.parts for kp in mask_parts(p)]
+    kinds = mask.kinds
+    if len(kinds) == 1:
+        return [(kinds[0], dict(mask.params))]
+    n_index = sum(k in _INDEX_KINDS for k in kinds)
+    return [(k, dict(mask.params)) if k not in _INDEX_KINDS or n_index == 1 else ("custom", {})
+            for k in kinds]
+
+
+def _index_structure(kind: str, params: dict, q0: int, q1: int, k0: int, k1: int) -> str | None:
+    if kind == "causal":
         return "empty" if k0 > q1 else "full" if k1 <= q0 else "partial"
-    if mask.kind == "sliding_window":
-        w = mask.params.get("window")
+    if kind == "sliding_window":
+        w = params.get("window")
         if not isinstance(w, int):
             return None
-        if mask.params.get("causal", True):
+        if params.get("causal", True):
             if k0 > q1 or q0 - k1 >= w:
                 return "empty"
             return "full" if k1 <= q0 and q1 - k0 < w else "partial"
@@ -47,8 +67,34 @@ def mask_structure(mask: Mod, q0: int, q1: int, k0: int, k1: int) -> str | None:
     return None
 
 
+def mask_structure(mask: Mod, q0: int, q1: int, k0: int, k1: int) -> str | None:
+    """"empty", "full" or "partial" for masks whose structure is known from indices alone
+    (inclusive query range [q0, q1], key range [k0, k1]); None when it depends on data.
+
+    Host integer arithmetic only. A composition is an AND: "empty" when any part is, "full" when
+    every part is; a part that depends on data (padding, a dense or custom mask) leaves it None
+    unless an index part already makes it "empty".
+    """
+    states = [_index_structure(kind, params, q0, q1, k0, k1) for kind, params in mask_parts(mask)]
+    if "empty" in states:
+        return "empty"
+    if None in states:
+        return None
+    return "full" if all(st == "full" for st in states) else "partial"
+
+
+def host_checks_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing extra (CPU), unlike on a GPU,
+    where ``bool(t)`` waits for every queued kernel."""
+    return device.type == "cpu"
+
+
 def _pair_is_empty(q, k, q0, k0, seq_len, spec, mask_extras) -> bool:
-    """True when the mask removes every pair of this block (so it is skipped, not computed)."""
+    """True when the mask removes every pair of this block (so it is skipped, not computed).
+
+    Decided from indices (host ints); a mask that depends on data (padding) is only evaluated
+    on the CPU, for pairs of at most ``_MATERIALISE_LIMIT`` entries. On a GPU such a pair runs and
+    the kernel masks it, so the host never waits."""
     if k0 >= seq_len or q.shape[2] == 0 or k.shape[2] == 0:
         return True
     if spec.mask is None:
@@ -56,6 +102,8 @@ def _pair_is_empty(q, k, q0, k0, seq_len, spec, mask_extras) -> bool:
     known = mask_structure(spec.mask, q0, q0 + q.shape[2] - 1, k0, k0 + k.shape[2] - 1)
     if known is not None:
         return known == "empty"
+    if not host_checks_are_free(q.device) or q.shape[2] * k.shape[2] > _MATERIALISE_LIMIT:
+        return False  # a whole chunk's mask is not materialised just to ask: its kernel masks it
     keep = block_keep_mask(q, k, q_offset=q0, kv_offset=k0, seq_len=seq_len, mask=spec.mask,
                            mask_extras=mask_extras)
     return keep is not None and not bool(keep.any())
@@ -70,8 +118,9 @@ def _pair_mask(q, k, q0, k0, spec):
 
 
 def _dropout_kwargs(spec: AttentionSpec, dropout_seed) -> dict:
+    """The kernels' dropout arguments, the seed read once here (not once per block pair)."""
     if spec.dropout_p > 0:  # a missing seed is the kernel's clear error, never silently no dropout
-        return {"dropout_p": spec.dropout_p, "dropout_seed": dropout_seed}
+        return {"dropout_p": spec.dropout_p, "dropout_seed": seed_to_int(dropout_seed)}
     return {}
 
 
@@ -107,6 +156,8 @@ def local_forward(
         lses.append(lse)
     if not outs:
         return q.new_zeros(*q.shape[:3], v.shape[-1], dtype=acc), q.new_zeros(q.shape[:3], dtype=acc)
+    if len(outs) == 1:  # one query block (whole chunks): no copy
+        return outs[0], lses[0]
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
@@ -123,12 +174,21 @@ def local_backward(
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
     extra = _dropout_kwargs(spec, dropout_seed)
     acc = acc_dtype(q)
+    if delta is None:
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
+    if block >= q.shape[2] and block >= k.shape[2]:  # one pair (whole chunks): the kernel's own buffers
+        if _pair_is_empty(q, k, q_offset, kv_offset, seq_len, spec, mask_extras):
+            zeros = [torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v)]
+            return zeros[0], zeros[1], zeros[2], [None] * len(score_extras)
+        g = kernels.backward(q, k, v, out, dout, lse, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
+                             seq_len=seq_len, mask=_pair_mask(q, k, q_offset, kv_offset, spec),
+                             score=spec.score, mask_extras=mask_extras, score_extras=score_extras,
+                             delta=delta, **extra)
+        return g[0].to(acc), g[1].to(acc), g[2].to(acc), list(g[3])
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
     d_extras: list[torch.Tensor | None] = [None] * len(score_extras)
-    if delta is None:
-        delta = (dout.to(acc) * out.to(acc)).sum(-1)
     for qs, qe in _blocks(q.shape[2], block):
         qb = q[:, :, qs:qe]
         for ks, ke in _blocks(k.shape[2], block):

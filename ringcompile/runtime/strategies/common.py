@@ -8,8 +8,9 @@ Masks and score mods are therefore always evaluated on true global indices.
 Ring transfers may cut a shard into K/V *chunks* (``spec.block_size`` tokens each, see
 ``ring``); ``pieces_in`` gives a chunk's pieces, so a zigzag chunk that straddles the
 shard's two runs still carries the right global offsets. Inside a chunk, block pairs are
-computed ``compute_block`` tokens at a time: the kernels' preferred block (whole chunks
-for the CPU kernels' fused unmasked/causal path), else ``local.DEFAULT_BLOCK``.
+computed ``compute_block`` tokens at a time: whole chunks for the Triton kernels (they tile,
+mask and skip themselves), the kernels' preferred block (whole chunks for the CPU kernels'
+fused unmasked/causal path), else ``local.DEFAULT_BLOCK``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ringcompile.kernels.dropout import seed_to_int
 from ringcompile.kernels.reference import add_extra_grads, merge_partials
 from ringcompile.kernels.select import BlockKernels
 from ringcompile.spec import AttentionSpec
@@ -54,7 +56,13 @@ class RingContext:
     mask_extras: Sequence[Tensor]
     score_extras: Sequence[Tensor]
     kernels: BlockKernels
-    dropout_seed: Tensor | None = None
+    dropout_seed: Tensor | int | None = None
+
+    def __post_init__(self) -> None:
+        # the op's seed is a one-element tensor, often on the GPU: read it once per call here, not
+        # once per kernel launch (each read waits for the device)
+        if isinstance(self.dropout_seed, Tensor) and self.spec.dropout_p > 0:
+            self.dropout_seed = seed_to_int(self.dropout_seed)
 
     @property
     def rank(self) -> int:
@@ -97,8 +105,19 @@ def pieces_in(pieces: Sequence[Piece], lo: int, hi: int) -> list[Piece]:
     return out
 
 
+WHOLE_CHUNK = 1 << 62  # tokens: more than any chunk holds, so each piece pair is one kernel call
+
+# Kernels that take offsets and lengths and do their own tiling, masking and tile skipping.
+TILING_KERNELS = ("triton",)
+
+
 def compute_block(spec: AttentionSpec, kernels: BlockKernels) -> int:
     """Tokens per block pair handed to the kernels inside a chunk.
+
+    The Triton kernels get whole chunks, whatever the mask: one launch per piece pair, so O(1)
+    launches per ring step (at most four for a zigzag step) with a grid over the whole chunk,
+    instead of one small launch per 512-token pair, each with an fp32 merge, a cat and buffer
+    updates.
 
     Kernels with a preferred block (the CPU ones, which tile internally) get it on their fused
     path: no mask or a causal one, no score mod, no dropout. Everything else keeps
@@ -107,6 +126,8 @@ def compute_block(spec: AttentionSpec, kernels: BlockKernels) -> int:
     4096 tokens (fwd+bwd, 8 heads, D=64): causal 1.15 s whole vs 1.32 s in 512-blocks; sliding
     window 1.24 s vs 0.66 s, ALiBi 6.3 s vs 4.9 s and twice the memory, so those stay blocked.
     """
+    if kernels.name in TILING_KERNELS:
+        return WHOLE_CHUNK
     preferred = kernels.preferred_block
     if preferred is None:
         return DEFAULT_BLOCK

@@ -62,7 +62,8 @@ def shift_heads(mod: Mod | None, h0: int) -> Mod | None:
             return fn(s, b, h + h0, q, kv, *extras)
     keep_kind = set(mod.kinds) <= _HEAD_INVARIANT
     return Mod(shifted, mod.is_mask, mod.kind if keep_kind else "custom",
-               dict(mod.params) if keep_kind else {}, mod.n_extras, f"{mod.describe()} (heads from {h0})")
+               dict(mod.params) if keep_kind else {}, mod.n_extras, f"{mod.describe()} (heads from {h0})",
+               parts=mod.parts if keep_kind else ())
 
 
 def _group_spec(ctx: RingContext, h0: int, device: torch.device) -> tuple[AttentionSpec, BlockKernels]:
