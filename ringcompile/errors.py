@@ -29,3 +29,7 @@ class KernelError(RingCompileError):
 
 class UnshardedAttentionError(RingCompileError):
     """``require_sharded=True`` and a graph would run some attention unsharded; the message names it."""
+
+
+class MissingDependencyError(RingCompileError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra."""
