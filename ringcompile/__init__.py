@@ -37,6 +37,7 @@ _LAZY = {
     "gather": "ringcompile.api",
     "plan": "ringcompile.cost_model.planner",
     "plans": "ringcompile.cost_model.planner",
+    "estimate_memory": "ringcompile.cost_model.whole_model",
     "ring_backend": "ringcompile.backend",
 }
 
