@@ -16,6 +16,7 @@ flight, and the dK/dV accumulators travelling in the backward).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -99,45 +100,81 @@ def estimate_memory(model: torch.nn.Module, *example_inputs: Any, world_size: in
     ranks at global sequence length ``seq_len``.
 
     ``example_inputs`` are small real inputs (their dimension ``seq_dim`` is the sequence, at
-    least 2 long); nothing runs at ``seq_len``. ``dtype`` casts the parameters (default: as they
-    are). ``training`` counts gradients and saved activations; ``optimizer`` adds its state.
-    ``options`` are the backend options (``inner`` decides the partition).
+    least 2 long); nothing runs at ``seq_len``. A model built on the meta device (too big to
+    build for real) works too, with meta example inputs. ``dtype`` casts the parameters (default:
+    as they are). ``training`` counts gradients and saved activations; ``optimizer`` adds its
+    state. ``options`` are the backend options (``inner`` decides the partition).
     """
-    from ..options import Options
+    memory = MemoryModel.capture(model, *example_inputs, seq_dim=seq_dim, options=options, **example_kwargs)
+    return memory.estimate(world_size, seq_len, dtype=dtype, training=training, optimizer=optimizer)
 
-    if world_size < 1 or seq_len < 1:
-        raise OptionError(f"world_size and seq_len must be positive, got {world_size} and {seq_len}")
-    if optimizer not in OPTIMIZER_STATES:
-        raise OptionError(f"optimizer must be one of {list(OPTIMIZER_STATES)}, got {optimizer!r}")
-    opts = Options.from_mapping(options)
-    model = getattr(model, "_orig_mod", model)
-    capture = _CaptureRewritten(opts)
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            torch.compile(model, backend=capture, dynamic=True)(*example_inputs, **example_kwargs)
-    finally:
+
+class MemoryModel:
+    """A model captured once; ``estimate`` then answers for any world size and length (fast)."""
+
+    def __init__(self, model: torch.nn.Module, graphs: list[_Captured], seq_symbol: Any,
+                 options: Any) -> None:
+        self.params = list(model.parameters())
+        self.graphs = graphs
+        self.seq_symbol = seq_symbol
+        self.options = options
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module, *example_inputs: Any, seq_dim: int = 1,
+                options: dict[str, Any] | None = None, **example_kwargs: Any) -> MemoryModel:
+        from ..options import Options
+
+        opts = Options.from_mapping(options)
+        model = getattr(model, "_orig_mod", model)
+        capture = _CaptureRewritten(opts)
+        param = next(iter(model.parameters()), None)
+        on_meta = param is not None and param.device.type == "meta"
         torch._dynamo.reset()
-    if not capture.graphs:
-        raise RingCompileError("torch.compile captured no graph from this model; nothing to estimate")
-    seq_symbol = _sequence_symbol(capture.graphs[0].example_values, example_inputs, seq_dim)
-    local = math.ceil(seq_len / world_size)
-    params = [p for p in model.parameters()]
-    param_bytes = sum(p.numel() * (dtype.itemsize if dtype else p.element_size()) for p in params)
-    trainable = sum(p.numel() * (dtype.itemsize if dtype else p.element_size())
-                    for p in params if p.requires_grad)
-    saved, buffers, comm, calls = 0, 0, 0, 0
-    for captured in capture.graphs:
-        traced = _trace_at(captured, seq_symbol, local, dtype, training, opts)
-        saved += traced.saved
-        buffers, comm = max(buffers, traced.attention_buffers), max(comm, traced.communication)
-        calls += traced.calls
-    n_params = sum(p.numel() for p in params if p.requires_grad)
-    terms = {"parameters": param_bytes, "gradients": trainable if training else 0,
-             "optimizer": OPTIMIZER_STATES[optimizer] * 4 * n_params if training else 0,
-             "activations": saved if training else 0, "attention_buffers": buffers,
-             "communication": comm if world_size > 1 else 0}
-    return MemoryEstimate(world_size, seq_len, local, terms, len(capture.graphs), calls)
+        try:
+            with torch.no_grad(), (torch.device("meta") if on_meta else contextlib.nullcontext()):
+                torch.compile(model, backend=capture, dynamic=True)(*example_inputs, **example_kwargs)
+        finally:
+            torch._dynamo.reset()
+        if not capture.graphs:
+            raise RingCompileError("torch.compile captured no graph from this model; nothing to estimate")
+        seq_symbol = _sequence_symbol(capture.graphs[0].example_values, example_inputs, seq_dim)
+        return cls(model, capture.graphs, seq_symbol, opts)
+
+    def estimate(self, world_size: int, seq_len: int, *, dtype: torch.dtype | None = None,
+                 training: bool = True, optimizer: str | None = None) -> MemoryEstimate:
+        if world_size < 1 or seq_len < 1:
+            raise OptionError(f"world_size and seq_len must be positive, got {world_size} and {seq_len}")
+        if optimizer not in OPTIMIZER_STATES:
+            raise OptionError(f"optimizer must be one of {list(OPTIMIZER_STATES)}, got {optimizer!r}")
+        local = math.ceil(seq_len / world_size)
+        elem = (lambda p: dtype.itemsize) if dtype is not None else (lambda p: p.element_size())
+        param_bytes = sum(p.numel() * elem(p) for p in self.params)
+        trainable = [p for p in self.params if p.requires_grad]
+        saved, buffers, comm, calls = 0, 0, 0, 0
+        for captured in self.graphs:
+            traced = _trace_at(captured, self.seq_symbol, local, dtype, training, self.options)
+            saved += traced.saved
+            buffers, comm = max(buffers, traced.attention_buffers), max(comm, traced.communication)
+            calls += traced.calls
+        n_trainable = sum(p.numel() for p in trainable)
+        terms = {"parameters": param_bytes,
+                 "gradients": sum(p.numel() * elem(p) for p in trainable) if training else 0,
+                 "optimizer": OPTIMIZER_STATES[optimizer] * 4 * n_trainable if training else 0,
+                 "activations": saved if training else 0, "attention_buffers": buffers,
+                 "communication": comm if world_size > 1 else 0}
+        return MemoryEstimate(world_size, seq_len, local, terms, len(self.graphs), calls)
+
+    def smallest_world(self, seq_len: int, budget: int, *, candidates: Sequence[int] | None = None,
+                       **kwargs: Any) -> MemoryEstimate | None:
+        """The estimate at the smallest world size whose per-rank peak fits ``budget`` bytes."""
+        sizes = candidates or [2 ** i for i in range(0, 15)]
+        for n in sizes:
+            if n > seq_len:
+                break
+            est = self.estimate(n, seq_len, **kwargs)
+            if est.per_rank_peak <= budget:
+                return est
+        return None
 
 
 def _sequence_symbol(values: Sequence[Any], example_inputs: Sequence[Any], seq_dim: int) -> Any:
@@ -189,6 +226,8 @@ def _trace_at(captured: _Captured, seq_symbol: Any, local: int, dtype: torch.dty
 
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     is_param = captured.is_param
+    if any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in captured.example_values):
+        _meta_to_cpu(captured.graph)  # fake CPU tensors: every op has its autograd formula there
     inputs: list[Any] = []
     with mode:
         for v, param, grad in zip(captured.example_values, is_param, captured.requires_grad, strict=True):
@@ -199,7 +238,8 @@ def _trace_at(captured: _Captured, seq_symbol: Any, local: int, dtype: torch.dty
             else:
                 shape = [_concrete(s, seq_symbol, local) for s in v.shape]
                 cast = dtype is not None and param and v.dtype.is_floating_point
-                t = torch.empty(shape, dtype=dtype if cast else v.dtype)
+                device = "cpu" if v.device.type == "meta" else v.device
+                t = torch.empty(shape, dtype=dtype if cast else v.dtype, device=device)
                 inputs.append(t.requires_grad_(True) if grad and training else t)
     found: dict[str, Any] = {"saved": 0, "calls": []}
     partition = default_partition if opts.inner == "eager" else min_cut_rematerialization_partition
@@ -230,6 +270,27 @@ def _trace_at(captured: _Captured, seq_symbol: Any, local: int, dtype: torch.dty
         kv_chunk = 2 * b * hkv * lk * d * elem
         comm = max(comm, 2 * kv_chunk + (2 * 2 * b * hkv * lk * d * fp32 if training else 0))
     return _Traced(found["saved"], buffers, comm, len(found["calls"]))
+
+
+def _meta_to_cpu(gm: fx.GraphModule) -> None:
+    """Rewrite ``device=meta`` arguments of a graph captured from a meta-device model to CPU.
+
+    Tracing stays on fake tensors (no memory); CPU is used because some ops (nll_loss) have no
+    autograd formula registered for meta, which would hide the tensors their backward saves.
+    """
+    meta = torch.device("meta")
+
+    def fix(x: Any) -> Any:
+        if isinstance(x, torch.device) and x == meta:
+            return torch.device("cpu")
+        if x == "meta":
+            return "cpu"
+        return x
+
+    for n in gm.graph.nodes:
+        n.args = tuple(fix(a) for a in n.args)
+        n.kwargs = {k: fix(v) for k, v in n.kwargs.items()}
+    gm.recompile()
 
 
 def _saved_bytes(bw: fx.GraphModule, fw: fx.GraphModule, is_param: list[bool]) -> int:
