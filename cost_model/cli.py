@@ -12,10 +12,16 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="predict time, bubble and memory of every strategy for a workload",
                        description="Rank the strategies for one attention workload, best first.")
     p.add_argument("--seq", type=int, required=True, help="global sequence length (tokens)")
-    p.add_argument("--world-size", type=int, required=True, help="ranks in the ring")
-    p.add_argument("--heads", type=int, required=True, help="query heads")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks in the ring (with --model and --memory-budget: the smallest that fits)")
+    p.add_argument("--heads", type=int, default=None, help="query heads (default: from --model)")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
-    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--head-dim", type=int, default=None, help="(default: from --model)")
+    p.add_argument("--model", default=None,
+                   help="llama, gpt2 or an HF config.json: estimate whole-model memory per rank")
+    p.add_argument("--memory-budget", default=None, help="per-rank memory, e.g. 80GiB (with --model)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "none"],
+                   help="optimizer state counted with --model (default adam)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--causal", action="store_true")
@@ -29,6 +35,13 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     from .crossover import crossovers
     from .planner import format_bytes, format_seconds, plans
+
+    try:
+        if not _fill_from_model(args):
+            return 2
+    except RingCompileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     common = dict(world_size=args.world_size, heads=args.heads, kv_heads=args.kv_heads,
                   head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, causal=args.causal,
@@ -65,6 +78,38 @@ def run_plan(args: argparse.Namespace) -> int:
         print()
         print(best.explain())
     return 0
+
+
+def _fill_from_model(args: argparse.Namespace) -> bool:
+    """With --model: print its memory per rank (and the smallest world that fits the budget), and
+    take heads / head_dim / world size from it. False when the attention plan cannot follow."""
+    if args.model is None:
+        missing = [f"--{n.replace('_', '-')}" for n in ("world_size", "heads", "head_dim")
+                   if getattr(args, n) is None]
+        if missing:
+            print(f"error: {', '.join(missing)} required (or --model)", file=sys.stderr)
+            return False
+        return True
+    from .model_plan import format_fit, load_model, parse_bytes
+
+    shape = load_model(args.model)
+    dtype = getattr(__import__("torch"), args.dtype)
+    optimizer = None if args.optimizer == "none" else args.optimizer
+    args.heads = args.heads or shape.heads
+    args.kv_heads = args.kv_heads or shape.kv_heads
+    args.head_dim = args.head_dim or shape.head_dim
+    if args.memory_budget is not None and args.world_size is None:
+        text, world = format_fit(shape, args.seq, parse_bytes(args.memory_budget), dtype=dtype,
+                                 optimizer=optimizer)
+        print(text)
+        if world is None:
+            return False
+        args.world_size = world
+    else:
+        args.world_size = args.world_size or 1
+        print(shape.memory.estimate(args.world_size, args.seq, dtype=dtype, optimizer=optimizer))
+    print()
+    return True
 
 
 def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:

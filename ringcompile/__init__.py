@@ -7,6 +7,7 @@ registered through the entry point does not pull in Triton or sympy until needed
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from . import ops as _ops  # noqa: F401  (registers torch.ops.ringcompile.*)
@@ -23,6 +24,11 @@ from .options import Options
 
 __version__ = "0.1.0"
 
+if os.environ.get("RINGCOMPILE_TRACE_DIR"):  # a rank of `ringcompile trace -- <command>`
+    from .observe.collect import start_from_env
+
+    start_from_env()
+
 # public name -> module that defines it
 _LAZY = {
     "explain": "ringcompile.report",
@@ -31,6 +37,7 @@ _LAZY = {
     "gather": "ringcompile.api",
     "plan": "ringcompile.cost_model.planner",
     "plans": "ringcompile.cost_model.planner",
+    "estimate_memory": "ringcompile.cost_model.whole_model",
     "ring_backend": "ringcompile.backend",
 }
 

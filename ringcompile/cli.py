@@ -1,4 +1,4 @@
-"""The ``ringcompile`` command: explain, demo, plan, calibrate.
+"""The ``ringcompile`` command: explain, demo, plan, calibrate, kernels, trace.
 
 Each subcommand lives beside the code it drives and registers itself here through a
 ``(name, add_parser)`` entry; ``add_parser(subparsers)`` must set ``func`` on its parser.
@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "plan": "ringcompile.cost_model.cli:add_plan_parser",
     "calibrate": "ringcompile.cost_model.cli:add_calibrate_parser",
     "kernels": "ringcompile.kernels.triton.cli:add_parser",
+    "trace": "ringcompile.observe.cli:add_parser",
 }
 
 

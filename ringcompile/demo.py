@@ -45,6 +45,8 @@ def add_parser(sub: Any) -> None:
                    help="compiler for the rest of the graph (inductor compiles slowly on 2 cores)")
     p.add_argument("--strategy", default="auto", help="ring strategy (default: the cost model chooses)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before the demo gives up")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="also write DIR/trace.json, DIR/timeline.png and DIR/summary.txt (ringcompile trace)")
     p.set_defaults(func=run)
 
 
@@ -288,6 +290,20 @@ def format_rank(rank: int, res: dict, cfg: DemoConfig) -> list[str]:
     return lines
 
 
+def _write_trace(directory: str) -> None:
+    from .errors import RingCompileError
+    from .observe.cli import write_outputs
+
+    try:
+        written = write_outputs(os.path.join(directory, "ranks"), directory)
+    except RingCompileError as exc:
+        print(f"trace: not written: {exc}")
+        return
+    for kind, path in written.items():
+        print(f"{kind}: {path}")
+    print(open(written["summary"], encoding="utf-8").read().rstrip())
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.world_size < 1:
@@ -297,10 +313,22 @@ def run(args: argparse.Namespace) -> int:
           f"{cfg.kv_heads} KV heads, {cfg.dtype}), batch {cfg.batch}, seq {cfg.seq}, "
           f"{cfg.world_size} gloo CPU ranks, inner compiler {cfg.inner}", flush=True)
     t0 = time.perf_counter()
+    trace = getattr(args, "trace", None)
+    if trace:  # the spawned ranks inherit the variable and record their ring calls
+        from .observe.collect import TRACE_ENV
+
+        raw = os.path.join(trace, "ranks")
+        os.makedirs(raw, exist_ok=True)
+        for name in os.listdir(raw):
+            if name.startswith("calls-"):
+                os.unlink(os.path.join(raw, name))
+        os.environ[TRACE_ENV] = raw
     results = launch(cfg)
     for rank, res in enumerate(results):
         for line in format_rank(rank, res, cfg):
             print(line)
+    if trace:
+        _write_trace(trace)
     ok = all(res.get("ok") for res in results)
     sharded = all(res.get("shard") and all(res["shard"]) for res in results if "error" not in res)
     print(f"{'PASS' if ok else 'FAIL'}: loss and gradients "

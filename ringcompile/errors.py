@@ -33,3 +33,7 @@ class UnshardedAttentionError(RingCompileError):
 
 class SpecEvictedError(RingCompileError):
     """A compiled graph called a spec the bounded registry evicted; the message says how to keep it."""
+
+
+class MissingDependencyError(RingCompileError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra."""

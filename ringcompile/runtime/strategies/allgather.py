@@ -29,13 +29,13 @@ def _gather(ctx: RingContext, k: Tensor, v: Tensor):
 
 def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     n, rank, local = ctx.world_size, ctx.rank, q.shape[2]
-    timer = ctx.timer("forward")
+    timer = ctx.timer("forward", q, k)
     out, lse = empty_outputs(q, v)
     q_pieces = ctx.pieces(rank, local)
     pk, pv = _gather(ctx, k, v)
     with timer.compute(0):
         forward_pairs(ctx, q, q_pieces, k, v, ctx.pieces(rank, local), out, lse)
-    with timer.wait(1):
+    with timer.wait(1, "K/V all-gather"):
         ks, vs = pk.wait(), pv.wait()
     with timer.compute(1):
         for src in range(n):
@@ -47,7 +47,7 @@ def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
 
 def backward(ctx: RingContext, dout, q, k, v, out, lse):
     n, rank, local = ctx.world_size, ctx.rank, q.shape[2]
-    timer = ctx.timer("backward")
+    timer = ctx.timer("backward", q, k)
     q_pieces = ctx.pieces(rank, local)
     delta = delta_of(dout, out)
     pk, pv = _gather(ctx, k, v)
@@ -59,7 +59,7 @@ def backward(ctx: RingContext, dout, q, k, v, out, lse):
         _, dk_parts[rank], dv_parts[rank] = grad_buffers(q, k, v)
         backward_pairs(ctx, dout, q, out, lse, delta, q_pieces, k, v, ctx.pieces(rank, local), dq,
                        dk_parts[rank], dv_parts[rank], d_extras)
-    with timer.wait(1):
+    with timer.wait(1, "K/V all-gather"):
         ks, vs = pk.wait(), pv.wait()
     with timer.compute(1):
         for src in range(n):
@@ -70,7 +70,7 @@ def backward(ctx: RingContext, dout, q, k, v, out, lse):
     if n > 1:
         rk = ctx.comm.all_to_all(dk_parts, 2, "dK all-to-all")
         rv = ctx.comm.all_to_all(dv_parts, 2, "dV all-to-all")
-        with timer.wait(2):
+        with timer.wait(2, "dK/dV all-to-all"):
             dk = torch.stack(rk.wait()).sum(0)
             dv = torch.stack(rv.wait()).sum(0)
     else:

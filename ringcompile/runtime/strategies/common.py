@@ -77,9 +77,18 @@ class RingContext:
         n = self.world_size if world_size is None else world_size
         return chunk_pieces(local_chunks(local_len * n, n, rank, self.layout), self.seq_len)
 
-    def timer(self, phase: str) -> Timer:
+    def timer(self, phase: str, q: Tensor | None = None, k: Tensor | None = None) -> Timer:
+        """A Timer for one call; ``q``/``k`` (this rank's) give the sizes a trace summary plans with."""
+        workload: dict = {"seq_len": self.seq_len, "block_size": self.spec.block_size,
+                          "causal": bool(self.spec.mask is not None and "causal" in self.spec.mask.kinds),
+                          "mask": self.spec.mask.kind if self.spec.mask is not None else None}
+        if q is not None:
+            workload.update(batch=q.shape[0], heads=q.shape[1], head_dim=q.shape[-1],
+                            dtype=str(q.dtype).removeprefix("torch."), device=q.device.type)
+        if k is not None:
+            workload["kv_heads"] = k.shape[1]
         return Timer(self.spec.record_timing, self.strategy, phase, self.rank, self.world_size,
-                     getattr(self.comm, "device", None))
+                     getattr(self.comm, "device", None), site=self.spec.name, workload=workload)
 
 
 def chunk_pieces(chunks: Sequence[tuple[int, int]], seq_len: int) -> list[Piece]:

@@ -23,7 +23,7 @@ def _pieces(ctx: RingContext, q: Tensor):
 
 
 def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    timer = ctx.timer("forward")
+    timer = ctx.timer("forward", q, k)
     out, lse = empty_outputs(q, v)
     with timer.compute(0):
         forward_pairs(ctx, q, _pieces(ctx, q), k, v, _pieces(ctx, k), out, lse)
@@ -32,7 +32,7 @@ def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
 
 
 def backward(ctx: RingContext, dout, q, k, v, out, lse):
-    timer = ctx.timer("backward")
+    timer = ctx.timer("backward", q, k)
     dq, dk, dv = grad_buffers(q, k, v)
     d_extras: list[Tensor | None] = [None] * len(ctx.score_extras)
     with timer.compute(0):

@@ -68,7 +68,7 @@ def _take_chunk(ctx: RingContext, timer, current: list, arriving: list, j: int, 
     kv = current[j]
     current[j] = None  # let the buffer go once computed
     if isinstance(kv, Pending):
-        with timer.wait(step):
+        with timer.wait(step, "K/V", j):
             kv = kv.wait()
     if step < ctx.world_size - 1:
         arriving.append(ctx.comm.ring_shift(kv, step, channel=_channel(KV_STREAM, j),
@@ -78,7 +78,7 @@ def _take_chunk(ctx: RingContext, timer, current: list, arriving: list, j: int, 
 
 def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     n, rank, local = ctx.world_size, ctx.rank, q.shape[2]
-    timer = ctx.timer("forward")
+    timer = ctx.timer("forward", q, k)
     out, lse = empty_outputs(q, v)
     q_pieces = ctx.pieces(rank, local)
     spans = chunk_spans(local, ctx.spec.block_size)
@@ -88,7 +88,7 @@ def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
         arriving: list[list[Tensor] | Pending] = []
         for j, (lo, hi) in enumerate(spans):
             kv = _take_chunk(ctx, timer, current, arriving, j, step)
-            with timer.compute(step):
+            with timer.compute(step, j):
                 forward_pairs(ctx, q, q_pieces, kv[0], kv[1], pieces_in(pieces, lo, hi), out, lse)
         current = arriving
     timer.finish(ctx.spec.record_timing)
@@ -99,7 +99,7 @@ def backward(
     ctx: RingContext, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None]]:
     n, rank, local = ctx.world_size, ctx.rank, q.shape[2]
-    timer = ctx.timer("backward")
+    timer = ctx.timer("backward", q, k)
     q_pieces = ctx.pieces(rank, local)
     delta = delta_of(dout, out)
     acc = delta.dtype
@@ -114,14 +114,14 @@ def backward(
         arriving: list[list[Tensor] | Pending] = []
         for j, (lo, hi) in enumerate(spans):
             kv = _take_chunk(ctx, timer, current, arriving, j, step)
-            with timer.compute(step):
+            with timer.compute(step, j):
                 dk = torch.zeros(kv[0].shape, dtype=acc, device=kv[0].device)
                 dv = torch.zeros(kv[1].shape, dtype=acc, device=kv[1].device)
                 backward_pairs(ctx, dout, q, out, lse, delta, q_pieces, kv[0], kv[1],
                                pieces_in(pieces, lo, hi), dq, dk, dv, d_extras)
             prior = travelling[j]
             if isinstance(prior, Pending):
-                with timer.wait(step):
+                with timer.wait(step, "dK/dV", j):
                     got = prior.wait()
                 dk += got[0]
                 dv += got[1]
@@ -132,7 +132,7 @@ def backward(
     owned = []
     for item in travelling:  # the last hop brought each chunk's accumulator home
         if isinstance(item, Pending):
-            with timer.wait(n - 1):
+            with timer.wait(n - 1, "dK/dV"):
                 item = item.wait()
         owned.append(item)
     if len(owned) == 1:

@@ -103,16 +103,16 @@ def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
     n, local = ctx.world_size, q.shape[2]
     check_heads(q.shape[1], k.shape[1], n)
     check_dropout(ctx.spec)
-    timer = ctx.timer("forward")
+    timer = ctx.timer("forward", q, k)
     spec, kernels = _group_spec(ctx, ctx.rank * (q.shape[1] // n), q.device)
     fq, fk, fv = (_scatter_heads(ctx, t, f"{name} all-to-all") for t, name in ((q, "Q"), (k, "K"), (v, "V")))
-    with timer.wait(0):
+    with timer.wait(0, "Q/K/V all-to-all"):
         qf, kf, vf = fq(), fk(), fv()
     pieces = _pieces(ctx, local)
     out, lse = empty_outputs(qf, vf)
     with timer.compute(0):
         forward_pairs(ctx, qf, pieces, kf, vf, pieces, out, lse, spec=spec, kernels=kernels)
-    with timer.wait(1):
+    with timer.wait(1, "output all-to-all"):
         packed = _gather_heads(ctx, torch.cat([out, lse.unsqueeze(-1)], dim=-1), local, "output all-to-all")
     timer.finish(ctx.spec.record_timing)
     return packed[..., :-1], packed[..., -1]
@@ -122,11 +122,11 @@ def backward(ctx: RingContext, dout, q, k, v, out, lse):
     n, local = ctx.world_size, q.shape[2]
     check_heads(q.shape[1], k.shape[1], n)
     check_dropout(ctx.spec)
-    timer = ctx.timer("backward")
+    timer = ctx.timer("backward", q, k)
     spec, kernels = _group_spec(ctx, ctx.rank * (q.shape[1] // n), q.device)
     inputs = ((q, "Q"), (k, "K"), (v, "V"), (dout, "dO"), (out, "O"), (lse.unsqueeze(-1), "lse"))
     starts = [_scatter_heads(ctx, t, f"{name} all-to-all") for t, name in inputs]
-    with timer.wait(0):
+    with timer.wait(0, "Q/K/V/dO all-to-all"):
         qf, kf, vf, df, of, lf = (f() for f in starts)
     lf = lf.squeeze(-1)
     pieces = _pieces(ctx, local)
@@ -135,7 +135,7 @@ def backward(ctx: RingContext, dout, q, k, v, out, lse):
     with timer.compute(0):
         backward_pairs(ctx, df, qf, of, lf, delta_of(df, of), pieces, kf, vf, pieces, dq, dk, dv, d_extras,
                        spec=spec, kernels=kernels)
-    with timer.wait(1):
+    with timer.wait(1, "dQ/dK/dV all-to-all"):
         dq = _gather_heads(ctx, dq, local, "dQ all-to-all")
         dk = _gather_heads(ctx, dk, local, "dK all-to-all")
         dv = _gather_heads(ctx, dv, local, "dV all-to-all")
