@@ -77,16 +77,19 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 # ---------------------------------------------------------------------------- one rank
 
 
-def activation_bytes(fn) -> tuple[Any, int]:
-    """Run ``fn`` and count the bytes autograd saves for backward (distinct storages)."""
+def activation_bytes(fn, params: Any = ()) -> tuple[Any, int]:
+    """Run ``fn`` and count the bytes autograd saves for backward (distinct storages), without the
+    storages of ``params`` (a saved weight is the parameter itself, not an activation)."""
     import torch
 
     seen: dict[int, int] = {}
+    skip = {p.untyped_storage().data_ptr() for p in params}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
             st = t.untyped_storage()
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+            if st.data_ptr() not in skip:
+                seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
         except (RuntimeError, NotImplementedError):
             pass
         return t
@@ -174,7 +177,7 @@ def _rank_main(rank: int, cfg: DemoConfig, init_file: str) -> dict:
 
     with timing.record() as calls:
         t0 = time.perf_counter()
-        (_, loss), act_bytes = activation_bytes(lambda: compiled(ids, labels))
+        (_, loss), act_bytes = activation_bytes(lambda: compiled(ids, labels), list(model.parameters()))
         loss.backward()
         step_s = time.perf_counter() - t0
     entries = backend.HISTORY[first:]
@@ -182,7 +185,8 @@ def _rank_main(rank: int, cfg: DemoConfig, init_file: str) -> dict:
     fallbacks = [e.fallback_reason for e in entries if e.fallback_reason]
 
     t0 = time.perf_counter()
-    (_, ref_loss), ref_act_bytes = activation_bytes(lambda: reference(ids, labels))
+    ref_params = list(reference.parameters())
+    (_, ref_loss), ref_act_bytes = activation_bytes(lambda: reference(ids, labels), ref_params)
     ref_loss.backward()
     ref_s = time.perf_counter() - t0
 
@@ -290,6 +294,32 @@ def format_rank(rank: int, res: dict, cfg: DemoConfig) -> list[str]:
     return lines
 
 
+def _estimate_line(cfg: DemoConfig, results: list[dict]) -> str:
+    """``estimate_memory``'s activations per rank beside what rank 0 measured."""
+    import torch
+
+    from .cost_model.whole_model import estimate_memory
+    from .errors import RingCompileError
+    from .models import ModelConfig, build_model
+
+    mcfg = ModelConfig(vocab=cfg.vocab, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads,
+                       kv_heads=cfg.kv_heads, max_seq=max(cfg.seq, 16))
+    model = build_model(cfg.model, mcfg, seed=0).to(getattr(torch, cfg.dtype))
+    example = torch.randint(0, cfg.vocab, (cfg.batch, 16))
+    try:
+        est = estimate_memory(model, example, example, world_size=cfg.world_size, seq_len=cfg.seq,
+                              options={"inner": cfg.inner})
+    except RingCompileError as exc:
+        return f"memory estimate: not available ({exc})"
+    measured = results[0].get("act_bytes") if results and "error" not in results[0] else None
+    if not measured:
+        return f"memory estimate: activations {_mb(est.terms['activations'])} per rank (no measurement)"
+    err = est.terms["activations"] / measured - 1
+    return (f"memory estimate (ringcompile.estimate_memory, fake tensors): activations "
+            f"{_mb(est.terms['activations'])} per rank vs measured {_mb(measured)} on rank 0 ({err:+.1%}); "
+            f"per-rank peak {_mb(est.per_rank_peak)}")
+
+
 def _write_trace(directory: str) -> None:
     from .errors import RingCompileError
     from .observe.cli import write_outputs
@@ -327,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
     for rank, res in enumerate(results):
         for line in format_rank(rank, res, cfg):
             print(line)
+    print(_estimate_line(cfg, results))
     if trace:
         _write_trace(trace)
     ok = all(res.get("ok") for res in results)
