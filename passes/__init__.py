@@ -87,7 +87,10 @@ def find_attention_stage(state: PipelineState) -> None:
         else:
             state.decide(site.location, site.pattern, "site, not rewritable", site.reason, unsharded=True)
     for rej in state.rejected:
-        state.decide(rej.location, rej.pattern, "not a site", rej.reason, unsharded=True)
+        if getattr(rej, "attention", True):
+            state.decide(rej.location, rej.pattern, "not a site", rej.reason, unsharded=True)
+        else:  # a softmax that is not attention (a router, a feature softmax): reported, never warned about
+            state.decide(rej.location, rej.pattern, "not attention", rej.reason)
     _account_for_candidates(state)
 
 

@@ -22,6 +22,7 @@ from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
 from ringcompile.site import AttentionSite
 
+from .aten import INPLACE, functional_packet, packet_of
 from .locations import location_of, module_path  # noqa: F401  (module_path re-exported)
 
 log = get_logger(__name__)
@@ -39,8 +40,9 @@ CHAIN_OPS = CAST_OPS | {
     aten.sub.Tensor, aten.sub.Scalar, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.where.self,
     aten.where.ScalarOther, aten.where.ScalarSelf, aten.tanh.default, aten.neg.default,
     aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default, aten.maximum.default,
-    aten.minimum.default, aten.rsub.Scalar, aten.rsub.Tensor, aten.div.Tensor_mode,
+    aten.minimum.default, aten.rsub.Scalar, aten.rsub.Tensor, aten.div.Tensor_mode, aten.max.other,
 }
+_CHAIN_PACKETS = {op.overloadpacket for op in CHAIN_OPS}
 _SCALAR_MUL = {aten.mul.Tensor, aten.mul.Scalar}
 _SCALAR_DIV = {aten.div.Tensor, aten.div.Scalar}
 
@@ -53,6 +55,7 @@ class Rejected:
     pattern: str
     reason: str
     node: fx.Node | None = None
+    attention: bool = True  # False: the candidate is not attention at all (a router, a feature softmax)
 
 
 class Discovery(NamedTuple):
@@ -62,6 +65,20 @@ class Discovery(NamedTuple):
 
 class _NotASite(Exception):
     """Raised inside matching: the candidate looked like attention but fails a check."""
+
+
+class _NotAttention(_NotASite):
+    """Raised inside matching: the candidate is not attention (reported, never a warning)."""
+
+
+def is_chain_op(n: fx.Node) -> bool:
+    """An op the score may pass through between q.k^T and the softmax; an in-place one counts when
+    it is exactly its functional twin (it mutates a fresh value nothing else reads)."""
+    if n.op != "call_function":
+        return False
+    if n.target in CHAIN_OPS:
+        return True
+    return packet_of(n) in INPLACE and functional_packet(n) in _CHAIN_PACKETS
 
 
 # ---------------------------------------------------------------------------- small helpers
@@ -169,6 +186,15 @@ def strip_repeat(node: fx.Node, perm: tuple[int, ...]) -> tuple[fx.Node, tuple[i
         if isinstance(reps, int) and dim is not None and _norm_dim(int(dim), len(out_shape)) == hd:
             return src, perm, reps
         return node, perm, 1
+    if node.target == aten.expand.default:  # MQA: one KV head expanded (a view) to every query head
+        src = node.args[0]
+        if isinstance(src, fx.Node) and isinstance(_val(src), torch.Tensor):
+            src_shape = _shape(src)
+            if (len(src_shape) == len(out_shape) and same_size(src_shape[hd], 1)
+                    and not same_size(out_shape[hd], 1) and isinstance(out_shape[hd], int)
+                    and all(same_size(src_shape[d], out_shape[d]) for d in range(len(out_shape)) if d != hd)):
+                return src, perm, out_shape[hd]
+        return node, perm, 1
     if node.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
         exp = node.args[0]
         while isinstance(exp, fx.Node) and exp.target in (aten.clone.default, aten.contiguous.default):
@@ -246,11 +272,17 @@ def find_attention(gm: fx.GraphModule) -> Discovery:
             if node.target in SDPA_OPS:
                 site = _match_sdpa(node, len(sites))
             elif node.target in SOFTMAX_OPS:
+                why_not = not_attention_reason(node)
+                if why_not is not None:
+                    raise _NotAttention(why_not)
                 site = _match_softmax(node, len(sites))
                 if site is None:
-                    continue
+                    raise _NotASite("no q.k^T matmul reaches the softmax through pointwise ops")
             else:
                 continue
+        except _NotAttention as exc:
+            rejected.append(Rejected(location_of(node), "softmax", f"not attention: {exc}", node, False))
+            continue
         except _NotASite as exc:
             pattern = "sdpa" if node.target in SDPA_OPS else "softmax"
             rejected.append(Rejected(location_of(node), pattern, str(exc), node))
@@ -268,6 +300,69 @@ def find_attention(gm: fx.GraphModule) -> Discovery:
         claimed |= site.nodes
         sites.append(site)
     return Discovery(sites, rejected)
+
+
+def not_attention_reason(sm: fx.Node) -> str | None:
+    """Why a softmax is not attention at all, or None when it may be: no matmul of two batched
+    activations feeds it and no matmul with a batched operand reads it (a router over experts,
+    a softmax over features)."""
+    x = sm.args[0]
+    if not isinstance(x, fx.Node) or _val(x) is None:
+        return "its input is not a tensor"
+    if _qk_feeds(x) or _pv_reads(sm):
+        return None
+    xs = _shape(x)
+    dim = _norm_dim(int(sm.args[1]), len(xs))
+    return (f"a {len(xs)}-D softmax over dim {dim} (size {xs[dim]}) that no q.k^T matmul of two "
+            "activations feeds and no matmul with v reads (e.g. a router over experts or a softmax over features)")
+
+
+def _batched_operands(mm: fx.Node) -> list[Any]:
+    if mm.target == aten.einsum.default:
+        return list(mm.args[1])
+    return list(mm.args[1:3] if mm.target == aten.baddbmm.default else mm.args[:2])
+
+
+def _is_batched(a: Any) -> bool:
+    val = _val(a)
+    return isinstance(val, torch.Tensor) and val.dim() >= 3
+
+
+def _qk_feeds(x: fx.Node, depth: int = 16) -> bool:
+    """A matmul of two batched (>= 3-D) values reaches ``x`` through chain ops and reshapes."""
+    stack, seen = [(x, 0)], set()
+    while stack:
+        n, d = stack.pop()
+        if n in seen or d > depth or not isinstance(n, fx.Node) or n.op != "call_function":
+            continue
+        seen.add(n)
+        if n.target in MATMUL_OPS:
+            if all(_is_batched(a) for a in _batched_operands(n)):
+                return True
+            continue
+        if is_chain_op(n) or n.target in _RESHAPES:
+            stack += [(a, d + 1) for a in n.args if isinstance(a, fx.Node)]
+    return False
+
+
+def _pv_reads(sm: fx.Node, depth: int = 8) -> bool:
+    """The probabilities reach a matmul (through casts, dropout, reshapes) whose other operand is batched."""
+    frontier, seen = [sm], {sm}
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen or u.op != "call_function":
+                    continue
+                seen.add(u)
+                if u.target in MATMUL_OPS:
+                    if any(_is_batched(a) for a in _batched_operands(u) if a is not n):
+                        return True
+                elif (u.target in CAST_OPS or u.target in DROPOUT_OPS or u.target in _RESHAPES
+                      or u.target is operator.getitem):
+                    nxt.append(u)
+        frontier = nxt
+    return False
 
 
 def _extract_module():
@@ -302,6 +397,8 @@ def _match_sdpa(node: fx.Node, index: int) -> AttentionSite:
     _check_qkv(qs, kb, vb, is_3d)
     if not is_3d:
         hq, hkv = qs[1], kb[1]
+        if same_size(hkv, 1) and not same_size(hq, 1) and groups == 1:
+            groups = int(hq)  # MQA: one KV head broadcast over the query heads
         if not same_size(hq, hkv * groups) and args["enable_gqa"]:
             ratio = hq // (hkv * groups)
             if same_size(ratio * hkv * groups, hq):
@@ -364,11 +461,12 @@ def _check_qkv(qs: Sequence, ks: Sequence, vs: Sequence, is_3d: bool) -> None:
         raise _NotASite("query and key head dims differ")
 
 
-def _find_through_chain(x: fx.Node, probe: Callable[[fx.Node, list[fx.Node]], tuple[bool, Any]]) -> list:
+def _find_through_chain(x: fx.Node, probe: Callable[[fx.Node, list[fx.Node]], tuple[bool, Any]],
+                        through_views: bool = False) -> list:
     """Walk from ``x`` back through chain ops, asking ``probe(node, path)`` at each node.
 
     ``probe`` returns (stop, item): a non-None item is collected, and ``stop`` ends the walk along
-    that branch. The walk gives up after two items (callers want exactly one). ``path`` runs from
+    that branch. ``through_views``: reshapes of the running value are walked through too. The walk gives up after two items (callers want exactly one). ``path`` runs from
     the node to ``x``.
     """
     found: list = []
@@ -381,9 +479,10 @@ def _find_through_chain(x: fx.Node, probe: Callable[[fx.Node, list[fx.Node]], tu
         stop, item = probe(n, path)
         if item is not None:
             found.append(item)
-        if stop or n.target not in CHAIN_OPS:
+        if stop or not (is_chain_op(n) or (through_views and n.target in _RESHAPES)):
             return
-        for a in n.args:
+        args = n.args[:1] if n.target in _RESHAPES else n.args
+        for a in args:
             if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor):
                 visit(a, [a, *path])
 
@@ -401,6 +500,8 @@ def _score_spine(x: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
         return False, None
 
     found = _find_through_chain(x, probe)
+    if not found:  # a view round trip, e.g. (B*H, S, S) -> (B, H, S, S) for the mask -> back
+        found = _find_through_chain(x, probe, through_views=True)
     if not found:
         return None
     if len(found) > 1:
@@ -425,7 +526,7 @@ def _reshaped_score(x: fx.Node, depth: int = 12) -> bool:
             if reshaped:
                 return True
             continue
-        if n.target not in CHAIN_OPS and n.target not in _RESHAPES:
+        if not is_chain_op(n) and n.target not in _RESHAPES:
             continue
         for a in n.args:
             if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor):
