@@ -314,7 +314,8 @@ def not_attention_reason(sm: fx.Node) -> str | None:
     xs = _shape(x)
     dim = _norm_dim(int(sm.args[1]), len(xs))
     return (f"a {len(xs)}-D softmax over dim {dim} (size {xs[dim]}) that no q.k^T matmul of two "
-            "activations feeds and no matmul with v reads (e.g. a router over experts or a softmax over features)")
+            "activations feeds and no matmul with v reads (e.g. a router over experts or a softmax over "
+            "features)")
 
 
 def _batched_operands(mm: fx.Node) -> list[Any]:
@@ -466,7 +467,8 @@ def _find_through_chain(x: fx.Node, probe: Callable[[fx.Node, list[fx.Node]], tu
     """Walk from ``x`` back through chain ops, asking ``probe(node, path)`` at each node.
 
     ``probe`` returns (stop, item): a non-None item is collected, and ``stop`` ends the walk along
-    that branch. ``through_views``: reshapes of the running value are walked through too. The walk gives up after two items (callers want exactly one). ``path`` runs from
+    that branch; ``through_views``: reshapes of the running value are walked through too. The walk
+    gives up after two items (callers want exactly one). ``path`` runs from
     the node to ``x``.
     """
     found: list = []
