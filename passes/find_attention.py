@@ -343,6 +343,8 @@ def _qk_feeds(x: fx.Node, depth: int = 16) -> bool:
             continue
         if is_chain_op(n) or n.target in _RESHAPES:
             stack += [(a, d + 1) for a in n.args if isinstance(a, fx.Node)]
+        elif n.target == aten.cat.default:  # scores with a sink column
+            stack += [(a, d + 1) for a in n.args[0] if isinstance(a, fx.Node)]
     return False
 
 
@@ -360,7 +362,7 @@ def _pv_reads(sm: fx.Node, depth: int = 8) -> bool:
                     if any(_is_batched(a) for a in _batched_operands(u) if a is not n):
                         return True
                 elif (u.target in CAST_OPS or u.target in DROPOUT_OPS or u.target in _RESHAPES
-                      or u.target is operator.getitem):
+                      or u.target is operator.getitem or u.target == aten.slice.Tensor):
                     nxt.append(u)
         frontier = nxt
     return False
@@ -573,10 +575,76 @@ def _unflatten_heads(anchor: fx.Node, node: fx.Node, heads: tuple[Any, Any]) -> 
     return builder.call(aten.unflatten.int, (node, 0, list(heads)))
 
 
+def strip_sink(x: fx.Node) -> tuple[fx.Node, fx.Node, set[fx.Node]] | None:
+    """gpt-oss attention sinks: ``x`` is ``cat([scores, sink_column], -1)``, maybe minus its row max
+    (softmax is shift invariant). Returns (scores, sink column, nodes dead after the rewrite)."""
+    nodes: set[fx.Node] = set()
+    if (x.target == aten.sub.Tensor and isinstance(x.args[0], fx.Node)
+            and _is_row_max_of(x.args[1], x.args[0])):
+        nodes |= {x, x.args[1], x.args[1].args[0]} if x.args[1].target is operator.getitem else {x, x.args[1]}
+        x = x.args[0]
+    if x.target != aten.cat.default or len(x.args[0]) != 2:
+        return None
+    cat_val = _val(x)
+    if not isinstance(cat_val, torch.Tensor) or cat_val.dim() != 4:
+        return None
+    if _norm_dim(int(x.args[1] if len(x.args) > 1 else 0), 4) != 3:
+        return None
+    scores, sink = x.args[0]
+    if not (isinstance(scores, fx.Node) and isinstance(sink, fx.Node)) or not same_size(_shape(sink)[-1], 1):
+        return None
+    if _reads(sink, scores):
+        return None
+    return scores, sink, nodes | {x}
+
+
+def _is_row_max_of(m: Any, c: fx.Node) -> bool:
+    """``m`` is ``c.max(-1, keepdim=True).values`` or ``c.amax(-1, keepdim=True)``."""
+    if not isinstance(m, fx.Node):
+        return False
+    if m.target is operator.getitem and m.args[1] == 0 and isinstance(m.args[0], fx.Node):
+        mx = m.args[0]
+        return (mx.target == aten.max.dim and mx.args[0] is c and _norm_dim(int(mx.args[1]), 4) == 3
+                and bool(mx.args[2] if len(mx.args) > 2 else mx.kwargs.get("keepdim", False)))
+    if m.target == aten.amax.default and m.args[0] is c:
+        dims = m.args[1] if len(m.args) > 1 else []
+        keep = m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)
+        return list(dims) in ([-1], [3]) and bool(keep)
+    return False
+
+
+def _reads(node: fx.Node, target: fx.Node, depth: int = 32) -> bool:
+    """Whether ``node``'s value depends on ``target`` (bounded walk up the inputs)."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        if target in frontier:
+            return True
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+        if not frontier:
+            return False
+    return True  # too deep to tell: assume it does
+
+
+def _drops_sink(user: fx.Node, probs: fx.Node) -> bool:
+    """``probs[..., :-1]``: the last (sink) column sliced off the probabilities."""
+    if user.target != aten.slice.Tensor or user.args[0] is not probs:
+        return False
+    args = list(user.args) + [None] * (5 - len(user.args))
+    dim, start, end, step = args[1], args[2], args[3], args[4]
+    size = _shape(probs)[-1]
+    return (_norm_dim(int(dim if dim is not None else 0), 4) == 3 and start in (None, 0) and step in (None, 1)
+            and isinstance(end, int) and (end == -1 or same_size(end, size - 1)))
+
+
 def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
     x = sm.args[0]
     if not isinstance(x, fx.Node):
         return None
+    sink = strip_sink(x)
+    sink_col, sink_nodes = None, set()
+    if sink is not None:
+        x, sink_col, sink_nodes = sink
     spine = _score_spine(x)
     head_split = None
     if spine is None:
@@ -633,6 +701,9 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
             cur = user
         elif user.op == "call_function" and user.target in MATMUL_OPS:
             break
+        elif sink_col is not None and cur is sm and _drops_sink(user, sm):
+            cur = user  # the sink column's probability is dropped
+            sink_col = (sink_col,)  # marks the slice as seen
         elif (head_split is not None and user.op == "call_function" and user.target in _RESHAPES
               and user.args[0] is cur and len(_shape(user)) == 3 and same_size(_shape(user)[0], xs[0] * xs[1])
               and _same_shape(_shape(user)[1:], xs[2:])):
@@ -641,6 +712,15 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
             raise _NotASite(f"softmax output feeds {user.target}, not a matmul with v")
         forward.append(cur)
     pv = next(iter(cur.users))
+    if sink is not None:
+        if not isinstance(sink_col, tuple):
+            raise _NotASite("attention sinks: the sink column's probability is not sliced off before p @ v")
+        sink_col = sink_col[0]
+        if head_split is not None or ndim != 4:
+            raise _NotASite("attention sinks on merged-head (3-D) scores are not rewritten")
+        if dropout_p > 0:
+            raise _NotASite("attention sinks with dropout are not rewritten (the lse correction is exact "
+                            "without dropout only)")
     if head_split is not None:
         if len(_shape(cur)) != 3:
             raise _NotASite("probabilities are not merged back to (B*H, S, S) before the matmul with v")
@@ -667,13 +747,15 @@ def _match_softmax(sm: fx.Node, index: int) -> AttentionSite | None:
         score, x, ndim, additive, alpha)
     layout = _layout_name(is_3d, q_perm, k_perm)
     out_val = _val(pv)
+    if sink_col is not None:
+        pattern += "+sink"
     return AttentionSite(
         name=f"attn{index}", pattern=pattern, q=q_node, k=k_node, v=v_node, output=pv, layout=layout,
         output_layout="3d" if is_3d else ("bshd" if out_perm == (0, 2, 1, 3) else "bhsd"),
         scale=scale, gqa_groups=groups, dropout_p=dropout_p, softmax_dtype=_val(sm).dtype, mask=mask,
         score=score_mod, mask_extras=mask_extras, score_extras=score_extras,
-        nodes=set(path) | set(forward) | {pv} | consumed, location=location_of(sm),
-        q_perm=None if q_perm == _identity(ndim) else q_perm,
+        nodes=set(path) | set(forward) | {pv} | consumed | sink_nodes, location=location_of(sm),
+        sink=sink_col, q_perm=None if q_perm == _identity(ndim) else q_perm,
         k_perm=None if k_perm == _identity(ndim) else k_perm,
         v_perm=None if v_perm == _identity(ndim) else v_perm,
         out_perm=None if out_perm == _identity(ndim) else out_perm, is_3d=is_3d,

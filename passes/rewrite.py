@@ -80,7 +80,8 @@ def _check_order(gm: fx.GraphModule, site: AttentionSite) -> None:
     """Every input of the new call must be defined before the node it replaces."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     anchor = order[site.output]
-    for n in [site.q, site.k, site.v, *site.mask_extras, *site.score_extras]:
+    sink = [site.sink] if site.sink is not None else []
+    for n in [site.q, site.k, site.v, *site.mask_extras, *site.score_extras, *sink]:
         if not isinstance(n, fx.Node) or n not in order:
             raise UnsupportedPatternError(f"input {n} of {site.name} is not a node of this graph")
         if order[n] >= anchor:
@@ -110,6 +111,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     call = b.call(RING_ATTENTION, (q, k, v, list(site.mask_extras), list(site.score_extras), seq_len, key,
                                    seed))
     out = b.call(operator.getitem, (call, 0))
+    if site.sink is not None:
+        out = _apply_sink(b, out, b.call(operator.getitem, (call, 1)), site.sink)
     if site.head_split is not None:
         out = b.call(aten.flatten.using_ints, (out, 0, 1))
     elif site.is_3d:
@@ -127,6 +130,17 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     return out
 
 
+def _apply_sink(b: _Builder, out: fx.Node, lse: fx.Node, sink: fx.Node) -> fx.Node:
+    """Attention sinks: the sink logit joins the denominator, ``Z' = Z + exp(sink)``, so the ring
+    output (normalised by ``Z = exp(lse)``) is scaled by ``exp(lse - logaddexp(lse, sink))``."""
+    lse4 = b.call(aten.unsqueeze.default, (lse, -1))
+    sink = b.call(aten.to.dtype, (sink, lse4.meta["val"].dtype))
+    total = b.call(aten.logaddexp.default, (lse4, sink))
+    factor = b.call(aten.exp.default, (b.call(aten.sub.Tensor, (lse4, total)),))
+    scaled = b.call(aten.mul.Tensor, (out, factor))
+    return b.call(aten.to.dtype, (scaled, out.meta["val"].dtype))
+
+
 def _substitute(site: AttentionSite, replaced: dict[fx.Node, fx.Node]) -> None:
     """Point a site at the new outputs of sites rewritten before it (attention feeding attention)."""
     if not replaced:
@@ -134,6 +148,8 @@ def _substitute(site: AttentionSite, replaced: dict[fx.Node, fx.Node]) -> None:
     site.q, site.k, site.v = (replaced.get(n, n) for n in (site.q, site.k, site.v))
     site.mask_extras = [replaced.get(n, n) for n in site.mask_extras]
     site.score_extras = [replaced.get(n, n) for n in site.score_extras]
+    if site.sink is not None:
+        site.sink = replaced.get(site.sink, site.sink)
 
 
 def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], options: Options) -> fx.GraphModule:

@@ -71,12 +71,33 @@ class SpellingLM(torch.nn.Module):
         self.q = torch.nn.Linear(dim, dim)
         self.kv_proj = torch.nn.Linear(dim, 2 * self.kv * self.d)
         self.head = torch.nn.Linear(dim, vocab)
+        self.extra = ()
+        if spelling == "gpt_oss_sinks":  # a learned sink logit per head: its gradient comes through lse
+            self.sinks = torch.nn.Parameter(torch.linspace(-1.0, 1.5, heads))
+            self.extra = ("sinks",)
 
     def forward(self, ids, labels):
         b, s = ids.shape
         x = self.emb(ids)
         q = self.q(x).view(b, s, self.heads, self.d).transpose(1, 2)
         k, v = self.kv_proj(x).view(b, s, 2, self.kv, self.d).permute(2, 0, 3, 1, 4)
-        y = self.fn(q, k, v, causal_additive(s, torch.float32).to(x.dtype))
+        extra = {"sinks": self.sinks} if "sinks" in self.extra else {}
+        y = self.fn(q, k, v, causal_additive(s, torch.float32).to(x.dtype), **extra)
         logits = self.head(x + y.transpose(1, 2).reshape(b, s, -1))
         return logits, F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+
+
+def gpt_oss_sinks(q, k, v, mask, sinks=None):
+    """gpt-oss: a learned per-head logit column joins the softmax, minus the row max, then is sliced off."""
+    B, H, S, D = q.shape
+    if sinks is None:
+        sinks = torch.linspace(-1.0, 2.0, H, dtype=q.dtype)
+    w = torch.matmul(q, k.transpose(2, 3)) * D ** -0.5 + mask
+    col = sinks.reshape(1, -1, 1, 1).expand(B, -1, S, -1)
+    logits = torch.cat([w, col], dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = F.softmax(logits, dim=-1, dtype=logits.dtype)
+    return torch.matmul(probs[..., :-1].to(v.dtype), v)
+
+
+SPELLINGS["gpt_oss_sinks"] = (gpt_oss_sinks, None)

@@ -105,7 +105,7 @@ def test_non_attention_softmax_reported_without_warning(fresh):
 
 # ---------------------------------------------------------------------------- two gloo ranks
 
-RANK_SPELLINGS = ["falcon_inplace", "inplace_chain", "xglm_round_trip", "falcon_sdpa_mqa"]
+RANK_SPELLINGS = ["falcon_inplace", "inplace_chain", "xglm_round_trip", "falcon_sdpa_mqa", "gpt_oss_sinks"]
 
 
 def _compare(spelling: str) -> dict:
@@ -147,3 +147,44 @@ def test_spelling_two_ranks_equal_one_process(rank_results, spelling):
         assert res is not None and "error" not in res, (rank, res)
         assert res["rewritten"] == [True] and any(res["sharded"]), res
         assert res["out"] < 1e-9 and res["loss"] < 1e-9 and res["grad"] < 1e-9, res
+
+
+def test_sinks_model_world_1_grads_include_the_sink_parameter(fresh):
+    torch.manual_seed(1)
+    model = SpellingLM("gpt_oss_sinks").double()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 53, (2, 12))
+    logits, loss = torch.compile(model, backend="ring", options={"inner": "eager"})(ids, ids)
+    assert [s.rewritten for s in backend.HISTORY[-1].sites] == [True]
+    loss.backward()
+    r_logits, r_loss = ref(ids, ids)
+    r_loss.backward()
+    torch.testing.assert_close(logits, r_logits, atol=1e-10, rtol=1e-10)
+    assert ref.sinks.grad.abs().min() > 1e-6  # the sink gradient is not trivially zero
+    for (name, p), r in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, r.grad, atol=1e-10, rtol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_ring_op_lse_gradient_matches_float64_autograd(kv_heads):
+    """The op's backward uses dlse (delta = rowsum(dout * out) - dlse): q, k, v gradients of a loss that
+    reads both outputs equal float64 autograd through logsumexp and softmax."""
+    from ringcompile.mods import causal
+    from ringcompile.spec import AttentionSpec, register_spec
+
+    g = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn(2, 3, 20, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 20, 8, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    key = register_spec(AttentionSpec(scale=0.3, mask=causal()))
+    out, lse = torch.ops.ringcompile.ring_attention(q, k, v, [], [], 20, key)
+    go, gl = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g,
+                                                                                   dtype=torch.float64)
+    got = torch.autograd.grad((out * go).sum() + (lse * gl).sum(), (q, k, v))
+    kr, vr = (t.repeat_interleave(3 // kv_heads, 1) for t in (k, v))
+    future = torch.ones(20, 20, dtype=torch.bool).triu(1)
+    s = (q @ kr.transpose(-1, -2) * 0.3).masked_fill(future, float("-inf"))
+    want = torch.autograd.grad((torch.softmax(s, -1) @ vr * go).sum() + (torch.logsumexp(s, -1) * gl).sum(),
+                               (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
