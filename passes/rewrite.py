@@ -141,6 +141,44 @@ def _apply_sink(b: _Builder, out: fx.Node, lse: fx.Node, sink: fx.Node) -> fx.No
     return b.call(aten.to.dtype, (scaled, out.meta["val"].dtype))
 
 
+def split_merged_head_biases(gm: fx.GraphModule) -> int:
+    """Bloom's spelling: ``baddbmm(bias, q, k)`` on (B*H, S, D) viewed to (B, H, S, S) for the mask chain.
+    Give each such (B*H, ., .) bias an ``unflatten(bias, 0, [B, H])`` view, so discovery (which does not
+    edit the graph) can lift it with the 4-D chain. Unused views are removed by the rewrite's dead-code
+    pass. Returns how many views were added."""
+    added = 0
+    for mm in list(gm.graph.nodes):
+        if mm.op != "call_function" or mm.target != aten.baddbmm.default or len(mm.users) != 1:
+            continue
+        view = next(iter(mm.users))
+        bias = mm.args[0]
+        heads = _head_split_sizes(mm, view)
+        if (heads is None or not isinstance(bias, fx.Node)
+                or not isinstance(bias.meta.get("val"), torch.Tensor)):
+            continue
+        shape = bias.meta["val"].shape
+        if len(shape) != 3 or shape[0] != mm.meta["val"].shape[0] or shape[0] == 1:
+            continue
+        if any(u.target == aten.unflatten.int and list(u.args[2]) == list(heads) for u in bias.users):
+            continue
+        _Builder(gm, view).call(aten.unflatten.int, (bias, 0, list(heads)))
+        added += 1
+    return added
+
+
+def _head_split_sizes(mm: fx.Node, view: fx.Node) -> tuple | None:
+    """(B, H) when ``view`` reshapes the 3-D ``mm`` to (B, H, S, S), else None."""
+    if view.op != "call_function" or view.target not in (aten.view.default, aten.reshape.default,
+                                                          aten._unsafe_view.default):
+        return None
+    sizes = view.args[1]
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 4 or len(mm.meta["val"].shape) != 3:
+        return None
+    if any(isinstance(z, int) and z < 0 for z in sizes[:2]):
+        return None
+    return sizes[0], sizes[1]
+
+
 def _substitute(site: AttentionSite, replaced: dict[fx.Node, fx.Node]) -> None:
     """Point a site at the new outputs of sites rewritten before it (attention feeding attention)."""
     if not replaced:
