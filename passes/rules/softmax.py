@@ -154,10 +154,8 @@ def _forward_step(user: fx.Node, fwd: Forward, spine: Spine) -> fx.Node:
     if spine.sink is not None and not fwd.sink_sliced and cur is fwd.nodes[0] and _drops_sink(user, cur):
         fwd.sink_sliced = True  # the sink column's probability is dropped
         return user
-    xs = _shape(spine.x)
-    if (spine.head_split is not None and user.target in _RESHAPES and len(_shape(user)) == 3
-            and same_size(_shape(user)[0], xs[0] * xs[1]) and _same_shape(_shape(user)[1:], xs[2:])):
-        return user  # (B, H, S, S) probabilities merged back to (B*H, S, S) for a bmm with v
+    if user.target in _RESHAPES:
+        return user  # a view of the probabilities: _check_forward wants them back in the shape p @ v reads
     raise Decline(f"softmax output feeds {user.target}, not a matmul with v")
 
 
@@ -258,8 +256,13 @@ def _check_forward(fwd: Forward, spine: Spine, ndim: int) -> None:
         if fwd.dropout_p > 0:
             raise Decline("attention sinks with dropout are not rewritten (the lse correction is exact "
                           "without dropout only)")
-    if spine.head_split is not None and len(_shape(fwd.probs)) != 3:
-        raise Decline("probabilities are not merged back to (B*H, S, S) before the matmul with v")
+    xs, ps = _shape(spine.x), _shape(fwd.probs)
+    if spine.head_split is not None:
+        if len(ps) != 3 or not same_size(ps[0], xs[0] * xs[1]) or not _same_shape(ps[1:], xs[2:]):
+            raise Decline("probabilities are not merged back to (B*H, S, S) before the matmul with v")
+    elif not _same_shape(ps, _shape(fwd.nodes[0])[:-1] + (xs[-1],)):  # (a sink column is sliced off)
+        raise Decline(f"probabilities are reshaped to {tuple(ps)} before the matmul with v (only view round "
+                      "trips back to the softmax's shape are rewritten)")
 
 
 def _rule(name: str, find_spine) -> Rule:

@@ -33,9 +33,10 @@ def xglm_round_trip(q, k, v, mask):
     q3, k3, v3 = (t.reshape(B * H, S, D) for t in (q, k, v))
     w = torch.bmm(q3 * D ** -0.5, k3.transpose(1, 2))
     w = w.view(B, H, S, S) + mask
-    w = torch.max(w, torch.tensor(torch.finfo(w.dtype).min, device=w.device))
+    w = torch.max(w, torch.full((), torch.finfo(w.dtype).min, dtype=w.dtype, device=w.device))
     w = w.view(B * H, S, S)
-    return torch.bmm(F.softmax(w, dim=-1), v3).view(B, H, S, D)
+    p = F.softmax(w, dim=-1).view(B, H, S, S).view(B * H, S, S)  # "keeps its gradient", as XGLM says
+    return torch.bmm(p, v3).view(B, H, S, D)
 
 
 def falcon_sdpa_mqa(q, k, v, mask):
