@@ -105,7 +105,8 @@ def test_non_attention_softmax_reported_without_warning(fresh):
 
 # ---------------------------------------------------------------------------- two gloo ranks
 
-RANK_SPELLINGS = ["falcon_inplace", "inplace_chain", "xglm_round_trip", "falcon_sdpa_mqa", "gpt_oss_sinks"]
+# a subset (the suite's time budget): in-place + MQA, the view round trips + floor clamp, sinks (lse gradient)
+RANK_SPELLINGS = ["falcon_inplace", "xglm_round_trip", "gpt_oss_sinks"]
 
 
 def _compare(spelling: str) -> dict:
