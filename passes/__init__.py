@@ -73,10 +73,13 @@ def normalize_stage(state: PipelineState) -> None:
 def find_attention_stage(state: PipelineState) -> None:
     """Reads the aten graph; writes ``state.sites`` (one AttentionSite per attention, with its mask and
     score mods) and ``state.rejected`` (attention-like subgraphs left alone, with reasons), and lists
-    every softmax / SDPA / flex call no site covers (``passes.find_attention``). The graph is unchanged."""
+    every softmax / SDPA / flex call no site covers (``passes.find_attention``). The graph is unchanged,
+    except for unused head-split views of Bloom's baddbmm biases (``rewrite.split_merged_head_biases``)."""
     from . import hops
     from .find_attention import find_attention
+    from .rewrite import split_merged_head_biases
 
+    split_merged_head_biases(state.graph)  # views discovery may use; dead unless a site reads them
     state.sites, state.rejected = find_attention(state.graph)
     state.rejected = [*state.rejected, *state.graph.meta.get(hops.REJECTED_KEY, [])]  # inside opaque HOPs
     for site in state.sites:
@@ -87,7 +90,10 @@ def find_attention_stage(state: PipelineState) -> None:
         else:
             state.decide(site.location, site.pattern, "site, not rewritable", site.reason, unsharded=True)
     for rej in state.rejected:
-        state.decide(rej.location, rej.pattern, "not a site", rej.reason, unsharded=True)
+        if getattr(rej, "attention", True):
+            state.decide(rej.location, rej.pattern, "not a site", rej.reason, unsharded=True)
+        else:  # a softmax that is not attention (a router, a feature softmax): reported, never warned about
+            state.decide(rej.location, rej.pattern, "not attention", rej.reason)
     _account_for_candidates(state)
 
 

@@ -169,6 +169,8 @@ def _chain_path(score: fx.Node, softmax_input: fx.Node) -> list[fx.Node]:
         if sum(1 for a in cur.args if a is prev) != 1:
             raise UnsupportedPatternError(f"{cur.name} ({cur.target}) uses the score twice")
         p = packet_of(cur)
+        if p is aten.max and len(cur.args) == 2:
+            p = aten.maximum  # torch.max(a, b) is torch.maximum(a, b)
         if p not in POINTWISE and p not in _CASTS and p not in _IDENTITY and p not in _VIEWS:
             raise UnsupportedPatternError(
                 f"{cur.name} ({cur.target}) in the score chain is not a pointwise op")
@@ -534,15 +536,39 @@ class _Extraction:
             self.scale_running(factor)
             self.parts.append(("custom", "custom", {}, None))
             return 1
+        if self._floor_clamp(n, ri):
+            return 1
         # any other pointwise op on the running score
         self._require_unmasked(n)
-        handler = POINTWISE[p]
+        handler = POINTWISE[aten.maximum if p is aten.max else p]
         self.bound = None
         args = [self.cur if j == ri else self._score_operand(x) for j, x in enumerate(a)]
         kwargs = {k: self._score_operand(x) for k, x in n.kwargs.items()}
         self.cur = handler(self.score_b, args, kwargs, [dtype_of(x) for x in a])
         self.parts.append(("custom", "custom", {}, None))
         return 1
+
+    def _floor_clamp(self, n: fx.Node, ri: int) -> bool:
+        """``max(s, c)`` / ``clamp_min(s, c)`` with ``c <= finfo(dtype).min`` (XGLM, OPT): the identity
+        on every finite score; it only turns -inf into finfo.min, which still masks."""
+        p = packet_of(n)
+        if p in (aten.maximum, aten.max) and len(n.args) == 2:
+            other = n.args[1 - ri]
+        elif p is aten.clamp_min and ri == 0:
+            other = n.args[1]
+        else:
+            return False
+        dt = dtype_of(n)
+        follow = (aten.detach_, aten.detach, aten.lift_fresh_copy, aten.clone, aten.alias, aten._to_copy)
+        while isinstance(other, fx.Node) and packet_of(other) in follow:
+            other = other.args[0]  # torch.tensor(c) as Dynamo records it: a lifted, detached constant
+        c = static_number(other)
+        if dt is None or not dt.is_floating_point or c is None or isinstance(c, bool):
+            return False
+        if not c <= torch.finfo(dt).min:
+            return False
+        self.note(f"{n.name}: max(scores, {c:g}) is the identity on finite scores (a finfo.min floor)")
+        return True
 
     def _chain_view(self, n: fx.Node, prev: fx.Node) -> None:
         """A reshape of the running score (e.g. (B*H, S, S) <-> (B, H, S, S)): re-index its dims."""

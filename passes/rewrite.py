@@ -80,7 +80,8 @@ def _check_order(gm: fx.GraphModule, site: AttentionSite) -> None:
     """Every input of the new call must be defined before the node it replaces."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     anchor = order[site.output]
-    for n in [site.q, site.k, site.v, *site.mask_extras, *site.score_extras]:
+    sink = [site.sink] if site.sink is not None else []
+    for n in [site.q, site.k, site.v, *site.mask_extras, *site.score_extras, *sink]:
         if not isinstance(n, fx.Node) or n not in order:
             raise UnsupportedPatternError(f"input {n} of {site.name} is not a node of this graph")
         if order[n] >= anchor:
@@ -110,6 +111,8 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     call = b.call(RING_ATTENTION, (q, k, v, list(site.mask_extras), list(site.score_extras), seq_len, key,
                                    seed))
     out = b.call(operator.getitem, (call, 0))
+    if site.sink is not None:
+        out = _apply_sink(b, out, b.call(operator.getitem, (call, 1)), site.sink)
     if site.head_split is not None:
         out = b.call(aten.flatten.using_ints, (out, 0, 1))
     elif site.is_3d:
@@ -127,6 +130,55 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     return out
 
 
+def _apply_sink(b: _Builder, out: fx.Node, lse: fx.Node, sink: fx.Node) -> fx.Node:
+    """Attention sinks: the sink logit joins the denominator, ``Z' = Z + exp(sink)``, so the ring
+    output (normalised by ``Z = exp(lse)``) is scaled by ``exp(lse - logaddexp(lse, sink))``."""
+    lse4 = b.call(aten.unsqueeze.default, (lse, -1))
+    sink = b.call(aten.to.dtype, (sink, lse4.meta["val"].dtype))
+    total = b.call(aten.logaddexp.default, (lse4, sink))
+    factor = b.call(aten.exp.default, (b.call(aten.sub.Tensor, (lse4, total)),))
+    scaled = b.call(aten.mul.Tensor, (out, factor))
+    return b.call(aten.to.dtype, (scaled, out.meta["val"].dtype))
+
+
+def split_merged_head_biases(gm: fx.GraphModule) -> int:
+    """Bloom's spelling: ``baddbmm(bias, q, k)`` on (B*H, S, D) viewed to (B, H, S, S) for the mask chain.
+    Give each such (B*H, ., .) bias an ``unflatten(bias, 0, [B, H])`` view, so discovery (which does not
+    edit the graph) can lift it with the 4-D chain. Unused views are removed by the rewrite's dead-code
+    pass. Returns how many views were added."""
+    added = 0
+    for mm in list(gm.graph.nodes):
+        if mm.op != "call_function" or mm.target != aten.baddbmm.default or len(mm.users) != 1:
+            continue
+        view = next(iter(mm.users))
+        bias = mm.args[0]
+        heads = _head_split_sizes(mm, view)
+        if (heads is None or not isinstance(bias, fx.Node)
+                or not isinstance(bias.meta.get("val"), torch.Tensor)):
+            continue
+        shape = bias.meta["val"].shape
+        if len(shape) != 3 or shape[0] != mm.meta["val"].shape[0] or shape[0] == 1:
+            continue
+        if any(u.target == aten.unflatten.int and list(u.args[2]) == list(heads) for u in bias.users):
+            continue
+        _Builder(gm, view).call(aten.unflatten.int, (bias, 0, list(heads)))
+        added += 1
+    return added
+
+
+def _head_split_sizes(mm: fx.Node, view: fx.Node) -> tuple | None:
+    """(B, H) when ``view`` reshapes the 3-D ``mm`` to (B, H, S, S), else None."""
+    if view.op != "call_function" or view.target not in (aten.view.default, aten.reshape.default,
+                                                          aten._unsafe_view.default):
+        return None
+    sizes = view.args[1]
+    if not isinstance(sizes, (list, tuple)) or len(sizes) != 4 or len(mm.meta["val"].shape) != 3:
+        return None
+    if any(isinstance(z, int) and z < 0 for z in sizes[:2]):
+        return None
+    return sizes[0], sizes[1]
+
+
 def _substitute(site: AttentionSite, replaced: dict[fx.Node, fx.Node]) -> None:
     """Point a site at the new outputs of sites rewritten before it (attention feeding attention)."""
     if not replaced:
@@ -134,6 +186,8 @@ def _substitute(site: AttentionSite, replaced: dict[fx.Node, fx.Node]) -> None:
     site.q, site.k, site.v = (replaced.get(n, n) for n in (site.q, site.k, site.v))
     site.mask_extras = [replaced.get(n, n) for n in site.mask_extras]
     site.score_extras = [replaced.get(n, n) for n in site.score_extras]
+    if site.sink is not None:
+        site.sink = replaced.get(site.sink, site.sink)
 
 
 def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], options: Options) -> fx.GraphModule:

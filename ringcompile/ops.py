@@ -86,14 +86,36 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.extra_float = [e.is_floating_point() for e in score_extras]
 
 
+def with_lse_grad(v: Tensor, out: Tensor, dout: Tensor, dlse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(v, out, dout) with one more column each, so that any flash-style backward also carries ``dlse``.
+
+    The backward needs ``delta = rowsum(dout * out) - dlse`` (``d lse_i / d s_ij = P_ij``). Every
+    kernel path computes ``delta`` from ``out`` itself (PyTorch's fused CPU backward does so
+    internally), so the shift is fed through the data instead: with ``v' = [v, 1]``,
+    ``out' = [out, 0]`` and ``dout' = [dout, dlse]``, ``dP'_ij = dP_ij + dlse_i`` while ``delta``
+    is unchanged, which is the same ``dS``; ``dv'``'s first columns are ``dv``. Exact without
+    dropout only (the rewrite never reads lse of a site with dropout)."""
+    v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+    out1 = torch.cat([out, out.new_zeros(*out.shape[:-1], 1)], -1)
+    dout1 = torch.cat([dout, dlse.to(dout.dtype).unsqueeze(-1)], -1)
+    return v1, out1, dout1
+
+
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, *rest = ctx.saved_tensors
     mask_extras = rest[:ctx.n_mask]
     score_extras = rest[ctx.n_mask:ctx.n_mask + ctx.n_score]
     seed = rest[ctx.n_mask + ctx.n_score] if ctx.has_seed else None
+    if dout is None:
+        dout = torch.zeros_like(out)
+    lse_grad = dlse is not None and not ctx.has_seed
+    if lse_grad:  # lse is read by the graph (attention sinks): its gradient joins dS
+        v, out, dout = with_lse_grad(v, out, dout, dlse)
     dq, dk, dv, d_extras = ring_attention_backward_op(
         dout.contiguous(), q, k, v, out, lse, list(mask_extras), list(score_extras), ctx.seq_len,
         ctx.spec_key, seed)
+    if lse_grad:
+        dv = dv[..., :-1]
     d_score = [g if is_float else None for g, is_float in zip(d_extras, ctx.extra_float, strict=True)]
     # one gradient per input actually passed: the dispatcher drops a trailing dropout_seed=None, so
     # the seed's None is returned only when a seed tensor was given

@@ -36,6 +36,8 @@ class AttentionSite:
     is_3d:        the attention ran on (B*H, S, D) tensors.
     head_split:   (B, H) sizes (ints or SymInt nodes) when (B*H, S, D) q/k/v are split into
                   (B, H, S, D) for the op because the mask chain ran on (B, H, S, S) scores.
+    sink:         a (B, H, S, 1)-broadcastable logit column that joins the softmax's denominator
+                  (gpt-oss attention sinks): out = out_ring * exp(lse - logaddexp(lse, sink)).
     output_dtype: dtype of ``output``'s value (the op's result is cast to it).
     notes:        extra facts for reports (what the mods extraction noticed, ...).
     """
@@ -66,6 +68,7 @@ class AttentionSite:
     out_perm: tuple[int, ...] | None = None
     is_3d: bool = False
     head_split: tuple | None = None
+    sink: fx.Node | None = None
     output_dtype: torch.dtype | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
