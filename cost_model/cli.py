@@ -29,6 +29,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default="h100-nvlink", help="profile name or path to a profile TOML")
     p.add_argument("--block-size", type=int, default=None, help="fix the ring K/V chunk (tokens)")
     p.add_argument("--explain", action="store_true", help="print the formulas of the best plan")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw time vs S per strategy and per-rank memory vs S for N=1,2,4,8 (matplotlib)")
     p.set_defaults(func=run_plan)
 
 
@@ -77,6 +79,32 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.explain:
         print()
         print(best.explain())
+    if args.plot:
+        return _plot(args, common)
+    return 0
+
+
+def _plot(args: argparse.Namespace, common: dict) -> int:
+    from .plots import draw_plan_plots, memory_curves, seq_grid, time_curves
+
+    grid = seq_grid(args.seq)
+    try:
+        times = time_curves(grid, **common)
+        memory = memory_curves(grid, getattr(args, "memory_model", None),
+                               **{k: v for k, v in common.items() if k != "world_size"})
+        budget = None
+        if args.memory_budget:
+            from .model_plan import parse_bytes
+
+            budget = parse_bytes(args.memory_budget)
+        path = draw_plan_plots(args.plot, grid, times, memory,
+                               title=f"{args.model or 'attention'}: H={args.heads} D={args.head_dim} "
+                                     f"N={args.world_size} profile={args.profile}",
+                               budget=budget, memory_label="whole model" if args.model else "attention")
+    except RingCompileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"plot: {path}")
     return 0
 
 
@@ -93,6 +121,7 @@ def _fill_from_model(args: argparse.Namespace) -> bool:
     from .model_plan import format_fit, load_model, parse_bytes
 
     shape = load_model(args.model)
+    args.memory_model = shape.memory
     dtype = getattr(__import__("torch"), args.dtype)
     optimizer = None if args.optimizer == "none" else args.optimizer
     args.heads = args.heads or shape.heads
