@@ -309,7 +309,7 @@ def _memory_bench():
     return checkpoint_memory
 
 
-MEMORY = {"seq": 128, "dim": 32, "layers": 2}
+MEMORY = {"seq": 64, "dim": 32, "layers": 1}
 
 
 def case_checkpoint_memory(rank, world):
@@ -328,7 +328,7 @@ CASES = ["case_ckpt_nanogpt_non_reentrant", "case_ckpt_nanogpt_reentrant", "case
 @pytest.fixture(scope="module")
 def results():
     pytest.importorskip("transformers")
-    return run_cases("test_training_setups", CASES, world=2, timeout=400)
+    return run_cases("test_training_setups", CASES, world=2, timeout=600)
 
 
 def _ok(results, name):
@@ -425,7 +425,7 @@ def test_checkpoint_memory_direction(results):
     finally:
         backend.inner_compile = original
     for r in ranks:
-        assert r["ckpt"]["sites"] == 2 and r["ckpt"]["sharded_graphs"] >= 1, r
+        assert r["ckpt"]["sites"] == MEMORY["layers"] and r["ckpt"]["sharded_graphs"] >= 1, r
         assert abs(r["ckpt"]["loss"] - one["loss"]) <= 1e-4 * abs(one["loss"])
     worst = max(r["ckpt"]["bytes"] for r in ranks)
     assert worst <= 0.6 * one["bytes"], (worst, one["bytes"])
