@@ -320,9 +320,8 @@ def case_checkpoint_memory(rank, world):
 
 
 CASES = ["case_ckpt_nanogpt_non_reentrant", "case_ckpt_nanogpt_reentrant", "case_ckpt_nanogpt_selective",
-         "case_ckpt_hf_llama", *SLOW, "case_cond_attention",
-         "case_unsharded_warning", "case_require_sharded", "case_mha_masks",
-         "case_checkpoint_memory"]
+         "case_ckpt_hf_llama", *SLOW, "case_checkpoint_memory"]
+# cond, the WARNING, require_sharded and the MHA masks run in test_training_reports.py (ranks of their own)
 
 
 @pytest.fixture(scope="module")
@@ -371,44 +370,6 @@ def test_hf_gradient_checkpointing_enable_is_sharded(results):
     # HF upcasts the logits to float32 for the loss: the loss is float32-accurate
     out = check_sharded(results, "case_ckpt_hf_llama", n_sites=2, loss_tol=1e-5)
     assert out["ring_tags"] == ["CheckpointPolicy.MUST_SAVE"] * 2, out["ring_tags"]
-
-
-def test_cond_with_attention_is_listed_with_the_reason(results):
-    for out in _ok(results, "case_cond_attention"):
-        assert out["err"] <= 1e-12 and not out["fallbacks"]
-        assert [p for p, _ in out["rejected"]] == ["cond"] and "control flow" in out["rejected"][0][1]
-        assert out["explain"] and out["explain"][0][0] == "cond" and "control flow" in out["explain"][0][1]
-
-
-@pytest.mark.parametrize(("name", "where", "why"), [
-    ("case_cond_attention", "(attend) [cond]", "control flow"),
-    ("case_unsharded_warning", "(_unmatched_model) [softmax]", "not the key dim")])
-def test_unsharded_attention_warns_once_naming_site_and_reason(results, name, where, why):
-    for out in _ok(results, name):
-        warnings = [m for level, m in out["logs"] if level == "WARNING"]
-        assert len(warnings) == 1, out["logs"]
-        assert "unsharded on 2 ranks" in warnings[0] and where in warnings[0] and why in warnings[0]
-        assert warnings[0].count(where.split(" ")[0]) == 1, "the site is named once"
-        assert out["graphs"] == [(0, False)] or out["graphs"] == [[0, False]]
-
-
-def test_require_sharded_raises(results):
-    for out in _ok(results, "case_require_sharded"):
-        for name, where in (("cond", "[cond]"), ("unmatched", "[softmax]")):
-            assert out[name].startswith("require_sharded=True") and where in out[name], out[name]
-        assert out["sharded_err"] <= 1e-12
-
-
-@pytest.mark.parametrize(("kind", "mask", "score"), [("none", "padding", "none"),
-                                                     ("bool", "causal & padding", "none"),
-                                                     ("float", "causal & padding", "none"),
-                                                     ("bert", "none", "padding bias")])
-def test_mha_masks_sharded(results, kind, mask, score):
-    for out in _ok(results, "case_mha_masks"):
-        got = out[kind]
-        assert got["masks"] == [(mask, score)] or got["masks"] == [[mask, score]], got["masks"]
-        assert got["graphs"] and all(sharded for n, sharded in got["graphs"] if n), got["graphs"]
-        assert not got["fallbacks"] and got["err"] <= 1e-10, got
 
 
 def test_checkpoint_memory_direction(results):
