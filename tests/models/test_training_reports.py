@@ -19,11 +19,13 @@ from test_training_setups import (  # noqa: E402, F401  (the ranks look the case
     case_cond_attention,
     case_mha_masks,
     case_require_sharded,
+    case_rewrite_declined,
     case_unsharded_warning,
 )
 
 pytestmark = pytest.mark.multirank
-CASES = ["case_cond_attention", "case_unsharded_warning", "case_require_sharded", "case_mha_masks"]
+CASES = ["case_cond_attention", "case_unsharded_warning", "case_require_sharded", "case_mha_masks",
+         "case_rewrite_declined"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,14 @@ def test_unsharded_attention_warns_once_naming_site_and_reason(results, name, wh
         assert "unsharded on 2 ranks" in warnings[0] and where in warnings[0] and why in warnings[0]
         assert warnings[0].count(where.split(" ")[0]) == 1, "the site is named once"
         assert out["graphs"] == [(0, False)] or out["graphs"] == [[0, False]]
+
+
+def test_rewrite_declined_site_warns_once(results):
+    for out in _ok(results, "case_rewrite_declined"):
+        assert out["err"] <= 1e-12 and out["sites"] and not out["sites"][0][1]
+        levels = [(level, m) for level, m in out["logs"] if "declined for the test" in m]
+        assert [level for level, _ in levels] == ["INFO", "WARNING"], out["logs"]
+        assert "unsharded on 2 ranks" in levels[1][1]
 
 
 def test_require_sharded_raises(results):

@@ -246,6 +246,23 @@ def case_unsharded_warning(rank, world):
     return _run_logged(_unmatched_model, {})
 
 
+def case_rewrite_declined(rank, world):
+    """A site the rewrite declines (forced here): INFO from the rewrite, the one WARNING from the backend."""
+    from ringcompile.passes import rewrite
+
+    from ringcompile.errors import UnsupportedPatternError
+
+    def decline(gm, site, options):
+        raise UnsupportedPatternError("declined for the test")
+
+    original = rewrite.rewrite_site
+    rewrite.rewrite_site = decline
+    try:
+        return _run_logged(functools.partial(F.scaled_dot_product_attention, is_causal=True), {})
+    finally:
+        rewrite.rewrite_site = original
+
+
 def case_require_sharded(rank, world):
     from ringcompile.errors import UnshardedAttentionError
 
