@@ -311,6 +311,9 @@ class IndexLifter:
         self.consumed = consumed
         self.notes = notes
         self._memo: dict[tuple, Expr] = {}
+        # flat offsets a reshape merged: node -> (the merged indices, their sizes), so splitting it back
+        # with the same sizes gives the indices themselves (see _reshape_idx)
+        self._merged: dict[fx.Node, tuple[Idx, tuple[int | None, ...]]] = {}
 
     # public -------------------------------------------------------------------------------
     def lift(self, n: Any, idx: Idx) -> Expr:
@@ -469,6 +472,15 @@ class IndexLifter:
             flat: Expr = 0
             for d in gj:  # row-major offset within the group
                 flat = B.add(B.mul(flat, static_int(ns[d])), idx[d])
+            sizes_x = tuple(static_int(xs[d]) for d in gi)
+            if len(gj) > 1 and isinstance(flat, fx.Node):
+                self._merged[flat] = (tuple(idx[d] for d in gj), tuple(static_int(ns[d]) for d in gj))
+            known = self._merged.get(flat) if isinstance(flat, fx.Node) else None
+            if known is not None and known[1] == sizes_x:
+                # a round trip (B, H) -> B*H -> (B, H): (b*H + h) // H is b and (b*H + h) % H is h
+                for d, part in zip(gi, known[0], strict=True):
+                    new[d] = part
+                continue
             stride = 1
             for d in reversed(gi):
                 size = static_int(xs[d])

@@ -72,7 +72,13 @@ def _entry(state: PipelineState) -> CompiledGraph:
 
 
 def _unsharded_message(left: list[Decision]) -> str:
-    return "; ".join(f"{d.location} [{d.pattern}] ({d.stage}: {d.outcome}): {d.reason}" for d in left)
+    """Each site once: a call inside an opaque HOP body is found both as the HOP's rejection and as a
+    body candidate; the first decision (the one with the specific reason) names it."""
+    named: dict[str, Decision] = {}
+    for d in left:
+        named.setdefault(d.location, d)
+    return "; ".join(f"{d.location} [{d.pattern}] ({d.stage}: {d.outcome}): {d.reason}"
+                     for d in named.values())
 
 
 def _check_all_sharded(state: PipelineState, fallback: str | None = None) -> None:
