@@ -237,8 +237,9 @@ def _account_for_candidates(state: PipelineState) -> None:
                 continue
             where = location_of(node)
             if body:
-                reason = (f"inside the body {body!r} of a higher-order op (checkpoint/wrap/cond...): bodies "
-                          "are not searched for attention yet")
+                reason = (f"inside the body {body!r} of a higher-order op the passes keep opaque (cond, a "
+                          "custom autograd.Function, ...): it runs unsharded (checkpoint / wrap / "
+                          "invoke_subgraph bodies are inlined and searched)")
                 attention = kind != "softmax" or _near_matmul(node)
                 state.decide(where, kind, "left alone", reason, unsharded=attention)
             elif kind == "softmax" and not _near_matmul(node):
