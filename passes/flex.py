@@ -59,6 +59,7 @@ class FlexCall:
     n_score: int
     n_mask: int
     location: str
+    note: str | None = None
 
 
 _CALLS: dict[str, FlexCall] = {}
@@ -116,19 +117,25 @@ def _fn_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
 
 
-def _check_block_mask(block: tuple, mask_gm: fx.GraphModule, q_len: Any, kv_len: Any, where: str) -> None:
-    """Refuse a BlockMask whose block sparsity might mean more than its mask_mod (see module docstring)."""
+def _check_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: Sequence[fx.Node],
+                      sizes: Sequence[Any], where: str) -> str | None:
+    """Refuse a BlockMask whose block sparsity might mean more than its mask_mod (see module docstring);
+    returns a note for the report, if any."""
+    q_len, kv_len = sizes[2], sizes[3]
     tensors = [a for a in block[:-1] if isinstance(a, fx.Node)]
     outside = [a.name for a in tensors if a.op in ("placeholder", "get_attr")]
     if outside:
+        why = _check_passed_block_mask(block, mask_gm, mask_bufs, sizes)
+        if why is None:
+            return "BlockMask passed in: its blocks were checked against mask_mod on the first call"
         raise UnsupportedPatternError(
             f"flex_attention at {where} takes a BlockMask built outside the compiled region (its block "
-            f"tensors {outside} are graph inputs): its blocks cannot be checked against mask_mod, so the "
-            "call is not rewritten. Call create_block_mask inside the compiled function to let it shard")
+            f"tensors {outside} are graph inputs) whose blocks cannot be vouched for: {why}; the call is "
+            "not rewritten")
     if _always_true(mask_gm):
         sizes = [a for a in block[:-1] if isinstance(a, int)]
         if len(sizes) >= 2 and _at_least(sizes[-2], q_len) and _at_least(sizes[-1], kv_len):
-            return  # flex's own default: one block covering everything, no mask
+            return None  # flex's own default: one block covering everything, no mask
         raise UnsupportedPatternError(
             f"flex_attention at {where} has block sparsity but no mask_mod (BlockMask.from_kv_blocks?): "
             "only masks given as a mask_mod are rewritten")
@@ -136,6 +143,63 @@ def _check_block_mask(block: tuple, mask_gm: fx.GraphModule, q_len: Any, kv_len:
         raise UnsupportedPatternError(
             f"flex_attention at {where}: the BlockMask was not built by create_block_mask from its mask_mod "
             "in the compiled region, so its blocks may not match mask_mod; the call is not rewritten")
+    return None
+
+
+def _example(node: fx.Node) -> torch.Tensor | None:
+    ex = getattr(node.meta.get("grapharg"), "example", None)
+    return ex if isinstance(ex, torch.Tensor) and not isinstance(ex, torch._subclasses.FakeTensor) else None
+
+
+def _blocks_dense(num: torch.Tensor | None, idx: torch.Tensor | None, n_kv: int) -> torch.Tensor | None:
+    """(B, H, q_blocks, kv_blocks) bool: which kv blocks the ordered (num, idx) pair lists per q block."""
+    if num is None or idx is None:
+        return None
+    keep = torch.arange(idx.shape[-1]).view(1, 1, 1, -1) < num.unsqueeze(-1).long()
+    dense = torch.zeros(*idx.shape[:3], n_kv + 1, dtype=torch.bool)
+    dense.scatter_(-1, torch.where(keep, idx.long(), n_kv), True)
+    return dense[..., :n_kv]
+
+
+def _check_passed_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: Sequence[fx.Node],
+                             sizes: Sequence[Any]) -> str | None:
+    """None when the example BlockMask means exactly mask_mod: every block holding a kept pair is listed,
+    and every block listed as full keeps all its pairs (for every batch and head of the call)."""
+    if _always_true(mask_gm):
+        return "it has no mask_mod (block sparsity alone is not rewritten)"
+    try:
+        B, H, S, Skv = (int(x) for x in sizes)
+        q_bs, kv_bs = int(block[-3]), int(block[-2])
+    except Exception:  # noqa: BLE001
+        return "its sizes are symbolic"
+    if S * Skv * B * H > 2**28:
+        return "too large to check at compile time"
+    ex = [_example(a) if isinstance(a, fx.Node) else None for a in block[2:6]]
+    bufs = [_example(b) for b in mask_bufs]
+    if ex[0] is None or ex[1] is None or any(b is None for b in bufs):
+        return "its example values are not available at compile time"
+    nq, nkv = -(-S // q_bs), -(-Skv // kv_bs)
+    partial = _blocks_dense(ex[0], ex[1], nkv)
+    full = _blocks_dense(ex[2], ex[3], nkv)
+    listed = partial if full is None else partial | full
+    lifted = lifted_mod_graph(mask_gm, True, len(bufs))
+    b = torch.arange(B).view(-1, 1, 1, 1)
+    h = torch.arange(H).view(1, -1, 1, 1)
+    q = torch.arange(nq * q_bs).view(1, 1, -1, 1)
+    kv = torch.arange(nkv * kv_bs).view(1, 1, 1, -1)
+    try:
+        keep = torch.as_tensor(lifted(b, h, q.clamp(max=S - 1), kv.clamp(max=Skv - 1), *bufs)).to(torch.bool)
+    except Exception as exc:  # noqa: BLE001
+        return f"mask_mod does not evaluate on index grids ({type(exc).__name__})"
+    keep = keep.expand(B, H, nq * q_bs, nkv * kv_bs) & (q < S) & (kv < Skv)
+    blocks = keep.view(B, H, nq, q_bs, nkv, kv_bs)
+    any_kept, all_kept = blocks.any(5).any(3), blocks.all(5).all(3)
+    listed = listed.expand(B, H, nq, nkv) if listed.shape[:2] != (B, H) else listed
+    if bool((any_kept & ~listed).any()):
+        return "it leaves out blocks where mask_mod keeps pairs"
+    if full is not None and bool((full.expand(B, H, nq, nkv) & ~all_kept).any()):
+        return "it lists blocks as full where mask_mod drops pairs"
+    return None
 
 
 def _at_least(size: Any, length: Any) -> bool:
@@ -172,7 +236,8 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
     qv, kv_ = _val(q), _val(k)
     if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or kv_.dim() != 4:
         raise UnsupportedPatternError(f"flex_attention at {where}: q/k/v are not 4-D")
-    _check_block_mask(block, mask_gm, qv.shape[2], kv_.shape[2], where)
+    sizes = [qv.shape[0], qv.shape[1], qv.shape[2], kv_.shape[2]]
+    note = _check_block_mask(block, mask_gm, mask_bufs, sizes, where)
     used: dict[int, list[fx.Node]] = {}
     for user in node.users:
         if user.op != "call_function" or user.target is not operator.getitem:
@@ -183,7 +248,7 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
             f"flex_attention at {where} returns max_scores (return_aux): not supported by the ring op")
     where = _user_location(node, where)
     key = f"flex{next(_ids)}"
-    _CALLS[key] = FlexCall(score_gm, mask_gm, float(scale), len(score_bufs), len(mask_bufs), where)
+    _CALLS[key] = FlexCall(score_gm, mask_gm, float(scale), len(score_bufs), len(mask_bufs), where, note)
     marker = graph.call_function(MARKER, (env[q], env[k], env[v], [env[b] for b in score_bufs],
                                           [env[b] for b in mask_bufs], key))
     marker.meta = {m: node.meta[m] for m in ("stack_trace", "nn_module_stack") if m in node.meta}
@@ -499,6 +564,7 @@ def flex_sites(gm: fx.GraphModule, first_index: int) -> list[AttentionSite]:
         k_node, k_perm = fold_permutes(k, (0, 1, 2, 3))
         v_node, v_perm = fold_permutes(v, (0, 1, 2, 3))
         notes = ["FlexAttention call: mods taken from the op's own score_mod / mask_mod graphs"]
+        notes += [call.note] if call.note else []
         sites.append(AttentionSite(
             name=f"attn{first_index + len(sites)}", pattern="flex_attention", q=q_node, k=k_node, v=v_node,
             output=outs[0], layout=_layout_name(False, q_perm, k_perm), output_layout="bhsd",
