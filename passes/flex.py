@@ -365,6 +365,10 @@ def lifted_mod_graph(gm: fx.GraphModule, is_mask: bool, n_extras: int) -> fx.Gra
         elif n.op == "get_attr":
             attrs[str(n.target).replace(".", "_")] = getattr(gm, str(n.target))
             env[n] = g.get_attr(str(n.target).replace(".", "_"))
+        elif n.op == "call_method" and n.target == "to" and _device_only(n):
+            env[n] = env[n.args[0]]  # x.to(device): a no-op on the index grids
+        elif n.op == "call_method" and n.target == "new_ones" and _bool_scalar(n):
+            env[n] = True  # HF's ``result = q_idx.new_ones((), dtype=bool)`` seed of an and-chain
         elif n.op in ("call_function", "call_method"):
             new = g.node_copy(n, lambda a: env[a])
             if n.op == "call_function" and n.target is operator.getitem \
@@ -375,6 +379,17 @@ def lifted_mod_graph(gm: fx.GraphModule, is_mask: bool, n_extras: int) -> fx.Gra
             raise UnsupportedPatternError(f"flex mod graph holds a {n.op} node ({n.target})")
     out = fx.GraphModule(attrs, g)
     return out
+
+
+def _device_only(n: fx.Node) -> bool:
+    rest = list(n.args[1:]) + list(n.kwargs.values())
+    return len(rest) == 1 and isinstance(rest[0], (torch.device, str)) and (
+        isinstance(rest[0], torch.device) or rest[0] in ("cpu", "cuda"))
+
+
+def _bool_scalar(n: fx.Node) -> bool:
+    size = n.args[1] if len(n.args) > 1 else n.kwargs.get("size")
+    return tuple(size or ()) == () and n.kwargs.get("dtype") == torch.bool
 
 
 def _vmapped(fn: Callable, is_mask: bool) -> Callable:
@@ -419,35 +434,37 @@ def check_broadcast_semantics(gm: fx.GraphModule, is_mask: bool, sizes: Sequence
     return None if ok else "broadcast evaluation differs from FlexAttention's elementwise evaluation"
 
 
-def _document_keep(expr: Any) -> bool:
-    """Every clause of the keep formula is an index clause or ``ids(b, q) == ids(b, kv)``."""
-    from .classify_mods import KV, SYMS, Q, _cnf_clauses, _literal_set
+def _document_keep(expr: Any) -> tuple[bool, bool]:
+    """(some clause of the keep formula is ``ids(b, q) == ids(b, kv)`` (packed documents), every
+    clause that is not over indices alone is one)."""
+    from .classify_mods import _cnf_clauses, _literal_set
 
-    clauses = _cnf_clauses(expr)
-    if not clauses:
-        return False
-    found = False
-    for clause in clauses:
+    found, only = False, True
+    for clause in _cnf_clauses(expr) or []:
         if all(_literal_set(atom, pol) is not None for atom, pol in clause):
             continue
-        if len(clause) != 1 or not clause[0][1]:
-            return False
-        atom = clause[0][0]
-        if not isinstance(atom, sympy.Eq):
-            return False
-        diff = sympy.expand(atom.args[0] - atom.args[1])
-        terms = sympy.Add.make_args(diff)
-        if len(terms) != 2:
-            return False
-        (c1, f1), (c2, f2) = (t.as_coeff_Mul() for t in terms)
-        undef = sympy.core.function.AppliedUndef
-        if not (isinstance(f1, undef) and isinstance(f2, undef) and f1.func == f2.func and c1 == -c2
-                and abs(c1) == 1):
-            return False
-        if {f1.args, f2.args} not in ({(SYMS["b"], Q), (SYMS["b"], KV)}, {(Q,), (KV,)}):
-            return False
-        found = True
-    return found
+        if _is_document_clause(clause):
+            found = True
+        else:
+            only = False
+    return found, only
+
+
+def _is_document_clause(clause: list) -> bool:
+    from .classify_mods import KV, SYMS, Q
+
+    undef = sympy.core.function.AppliedUndef
+    if len(clause) != 1 or not clause[0][1] or not isinstance(clause[0][0], sympy.Eq):
+        return False
+    atom = clause[0][0]
+    terms = sympy.Add.make_args(sympy.expand(atom.args[0] - atom.args[1]))
+    if len(terms) != 2:
+        return False
+    (c1, f1), (c2, f2) = (t.as_coeff_Mul() for t in terms)
+    if not (isinstance(f1, undef) and isinstance(f2, undef) and f1.func == f2.func and c1 == -c2
+            and abs(c1) == 1):
+        return False
+    return {f1.args, f2.args} in ({(SYMS["b"], Q), (SYMS["b"], KV)}, {(Q,), (KV,)})
 
 
 def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node]) -> Mod | None:
@@ -461,11 +478,11 @@ def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node]) -> Mod | None:
         return None
     phs = [n for n in lifted.graph.nodes if n.op == "placeholder"][4:]
     dtypes = {ph: dtype_of(e) for ph, e in zip(phs, extras, strict=True) if dtype_of(e) is not None}
-    document = False
+    document, only_document = False, False
     try:
         keep = _bool(to_sympy(lifted, extra_dtypes=dtypes))
         cls = classify_keep(keep)
-        document = _document_keep(keep.expr)
+        document, only_document = _document_keep(keep.expr)
     except Exception as exc:  # noqa: BLE001 - classification only enables fast paths
         log.info("flex: could not classify mask_mod (%r); treated as custom", exc)
         cls = MaskClass("custom", "custom", {}, None)
@@ -474,10 +491,10 @@ def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node]) -> Mod | None:
     if cls.index_only is not None and not extras:
         return canonical_mask(cls.index_only, cls.window, cls.params.get("causal", True))
     kind, desc = cls.kind, cls.description
-    if document:
-        kinds = [k for k in kind.split("+") if k not in ("dense", "custom")]
-        kind = "+".join([*kinds, "document"])
-        desc = " & ".join([d for d in desc.split(" & ") if d not in ("dense", "custom")] + ["document"])
+    if document:  # the doc-id clause is what classify_keep calls "dense"
+        drop = "dense" if only_document else None
+        kind = "+".join([k for k in kind.split("+") if k != drop] + ["document"])
+        desc = " & ".join([d for d in desc.split(" & ") if d != drop] + ["document"])
     return Mod(clamp_lookups(lifted), True, kind, dict(cls.params), len(extras), f"flex mask_mod: {desc}",
                aten_graph(lifted, True, extras))
 

@@ -145,8 +145,11 @@ def test_flex_call_is_rewritten_and_matches_float64(name):
     _check(name, run_case(name, seed=len(name)), sharded=False)
 
 
+RANK_CASES = ("alibi_causal", "document", "gqa_scale_lse")  # the rest differ only in the mods, covered above
+
+
 def case_all(rank, world):
-    return {name: run_case(name, seed=len(name)) for name in CASES}
+    return {name: run_case(name, seed=len(name)) for name in RANK_CASES}
 
 
 @pytest.mark.multirank
