@@ -122,7 +122,7 @@ def _check_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: Sequence
     """Refuse a BlockMask whose block sparsity might mean more than its mask_mod (see module docstring);
     returns a note for the report, if any."""
     q_len, kv_len = sizes[2], sizes[3]
-    tensors = [a for a in block[:-1] if isinstance(a, fx.Node)]
+    tensors = [a for a in block[:-1] if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor)]
     outside = [a.name for a in tensors if a.op in ("placeholder", "get_attr")]
     if outside:
         why = _check_passed_block_mask(block, mask_gm, mask_bufs, sizes)
@@ -216,6 +216,7 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
     Returns what ``env[node]`` becomes: the HOP's (out, lse, max) as new nodes (max: None).
     Raises UnsupportedPatternError for a call it cannot vouch for.
     """
+    where = _user_location(node, where)
     args = list(node.args) + [()] * (9 - len(node.args))
     q, k, v, score_ref, block, scale, kernel_options, score_bufs, mask_bufs = args[:9]
     score_bufs = node.kwargs.get("score_mod_other_buffers", score_bufs)
@@ -246,7 +247,6 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
     if any(used.get(2, [])) and any(u.users for u in used[2]):
         raise UnsupportedPatternError(
             f"flex_attention at {where} returns max_scores (return_aux): not supported by the ring op")
-    where = _user_location(node, where)
     key = f"flex{next(_ids)}"
     _CALLS[key] = FlexCall(score_gm, mask_gm, float(scale), len(score_bufs), len(mask_bufs), where, note)
     marker = graph.call_function(MARKER, (env[q], env[k], env[v], [env[b] for b in score_bufs],
