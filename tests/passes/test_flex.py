@@ -201,3 +201,44 @@ def test_cross_attention_flex_call_falls_back_with_the_reason():
     assert reason is not None and "cross-attention" in reason, reason
     alibi = lambda s, b, h, qi, ki: s + SLOPES[h] * (ki - qi)  # noqa: E731
     torch.testing.assert_close(out, flex_attention(q, k, v, score_mod=alibi))
+
+
+def test_explain_lists_flex_sites_and_refusals():
+    import ringcompile
+
+    q, k, v = _inputs(7)
+    torch._dynamo.reset()
+    report = ringcompile.explain(f_document, q, k, v)
+    assert [(s.pattern, s.rewritten) for s in report.sites] == [("flex_attention", True)], report
+    assert "document" in report.sites[0].mask and "test_flex.py" in report.sites[0].location, report
+    torch._dynamo.reset()
+    report = ringcompile.explain(lambda q, k, v: flex_attention(q, k[:, :, :32], v[:, :, :32]), q, k, v)
+    assert not report.sites and any("cross-attention" in f for f in report.fallbacks), report
+
+
+def test_new_sequence_lengths_recompile_dynamically_and_stay_exact():
+    torch._dynamo.reset()
+    compiled = torch.compile(f_causal_any_length, backend="ring", options={"inner": "eager"})
+    for n in (48, 80):
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+        with torch.no_grad():
+            out = compiled(q, k, v)
+        entry = backend.HISTORY[-1]
+        assert entry.fallback_reason is None and entry.sites[0].mask_description == "causal", entry
+        ref = _reference_any(q, k, v)
+        assert (out.double() - ref).abs().max() < 2e-5
+
+
+def f_causal_any_length(q, k, v):
+    n = q.shape[2]
+    mask = create_block_mask(_causal, None, None, n, n, device="cpu")
+    return flex_attention(q, k, v, block_mask=mask)
+
+
+def _reference_any(q, k, v):
+    q, k, v = (t.double() for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    n = q.shape[2]
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
