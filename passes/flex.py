@@ -301,12 +301,21 @@ def prune_block_masks(graph: fx.Graph) -> int:
     """
     nodes = list(graph.nodes)
 
-    def mutation_target(n: fx.Node) -> fx.Node | None:
+    if not any(is_marker(n) for n in nodes):
+        return 0
+
+    def written(n: fx.Node) -> Any:
+        """What a mutation writes into (False: not a mutation)."""
         if n.op == "call_function" and n.target is operator.setitem:
-            return n.args[0] if isinstance(n.args[0], fx.Node) else None
+            return n.args[0]
         if n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("_"):
-            return n.args[0] if isinstance(n.args[0], fx.Node) else None
-        return None
+            return n.args[0]
+        return False
+
+    def mutation_target(n: fx.Node) -> fx.Node | None:
+        """The fresh tensor a mutation writes into (a view could alias a live tensor: then None)."""
+        target = written(n)
+        return target if isinstance(target, fx.Node) and _is_fresh(target) else None
 
     alive: set[fx.Node] = set()
 
@@ -324,7 +333,7 @@ def prune_block_masks(graph: fx.Graph) -> int:
             mark(n)
         elif n.op == "call_function" and _fn_name(n) in _VMAP_STATE:
             continue
-        elif mutation_target(n) is None and n.is_impure():
+        elif mutation_target(n) is None and (n.is_impure() or written(n) is not False):
             mark(n)
     changed = True
     while changed:
@@ -342,6 +351,19 @@ def prune_block_masks(graph: fx.Graph) -> int:
             graph.erase_node(n)
             removed += 1
     return removed
+
+
+_FRESH_METHODS = ("new_zeros", "new_ones", "new_empty", "new_full", "clone")
+_FRESH_FUNCTIONS = ("zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like",
+                    "full_like")
+
+
+def _is_fresh(node: fx.Node) -> bool:
+    """A tensor allocated by this node (no alias of anything else)."""
+    if node.op == "call_method":
+        return node.target in _FRESH_METHODS
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in _FRESH_FUNCTIONS \
+        and getattr(node.target, "__module__", "") in ("torch", "torch._C._VariableFunctions", None)
 
 
 # ---------------------------------------------------------------------------- mods from the HOP's graphs

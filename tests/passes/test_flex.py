@@ -242,3 +242,17 @@ def _reference_any(q, k, v):
     n = q.shape[2]
     s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
     return torch.softmax(s, -1) @ v
+
+
+def test_dropping_the_block_mask_keeps_the_graphs_own_in_place_writes():
+    q, k, v = _inputs(8)
+    buf, want = torch.ones(4), torch.ones(4)
+
+    def fn(q, k, v, buf):
+        buf.view(2, 2).mul_(3.0)  # through a view: dead-looking, but it writes into the input
+        return flex_attention(q, k, v, block_mask=create_block_mask(_causal, None, None, S, S, device="cpu"))
+
+    out, reason = _reason(fn, q, k, v, buf)
+    want.view(2, 2).mul_(3.0)
+    assert reason is None and torch.equal(buf, want), (reason, buf)
+    assert (out.double() - _reference(q, k, v, keep=_causal)).abs().max() < 2e-5
