@@ -78,7 +78,7 @@ def find_attention_stage(state: PipelineState) -> None:
     from .find_attention import find_attention
 
     state.sites, state.rejected = find_attention(state.graph)
-    from .flex import flex_sites  # FLEX GLUE (until the rule registry lands): flex markers -> sites
+    from .flex_sites import flex_sites  # FLEX GLUE (until the rule registry lands): flex markers -> sites
 
     state.sites += flex_sites(state.graph, len(state.sites))
     state.rejected = [*state.rejected, *state.graph.meta.get(hops.REJECTED_KEY, [])]  # inside opaque HOPs
@@ -104,7 +104,7 @@ def rewrite_stage(state: PipelineState) -> None:
         from . import hops
 
         rewrite_attention(state.graph, state.sites, state.options)
-        from .flex import connect_lse  # FLEX GLUE: a return_lse caller reads the ring op's lse
+        from .flex_sites import connect_lse  # FLEX GLUE: a return_lse caller reads the ring op's lse
 
         connect_lse(state.graph, state.sites)
         hops.mark_ring_ops_saved(state.graph)  # checkpointed regions reuse (out, lse), never re-run the ring
