@@ -81,6 +81,9 @@ def find_attention_stage(state: PipelineState) -> None:
 
     split_merged_head_biases(state.graph)  # views discovery may use; dead unless a site reads them
     state.sites, state.rejected = find_attention(state.graph)
+    from .flex_sites import flex_sites  # FLEX GLUE (until the rule registry lands): flex markers -> sites
+
+    state.sites += flex_sites(state.graph, len(state.sites))
     state.rejected = [*state.rejected, *state.graph.meta.get(hops.REJECTED_KEY, [])]  # inside opaque HOPs
     for site in state.sites:
         if site.reason is None:
@@ -107,6 +110,9 @@ def rewrite_stage(state: PipelineState) -> None:
         from . import hops
 
         rewrite_attention(state.graph, state.sites, state.options)
+        from .flex_sites import connect_lse  # FLEX GLUE: a return_lse caller reads the ring op's lse
+
+        connect_lse(state.graph, state.sites)
         hops.mark_ring_ops_saved(state.graph)  # checkpointed regions reuse (out, lse), never re-run the ring
     for site in pending:
         if site.rewritten:

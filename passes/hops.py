@@ -29,6 +29,8 @@ import torch.fx as fx
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
 
+from . import flex
+
 log = get_logger(__name__)
 
 INLINED = ("wrap", "invoke_subgraph", "tag_activation_checkpoint")
@@ -149,11 +151,6 @@ class _Flattener:
             if name is not None:
                 self.hop(owner, node, name, env, ac)
                 continue
-            if node.op == "call_function" and getattr(node.target, "__name__", "") in _VMAP_FUNCTIONS:
-                raise UnsupportedPatternError(
-                    f"the graph runs functorch vmap ({node.target.__name__} at {_location(node)}), e.g. "
-                    "create_block_mask called inside the compiled code; the aten retrace cannot replay it. "
-                    "Build the BlockMask outside the compiled function to let the backend see the graph")
             if node.op == "get_attr":
                 obj = _attr(owner, str(node.target))
                 new = self.graph.get_attr(self.fresh_attr(obj, str(node.target)))
@@ -180,6 +177,9 @@ class _Flattener:
             env[node] = result
             log.debug("inlined %s body at %s", name, _location(node))
             return
+        if name == flex.HOP_NAME:  # FlexAttention: a marker op the find stage turns into a site
+            env[node] = flex.lower_flex_call(self.graph, owner, node, env, _attr, _location(node))
+            return
         if name in OPAQUE:
             for body in bodies(owner, node):
                 for call in attention_calls(body):
@@ -196,6 +196,14 @@ class _Flattener:
         raise UnsupportedPatternError(
             f"the graph holds torch.ops.higher_order.{name} at {_location(node)}, which the passes do not "
             "understand (retracing it would bake tensors into constants); the graph is left unchanged")
+
+
+def _refuse_vmap(graph: fx.Graph) -> None:
+    for node in graph.nodes:
+        if node.op == "call_function" and getattr(node.target, "__name__", "") in _VMAP_FUNCTIONS:
+            raise UnsupportedPatternError(
+                f"the graph runs functorch vmap ({node.target.__name__} at {_location(node)}) outside a "
+                "BlockMask of a FlexAttention call; the aten retrace cannot replay it")
 
 
 _OPAQUE_WHY = {
@@ -232,6 +240,8 @@ def flatten_hops(gm: fx.GraphModule) -> fx.GraphModule:
     """
     flat = _Flattener(gm)
     flat.copy(gm, {}, None, None)
+    flex.prune_block_masks(flat.graph)  # create_block_mask's vmap work: the ring rebuilds its own blocks
+    _refuse_vmap(flat.graph)
     out = fx.GraphModule(flat.attrs, flat.graph, class_name=type(gm).__name__)
     out.meta.update(gm.meta)
     out.meta[REJECTED_KEY] = flat.rejected

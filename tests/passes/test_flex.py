@@ -1,0 +1,258 @@
+"""FlexAttention calls under backend="ring": the HOP becomes a site whose mods are its own subgraphs.
+
+Forward only (PyTorch refuses flex backward on CPU while tracing): each case compiles a function
+calling ``flex_attention`` and compares it with a float64 eager attention written out here, at
+world size 1 and on 2 gloo ranks (where the graph must be sequence-sharded).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from ringcompile import backend
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from harness import run_cases  # noqa: E402
+
+B, H, HKV, S, D = 2, 4, 2, 48, 8
+
+
+def _inputs(seed: int, kv_heads: int = H):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, S, D, generator=g)
+    k = torch.randn(B, kv_heads, S, D, generator=g)
+    v = torch.randn(B, kv_heads, S, D, generator=g)
+    return q, k, v
+
+
+_g = torch.Generator().manual_seed(123)
+SLOPES = torch.rand(H, generator=_g) + 0.1
+REL = torch.randn(H, 2 * S - 1, generator=_g)
+DOC = torch.sort(torch.randint(0, 4, (B, S), generator=_g), dim=-1).values
+
+
+def _reference(q, k, v, scale=None, score=None, keep=None, lse=False):
+    """Float64 softmax attention with the mods written as index arithmetic on full grids."""
+    q, k, v = (t.double() for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    b, h = torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1)
+    qi, ki = torch.arange(S).view(1, 1, -1, 1), torch.arange(S).view(1, 1, 1, -1)
+    if score is not None:
+        s = score(s, b, h, qi, ki)
+    if keep is not None:
+        s = s.masked_fill(~keep(b, h, qi, ki).expand_as(s), float("-inf"))
+    out = torch.softmax(s, -1) @ v
+    return (out, torch.logsumexp(s, -1)) if lse else out
+
+
+# ---------------------------------------------------------------------------- cases: (fn, reference, kinds)
+
+
+def _causal(b, h, q, kv):
+    return q >= kv
+
+
+def _window(b, h, q, kv):
+    return (q >= kv) & (q - kv < 16)
+
+
+def _document(b, h, q, kv):
+    return (DOC[b, q] == DOC[b, kv]) & (q >= kv)
+
+
+def f_relative_bias(q, k, v):
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s + REL[h, ki - qi + S - 1])
+
+
+def f_alibi_causal(q, k, v):
+    mask = create_block_mask(_causal, None, None, S, S, device="cpu")
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s + SLOPES[h] * (ki - qi),
+                          block_mask=mask)
+
+
+def f_softcap(q, k, v):
+    return flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: torch.tanh(s / 2.0) * 2.0)
+
+
+def f_window(q, k, v):
+    return flex_attention(q, k, v, block_mask=create_block_mask(_window, None, None, S, S, device="cpu"))
+
+
+def f_document(q, k, v):
+    return flex_attention(q, k, v, block_mask=create_block_mask(_document, B, None, S, S, device="cpu"))
+
+
+def f_gqa_scale_lse(q, k, v):
+    mask = create_block_mask(_causal, None, None, S, S, device="cpu")
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=True, scale=0.3, return_lse=True)
+
+
+CASES = {
+    "relative_bias": (f_relative_bias, H, lambda q, k, v: _reference(
+        q, k, v, score=lambda s, b, h, qi, ki: s + REL.double()[h, ki - qi + S - 1]), ("none", "")),
+    "alibi_causal": (f_alibi_causal, H, lambda q, k, v: _reference(
+        q, k, v, score=lambda s, b, h, qi, ki: s + SLOPES.double()[h] * (ki - qi), keep=_causal),
+        ("causal", "alibi")),
+    "softcap": (f_softcap, H, lambda q, k, v: _reference(
+        q, k, v, score=lambda s, b, h, qi, ki: torch.tanh(s / 2.0) * 2.0), ("none", "softcap(2)")),
+    "window": (f_window, H, lambda q, k, v: _reference(q, k, v, keep=_window),
+               ("sliding_window(16)", "none")),
+    "document": (f_document, H, lambda q, k, v: _reference(q, k, v, keep=_document), ("document", "none")),
+    "gqa_scale_lse": (f_gqa_scale_lse, HKV, lambda q, k, v: _reference(q, k, v, scale=0.3, keep=_causal,
+                                                                      lse=True), ("causal", "none")),
+}
+
+
+RANK_CASES = ("alibi_causal", "document", "gqa_scale_lse")  # run on 2 ranks; the rest at world size 1
+
+
+def run_case(name: str, seed: int = 0) -> dict:
+    """Compile case ``name`` with the ring backend; errors against the reference and what was found."""
+    fn, kv_heads, ref_fn, _ = CASES[name]
+    torch._dynamo.reset()
+    q, k, v = _inputs(seed, kv_heads)
+    first = len(backend.HISTORY)
+    with torch.no_grad():
+        out = torch.compile(fn, backend="ring", options={"inner": "eager"}, dynamic=False)(q, k, v)
+    ref = ref_fn(q, k, v)
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    errs = [(o.double() - r).abs().max().item() for o, r in zip(outs, refs, strict=True)]
+    entries = [e for e in backend.HISTORY[first:] if e.sites or e.fallback_reason]
+    sites = [(s.mask_description, s.score_description, s.rewritten, s.gqa_groups) for e in entries
+             for s in e.sites]
+    sharded = [e.graph is not None and e.graph.meta.get("ringcompile_shard") is not None for e in entries]
+    fallbacks = [e.fallback_reason for e in entries]
+    return {"errs": errs, "sites": sites, "fallbacks": fallbacks, "sharded": sharded}
+
+
+def _check(name: str, got: dict, sharded: bool) -> None:
+    assert "error" not in got, got.get("error")
+    assert got["fallbacks"] == [None], got["fallbacks"]
+    assert max(got["errs"]) < 2e-5, got["errs"]
+    (mask, score, rewritten, groups), = got["sites"]
+    want_mask, want_score = CASES[name][3]
+    assert rewritten and want_mask in mask and want_score in score, got["sites"]
+    assert groups == H // CASES[name][1]
+    assert got["sharded"] == [sharded]
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if n not in RANK_CASES])  # the others: on 2 ranks below
+def test_flex_call_is_rewritten_and_matches_float64(name):
+    _check(name, run_case(name, seed=len(name)), sharded=False)
+
+
+def case_all(rank, world):
+    return {name: run_case(name, seed=len(name)) for name in RANK_CASES}
+
+
+@pytest.mark.multirank
+def test_flex_calls_on_two_ranks_are_sharded_and_match_float64():
+    results = run_cases("test_flex", ["case_all"], world=2, timeout=400)["case_all"]
+    for rank in results:
+        assert rank is not None and "error" not in rank, rank
+        for name, got in rank.items():
+            _check(name, got, sharded=True)
+
+
+# ---------------------------------------------------------------------------- what is refused
+
+
+def _reason(fn, *args) -> tuple[object, str | None]:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(fn, backend="ring", options={"inner": "eager"}, dynamic=False)(*args)
+    return out, backend.HISTORY[-1].fallback_reason
+
+
+def test_block_mask_passed_in_is_checked_against_its_mask_mod():
+    q, k, v = _inputs(5)
+    good = create_block_mask(_causal, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+
+    def fn(q, k, v, mask):
+        return flex_attention(q, k, v, block_mask=mask)
+
+    out, reason = _reason(fn, q, k, v, good)
+    assert reason is None and "checked against mask_mod" in " ".join(backend.HISTORY[-1].sites[0].notes)
+    assert (out.double() - _reference(q, k, v, keep=_causal)).abs().max() < 2e-5
+    # blocks that drop pairs mask_mod keeps: flex computes with them, so the backend must not rewrite it
+    sparse = create_block_mask(_window, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    lying = sparse._adjust(S, S) if hasattr(sparse, "_adjust") else sparse
+    lying.mask_mod = _causal
+    out, reason = _reason(fn, q, k, v, lying)
+    assert reason is not None and "leaves out blocks" in reason, reason
+    torch.testing.assert_close(out, flex_attention(q, k, v, block_mask=lying))
+
+
+def test_cross_attention_flex_call_falls_back_with_the_reason():
+    q, k, v = _inputs(6)
+    k, v = k[:, :, :32], v[:, :, :32]
+
+    def fn(q, k, v):
+        return flex_attention(q, k, v, score_mod=lambda s, b, h, qi, ki: s + SLOPES[h] * (ki - qi))
+
+    out, reason = _reason(fn, q, k, v)
+    assert reason is not None and "cross-attention" in reason, reason
+    alibi = lambda s, b, h, qi, ki: s + SLOPES[h] * (ki - qi)  # noqa: E731
+    torch.testing.assert_close(out, flex_attention(q, k, v, score_mod=alibi))
+
+
+def test_explain_lists_flex_sites_and_refusals():
+    import ringcompile
+
+    q, k, v = _inputs(7)
+    torch._dynamo.reset()
+    report = ringcompile.explain(f_document, q, k, v)
+    assert [(s.pattern, s.rewritten) for s in report.sites] == [("flex_attention", True)], report
+    assert "document" in report.sites[0].mask and "test_flex.py" in report.sites[0].location, report
+    torch._dynamo.reset()
+    report = ringcompile.explain(lambda q, k, v: flex_attention(q, k[:, :, :32], v[:, :, :32]), q, k, v)
+    assert not report.sites and any("cross-attention" in f for f in report.fallbacks), report
+
+
+def test_new_sequence_lengths_recompile_dynamically_and_stay_exact():
+    torch._dynamo.reset()
+    compiled = torch.compile(f_causal_any_length, backend="ring", options={"inner": "eager"})
+    for n in (48, 80):
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
+        with torch.no_grad():
+            out = compiled(q, k, v)
+        entry = backend.HISTORY[-1]
+        assert entry.fallback_reason is None and entry.sites[0].mask_description == "causal", entry
+        ref = _reference_any(q, k, v)
+        assert (out.double() - ref).abs().max() < 2e-5
+
+
+def f_causal_any_length(q, k, v):
+    n = q.shape[2]
+    mask = create_block_mask(_causal, None, None, n, n, device="cpu")
+    return flex_attention(q, k, v, block_mask=mask)
+
+
+def _reference_any(q, k, v):
+    q, k, v = (t.double() for t in (q, k, v))
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    n = q.shape[2]
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def test_dropping_the_block_mask_keeps_the_graphs_own_in_place_writes():
+    q, k, v = _inputs(8)
+    buf, want = torch.ones(4), torch.ones(4)
+
+    def fn(q, k, v, buf):
+        buf.view(2, 2).mul_(3.0)  # through a view: dead-looking, but it writes into the input
+        return flex_attention(q, k, v, block_mask=create_block_mask(_causal, None, None, S, S, device="cpu"))
+
+    out, reason = _reason(fn, q, k, v, buf)
+    want.view(2, 2).mul_(3.0)
+    assert reason is None and torch.equal(buf, want), (reason, buf)
+    assert (out.double() - _reference(q, k, v, keep=_causal)).abs().max() < 2e-5
