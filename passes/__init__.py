@@ -81,9 +81,6 @@ def find_attention_stage(state: PipelineState) -> None:
 
     split_merged_head_biases(state.graph)  # views discovery may use; dead unless a site reads them
     state.sites, state.rejected = find_attention(state.graph)
-    from .flex_sites import flex_sites  # FLEX GLUE (until the rule registry lands): flex markers -> sites
-
-    state.sites += flex_sites(state.graph, len(state.sites))
     state.rejected = [*state.rejected, *state.graph.meta.get(hops.REJECTED_KEY, [])]  # inside opaque HOPs
     for site in state.sites:
         if site.reason is None:
@@ -103,6 +100,7 @@ def find_attention_stage(state: PipelineState) -> None:
 def rewrite_stage(state: PipelineState) -> None:
     """Reads the sites; writes the graph: each rewritable site becomes one ``ring_attention`` call and
     its old subgraph is removed; sets ``site.rewritten`` or ``site.reason`` (``passes.rewrite``)."""
+    from .flex_sites import connect_lse
     from .rewrite import rewrite_attention
 
     pending = [s for s in state.sites if s.reason is None]
@@ -110,10 +108,10 @@ def rewrite_stage(state: PipelineState) -> None:
         from . import hops
 
         rewrite_attention(state.graph, state.sites, state.options)
-        from .flex_sites import connect_lse  # FLEX GLUE: a return_lse caller reads the ring op's lse
-
-        connect_lse(state.graph, state.sites)
         hops.mark_ring_ops_saved(state.graph)  # checkpointed regions reuse (out, lse), never re-run the ring
+    # a flex return_lse caller reads the ring op's lse; a flex marker left (not rewritten) cannot run,
+    # so the graph falls back with its rule's reason
+    connect_lse(state.graph, state.sites, state.rejected)
     for site in pending:
         if site.rewritten:
             state.decide(site.location, site.pattern, "rewritten", "one ringcompile.ring_attention call")

@@ -1,7 +1,7 @@
-"""After the retrace: FlexAttention markers (``passes.flex``) become attention sites.
+"""After the rewrite: a FlexAttention caller that asked for ``return_lse`` reads the ring op's lse.
 
-Its own module because it reads discovery's helpers (``find_attention``), and the pre-retrace half
-in ``passes.flex`` is imported by ``passes.hops``, which discovery's imports reach.
+The sites themselves come from the ``flex`` attention rule (``passes/rules/flex.py``); the pre-retrace
+half, which turns each ``flex_attention`` call into a marker, is ``passes.flex``.
 """
 
 from __future__ import annotations
@@ -10,78 +10,19 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.site import AttentionSite
 
-from .find_attention import _layout_name, _or_none, fold_permutes, same_size
-from .flex import _CALLS, check_broadcast_semantics, is_marker, mask_mod_from, score_mod_from
+from .find_attention import fold_permutes
+from .flex import _CALLS, is_marker
 
 
-def flex_sites(gm: fx.GraphModule, first_index: int) -> list[AttentionSite]:
-    """One AttentionSite per flex marker of the aten graph ``gm``; raises UnsupportedPatternError for
-    a marker it cannot describe (its graph must then fall back)."""
-    sites = []
-    for node in [n for n in gm.graph.nodes if is_marker(n)]:
-        q, k, v, score_bufs, mask_bufs, key = node.args
-        call = _CALLS.get(key)
-        if call is None:
-            raise UnsupportedPatternError(f"flex marker {key!r} has no record (graph compiled elsewhere?)")
-        outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
-        if len(outs) != 1:
-            raise UnsupportedPatternError(f"flex_attention at {call.location}: output read {len(outs)} times")
-        qv, kv_, vv = (n.meta["val"] for n in (q, k, v))
-        hq, hkv = qv.shape[1], kv_.shape[1]
-        if not same_size(kv_.shape[1], vv.shape[1]) or not same_size(qv.shape[2], kv_.shape[2]):
-            raise UnsupportedPatternError(
-                f"flex_attention at {call.location}: query/key lengths or key/value heads differ "
-                "(cross-attention is not sequence-sharded)")
-        groups = hq // hkv
-        if not same_size(groups * hkv, hq):
-            raise UnsupportedPatternError(
-                f"flex_attention at {call.location}: {hq} query heads, {hkv} kv heads")
-        where = call.location
-        sizes = [int(qv.shape[0]), int(hq), int(qv.shape[2]), int(kv_.shape[2])]
-        mask = mask_mod_from(call.mask_gm, mask_bufs)
-        score = score_mod_from(call.score_gm, score_bufs)
-        for mod, bufs in ((mask, mask_bufs), (score, score_bufs)):
-            if mod is None:
-                continue
-            probe = [_probe_value(b) for b in bufs]
-            why = check_broadcast_semantics(mod.fn, mod.is_mask, sizes, probe)
-            if why is not None:
-                raise UnsupportedPatternError(
-                    f"flex_attention at {where}: its {'mask_mod' if mod.is_mask else 'score_mod'} is not "
-                    f"rewritten: {why}")
-        q_node, q_perm = fold_permutes(q, (0, 1, 2, 3))
-        k_node, k_perm = fold_permutes(k, (0, 1, 2, 3))
-        v_node, v_perm = fold_permutes(v, (0, 1, 2, 3))
-        notes = ["FlexAttention call: mods taken from the op's own score_mod / mask_mod graphs"]
-        notes += [call.note] if call.note else []
-        sites.append(AttentionSite(
-            name=f"attn{first_index + len(sites)}", pattern="flex_attention", q=q_node, k=k_node, v=v_node,
-            output=outs[0], layout=_layout_name(False, q_perm, k_perm), output_layout="bhsd",
-            scale=call.scale,
-            gqa_groups=int(groups), mask=mask, score=score, mask_extras=list(mask_bufs),
-            score_extras=list(score_bufs), nodes={node, outs[0]}, location=where, q_perm=_or_none(q_perm),
-            k_perm=_or_none(k_perm), v_perm=_or_none(v_perm), output_dtype=outs[0].meta["val"].dtype,
-            notes=notes))
-    return sites
-
-
-def _probe_value(node: fx.Node) -> torch.Tensor:
-    """A real value to probe a mod with: the example of a module buffer / input, else zeros."""
-    example = node.meta.get("ringcompile_example")  # normalize.EXAMPLE_KEY (normalize imports this module)
-    if isinstance(example, torch.Tensor) and not isinstance(example, torch._subclasses.FakeTensor):
-        return example.detach()
-    val = node.meta["val"]
-    return torch.zeros([int(s) for s in val.shape], dtype=val.dtype)
-
-
-def connect_lse(gm: fx.GraphModule, sites: Sequence[AttentionSite]) -> None:
-    """After the rewrite: readers of a marker's lse read the ring op's lse; then no marker may remain."""
+def connect_lse(gm: fx.GraphModule, sites: Sequence[AttentionSite], rejected: Sequence[Any] = ()) -> None:
+    """After the rewrite: readers of a marker's lse read the ring op's lse; then no marker may remain
+    (a marker cannot run: a flex call that was not rewritten sends the graph back, with the reason
+    its rule gave, from ``rejected``)."""
     from ringcompile.ops import RingCall, is_ring_call
 
     calls = [RingCall.from_node(n) for n in gm.graph.nodes if is_ring_call(n)]
@@ -105,8 +46,10 @@ def connect_lse(gm: fx.GraphModule, sites: Sequence[AttentionSite]) -> None:
     gm.graph.eliminate_dead_code()
     left = [n for n in gm.graph.nodes if is_marker(n)]
     if left:
-        where = [_CALLS[n.args[5]].location if n.args[5] in _CALLS else n.name for n in left]
-        raise UnsupportedPatternError(f"FlexAttention call(s) at {where} were not rewritten")
+        why = {getattr(r, "node", None): r.reason for r in rejected}
+        where = {n: _CALLS[n.args[5]].location if n.args[5] in _CALLS else n.name for n in left}
+        what = [f"{where[n]}: {why.get(n, 'not rewritten')}" for n in left]
+        raise UnsupportedPatternError(f"FlexAttention call(s) not rewritten: {'; '.join(what)}")
     gm.recompile()
 
 
@@ -115,4 +58,4 @@ def _base(node: Any) -> Any:
 
 
 
-__all__ = ["connect_lse", "flex_sites"]
+__all__ = ["connect_lse"]

@@ -1,13 +1,13 @@
 """Attention rules as data: ``base`` holds the registry, each other module one family of spellings.
 
-Importing this package registers the built-in rules, in the order they are asked: SDPA, then the
+Importing this package registers the built-in rules, in the order they are asked: flex, SDPA, then the
 softmax spellings (sinks, Bloom's head split, the plain chain). Other modules add theirs with
-``register_rule`` (e.g. ``passes.flex`` for FlexAttention).
+``register_rule``; FlexAttention's rule (``flex``) anchors on the marker ``passes.flex`` leaves.
 """
 
 from __future__ import annotations
 
-from . import sdpa, softmax  # noqa: F401 - registration order
+from . import flex, sdpa, softmax  # noqa: F401 - registration order (flex is asked first on its marker)
 from .base import RULES, Decline, Match, NotAttention, Rule, register_rule, rules_for
 
 __all__ = ["RULES", "Decline", "Match", "NotAttention", "Rule", "register_rule", "rules_for"]
