@@ -92,6 +92,16 @@ def ptxas_path(capability: int = 90) -> str | None:
     return shutil.which("ptxas")
 
 
+def ptxas_version(capability: int = 90) -> str | None:
+    """``ptxas --version``'s release line, or None without ptxas."""
+    path = ptxas_path(capability)
+    if path is None:
+        return None
+    run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    m = re.search(r"release ([\d.]+), (V[\d.]+)", run.stdout)
+    return f"{m.group(1)} ({m.group(2)}, {os.path.basename(path)})" if m else None
+
+
 def ptxas_report(ptx: str, capability: int = 90) -> tuple[int, int] | None:
     """(registers, spill bytes) from ``ptxas -v`` on the PTX, or None when ptxas is unavailable."""
     path = ptxas_path(capability)
