@@ -89,6 +89,12 @@ class Measured:
         return (set(self.resources) >= set(need)
                 and all(self.resources[c][0] <= limit and self.resources[c][2] == 0 for c in need))
 
+    def failed(self, limit: int = SM90_SHARED_LIMIT, tile_class: str = "heavy") -> bool:
+        """Some specialisation ``tile_class`` needs was measured over ``limit`` or spilling."""
+        need = ("plain",) if tile_class == "plain" else TILE_CLASSES
+        return any(self.resources[c][0] > limit or self.resources[c][2] != 0
+                   for c in need if c in self.resources)
+
     @property
     def shared(self) -> int:
         return max(s for s, _, _ in self.resources.values())
@@ -135,9 +141,13 @@ def candidates(kernel: str, head_dim: int, dtype: torch.dtype, preferred: Tiles 
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     order = CANDIDATES[kernel]
+    rows = measured(kernel, head_dim, dtype)
     pick = chosen_measured(kernel, head_dim, dtype, limit, tile_class)
-    rest = order[order.index(pick.tiles) + 1:] if pick is not None and pick.tiles in order else order
-    table = (pick.tiles, *rest) if pick is not None else rest
+    if pick is not None and pick.tiles in order:
+        table = (pick.tiles, *order[order.index(pick.tiles) + 1:])
+    else:  # a cell the search did not finish: skip what it measured as not fitting
+        failed = {m.tiles for m in rows if m.failed(limit, tile_class)}
+        table = tuple(t for t in order if t not in failed)
     lead = (preferred,) if preferred is not None and preferred not in table else ()
     out = (*lead, *table)
     return out if SMALLEST in out else (*out, SMALLEST)
