@@ -25,7 +25,7 @@ import torch
 
 from . import cache, offline
 from .codegen import Generated, specialise, template_hash
-from .tiles import CANDIDATES, D_CLASSES, DTYPES, KERNELS, SM90_SHARED_LIMIT, TILE_CLASSES, Tiles
+from .tiles import D_CLASSES, DTYPES, KERNELS, SM90_SHARED_LIMIT, TILE_CLASSES, Tiles, candidate_order
 
 SPECS = TILE_CLASSES
 
@@ -58,7 +58,7 @@ def accepted(r: offline.Resources, limit: int = SM90_SHARED_LIMIT) -> bool:
 def search(kernel: str, d: int, dtype: str, log=print) -> list[tuple]:
     """Measured rows ``(tiles tuple, {spec: (shared, registers, spills)})`` up to the first accepted one."""
     rows = []
-    for tiles in CANDIDATES[kernel]:
+    for tiles in candidate_order(kernel, d):
         res = {}
         for spec in SPECS:
             t0 = time.time()
@@ -107,7 +107,37 @@ def render(measured: dict, elapsed: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown() -> str:
+    """The shipped table's choices as Markdown (for BENCHMARKS.md)."""
+    from . import tiles, tiles_sm90
+
+    out = [f"triton {tiles_sm90.TRITON_VERSION}, ptxas {tiles_sm90.PTXAS_VERSION}, measured "
+           f"{tiles_sm90.GENERATED}, limit {tiles_sm90.SHARED_LIMIT} B", "",
+           "| D | dtype | kernel | plain: tiles (M, N, warps, stages) | shared | regs | spills "
+           "| heavy: tiles | shared | regs | spills | candidates compiled |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for dtype in DTYPES:
+        for d in D_CLASSES:
+            for kernel in KERNELS:
+                cells = []
+                for cls in TILE_CLASSES:
+                    m = tiles.chosen_measured(kernel, d, DTYPES[dtype], tile_class=cls)
+                    if m is None:
+                        cells += ["not finished", "", "", ""]
+                        continue
+                    s, r, sp = m.resources[cls]
+                    t = m.tiles
+                    cells += [f"{t.block_m}, {t.block_n}, {t.num_warps}, {t.num_stages}",
+                              f"{s / 1024:.1f} KB", str(r), str(sp)]
+                n = len(tiles.measured(kernel, d, DTYPES[dtype]))
+                out.append(f"| {d} | {dtype} | {kernel} | " + " | ".join(cells) + f" | {n} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:] == ["--markdown"] or argv == ["--markdown"]:
+        print(markdown())
+        return 0
     if cache.interpret_mode():
         print("tile_search compiles for a GPU target: unset TRITON_INTERPRET", file=sys.stderr)
         return 2

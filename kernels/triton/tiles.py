@@ -59,7 +59,21 @@ CANDIDATES: dict[str, tuple[Tiles, ...]] = {
     "dq": _t((128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2),
              (64, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 1), (32, 16, 8, 1), (16, 16, 4, 1)),
 }
+# D=256: an [M, 256] fp32 accumulator alone is 128 registers a thread at M=64 and 4 warps, so the
+# big tiles of the lists above all spill (measured: 1.3-13.6 KB for the forward); start at 8 warps
+CANDIDATES_D256: dict[str, tuple[Tiles, ...]] = {
+    "fwd": _t((64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (32, 16, 4, 1),
+              (16, 16, 4, 1)),
+    "dkdv": _t((32, 64, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1), (32, 32, 8, 1), (16, 32, 8, 1), (16, 32, 4, 1),
+               (16, 16, 4, 1)),
+    "dq": _t((64, 32, 8, 2), (64, 16, 8, 2), (64, 16, 8, 1), (32, 16, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1)),
+}
 SMALLEST = Tiles(16, 16, 4, 1)
+
+
+def candidate_order(kernel: str, head_dim: int) -> tuple[Tiles, ...]:
+    """``kernel``'s candidates for ``head_dim``'s class, most preferred first."""
+    return (CANDIDATES_D256 if d_class(head_dim) == 256 else CANDIDATES)[kernel]
 
 
 def d_class(head_dim: int) -> int:
@@ -140,7 +154,7 @@ def candidates(kernel: str, head_dim: int, dtype: torch.dtype, preferred: Tiles 
     the same launch-time resource check and fallbacks."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
-    order = CANDIDATES[kernel]
+    order = candidate_order(kernel, head_dim)
     rows = measured(kernel, head_dim, dtype)
     pick = chosen_measured(kernel, head_dim, dtype, limit, tile_class)
     if pick is not None and pick.tiles in order:
