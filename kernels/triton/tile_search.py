@@ -123,7 +123,10 @@ def markdown() -> str:
                 for cls in TILE_CLASSES:
                     m = tiles.chosen_measured(kernel, d, DTYPES[dtype], tile_class=cls)
                     if m is None:
-                        cells += ["not finished", "", "", ""]
+                        rows = tiles.measured(kernel, d, DTYPES[dtype])
+                        exhausted = len(rows) == len(candidate_order(kernel, d)) and all(
+                            r.failed(SM90_SHARED_LIMIT, cls) for r in rows)
+                        cells += ["no spill-free candidate" if exhausted else "not finished", "", "", ""]
                         continue
                     s, r, sp = m.resources[cls]
                     t = m.tiles
