@@ -135,8 +135,25 @@ def _table() -> dict[tuple[str, int, str], tuple[Measured, ...]]:
     if tiles_sm90.TEMPLATE_HASH != template_hash():
         log.warning("kernels/triton/tiles_sm90.py was measured for another kernel template; regenerate "
                     "it with python -m ringcompile.kernels.triton.tile_search")
-    return {key: tuple(Measured(Tiles(*t), res) for t, res in rows)
-            for key, rows in tiles_sm90.MEASURED.items()}
+    cells = dict(tiles_sm90.MEASURED)
+    cells.update(_version_cells(version))
+    return {key: tuple(Measured(Tiles(*t), res) for t, res in rows) for key, rows in cells.items()}
+
+
+def _version_cells(version: str | None) -> dict:
+    """Cells re-measured with another Triton (``tiles_sm90_triton36.py`` for 3.6.x), where it
+    allocates differently: they replace the main table's cells when that Triton runs."""
+    if not version:
+        return {}
+    import importlib
+
+    name = "tiles_sm90_triton" + "".join(version.split(".")[:2])
+    try:
+        module = importlib.import_module(f"{__package__}.{name}")
+    except ImportError:
+        return {}
+    log.info("Triton %s: %d tile table cells from %s", version, len(module.MEASURED), name)
+    return dict(module.MEASURED)
 
 
 def measured(kernel: str, head_dim: int, dtype: torch.dtype) -> tuple[Measured, ...]:
