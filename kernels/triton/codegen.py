@@ -26,6 +26,11 @@ _TEMPLATE_TEXT = template.HEADER + template.FORWARD + template.BACKWARD_DKDV + t
 _TEMPLATE_HASH = hashlib.sha256(_TEMPLATE_TEXT.encode()).hexdigest()[:12]
 
 
+def template_hash() -> str:
+    """Hash of the kernel template text (the tile table records the one it was measured for)."""
+    return _TEMPLATE_HASH
+
+
 FP32_DOT_ENV = "RINGCOMPILE_FP32_DOT"
 FP32_DOT_CHOICES = ("tf32", "tf32x3", "ieee")
 
@@ -111,6 +116,17 @@ class Generated:
     def key(self) -> str:
         return self.spec.key()
 
+    def kernel_extras(self, mask_extras: Sequence[torch.Tensor], score_extras: Sequence[torch.Tensor]
+                      ) -> list[torch.Tensor]:
+        """The extra tensors in kernel-parameter order: each mod's own extras, then the tensors it
+        closes over (their current values; raises LoweringError if one changed rank or dtype)."""
+        out: list[torch.Tensor] = []
+        for low, extras in ((self.mask, mask_extras), (self.score, score_extras)):
+            out += list(extras)
+            if low is not None:
+                out += low.captured_now()
+        return out
+
 
 def specialise(
     mask: Mod | None, score: Mod | None, *, head_dim: int, v_head_dim: int, dtype: torch.dtype, groups: int,
@@ -176,7 +192,7 @@ def _grad_params(score: LoweredMod | None) -> str:
         return ""
     params = []
     for e in score.extras:
-        if e.dtype.is_floating_point:
+        if e.dtype.is_floating_point and not e.captured:  # captured tensors get no gradient
             params += [f"{e.prefix}_grad_ptr", *[f"{e.prefix}_gstride{d}" for d in range(e.ndim)]]
     return "".join(f"{p},\n    " for p in params)
 
@@ -277,4 +293,11 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
     }
     source = (template.fill(template.HEADER, holes) + template.fill(template.FORWARD, holes)
               + template.fill(template.BACKWARD_DKDV, holes) + template.fill(template.BACKWARD_DQ, holes))
-    return source
+    return source + f"\n\n# which row of the measured tile table launches use (kernels/triton/tiles.py)\n" \
+        f"TILE_CLASS = {tile_class(spec)!r}\n"
+
+
+def tile_class(spec: Specialisation) -> str:
+    """"plain" when the kernels carry no extra loads, score mod or dropout (tiles.TILE_CLASSES)."""
+    heavy = spec.extras_sig or spec.score_result or spec.score_lines or spec.dropout
+    return "heavy" if heavy else "plain"

@@ -134,12 +134,14 @@ class TritonBlocks:
         return None, True
 
     def _module(self, q, k, v, mask, score, mask_extras, score_extras, dropout=False):
-        """The kernel module, or None after logging why the reference path runs instead."""
+        """(kernel module, its extra tensors in parameter order: the mods' extras and the tensors they
+        close over), or (None, None) after logging why the reference path runs instead."""
         reason, hard = self._cannot_run(q)
         gen = None
         if reason is None:
             try:
                 gen = self.generated(q, k, v, mask, score, mask_extras, score_extras, dropout)
+                kernel_extras = gen.kernel_extras(mask_extras, score_extras)
             except LoweringError as exc:
                 reason = str(exc)
         if reason is not None:
@@ -148,8 +150,8 @@ class TritonBlocks:
             if reason not in self._warned:
                 self._warned.add(reason)
                 log.info("site %s: running the PyTorch block path instead of Triton: %s", self.name, reason)
-            return None
-        return cache.load(gen.key, gen.source)
+            return None, None
+        return cache.load(gen.key, gen.source), kernel_extras
 
     def _launch_opts(self, q: torch.Tensor, tiles: Tiles) -> dict[str, int]:
         opts = {"BLOCK_M": tiles.block_m, "BLOCK_N": tiles.block_n}
@@ -168,7 +170,7 @@ class TritonBlocks:
         """(out, lse) of one block pair, fp32 (fp64 for fp64 inputs); see reference.block_forward."""
         _check_shapes(q, k, v)
         drop = _dropout_args(dropout_p, dropout_seed)
-        module = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
+        module, kernel_extras = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
             return blocked_reference_forward(q, k, v, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
                                              seq_len=seq_len, mask=mask, score=score, mask_extras=mask_extras,
@@ -183,7 +185,7 @@ class TritonBlocks:
         if out.numel() == 0 or lse.numel() == 0:
             return out.zero_(), lse.fill_(float("-inf"))
         seq = int(seq_len) if seq_len is not None else int(kv_offset) + Sk
-        extras = _extra_args([*mask_extras, *score_extras], q.device)
+        extras = _extra_args(kernel_extras, q.device)
 
         def run(tiles: Tiles) -> None:
             grid = (_cdiv(Sq, tiles.block_m), B * Hq)
@@ -193,22 +195,24 @@ class TritonBlocks:
                 **self._launch_opts(q, tiles))
 
         with _serialised(q):
-            self._launch("fwd", q, k, run, tune=True)
+            self._launch("fwd", q, k, run, tune=True, tile_class=getattr(module, "TILE_CLASS", "heavy"))
         return out, lse
 
-    def _launch(self, kernel: str, q: torch.Tensor, k: torch.Tensor, run, tune: bool = False) -> None:
+    def _launch(self, kernel: str, q: torch.Tensor, k: torch.Tensor, run, tune: bool = False,
+                tile_class: str = "heavy") -> None:
         """Run ``kernel`` with its tiles: the interpreter's small tiles on CPU; on a GPU the kernel's
         own candidates (``tiles.candidates``; the planner's tiles lead for the forward only), the
         first that the device accepts, retrying smaller ones on Triton's OutOfResources."""
         if q.device.type == "cpu":
             run(self.tiles or INTERPRET_TILES)
             return
-        key = (kernel, q.shape[-1], q.dtype, q.shape[2] // 1024, k.shape[2] // 1024)
+        key = (kernel, tile_class, q.shape[-1], q.dtype, q.shape[2] // 1024, k.shape[2] // 1024)
         known = self._chosen.get(key)
         if known is not None:
             run(known)
             return
-        cands = candidates(kernel, q.shape[-1], q.dtype, self.tiles if kernel == "fwd" else None)
+        cands = candidates(kernel, q.shape[-1], q.dtype, self.tiles if kernel == "fwd" else None,
+                           tile_class=tile_class)
         if tune and q.dtype in (torch.bfloat16, torch.float16) and self.tiles is None:
             cands = (_autotune(run, cands), *cands)
         too_big = _out_of_resources_error()
@@ -238,7 +242,7 @@ class TritonBlocks:
         """(dq, dk, dv, d_score_extras) of one block pair; see reference.block_backward."""
         _check_shapes(q, k, v)
         drop = _dropout_args(dropout_p, dropout_seed)
-        module = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
+        module, kernel_extras = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
             return blocked_reference_backward(
                 q, k, v, out, dout, lse, scale=scale, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
@@ -262,7 +266,7 @@ class TritonBlocks:
         lse = lse.to(acc).contiguous()
         dout = dout.to(q.dtype)
         seq = int(seq_len) if seq_len is not None else int(kv_offset) + Sk
-        extras = _extra_args([*mask_extras, *score_extras], q.device)
+        extras = _extra_args(kernel_extras, q.device)
         grads: list[Any] = []
         for g in d_extras:
             if g is not None:
@@ -281,8 +285,8 @@ class TritonBlocks:
                 **self._launch_opts(q, tiles))
 
         with _serialised(q):
-            self._launch("dkdv", q, k, run_dkdv)
-            self._launch("dq", q, k, run_dq)
+            self._launch("dkdv", q, k, run_dkdv, tile_class=getattr(module, "TILE_CLASS", "heavy"))
+            self._launch("dq", q, k, run_dq, tile_class=getattr(module, "TILE_CLASS", "heavy"))
         return dq, dk, dv, d_extras
 
 

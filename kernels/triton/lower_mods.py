@@ -4,7 +4,10 @@ Inside a kernel program one (batch, head) pair is fixed, so ``b`` and ``h`` are 
 ``q_idx`` is a column ``[BLOCK_M, 1]``, ``kv_idx`` a row ``[1, BLOCK_N]`` and the score a
 ``[BLOCK_M, BLOCK_N]`` tile; every node of the mod graph becomes one named Triton variable
 and broadcasting does the rest. Lookups into extras (``key_mask[b, kv]``, ``slopes[h]``)
-become bounds-checked pointer loads whose strides are kernel arguments. For score mods the
+become bounds-checked pointer loads whose strides are kernel arguments. Tensors a mod closes
+over (``lengths[b]``, ``slopes[h]``, ``doc_ids[b, kv_idx]``: FlexAttention's usual form) are
+traced as graph constants and passed the same way, as extra kernel arguments after the mod's
+own extras (``captured``); they get no gradient, as on the PyTorch block path. For score mods the
 derivative with respect to the score (and, for floating extras, with respect to each looked-up
 value) is produced by forward-mode differentiation of the same graph, so the backward kernel
 needs no hand-written rule per mod. Anything else raises ``LoweringError``: the caller then
@@ -20,7 +23,7 @@ import math
 import operator
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -79,6 +82,7 @@ class ExtraArg:
     prefix: str
     ndim: int
     dtype: torch.dtype
+    captured: bool = False  # a tensor the mod closes over (a graph constant), not one of its extras
 
     def params(self) -> list[str]:
         dims = range(self.ndim)
@@ -108,6 +112,42 @@ class LoweredMod:
     d_score: str | None = None
     extra_grads: list[tuple[ExtraLoad, list[str], str]] = dataclasses.field(default_factory=list)
     loads: list[ExtraLoad] = dataclasses.field(default_factory=list)
+    captured: list[CapturedTensor] = dataclasses.field(default_factory=list)
+
+    def captured_now(self) -> list[torch.Tensor]:
+        """The captured tensors' current values, in kernel-argument order (see ``CapturedTensor``)."""
+        out = []
+        for c in self.captured:
+            t = c.current()
+            if t.dim() != c.traced.dim() or t.dtype != c.traced.dtype:
+                raise LoweringError(f"the tensor `{c.where}` captured by the mod changed from "
+                                    f"{c.traced.dim()}-D {c.traced.dtype} to {t.dim()}-D {t.dtype} after the "
+                                    "kernels were generated for it")
+            out.append(t)
+        return out
+
+
+@dataclasses.dataclass
+class CapturedTensor:
+    """A tensor the mod closes over: the one seen when tracing, and where the mod reads it from.
+
+    ``where`` names a closure cell or a global of the mod's function (or of a function it
+    calls), so rebinding that name (``lengths = new_lengths`` between steps) is seen at the next
+    call, as the mod itself would see it; in-place updates are seen because the same tensor is
+    passed. A tensor reached some other way (an attribute, or created inside the mod) is the
+    traced one.
+    """
+
+    traced: torch.Tensor
+    where: str = "a constant of the mod's graph"
+    getter: Callable[[], object] | None = None
+
+    def current(self) -> torch.Tensor:
+        if self.getter is not None:
+            value = self.getter()
+            if isinstance(value, torch.Tensor):
+                return value
+        return self.traced
 
 
 # ---------------------------------------------------------------------------- tracing
@@ -140,7 +180,8 @@ def trace_mod(mod: Mod, extras: Sequence[torch.Tensor], score_dtype: torch.dtype
         level = fake_log.level
         fake_log.setLevel(logging.CRITICAL)
         try:
-            return make_fx(mod.fn, tracing_mode="fake")(*args)
+            # real tensors the mod closes over become get_attr constants (lowered as captured extras)
+            return make_fx(mod.fn, tracing_mode="fake", _allow_non_fake_inputs=True)(*args)
         except Exception as exc:  # the user's function may do anything; say what failed
             raise LoweringError(f"could not trace {mod.describe()} with make_fx: {type(exc).__name__}: {exc}"
                                 ) from exc
@@ -195,6 +236,7 @@ class _Lowerer:
         self.extra_args: list[ExtraArg] = []
         self.extra_of: dict[fx.Node, int] = {}
         self.extras = list(extras)
+        self.captured: list[torch.Tensor] = []
 
     # -- helpers
     def fail(self, node: fx.Node, why: str) -> LoweringError:
@@ -284,7 +326,13 @@ class _Lowerer:
         if isinstance(attr, torch.Tensor) and attr.dim() == 0:
             self.values[node] = _const(attr.item())
             return
-        raise self.fail(node, "closed-over tensors are not supported (pass them as extras)")
+        if not isinstance(attr, torch.Tensor) or attr.dtype not in TL_DTYPES:
+            raise self.fail(node, f"constant {type(attr).__name__} of dtype {getattr(attr, 'dtype', None)}")
+        # a tensor the mod closes over: one more kernel argument, indexed like an extra
+        j = sum(a.captured for a in self.extra_args)
+        self.extra_of[node] = len(self.extra_args)
+        self.extra_args.append(ExtraArg(f"{self.prefix}_c{j}", attr.dim(), attr.dtype, captured=True))
+        self.captured.append(attr)
 
     def lower_call(self, node: fx.Node) -> None:
         t = node.target
@@ -608,7 +656,8 @@ def lower_mod(mod: Mod, extras: Sequence[torch.Tensor], prefix: str, score_dtype
         lines.append(f"{prefix}_keep = {res_var} != 0")
         res_var = f"{prefix}_keep"
     origin = f"{mod.describe()} (kind {mod.kind!r})\n" + gm.code.strip()
-    lowered = LoweredMod(lines, res_var, low.extra_args, origin, loads=list(low.loads.values()))
+    lowered = LoweredMod(lines, res_var, low.extra_args, origin, loads=list(low.loads.values()),
+                         captured=locate_captured(mod, low.captured))
     if result.is_const:
         lowered.lines.append(f"{prefix}_const = {result.expr}")
         lowered.result = f"{prefix}_const"
@@ -619,8 +668,9 @@ def lower_mod(mod: Mod, extras: Sequence[torch.Tensor], prefix: str, score_dtype
         lowered.grad_lines = der.lines
         lowered.d_score = None if d == "1.0" else (d if d is not None else "0.0")
         for node, load in low.loads.items():
-            if not low.extra_args[load.extra].dtype.is_floating_point:
-                continue
+            arg = low.extra_args[load.extra]
+            if not arg.dtype.is_floating_point or arg.captured:
+                continue  # captured tensors are constants to the op (no gradient), as on the block path
             dx = _Deriver(low, node, f"x_{node.name}")
             dexpr = dx.run()
             if dexpr is not None:
@@ -630,6 +680,48 @@ def lower_mod(mod: Mod, extras: Sequence[torch.Tensor], prefix: str, score_dtype
                 if not any(ld.extra == i for ld in low.loads.values()):
                     raise LoweringError(f"{mod.describe()}: floating extra {i} is never indexed")
     return lowered
+
+
+def locate_captured(mod: Mod, tensors: Sequence[torch.Tensor]) -> list[CapturedTensor]:
+    """Where each traced constant comes from: a closure cell or global the mod's function reads
+    (looking through the functions and Mods it closes over or calls, as ``and_masks`` builds)."""
+    found: dict[int, tuple[str, Callable[[], object]]] = {}
+    seen: set[int] = set()
+
+    def visit(obj: object, depth: int) -> None:
+        if isinstance(obj, Mod):
+            obj = obj.fn
+        if isinstance(obj, (tuple, list)):
+            for item in obj[:64]:
+                visit(item, depth)
+            return
+        code = getattr(obj, "__code__", None)
+        if code is None or id(obj) in seen or depth > 4:
+            return
+        seen.add(id(obj))
+        for name, cell in zip(code.co_freevars, getattr(obj, "__closure__", None) or (), strict=False):
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(value, torch.Tensor):
+                found.setdefault(id(value), (name, lambda c=cell: c.cell_contents))
+            else:
+                visit(value, depth + 1)
+        glb = getattr(obj, "__globals__", {})
+        for name in code.co_names:
+            value = glb.get(name)
+            if isinstance(value, torch.Tensor):
+                found.setdefault(id(value), (name, lambda g=glb, n=name: g.get(n)))
+            elif callable(value) and getattr(value, "__module__", None) == glb.get("__name__"):
+                visit(value, depth + 1)  # a helper defined next to the mod
+
+    visit(mod, 0)
+    out = []
+    for t in tensors:
+        where, getter = found.get(id(t), (None, None))
+        out.append(CapturedTensor(t, where or "a constant of the mod's graph", getter))
+    return out
 
 
 def example_extras(mod: Mod | None, score_dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:

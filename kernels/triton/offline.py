@@ -5,6 +5,7 @@ valid for Triton's real compiler (the interpreter accepts some programs the comp
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import shutil
@@ -92,12 +93,38 @@ def ptxas_path(capability: int = 90) -> str | None:
     return shutil.which("ptxas")
 
 
+def ptxas_version(capability: int = 90) -> str | None:
+    """``ptxas --version``'s release line, or None without ptxas."""
+    path = ptxas_path(capability)
+    if path is None:
+        return None
+    run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60)
+    m = re.search(r"release ([\d.]+), (V[\d.]+)", run.stdout)
+    return f"{m.group(1)} ({m.group(2)}, {os.path.basename(path)})" if m else None
+
+
 def ptxas_report(ptx: str, capability: int = 90) -> tuple[int, int] | None:
     """(registers, spill bytes) from ``ptxas -v`` on the PTX, or None when ptxas is unavailable."""
     path = ptxas_path(capability)
     if path is None:
         return None
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    # ptxas takes seconds on a big kernel: its verdict is kept per (PTX, ptxas, arch) on disk
+    from .cache import cache_dir
+
+    key = hashlib.sha256(f"{path}\0{os.path.getmtime(path)}\0{arch}\0{ptx}".encode()).hexdigest()[:32]
+    memo = cache_dir() / "ptxas" / f"{key}.txt"
+    if memo.exists():
+        regs_text, _, spill_text = memo.read_text().partition(" ")
+        return int(regs_text), int(spill_text)
+    report = _run_ptxas(path, arch, ptx)
+    if report is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(f"{report[0]} {report[1]}")
+    return report
+
+
+def _run_ptxas(path: str, arch: str, ptx: str) -> tuple[int, int] | None:
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:

@@ -10,7 +10,7 @@ from ringcompile.cost_model.profiles import (
     load_profile,
     profile_from_dict,
 )
-from ringcompile.cost_model.tiles import choose_tiles, shared_memory_bytes
+from ringcompile.cost_model.tiles import choose_tiles, measured_forward, shared_memory_bytes
 
 from ringcompile.errors import OptionError
 
@@ -63,11 +63,19 @@ def test_dtype_names_and_defaults():
 @pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_tiles_fit_shared_memory(head_dim, dtype):
-    prof = load_profile("a100-nvlink")
-    t = choose_tiles(head_dim, dtype, prof)
-    elem = 2 if dtype == "bfloat16" else 4
-    smem = shared_memory_bytes(t["BLOCK_M"], t["BLOCK_N"], t["num_stages"], head_dim, elem)
-    assert smem <= prof.shared_memory
+    """The plan's tiles are the forward's compiler-measured choice within the profile's limit, or (no
+    measured choice fits) the fallback formula's, which over-estimates the compiler."""
+    for name in ("a100-nvlink", "h100-nvlink"):
+        prof = load_profile(name)
+        t = choose_tiles(head_dim, dtype, prof)
+        tiles = (t["BLOCK_M"], t["BLOCK_N"], t["num_warps"], t["num_stages"])
+        hit = measured_forward(head_dim, dtype, prof.shared_memory)
+        if hit is not None:
+            assert hit[0] == tiles and hit[1] <= prof.shared_memory
+        else:
+            elem = 2 if dtype == "bfloat16" else 4
+            smem = shared_memory_bytes(t["BLOCK_M"], t["BLOCK_N"], t["num_stages"], head_dim, elem)
+            assert smem <= prof.shared_memory
     assert choose_tiles(head_dim, dtype, load_profile("cpu-gloo-loopback"))["BLOCK_M"] == 64
 
 

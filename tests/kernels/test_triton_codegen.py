@@ -94,12 +94,14 @@ def test_unsupported_op_declines_and_forced_raises(caplog):
     assert select.block_kernels(spec.replace(kernel="auto"), torch.device("cpu")).name != "triton"
 
 
-def test_data_dependent_and_closed_over_tensor_mods_decline():
+def test_data_dependent_mods_decline_and_closed_over_tensors_lower_as_kernel_arguments():
     data_dependent = mods.from_callable(lambda b, h, q, kv: kv <= q if int(q.max()) > 3 else kv >= q, True)
     table = torch.rand(50)
     closed_over = mods.from_callable(lambda s, b, h, q, kv: s + table[kv], False)
+    whole = mods.from_callable(lambda s, b, h, q, kv: s + table.sum(), False)
     assert check_lowerable(data_dependent) is not None
-    assert check_lowerable(closed_over) is not None  # a closed-over tensor must come in as an extra
+    assert check_lowerable(closed_over) is None  # the captured tensor becomes a kernel argument
+    assert "used whole" in check_lowerable(whole)  # captured tensors, like extras, may only be indexed
     assert triton_block_kernels(AttentionSpec(mask=data_dependent)) is None
 
 
