@@ -32,6 +32,7 @@ def recording_triton_kernels(monkeypatch) -> tuple[BlockKernels, list]:
     launches: list = []
     module = type("Module", (), {n: _RecordingKernel(n, launches)
                                  for n in ("block_fwd", "block_bwd_dkdv", "block_bwd_dq")})()
-    monkeypatch.setattr(launch.TritonBlocks, "_module", lambda self, *a, **k: module)
+    # _module returns (compiled module, the extra kernel tensors)
+    monkeypatch.setattr(launch.TritonBlocks, "_module", lambda self, *a, **k: (module, []))
     blocks = launch.TritonBlocks(forced=False)
     return BlockKernels("triton", blocks.forward, blocks.backward), launches
