@@ -354,16 +354,30 @@ def main(argv: list[str] | None = None) -> int:
     fams = [f for f in a.families.split(",") if f] or sorted(families())
     runs = [(f, i) for f in fams for i in a.impls.split(",") if i]
     groups = [runs[k:k + a.group_size] for k in range(0, len(runs), a.group_size)]
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    command = "python benchmarks/zoo.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    done: dict[int, list[dict]] = {}
+
+    def write(final: bool) -> str:
+        """The records so far, in run order (a long run leaves a usable partial table behind)."""
+        records = [r for k in sorted(done) for r in done[k]]
+        Path(a.out).write_text(json.dumps(records, indent=1, default=str))
+        md = markdown(records, command)
+        if not final:
+            md += f"\n(partial: {len(records)} of {len(runs)} runs so far)\n"
+        if a.markdown:
+            Path(a.markdown).write_text(md)
+        return md
 
     with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        records = [r for rs in pool.map(lambda g: run_group(g, a.timeout), groups) for r in rs]
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(records, indent=1, default=str))
-    md = markdown(records, "python benchmarks/zoo.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    if a.markdown:
-        Path(a.markdown).write_text(md)
-    sys.stdout.write(md)
+        futures = {pool.submit(run_group, g, a.timeout): k for k, g in enumerate(groups)}
+        for fut in as_completed(futures):
+            done[futures[fut]] = fut.result()
+            write(final=False)
+            sys.stderr.write(f"zoo: {sum(map(len, done.values()))} of {len(runs)} runs done\n")
+    sys.stdout.write(write(final=True))
     return 0
 
 
