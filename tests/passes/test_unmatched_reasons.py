@@ -35,3 +35,27 @@ def test_blocked_local_attention_reason_names_it():
     for sm in softmaxes:
         reason = _unmatched_softmax_reason(sm)
         assert "blocked local attention" in reason and "[2, 4, 2, 4, 12]" in reason, reason
+
+
+def _whisper_front(x, w, labels):
+    """Whisper: the encoder sequence comes out of a stride-2 conv over time; the decoder ids are built by
+    shift_tokens_right (new_zeros, slice copy_, masked_fill_)."""
+    y = torch.nn.functional.conv1d(x, w, stride=2, padding=1)
+    shifted = labels.new_zeros(labels.shape)
+    shifted[:, 1:] = labels[:, :-1].clone()
+    shifted[:, 0] = 1
+    shifted.masked_fill_(shifted == -100, 0)
+    return y, shifted
+
+
+def test_sequence_walk_stops_say_why_for_whisper():
+    from ringcompile.passes.seq_dims import _why_stopped
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    args = (torch.randn(2, 4, 16), torch.randn(8, 4, 3), torch.randint(0, 5, (2, 8)))
+    gm = make_fx(_whisper_front, pre_dispatch=True)(*args)
+    by_op = {str(n.target): _why_stopped(n) for n in gm.graph.nodes if n.op == "call_function"}
+    conv = by_op["aten.conv1d.default"]
+    assert "convolution" in conv and "kernel [3]" in conv and "stride [2]" in conv and "halo" in conv, conv
+    for op in ("aten.copy_.default", "aten.masked_fill_.Scalar"):
+        assert "in-place write into new_zeros" in by_op[op] and "shift_tokens_right" in by_op[op], by_op[op]
