@@ -13,7 +13,9 @@ shard must say why; and most examples must be sharded, so the comparison is not 
 World size 1 runs under hypothesis (a failure shrinks to a minimal spec); world size 2 replays specs
 drawn from a seeded generator in one spawned pair of gloo ranks. RING_DIFF_EXAMPLES=N (world 1) and
 RING_DIFF_EXAMPLES_WORLD2=N raise the counts; RING_DIFF_SEED picks other world-2 specs and makes the
-world-1 search random instead of derandomised.
+world-1 search random instead of derandomised. A world-2 failure prints its Spec; minimise it by hand
+(dataclasses.replace one field at a time) with ``case_world2_<i>`` on a one-spec RING_DIFF_SPECS_FILE, or
+replay it at world size 1 with ``diff_models.run_example(spec, 1)``.
 """
 
 from __future__ import annotations
