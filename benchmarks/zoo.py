@@ -164,7 +164,8 @@ def count_attention(model, inputs) -> int:
             name = str(func)
             if func in softmax:
                 shape = args[0].shape
-                if len(shape) >= 3 and shape[-1] == S and S in shape[:-1]:
+                # S keys, or S + 1 with an attention-sink column (gpt-oss)
+                if len(shape) >= 3 and shape[-1] in (S, S + 1) and S in shape[:-1]:
                     Count.n += 1
             elif "scaled_dot_product" in name and "backward" not in name:
                 Count.n += 1
