@@ -219,6 +219,19 @@ def _near_matmul(node: fx.Node, depth: int = 4) -> bool:
     return False
 
 
+def _unmatched_softmax_reason(node: fx.Node) -> str:
+    """Why a softmax next to a matmul is no site; names blocked local attention (LongT5, BigBird) by its
+    shape: scores (B, blocks, H, block, k * block) have a block dim besides batch and heads."""
+    val = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+    shape = tuple(getattr(val, "shape", ()))
+    if len(shape) >= 5:
+        return (f"blocked local attention: the scores {list(shape)} carry a block dim besides batch and "
+                "heads (the sequence is split into blocks, each attending to its neighbouring blocks, as "
+                "LongT5 / BigBird local attention); that is not one attention over the sequence, so it is "
+                "not rewritten and runs unsharded")
+    return "next to a matmul, but no attention rule matched it"
+
+
 def _graphs(gm: fx.GraphModule) -> Iterator[tuple[str, fx.Graph]]:
     """The graph and every subgraph module (higher-order op bodies), with the body's name."""
     for name, module in gm.named_modules():
@@ -249,8 +262,7 @@ def _account_for_candidates(state: PipelineState) -> None:
             elif kind == "softmax" and not _near_matmul(node):
                 state.decide(where, kind, "left alone", "no matmul feeds it or reads it: not attention")
             elif kind == "softmax":
-                state.decide(where, kind, "left alone", "next to a matmul, but no attention rule matched it",
-                             unsharded=True)
+                state.decide(where, kind, "left alone", _unmatched_softmax_reason(node), unsharded=True)
             else:
                 reason = {"flex": "FlexAttention calls are not rewritten yet",
                           "sdpa": "an SDPA variant the matcher does not know"}[kind]

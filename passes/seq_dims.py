@@ -112,11 +112,49 @@ def _reads_tensors(node: fx.Node) -> bool:
 def _why_stopped(node: fx.Node) -> str:
     name = str(node.target)
     if "conv" in name:
-        return "a convolution over the sequence (stride and halo have no sequence rule)"
+        return _why_conv(node)
     schema = getattr(node.target, "_schema", None)
     if schema is not None and schema.is_mutable:
-        return "an in-place write"
+        fresh = _fresh_base(node)
+        if fresh is not None:
+            return (f"an in-place write into {fresh.name} ({fresh.target}), a tensor built in the graph, "
+                    "not read from an input: ids assembled by writes into a fresh tensor (e.g. "
+                    "shift_tokens_right's new_zeros + slice copy_ + masked_fill_) have no sequence rule")
+        return "an in-place write, which has no sequence rule"
     return "no sequence rule for this op"
+
+
+def _why_conv(node: fx.Node) -> str:
+    """A convolution's output length is not its input's and each output reads kernel-1 neighbours."""
+    weight = shape_of(node.args[1]) if len(node.args) > 1 else None
+    stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
+    kernel = list(weight[2:]) if weight is not None and len(weight) > 2 else "?"
+    return (f"a convolution over the sequence (kernel {kernel}, stride {stride}): its outputs read "
+            "neighbouring input frames across a shard boundary (a halo) and a stride changes the length; "
+            "neither has a sequence rule, so e.g. an audio encoder's conv front end keeps it unsharded")
+
+
+def _fresh_base(node: fx.Node, depth: int = 8) -> fx.Node | None:
+    """The tensor-creating op (new_zeros, zeros, full, empty...) an in-place write lands in, through views."""
+    x = node.args[0] if node.args else None
+    for _ in range(depth):
+        if not isinstance(x, fx.Node) or x.op != "call_function":
+            return None
+        schema = getattr(x.target, "_schema", None)
+        base = schema.name.split("::")[-1] if schema is not None else str(x.target)
+        if base in ("new_zeros", "new_ones", "new_full", "new_empty", "zeros", "ones", "full",
+                                "empty", "zeros_like", "ones_like", "full_like", "empty_like"):
+            return x
+        if x.target in VIEW_OPS or _is_mutating(x) or "slice" in str(x.target) or "select" in str(x.target):
+            x = x.args[0] if x.args else None
+            continue
+        return None
+    return None
+
+
+def _is_mutating(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and schema.is_mutable
 
 
 def no_seed_reason(stops: list[fx.Node]) -> str:
