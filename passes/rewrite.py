@@ -126,8 +126,41 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     new_shape = tuple(out.meta["val"].shape)
     if len(old_shape) != len(new_shape):
         raise UnsupportedPatternError(f"rewrite of {site.name} changes the output rank")
+    out = _match_memory_order(b, out, site.output.meta["val"])
     site.output.replace_all_uses_with(out)
     return out
+
+
+def _hint(x: Any) -> int | None:
+    return x if isinstance(x, int) else getattr(getattr(x, "node", None), "hint", None)
+
+
+def _memory_order(t: torch.Tensor) -> list[int] | None:
+    """Dims from outermost to innermost in memory (by stride, size-1 dims in place), or None when a
+    stride has no hint."""
+    strides = []
+    for st in t.stride():
+        hint = _hint(st)
+        if hint is None:
+            return None
+        strides.append(int(hint))
+    return sorted(range(t.dim()), key=lambda d: (-strides[d], d))
+
+
+def _match_memory_order(b: _Builder, out: fx.Node, old: torch.Tensor) -> fx.Node:
+    """Give the ring output the memory order of the value it replaces (CPU SDPA returns (B, H, S, D)
+    with (B, S, H, D) strides, and a model may ``view`` it as such), so later views stay valid."""
+    new = out.meta["val"]
+    want, have = _memory_order(old), _memory_order(new)
+    if want is None or have is None or old.dim() != new.dim():
+        return out
+    sized = [d for d in range(old.dim()) if _hint(old.shape[d]) != 1]  # size-1 dims: any order is valid
+    if [d for d in want if d in sized] == [d for d in have if d in sized]:
+        return out
+    inverse = sorted(range(len(want)), key=want.__getitem__)
+    dense = b.call(aten.clone.default, (b.call(aten.permute.default, (out, want)),),
+                   {"memory_format": torch.contiguous_format})
+    return b.call(aten.permute.default, (dense, inverse))
 
 
 def _apply_sink(b: _Builder, out: fx.Node, lse: fx.Node, sink: fx.Node) -> fx.Node:

@@ -95,3 +95,31 @@ def test_output_dtype_and_3d_layout_restored():
     torch.testing.assert_close(out.double(), ref, atol=3e-2, rtol=3e-2)
     (call,) = _calls(gm)
     assert tuple(call.q.meta["val"].shape) == (6, 1, 9, 4)
+
+
+def test_ring_output_keeps_the_memory_order_of_the_sdpa_it_replaces():
+    """CPU SDPA can return (B, H, S, D) with (B, S, H, D) strides and models ``view`` it as such
+    (afmoe); the rewrite gives the ring output the same order, so such views stay valid."""
+    import torch.fx as fx
+    from ringcompile.passes import rewrite
+
+    gen = torch.Generator().manual_seed(5)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.randn(2, 3, 5, 4, generator=gen)  # contiguous (B, H, S, D): the ring output
+    graph.output(x)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    anchor = next(n for n in gm.graph.nodes if n.op == "output")
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    b = rewrite._Builder(gm, anchor)
+    old = torch.empty(2, 5, 3, 4).transpose(1, 2)  # what SDPA returned: (B, H, S, D), S-major memory
+    out = rewrite._match_memory_order(b, x, old)
+    assert out is not x
+    assert rewrite._memory_order(out.meta["val"]) == rewrite._memory_order(old) == [0, 2, 1, 3]
+    value = torch.randn(2, 3, 5, 4, generator=gen)
+    anchor.args = (out,)
+    gm.recompile()
+    result = gm(value)
+    assert torch.equal(result, value) and result.stride() == old.stride()
+    result.transpose(1, 2).view(2, 5, 12)  # the model's view now works
+    assert rewrite._match_memory_order(b, x, torch.empty(2, 3, 5, 4)) is x  # same order: no copy
