@@ -25,11 +25,14 @@ import torch.fx as fx
 from .aten import (
     CASTS,
     CREATION,
+    EXAMPLE_KEY,
     IDENTITY,
     RESHAPES,
     SHAPE_ONLY,
+    SOURCE_KEY,
     dtype_of,
     is_one,
+    shape_or_raise,
     static_int,
     tensor_val,
 )
@@ -52,10 +55,8 @@ class NotLiftable(Exception):
 
 
 def shape_of(n: fx.Node) -> tuple:
-    val = tensor_val(n)
-    if val is None:
-        raise NotLiftable(f"{n} has no tensor metadata")
-    return tuple(val.shape)
+    """The shape of a tensor node as the graph holds it; NotLiftable when it holds no tensor."""
+    return shape_or_raise(n, NotLiftable)
 
 
 def real_constant(n: fx.Node) -> torch.Tensor | None:
@@ -65,7 +66,7 @@ def real_constant(n: fx.Node) -> torch.Tensor | None:
         mod = n.graph.owning_module
         val = _getattr_path(mod, str(n.target)) if mod is not None else None
     elif n.op == "placeholder":
-        val = n.meta.get("ringcompile_example")
+        val = n.meta.get(EXAMPLE_KEY)
         if isinstance(val, torch.Tensor) and (val.requires_grad or isinstance(val, torch.nn.Parameter)):
             return None  # a parameter is trained: never bake its current value into a mod
     if isinstance(val, torch.Tensor) and not isinstance(val, torch._subclasses.FakeTensor):
@@ -508,7 +509,7 @@ class IndexLifter:
         if band is None:
             return self.extra_lookup(n, idx, "constant tensor that is not an index pattern")
         lo, hi, n_rows, n_cols = band
-        source = n.meta.get("ringcompile_source", n.name)
+        source = n.meta.get(SOURCE_KEY, n.name)
         note = f"{source}: constant buffer assumed constant (band pattern kv-q in [{lo}, {hi}])"
         if note not in self.notes:
             self.notes.append(note)
