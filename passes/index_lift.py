@@ -14,7 +14,6 @@ The emitted graph uses Python operators, ``torch.where``/``torch.tanh``-style fu
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from .aten import (
 )
 from .aten import functional_packet as packet_of
 from .aten import norm_dim as _norm_dim
+from .pointwise import LIFTED, aten_one_to_one
 
 aten = torch.ops.aten
 __all__ = ["SHAPE_ONLY", "dtype_of", "is_one", "packet_of", "static_int", "tensor_val"]  # re-exported
@@ -131,10 +131,9 @@ def _where(c: Any, x: Any, y: Any) -> Any:
     return x if c else y
 
 
-_FOLD: dict[Callable, Callable] = {
-    torch.where: _where, torch.tanh: math.tanh, torch.exp: math.exp, torch.log: math.log,
-    torch.abs: abs, torch.sqrt: math.sqrt, torch.sigmoid: lambda x: 1.0 / (1.0 + math.exp(-x)),
-}
+# constant folding: the shared pointwise table's folds, and where; other operator functions fold as is
+_FOLD: dict[Callable, Callable] = {fn: op.fold for fn, op in LIFTED.items() if op.fold is not None}
+_FOLD[torch.where] = _where
 
 
 class ModGraphBuilder:
@@ -675,12 +674,9 @@ def _bitwise(fn: Callable, logical: Callable) -> Callable:
     return h
 
 
-def _unary(fn: Callable) -> Callable:
-    return lambda B, args, kwargs, dtypes: B.call(fn, args[0])
-
-
-def _cmp(fn: Callable) -> Callable:
-    return lambda B, args, kwargs, dtypes: B.call(fn, args[0], args[1])
+def _same_operands(fn: Callable, arity: int) -> Callable:
+    """Handler for an aten op that lifts to ``fn`` on the same operands (``passes.pointwise``)."""
+    return lambda B, args, kwargs, dtypes: B.call(fn, *args[:arity])
 
 
 def _div(B: ModGraphBuilder, args: list, kwargs: dict, dtypes: list) -> Expr:
@@ -729,27 +725,13 @@ POINTWISE: dict[Any, Callable[..., Expr]] = {
     aten.div: _div,
     aten.floor_divide: lambda B, a, k, d: B.call(operator.floordiv, a[0], a[1]),
     aten.remainder: lambda B, a, k, d: B.call(operator.mod, a[0], a[1]),
-    aten.neg: _unary(operator.neg),
-    aten.abs: _unary(torch.abs),
-    aten.tanh: _unary(torch.tanh),
-    aten.exp: _unary(torch.exp),
-    aten.log: _unary(torch.log),
-    aten.sigmoid: _unary(torch.sigmoid),
-    aten.sqrt: _unary(torch.sqrt),
-    aten.rsqrt: _unary(torch.rsqrt),
     aten.reciprocal: lambda B, a, k, d: B.call(operator.truediv, 1.0, a[0]),
-    aten.log1p: _unary(torch.log1p),
-    aten.sign: _unary(torch.sign),
-    aten.floor: _unary(torch.floor),
-    aten.ceil: _unary(torch.ceil),
     aten.pow: lambda B, a, k, d: B.call(operator.pow, a[0], a[1]),
     aten.clamp: _clamp,
     aten.clamp_min: lambda B, a, k, d: _clamp(B, [a[0], a[1], None], {}, d),
     aten.clamp_max: lambda B, a, k, d: _clamp(B, [a[0], None, a[1]], {}, d),
     aten.maximum: _minmax(torch.maximum, "min"),
     aten.minimum: _minmax(torch.minimum, "max"),
-    aten.lt: _cmp(operator.lt), aten.le: _cmp(operator.le), aten.gt: _cmp(operator.gt),
-    aten.ge: _cmp(operator.ge), aten.eq: _cmp(operator.eq), aten.ne: _cmp(operator.ne),
     aten.logical_and: _logical(lambda B, x, y: B.and_(x, y)),
     aten.logical_or: _logical(lambda B, x, y: B.or_(x, y)),
     aten.logical_xor: _logical(lambda B, x, y: B.call(operator.xor, x, y)),
@@ -765,3 +747,5 @@ POINTWISE: dict[Any, Callable[..., Expr]] = {
     aten.masked_fill: lambda B, a, k, d: B.where(a[1], a[2], a[0], logical=_all_bool([a[2], a[0]],
                                                                                       [d[2], d[0]])),
 }
+# ops that lift one to one (unary functions, comparisons) come from the shared pointwise table
+POINTWISE.update({p: _same_operands(op.fn, op.arity) for p, op in aten_one_to_one().items()})
