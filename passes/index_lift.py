@@ -173,37 +173,36 @@ class ModGraphBuilder:
 
     # arithmetic with constant simplification --------------------------------------------
     def add(self, x: Expr, y: Expr) -> Expr:
-        if _is_const(y, 0):
-            return x
-        if _is_const(x, 0):
-            return y
-        return self.call(operator.add, x, y)
+        return self._unless_identity(operator.add, x, y, identity=0)
 
     def sub(self, x: Expr, y: Expr) -> Expr:
         return x if _is_const(y, 0) else self.call(operator.sub, x, y)
 
     def mul(self, x: Expr, y: Expr) -> Expr:
-        if _is_const(y, 1):
+        return self._unless_identity(operator.mul, x, y, identity=1)
+
+    def _unless_identity(self, fn: Callable, x: Expr, y: Expr, identity: int) -> Expr:
+        """``fn(x, y)``, or the other operand when one is the op's identity constant."""
+        if _is_const(y, identity):
             return x
-        if _is_const(x, 1):
+        if _is_const(x, identity):
             return y
-        return self.call(operator.mul, x, y)
+        return self.call(fn, x, y)
 
     def and_(self, x: Expr, y: Expr) -> Expr:
-        for a, b in ((x, y), (y, x)):
-            if a is True:
-                return b
-            if a is False:
-                return False
-        return self.call(operator.and_, x, y)
+        return self._logical(operator.and_, x, y, absorbing=False)
 
     def or_(self, x: Expr, y: Expr) -> Expr:
+        return self._logical(operator.or_, x, y, absorbing=True)
+
+    def _logical(self, fn: Callable, x: Expr, y: Expr, absorbing: bool) -> Expr:
+        """``fn(x, y)`` folded when an operand is a constant: the absorbing one wins, the other drops out."""
         for a, b in ((x, y), (y, x)):
-            if a is False:
+            if a is absorbing:
+                return absorbing
+            if a is (not absorbing):
                 return b
-            if a is True:
-                return True
-        return self.call(operator.or_, x, y)
+        return self.call(fn, x, y)
 
     def not_(self, x: Expr) -> Expr:
         if isinstance(x, bool):
