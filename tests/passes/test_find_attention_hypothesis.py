@@ -190,7 +190,7 @@ def test_rewrite_property(small_blocks, layout, matmul, scale, softmax, mask, gr
     assert site.rewritten, site.reason
     assert backend.rewritten_op_count(state.graph) == 1, state.graph.graph
     assert not any("softmax" in str(n.target) for n in state.graph.graph.nodes), state.graph.graph
-    assert site.pattern == ("einsum" if matmul == "einsum" else "bmm" if matmul == "bmm" else site.pattern)
+    assert site.pattern == ("matmul" if matmul == "operator" else matmul)
     assert site.mask_description == mask
     assert site.score_description == "none"
     assert site.gqa_groups == groups
