@@ -14,7 +14,15 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
+from ringcompile.ops import RING_ATTENTION, is_ring_call
+
 aten = torch.ops.aten
+__all__ = ["RING_ATTENTION", "is_ring_call"]  # re-exported: the ring op, for every pass
+
+# ---------------------------------------------------------------------------- node metadata keys
+
+SOURCE_KEY = "ringcompile_source"     # a graph input's Dynamo source name (``L['input_ids']``)
+EXAMPLE_KEY = "ringcompile_example"   # a module buffer/parameter input's real example value
 
 # ---------------------------------------------------------------------------- node values
 
@@ -36,9 +44,51 @@ def tensor_val(n: Any) -> torch.Tensor | None:
 
 
 def shape_or_none(n: Any) -> tuple | None:
-    """The shape of a tensor node, or None."""
+    """The shape of a tensor node (ints or SymInts), or None."""
     val = tensor_val(n)
     return tuple(val.shape) if val is not None else None
+
+
+def shape_or_raise(n: Any, error: type[Exception] = ValueError) -> tuple:
+    """The shape of a tensor node (ints or SymInts); ``error`` when ``n`` holds no tensor."""
+    val = tensor_val(n)
+    if val is None:
+        raise error(f"{n} has no tensor metadata")
+    return tuple(val.shape)
+
+
+def hint_of(size: Any) -> int | None:
+    """The example value of a size (an int, or a SymInt's hint), read without adding a guard."""
+    if isinstance(size, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        try:
+            return int(optimization_hint(size))
+        except Exception:  # noqa: BLE001 - unbacked sizes have no hint
+            return None
+    return int(size)
+
+
+def hint_shape(n: Any) -> tuple[int, ...] | None:
+    """Shape of a tensor node as example values (hints), never guarded; None without a tensor or hint."""
+    val = tensor_val(n)
+    if val is None:
+        return None
+    shape = tuple(hint_of(s) for s in val.shape)
+    return None if any(s is None for s in shape) else shape
+
+
+def size_expr(size: Any) -> Any:
+    """A size as a sympy expression (an Integer for a static size): compared structurally, no guards."""
+    import sympy
+
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def sym_shape(n: Any) -> tuple | None:
+    """Shape of a tensor node as sympy expressions, or None."""
+    val = tensor_val(n)
+    return tuple(size_expr(s) for s in val.shape) if val is not None else None
 
 
 def dtype_of(n: Any) -> torch.dtype | None:
@@ -89,8 +139,8 @@ def norm_dim(d: int, rank: int) -> int:
 
 
 def norm_dims(dims: int | Sequence[int] | None, rank: int) -> list[int]:
-    """Dims argument (one, several, or None = all) as sorted non-negative indices."""
-    if dims is None:
+    """Dims argument (one, several, or None = all) as sorted non-negative indices (none for a 0-d value)."""
+    if dims is None or rank == 0:
         return list(range(rank))
     if isinstance(dims, int):
         dims = [dims]
@@ -102,6 +152,14 @@ def norm_dims(dims: int | Sequence[int] | None, rank: int) -> list[int]:
 CASTS = (aten.to, aten._to_copy, aten.type_as)
 IDENTITY = (aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
 RESHAPES = (aten.view, aten.reshape, aten._unsafe_view)
+# Overloads whose output regroups the input's dims (the reshapes, plus flatten/unflatten), with the
+# position of their explicit size list (None: the output shape follows from the input's). Placement
+# rules map a dim through any of them from the two shapes alone (``placements.view_dim``).
+VIEW_SIZES: dict[Any, int | None] = {
+    aten.view.default: 1, aten._unsafe_view.default: 1, aten.reshape.default: 1,
+    aten.flatten.using_ints: None, aten.unflatten.int: 2,
+}
+VIEW_OPS = frozenset(VIEW_SIZES)
 # ops whose result may alias their first argument (in-place ops on it mutate the source too)
 ALIASING = RESHAPES + (aten.alias, aten.detach, aten.expand, aten.slice, aten.select, aten.permute,
                        aten.transpose, aten.t, aten.unsqueeze, aten.squeeze, aten.as_strided,
@@ -140,13 +198,3 @@ def functional_packet(n: fx.Node) -> Any:
             and packet_of(src) not in ALIASING):
         return twin
     return p
-
-
-# ---------------------------------------------------------------------------- the ring op
-
-
-def ring_attention_op() -> Any:
-    """``torch.ops.ringcompile.ring_attention.default`` (registered by ``ringcompile.ops``)."""
-    import ringcompile.ops  # noqa: F401 - registers the op
-
-    return torch.ops.ringcompile.ring_attention.default

@@ -7,6 +7,7 @@ conjunctive normal form; each clause that only involves ``d = kv - q`` linearly 
 into an exact set of integers, and their intersection decides "causal" (d <= 0) or
 "sliding_window(W)" (-(W-1) <= d <= 0). Clauses of lookups indexed by (b, kv) only are
 "padding", lookups indexed by both q and kv are "dense"; anything else is "custom".
+What each lifted function means over sympy comes from the shared table (``passes.pointwise``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import sympy
 import torch
 import torch.fx as fx
 from sympy.logic.boolalg import Boolean, BooleanFalse, BooleanTrue
+
+from .pointwise import by_kind
 
 SYMS = {name: sympy.Symbol(name, integer=True) for name in ("b", "h", "q_idx", "kv_idx")}
 Q, KV = SYMS["q_idx"], SYMS["kv_idx"]
@@ -117,13 +120,15 @@ def _where(c: Any, x: Any, y: Any) -> Any:
     return Num([(e, cc) for e, cc in cases if cc is not sympy.false])
 
 
-_SYMPY_UNARY = {torch.tanh: sympy.tanh, torch.exp: sympy.exp, torch.log: sympy.log, torch.abs: sympy.Abs,
-                torch.sqrt: sympy.sqrt, operator.neg: operator.neg}
-_ARITH = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
-          operator.truediv: operator.truediv, operator.pow: operator.pow,
-          operator.floordiv: lambda a, b: sympy.floor(a / b), operator.mod: sympy.Mod}
-_RELS = {operator.lt: sympy.Lt, operator.le: sympy.Le, operator.gt: sympy.Gt, operator.ge: sympy.Ge,
-         operator.eq: sympy.Eq, operator.ne: sympy.Ne}
+# the sympy meaning of each lifted function, from the shared pointwise table (None there: opaque)
+def _meanings(kind: str) -> dict[Any, Any]:
+    return {fn: op.sympy for fn, op in by_kind(kind).items() if op.sympy is not None}
+
+
+_SYMPY_UNARY = _meanings("unary")
+_ARITH = _meanings("arith")
+_RELS = _meanings("compare")
+_LOGICAL = _meanings("logical")
 
 
 def to_sympy(gm: fx.GraphModule, node: fx.Node | None = None,
@@ -196,10 +201,9 @@ def _convert(n: fx.Node, env: dict) -> Any:
         return _combine(_SYMPY_UNARY[t], args[0])
     if t in _RELS:
         return _compare(_RELS[t], args[0], args[1])
-    if t in (operator.and_, operator.or_, operator.xor):
+    if t in _LOGICAL:
         if all(isinstance(a, (Bool, bool)) for a in args[:2]):
-            fn = {operator.and_: sympy.And, operator.or_: sympy.Or, operator.xor: sympy.Xor}[t]
-            return Bool(fn(_bool(args[0]).expr, _bool(args[1]).expr))
+            return Bool(_LOGICAL[t](_bool(args[0]).expr, _bool(args[1]).expr))
         return _opaque()
     if t is operator.invert:
         return Bool(sympy.Not(args[0].expr)) if isinstance(args[0], Bool) else _opaque()

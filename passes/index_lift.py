@@ -14,7 +14,6 @@ The emitted graph uses Python operators, ``torch.where``/``torch.tanh``-style fu
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,16 +24,20 @@ import torch.fx as fx
 from .aten import (
     CASTS,
     CREATION,
+    EXAMPLE_KEY,
     IDENTITY,
     RESHAPES,
     SHAPE_ONLY,
+    SOURCE_KEY,
     dtype_of,
     is_one,
+    shape_or_raise,
     static_int,
     tensor_val,
 )
 from .aten import functional_packet as packet_of
 from .aten import norm_dim as _norm_dim
+from .pointwise import LIFTED, aten_one_to_one
 
 aten = torch.ops.aten
 __all__ = ["SHAPE_ONLY", "dtype_of", "is_one", "packet_of", "static_int", "tensor_val"]  # re-exported
@@ -52,10 +55,8 @@ class NotLiftable(Exception):
 
 
 def shape_of(n: fx.Node) -> tuple:
-    val = tensor_val(n)
-    if val is None:
-        raise NotLiftable(f"{n} has no tensor metadata")
-    return tuple(val.shape)
+    """The shape of a tensor node as the graph holds it; NotLiftable when it holds no tensor."""
+    return shape_or_raise(n, NotLiftable)
 
 
 def real_constant(n: fx.Node) -> torch.Tensor | None:
@@ -65,7 +66,7 @@ def real_constant(n: fx.Node) -> torch.Tensor | None:
         mod = n.graph.owning_module
         val = _getattr_path(mod, str(n.target)) if mod is not None else None
     elif n.op == "placeholder":
-        val = n.meta.get("ringcompile_example")
+        val = n.meta.get(EXAMPLE_KEY)
         if isinstance(val, torch.Tensor) and (val.requires_grad or isinstance(val, torch.nn.Parameter)):
             return None  # a parameter is trained: never bake its current value into a mod
     if isinstance(val, torch.Tensor) and not isinstance(val, torch._subclasses.FakeTensor):
@@ -130,10 +131,9 @@ def _where(c: Any, x: Any, y: Any) -> Any:
     return x if c else y
 
 
-_FOLD: dict[Callable, Callable] = {
-    torch.where: _where, torch.tanh: math.tanh, torch.exp: math.exp, torch.log: math.log,
-    torch.abs: abs, torch.sqrt: math.sqrt, torch.sigmoid: lambda x: 1.0 / (1.0 + math.exp(-x)),
-}
+# constant folding: the shared pointwise table's folds, and where; other operator functions fold as is
+_FOLD: dict[Callable, Callable] = {fn: op.fold for fn, op in LIFTED.items() if op.fold is not None}
+_FOLD[torch.where] = _where
 
 
 class ModGraphBuilder:
@@ -173,37 +173,36 @@ class ModGraphBuilder:
 
     # arithmetic with constant simplification --------------------------------------------
     def add(self, x: Expr, y: Expr) -> Expr:
-        if _is_const(y, 0):
-            return x
-        if _is_const(x, 0):
-            return y
-        return self.call(operator.add, x, y)
+        return self._unless_identity(operator.add, x, y, identity=0)
 
     def sub(self, x: Expr, y: Expr) -> Expr:
         return x if _is_const(y, 0) else self.call(operator.sub, x, y)
 
     def mul(self, x: Expr, y: Expr) -> Expr:
-        if _is_const(y, 1):
+        return self._unless_identity(operator.mul, x, y, identity=1)
+
+    def _unless_identity(self, fn: Callable, x: Expr, y: Expr, identity: int) -> Expr:
+        """``fn(x, y)``, or the other operand when one is the op's identity constant."""
+        if _is_const(y, identity):
             return x
-        if _is_const(x, 1):
+        if _is_const(x, identity):
             return y
-        return self.call(operator.mul, x, y)
+        return self.call(fn, x, y)
 
     def and_(self, x: Expr, y: Expr) -> Expr:
-        for a, b in ((x, y), (y, x)):
-            if a is True:
-                return b
-            if a is False:
-                return False
-        return self.call(operator.and_, x, y)
+        return self._logical(operator.and_, x, y, absorbing=False)
 
     def or_(self, x: Expr, y: Expr) -> Expr:
+        return self._logical(operator.or_, x, y, absorbing=True)
+
+    def _logical(self, fn: Callable, x: Expr, y: Expr, absorbing: bool) -> Expr:
+        """``fn(x, y)`` folded when an operand is a constant: the absorbing one wins, the other drops out."""
         for a, b in ((x, y), (y, x)):
-            if a is False:
+            if a is absorbing:
+                return absorbing
+            if a is (not absorbing):
                 return b
-            if a is True:
-                return True
-        return self.call(operator.or_, x, y)
+        return self.call(fn, x, y)
 
     def not_(self, x: Expr) -> Expr:
         if isinstance(x, bool):
@@ -520,7 +519,7 @@ class IndexLifter:
         if band is None:
             return self.extra_lookup(n, idx, "constant tensor that is not an index pattern")
         lo, hi, n_rows, n_cols = band
-        source = n.meta.get("ringcompile_source", n.name)
+        source = n.meta.get(SOURCE_KEY, n.name)
         note = f"{source}: constant buffer assumed constant (band pattern kv-q in [{lo}, {hi}])"
         if note not in self.notes:
             self.notes.append(note)
@@ -686,12 +685,9 @@ def _bitwise(fn: Callable, logical: Callable) -> Callable:
     return h
 
 
-def _unary(fn: Callable) -> Callable:
-    return lambda B, args, kwargs, dtypes: B.call(fn, args[0])
-
-
-def _cmp(fn: Callable) -> Callable:
-    return lambda B, args, kwargs, dtypes: B.call(fn, args[0], args[1])
+def _same_operands(fn: Callable, arity: int) -> Callable:
+    """Handler for an aten op that lifts to ``fn`` on the same operands (``passes.pointwise``)."""
+    return lambda B, args, kwargs, dtypes: B.call(fn, *args[:arity])
 
 
 def _div(B: ModGraphBuilder, args: list, kwargs: dict, dtypes: list) -> Expr:
@@ -740,27 +736,13 @@ POINTWISE: dict[Any, Callable[..., Expr]] = {
     aten.div: _div,
     aten.floor_divide: lambda B, a, k, d: B.call(operator.floordiv, a[0], a[1]),
     aten.remainder: lambda B, a, k, d: B.call(operator.mod, a[0], a[1]),
-    aten.neg: _unary(operator.neg),
-    aten.abs: _unary(torch.abs),
-    aten.tanh: _unary(torch.tanh),
-    aten.exp: _unary(torch.exp),
-    aten.log: _unary(torch.log),
-    aten.sigmoid: _unary(torch.sigmoid),
-    aten.sqrt: _unary(torch.sqrt),
-    aten.rsqrt: _unary(torch.rsqrt),
     aten.reciprocal: lambda B, a, k, d: B.call(operator.truediv, 1.0, a[0]),
-    aten.log1p: _unary(torch.log1p),
-    aten.sign: _unary(torch.sign),
-    aten.floor: _unary(torch.floor),
-    aten.ceil: _unary(torch.ceil),
     aten.pow: lambda B, a, k, d: B.call(operator.pow, a[0], a[1]),
     aten.clamp: _clamp,
     aten.clamp_min: lambda B, a, k, d: _clamp(B, [a[0], a[1], None], {}, d),
     aten.clamp_max: lambda B, a, k, d: _clamp(B, [a[0], None, a[1]], {}, d),
     aten.maximum: _minmax(torch.maximum, "min"),
     aten.minimum: _minmax(torch.minimum, "max"),
-    aten.lt: _cmp(operator.lt), aten.le: _cmp(operator.le), aten.gt: _cmp(operator.gt),
-    aten.ge: _cmp(operator.ge), aten.eq: _cmp(operator.eq), aten.ne: _cmp(operator.ne),
     aten.logical_and: _logical(lambda B, x, y: B.and_(x, y)),
     aten.logical_or: _logical(lambda B, x, y: B.or_(x, y)),
     aten.logical_xor: _logical(lambda B, x, y: B.call(operator.xor, x, y)),
@@ -776,3 +758,5 @@ POINTWISE: dict[Any, Callable[..., Expr]] = {
     aten.masked_fill: lambda B, a, k, d: B.where(a[1], a[2], a[0], logical=_all_bool([a[2], a[0]],
                                                                                       [d[2], d[0]])),
 }
+# ops that lift one to one (unary functions, comparisons) come from the shared pointwise table
+POINTWISE.update({p: _same_operands(op.fn, op.arity) for p, op in aten_one_to_one().items()})

@@ -18,11 +18,10 @@ from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
 
 from . import hops
+from .aten import EXAMPLE_KEY, SOURCE_KEY
 
 log = get_logger(__name__)
 
-SOURCE_KEY = "ringcompile_source"
-EXAMPLE_KEY = "ringcompile_example"
 _COPIED_META = ("stack_trace", "nn_module_stack")
 
 

@@ -30,6 +30,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+# the sharding pass imports these from here too: its rules read shapes as hints like every rule here
+from .aten import VIEW_OPS, VIEW_SIZES, hint_of, norm_dim, norm_dims, size_expr, val_of  # noqa: F401 - re-exported
+from .aten import hint_shape as shape_of
+from .aten import sym_shape as sym_shape_of
+
 aten = torch.ops.aten
 
 
@@ -88,43 +93,6 @@ class OpRule:
 # ---------------------------------------------------------------------------- helpers
 
 
-def val_of(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def hint_of(size: Any) -> int | None:
-    """The example value of a size (an int, or a SymInt's hint), read without adding a guard."""
-    if isinstance(size, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
-
-        try:
-            return int(optimization_hint(size))
-        except Exception:  # noqa: BLE001 - unbacked sizes have no hint
-            return None
-    return int(size)
-
-
-def shape_of(node: Any) -> tuple[int, ...] | None:
-    """Shape of a node's value; symbolic sizes read as their example values (hints), never guarded."""
-    v = val_of(node)
-    if not isinstance(v, torch.Tensor):
-        return None
-    shape = tuple(hint_of(s) for s in v.shape)
-    return None if any(s is None for s in shape) else shape
-
-
-def size_expr(size: Any) -> Any:
-    """A size as a sympy expression (an Integer for a static size): compared structurally, no guards."""
-    import sympy
-
-    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
-
-
-def sym_shape_of(node: Any) -> tuple | None:
-    v = val_of(node)
-    return tuple(size_expr(s) for s in v.shape) if isinstance(v, torch.Tensor) else None
-
-
 def get_arg(node: fx.Node, path: ArgPath) -> Any:
     a: Any = node.args
     for i in path:
@@ -138,14 +106,6 @@ def arg_or_kwarg(node: fx.Node, pos: int, name: str, default: Any) -> Any:
     if len(node.args) > pos:
         return node.args[pos]
     return node.kwargs.get(name, default)
-
-
-def _norm_dims(dims: Any, ndim: int) -> list[int]:
-    if dims is None:
-        return list(range(ndim))
-    if isinstance(dims, int):
-        dims = [dims]
-    return sorted({d % ndim for d in dims}) if ndim else []
 
 
 def broadcast_links(node: fx.Node, paths: Sequence[ArgPath], out_ndim: int,
@@ -229,16 +189,10 @@ def view_dim(a: Sequence[int], b: Sequence[int], dim: int, inner: int, seq: int)
     return None
 
 
-# Views: one table for every op whose output is a regrouping of its input's dims. They are all handled
-# by view_dim on (input shape, output shape), which needs only the two shapes and the sequence length;
-# the value says where the op's explicit size list sits (None: the op has none, its output shape follows
-# from the input's). ``flatten``/``unflatten`` come from the pre-dispatch retrace and from the rewrite's
-# own head-split / head-merge nodes (``passes/rewrite``).
-VIEW_SIZES: dict[Any, int | None] = {
-    aten.view.default: 1, aten._unsafe_view.default: 1, aten.reshape.default: 1,
-    aten.flatten.using_ints: None, aten.unflatten.int: 2,
-}
-VIEW_OPS = set(VIEW_SIZES)
+# Views: ``aten.VIEW_SIZES`` lists every op whose output is a regrouping of its input's dims. They are
+# all handled by view_dim on (input shape, output shape), which needs only the two shapes and the sequence
+# length. ``flatten``/``unflatten`` come from the pre-dispatch retrace and from the rewrite's own
+# head-split / head-merge nodes (``passes/rewrite``).
 
 # ``op(data, template)``: the template contributes only its shape (and dtype/device). The sharding pass
 # rewrites them into the explicit-size op before anything else reads the graph (``explicit_template``),
@@ -351,12 +305,8 @@ def _expand(node: fx.Node) -> OpRule:
 
 
 def _permute(node: fx.Node) -> OpRule:
-    perm = _norm_dims_ordered(node.args[1], len(shape_of(node)))
+    perm = [norm_dim(d, len(shape_of(node))) for d in node.args[1]]
     return OpRule([DimLink((0,), p, o) for o, p in enumerate(perm)], linear_in=((0,),))
-
-
-def _norm_dims_ordered(dims: Sequence[int], ndim: int) -> list[int]:
-    return [d % ndim for d in dims]
 
 
 def _transpose(node: fx.Node) -> OpRule:
@@ -379,7 +329,7 @@ def _unsqueeze(node: fx.Node) -> OpRule:
 def _squeeze(node: fx.Node) -> OpRule:
     s = shape_of(node.args[0])
     dims = node.args[1] if len(node.args) > 1 else None
-    drop = [i for i in _norm_dims(dims, len(s)) if s[i] == 1]
+    drop = [i for i in norm_dims(dims, len(s)) if s[i] == 1]
     links, o = [], 0
     for i in range(len(s)):
         if i in drop:
@@ -530,7 +480,7 @@ def _reduce(node: fx.Node) -> OpRule:
     else:
         dims = arg_or_kwarg(node, 1, "dim", None)
         keep = bool(arg_or_kwarg(node, 2, "keepdim", False))
-    dims = _norm_dims(dims if dims != [] else None, len(x))
+    dims = norm_dims(dims if dims != [] else None, len(x))
     links, o = [], 0
     for i in range(len(x)):
         if i in dims:

@@ -16,13 +16,14 @@ import torch.fx as fx
 
 from ringcompile.errors import UnsupportedPatternError
 
-from .placements import GETITEM, VIEW_OPS, Shard, get_arg, links_for, shape_of, size_expr, val_of, view_dim
-
-RING_OP = torch.ops.ringcompile.ring_attention.default
+from .aten import SOURCE_KEY, VIEW_OPS, is_ring_call, size_expr, val_of
+from .aten import hint_shape as shape_of
+from .placements import GETITEM, Shard, get_arg, links_for, view_dim
 
 
 def attention_ops(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is RING_OP]
+    """The ring_attention calls of ``gm``, in graph order."""
+    return [n for n in gm.graph.nodes if is_ring_call(n)]
 
 
 def global_seq_len(ops: Iterable[fx.Node]) -> int:
@@ -50,13 +51,13 @@ def global_seq_size(ops: Iterable[fx.Node]) -> int | torch.SymInt:
 
 def input_name(node: fx.Node) -> str:
     """The user-facing name of a graph input: Dynamo's source (``L['input_ids']``) when recorded."""
-    return str(node.meta.get("ringcompile_source") or node.name)
+    return str(node.meta.get(SOURCE_KEY) or node.name)
 
 
 def _match_override(node: fx.Node, seq_dims: Mapping[str, int]) -> int | None:
     """``seq_dims`` keys match the input's node name, or its Dynamo source (``input_ids`` matches
     ``L['input_ids']``, ``L_input_ids_``)."""
-    source = str(node.meta.get("ringcompile_source") or "")
+    source = str(node.meta.get(SOURCE_KEY) or "")
     names = {node.name, str(node.target), source}
     for key, dim in seq_dims.items():
         if key in names or f"'{key}'" in source or any(f"_{key}_" in f"_{n}_" for n in names):

@@ -45,6 +45,7 @@ from ringcompile.ops import RingCall
 from ringcompile.options import Options
 from ringcompile.spec import register_spec
 
+from .aten import RING_ATTENTION
 from .placements import (
     GETITEM,
     VIEW_OPS,
@@ -68,7 +69,6 @@ from .placements import (
     view_dim,
 )
 from .seq_dims import (
-    RING_OP,
     attention_ops,
     find_seq_dims,
     global_seq_len,
@@ -285,7 +285,7 @@ class _Sharder:
             return
         paths = tensor_paths(node)
         placements = [self.placement(get_arg(node, p)) for p in paths]
-        if t is RING_OP:
+        if t is RING_ATTENTION:
             return self.attention(node)
         if self.dynamic and _is_sym_scalar(node):
             return self.sym_scalar(node)

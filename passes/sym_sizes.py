@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from ringcompile.errors import UnsupportedPatternError
 
-from .placements import hint_of, size_expr, val_of
+from .aten import hint_of, size_expr, val_of
 
 aten = torch.ops.aten
 

@@ -1,4 +1,9 @@
-"""Shared test settings: deterministic hypothesis profile sized for a 2-core CI machine."""
+"""Shared test settings: deterministic hypothesis profile sized for a 2-core CI machine.
+
+Environment: ``RING_HYPOTHESIS_EXAMPLES`` sets the example count of every hypothesis test that does not
+set its own (20); ``RING_REWRITE_EXAMPLES`` sets the rewriting property's
+(``tests/passes/test_find_attention_hypothesis.py``: 500 per CI run, 10000 for a long run).
+"""
 
 import os
 
