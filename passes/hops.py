@@ -332,10 +332,11 @@ def mark_ring_ops_saved(gm: fx.GraphModule) -> int:
 
     if not any("ac_graph_id" in n.meta for n in gm.graph.nodes):
         return 0
-    target = torch.ops.ringcompile.ring_attention.default
+    from .aten import is_ring_call
+
     count = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not target:
+        if not is_ring_call(node):
             continue
         graph_id = _nearest_ac_id(node)
         for n in (node, *node.users):

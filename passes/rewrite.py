@@ -22,11 +22,11 @@ from ringcompile.options import Options
 from ringcompile.site import AttentionSite
 from ringcompile.spec import AttentionSpec, register_spec
 
+from .aten import RING_ATTENTION
 from .normalize import fake_mode_of
 
 log = get_logger(__name__)
 aten = torch.ops.aten
-RING_ATTENTION = torch.ops.ringcompile.ring_attention.default
 SEED_HIGH = 2**62
 
 

@@ -10,7 +10,6 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from .errors import OptionError, UnshardedAttentionError
@@ -137,5 +136,6 @@ def ring_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
 
 def rewritten_op_count(gm: fx.GraphModule) -> int:
     """How many ring_attention calls a graph holds (for tests and reports)."""
-    target = torch.ops.ringcompile.ring_attention.default
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
+    from .ops import is_ring_call
+
+    return sum(1 for n in gm.graph.nodes if is_ring_call(n))
