@@ -202,8 +202,10 @@ def _sequence_symbol(values: Sequence[Any], example_inputs: Sequence[Any], seq_d
 def _concrete(size: Any, seq_symbol: Any, local: int) -> int:
     if isinstance(size, torch.SymInt):
         expr = size.node.expr
-        hints = {s: (local if s == seq_symbol else size.node.shape_env.var_to_val.get(s, 1))
-                 for s in expr.free_symbols}
+        env = size.node.shape_env  # torch 2.13 renamed var_to_val (2.11 has only the old name)
+        known = getattr(env, "backed_var_to_val", None)
+        known = known if known is not None else env.var_to_val
+        hints = {s: (local if s == seq_symbol else known.get(s, 1)) for s in expr.free_symbols}
         return int(expr.subs(hints))
     return int(size)
 
