@@ -1,0 +1,42 @@
+"""What each spawned gloo rank runs in the decode tests (importable by the spawned processes)."""
+
+from __future__ import annotations
+
+import torch
+from decode_cases import TOL, make_case, reference
+
+from ringcompile.errors import ShapeMismatchError
+from ringcompile.runtime.decode import decode_attention
+
+CASES = [  # (name, make_case keywords)
+    ("decode/gqa/leftpad", dict(q_len=1)),
+    ("decode/window", dict(q_len=1, window=4, prefill=17, appended=4)),
+    ("decode/bf16/zigzag", dict(q_len=1, dtype=torch.bfloat16, prefill_layout="zigzag")),
+    ("chunk/causal-offsets", dict(q_len=5, appended=6)),
+    ("chunk/window/round_robin", dict(q_len=4, appended=5, window=6, policy="round_robin")),
+]
+
+
+def cases_body(rank: int, world: int) -> dict:
+    failures = []
+    for i, (name, kw) in enumerate(CASES):
+        case = make_case(100 + i, world, **kw)
+        k, v, slots = case.shard(rank)
+        out = decode_attention(case.q, k, v, kv_slots=slots, q_slots=case.q_slots,
+                               key_padding=case.key_padding, window=case.window, layout=case.layout,
+                               timeout=30.0)
+        err = (out.double() - reference(case)).abs().max().item()
+        if not err <= TOL[case.q.dtype]:
+            failures.append(f"{name} rank {rank}/{world}: max error {err:.3g}")
+    # a rank that skipped the last append: every rank raises before the merge, naming it
+    case = make_case(7, world, q_len=1)
+    k, v, slots = case.shard(rank)
+    if rank == world - 1:
+        k, v, slots = k[:, :, :-1], v[:, :, :-1], slots[:-1]
+    try:
+        decode_attention(case.q, k, v, kv_slots=slots, q_slots=case.q_slots, layout=case.layout, timeout=30.0)
+        failures.append(f"rank {rank}: skipped append not detected")
+    except ShapeMismatchError as e:
+        if f"rank {world - 1} holds" not in str(e):
+            failures.append(f"rank {rank}: message does not name rank {world - 1}: {e}")
+    return {"failures": failures}

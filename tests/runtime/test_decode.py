@@ -1,0 +1,111 @@
+"""Flash-decoding across ranks (runtime/decode.py) against float64 attention on the whole cache:
+simulated ranks for the combinations (N = 1..4, batch 2, left padding, GQA, sliding window, one query
+and a chunk of queries with causal offsets, fp32 / bf16, both append policies), gloo ranks at N = 2 and
+4 for the real collectives, and the cross-rank checks that must fire before any data moves."""
+
+from __future__ import annotations
+
+import decode_bodies
+import pytest
+import torch
+from decode_cases import TOL, make_case, reference
+from ring_harness import run_ranks
+
+from ringcompile.errors import ShapeMismatchError
+from ringcompile.runtime import decode
+from ringcompile.runtime.decode import decode_attention, decode_partials, shard_visible
+from ringcompile.runtime.simulated import simulate
+
+
+def _run(case, world, *, edit=None, **kw):
+    def rank(comm):
+        k, v, slots = case.shard(comm.rank)
+        q = case.q
+        if edit is not None:
+            q, k, v, slots = edit(comm.rank, q, k, v, slots)
+        out, lse, computed = decode_partials(comm, q, k, v, slots, case.q_slots, key_padding=case.key_padding,
+                                             window=case.window, layout=case.layout, **kw)
+        return out.to(case.q.dtype), computed
+    return simulate(rank, world, timeout=20.0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("q_len", [1, 6])
+@pytest.mark.parametrize("kw", [dict(), dict(window=5), dict(heads=(6, 1), policy="round_robin"),
+                                dict(dtype=torch.bfloat16, prefill_layout="zigzag"),
+                                dict(left_pad=False, heads=(3, 3), batch=3)],
+                         ids=["gqa-leftpad", "window", "mqa-roundrobin", "bf16-zigzag", "mha-b3"])
+def test_matches_float64_on_simulated_ranks(world, q_len, kw):
+    case = make_case(hash((world, q_len, repr(kw))) % 10_000, world, q_len=q_len, prefill=15,
+                     appended=q_len + 2, **kw)
+    want = reference(case)
+    results = _run(case, world)
+    for r, (out, _) in enumerate(results):
+        err = (out.double() - want).abs().max().item()
+        assert err <= TOL[case.q.dtype], (r, err)
+        assert torch.equal(out, results[0][0])          # every rank returns the same output
+
+
+def test_ranks_outside_the_window_skip_compute_but_join_the_merge():
+    world = 4
+    case = make_case(3, world, q_len=1, prefill=40, appended=0, window=12, left_pad=False)
+    case.layout = type(case.layout)(world, 40, "contiguous", "shortest")   # rank r holds [10r, 10r+10)
+    results = _run(case, world)
+    assert [c for _, c in results] == [False, False, True, True]            # query at slot 39 sees [28, 39]
+    err = (results[0][0].double() - reference(case)).abs().max().item()
+    assert err <= TOL[torch.float32]
+    assert shard_visible(0, 9, 39, 39, 6) is False and shard_visible(30, 39, 39, 39, 6) is True
+    assert shard_visible(20, 29, 10, 15, None) is False                   # all in the future
+
+
+def test_long_shard_is_merged_in_key_blocks(monkeypatch):
+    monkeypatch.setattr(decode, "KEY_BLOCK", 4)
+    case = make_case(5, 2, q_len=3, prefill=21, appended=3, window=9)
+    results = _run(case, 2)
+    assert (results[0][0].double() - reference(case)).abs().max().item() <= TOL[torch.float32]
+
+
+def test_single_process_needs_no_group():
+    case = make_case(9, 1, q_len=2)
+    k, v, slots = case.shard(0)
+    out = decode_attention(case.q, k, v, kv_slots=slots, q_slots=case.q_slots, key_padding=case.key_padding)
+    assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
+
+
+def _drop_last(victim):
+    def edit(rank, q, k, v, slots):
+        return (q, k[:, :, :-1], v[:, :, :-1], slots[:-1]) if rank == victim else (q, k, v, slots)
+    return edit
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (_drop_last(2), r"rank 2 holds \d+ cache entries"),
+    (lambda r, q, k, v, s: (q, k.double(), v.double(), s) if r == 1 else (q, k, v, s),
+     r"rank 1.*(dtype|valid inputs)"),
+    (lambda r, q, k, v, s: (q[:, :, :0], k, v, s) if r == 0 else (q, k, v, s), r"rank 0"),
+])
+def test_disagreeing_shards_raise_naming_the_rank(edit, pattern):
+    case = make_case(11, 3, q_len=1)
+    with pytest.raises(ShapeMismatchError, match=pattern):
+        _run(case, 3, edit=edit)
+
+
+def test_lengths_that_do_not_sum_to_the_cache_without_a_layout():
+    case = make_case(12, 2, q_len=1)
+    case_no_layout = case
+
+    def rank(comm):
+        k, v, slots = case_no_layout.shard(comm.rank)
+        if comm.rank == 0:
+            k, v, slots = k[:, :, 1:], v[:, :, 1:], slots[1:]
+        return decode_partials(comm, case.q, k, v, slots, case.q_slots)
+    with pytest.raises(ShapeMismatchError, match="sum to"):
+        simulate(rank, 2, timeout=20.0)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("world", [2, 4])
+def test_gloo_ranks(world):
+    results = run_ranks(decode_bodies.cases_body, world, 120.0, pg_timeout=30.0)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
