@@ -92,7 +92,8 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
             keep = keep & (q_slots.view(-1, 1) - slots.view(1, -1) < window)
         keep = keep.view(1, 1, Sq, -1)
         if key_padding is not None:
-            keep = keep & key_padding[:, slots].to(torch.bool).view(B, 1, 1, -1)
+            cols = slots.clamp(max=key_padding.shape[1] - 1)   # padding entries (pass-KV) are in the future
+            keep = keep & key_padding[:, cols].to(torch.bool).view(B, 1, 1, -1)
         if not bool(keep.any()):
             continue
         scores = torch.matmul(qg, k[:, :, a:b].to(acc).transpose(-1, -2)) * scale   # (B, Hkv, g*Sq, Lb)
@@ -168,8 +169,9 @@ def _show(field: str, value: int) -> str:
     return str(value)
 
 
-def check_cache_agrees(comm: Communicator, meta: list[int], layout: CacheLayout | None) -> None:
-    """All-gather ``meta``; raise ShapeMismatchError naming each rank whose cache or queries differ."""
+def check_cache_agrees(comm: Communicator, meta: list[int], layout: CacheLayout | None) -> list[int]:
+    """All-gather ``meta``; raise ShapeMismatchError naming each rank whose cache or queries differ.
+    Returns every rank's shard length."""
     device = getattr(comm, "device", None) or torch.device("cpu")
     rows = comm.all_gather(torch.tensor(meta, dtype=torch.int64, device=device), 0,
                            "decode metadata check").wait()
@@ -200,6 +202,7 @@ def check_cache_agrees(comm: Communicator, meta: list[int], layout: CacheLayout 
         raise ShapeMismatchError(f"sharded KV cache disagrees across ranks (seen from rank {comm.rank}): "
                                  + "; ".join(problems) + ". Every rank must append every step's K/V "
                                  "(to its owner) and call decode with the same queries.")
+    return [row[13] for row in table]
 
 
 def decode_partials(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from decode_cases import TOL, make_case, reference
+from decode_cases import TOL, chunk_shards, make_case, reference
 
 from ringcompile.errors import ShapeMismatchError
+from ringcompile.runtime.chunk_prefill import chunk_attention
 from ringcompile.runtime.decode import decode_attention
 
 CASES = [  # (name, make_case keywords)
@@ -28,6 +29,18 @@ def cases_body(rank: int, world: int) -> dict:
         err = (out.double() - reference(case)).abs().max().item()
         if not err <= TOL[case.q.dtype]:
             failures.append(f"{name} rank {rank}/{world}: max error {err:.3g}")
+    case = make_case(50, world, q_len=7, prefill=12, appended=7, window=9)
+    want = reference(case)
+    q, q_slots, k, v, slots = chunk_shards(case, world, rank)
+    rows = q_slots >= 0
+    for method in ("pass_q", "pass_kv"):
+        out = chunk_attention(q, k, v, q_slots=q_slots, kv_slots=slots, cache_len=case.cache_len,
+                              method=method, key_padding=case.key_padding, window=case.window, timeout=30.0)
+        err = 0.0
+        if rows.any():
+            err = (out[:, :, rows].double() - want[:, :, q_slots[rows] - 12]).abs().max().item()
+        if not err <= TOL[torch.float32]:
+            failures.append(f"chunk {method} rank {rank}/{world}: max error {err:.3g}")
     # a rank that skipped the last append: every rank raises before the merge, naming it
     case = make_case(7, world, q_len=1)
     k, v, slots = case.shard(rank)

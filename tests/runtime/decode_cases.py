@@ -70,3 +70,20 @@ def reference(case: Case) -> torch.Tensor:
 
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+
+def chunk_shards(case: Case, world: int, rank: int):
+    """A prompt chunk (the case's queries, its last q_len slots) sequence-sharded over the ranks, each rank
+    having appended its chunk shard's K/V to its prefill shard: (q, q_slots, k, v, kv_slots) of ``rank``.
+    Query rows padding the chunk to a multiple of N carry slot -1."""
+    T, C = case.cache_len, case.q.shape[2]
+    c = -(-C // world)
+    lo, hi = rank * c, min(C, (rank + 1) * c)
+    q = torch.zeros(*case.q.shape[:2], c, case.q.shape[-1], dtype=case.q.dtype)
+    q_slots = torch.full((c,), -1, dtype=torch.long)
+    if hi > lo:
+        q[:, :, :hi - lo] = case.q[:, :, lo:hi]
+        q_slots[:hi - lo] = case.q_slots[lo:hi]
+    pre = CacheLayout(world, T - C, "contiguous").slots(rank, T - C)
+    slots = torch.tensor(pre + list(range(T - C + lo, T - C + max(lo, hi))), dtype=torch.long)
+    return q, q_slots, case.k[:, :, slots], case.v[:, :, slots], slots

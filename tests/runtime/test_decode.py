@@ -8,11 +8,12 @@ from __future__ import annotations
 import decode_bodies
 import pytest
 import torch
-from decode_cases import TOL, make_case, reference
+from decode_cases import TOL, chunk_shards, make_case, reference
 from ring_harness import run_ranks
 
 from ringcompile.errors import ShapeMismatchError
 from ringcompile.runtime import decode
+from ringcompile.runtime.chunk_prefill import chunk_attention
 from ringcompile.runtime.decode import decode_attention, decode_partials, shard_visible
 from ringcompile.runtime.simulated import simulate
 
@@ -109,3 +110,33 @@ def test_gloo_ranks(world):
     results = run_ranks(decode_bodies.cases_body, world, 120.0, pg_timeout=30.0)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("method", ["pass_q", "pass_kv", "auto"])
+@pytest.mark.parametrize("kw", [dict(), dict(window=7, heads=(4, 1))], ids=["gqa-leftpad", "window-mqa"])
+def test_sharded_chunk_against_sharded_cache(world, method, kw):
+    """Chunked prefill: a 7-token chunk (not a multiple of N) sharded over the ranks attends the
+    prefill cache plus itself; both methods equal float64 on every rank's rows."""
+    case = make_case(21 + world, world, q_len=7, prefill=12, appended=7, **kw)
+    want = reference(case)
+
+    def rank(comm):
+        q, q_slots, k, v, slots = chunk_shards(case, world, comm.rank)
+        out = chunk_attention(q, k, v, q_slots=q_slots, kv_slots=slots, cache_len=case.cache_len,
+                              method=method, key_padding=case.key_padding, window=case.window, comm=comm)
+        return out, q_slots
+
+    c0 = case.cache_len - case.q.shape[2]
+    for out, q_slots in simulate(rank, world, timeout=20.0):
+        rows = q_slots >= 0
+        got, ref = out[:, :, rows].double(), want[:, :, q_slots[rows] - c0]
+        assert (got - ref).abs().max().item() <= TOL[torch.float32]
+        assert (out[:, :, ~rows] == 0).all()
+
+
+def test_chunk_method_choice_follows_bytes_moved():
+    from ringcompile.cost_model.decode import choose_chunk_method
+    # a short chunk against a long cache: the queries travel; a long chunk on a short cache: the cache does
+    assert choose_chunk_method(q_len=128, cache_len=32768, heads=32, kv_heads=8, head_dim=128) == "pass_q"
+    assert choose_chunk_method(q_len=32768, cache_len=4096, heads=32, kv_heads=8, head_dim=128) == "pass_kv"
