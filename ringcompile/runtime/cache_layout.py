@@ -65,14 +65,26 @@ class CacheLayout:
         return _owners(self, cache_len)
 
     def owner(self, slot: int) -> int:
-        return self.owners(slot + 1)[slot]
+        """The rank holding ``slot`` (O(N log T) for an appended slot: what a decode step asks)."""
+        if slot >= self.prefill_len:
+            return append_owner(self.lengths(slot), slot, self.policy)
+        padded = padded_length(self.prefill_len, self.world, self.prefill_layout)
+        chunks = [local_chunks(padded, self.world, r, self.prefill_layout) for r in range(self.world)]
+        return next(r for r in range(self.world) if any(a <= slot < b for a, b in chunks[r]))
+
+    def prefill_lengths(self, upto: int | None = None) -> list[int]:
+        """Every rank's count of prefill slots below ``upto`` (default: all of them)."""
+        upto = self.prefill_len if upto is None else min(upto, self.prefill_len)
+        padded = padded_length(self.prefill_len, self.world, self.prefill_layout)
+        chunks = [local_chunks(padded, self.world, r, self.prefill_layout) for r in range(self.world)]
+        return [sum(max(0, min(b, upto) - a) for a, b in chunks[r]) for r in range(self.world)]
 
     def lengths(self, cache_len: int) -> list[int]:
         """Every rank's shard length once the cache holds ``cache_len`` slots (closed form: O(N log T),
         so the per-token metadata check never walks the cache's history)."""
         if cache_len <= self.prefill_len:
-            return [sum(1 for t in self.prefill_slots(r) if t < cache_len) for r in range(self.world)]
-        base = [len(self.prefill_slots(r)) for r in range(self.world)]
+            return self.prefill_lengths(cache_len)
+        base = self.prefill_lengths()
         appended = cache_len - self.prefill_len
         if self.policy == "round_robin":
             return [b + _count_mod(self.prefill_len, cache_len, self.world, r) for r, b in enumerate(base)]

@@ -39,7 +39,8 @@ from .group import resolve_group
 log = get_logger(__name__)
 Tensor = torch.Tensor
 
-KEY_BLOCK = 4096  # cache entries per partial: bounds the score tile of a query chunk
+KEY_BLOCK = 4096  # cache entries per partial at least; more while the score tile stays under TILE_ELEMENTS
+TILE_ELEMENTS = 1 << 22
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 META_FIELDS = ("valid inputs", "batch", "query heads", "kv heads", "query length", "head dim",
                "value head dim", "dtype", "first query slot", "last query slot", "cache length",
@@ -84,8 +85,9 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
     g = Hq // Hkv
     qg = q.to(acc).reshape(B, Hkv, g * Sq, q.shape[-1]) if g > 1 else q.to(acc)
     o_acc = s_acc = None
-    for a in range(0, L, KEY_BLOCK):
-        b = min(L, a + KEY_BLOCK)
+    block = max(KEY_BLOCK, TILE_ELEMENTS // max(1, B * Hq * Sq))   # one block for a decode step
+    for a in range(0, L, block):
+        b = min(L, a + block)
         slots = kv_slots[a:b]
         keep = slots.view(1, -1) <= q_slots.view(-1, 1)                      # (Sq, Lb) causal
         if window is not None:

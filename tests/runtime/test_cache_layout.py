@@ -19,7 +19,7 @@ def test_lengths_slots_and_owners_agree(world, prefill, appended, layout, policy
     assert sorted(t for s in slots for t in s) == list(range(T))          # a partition of the cache
     assert cl.lengths(T) == [len(s) for s in slots]                        # closed form = the history
     owners = cl.owners(T)
-    assert all(owners[t] == r for r, s in enumerate(slots) for t in s)
+    assert all(owners[t] == r == cl.owner(t) for r, s in enumerate(slots) for t in s)
     for r, s in enumerate(slots):                                          # appends only ever add at the end
         assert s[:len(cl.slots(r, max(prefill, T - 1)))] == cl.slots(r, max(prefill, T - 1))
 

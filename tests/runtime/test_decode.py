@@ -61,6 +61,7 @@ def test_ranks_outside_the_window_skip_compute_but_join_the_merge():
 
 def test_long_shard_is_merged_in_key_blocks(monkeypatch):
     monkeypatch.setattr(decode, "KEY_BLOCK", 4)
+    monkeypatch.setattr(decode, "TILE_ELEMENTS", 1)
     case = make_case(5, 2, q_len=3, prefill=21, appended=3, window=9)
     results = _run(case, 2)
     assert (results[0][0].double() - reference(case)).abs().max().item() <= TOL[torch.float32]
