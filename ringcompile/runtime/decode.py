@@ -70,8 +70,12 @@ def shard_visible(kv_min: int, kv_max: int, q_min: int, q_max: int, window: int 
 
 
 def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor, *, scale: float,
-                  key_padding: Tensor | None = None, window: int | None = None) -> DecodePartial:
-    """This rank's partial attention of q (B, Hq, Sq, D) against its shard k/v (B, Hkv, L, D)."""
+                  key_padding: Tensor | None = None, window: int | None = None,
+                  slot_mask: Tensor | None = None) -> DecodePartial:
+    """This rank's partial attention of q (B, Hq, Sq, D) against its shard k/v (B, Hkv, L, D).
+
+    ``slot_mask`` (B or 1, 1 or Hq, Sq, >= T) bool over global slots (True = keep) is ANDed in: how a
+    model's own mask (HF's, with its padding and window rules) reaches the shard."""
     B, Hq, Sq, _ = q.shape
     Hkv, L, Dv = k.shape[1], k.shape[2], v.shape[-1]
     acc = _acc(q.dtype)
@@ -96,10 +100,12 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
         if key_padding is not None:
             cols = slots.clamp(max=key_padding.shape[1] - 1)   # padding entries (pass-KV) are in the future
             keep = keep & key_padding[:, cols].to(torch.bool).view(B, 1, 1, -1)
+        if slot_mask is not None:
+            keep = keep & slot_mask[..., slots.clamp(max=slot_mask.shape[-1] - 1)]
         if not bool(keep.any()):
             continue
         scores = torch.matmul(qg, k[:, :, a:b].to(acc).transpose(-1, -2)) * scale   # (B, Hkv, g*Sq, Lb)
-        scores = scores.view(B, Hq, Sq, b - a).masked_fill(~keep, float("-inf"))
+        scores = scores.view(B, Hq, Sq, b - a).masked_fill(~keep.expand(B, Hq, Sq, b - a), float("-inf"))
         m = scores.amax(-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p = torch.exp(scores - m)
@@ -210,7 +216,8 @@ def check_cache_agrees(comm: Communicator, meta: list[int], layout: CacheLayout 
 def decode_partials(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor,
                     *, cache_len: int | None = None, key_padding: Tensor | None = None,
                     window: int | None = None, scale: float | None = None,
-                    layout: CacheLayout | None = None, check: bool = True) -> tuple[Tensor, Tensor, bool]:
+                    layout: CacheLayout | None = None, check: bool = True,
+                    slot_mask: Tensor | None = None) -> tuple[Tensor, Tensor, bool]:
     """(out, lse, computed) on ``comm``: the merged fp32 output and lse, and whether this rank computed."""
     kv_slots = kv_slots.to(device=q.device, dtype=torch.long).reshape(-1)
     q_slots = q_slots.to(device=q.device, dtype=torch.long).reshape(-1)
@@ -223,7 +230,8 @@ def decode_partials(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slot
     if problem is not None:
         raise ShapeMismatchError(f"rank {comm.rank}: {problem}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    part = local_partial(q, k, v, kv_slots, q_slots, scale=scale, key_padding=key_padding, window=window)
+    part = local_partial(q, k, v, kv_slots, q_slots, scale=scale, key_padding=key_padding, window=window,
+                         slot_mask=slot_mask)
     if comm.world_size == 1:
         out, lse = merge_across(part.out.unsqueeze(0), part.lse.unsqueeze(0))
         return out, lse, part.computed
@@ -238,11 +246,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, kv_slots: Tensor, q_slo
                      cache_len: int | None = None, key_padding: Tensor | None = None,
                      window: int | None = None, scale: float | None = None, layout: CacheLayout | None = None,
                      group: Any = None, mesh_dim: int | str | None = None, comm: Communicator | None = None,
-                     timeout: float = 60.0, check: bool = True) -> Tensor:
+                     timeout: float = 60.0, check: bool = True, slot_mask: Tensor | None = None) -> Tensor:
     """Attention of replicated queries q (B, Hq, Sq, D) at global cache slots ``q_slots`` against the
     sharded cache (this rank's k/v (B, Hkv, L_r, D) at ``kv_slots``); every rank returns the full
     output (B, Hq, Sq, Dv) in q's dtype. GQA when Hq is a multiple of Hkv.
 
+    ``slot_mask`` (bool, True = keep, over global slots; see ``local_partial``) adds a model's own mask.
     ``cache_len`` (default last query slot + 1) is the global number of slots; ``layout`` states who
     holds how many (checked on every call when given). ``comm`` overrides ``group`` (simulated ranks).
     Not differentiable (serving).
@@ -252,5 +261,5 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, kv_slots: Tensor, q_slo
     with torch.no_grad():
         out, _, _ = decode_partials(comm, q, k, v, kv_slots, q_slots, cache_len=cache_len,
                                     key_padding=key_padding, window=window, scale=scale, layout=layout,
-                                    check=check)
+                                    check=check, slot_mask=slot_mask)
     return out.to(q.dtype)

@@ -1,0 +1,120 @@
+"""HF ``generate`` with a KV cache sharded over the ranks, in eager mode (no graph rewriting yet).
+
+What the backend will insert into captured decode graphs, written out by hand so its semantics
+are tested against HF itself:
+
+* ``ShardedCacheLayer`` (a ``DynamicLayer``): every rank computes the step's new K/V (the model
+  runs replicated), and the layer keeps only the slots ``CacheLayout`` gives this rank: the
+  prefill's contiguous shard, then each appended token at its owner. It reports the GLOBAL length
+  (``get_seq_length``, ``get_mask_sizes``), so HF's positions, ``cache_position`` and masks are the
+  ones of one process.
+* the attention function ``"ring_decode"`` (registered with HF's ``AttentionInterface``, with
+  HF's eager mask builder as its mask): the queries of the step attend this rank's shard via
+  ``runtime.decode.decode_attention``, with HF's own 4-D mask gathered at the shard's slots, and
+  the partials are merged across ranks. Prefill goes through the same path (a chunk of queries).
+
+Per-rank cache memory is ~1/N of one process; the dense layers still run replicated (a compiled
+graph would shard the prefill's sequence, see docs/ARCHITECTURE.md "Serving").
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from ringcompile.errors import MissingDependencyError
+from ringcompile.runtime.cache_layout import CacheLayout
+from ringcompile.runtime.decode import decode_attention
+
+Tensor = torch.Tensor
+ATTENTION_NAME = "ring_decode"
+# key tensor returned by a layer's update -> that layer (the attention function gets only the tensor)
+_LAYER_OF_KEYS: weakref.WeakValueDictionary[int, ShardedCacheLayer] = weakref.WeakValueDictionary()
+
+try:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError:  # pragma: no cover - transformers is optional
+    DynamicCache = DynamicLayer = None  # type: ignore[assignment,misc]
+
+
+def _require_transformers() -> None:
+    if DynamicLayer is None:
+        raise MissingDependencyError("ringcompile.serving.hf needs transformers: pip install transformers")
+
+
+class ShardedCacheLayer(DynamicLayer if DynamicLayer is not None else object):  # type: ignore[misc]
+    """One layer's K/V shard on this rank; lengths and masks stay global."""
+
+    def __init__(self, rank: int, world: int, policy: str = "shortest", group: Any = None,
+                 timeout: float = 60.0) -> None:
+        super().__init__()
+        self.rank, self.world, self.policy, self.group, self.timeout = rank, world, policy, group, timeout
+        self.layout: CacheLayout | None = None
+        self.global_len = 0
+        self.slots = torch.zeros(0, dtype=torch.long)
+        self.q_slots = torch.zeros(0, dtype=torch.long)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, start = key_states.shape[-2], self.global_len
+        if self.layout is None:                       # the first update is the prefill
+            self.layout = CacheLayout(self.world, n, "contiguous", self.policy)
+            mine = self.layout.slots(self.rank, n)
+        else:
+            mine = [t for t in range(start, start + n) if self.layout.owner(t) == self.rank]
+        local = torch.tensor([t - start for t in mine], dtype=torch.long, device=key_states.device)
+        self.keys = torch.cat([self.keys, key_states.index_select(-2, local)], dim=-2)
+        self.values = torch.cat([self.values, value_states.index_select(-2, local)], dim=-2)
+        self.slots = torch.cat([self.slots.to(key_states.device), local + start])
+        self.q_slots = torch.arange(start, start + n, device=key_states.device)
+        self.global_len = start + n
+        _LAYER_OF_KEYS[id(self.keys)] = self
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.global_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.global_len + query_length, 0
+
+
+def sharded_cache(num_layers: int, rank: int, world: int, *, policy: str = "shortest", group: Any = None,
+                  timeout: float = 60.0):
+    """A ``DynamicCache`` whose layers hold only this rank's shard (pass as ``past_key_values``)."""
+    _require_transformers()
+    register()
+    cache = DynamicCache()
+    cache.layers = [ShardedCacheLayer(rank, world, policy, group, timeout) for _ in range(num_layers)]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+def ring_decode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                          attention_mask: Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                          **kwargs: Any) -> tuple[Tensor, None]:
+    """HF attention-interface function: the step's queries against this rank's shard, merged over ranks."""
+    layer = _LAYER_OF_KEYS.get(id(key))
+    if layer is None or layer.keys is not key:
+        raise RuntimeError("ring_decode attention needs a cache from ringcompile.serving.hf.sharded_cache "
+                           "(pass it as past_key_values=...)")
+    keep = None
+    if attention_mask is not None:
+        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    out = decode_attention(query, key, value, kv_slots=layer.slots, q_slots=layer.q_slots,
+                           cache_len=layer.global_len, slot_mask=keep, scale=scaling, window=window,
+                           layout=layer.layout, group=layer.group, timeout=layer.timeout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"ring_decode"`` with HF's attention and mask interfaces (idempotent)."""
+    _require_transformers()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION_NAME, ring_decode_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, eager_mask)
