@@ -56,7 +56,8 @@ class ShardedCacheLayer(DynamicLayer if DynamicLayer is not None else object):  
         self.slots = torch.zeros(0, dtype=torch.long)
         self.q_slots = torch.zeros(0, dtype=torch.long)
 
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, start = key_states.shape[-2], self.global_len

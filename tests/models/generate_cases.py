@@ -15,18 +15,16 @@ PROMPT, NEW = 11, 8
 def build(family: str):
     import transformers as tf
 
-    common = dict(vocab_size=96, num_hidden_layers=2, max_position_embeddings=128)
+    common = dict(vocab_size=96, num_hidden_layers=2, max_position_embeddings=128, hidden_size=32,
+                  intermediate_size=64, num_attention_heads=4)
     if family == "llama":
-        cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                             **common)
+        cfg = tf.LlamaConfig(num_key_value_heads=2, **common)
         cls = tf.LlamaForCausalLM
     elif family == "mistral":      # a window shorter than prompt + new tokens: shards fall out of it
-        cfg = tf.MistralConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                               sliding_window=6, **common)
+        cfg = tf.MistralConfig(num_key_value_heads=2, sliding_window=6, **common)
         cls = tf.MistralForCausalLM
     elif family == "qwen2":
-        cfg = tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=1,
-                             **common)
+        cfg = tf.Qwen2Config(num_key_value_heads=1, **common)
         cls = tf.Qwen2ForCausalLM
     elif family == "gpt2":
         cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=128)
