@@ -9,6 +9,7 @@ from ringcompile.errors import ShapeMismatchError
 from ringcompile.runtime.chunk_prefill import chunk_attention
 from ringcompile.runtime.decode import decode_attention
 
+DIM_SCALE = 8 ** -0.5   # make_case's head dim 8
 CASES = [  # (name, make_case keywords)
     ("decode/gqa/leftpad", dict(q_len=1)),
     ("decode/window", dict(q_len=1, window=4, prefill=17, appended=4)),
@@ -41,6 +42,17 @@ def cases_body(rank: int, world: int) -> dict:
             err = (out[:, :, rows].double() - want[:, :, q_slots[rows] - 12]).abs().max().item()
         if not err <= TOL[torch.float32]:
             failures.append(f"chunk {method} rank {rank}/{world}: max error {err:.3g}")
+    # the custom op a compiled decode graph calls, over the default group with the layout as ints
+    from ringcompile.runtime.decode_op import decode_attention_op, layout_ints
+
+    case = make_case(60, world, q_len=1, window=5)
+    k, v, slots = case.shard(rank)
+    keep = case.key_padding.view(case.q.shape[0], 1, 1, -1)
+    out = decode_attention_op(case.q, k, v, slots, case.q_slots, keep, case.cache_len, 5, DIM_SCALE,
+                              "default", 30.0, layout_ints(case.layout))
+    err = (out.double() - reference(case)).abs().max().item()
+    if not err <= TOL[torch.float32]:
+        failures.append(f"custom op rank {rank}/{world}: max error {err:.3g}")
     # a rank that skipped the last append: every rank raises before the merge, naming it
     case = make_case(7, world, q_len=1)
     k, v, slots = case.shard(rank)

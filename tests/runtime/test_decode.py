@@ -142,3 +142,26 @@ def test_chunk_method_choice_follows_bytes_moved():
     # a short chunk against a long cache: the queries travel; a long chunk on a short cache: the cache does
     assert choose_chunk_method(q_len=128, cache_len=32768, heads=32, kv_heads=8, head_dim=128) == "pass_q"
     assert choose_chunk_method(q_len=32768, cache_len=4096, heads=32, kv_heads=8, head_dim=128) == "pass_kv"
+
+
+@pytest.mark.parametrize("backend", ["ring"])
+def test_custom_op_compiles_once_for_every_cache_length(backend):
+    """The op under torch.compile: a growing cache (dynamic size) reuses one graph; results equal float64."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from ringcompile.runtime.decode_op import decode_attention_op
+
+    def step(q, k, v, slots, q_slots, mask):
+        return decode_attention_op(q * 1.0, k, v, slots, q_slots, mask, k.shape[2], -1, q.shape[-1] ** -0.5,
+                                   "single", 10.0, []) + 0.0
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    for T in range(9, 15):
+        case = make_case(T, 1, q_len=1, prefill=T - 1, appended=1)
+        k, v, slots = case.shard(0)
+        keep = case.key_padding.view(2, 1, 1, -1)
+        out = compiled(case.q, k, v, slots, case.q_slots, keep)
+        assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
+    assert counter.frame_count == 1
