@@ -10,6 +10,8 @@ import decode_bodies
 import pytest
 import torch
 from decode_cases import TOL, chunk_shards, make_case, reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ring_harness import run_ranks
 
 from ringcompile.errors import ShapeMismatchError
@@ -165,3 +167,23 @@ def test_custom_op_compiles_once_for_every_cache_length(backend):
         out = compiled(case.q, k, v, slots, case.q_slots, keep)
         assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
     assert counter.frame_count == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(world=st.integers(2, 4), owners_seed=st.integers(0, 10_000), q_len=st.integers(1, 4),
+       window=st.one_of(st.none(), st.integers(1, 12)))
+def test_any_partition_of_the_cache_merges_to_the_same_answer(world, owners_seed, q_len, window):
+    """Slots dealt to ranks at random (some ranks empty, shards out of order): the merge does not depend
+    on the layout, only on which slots exist."""
+    case = make_case(owners_seed, world, q_len=q_len, prefill=10, appended=q_len + 1, window=window)
+    g = torch.Generator().manual_seed(owners_seed)
+    owner = torch.randint(0, world, (case.cache_len,), generator=g)
+    owner[owner == world - 1] = 0                                   # the last rank holds nothing
+
+    def rank(comm):
+        slots = torch.nonzero(owner == comm.rank).flatten()
+        slots = slots[torch.randperm(slots.numel(), generator=torch.Generator().manual_seed(comm.rank))]
+        return decode_partials(comm, case.q, case.k[:, :, slots], case.v[:, :, slots], slots, case.q_slots,
+                               key_padding=case.key_padding, window=window)[0]
+    for out in simulate(rank, world, timeout=20.0):
+        assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
