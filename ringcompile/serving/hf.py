@@ -82,13 +82,60 @@ class ShardedCacheLayer(DynamicLayer if DynamicLayer is not None else object):  
         return self.global_len + query_length, 0
 
 
+class ShardedStaticLayer(ShardedCacheLayer):
+    """A shard preallocated for ``max_cache_len`` global slots: this rank's most slots under the layout
+    (about max_cache_len / N), allocated at the prefill and filled in place; returns views."""
+
+    def __init__(self, rank: int, world: int, max_cache_len: int, policy: str = "shortest", group: Any = None,
+                 timeout: float = 60.0) -> None:
+        super().__init__(rank, world, policy, group, timeout)
+        self.max_cache_len = max_cache_len
+        self.filled = 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
+        n, start = key_states.shape[-2], self.global_len
+        if start + n > self.max_cache_len:
+            raise ValueError(f"sharded static cache holds {self.max_cache_len} slots; {start + n} requested")
+        if self.layout is None:
+            self.layout = CacheLayout(self.world, n, "contiguous", self.policy)
+            capacity = self.layout.lengths(self.max_cache_len)[self.rank]
+            B, H, _, D = key_states.shape
+            self.device = key_states.device
+            self.keys = key_states.new_zeros(B, H, capacity, D)
+            self.values = value_states.new_zeros(B, H, capacity, value_states.shape[-1])
+            self.is_initialized = True
+            mine = self.layout.slots(self.rank, n)
+        else:
+            mine = [t for t in range(start, start + n) if self.layout.owner(t) == self.rank]
+        local = torch.tensor([t - start for t in mine], dtype=torch.long, device=key_states.device)
+        self.keys[:, :, self.filled:self.filled + len(mine)] = key_states.index_select(-2, local)
+        self.values[:, :, self.filled:self.filled + len(mine)] = value_states.index_select(-2, local)
+        self.filled += len(mine)
+        self.slots = torch.cat([self.slots.to(key_states.device), local + start])
+        self.q_slots = torch.arange(start, start + n, device=key_states.device)
+        self.global_len = start + n
+        k, v = self.keys[:, :, :self.filled], self.values[:, :, :self.filled]
+        self._views = (k, v)                         # keep the views alive for the registry
+        _LAYER_OF_KEYS[id(k)] = self
+        return k, v
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+
 def sharded_cache(num_layers: int, rank: int, world: int, *, policy: str = "shortest", group: Any = None,
-                  timeout: float = 60.0):
-    """A ``DynamicCache`` whose layers hold only this rank's shard (pass as ``past_key_values``)."""
+                  timeout: float = 60.0, max_cache_len: int | None = None):
+    """A ``DynamicCache`` whose layers hold only this rank's shard (pass as ``past_key_values``);
+    with ``max_cache_len`` each shard is preallocated (StaticCache-style, ~max_cache_len / N per rank)."""
     _require_transformers()
     register()
     cache = DynamicCache()
-    cache.layers = [ShardedCacheLayer(rank, world, policy, group, timeout) for _ in range(num_layers)]
+    if max_cache_len is not None:
+        cache.layers = [ShardedStaticLayer(rank, world, max_cache_len, policy, group, timeout)
+                        for _ in range(num_layers)]
+    else:
+        cache.layers = [ShardedCacheLayer(rank, world, policy, group, timeout) for _ in range(num_layers)]
     cache.layer_class_to_replicate = None
     return cache
 
@@ -98,7 +145,7 @@ def ring_decode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
                           **kwargs: Any) -> tuple[Tensor, None]:
     """HF attention-interface function: the step's queries against this rank's shard, merged over ranks."""
     layer = _LAYER_OF_KEYS.get(id(key))
-    if layer is None or layer.keys is not key:
+    if layer is None or key is not getattr(layer, "_views", (layer.keys,))[0]:
         raise RuntimeError("ring_decode attention needs a cache from ringcompile.serving.hf.sharded_cache "
                            "(pass it as past_key_values=...)")
     keep = None

@@ -51,7 +51,7 @@ def generate(model, ids, mask, cache=None):
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, 1)
 
 
-def sharded(family: str, rank: int, world: int) -> dict:
+def sharded(family: str, rank: int, world: int, max_cache_len: int | None = None) -> dict:
     from ringcompile.serving.hf import register, sharded_cache
 
     model, ids, mask = build(family)
@@ -59,11 +59,13 @@ def sharded(family: str, rank: int, world: int) -> dict:
     full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in _cache_layers(model, ids, mask))
     register()
     model.set_attn_implementation("ring_decode")
-    cache = sharded_cache(model.config.num_hidden_layers, rank, world, timeout=60.0)
+    cache = sharded_cache(model.config.num_hidden_layers, rank, world, timeout=60.0,
+                          max_cache_len=max_cache_len)
     tokens, logits = generate(model, ids, mask, cache)
     return {"same_tokens": bool(torch.equal(tokens, want_tokens)),
             "logit_error": float((logits - want_logits).abs().max()),
             "cache_bytes": sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers),
+            "filled_bytes": sum(layer.keys[:, :, :len(layer.slots)].nbytes * 2 for layer in cache.layers),
             "full_bytes": full_bytes, "global_len": cache.layers[0].global_len}
 
 
@@ -89,3 +91,8 @@ def qwen2(rank: int, world: int) -> dict:
 
 def gpt2(rank: int, world: int) -> dict:
     return sharded("gpt2", rank, world)
+
+
+def llama_static(rank: int, world: int) -> dict:
+    """Shards preallocated for 24 slots (prompt 11 + 8 new would need 18)."""
+    return sharded("llama", rank, world, max_cache_len=24)
