@@ -55,8 +55,11 @@ def sharded(family: str, rank: int, world: int, max_cache_len: int | None = None
     from ringcompile.serving.hf import register, sharded_cache
 
     model, ids, mask = build(family)
-    want_tokens, want_logits = generate(model, ids, mask)
-    full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in _cache_layers(model, ids, mask))
+    from transformers import DynamicCache
+
+    one_process = DynamicCache()
+    want_tokens, want_logits = generate(model, ids, mask, one_process)
+    full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in one_process.layers)
     register()
     model.set_attn_implementation("ring_decode")
     cache = sharded_cache(model.config.num_hidden_layers, rank, world, timeout=60.0,
@@ -67,14 +70,6 @@ def sharded(family: str, rank: int, world: int, max_cache_len: int | None = None
             "cache_bytes": sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers),
             "filled_bytes": sum(layer.keys[:, :, :len(layer.slots)].nbytes * 2 for layer in cache.layers),
             "full_bytes": full_bytes, "global_len": cache.layers[0].global_len}
-
-
-def _cache_layers(model, ids, mask):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    generate(model, ids, mask, cache)
-    return cache.layers
 
 
 def llama(rank: int, world: int) -> dict:
