@@ -75,6 +75,12 @@ class ShardedCacheLayer(DynamicLayer if DynamicLayer is not None else object):  
         _LAYER_OF_KEYS[id(self.keys)] = self
         return self.keys, self.values
 
+    is_croppable = False   # a shard cannot be cut at a global length by slicing (assisted decoding)
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a sharded KV cache cannot be cropped yet (assisted / speculative "
+                                  "decoding); use an unsharded cache for it")
+
     def get_seq_length(self) -> int:
         return self.global_len
 
