@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ringcompile.errors import MissingDependencyError
+from ringcompile.errors import MissingDependencyError, UnsupportedPatternError
 from ringcompile.runtime.cache_layout import CacheLayout
 from ringcompile.runtime.decode import decode_attention
 
@@ -78,8 +78,8 @@ class ShardedCacheLayer(DynamicLayer if DynamicLayer is not None else object):  
     is_croppable = False   # a shard cannot be cut at a global length by slicing (assisted decoding)
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("a sharded KV cache cannot be cropped yet (assisted / speculative "
-                                  "decoding); use an unsharded cache for it")
+        raise UnsupportedPatternError("a sharded KV cache cannot be cropped yet (assisted / speculative "
+                                      "decoding); use an unsharded cache for it")
 
     def get_seq_length(self) -> int:
         return self.global_len
