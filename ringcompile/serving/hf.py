@@ -152,8 +152,9 @@ def ring_decode_attention(module: torch.nn.Module, query: Tensor, key: Tensor, v
     """HF attention-interface function: the step's queries against this rank's shard, merged over ranks."""
     layer = _LAYER_OF_KEYS.get(id(key))
     if layer is None or key is not getattr(layer, "_views", (layer.keys,))[0]:
-        raise RuntimeError("ring_decode attention needs a cache from ringcompile.serving.hf.sharded_cache "
-                           "(pass it as past_key_values=...)")
+        raise UnsupportedPatternError("ring_decode attention needs a cache from "
+                                      "ringcompile.serving.hf.sharded_cache (pass it to generate as cache= / "
+                                      "past_key_values=)")
     keep = None
     if attention_mask is not None:
         keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
