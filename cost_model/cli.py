@@ -31,7 +31,28 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--explain", action="store_true", help="print the formulas of the best plan")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw time vs S per strategy and per-rank memory vs S for N=1,2,4,8 (matplotlib)")
+    p.add_argument("--decode", action="store_true",
+                   help="serving: per-token decode latency, per-rank KV cache bytes and prefill time of a "
+                        "--seq-token prompt at N=1 and --world-size (flash-decoding across ranks)")
+    p.add_argument("--layers", type=int, default=1, help="attention layers counted with --decode")
+    p.add_argument("--params", type=float, default=0,
+                   help="weights outside attention counted with --decode (e.g. 7e9), read once per token")
     p.set_defaults(func=run_plan)
+
+
+def _print_decode(args: argparse.Namespace) -> None:
+    from .decode import chunk_bytes, estimate_decode
+
+    print("decode (sharded KV cache, one all_gather of (out, lse) per layer):")
+    for world in sorted({1, args.world_size}):
+        est = estimate_decode(cache_len=args.seq, world_size=world, heads=args.heads, kv_heads=args.kv_heads,
+                              head_dim=args.head_dim, layers=args.layers, batch=args.batch, dtype=args.dtype,
+                              params=int(args.params), profile=args.profile)
+        print("  " + est.lines()[0])
+    moved = chunk_bytes(q_len=min(args.seq, 4096), cache_len=args.seq, heads=args.heads,
+                        kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim)
+    print(f"  a {min(args.seq, 4096)}-token chunk against this cache moves {moved['pass_q'] / 2**20:.1f} MiB "
+          f"(pass-Q) vs {moved['pass_kv'] / 2**20:.1f} MiB (pass-KV) per batch row")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -76,6 +97,9 @@ def run_plan(args: argparse.Namespace) -> int:
             print(f"  S={c.seq_len:>10,}  {c.faster_below} -> {c.faster_above}")
     else:
         print("crossovers: none in [256, 16M]")
+    if args.decode:
+        print()
+        _print_decode(args)
     if args.explain:
         print()
         print(best.explain())

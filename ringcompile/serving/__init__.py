@@ -1,0 +1,1 @@
+"""Serving long contexts with a sharded KV cache (see docs/ARCHITECTURE.md "Serving")."""

@@ -1,0 +1,34 @@
+"""HF generate with the KV cache sharded over gloo ranks (eager: ``ringcompile.serving.hf``): greedy
+tokens equal one process, logits within fp32 rounding, and each rank holds ~1/N of the cache, for
+Llama (GQA; also with shards preallocated StaticCache-style), Mistral (sliding window shorter than
+the sequence), Qwen2 (MQA) and GPT-2, batch 2 with left padding, at N = 2 and 4 (N = 4: Mistral
+only, for the suite's time budget)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from harness import run_cases
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.multirank
+STATIC_SLOTS = 24   # generate_cases.llama_static's max_cache_len
+
+
+@pytest.mark.parametrize("world, families", [(2, ["llama", "mistral", "qwen2", "gpt2", "llama_static"]),
+                                             (4, ["mistral"])])
+def test_same_tokens_as_one_process_with_a_sharded_cache(world, families):
+    results = run_cases("generate_cases", families, world=world, timeout=240.0)
+    for name, per_rank in results.items():
+        errors = [r["error"] for r in per_rank if "error" in r]
+        assert not errors, f"{name}: {errors[0]}"
+        for rank, r in enumerate(per_rank):
+            assert r["same_tokens"], (name, rank, r)
+            assert r["logit_error"] < 1e-4, (name, rank, r)
+            slots = r["global_len"]                  # prompt + new tokens but the last (never fed back)
+            per_slot = r["full_bytes"] / slots
+            assert r["filled_bytes"] <= per_slot * math.ceil(slots / world), (name, rank, r)
+            allocated = STATIC_SLOTS if name.endswith("_static") else slots
+            assert r["cache_bytes"] <= per_slot * math.ceil(allocated / world), (name, rank, r)
+        assert sum(r["filled_bytes"] for r in per_rank) == per_rank[0]["full_bytes"], name

@@ -1,0 +1,189 @@
+"""Flash-decoding across ranks (runtime/decode.py) against float64 attention on the whole cache:
+simulated ranks for the combinations (N = 1..4, batch 2, left padding, GQA, sliding window, one query
+and a chunk of queries with causal offsets, fp32 / bf16, both append policies), gloo ranks at N = 4 for
+the real collectives (N = 2 gloo: the sharded generate test), and the cross-rank checks that must fire
+before any data moves."""
+
+from __future__ import annotations
+
+import decode_bodies
+import pytest
+import torch
+from decode_cases import TOL, chunk_shards, make_case, reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ring_harness import run_ranks
+
+from ringcompile.errors import ShapeMismatchError
+from ringcompile.runtime import decode
+from ringcompile.runtime.chunk_prefill import chunk_attention
+from ringcompile.runtime.decode import decode_attention, decode_partials, shard_visible
+from ringcompile.runtime.simulated import simulate
+
+
+def _run(case, world, *, edit=None, **kw):
+    def rank(comm):
+        k, v, slots = case.shard(comm.rank)
+        q = case.q
+        if edit is not None:
+            q, k, v, slots = edit(comm.rank, q, k, v, slots)
+        out, lse, computed = decode_partials(comm, q, k, v, slots, case.q_slots, key_padding=case.key_padding,
+                                             window=case.window, layout=case.layout, **kw)
+        return out.to(case.q.dtype), computed
+    return simulate(rank, world, timeout=20.0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("q_len", [1, 6])
+@pytest.mark.parametrize("kw", [dict(), dict(window=5), dict(heads=(6, 1), policy="round_robin"),
+                                dict(dtype=torch.bfloat16, prefill_layout="zigzag"),
+                                dict(left_pad=False, heads=(3, 3), batch=3)],
+                         ids=["gqa-leftpad", "window", "mqa-roundrobin", "bf16-zigzag", "mha-b3"])
+def test_matches_float64_on_simulated_ranks(world, q_len, kw):
+    case = make_case(hash((world, q_len, repr(kw))) % 10_000, world, q_len=q_len, prefill=15,
+                     appended=q_len + 2, **kw)
+    want = reference(case)
+    results = _run(case, world)
+    for r, (out, _) in enumerate(results):
+        err = (out.double() - want).abs().max().item()
+        assert err <= TOL[case.q.dtype], (r, err)
+        assert torch.equal(out, results[0][0])          # every rank returns the same output
+
+
+def test_ranks_outside_the_window_skip_compute_but_join_the_merge():
+    world = 4
+    case = make_case(3, world, q_len=1, prefill=40, appended=0, window=12, left_pad=False)
+    case.layout = type(case.layout)(world, 40, "contiguous", "shortest")   # rank r holds [10r, 10r+10)
+    results = _run(case, world)
+    assert [c for _, c in results] == [False, False, True, True]            # query at slot 39 sees [28, 39]
+    err = (results[0][0].double() - reference(case)).abs().max().item()
+    assert err <= TOL[torch.float32]
+    assert shard_visible(0, 9, 39, 39, 6) is False and shard_visible(30, 39, 39, 39, 6) is True
+    assert shard_visible(20, 29, 10, 15, None) is False                   # all in the future
+
+
+def test_long_shard_is_merged_in_key_blocks(monkeypatch):
+    monkeypatch.setattr(decode, "KEY_BLOCK", 4)
+    monkeypatch.setattr(decode, "TILE_ELEMENTS", 1)
+    case = make_case(5, 2, q_len=3, prefill=21, appended=3, window=9)
+    results = _run(case, 2)
+    assert (results[0][0].double() - reference(case)).abs().max().item() <= TOL[torch.float32]
+
+
+def test_single_process_needs_no_group():
+    case = make_case(9, 1, q_len=2)
+    k, v, slots = case.shard(0)
+    out = decode_attention(case.q, k, v, kv_slots=slots, q_slots=case.q_slots, key_padding=case.key_padding)
+    assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
+
+
+def _drop_last(victim):
+    def edit(rank, q, k, v, slots):
+        return (q, k[:, :, :-1], v[:, :, :-1], slots[:-1]) if rank == victim else (q, k, v, slots)
+    return edit
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (_drop_last(2), r"rank 2 holds \d+ cache entries"),
+    (lambda r, q, k, v, s: (q, k.double(), v.double(), s) if r == 1 else (q, k, v, s),
+     r"rank 1.*(dtype|valid inputs)"),
+    (lambda r, q, k, v, s: (q[:, :, :0], k, v, s) if r == 0 else (q, k, v, s), r"rank 0"),
+])
+def test_disagreeing_shards_raise_naming_the_rank(edit, pattern):
+    case = make_case(11, 3, q_len=1)
+    with pytest.raises(ShapeMismatchError, match=pattern):
+        _run(case, 3, edit=edit)
+
+
+def test_lengths_that_do_not_sum_to_the_cache_without_a_layout():
+    case = make_case(12, 2, q_len=1)
+    case_no_layout = case
+
+    def rank(comm):
+        k, v, slots = case_no_layout.shard(comm.rank)
+        if comm.rank == 0:
+            k, v, slots = k[:, :, 1:], v[:, :, 1:], slots[1:]
+        return decode_partials(comm, case.q, k, v, slots, case.q_slots)
+    with pytest.raises(ShapeMismatchError, match="sum to"):
+        simulate(rank, 2, timeout=20.0)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("world", [4])   # 2 gloo ranks: tests/models/test_generate_sharded.py decodes there
+def test_gloo_ranks(world):
+    results = run_ranks(decode_bodies.cases_body, world, 120.0, pg_timeout=30.0)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("method", ["pass_q", "pass_kv", "auto"])
+@pytest.mark.parametrize("kw", [dict(), dict(window=7, heads=(4, 1))], ids=["gqa-leftpad", "window-mqa"])
+def test_sharded_chunk_against_sharded_cache(world, method, kw):
+    """Chunked prefill: a 7-token chunk (not a multiple of N) sharded over the ranks attends the
+    prefill cache plus itself; both methods equal float64 on every rank's rows."""
+    case = make_case(21 + world, world, q_len=7, prefill=12, appended=7, **kw)
+    want = reference(case)
+
+    def rank(comm):
+        q, q_slots, k, v, slots = chunk_shards(case, world, comm.rank)
+        out = chunk_attention(q, k, v, q_slots=q_slots, kv_slots=slots, cache_len=case.cache_len,
+                              method=method, key_padding=case.key_padding, window=case.window, comm=comm)
+        return out, q_slots
+
+    c0 = case.cache_len - case.q.shape[2]
+    for out, q_slots in simulate(rank, world, timeout=20.0):
+        rows = q_slots >= 0
+        got, ref = out[:, :, rows].double(), want[:, :, q_slots[rows] - c0]
+        assert (got - ref).abs().max().item() <= TOL[torch.float32]
+        assert (out[:, :, ~rows] == 0).all()
+
+
+def test_chunk_method_choice_follows_bytes_moved():
+    from ringcompile.cost_model.decode import choose_chunk_method
+    # a short chunk against a long cache: the queries travel; a long chunk on a short cache: the cache does
+    assert choose_chunk_method(q_len=128, cache_len=32768, heads=32, kv_heads=8, head_dim=128) == "pass_q"
+    assert choose_chunk_method(q_len=32768, cache_len=4096, heads=32, kv_heads=8, head_dim=128) == "pass_kv"
+
+
+@pytest.mark.parametrize("backend", ["ring"])
+def test_custom_op_compiles_once_for_every_cache_length(backend):
+    """The op under torch.compile: a growing cache (dynamic size) reuses one graph; results equal float64."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from ringcompile.runtime.decode_op import decode_attention_op
+
+    def step(q, k, v, slots, q_slots, mask):
+        return decode_attention_op(q * 1.0, k, v, slots, q_slots, mask, k.shape[2], -1, q.shape[-1] ** -0.5,
+                                   "single", 10.0, []) + 0.0
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(backend)
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    for T in range(9, 15):
+        case = make_case(T, 1, q_len=1, prefill=T - 1, appended=1)
+        k, v, slots = case.shard(0)
+        keep = case.key_padding.view(2, 1, 1, -1)
+        out = compiled(case.q, k, v, slots, case.q_slots, keep)
+        assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
+    assert counter.frame_count == 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(world=st.integers(2, 4), owners_seed=st.integers(0, 10_000), q_len=st.integers(1, 4),
+       window=st.one_of(st.none(), st.integers(1, 12)))
+def test_any_partition_of_the_cache_merges_to_the_same_answer(world, owners_seed, q_len, window):
+    """Slots dealt to ranks at random (some ranks empty, shards out of order): the merge does not depend
+    on the layout, only on which slots exist."""
+    case = make_case(owners_seed, world, q_len=q_len, prefill=10, appended=q_len + 1, window=window)
+    g = torch.Generator().manual_seed(owners_seed)
+    owner = torch.randint(0, world, (case.cache_len,), generator=g)
+    owner[owner == world - 1] = 0                                   # the last rank holds nothing
+
+    def rank(comm):
+        slots = torch.nonzero(owner == comm.rank).flatten()
+        slots = slots[torch.randperm(slots.numel(), generator=torch.Generator().manual_seed(comm.rank))]
+        return decode_partials(comm, case.q, case.k[:, :, slots], case.v[:, :, slots], slots, case.q_slots,
+                               key_padding=case.key_padding, window=window)[0]
+    for out in simulate(rank, world, timeout=20.0):
+        assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
