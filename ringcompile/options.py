@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import OptionError
 
-STRATEGIES = ("auto", "ring", "zigzag", "allgather", "ulysses", "local")
+STRATEGIES = ("auto", "ring", "zigzag", "allgather", "ulysses", "local", "hybrid")
 LAYOUTS = ("contiguous", "zigzag")
 KERNELS = ("auto", "triton", "cpu")
 INNER_COMPILERS = ("inductor", "eager")
@@ -24,7 +24,8 @@ class Options:
     layout:        sequence layout across ranks; None lets the planner choose.
     kernel:        block kernels: "triton", "cpu", or "auto" (Triton on CUDA tensors).
     group:         a ProcessGroup, a DeviceMesh, or None for the default group.
-    mesh_dim:      the DeviceMesh dimension to use when ``group`` is a mesh.
+    mesh_dim:      the DeviceMesh dimension to use when ``group`` is a mesh; a pair (outer, inner)
+                   of dimensions for strategy "hybrid".
     timeout:       seconds any collective may take before CommunicationError.
     block_size:    K/V tokens per ring transfer chunk; None lets the planner choose.
     profile:       hardware profile name or path for the cost model; None picks by device.

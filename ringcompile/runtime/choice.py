@@ -19,8 +19,8 @@ log = get_logger(__name__)
 
 # strategies that can run on shards of each layout ("local" takes full tensors)
 COMPATIBLE = {
-    "contiguous": ("ring", "allgather", "ulysses", "local"),
-    "zigzag": ("zigzag", "ring", "allgather", "ulysses", "local"),
+    "contiguous": ("ring", "allgather", "ulysses", "hybrid", "local"),
+    "zigzag": ("zigzag", "ring", "allgather", "ulysses", "hybrid", "local"),
 }
 ALLGATHER_MAX_SEQ = 4096  # heuristic when no cost model: gathering K/V once wins for short sequences
 

@@ -1,0 +1,136 @@
+"""A two-level group: ``outer`` x ``inner`` ranks (nodes x GPUs per node), for the hybrid strategy.
+
+The flattened rank is ``outer_rank * inner + inner_rank``, the order of a flattened 2-D
+DeviceMesh ("cp_outer", "cp_inner"); shards are cut in that order. ``TwoLevelCommunicator``
+carries three communicators: ``world`` (all ranks, flat: metadata checks, score-extra
+reductions), ``outer`` (the ranks with this inner rank: the ring) and ``inner`` (the ranks of
+this node: the all-to-all). Its own collectives are the world's, so code written for a flat
+communicator (the metadata check) runs unchanged on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ringcompile.errors import OptionError, ShapeMismatchError
+
+from .communicator import Communicator, Pending
+
+Tensor = torch.Tensor
+
+
+class TwoLevelCommunicator(Communicator):
+    def __init__(self, world: Communicator, outer: Communicator, inner: Communicator) -> None:
+        self.world, self.outer, self.inner = world, outer, inner
+        self.rank = world.rank
+        self.world_size = world.world_size
+        self.timeout = world.timeout
+        self.device = getattr(world, "device", None)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(outer, inner): nodes x ranks per node."""
+        return self.outer.world_size, self.inner.world_size
+
+    def ring_shift(self, tensors: Sequence[Tensor], step: int, channel: int = 0,
+                   what: str = "K/V") -> Pending:
+        return self.world.ring_shift(tensors, step, channel, what)
+
+    def all_gather(self, tensor: Tensor, step: int = 0, what: str = "all_gather") -> Pending:
+        return self.world.all_gather(tensor, step, what)
+
+    def all_reduce(self, tensor: Tensor, step: int = 0, what: str = "all_reduce") -> Pending:
+        return self.world.all_reduce(tensor, step, what)
+
+    def all_to_all(self, chunks: Sequence[Tensor], step: int = 0, what: str = "all_to_all") -> Pending:
+        return self.world.all_to_all(chunks, step, what)
+
+
+def check_mesh_agrees(comm: TwoLevelCommunicator) -> None:
+    """Every rank must see the same (outer, inner) shape and sit at ``outer_rank * inner + inner_rank``.
+
+    One all_gather over the flat world, before any exchange on the sub-groups: ranks that factor
+    the world differently would otherwise exchange with the wrong peers (a hang or wrong result).
+    """
+    outer, inner = comm.shape
+    me = [outer, inner, comm.outer.rank, comm.inner.rank, comm.rank]
+    device = comm.device or torch.device("cpu")
+    rows = comm.world.all_gather(torch.tensor(me, dtype=torch.int64, device=device), 0,
+                                 "two-level mesh check (before the exchange)").wait()
+    table = [[int(x) for x in r.cpu().tolist()] for r in rows]
+    problems = []
+    for rank, (o_n, i_n, o, i, flat) in enumerate(table):
+        if (o_n, i_n) != (outer, inner):
+            problems.append(f"rank {rank} has mesh shape (outer={o_n}, inner={i_n}) where rank {comm.rank} "
+                            f"has (outer={outer}, inner={inner})")
+        elif o * i_n + i != flat:
+            problems.append(f"rank {rank} sits at (outer {o}, inner {i}), which flattens to {o * i_n + i}, "
+                            f"not its rank {flat}")
+    if problems:
+        raise ShapeMismatchError(
+            "ranks disagree on the two-level group before the hybrid exchange (seen from rank "
+            f"{comm.rank}): " + "; ".join(problems) + ". Pass the same mesh and mesh_dim=(outer, inner) on "
+            "every rank, with the outer dimension first")
+
+
+class SubCommunicator(Communicator):
+    """The ranks ``members`` (world ranks, in sub-rank order) of a simulated world, as their own group.
+
+    Messages travel on the parent's queues in their own namespace ``tag``, so the outer ring,
+    the inner all-to-all and the world's collectives never read each other's messages.
+    """
+
+    def __init__(self, parent: Any, members: Sequence[int], tag: str) -> None:
+        self.parent, self.members, self.tag = parent, list(members), tag
+        self.rank = self.members.index(parent.rank)
+        self.world_size = len(self.members)
+        self.timeout = parent.timeout
+
+    def _send(self, dst: int, channel: Any, tensors: Sequence[Tensor]) -> None:
+        self.parent._send(self.members[dst], (self.tag, channel), tensors)
+
+    def _recv(self, src: int, channel: Any, step: int, what: str) -> list[Tensor]:
+        return self.parent._recv(self.members[src], (self.tag, channel), step, f"{self.tag} {what}")
+
+    def ring_shift(self, tensors: Sequence[Tensor], step: int, channel: int = 0,
+                   what: str = "K/V") -> Pending:
+        self._send(self.next_rank, ("ring", channel), tensors)
+        return Pending(lambda: self._recv(self.prev_rank, ("ring", channel), step, f"{what} ring transfer"))
+
+    def _exchange(self, kind: str, per_dst: Sequence[Tensor], step: int, what: str) -> Pending:
+        for dst in range(self.world_size):
+            self._send(dst, kind, [per_dst[dst]])
+        return Pending(lambda: [self._recv(src, kind, step, what)[0] for src in range(self.world_size)])
+
+    def all_gather(self, tensor: Tensor, step: int = 0, what: str = "all_gather") -> Pending:
+        return self._exchange("all_gather", [tensor] * self.world_size, step, what)
+
+    def all_reduce(self, tensor: Tensor, step: int = 0, what: str = "all_reduce") -> Pending:
+        gathered = self._exchange("all_reduce", [tensor] * self.world_size, step, what)
+
+        def total() -> list[Tensor]:
+            parts = gathered.wait()
+            out = parts[0].clone()
+            for p in parts[1:]:
+                out += p
+            return [out]
+        return Pending(total)
+
+    def all_to_all(self, chunks: Sequence[Tensor], step: int = 0, what: str = "all_to_all") -> Pending:
+        return self._exchange("all_to_all", list(chunks), step, what)
+
+
+def split_simulated(comm: Any, inner: int) -> TwoLevelCommunicator:
+    """A simulated world communicator seen as (world // inner) x ``inner`` ranks."""
+    n = comm.world_size
+    if not isinstance(inner, int) or inner < 1 or n % inner:
+        raise OptionError(f"inner size (ranks per node) must be a positive divisor of the world size {n}, "
+                          f"got {inner!r}")
+    o, i = divmod(comm.rank, inner)
+    outer_members = [x * inner + i for x in range(n // inner)]
+    inner_members = [o * inner + x for x in range(inner)]
+    return TwoLevelCommunicator(comm, SubCommunicator(comm, outer_members, "outer"),
+                                SubCommunicator(comm, inner_members, "inner"))

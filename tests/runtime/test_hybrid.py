@@ -1,0 +1,104 @@
+"""Strategy "hybrid" (Ulysses inside a node, ring across nodes): the simulated two-level world
+(virtual ranks) against float64 eager attention on the unsharded input, forward and gradients."""
+
+import pytest
+import torch
+from attention_cases import MASKS, attention_case
+from ringcompile.kernels.reference import attention_reference
+
+from ringcompile.errors import OptionError, ShapeMismatchError
+from ringcompile.runtime.execute import run_forward
+from ringcompile.runtime.layouts import shard_tensor
+from ringcompile.runtime.simulated import simulate, simulated_ring_attention
+from ringcompile.runtime.strategies.hybrid import from_node_order, kv_replication, to_node_order
+from ringcompile.runtime.two_level import split_simulated
+from ringcompile.runtime.user_spec import build_spec
+
+
+def check_hybrid(outer, inner, mask, hq, hkv, S, seed, layout="contiguous", block_size=None, B=1, D=4):
+    (q, k, v), m, s, me, se = attention_case(mask, B, hq, hkv, S, D, seed)
+    out = simulated_ring_attention(q, k, v, world_size=outer * inner, inner_size=inner, strategy="hybrid",
+                                   mask=m, score=s, mask_extras=me, score_extras=se, enable_gqa=True,
+                                   layout=layout, block_size=block_size)
+    ref = attention_reference(q, k, v, mask=m, score=s, mask_extras=me, score_extras=se)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    dout = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(seed + 1))
+    wrt = [q, k, v, *se]
+    for a, b in zip(torch.autograd.grad(out, wrt, dout), torch.autograd.grad(ref, wrt, dout), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("shape", [(2, 2), (2, 4), (4, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_every_mask_and_head_layout(shape, mask, heads):
+    outer, inner = shape
+    layout = "zigzag" if "causal" in mask or mask == "alibi" else "contiguous"
+    check_hybrid(outer, inner, mask, *heads, S=4 * outer * inner + 3, seed=hash((shape, mask)) % 1000,
+                 layout=layout)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("heads", [(2, 1), (4, 1), (6, 2)])
+def test_gqa_with_fewer_kv_heads_than_the_node_replicates_them(heads, layout):
+    """kv heads 1 or 2 on 2 or 4 ranks a node: each kv head is copied only as often as needed."""
+    hq, hkv = heads
+    inner = 2 if hq % 4 else 4
+    check_hybrid(2, inner, "causal", hq, hkv, S=19, seed=hq + hkv, layout=layout, block_size=3)
+
+
+def test_kv_replication_is_the_least_that_divides():
+    assert [kv_replication(h, 8) for h in (1, 2, 4, 8, 16, 6)] == [8, 4, 2, 1, 1, 4]
+    for hkv in range(1, 9):
+        for inner in (1, 2, 4, 8):
+            r = kv_replication(hkv, inner)
+            assert (hkv * r) % inner == 0 and all((hkv * x) % inner for x in range(1, r))
+
+
+def test_eight_by_eight_virtual_ranks():
+    check_hybrid(8, 8, "causal", 8, 8, S=128, seed=3, layout="zigzag", D=2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_node_order_round_trip(layout):
+    x = torch.randn(1, 2, 24, 3)
+    assert torch.equal(from_node_order(to_node_order(x, 3, layout), 3, layout), x)
+    if layout == "zigzag":  # node 0 of 2 nodes x 3: chunks 0,1,2 and 9,10,11 of 12, in global order
+        idx = torch.cat([shard_tensor(torch.arange(48), 0, 6, r, "zigzag") for r in range(3)])
+        assert to_node_order(idx.view(1, 1, -1), 3, layout).flatten().tolist() == (
+            list(range(0, 12)) + list(range(36, 48)))
+
+
+def test_query_heads_not_divisible_by_the_node_raise():
+    (q, k, v), *_ = attention_case("none", 1, 3, 3, 8, 4, 0)
+    with pytest.raises(OptionError, match="query heads"):
+        simulated_ring_attention(q, k, v, world_size=4, inner_size=2, strategy="hybrid")
+
+
+def test_flat_group_raises_a_clear_error():
+    (q, k, v), *_ = attention_case("none", 1, 2, 2, 8, 4, 0)
+    with pytest.raises(OptionError, match="two-level group"):
+        simulated_ring_attention(q, k, v, world_size=2, strategy="hybrid")
+
+
+def test_ranks_disagreeing_on_the_mesh_shape_raise_before_any_exchange():
+    """Rank 3 factors 4 ranks as 1 x 4, the others as 2 x 2: all raise ShapeMismatchError at once."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 8, 4, generator=g, dtype=torch.float64)
+    spec = build_spec(strategy="hybrid", timeout=20.0)
+    errors = []
+
+    def body(comm):
+        two = split_simulated(comm, 4 if comm.rank == 3 else 2)
+        inner_a2a = two.inner.all_to_all
+        two.inner.all_to_all = lambda *a, **kw: errors.append("exchanged") or inner_a2a(*a, **kw)
+        x = shard_tensor(q, 2, 4, comm.rank, "contiguous")
+        try:
+            run_forward(two, x, x, x, [], [], 8, spec, "hybrid", "contiguous")
+        except ShapeMismatchError as e:
+            return str(e)
+        return None
+
+    messages = simulate(body, 4, timeout=20.0)
+    assert all(m is not None and "mesh shape" in m for m in messages), messages
+    assert errors == []
