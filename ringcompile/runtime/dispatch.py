@@ -13,7 +13,7 @@ from .call_plan import effective_spec
 from .choice import AUTO_CANDIDATES, COMPATIBLE, choose_strategy
 from .communicator import RingCommunicator
 from .execute import run_backward, run_forward
-from .group import ResolvedGroup, group_key, resolve_group
+from .group import ResolvedGroup, TwoLevelGroup, group_key, resolve_group
 from .layouts import check_layout
 
 log = get_logger(__name__)
@@ -47,6 +47,10 @@ def _communicator(group: ResolvedGroup, spec: AttentionSpec, device: torch.devic
         from .simulated import simulate_single
 
         return simulate_single(spec.timeout)
+    if isinstance(group, TwoLevelGroup):  # mesh_dim=(outer, inner)
+        from .two_level import two_level_communicator
+
+        return two_level_communicator(group, spec.timeout, device)
     return RingCommunicator(group, spec.timeout, device=device)
 
 

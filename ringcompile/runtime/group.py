@@ -38,6 +38,15 @@ class ResolvedGroup:
 SINGLE = ResolvedGroup(None, 0, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class TwoLevelGroup(ResolvedGroup):
+    """A 2-D group: ``group``/``rank``/``world_size`` are the flat world (rank = outer * inner + inner
+    rank, once the ranks agree), ``outer`` and ``inner`` this rank's groups along the two dimensions."""
+
+    outer: ResolvedGroup = SINGLE
+    inner: ResolvedGroup = SINGLE
+
+
 def group_key(group: ResolvedGroup) -> tuple:
     """The group by what its members agree on (global ranks, world size), never by object address."""
     if group.group is None:
@@ -57,8 +66,41 @@ def _is_mesh(obj: Any) -> bool:
     return isinstance(obj, DeviceMesh)
 
 
-def resolve_group(group: Any = None, mesh_dim: int | str | None = None) -> ResolvedGroup:
+def _flat_group(mesh: Any, dims: tuple) -> Any:
+    """The process group of every rank of a 2-D context-parallel mesh, flattened outer-major."""
+    if mesh.ndim == 2 and mesh.mesh.numel() == dist.get_world_size():
+        return dist.group.WORLD
+    flatten = getattr(mesh[dims], "_flatten", None)
+    if flatten is None:  # pragma: no cover - torch without DeviceMesh flattening
+        raise OptionError("a two-level mesh_dim needs the mesh to span the whole world on this torch "
+                          f"(mesh {tuple(mesh.shape)}, world {dist.get_world_size()})")
+    return flatten().get_group(0)
+
+
+def resolve_two_level(mesh: Any, mesh_dim: tuple) -> TwoLevelGroup | ResolvedGroup:
+    """``mesh_dim=(outer, inner)`` of a DeviceMesh: the flat group plus the two dimensions' groups.
+
+    Whether every rank sees the same shape and order is checked collectively before the hybrid
+    exchange (``two_level.check_mesh_agrees``), so a rank that disagrees fails with the others.
+    """
+    if not _is_mesh(mesh):
+        raise OptionError(f"mesh_dim={mesh_dim!r} (a pair of dimensions) needs group= a 2-D DeviceMesh, "
+                          f"got {type(mesh).__name__}")
+    if len(mesh_dim) != 2 or mesh_dim[0] == mesh_dim[1]:
+        raise OptionError(f"mesh_dim must be one dimension or a pair (outer, inner) of two different ones, "
+                          f"got {mesh_dim!r}")
+    outer, inner = (resolve_group(mesh, d) for d in mesh_dim)
+    names = tuple(d if isinstance(d, str) else mesh.mesh_dim_names[d] for d in mesh_dim)
+    world = resolve_group(_flat_group(mesh, names))
+    if world.is_single:
+        return SINGLE
+    return TwoLevelGroup(world.group, world.rank, world.world_size, outer, inner)
+
+
+def resolve_group(group: Any = None, mesh_dim: int | str | tuple | None = None) -> ResolvedGroup:
     """(group, rank, world_size); world size 1 or no initialised group gives ``SINGLE``."""
+    if isinstance(mesh_dim, (tuple, list)):
+        return resolve_two_level(group, tuple(mesh_dim))
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return SINGLE

@@ -56,24 +56,42 @@ def check_mesh_agrees(comm: TwoLevelCommunicator) -> None:
     the world differently would otherwise exchange with the wrong peers (a hang or wrong result).
     """
     outer, inner = comm.shape
-    me = [outer, inner, comm.outer.rank, comm.inner.rank, comm.rank]
+    o, i = comm.outer.rank, comm.inner.rank
+    grouped = (_flat_members(comm.outer, comm.world) == [x * inner + i for x in range(outer)]
+               and _flat_members(comm.inner, comm.world) == [o * inner + x for x in range(inner)])
+    me = [outer, inner, o, i, comm.rank, int(grouped)]
     device = comm.device or torch.device("cpu")
     rows = comm.world.all_gather(torch.tensor(me, dtype=torch.int64, device=device), 0,
                                  "two-level mesh check (before the exchange)").wait()
     table = [[int(x) for x in r.cpu().tolist()] for r in rows]
     problems = []
-    for rank, (o_n, i_n, o, i, flat) in enumerate(table):
+    for rank, (o_n, i_n, o, i, flat, grouped) in enumerate(table):
         if (o_n, i_n) != (outer, inner):
             problems.append(f"rank {rank} has mesh shape (outer={o_n}, inner={i_n}) where rank {comm.rank} "
                             f"has (outer={outer}, inner={inner})")
         elif o * i_n + i != flat:
             problems.append(f"rank {rank} sits at (outer {o}, inner {i}), which flattens to {o * i_n + i}, "
                             f"not its rank {flat}")
+        elif not grouped:
+            problems.append(f"rank {rank}'s outer/inner groups are not the ranks sharing its inner/outer "
+                            "index (mesh dimensions swapped?)")
     if problems:
         raise ShapeMismatchError(
             "ranks disagree on the two-level group before the hybrid exchange (seen from rank "
             f"{comm.rank}): " + "; ".join(problems) + ". Pass the same mesh and mesh_dim=(outer, inner) on "
             "every rank, with the outer dimension first")
+
+
+def _flat_members(level: Communicator, world: Communicator) -> list[int]:
+    """The flat (world) ranks of ``level``'s members, in the level's rank order."""
+    if isinstance(level, SubCommunicator):
+        return list(level.members)
+    group = getattr(level, "group", None)
+    if group is None:  # a rank alone at this level
+        return [world.rank]
+    import torch.distributed as dist
+
+    return [dist.get_group_rank(world.group, dist.get_global_rank(group, j)) for j in range(level.world_size)]
 
 
 class SubCommunicator(Communicator):
@@ -121,6 +139,18 @@ class SubCommunicator(Communicator):
 
     def all_to_all(self, chunks: Sequence[Tensor], step: int = 0, what: str = "all_to_all") -> Pending:
         return self._exchange("all_to_all", list(chunks), step, what)
+
+
+def two_level_communicator(group: Any, timeout: float, device: torch.device | None) -> TwoLevelCommunicator:
+    """Communicators over a ``group.TwoLevelGroup`` (a level of size 1 is a rank alone)."""
+    from .communicator import RingCommunicator
+    from .simulated import simulate_single
+
+    def level(g):
+        return simulate_single(timeout) if g.is_single else RingCommunicator(g, timeout, device=device)
+
+    return TwoLevelCommunicator(RingCommunicator(group, timeout, device=device), level(group.outer),
+                                level(group.inner))
 
 
 def split_simulated(comm: Any, inner: int) -> TwoLevelCommunicator:

@@ -102,3 +102,12 @@ def test_ranks_disagreeing_on_the_mesh_shape_raise_before_any_exchange():
     messages = simulate(body, 4, timeout=20.0)
     assert all(m is not None and "mesh shape" in m for m in messages), messages
     assert errors == []
+
+
+def test_gloo_two_by_two_mesh():
+    """4 gloo ranks as a 2 x 2 DeviceMesh: causal + padding x {MHA, GQA}, fwd+bwd, and the mesh check."""
+    import hybrid_bodies
+    from ring_harness import run_ranks
+
+    results = run_ranks(hybrid_bodies.hybrid_body, 4, 120.0, 21)
+    assert all(r == [] for r in results), results

@@ -1,0 +1,62 @@
+"""What each spawned gloo rank runs in the hybrid tests (importable by spawned processes): 4 ranks as a
+2 x 2 DeviceMesh ("cp_outer", "cp_inner"), strategy "hybrid", against float64 on the full sequence."""
+
+from __future__ import annotations
+
+import torch
+from multirank_bodies import HEADS, TOL, _compare, _seed, make_case
+from torch.distributed.device_mesh import init_device_mesh
+
+import ringcompile
+from ringcompile.errors import CommunicationError, ShapeMismatchError
+from ringcompile.runtime.group import resolve_group
+from ringcompile.runtime.layouts import shard_tensor
+
+DIMS = ("cp_outer", "cp_inner")
+
+
+def _mesh():
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=DIMS)
+
+
+def _run(rank: int, mesh, mask: str, heads, seq_len: int, failures: list[str], layout: str) -> None:
+    dtype = torch.float32
+    (q, k, v, dout), api, ref, ref_grads = make_case(mask, heads, seq_len, dtype, _seed("hybrid", mask, heads))
+    shards = [ringcompile.shard(t, 2, layout, mesh, mesh_dim=DIMS, seq_len=seq_len).requires_grad_(True)
+              for t in (q, k, v)]
+    out = ringcompile.ring_attention(*shards, **api, enable_gqa=True, strategy="hybrid", layout=layout,
+                                     group=mesh, mesh_dim=DIMS, timeout=30.0, seq_len=seq_len, block_size=3)
+    name = f"hybrid/{mask}/{heads}/rank{rank}"
+    g = resolve_group(mesh, DIMS)
+    fwd_tol, grad_tol = TOL[dtype]
+    _compare(name + "/out", out, shard_tensor(ref, 2, g.world_size, g.rank, layout, seq_len), fwd_tol, failures)
+    out.backward(ringcompile.shard(dout, 2, layout, mesh, mesh_dim=DIMS, seq_len=seq_len))
+    for label, t, want in zip("qkv", shards, ref_grads, strict=True):
+        _compare(f"{name}/d{label}", t.grad, shard_tensor(want, 2, g.world_size, g.rank, layout, seq_len),
+                 grad_tol, failures)
+    full_dq = ringcompile.gather(shards[0].grad, 2, layout, mesh, seq_len, mesh_dim=DIMS)
+    _compare(f"{name}/gathered dq", full_dq, ref_grads[0], grad_tol, failures)
+
+
+def hybrid_body(rank: int, world: int, seq_len: int) -> list[str]:
+    """causal (zigzag) and padding (contiguous) x {MHA, GQA with 1 kv head: replicated}, fwd+bwd; then a
+    rank that swaps the mesh dimensions makes every rank raise ShapeMismatchError before any exchange."""
+    mesh = _mesh()
+    failures: list[str] = []
+    for mask, layout in (("causal", "zigzag"), ("padding", "contiguous")):
+        for heads in (HEADS["mha"], (4, 1)):
+            try:
+                _run(rank, mesh, mask, heads, seq_len, failures, layout)
+            except Exception as e:  # noqa: BLE001 - reported as a failure of this combination
+                failures.append(f"hybrid/{mask}/{heads}: {type(e).__name__}: {e}")
+    dims = DIMS[::-1] if rank == 3 else DIMS
+    x = torch.randn(1, 4, 4, 8)
+    try:
+        ringcompile.ring_attention(x, x, x, strategy="hybrid", group=mesh, mesh_dim=dims, timeout=20.0)
+        failures.append(f"rank {rank}: swapped mesh dims did not raise")
+    except ShapeMismatchError as e:
+        if "two-level group" not in str(e):
+            failures.append(f"rank {rank}: unexpected ShapeMismatchError {e}")
+    except CommunicationError as e:
+        failures.append(f"rank {rank}: swapped mesh dims reached an exchange: {e}")
+    return failures
