@@ -21,7 +21,8 @@ def _mesh():
 
 def _run(rank: int, mesh, mask: str, heads, seq_len: int, failures: list[str], layout: str) -> None:
     dtype = torch.float32
-    (q, k, v, dout), api, ref, ref_grads = make_case(mask, heads, seq_len, dtype, _seed("hybrid", mask, heads))
+    seed = _seed("hybrid", mask, heads)
+    (q, k, v, dout), api, ref, ref_grads = make_case(mask, heads, seq_len, dtype, seed)
     shards = [ringcompile.shard(t, 2, layout, mesh, mesh_dim=DIMS, seq_len=seq_len).requires_grad_(True)
               for t in (q, k, v)]
     out = ringcompile.ring_attention(*shards, **api, enable_gqa=True, strategy="hybrid", layout=layout,
@@ -29,7 +30,8 @@ def _run(rank: int, mesh, mask: str, heads, seq_len: int, failures: list[str], l
     name = f"hybrid/{mask}/{heads}/rank{rank}"
     g = resolve_group(mesh, DIMS)
     fwd_tol, grad_tol = TOL[dtype]
-    _compare(name + "/out", out, shard_tensor(ref, 2, g.world_size, g.rank, layout, seq_len), fwd_tol, failures)
+    want = shard_tensor(ref, 2, g.world_size, g.rank, layout, seq_len)
+    _compare(name + "/out", out, want, fwd_tol, failures)
     out.backward(ringcompile.shard(dout, 2, layout, mesh, mesh_dim=DIMS, seq_len=seq_len))
     for label, t, want in zip("qkv", shards, ref_grads, strict=True):
         _compare(f"{name}/d{label}", t.grad, shard_tensor(want, 2, g.world_size, g.rank, layout, seq_len),
