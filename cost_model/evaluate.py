@@ -19,11 +19,17 @@ from .memory import memory_terms
 from .profiles import DTYPE_BYTES, Profile
 from .strategies import ring_threshold, ring_threshold_with_latency, strategy_model
 
-ARGS = sym.ALL  # argument order of every lambdified function
+ARGS = sym.ALL  # argument order of every lambdified function (but hybrid's)
+HYBRID_ARGS = sym.ALL_TWO_LEVEL  # hybrid's: ARGS, then the two-level symbols
 
 
-def _lambdify(expr: sp.Expr) -> Callable[..., float]:
-    return sp.lambdify(ARGS, expr, modules=["math"])
+def args_of(name: str) -> tuple[sp.Symbol, ...]:
+    """The argument order of strategy ``name``'s functions."""
+    return HYBRID_ARGS if name == "hybrid" or name.startswith("hybrid-") else ARGS
+
+
+def _lambdify(expr: sp.Expr, args: tuple[sp.Symbol, ...] = ARGS) -> Callable[..., float]:
+    return sp.lambdify(args, expr, modules=["math"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +46,10 @@ class StrategyFunctions:
 def strategy_functions(name: str, causal: bool, backward: bool) -> StrategyFunctions:
     model = strategy_model(name, causal, backward)
     terms = memory_terms(name, causal, backward)
-    return StrategyFunctions(_lambdify(model.time), _lambdify(model.compute), _lambdify(model.comm),
-                             _lambdify(model.step_compute), _lambdify(model.step_comm),
-                             {label: _lambdify(t) for label, t in terms.items()})
+    a = args_of(name)
+    return StrategyFunctions(_lambdify(model.time, a), _lambdify(model.compute, a), _lambdify(model.comm, a),
+                             _lambdify(model.step_compute, a), _lambdify(model.step_comm, a),
+                             {label: _lambdify(t, a) for label, t in terms.items()})
 
 
 @functools.cache
@@ -102,8 +109,8 @@ def argument_values(*, seq_len: float, world_size: int, batch: int, heads: int, 
     return values
 
 
-def as_args(values: dict[sp.Symbol, float]) -> tuple[float, ...]:
-    return tuple(values[s] for s in ARGS)
+def as_args(values: dict[sp.Symbol, float], args: tuple[sp.Symbol, ...] = ARGS) -> tuple[float, ...]:
+    return tuple(values[s] for s in args)
 
 
 def latency_block(values: dict[sp.Symbol, float], fraction: float = 0.05) -> float:

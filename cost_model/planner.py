@@ -21,7 +21,7 @@ from ringcompile.log import get_logger
 
 from . import symbols as sym
 from .evaluate import (
-    ARGS,
+    args_of,
     argument_values,
     as_args,
     hardware_values,
@@ -280,11 +280,12 @@ class _Evaluator:
         self.kernel_block = profile.kernel_block
         self.chunk = _round_up(latency_block(self.base), profile.kernel_block)
         bw_fn, lat_fn = threshold_functions(_threshold_fraction(strategy, w.causal))
-        args = as_args(self.base)
-        self.base_args = list(args)
-        self.i_seq, self.i_block = ARGS.index(sym.S), ARGS.index(sym.c)
-        self.arg_names = tuple(str(s) for s in ARGS)
-        self.threshold, self.threshold_latency = float(bw_fn(*args)), float(lat_fn(*args))
+        order = args_of(strategy)
+        self.base_args = list(as_args(self.base, order))
+        self.i_seq, self.i_block = order.index(sym.S), order.index(sym.c)
+        self.arg_names = tuple(str(s) for s in order)
+        flat = as_args(self.base)
+        self.threshold, self.threshold_latency = float(bw_fn(*flat)), float(lat_fn(*flat))
         self.tiles = choose_tiles(w.head_dim, w.dtype, profile)
 
     def block(self, w: Workload) -> int:

@@ -48,7 +48,8 @@ alpha_i = sp.Symbol("alpha_i", **_pos)   # per-message latency inside the inner 
 WORKLOAD = (S, N, B, Hq, Hkv, D, e, f, d)
 HARDWARE = (F, M, W, Wa, alpha, P, o, k, kb, tc, Ph, h)
 TWO_LEVEL = (Ni, r, Wi, alpha_i)
-ALL = (*WORKLOAD, c, *HARDWARE, *TWO_LEVEL)   # new symbols go last: argument positions stay
+ALL = (*WORKLOAD, c, *HARDWARE)
+ALL_TWO_LEVEL = (*ALL, *TWO_LEVEL)   # the arguments of the hybrid model's functions
 
 # bytes of the fp32 accumulators (out, lse, dK/dV in flight) whatever the input dtype
 ACC = 4
