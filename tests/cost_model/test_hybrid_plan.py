@@ -105,7 +105,8 @@ def test_infeasible_splits_and_one_level_profiles():
 
 def test_cli_ranks_the_splits_and_reports_crossovers(capsys):
     rc = main(["plan", "--seq", "131072", "--world-size", "16", "--node-size", "8", "--heads", "32",
-               "--kv-heads", "8", "--head-dim", "128", "--causal", "--backward", "--profile", "h100-nvlink-ib"])
+               "--kv-heads", "8", "--head-dim", "128", "--causal", "--backward",
+               "--profile", "h100-nvlink-ib"])
     assert rc == 0
     out = capsys.readouterr().out
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("hybrid-")]
