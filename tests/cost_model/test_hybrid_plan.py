@@ -21,7 +21,8 @@ SPLITS = {"hybrid-32x2", "hybrid-16x4", "hybrid-8x8", "hybrid-4x16", "hybrid-2x3
 
 
 def _best(ranked, hybrid: bool):
-    return next(p for p in ranked if (hybrid_split(p.strategy) is not None) == hybrid and p.strategy != "local")
+    return next(p for p in ranked
+                if (hybrid_split(p.strategy) is not None) == hybrid and p.strategy != "local")
 
 
 @pytest.mark.parametrize("name", ["h100-nvlink-ib", "a100-nvlink-ib"])
