@@ -40,9 +40,11 @@ def _run(rank: int, mesh, mask: str, heads, seq_len: int, failures: list[str], l
     _compare(f"{name}/gathered dq", full_dq, ref_grads[0], grad_tol, failures)
 
 
-def hybrid_body(rank: int, world: int, seq_len: int) -> list[str]:
+def hybrid_body(rank: int, world: int, seq_len: int, timeout: float) -> dict:
     """causal (zigzag) and padding (contiguous) x {MHA, GQA with 1 kv head: replicated}, fwd+bwd; then a
-    rank that swaps the mesh dimensions makes every rank raise ShapeMismatchError before any exchange."""
+    rank that swaps the mesh dimensions makes every rank raise ShapeMismatchError before any exchange;
+    last, rank 3 dies in the ring across nodes (only when all its own checks passed: a dead rank cannot
+    report) and the others report how they failed (``killed_rank_phase``)."""
     mesh = _mesh()
     failures: list[str] = []
     for mask, layout in (("causal", "zigzag"), ("padding", "contiguous")):
@@ -61,4 +63,32 @@ def hybrid_body(rank: int, world: int, seq_len: int) -> list[str]:
             failures.append(f"rank {rank}: unexpected ShapeMismatchError {e}")
     except CommunicationError as e:
         failures.append(f"rank {rank}: swapped mesh dims reached an exchange: {e}")
-    return failures
+    if rank == 3 and failures:
+        return {"failures": failures, "killed": None}
+    return {"failures": failures, "killed": killed_rank_phase(rank, mesh, timeout)}
+
+
+def killed_rank_phase(rank: int, mesh, timeout: float) -> dict:
+    """Rank 3 dies at its first ring step across nodes (after the checks); the others must raise
+    CommunicationError within the timeout."""
+    import os
+    import time
+
+    from ringcompile.runtime import two_level
+
+    if rank == 3:
+        original = two_level.two_level_communicator
+
+        def dying_communicator(*args, **kwargs):
+            comm = original(*args, **kwargs)
+            comm.outer.ring_shift = lambda *a, **kw: os._exit(0)
+            return comm
+
+        two_level.two_level_communicator = dying_communicator
+    x = torch.randn(1, 4, 8, 8)
+    start = time.monotonic()
+    try:
+        ringcompile.ring_attention(x, x, x, strategy="hybrid", group=mesh, mesh_dim=DIMS, timeout=timeout)
+        return {"raised": None, "seconds": time.monotonic() - start}
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"raised": type(e).__name__, "message": str(e), "seconds": time.monotonic() - start}

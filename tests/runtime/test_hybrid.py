@@ -105,9 +105,20 @@ def test_ranks_disagreeing_on_the_mesh_shape_raise_before_any_exchange():
 
 
 def test_gloo_two_by_two_mesh():
-    """4 gloo ranks as a 2 x 2 DeviceMesh: causal + padding x {MHA, GQA}, fwd+bwd, and the mesh check."""
+    """4 gloo ranks as a 2 x 2 DeviceMesh: causal + padding x {MHA, GQA}, fwd+bwd; the mesh check; then
+    rank 3 dies at its first ring step across nodes: its outer peer (rank 1) fails in the ring, its inner
+    peer (rank 2) in the node's output all-to-all, rank 0 after them; all within the timeout."""
     import hybrid_bodies
     from ring_harness import run_ranks
 
-    results = run_ranks(hybrid_bodies.hybrid_body, 4, 120.0, 21)
-    assert all(r == [] for r in results), results
+    timeout = 4.0
+    results = run_ranks(hybrid_bodies.hybrid_body, 4, 150.0, 21, timeout, allow_missing=(3,))
+    assert results[3] is None, results[3]  # it passed its own checks and died in the last phase
+    failures = [f for r in results[:3] for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+    killed = [r["killed"] for r in results[:3]]
+    for rank, r in enumerate(killed):
+        assert r["raised"] == "CommunicationError", (rank, r)
+        assert r["seconds"] < 3 * timeout + 5, (rank, r)
+    assert "ring transfer" in killed[1]["message"], killed[1]
+    assert "all-to-all" in killed[2]["message"], killed[2]
