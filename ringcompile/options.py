@@ -42,7 +42,7 @@ class Options:
     layout: str | None = None
     kernel: str = "auto"
     group: Any = None
-    mesh_dim: int | str | None = None
+    mesh_dim: int | str | tuple | None = None
     timeout: float = 300.0
     block_size: int | None = None
     profile: str | None = None
