@@ -487,7 +487,8 @@ def choose_for_call(*, seq_len: int, world_size: int, batch: int, heads: int, kv
         else:
             if layout not in _LAYOUT_STRATEGIES:
                 raise OptionError(f"layout must be 'contiguous', 'zigzag' or None, got {layout!r}")
-            names = tuple(n for n in (strategies or DISTRIBUTED) if n in _LAYOUT_STRATEGIES[layout])
+            names = tuple(n for n in (strategies or DISTRIBUTED)
+                          if n in _LAYOUT_STRATEGIES[layout] or hybrid_split(n) is not None)
             if not names:
                 raise OptionError(f"no strategy in {strategies} accepts the {layout!r} layout")
         planner = _CallPlanner(w, prof, names)

@@ -31,7 +31,9 @@ def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str, AttentionSpe
     """
     group = resolve_group(spec.group, spec.mesh_dim)
     layout = check_layout(spec.layout)
-    strategy = choose_strategy(q, k, v, seq_len, group.world_size, spec, layout, backward=True)
+    two_level = (group.outer.world_size, group.inner.world_size) if isinstance(group, TwoLevelGroup) else None
+    strategy = choose_strategy(q, k, v, seq_len, group.world_size, spec, layout, backward=True,
+                               two_level=two_level)
     if strategy == "ulysses":
         from .strategies.ulysses import check_dropout
 

@@ -223,7 +223,8 @@ def simulated_ring_attention(
     seed = None if dropout_seed is None else torch.tensor([dropout_seed], dtype=torch.int64)
     layout = check_layout(spec.layout)
     seq_len = q.shape[2] if seq_len is None else seq_len
-    chosen = choose_strategy(q, k, v, seq_len, world_size, spec, layout)
+    chosen = choose_strategy(q, k, v, seq_len, world_size, spec, layout,
+                             two_level=(world_size // inner_size, inner_size) if inner_size else None)
     spec = effective_spec(q, k, seq_len, world_size, spec, chosen)  # K/V chunk and tiles, as dispatch does
     return _SimulatedRing.apply(q, k, v, spec, world_size, chosen, layout, seq_len, list(mask_extras), seed,
                                 inner_size, *score_extras)

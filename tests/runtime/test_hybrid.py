@@ -122,3 +122,22 @@ def test_gloo_two_by_two_mesh():
         assert r["seconds"] < 3 * timeout + 5, (rank, r)
     assert "ring transfer" in killed[1]["message"], killed[1]
     assert "all-to-all" in killed[2]["message"], killed[2]
+
+
+def test_auto_picks_hybrid_on_a_two_level_group_when_the_model_says_so():
+    """On h100-nvlink-ib, 8 x 8 ranks, S = 128K causal: the planner's hybrid-8x8 wins, so "auto" runs
+    "hybrid"; on a flat group the same call never does."""
+    from ringcompile.runtime.choice import choose_strategy
+
+    q = torch.empty(1, 32, 2048, 128, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, 8, 2048, 128, dtype=torch.bfloat16, device="meta")
+    spec = build_spec(is_causal=True).replace(profile="h100-nvlink-ib")
+    assert choose_strategy(q, k, k, 131072, 64, spec, "zigzag", backward=True, two_level=(8, 8)) == "hybrid"
+    assert choose_strategy(q, k, k, 131072, 64, spec, "zigzag", backward=True) != "hybrid"
+
+
+def test_auto_on_the_simulated_two_level_world_matches_the_reference():
+    (q, k, v), m, *_ = attention_case("causal", 1, 4, 2, 16, 4, 5)
+    out = simulated_ring_attention(q, k, v, world_size=4, inner_size=2, strategy="auto", mask=m,
+                                   enable_gqa=True, layout="zigzag")
+    torch.testing.assert_close(out, attention_reference(q, k, v, mask=m), atol=1e-9, rtol=1e-9)
