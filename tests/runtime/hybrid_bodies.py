@@ -63,9 +63,55 @@ def hybrid_body(rank: int, world: int, seq_len: int, timeout: float) -> dict:
             failures.append(f"rank {rank}: unexpected ShapeMismatchError {e}")
     except CommunicationError as e:
         failures.append(f"rank {rank}: swapped mesh dims reached an exchange: {e}")
+    try:
+        _backend_check(rank, mesh, failures)
+    except Exception as e:  # noqa: BLE001 - reported as a failure
+        failures.append(f"rank {rank}: backend with the 2-D mesh: {type(e).__name__}: {e}")
     if rank == 3 and failures:
         return {"failures": failures, "killed": None}
     return {"failures": failures, "killed": killed_rank_phase(rank, mesh, timeout)}
+
+
+def _backend_check(rank: int, mesh, failures: list[str]) -> None:
+    """torch.compile(backend="ring", options={"group": mesh, "mesh_dim": DIMS, "strategy": "hybrid"}) on
+    full inputs (transparent mode): the output and dq equal float64 eager, and hybrid really ran."""
+    import torch.nn.functional as F
+
+    from ringcompile.runtime.strategies import hybrid
+
+    calls = {"forward": 0, "backward": 0}
+    originals = {name: getattr(hybrid, name) for name in calls}
+
+    def counting(name):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return run
+
+    for name in calls:
+        setattr(hybrid, name, counting(name))
+    try:
+        g = torch.Generator().manual_seed(7)
+        q, k, v = (torch.randn(1, 4, 18, 8, generator=g, dtype=torch.float64) for _ in range(3))
+
+        def f(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        torch._dynamo.reset()
+        leaf = q.clone().requires_grad_(True)
+        out = torch.compile(f, backend="ring", options={"inner": "eager", "group": mesh, "mesh_dim": DIMS,
+                                                         "strategy": "hybrid"})(leaf, k, v)
+        out.sum().backward()
+        ref_leaf = q.clone().requires_grad_(True)
+        ref = f(ref_leaf, k, v)
+        ref.sum().backward()
+        _compare(f"backend/rank{rank}/out", out, ref, 1e-10, failures)
+        _compare(f"backend/rank{rank}/dq", leaf.grad, ref_leaf.grad, 1e-10, failures)
+        if calls["forward"] < 1 or calls["backward"] < 1:
+            failures.append(f"backend/rank{rank}: hybrid did not run ({calls})")
+    finally:
+        for name, fn in originals.items():
+            setattr(hybrid, name, fn)
 
 
 def killed_rank_phase(rank: int, mesh, timeout: float) -> dict:
