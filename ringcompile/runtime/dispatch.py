@@ -40,7 +40,8 @@ def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str, AttentionSpe
         check_dropout(spec)
     log.debug("attention %s: strategy %s, layout %s, rank %d of %d", spec.name or "<op>", strategy, layout,
               group.rank, group.world_size)
-    run_spec = effective_spec(q, k, seq_len, group.world_size, spec, strategy)
+    planned = f"hybrid-{two_level[0]}x{two_level[1]}" if strategy == "hybrid" and two_level else strategy
+    run_spec = effective_spec(q, k, seq_len, group.world_size, spec, planned)
     return group, strategy, layout, run_spec
 
 

@@ -225,6 +225,8 @@ def simulated_ring_attention(
     seq_len = q.shape[2] if seq_len is None else seq_len
     chosen = choose_strategy(q, k, v, seq_len, world_size, spec, layout,
                              two_level=(world_size // inner_size, inner_size) if inner_size else None)
-    spec = effective_spec(q, k, seq_len, world_size, spec, chosen)  # K/V chunk and tiles, as dispatch does
+    planned = (f"hybrid-{world_size // inner_size}x{inner_size}" if chosen == "hybrid" and inner_size
+               else chosen)
+    spec = effective_spec(q, k, seq_len, world_size, spec, planned)  # K/V chunk and tiles, as dispatch does
     return _SimulatedRing.apply(q, k, v, spec, world_size, chosen, layout, seq_len, list(mask_extras), seed,
                                 inner_size, *score_extras)

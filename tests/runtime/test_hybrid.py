@@ -141,3 +141,14 @@ def test_auto_on_the_simulated_two_level_world_matches_the_reference():
     out = simulated_ring_attention(q, k, v, world_size=4, inner_size=2, strategy="auto", mask=m,
                                    enable_gqa=True, layout="zigzag")
     torch.testing.assert_close(out, attention_reference(q, k, v, mask=m), atol=1e-9, rtol=1e-9)
+
+
+def test_hybrid_outer_ring_chunk_comes_from_the_plan():
+    """Without block_size, the outer ring's K/V chunk is the planner's for the split (node-chunk tokens)."""
+    from ringcompile.runtime.call_plan import effective_spec
+
+    q = torch.empty(1, 32, 4096, 128, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, 8, 4096, 128, dtype=torch.bfloat16, device="meta")
+    spec = build_spec(is_causal=True, strategy="hybrid").replace(profile="h100-nvlink-ib")
+    chunk = effective_spec(q, k, 4096 * 64, 64, spec, "hybrid-8x8").block_size
+    assert chunk is not None and 0 < chunk < 8 * 4096
