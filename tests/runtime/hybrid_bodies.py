@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import torch
-from multirank_bodies import HEADS, TOL, _compare, _seed, make_case
+from multirank_bodies import HEADS, MASKS, TOL, _compare, _seed, make_case
 from torch.distributed.device_mesh import init_device_mesh
 
 import ringcompile
@@ -41,13 +41,14 @@ def _run(rank: int, mesh, mask: str, heads, seq_len: int, failures: list[str], l
 
 
 def hybrid_body(rank: int, world: int, seq_len: int, timeout: float) -> dict:
-    """causal (zigzag) and padding (contiguous) x {MHA, GQA with 1 kv head: replicated}, fwd+bwd; then a
+    """Every mask kind (causal ones on zigzag shards) x {MHA, GQA with 1 kv head: replicated}, fwd+bwd; then a
     rank that swaps the mesh dimensions makes every rank raise ShapeMismatchError before any exchange;
     last, rank 3 dies in the ring across nodes (only when all its own checks passed: a dead rank cannot
     report) and the others report how they failed (``killed_rank_phase``)."""
     mesh = _mesh()
     failures: list[str] = []
-    for mask, layout in (("causal", "zigzag"), ("padding", "contiguous")):
+    for mask in MASKS:
+        layout = "zigzag" if mask in ("causal", "sliding", "alibi") else "contiguous"
         for heads in (HEADS["mha"], (4, 1)):
             try:
                 _run(rank, mesh, mask, heads, seq_len, failures, layout)

@@ -1,9 +1,13 @@
 """Strategy "hybrid" (Ulysses inside a node, ring across nodes): the simulated two-level world
 (virtual ranks) against float64 eager attention on the unsharded input, forward and gradients."""
 
+import math
+
 import pytest
 import torch
 from attention_cases import MASKS, attention_case
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ringcompile.kernels.reference import attention_reference
 
 from ringcompile.errors import OptionError, ShapeMismatchError
@@ -45,6 +49,17 @@ def test_gqa_with_fewer_kv_heads_than_the_node_replicates_them(heads, layout):
     hq, hkv = heads
     inner = 2 if hq % 4 else 4
     check_hybrid(2, inner, "causal", hq, hkv, S=19, seed=hq + hkv, layout=layout, block_size=3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(outer=st.integers(1, 4), inner=st.sampled_from([1, 2, 4]), mask=st.sampled_from(MASKS),
+       S=st.integers(1, 29), hkv=st.sampled_from([1, 2, 4]), groups=st.integers(1, 2),
+       block=st.sampled_from([None, 1, 3]), layout=st.sampled_from(["contiguous", "zigzag"]),
+       seed=st.integers(0, 10_000))
+def test_random_two_level_worlds(outer, inner, mask, S, hkv, groups, block, layout, seed):
+    """Any outer x inner, any length (padding), kv heads below/at/above the node size, chunked rings."""
+    hq = math.lcm(hkv * groups, inner)   # kv heads and the node size divide the query heads
+    check_hybrid(outer, inner, mask, hq, hkv, S, seed, layout=layout, block_size=block)
 
 
 def test_kv_replication_is_the_least_that_divides():
@@ -105,7 +120,7 @@ def test_ranks_disagreeing_on_the_mesh_shape_raise_before_any_exchange():
 
 
 def test_gloo_two_by_two_mesh():
-    """4 gloo ranks as a 2 x 2 DeviceMesh: causal + padding x {MHA, GQA}, fwd+bwd; the mesh check; then
+    """4 gloo ranks as a 2 x 2 DeviceMesh: every mask kind x {MHA, GQA}, fwd+bwd; the mesh check; then
     rank 3 dies at its first ring step across nodes: its outer peer (rank 1) fails in the ring, its inner
     peer (rank 2) in the node's output all-to-all, rank 0 after them; all within the timeout."""
     import hybrid_bodies
