@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CommunicationError
-from .runtime.group import resolve_group, wait_work
+from .runtime.group import TWO_LEVEL_DIMS, factored_mesh, resolve_group, wait_work
 from .runtime.layouts import check_layout, shard_tensor, unshard_tensor
 from .runtime.user_spec import build_spec, cached_spec, check_gqa
 
@@ -25,7 +25,7 @@ def ring_attention(
     score_mod: Callable | None = None, scale: float | None = None, enable_gqa: bool = False,
     strategy: str = "auto", group: Any = None, layout: str | None = None, kernel: str = "auto",
     timeout: float = 300.0, seq_len: int | None = None, mesh_dim: int | str | tuple | None = None,
-    block_size: int | None = None, record_timing: bool = False,
+    block_size: int | None = None, record_timing: bool = False, node_size: int | None = None,
 ) -> Tensor:
     """Attention of this rank's query shard against the whole (sharded) sequence; differentiable.
 
@@ -36,9 +36,13 @@ def ring_attention(
     ``strategy="hybrid"`` with ``group=<2-D DeviceMesh>, mesh_dim=(outer_dim, inner_dim)``: an
     all-to-all over heads inside the inner dimension (a node), the ring across the outer one; shards
     are cut in the flattened order (rank = outer_rank * inner + inner_rank), as ``shard`` does with
-    the same ``group`` / ``mesh_dim``.
+    the same ``group`` / ``mesh_dim``. Or a 1-D group (None: the default) with ``node_size=``: the
+    world factored as world / node_size nodes x node_size ranks, in rank order (built once).
     """
     check_gqa(q, k, enable_gqa)
+    if node_size is not None:
+        group = factored_mesh(group, node_size, timeout)
+        mesh_dim = TWO_LEVEL_DIMS if group is not None else None
     spec, key = cached_spec(is_causal, mask_mod, score_mod, scale, strategy, group, mesh_dim, layout,
                             kernel, timeout, block_size, record_timing)
     if seq_len is None:

@@ -65,12 +65,37 @@ def hybrid_body(rank: int, world: int, seq_len: int, timeout: float) -> dict:
     except CommunicationError as e:
         failures.append(f"rank {rank}: swapped mesh dims reached an exchange: {e}")
     try:
+        _node_size_check(rank, seq_len, failures)
+    except Exception as e:  # noqa: BLE001 - reported as a failure
+        failures.append(f"rank {rank}: node_size on the 1-D world: {type(e).__name__}: {e}")
+    try:
         _backend_check(rank, mesh, failures)
     except Exception as e:  # noqa: BLE001 - reported as a failure
         failures.append(f"rank {rank}: backend with the 2-D mesh: {type(e).__name__}: {e}")
     if rank == 3 and failures:
         return {"failures": failures, "killed": None}
     return {"failures": failures, "killed": killed_rank_phase(rank, mesh, timeout)}
+
+
+def _node_size_check(rank: int, seq_len: int, failures: list[str]) -> None:
+    """The 1-D world with node_size=2 runs hybrid on 2 x 2 like the mesh does; a rank that says another
+    node size makes every rank raise ShapeMismatchError before the mesh is built."""
+    (q, k, v, dout), api, ref, ref_grads = make_case("causal", (4, 2), seq_len, torch.float32, _seed("ns"))
+    shards = [ringcompile.shard(t, 2, "zigzag", seq_len=seq_len).requires_grad_(True) for t in (q, k, v)]
+    out = ringcompile.ring_attention(*shards, **api, enable_gqa=True, strategy="hybrid", layout="zigzag",
+                                     node_size=2, timeout=30.0, seq_len=seq_len)
+    want = shard_tensor(ref, 2, 4, rank, "zigzag", seq_len)
+    _compare(f"node_size/rank{rank}/out", out, want, TOL[torch.float32][0], failures)
+    out.backward(ringcompile.shard(dout, 2, "zigzag", seq_len=seq_len))
+    want_dk = shard_tensor(ref_grads[1], 2, 4, rank, "zigzag", seq_len)
+    _compare(f"node_size/rank{rank}/dk", shards[1].grad, want_dk, TOL[torch.float32][1], failures)
+    x = torch.randn(1, 4, 4, 8)
+    try:
+        ringcompile.ring_attention(x, x, x, strategy="hybrid", node_size=4 if rank == 3 else 2, timeout=20.0)
+        failures.append(f"rank {rank}: node sizes that disagree did not raise")
+    except ShapeMismatchError as e:
+        if "node_size" not in str(e):
+            failures.append(f"rank {rank}: unexpected ShapeMismatchError {e}")
 
 
 def _backend_check(rank: int, mesh, failures: list[str]) -> None:
