@@ -112,6 +112,28 @@ def _world_key(world: Communicator) -> tuple:
         return ("group", world.world_size)
 
 
+class Alone(Communicator):
+    """A level of one rank (a 1 x N or N x 1 group): every exchange returns this rank's own data."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def ring_shift(self, tensors: Sequence[Tensor], step: int, channel: int = 0,
+                   what: str = "K/V") -> Pending:
+        return Pending(lambda: [t.clone() for t in tensors])
+
+    def all_gather(self, tensor: Tensor, step: int = 0, what: str = "all_gather") -> Pending:
+        return Pending(lambda: [tensor.clone()])
+
+    def all_reduce(self, tensor: Tensor, step: int = 0, what: str = "all_reduce") -> Pending:
+        return Pending(lambda: [tensor.detach().clone()])
+
+    def all_to_all(self, chunks: Sequence[Tensor], step: int = 0, what: str = "all_to_all") -> Pending:
+        return Pending(lambda: [chunks[0].clone()])
+
+
 def _flat_members(level: Communicator, world: Communicator) -> list[int]:
     """The flat (world) ranks of ``level``'s members, in the level's rank order."""
     if isinstance(level, SubCommunicator):
@@ -174,10 +196,9 @@ class SubCommunicator(Communicator):
 def two_level_communicator(group: Any, timeout: float, device: torch.device | None) -> TwoLevelCommunicator:
     """Communicators over a ``group.TwoLevelGroup`` (a level of size 1 is a rank alone)."""
     from .communicator import RingCommunicator
-    from .simulated import simulate_single
 
     def level(g):
-        return simulate_single(timeout) if g.is_single else RingCommunicator(g, timeout, device=device)
+        return Alone(timeout) if g.is_single else RingCommunicator(g, timeout, device=device)
 
     return TwoLevelCommunicator(RingCommunicator(group, timeout, device=device), level(group.outer),
                                 level(group.inner))

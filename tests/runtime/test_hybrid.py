@@ -167,3 +167,22 @@ def test_hybrid_outer_ring_chunk_comes_from_the_plan():
     spec = build_spec(is_causal=True, strategy="hybrid").replace(profile="h100-nvlink-ib")
     chunk = effective_spec(q, k, 4096 * 64, 64, spec, "hybrid-8x8").block_size
     assert chunk is not None and 0 < chunk < 8 * 4096
+
+
+def test_a_level_of_one_rank_on_a_real_group_shape():
+    """1 x 4 as a process-group mesh builds it: the outer level is ``Alone`` (one rank, no exchange)."""
+    from ringcompile import mods
+    from ringcompile.runtime.layouts import unshard_tensor
+    from ringcompile.runtime.two_level import Alone, SubCommunicator, TwoLevelCommunicator
+
+    (q, k, v), *_ = attention_case("none", 1, 4, 2, 16, 4, 11)
+    spec = build_spec(is_causal=True, strategy="hybrid", timeout=20.0)
+
+    def body(comm):
+        two = TwoLevelCommunicator(comm, Alone(20.0), SubCommunicator(comm, range(4), "inner"))
+        shards = [shard_tensor(t.detach(), 2, 4, comm.rank, "zigzag") for t in (q, k, v)]
+        return run_forward(two, *shards, [], [], 16, spec, "hybrid", "zigzag")[0]
+
+    out = unshard_tensor(simulate(body, 4, timeout=20.0), 2, "zigzag", 16)
+    ref = attention_reference(q, k, v, mask=mods.causal())
+    torch.testing.assert_close(out, ref.detach(), atol=1e-9, rtol=1e-9)
