@@ -99,8 +99,9 @@ def _node_size_check(rank: int, seq_len: int, failures: list[str]) -> None:
 
 
 def _backend_check(rank: int, mesh, failures: list[str]) -> None:
-    """torch.compile(backend="ring", options={"group": mesh, "mesh_dim": DIMS, "strategy": "hybrid"}) on
-    full inputs (transparent mode): the output and dq equal float64 eager, and hybrid really ran."""
+    """torch.compile(backend="ring", options={"group": mesh, "mesh_dim": DIMS, "strategy": "hybrid"}), and
+    with {"node_size": 2} on the default group, on full inputs (transparent mode): the output and dq
+    equal float64 eager, and hybrid really ran."""
     import torch.nn.functional as F
 
     from ringcompile.runtime.strategies import hybrid
@@ -123,18 +124,21 @@ def _backend_check(rank: int, mesh, failures: list[str]) -> None:
         def f(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-        torch._dynamo.reset()
-        leaf = q.clone().requires_grad_(True)
-        out = torch.compile(f, backend="ring", options={"inner": "eager", "group": mesh, "mesh_dim": DIMS,
-                                                         "strategy": "hybrid"})(leaf, k, v)
-        out.sum().backward()
         ref_leaf = q.clone().requires_grad_(True)
         ref = f(ref_leaf, k, v)
         ref.sum().backward()
-        _compare(f"backend/rank{rank}/out", out, ref, 1e-10, failures)
-        _compare(f"backend/rank{rank}/dq", leaf.grad, ref_leaf.grad, 1e-10, failures)
-        if calls["forward"] < 1 or calls["backward"] < 1:
-            failures.append(f"backend/rank{rank}: hybrid did not run ({calls})")
+        two_level = {"mesh": {"group": mesh, "mesh_dim": DIMS}, "node_size": {"node_size": 2}}
+        for label, extra in two_level.items():
+            torch._dynamo.reset()
+            calls.update(forward=0, backward=0)
+            leaf = q.clone().requires_grad_(True)
+            out = torch.compile(f, backend="ring", options={"inner": "eager", "strategy": "hybrid",
+                                                             **extra})(leaf, k, v)
+            out.sum().backward()
+            _compare(f"backend {label}/rank{rank}/out", out, ref, 1e-10, failures)
+            _compare(f"backend {label}/rank{rank}/dq", leaf.grad, ref_leaf.grad, 1e-10, failures)
+            if calls["forward"] < 1 or calls["backward"] < 1:
+                failures.append(f"backend {label}/rank{rank}: hybrid did not run ({calls})")
     finally:
         for name, fn in originals.items():
             setattr(hybrid, name, fn)
