@@ -28,6 +28,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backward", action="store_true", help="forward + backward")
     p.add_argument("--profile", default="h100-nvlink", help="profile name or path to a profile TOML")
     p.add_argument("--block-size", type=int, default=None, help="fix the ring K/V chunk (tokens)")
+    p.add_argument("--node-size", type=int, default=None,
+                   help="ranks per node: rank every hybrid split outer x inner too (default: the profile's)")
     p.add_argument("--explain", action="store_true", help="print the formulas of the best plan")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw time vs S per strategy and per-rank memory vs S for N=1,2,4,8 (matplotlib)")
@@ -56,8 +58,9 @@ def _print_decode(args: argparse.Namespace) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from .crossover import crossovers
+    from .crossover import best_pieces, crossovers
     from .planner import format_bytes, format_seconds, plans
+    from .strategies import hybrid_split
 
     try:
         if not _fill_from_model(args):
@@ -69,9 +72,11 @@ def run_plan(args: argparse.Namespace) -> int:
     common = dict(world_size=args.world_size, heads=args.heads, kv_heads=args.kv_heads,
                   head_dim=args.head_dim, batch=args.batch, dtype=args.dtype, causal=args.causal,
                   backward=args.backward, profile=args.profile)
+    node = {"node_size": args.node_size} if getattr(args, "node_size", None) else {}
     try:
-        ranked = plans(seq_len=args.seq, block_size=args.block_size, **common)
-        crosses = crossovers(**common)
+        ranked = plans(seq_len=args.seq, block_size=args.block_size, **common, **node)
+        crosses = crossovers(**common, **node)
+        pieces = best_pieces(**common, **node) if any(hybrid_split(p.strategy) for p in ranked) else []
     except RingCompileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -80,11 +85,11 @@ def run_plan(args: argparse.Namespace) -> int:
     print(f"S={w.seq_len} N={w.world_size} B={w.batch} H_q={w.heads} H_kv={w.kv_heads} D={w.head_dim} "
           f"{w.dtype} {'causal' if w.causal else 'full'} {'fwd+bwd' if w.backward else 'fwd'} "
           f"profile={best.profile}")
-    header = f"{'strategy':<10} {'layout':<11} {'memory/rank':>12} {'time':>12} {'bubble':>8} {'block':>9}"
+    header = f"{'strategy':<12} {'layout':<11} {'memory/rank':>12} {'time':>12} {'bubble':>8} {'block':>9}"
     print(header)
     print("-" * len(header))
     for p in ranked:
-        print(f"{p.strategy:<10} {p.layout:<11} {format_bytes(p.memory.peak):>12} "
+        print(f"{p.strategy:<12} {p.layout:<11} {format_bytes(p.memory.peak):>12} "
               f"{format_seconds(p.time):>12} {p.bubble:>7.1%} {p.block_size:>9}")
     for name, _, reason in best.alternatives:
         if reason:
@@ -97,6 +102,10 @@ def run_plan(args: argparse.Namespace) -> int:
             print(f"  S={c.seq_len:>10,}  {c.faster_below} -> {c.faster_above}")
     else:
         print("crossovers: none in [256, 16M]")
+    if pieces:
+        print("best strategy by S (ranks of a node x nodes: hybrid-<nodes>x<per node>):")
+        for piece in pieces:
+            print(f"  S in [{piece.start:,}, {piece.end:,}): {piece.strategy}")
     if args.decode:
         print()
         _print_decode(args)

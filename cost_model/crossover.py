@@ -14,7 +14,16 @@ from typing import Any
 
 from ringcompile.errors import OptionError
 
-from .planner import DISTRIBUTED, Workload, _candidates, _Evaluator, _workload
+from .planner import (
+    DISTRIBUTED,
+    Workload,
+    _candidates,
+    _Evaluator,
+    _workload,
+    hybrid_names,
+    order_key,
+    two_level_profile,
+)
 from .profiles import Profile, load_profile
 from .strategies import STRATEGIES
 
@@ -78,20 +87,27 @@ def _bisect(pred, lo: int, hi: int) -> int:
     return hi
 
 
-def _setup(world_size, heads, head_dim, kv_heads, batch, dtype, causal, backward, profile, strategies, lo):
+def _setup(world_size, heads, head_dim, kv_heads, batch, dtype, causal, backward, profile, strategies, lo,
+           node_size=None):
     w = _workload(lo, world_size, heads, kv_heads, head_dim, batch, dtype, causal, backward)
-    prof = load_profile(profile)
-    names = tuple(strategies) if strategies is not None else (STRATEGIES if world_size > 1 else ("local",))
+    prof = two_level_profile(load_profile(profile), node_size)
+    hybrids = hybrid_names(world_size) if prof.two_level else ()
+    if strategies is not None:
+        names = tuple(strategies)
+    else:
+        names = STRATEGIES + hybrids if world_size > 1 else ("local",)
     return w, _evaluators(w, prof, names)
 
 
 def crossovers(*, world_size: int, heads: int, head_dim: int, kv_heads: int | None = None, batch: int = 1,
                dtype: Any = "bfloat16", causal: bool = False, backward: bool = False,
                profile: str | Profile | None = "h100-nvlink", strategies: tuple[str, ...] | None = None,
-               lo: int = 256, hi: int = 1 << 24, points: int = 121) -> list[Crossover]:
-    """Every sequence length in [lo, hi] where one strategy's predicted time crosses another's."""
+               lo: int = 256, hi: int = 1 << 24, points: int = 121,
+               node_size: int | None = None) -> list[Crossover]:
+    """Every sequence length in [lo, hi] where one strategy's predicted time crosses another's
+    (hybrid splits included on a two-level machine: a profile with a node size, or ``node_size``)."""
     w, evs = _setup(world_size, heads, head_dim, kv_heads, batch, dtype, causal, backward, profile,
-                    strategies, lo)
+                    strategies, lo, node_size)
     grid = _grid(lo, hi, points)
     times = {n: [_time(ev, w, s) for s in grid] for n, ev in evs.items()}
     names = list(evs)
@@ -117,19 +133,21 @@ def crossovers(*, world_size: int, heads: int, head_dim: int, kv_heads: int | No
 def best_pieces(*, world_size: int, heads: int, head_dim: int, kv_heads: int | None = None, batch: int = 1,
                 dtype: Any = "bfloat16", causal: bool = False, backward: bool = False,
                 profile: str | Profile | None = "h100-nvlink", strategies: tuple[str, ...] | None = None,
-                lo: int = 256, hi: int = 1 << 24, points: int = 121) -> list[Piece]:
+                lo: int = 256, hi: int = 1 << 24, points: int = 121,
+                node_size: int | None = None) -> list[Piece]:
     """The piecewise plan: which strategy is best on each range of S (the runtime's choice when
-    ``strategies`` is the distributed set)."""
+    ``strategies`` is the distributed set; hybrid splits join it on a two-level machine)."""
     if strategies is None and world_size > 1:
-        strategies = DISTRIBUTED
+        prof = two_level_profile(load_profile(profile), node_size)
+        strategies = DISTRIBUTED + (hybrid_names(world_size) if prof.two_level else ())
     w, evs = _setup(world_size, heads, head_dim, kv_heads, batch, dtype, causal, backward, profile,
-                    strategies, lo)
+                    strategies, lo, node_size)
 
     def best(s: int) -> str:
         """The fastest strategy; near-ties (within TIE) go to the earlier name in STRATEGIES."""
         times = {n: _time(ev, w, s) for n, ev in evs.items()}
         fastest = min(times.values())
-        return min((n for n, t in times.items() if t <= fastest * (1 + TIE)), key=STRATEGIES.index)
+        return min((n for n, t in times.items() if t <= fastest * (1 + TIE)), key=order_key)
 
     grid = _grid(lo, hi, points)
     pieces: list[Piece] = []

@@ -12,7 +12,7 @@ import functools
 
 import sympy as sp
 
-from .symbols import ACC, B, D, Hkv, Hq, N, S, c, e, k
+from .symbols import ACC, B, D, Hkv, Hq, N, Ni, S, c, e, k, r
 
 
 def _shards(tokens: sp.Expr, q_heads: sp.Expr, kv_heads: sp.Expr, prefix: str) -> dict[str, sp.Expr]:
@@ -54,6 +54,13 @@ def memory_terms(name: str, causal: bool, backward: bool) -> dict[str, sp.Expr]:
         terms["gathered K/V"] = 2 * B * Hkv * S * D * e
         if backward:
             terms["gathered dK/dV (fp32)"] = 2 * B * Hkv * S * D * ACC
+    elif name == "hybrid" or name.startswith("hybrid-"):   # node chunk for H/N_i heads, then the ring
+        node, hq, hkv = S * Ni / N, Hq / Ni, r * Hkv / Ni
+        terms |= _shards(node, hq, hkv, "node-chunk heads: ")
+        terms["K/V receive buffers (2 chunks)"] = 2 * 2 * B * hkv * c * D * e
+        if backward:
+            terms |= _grads(node, hq, hkv, "node-chunk heads: ")
+            terms["dK/dV chunks in flight (fp32, 2)"] = 2 * 2 * B * hkv * c * D * ACC
     elif name == "ulysses":
         terms |= _shards(S, Hq / N, Hkv / N, "full-sequence heads: ")
         if backward:

@@ -21,7 +21,7 @@ from ringcompile.log import get_logger
 
 from . import symbols as sym
 from .evaluate import (
-    ARGS,
+    args_of,
     argument_values,
     as_args,
     hardware_values,
@@ -30,7 +30,19 @@ from .evaluate import (
     threshold_functions,
 )
 from .profiles import Profile, dtype_name, load_profile
-from .strategies import LAYOUT, OVERLAPPED, STRATEGIES, feasible, ring_threshold, strategy_model
+from .strategies import (
+    HYBRID,
+    OVERLAPPED,
+    STRATEGIES,
+    base_name,
+    feasible,
+    hybrid_name,
+    hybrid_split,
+    kv_replication,
+    layout_of,
+    ring_threshold,
+    strategy_model,
+)
 from .tiles import choose_tiles
 
 log = get_logger(__name__)
@@ -160,6 +172,16 @@ class Plan:
         lines.append(f"  c >= {sp.sstr(ring_threshold(frac))} = {self.overlap_threshold:,.0f} tokens "
                      f"(with one message latency: {self.overlap_threshold_latency:,.0f})")
         local_block = w.seq_len / w.world_size
+        split = hybrid_split(self.strategy)
+        if split is not None:
+            outer, inner = split
+            local_block = w.seq_len / outer
+            rep = kv_replication(w.kv_heads, inner)
+            lines.append(f"  hybrid split: {inner} ranks a node (all-to-all over heads), ring over {outer} "
+                         f"nodes; node block S/{outer} = {local_block:,.0f} tokens")
+            if rep > 1:
+                lines.append(f"  GQA: {w.kv_heads} kv heads < {inner} ranks a node: each kv head is "
+                             f"replicated {rep}x for the all-to-all")
         if self.strategy in ("ring", "zigzag"):
             hidden = "hides" if local_block >= self.overlap_threshold else "does NOT hide"
             lines.append(f"  local block S/N = {local_block:,.0f} tokens: compute {hidden} the transfer")
@@ -206,7 +228,19 @@ def format_bytes(n: float) -> str:
 
 
 def _threshold_fraction(strategy: str, causal: bool) -> sp.Rational:
-    return sp.Rational(1, 2) if (strategy == "zigzag" and causal) else sp.Integer(1)
+    return sp.Rational(1, 2) if (base_name(strategy) in ("zigzag", HYBRID) and causal) else sp.Integer(1)
+
+
+def order_key(name: str) -> tuple:
+    """Ties between equal times break by this: the named strategies, then hybrid splits by inner size."""
+    split = hybrid_split(name)
+    return (len(STRATEGIES), split[1]) if split else (STRATEGIES.index(name), 0)
+
+
+def hybrid_names(world_size: int) -> tuple[str, ...]:
+    """Every two-level split outer x inner of the world, both at least 2, by growing inner size."""
+    return tuple(hybrid_name(world_size // i, i) for i in range(2, world_size // 2 + 1)
+                 if world_size % i == 0)
 
 
 def _round_up(x: float, multiple: int) -> int:
@@ -231,25 +265,34 @@ class _Evaluator:
     def __init__(self, w: Workload, profile: Profile, strategy: str, block_size: int | None):
         self.strategy = strategy
         self.world_size = w.world_size
-        self.fns = strategy_functions(strategy, w.causal, w.backward)
+        self.split = hybrid_split(strategy)
+        self.layout = layout_of(strategy, w.causal)
+        self.pad_as = "zigzag" if self.layout == "zigzag" else strategy   # hybrid causal: zigzag shards
+        self.fns = strategy_functions(base_name(strategy), w.causal, w.backward)
         self.hw = hardware_values(profile, w.dtype, w.world_size, strategy)
         self.base = argument_values(seq_len=w.seq_len, world_size=w.world_size, batch=w.batch, heads=w.heads,
                                     kv_heads=w.kv_heads, head_dim=w.head_dim, dtype=w.dtype, block=1.0,
                                     hardware=self.hw, density=w.mask_density)
+        if self.split is not None:
+            self.base[sym.Ni] = float(self.split[1])
+            self.base[sym.r] = float(kv_replication(w.kv_heads, self.split[1]))
         self.fixed_block = block_size
         self.kernel_block = profile.kernel_block
         self.chunk = _round_up(latency_block(self.base), profile.kernel_block)
         bw_fn, lat_fn = threshold_functions(_threshold_fraction(strategy, w.causal))
-        args = as_args(self.base)
-        self.base_args = list(args)
-        self.i_seq, self.i_block = ARGS.index(sym.S), ARGS.index(sym.c)
-        self.arg_names = tuple(str(s) for s in ARGS)
-        self.threshold, self.threshold_latency = float(bw_fn(*args)), float(lat_fn(*args))
+        order = args_of(strategy)
+        self.base_args = list(as_args(self.base, order))
+        self.i_seq, self.i_block = order.index(sym.S), order.index(sym.c)
+        self.arg_names = tuple(str(s) for s in order)
+        flat = as_args(self.base)
+        self.threshold, self.threshold_latency = float(bw_fn(*flat)), float(lat_fn(*flat))
         self.tiles = choose_tiles(w.head_dim, w.dtype, profile)
 
     def block(self, w: Workload) -> int:
-        local = _local_block(w, self.strategy)
-        if not OVERLAPPED[self.strategy]:
+        local = _local_block(w, self.pad_as)
+        if self.split is not None:  # the ring of a hybrid split moves node chunks
+            local *= self.split[1]
+        if not OVERLAPPED[base_name(self.strategy)]:
             return local
         if self.fixed_block is not None:
             return max(1, min(self.fixed_block, local))
@@ -258,7 +301,7 @@ class _Evaluator:
     def time(self, seq_len: int, block: int, pad: bool = True) -> float:
         """Predicted seconds; ``pad=False`` uses S itself (smooth in S, for crossovers)."""
         args = self.base_args.copy()
-        args[self.i_seq] = float(padded_length(seq_len, self.world_size, self.strategy) if pad else seq_len)
+        args[self.i_seq] = float(padded_length(seq_len, self.world_size, self.pad_as) if pad else seq_len)
         args[self.i_block] = float(block)
         return float(self.fns.time(*args))
 
@@ -266,13 +309,13 @@ class _Evaluator:
              alternatives: tuple[tuple[str, float | None, str], ...] = ()) -> Plan:
         block = self.block(w)
         args = self.base_args.copy()
-        args[self.i_seq] = float(padded_length(w.seq_len, w.world_size, self.strategy))
+        args[self.i_seq] = float(padded_length(w.seq_len, w.world_size, self.pad_as))
         args[self.i_block] = float(block)
         time = float(self.fns.time(*args))
         compute = float(self.fns.compute(*args))
         terms = {label: float(fn(*args)) for label, fn in self.fns.memory.items()}
         return Plan(
-            strategy=self.strategy, layout=LAYOUT[self.strategy], block_size=block, tiles=dict(self.tiles),
+            strategy=self.strategy, layout=self.layout, block_size=block, tiles=dict(self.tiles),
             time=time, bubble=max(0.0, (time - compute) / time) if time > 0 else 0.0, compute=compute,
             comm=float(self.fns.comm(*args)), memory=Memory(sum(terms.values()), terms),
             overlap_threshold=self.threshold, overlap_threshold_latency=self.threshold_latency, workload=w,
@@ -295,7 +338,7 @@ def _rank(w: Workload, prof: Profile, strategies: tuple[str, ...], block_size: i
         raise OptionError(f"no strategy among {list(strategies)} can run this workload: "
                           + "; ".join(f"{n}: {r}" for n, r in bad))
     ranked = sorted((_Evaluator(w, prof, name, block_size).plan(w, prof.name) for name in ok),
-                    key=lambda p: (p.time, STRATEGIES.index(p.strategy)))
+                    key=lambda p: (p.time, order_key(p.strategy)))
     alternatives = tuple((p.strategy, p.time, "") for p in ranked) + tuple((n, None, r) for n, r in bad)
     return [dataclasses.replace(p, alternatives=alternatives) for p in ranked]
 
@@ -311,38 +354,70 @@ def _workload(seq_len, world_size, heads, kv_heads, head_dim, batch, dtype, caus
 def plans(*, seq_len: int, world_size: int, heads: int, head_dim: int, kv_heads: int | None = None,
           batch: int = 1, dtype: Any = "bfloat16", causal: bool = False, backward: bool = False,
           profile: str | Profile | None = "h100-nvlink", strategy: str | None = None,
-          block_size: int | None = None, mask_density: float = 1.0) -> list[Plan]:
+          block_size: int | None = None, mask_density: float = 1.0,
+          node_size: int | None = None) -> list[Plan]:
     """Every feasible strategy's Plan, best (fastest) first; ``local`` is the one-device baseline.
 
     ``strategy`` limits the list to that strategy; ``block_size`` fixes the ring chunk (tokens)
     instead of letting the planner choose it; ``mask_density`` is the kept fraction of block
     pairs under a block-sparse mask beyond causality (e.g. a sliding window), 1 for none.
+    On a two-level machine (a profile with a node size, or ``node_size``) every hybrid split
+    "hybrid-<outer>x<inner>" of the world is ranked too; ``strategy="hybrid"`` ranks only them.
     """
     w = _workload(seq_len, world_size, heads, kv_heads, head_dim, batch, dtype, causal, backward,
                   mask_density)
-    prof = load_profile(profile)
-    if strategy is not None and strategy not in STRATEGIES:
-        raise OptionError(f"strategy must be one of {list(STRATEGIES)} or None, got {strategy!r}")
-    names = (strategy,) if strategy is not None else STRATEGIES
-    return _rank(w, prof, names, block_size)
+    prof = two_level_profile(load_profile(profile), node_size)
+    return _rank(w, prof, _names(strategy, w, prof), block_size)
+
+
+def two_level_profile(prof: Profile, node_size: int | None) -> Profile:
+    """``prof`` with ``node_size`` ranks a node (a one-level profile's link then serves both levels)."""
+    if node_size is None:
+        return prof
+    if not isinstance(node_size, int) or node_size < 1:
+        raise OptionError(f"node_size must be a positive int, got {node_size!r}")
+    if prof.two_level:
+        return dataclasses.replace(prof, node_size=node_size)
+    bw, lat, eff = prof.link("intra")
+    return dataclasses.replace(prof, node_size=node_size, intra_bandwidth=bw, intra_latency=lat,
+                               intra_alltoall_efficiency=eff, inter_bandwidth=bw, inter_latency=lat,
+                               inter_alltoall_efficiency=eff)
+
+
+def _names(strategy: str | None, w: Workload, prof: Profile) -> tuple[str, ...]:
+    hybrids = hybrid_names(w.world_size) if prof.two_level else ()
+    if strategy is None:
+        return STRATEGIES + hybrids
+    if strategy == HYBRID:
+        if not hybrids:
+            raise OptionError("strategy 'hybrid' needs a two-level machine: a profile with a node size "
+                              f"(e.g. h100-nvlink-ib) or node_size=, and a world of >= 4 ranks (got "
+                              f"{w.world_size})")
+        return hybrids
+    if strategy in STRATEGIES or hybrid_split(strategy) is not None:
+        return (strategy,)
+    raise OptionError(f"strategy must be one of {list(STRATEGIES)}, 'hybrid', 'hybrid-<outer>x<inner>' or "
+                      f"None, got {strategy!r}")
 
 
 def plan(*, seq_len: int, world_size: int, heads: int, head_dim: int, kv_heads: int | None = None,
          batch: int = 1, dtype: Any = "bfloat16", causal: bool = False, backward: bool = False,
          profile: str | Profile | None = "h100-nvlink", strategy: str | None = None,
-         block_size: int | None = None, mask_density: float = 1.0) -> Plan:
-    """The best Plan (or the named strategy's), with the alternatives attached for ``explain()``."""
+         block_size: int | None = None, mask_density: float = 1.0, node_size: int | None = None) -> Plan:
+    """The best Plan (or the named strategy's), with the alternatives attached for ``explain()``.
+
+    ``strategy="hybrid"`` gives the best hybrid split."""
     w = _workload(seq_len, world_size, heads, kv_heads, head_dim, batch, dtype, causal, backward,
                   mask_density)
-    prof = load_profile(profile)
-    ranked = _rank(w, prof, STRATEGIES, block_size)
+    prof = two_level_profile(load_profile(profile), node_size)
+    names = _names(strategy, w, prof)
+    ranked = _rank(w, prof, _names(None, w, prof) if strategy in (None, HYBRID) else
+                   tuple(dict.fromkeys(_names(None, w, prof) + names)), block_size)
     if strategy is None:
         return ranked[0]
     for p in ranked:
-        if p.strategy == strategy:
+        if p.strategy == strategy or (strategy == HYBRID and hybrid_split(p.strategy) is not None):
             return p
-    if strategy not in STRATEGIES:
-        raise OptionError(f"strategy must be one of {list(STRATEGIES)} or None, got {strategy!r}")
     reason = feasible(strategy, world_size=w.world_size, heads=w.heads, kv_heads=w.kv_heads)
     raise OptionError(f"strategy {strategy!r} cannot run this workload: {reason}")
 
@@ -412,7 +487,8 @@ def choose_for_call(*, seq_len: int, world_size: int, batch: int, heads: int, kv
         else:
             if layout not in _LAYOUT_STRATEGIES:
                 raise OptionError(f"layout must be 'contiguous', 'zigzag' or None, got {layout!r}")
-            names = tuple(n for n in (strategies or DISTRIBUTED) if n in _LAYOUT_STRATEGIES[layout])
+            names = tuple(n for n in (strategies or DISTRIBUTED)
+                          if n in _LAYOUT_STRATEGIES[layout] or hybrid_split(n) is not None)
             if not names:
                 raise OptionError(f"no strategy in {strategies} accepts the {layout!r} layout")
         planner = _CallPlanner(w, prof, names)

@@ -64,6 +64,12 @@ class Profile:
     link_latency:      seconds per message.
     alltoall_efficiency: all-to-all bandwidth as a fraction of link_bandwidth.
     shared_memory:     bytes of GPU shared memory per block (tile choice), 0 when not a GPU.
+    node_size:         ranks per node of a two-level machine (0: one level, every pair of ranks
+                       on the ``link_*`` link). Two-level profiles say ``[intra]`` (inside a node)
+                       and ``[inter]`` (between nodes); their ``link_*`` fields are the intra ones.
+    intra_bandwidth, intra_latency, intra_alltoall_efficiency: the link inside a node.
+    inter_bandwidth, inter_latency, inter_alltoall_efficiency: the link between nodes (per rank:
+                       one NIC per GPU).
     """
 
     name: str
@@ -82,9 +88,29 @@ class Profile:
     step_overhead: float = 0.0
     alltoall_efficiency: float = 1.0
     shared_memory: int = 0
+    node_size: int = 0
+    intra_bandwidth: float = 0.0
+    intra_latency: float = 0.0
+    intra_alltoall_efficiency: float = 1.0
+    inter_bandwidth: float = 0.0
+    inter_latency: float = 0.0
+    inter_alltoall_efficiency: float = 1.0
     device: str = "cuda"
     description: str = ""
     source: str = ""
+
+    @property
+    def two_level(self) -> bool:
+        return self.node_size > 0
+
+    def link(self, level: str) -> tuple[float, float, float]:
+        """(bandwidth, latency, all-to-all efficiency) of the "intra" or "inter" node link; a one-level
+        profile's only link for both."""
+        if not self.two_level:
+            return self.link_bandwidth, self.link_latency, self.alltoall_efficiency
+        if level == "intra":
+            return self.intra_bandwidth, self.intra_latency, self.intra_alltoall_efficiency
+        return self.inter_bandwidth, self.inter_latency, self.inter_alltoall_efficiency
 
     def host_cores(self) -> float:
         """Cores the ranks share (``cores``, with -1 read off this host); 0 for dedicated devices."""
@@ -133,6 +159,12 @@ class Profile:
             f"alltoall_efficiency = {_num(self.alltoall_efficiency)}",
             "",
         ]
+        if self.two_level:
+            lines += ["[node]", f"size = {int(self.node_size)}", ""]
+            for level in ("intra", "inter"):
+                bw, lat, eff = self.link(level)
+                lines += [f"[{level}]", f"bandwidth = {_num(bw)}", f"latency = {_num(lat)}",
+                          f"alltoall_efficiency = {_num(eff)}", ""]
         return "\n".join(lines)
 
 
@@ -146,9 +178,28 @@ def _str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _levels(data: dict[str, Any]) -> dict[str, Any]:
+    """The two-level fields: ``[node] size`` with ``[intra]`` and ``[inter]`` links (all or none)."""
+    if "node" not in data and "intra" not in data and "inter" not in data:
+        return {}
+    node, intra, inter = data["node"], data["intra"], data["inter"]
+    size = int(node["size"])
+    if size < 1:
+        raise ValueError(f"[node] size must be >= 1, got {size}")
+    return dict(node_size=size, intra_bandwidth=float(intra["bandwidth"]),
+                intra_latency=float(intra["latency"]),
+                intra_alltoall_efficiency=float(intra.get("alltoall_efficiency", 1.0)),
+                inter_bandwidth=float(inter["bandwidth"]), inter_latency=float(inter["latency"]),
+                inter_alltoall_efficiency=float(inter.get("alltoall_efficiency", 1.0)))
+
+
 def profile_from_dict(data: dict[str, Any], where: str) -> Profile:
     try:
-        comp, link = data["compute"], data["link"]
+        levels = _levels(data)
+        comp = data["compute"]
+        intra = {"bandwidth": levels.get("intra_bandwidth"), "latency": levels.get("intra_latency"),
+                 "alltoall_efficiency": levels.get("intra_alltoall_efficiency")}
+        link = data.get("link") or (intra if levels else data["link"])
         return Profile(
             name=str(data.get("name", Path(where).stem)),
             matmul_flops={dtype_name(k): float(v) for k, v in comp["matmul_flops"].items()},
@@ -169,6 +220,7 @@ def profile_from_dict(data: dict[str, Any], where: str) -> Profile:
             device=str(data.get("device", "cuda")),
             description=str(data.get("description", "")),
             source=str(data.get("source", "")),
+            **levels,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise OptionError(f"profile {where} is malformed ({exc!r}); see cost_model/profiles/*.toml "

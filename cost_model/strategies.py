@@ -12,15 +12,79 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import sympy as sp
 
-from .symbols import ACC, B, D, F, Hkv, Hq, M, N, P, Ph, S, W, Wa, alpha, c, d, e, f, h, k, kb, o, tc
+from .symbols import (
+    ACC,
+    B,
+    D,
+    F,
+    Hkv,
+    Hq,
+    M,
+    N,
+    Ni,
+    P,
+    Ph,
+    S,
+    W,
+    Wa,
+    Wi,
+    alpha,
+    alpha_i,
+    c,
+    d,
+    e,
+    f,
+    h,
+    k,
+    kb,
+    o,
+    r,
+    tc,
+)
 
 STRATEGIES = ("ring", "zigzag", "allgather", "ulysses", "local")
+HYBRID = "hybrid"   # one model; the planner names each split "hybrid-<outer>x<inner>"
 LAYOUT = {"ring": "contiguous", "zigzag": "zigzag", "allgather": "contiguous", "ulysses": "contiguous",
-          "local": "contiguous"}
-OVERLAPPED = {"ring": True, "zigzag": True, "allgather": False, "ulysses": False, "local": False}
+          "local": "contiguous", "hybrid": "contiguous"}
+OVERLAPPED = {"ring": True, "zigzag": True, "allgather": False, "ulysses": False, "local": False,
+              "hybrid": True}
+
+
+def hybrid_name(outer: int, inner: int) -> str:
+    return f"{HYBRID}-{outer}x{inner}"
+
+
+def hybrid_split(name: str) -> tuple[int, int] | None:
+    """(outer, inner) of a split name "hybrid-<outer>x<inner>"; None for every other name."""
+    if not name.startswith(HYBRID + "-"):
+        return None
+    try:
+        outer, inner = (int(x) for x in name[len(HYBRID) + 1:].split("x"))
+    except ValueError:
+        return None
+    return outer, inner
+
+
+def base_name(name: str) -> str:
+    """The model a strategy name uses: "hybrid" for every split, else the name itself."""
+    return HYBRID if hybrid_split(name) is not None else name
+
+
+def layout_of(name: str, causal: bool) -> str:
+    """The layout a strategy runs on: hybrid splits take zigzag shards when causal (balanced nodes)."""
+    base = base_name(name)
+    if base == HYBRID:
+        return "zigzag" if causal else "contiguous"
+    return LAYOUT[base]
+
+
+def kv_replication(kv_heads: int, inner: int) -> int:
+    """Copies of each kv head the inner all-to-all needs (as ``runtime.strategies.hybrid``)."""
+    return inner // math.gcd(kv_heads, inner)
 
 
 def pair_flops(x: sp.Expr, y: sp.Expr, heads: sp.Expr) -> sp.Expr:
@@ -248,6 +312,38 @@ def _ulysses(causal: bool, backward: bool) -> StrategyModel:
                          (N * compute).subs(subs), shared_makespan(compute).subs(subs))
 
 
+def _hybrid(causal: bool, backward: bool) -> StrategyModel:
+    """Ulysses over the N_i ranks of a node, then the ring (zigzag when causal) over the N / N_i nodes.
+
+    The ring is ``_ring_like`` with N -> N / N_i ranks, each holding the node's S N_i / N tokens for
+    H_q / N_i query and r H_kv / N_i kv heads (r: GQA replication); its links are the ring's (W,
+    alpha: between nodes). The all-to-alls run inside a node (W_i, alpha_i) and do not overlap."""
+    ring_model = _ring_like("zigzag" if causal else "ring", causal, backward)
+    x = S / N
+    kv = r * Hkv
+    sub = {N: N / Ni, Hq: Hq / Ni, Hkv: kv / Ni}
+
+    def on_nodes(expr: sp.Expr) -> sp.Expr:
+        return expr.subs(sub, simultaneous=True)
+
+    def a2a(nbytes: sp.Expr, calls: int) -> sp.Expr:
+        return calls * (Ni - 1) * alpha_i + (Ni - 1) / Ni * nbytes / Wi
+
+    inner = a2a(B * (Hq + 2 * kv) * x * D * e, 3) + a2a(B * Hq * x * (D + 1) * ACC, 1)
+    if backward:
+        inner += (a2a(B * (3 * Hq + 2 * kv) * x * D * e + B * Hq * x * ACC, 6)
+                  + a2a(B * (Hq + 2 * kv) * x * D * ACC, 3))
+    frac = sp.Rational(1, 2) if causal else sp.Integer(1)
+    notes = ("all-to-all over heads inside a node (H/N_i heads, the node's sequence), then the ring over "
+             "N/N_i nodes" + ("; zigzag over nodes: every step is half the causal work" if causal else "")
+             + "; kv heads replicated r_kv times when H_kv < N_i")
+    return StrategyModel(HYBRID, "zigzag" if causal else "contiguous", on_nodes(ring_model.time) + inner,
+                         on_nodes(ring_model.compute), on_nodes(ring_model.comm) + inner,
+                         on_nodes(ring_model.step_compute), on_nodes(ring_model.step_comm),
+                         on_nodes(ring_threshold(frac)), notes, Ni * on_nodes(ring_model.work),
+                         on_nodes(ring_model.shared))
+
+
 def _local(causal: bool, backward: bool) -> StrategyModel:
     frac = diagonal_fraction(S) if causal else sp.Integer(1)
     comp = pair_compute(S, S, Hq, f)
@@ -267,6 +363,8 @@ def _per_device(name: str, causal: bool, backward: bool) -> StrategyModel:
         return _ulysses(causal, backward)
     if name == "local":
         return _local(causal, backward)
+    if name == HYBRID:
+        return _hybrid(causal, backward)
     raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
 
 
@@ -280,13 +378,21 @@ def strategy_model(name: str, causal: bool, backward: bool) -> StrategyModel:
     finishes early gives its core to the others, which is why unbalanced schedules (the
     contiguous causal ring) lose less on a shared host than on dedicated devices.
     """
-    model = _per_device(name, causal, backward)
+    model = _per_device(base_name(name), causal, backward)
     return dataclasses.replace(model, time=sp.Max(model.time, model.shared),
                                compute=sp.Max(model.compute, model.shared))
 
 
 def feasible(name: str, *, world_size: int, heads: int, kv_heads: int) -> str | None:
     """None when ``name`` can run this workload, else the reason it cannot."""
+    split = hybrid_split(name)
+    if split is not None:
+        outer, inner = split
+        if outer * inner != world_size or outer < 2 or inner < 2:
+            return f"{name} needs outer x inner = the world size ({world_size}), both >= 2"
+        if heads % inner:
+            return f"{name} splits query heads ({heads}) over {inner} ranks a node: not divisible"
+        return None
     if name == "ulysses" and (heads % world_size or kv_heads % world_size):
         return (f"ulysses needs heads ({heads}) and kv_heads ({kv_heads}) divisible by the world size "
                 f"({world_size})")

@@ -39,9 +39,17 @@ tc = sp.Symbol("t_c", **_pos)       # causal skipping granularity of the kernel 
 Ph = sp.Symbol("P_h", **_pos)       # cores the ranks share (N when every rank has its own device)
 h = sp.Symbol("h", nonnegative=True, real=True)   # host overhead per ring step per rank (s): Python, buffers
 
+# two-level groups (strategy "hybrid": all-to-all over heads inside a node, ring across nodes)
+Ni = sp.Symbol("N_i", **_pos)       # inner ranks (the all-to-all group; the ring has N / N_i ranks)
+r = sp.Symbol("r_kv", **_pos)       # copies of each kv head the inner all-to-all needs (GQA, H_kv < N_i)
+Wi = sp.Symbol("W_i", **_pos)       # all-to-all bandwidth per rank inside the inner group (bytes/s)
+alpha_i = sp.Symbol("alpha_i", **_pos)   # per-message latency inside the inner group (s)
+
 WORKLOAD = (S, N, B, Hq, Hkv, D, e, f, d)
 HARDWARE = (F, M, W, Wa, alpha, P, o, k, kb, tc, Ph, h)
+TWO_LEVEL = (Ni, r, Wi, alpha_i)
 ALL = (*WORKLOAD, c, *HARDWARE)
+ALL_TWO_LEVEL = (*ALL, *TWO_LEVEL)   # the arguments of the hybrid model's functions
 
 # bytes of the fp32 accumulators (out, lse, dK/dV in flight) whatever the input dtype
 ACC = 4

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import CommunicationError
-from .runtime.group import resolve_group, wait_work
+from .runtime.group import TWO_LEVEL_DIMS, factored_mesh, resolve_group, wait_work
 from .runtime.layouts import check_layout, shard_tensor, unshard_tensor
 from .runtime.user_spec import build_spec, cached_spec, check_gqa
 
@@ -24,8 +24,8 @@ def ring_attention(
     q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False, mask_mod: Callable | None = None,
     score_mod: Callable | None = None, scale: float | None = None, enable_gqa: bool = False,
     strategy: str = "auto", group: Any = None, layout: str | None = None, kernel: str = "auto",
-    timeout: float = 300.0, seq_len: int | None = None, mesh_dim: int | str | None = None,
-    block_size: int | None = None, record_timing: bool = False,
+    timeout: float = 300.0, seq_len: int | None = None, mesh_dim: int | str | tuple | None = None,
+    block_size: int | None = None, record_timing: bool = False, node_size: int | None = None,
 ) -> Tensor:
     """Attention of this rank's query shard against the whole (sharded) sequence; differentiable.
 
@@ -33,8 +33,16 @@ def ring_attention(
     (default: "zigzag" for strategy "zigzag", else "contiguous"; make them with ``shard``).
     ``seq_len`` is the true global length when the shards were padded (default S_local x N).
     Mods take global indices. Returns the local output shard (B, Hq, S_local, D).
+    ``strategy="hybrid"`` with ``group=<2-D DeviceMesh>, mesh_dim=(outer_dim, inner_dim)``: an
+    all-to-all over heads inside the inner dimension (a node), the ring across the outer one; shards
+    are cut in the flattened order (rank = outer_rank * inner + inner_rank), as ``shard`` does with
+    the same ``group`` / ``mesh_dim``. Or a 1-D group (None: the default) with ``node_size=``: the
+    world factored as world / node_size nodes x node_size ranks, in rank order (built once).
     """
     check_gqa(q, k, enable_gqa)
+    if node_size is not None:
+        group = factored_mesh(group, node_size, timeout)
+        mesh_dim = TWO_LEVEL_DIMS if group is not None else None
     spec, key = cached_spec(is_causal, mask_mod, score_mod, scale, strategy, group, mesh_dim, layout,
                             kernel, timeout, block_size, record_timing)
     if seq_len is None:
@@ -45,7 +53,7 @@ def ring_attention(
 
 
 def shard(x: Tensor, dim: int, layout: str = "contiguous", group: Any = None, *,
-          mesh_dim: int | str | None = None, seq_len: int | None = None) -> Tensor:
+          mesh_dim: int | str | tuple | None = None, seq_len: int | None = None) -> Tensor:
     """This rank's shard of the full tensor ``x`` along ``dim`` (zero-padded when it does not divide)."""
     g = resolve_group(group, mesh_dim)
     layout = check_layout(layout)
@@ -76,7 +84,7 @@ class _Gather(torch.autograd.Function):
 
 
 def gather(x: Tensor, dim: int, layout: str = "contiguous", group: Any = None, seq_len: int | None = None, *,
-           mesh_dim: int | str | None = None, timeout: float = 300.0) -> Tensor:
+           mesh_dim: int | str | tuple | None = None, timeout: float = 300.0) -> Tensor:
     """The full tensor from every rank's shard ``x`` (first ``seq_len`` positions); differentiable."""
     g = resolve_group(group, mesh_dim)
     layout = check_layout(layout)

@@ -110,10 +110,22 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     return compile_fx(gm, list(example_inputs))
 
 
+def _two_level(opts: Options) -> Options:
+    """``node_size``: the group as a 2-D mesh ("cp_outer", "cp_inner"), built once (a collective every
+    rank runs here, at the same compile)."""
+    if opts.node_size is None:
+        return opts
+    from .runtime.group import TWO_LEVEL_DIMS, factored_mesh
+
+    mesh = factored_mesh(opts.group, opts.node_size, opts.timeout)
+    return opts if mesh is None else dataclasses.replace(opts, group=mesh, mesh_dim=TWO_LEVEL_DIMS)
+
+
 def ring_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                  options: Mapping[str, Any] | Options | None = None) -> Callable:
     """``torch.compile(model, backend="ring", options={...})`` lands here: run ``passes.STAGES``."""
     opts = options if isinstance(options, Options) else Options.from_mapping(options)
+    opts = _two_level(opts)
     state = _state(gm, opts)
     if state is None:
         _record(CompiledGraph([], [], gm))

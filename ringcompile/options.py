@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import OptionError
 
-STRATEGIES = ("auto", "ring", "zigzag", "allgather", "ulysses", "local")
+STRATEGIES = ("auto", "ring", "zigzag", "allgather", "ulysses", "local", "hybrid")
 LAYOUTS = ("contiguous", "zigzag")
 KERNELS = ("auto", "triton", "cpu")
 INNER_COMPILERS = ("inductor", "eager")
@@ -24,7 +24,10 @@ class Options:
     layout:        sequence layout across ranks; None lets the planner choose.
     kernel:        block kernels: "triton", "cpu", or "auto" (Triton on CUDA tensors).
     group:         a ProcessGroup, a DeviceMesh, or None for the default group.
-    mesh_dim:      the DeviceMesh dimension to use when ``group`` is a mesh.
+    mesh_dim:      the DeviceMesh dimension to use when ``group`` is a mesh; a pair (outer, inner)
+                   of dimensions for strategy "hybrid".
+    node_size:     ranks per node: the 1-D group (or the default one) becomes a 2-D group of
+                   world / node_size nodes x node_size ranks, for strategy "hybrid" (and "auto").
     timeout:       seconds any collective may take before CommunicationError.
     block_size:    K/V tokens per ring transfer chunk; None lets the planner choose.
     profile:       hardware profile name or path for the cost model; None picks by device.
@@ -41,7 +44,7 @@ class Options:
     layout: str | None = None
     kernel: str = "auto"
     group: Any = None
-    mesh_dim: int | str | None = None
+    mesh_dim: int | str | tuple | None = None
     timeout: float = 300.0
     block_size: int | None = None
     profile: str | None = None
@@ -50,6 +53,7 @@ class Options:
     shard_graph: bool = True
     record_timing: bool = False
     require_sharded: bool = False
+    node_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("inner", self.inner, INNER_COMPILERS)
@@ -60,6 +64,8 @@ class Options:
             _check_choice("layout", self.layout, LAYOUTS)
         if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
             raise OptionError(f"option 'timeout' must be a positive number of seconds, got {self.timeout!r}")
+        if self.node_size is not None and (not isinstance(self.node_size, int) or self.node_size <= 0):
+            raise OptionError(f"option 'node_size' must be a positive int or None, got {self.node_size!r}")
         if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size <= 0):
             raise OptionError(f"option 'block_size' must be a positive int or None, got {self.block_size!r}")
 

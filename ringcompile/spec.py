@@ -33,7 +33,7 @@ class AttentionSpec:
     strategy:  "auto", "ring", "zigzag", "allgather", "ulysses" or "local".
     layout:    "contiguous" or "zigzag" for the q/k/v shards the op receives; None = contiguous.
     group:     ProcessGroup, DeviceMesh or None (default group / single process).
-    mesh_dim:  which DeviceMesh dimension, when group is a mesh.
+    mesh_dim:  which DeviceMesh dimension, when group is a mesh; (outer, inner) for "hybrid".
     kernel:    "auto", "triton" or "cpu" ("cpu" = no Triton: the CPU kernels on CPU tensors, the
               device-generic PyTorch kernels on other devices).
     timeout:   seconds per collective.
@@ -55,7 +55,7 @@ class AttentionSpec:
     strategy: str = "auto"
     layout: str | None = None
     group: Any = None
-    mesh_dim: int | str | None = None
+    mesh_dim: int | str | tuple | None = None
     kernel: str = "auto"
     timeout: float = 300.0
     block_size: int | None = None

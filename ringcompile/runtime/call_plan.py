@@ -61,7 +61,9 @@ def effective_spec(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: i
 
     ``plan`` may be given when the caller already holds the Plan for ``strategy``.
     """
-    need_chunk = strategy in CHUNKED and spec.block_size is None and world_size > 1
+    # a hybrid split "hybrid-<outer>x<inner>" plans its outer ring's chunk (tokens of the node chunk)
+    need_chunk = ((strategy in CHUNKED or strategy.startswith("hybrid-")) and spec.block_size is None
+                  and world_size > 1)
     need_tiles = q.device.type == "cuda" and spec.tiles is None
     if not (need_chunk or need_tiles):
         return spec

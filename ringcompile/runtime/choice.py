@@ -19,8 +19,8 @@ log = get_logger(__name__)
 
 # strategies that can run on shards of each layout ("local" takes full tensors)
 COMPATIBLE = {
-    "contiguous": ("ring", "allgather", "ulysses", "local"),
-    "zigzag": ("zigzag", "ring", "allgather", "ulysses", "local"),
+    "contiguous": ("ring", "allgather", "ulysses", "hybrid", "local"),
+    "zigzag": ("zigzag", "ring", "allgather", "ulysses", "hybrid", "local"),
 }
 ALLGATHER_MAX_SEQ = 4096  # heuristic when no cost model: gathering K/V once wins for short sequences
 
@@ -31,9 +31,14 @@ AUTO_CANDIDATES = {"contiguous": ("ring", "allgather", "ulysses"), "zigzag": ("z
 
 
 def _auto_candidates(q: torch.Tensor, k: torch.Tensor, world_size: int, spec: AttentionSpec,
-                     layout: str) -> tuple[str, ...]:
+                     layout: str, two_level: tuple[int, int] | None = None) -> tuple[str, ...]:
     heads_split = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0 and spec.dropout_p == 0
-    return tuple(s for s in AUTO_CANDIDATES[layout] if s != "ulysses" or heads_split)
+    names = tuple(s for s in AUTO_CANDIDATES[layout] if s != "ulysses" or heads_split)
+    if two_level is not None:  # a 2-D group: its one hybrid split, when heads divide over a node
+        outer, inner = two_level
+        if outer > 1 and inner > 1 and q.shape[1] % inner == 0 and spec.dropout_p == 0:
+            names += (f"hybrid-{outer}x{inner}",)
+    return names
 
 
 def _planner_choice(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: int, spec: AttentionSpec,
@@ -49,8 +54,11 @@ def _planner_choice(q: torch.Tensor, k: torch.Tensor, seq_len: int, world_size: 
 
 
 def choose_strategy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: int, world_size: int,
-                    spec: AttentionSpec, layout: str, backward: bool = False) -> str:
-    """The strategy this call runs: deterministic in its inputs, so every rank picks the same."""
+                    spec: AttentionSpec, layout: str, backward: bool = False,
+                    two_level: tuple[int, int] | None = None) -> str:
+    """The strategy this call runs: deterministic in its inputs, so every rank picks the same.
+
+    ``two_level`` = (outer, inner) of a 2-D group: "auto" may then pick "hybrid"."""
     if spec.strategy not in ("auto", *NAMES):
         raise OptionError(f"strategy must be 'auto' or one of {list(NAMES)}, got {spec.strategy!r}")
     if world_size == 1:
@@ -60,13 +68,13 @@ def choose_strategy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_len: 
             raise OptionError(f"strategy {spec.strategy!r} cannot run on {layout!r}-layout shards; "
                               f"valid here: {list(COMPATIBLE[layout])}")
         return spec.strategy
-    candidates = _auto_candidates(q, k, world_size, spec, layout)
+    candidates = _auto_candidates(q, k, world_size, spec, layout, two_level)
     fallback = "zigzag" if layout == "zigzag" else "allgather" if seq_len <= ALLGATHER_MAX_SEQ else "ring"
     if len(candidates) == 1:
         return candidates[0]
     choice = _planner_choice(q, k, seq_len, world_size, spec, candidates, backward)
     if choice in candidates:
-        return choice
+        return "hybrid" if choice.startswith("hybrid-") else choice
     if choice is not None:
         log.info("planner chose %r, not usable on %s shards here; using %s", choice, layout, fallback)
     return fallback

@@ -13,7 +13,7 @@ from .call_plan import effective_spec
 from .choice import AUTO_CANDIDATES, COMPATIBLE, choose_strategy
 from .communicator import RingCommunicator
 from .execute import run_backward, run_forward
-from .group import ResolvedGroup, group_key, resolve_group
+from .group import ResolvedGroup, TwoLevelGroup, group_key, resolve_group
 from .layouts import check_layout
 
 log = get_logger(__name__)
@@ -31,14 +31,17 @@ def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str, AttentionSpe
     """
     group = resolve_group(spec.group, spec.mesh_dim)
     layout = check_layout(spec.layout)
-    strategy = choose_strategy(q, k, v, seq_len, group.world_size, spec, layout, backward=True)
+    two_level = (group.outer.world_size, group.inner.world_size) if isinstance(group, TwoLevelGroup) else None
+    strategy = choose_strategy(q, k, v, seq_len, group.world_size, spec, layout, backward=True,
+                               two_level=two_level)
     if strategy == "ulysses":
         from .strategies.ulysses import check_dropout
 
         check_dropout(spec)
     log.debug("attention %s: strategy %s, layout %s, rank %d of %d", spec.name or "<op>", strategy, layout,
               group.rank, group.world_size)
-    run_spec = effective_spec(q, k, seq_len, group.world_size, spec, strategy)
+    planned = f"hybrid-{two_level[0]}x{two_level[1]}" if strategy == "hybrid" and two_level else strategy
+    run_spec = effective_spec(q, k, seq_len, group.world_size, spec, planned)
     return group, strategy, layout, run_spec
 
 
@@ -47,6 +50,10 @@ def _communicator(group: ResolvedGroup, spec: AttentionSpec, device: torch.devic
         from .simulated import simulate_single
 
         return simulate_single(spec.timeout)
+    if isinstance(group, TwoLevelGroup):  # mesh_dim=(outer, inner)
+        from .two_level import two_level_communicator
+
+        return two_level_communicator(group, spec.timeout, device)
     return RingCommunicator(group, spec.timeout, device=device)
 
 

@@ -38,6 +38,15 @@ class ResolvedGroup:
 SINGLE = ResolvedGroup(None, 0, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class TwoLevelGroup(ResolvedGroup):
+    """A 2-D group: ``group``/``rank``/``world_size`` are the flat world (rank = outer * inner + inner
+    rank, once the ranks agree), ``outer`` and ``inner`` this rank's groups along the two dimensions."""
+
+    outer: ResolvedGroup = SINGLE
+    inner: ResolvedGroup = SINGLE
+
+
 def group_key(group: ResolvedGroup) -> tuple:
     """The group by what its members agree on (global ranks, world size), never by object address."""
     if group.group is None:
@@ -57,8 +66,91 @@ def _is_mesh(obj: Any) -> bool:
     return isinstance(obj, DeviceMesh)
 
 
-def resolve_group(group: Any = None, mesh_dim: int | str | None = None) -> ResolvedGroup:
+def _flat_group(mesh: Any, dims: tuple) -> Any:
+    """The process group of every rank of a 2-D context-parallel mesh, flattened outer-major."""
+    if mesh.ndim == 2 and mesh.mesh.numel() == dist.get_world_size():
+        return dist.group.WORLD
+    flatten = getattr(mesh[dims], "_flatten", None)
+    if flatten is None:  # pragma: no cover - torch without DeviceMesh flattening
+        raise OptionError("a two-level mesh_dim needs the mesh to span the whole world on this torch "
+                          f"(mesh {tuple(mesh.shape)}, world {dist.get_world_size()})")
+    return flatten().get_group(0)
+
+
+def resolve_two_level(mesh: Any, mesh_dim: tuple) -> TwoLevelGroup | ResolvedGroup:
+    """``mesh_dim=(outer, inner)`` of a DeviceMesh: the flat group plus the two dimensions' groups.
+
+    Whether every rank sees the same shape and order is checked collectively before the hybrid
+    exchange (``two_level.check_mesh_agrees``), so a rank that disagrees fails with the others.
+    """
+    if not _is_mesh(mesh):
+        raise OptionError(f"mesh_dim={mesh_dim!r} (a pair of dimensions) needs group= a 2-D DeviceMesh, "
+                          f"got {type(mesh).__name__}")
+    if len(mesh_dim) != 2 or mesh_dim[0] == mesh_dim[1]:
+        raise OptionError(f"mesh_dim must be one dimension or a pair (outer, inner) of two different ones, "
+                          f"got {mesh_dim!r}")
+    outer, inner = (resolve_group(mesh, d) for d in mesh_dim)
+    names = tuple(d if isinstance(d, str) else mesh.mesh_dim_names[d] for d in mesh_dim)
+    world = resolve_group(_flat_group(mesh, names))
+    if world.is_single:
+        return SINGLE
+    return TwoLevelGroup(world.group, world.rank, world.world_size, outer, inner)
+
+
+TWO_LEVEL_DIMS = ("cp_outer", "cp_inner")
+_FACTORED: dict[tuple, Any] = {}
+
+
+def factored_mesh(group: Any, node_size: int, timeout: float = 300.0) -> Any:
+    """A 1-D group (None: the default one) as a 2-D DeviceMesh ("cp_outer", "cp_inner") of
+    world / node_size nodes x node_size ranks, in group-rank order; built once per (ranks, node size).
+
+    The ranks first all-gather their ``node_size`` (with ``timeout``) on every call, cached mesh or
+    not (a rank skipping it while another runs it would mismatch the collectives): building the
+    mesh is a collective, so ranks that disagree raise ShapeMismatchError instead of hanging in it.
+    """
+    import torch
+
+    from ringcompile.errors import CommunicationError, ShapeMismatchError
+
+    flat = resolve_group(group)
+    if not isinstance(node_size, int) or node_size < 1:
+        raise OptionError(f"node_size must be a positive int, got {node_size!r}")
+    if flat.is_single:
+        return None
+    ranks = tuple(dist.get_process_group_ranks(flat.group))
+    if len(ranks) != dist.get_world_size():
+        raise OptionError("node_size= factors the whole world only: pass a 2-D DeviceMesh with "
+                          "mesh_dim=(outer, inner) for a sub-group")
+    key = (ranks, node_size)
+    device_type = "cuda" if "nccl" in backend_name(flat.group) else "cpu"
+    mine = torch.tensor([node_size], dtype=torch.int64, device=device_type)
+    sizes = [torch.empty_like(mine) for _ in range(flat.world_size)]
+    work = dist.all_gather(sizes, mine, group=flat.group, async_op=True)
+    try:
+        wait_work(work, flat.group, timeout)
+    except Exception as e:
+        raise CommunicationError(f"rank {flat.rank}: the node_size agreement all_gather failed or timed out "
+                                 f"after {timeout:g} s ({e})") from e
+    seen = [int(s.item()) for s in sizes]
+    if len(set(seen)) != 1:
+        raise ShapeMismatchError(f"ranks disagree on node_size before building the two-level group: "
+                                 f"{dict(enumerate(seen))}; pass the same node_size on every rank")
+    if flat.world_size % node_size:
+        raise OptionError(f"node_size {node_size} does not divide the world size {flat.world_size}")
+    if key in _FACTORED:
+        return _FACTORED[key]
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh(device_type, torch.tensor(ranks).view(-1, node_size), mesh_dim_names=TWO_LEVEL_DIMS)
+    _FACTORED[key] = mesh
+    return mesh
+
+
+def resolve_group(group: Any = None, mesh_dim: int | str | tuple | None = None) -> ResolvedGroup:
     """(group, rank, world_size); world size 1 or no initialised group gives ``SINGLE``."""
+    if isinstance(mesh_dim, (tuple, list)):
+        return resolve_two_level(group, tuple(mesh_dim))
     if group is None:
         if not (dist.is_available() and dist.is_initialized()):
             return SINGLE

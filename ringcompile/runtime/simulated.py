@@ -129,7 +129,8 @@ def simulate_single(timeout: float = 60.0) -> SimulatedCommunicator:
 
 class _SimulatedRing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec, world_size, strategy, layout, seq_len, mask_extras, seed, *score_extras):
+    def forward(ctx, q, k, v, spec, world_size, strategy, layout, seq_len, mask_extras, seed, inner_size,
+                *score_extras):
         from .execute import run_forward
         from .layouts import shard_tensor, unshard_tensor
 
@@ -138,13 +139,14 @@ class _SimulatedRing(torch.autograd.Function):
 
         def rank_forward(comm: Communicator):
             r = comm.rank
+            comm = _levels(comm, inner_size)
             out, lse = run_forward(comm, shards[0][r], shards[1][r], shards[2][r], mask_extras,
                                    [e.detach() for e in score_extras], seq_len, spec, strategy, layout, seed)
             return out.to(q.dtype), lse
 
         results = simulate(rank_forward, world_size, spec.timeout)
         ctx.setup = (spec, world_size, strategy, layout, seq_len, mask_extras, seed, q.dtype, k.dtype,
-                     v.dtype)
+                     v.dtype, inner_size)
         ctx.shards = shards
         ctx.results = results
         ctx.extras = [e.detach() for e in score_extras]
@@ -155,7 +157,7 @@ class _SimulatedRing(torch.autograd.Function):
         from .execute import run_backward
         from .layouts import shard_tensor, unshard_tensor
 
-        spec, world_size, strategy, layout, seq_len, mask_extras, seed, qd, kd, vd = ctx.setup
+        spec, world_size, strategy, layout, seq_len, mask_extras, seed, qd, kd, vd, inner_size = ctx.setup
         douts = [shard_tensor(dout.contiguous(), 2, world_size, r, layout, seq_len)
                  for r in range(world_size)]
         qs, ks, vs = ctx.shards
@@ -163,6 +165,7 @@ class _SimulatedRing(torch.autograd.Function):
         def rank_backward(comm: Communicator):
             r = comm.rank
             out, lse = ctx.results[r]
+            comm = _levels(comm, inner_size)
             return run_backward(comm, douts[r].to(qd), qs[r], ks[r], vs[r], out, lse, mask_extras, ctx.extras,
                                 seq_len, spec, strategy, layout, seed)
 
@@ -171,7 +174,16 @@ class _SimulatedRing(torch.autograd.Function):
                       for i, dt in ((0, qd), (1, kd), (2, vd)))
         d_extras = [None if d is None else d.to(e.dtype)
                     for d, e in zip(grads[0][3], ctx.extras, strict=True)]
-        return (dq, dk, dv, None, None, None, None, None, None, None, *d_extras)
+        return (dq, dk, dv, None, None, None, None, None, None, None, None, *d_extras)
+
+
+def _levels(comm: Communicator, inner_size: int | None) -> Communicator:
+    """The virtual world seen as (world // inner_size) x inner_size ranks, for strategy "hybrid"."""
+    if inner_size is None:
+        return comm
+    from .two_level import split_simulated
+
+    return split_simulated(comm, inner_size)
 
 
 def simulated_ring_attention(
@@ -181,7 +193,7 @@ def simulated_ring_attention(
     mask: Any = None, score: Any = None, mask_extras: Sequence[Tensor] = (),
     score_extras: Sequence[Tensor] = (),
     block_size: int | None = None, kernel: str = "auto", timeout: float = 60.0, dropout_p: float = 0.0,
-    dropout_seed: int | None = None,
+    dropout_seed: int | None = None, inner_size: int | None = None,
 ) -> Tensor:
     """Ring attention of FULL (B, H, S, D) tensors on ``world_size`` virtual ranks; differentiable.
 
@@ -189,6 +201,8 @@ def simulated_ring_attention(
     the real strategy code, and the output comes back unsharded. ``mask``/``score`` are
     ``mods.Mod`` objects with ``mask_extras``/``score_extras`` (as discovery produces them);
     ``mask_mod``/``score_mod`` are FlexAttention-style callables, as in ``ring_attention``.
+    ``inner_size`` makes the virtual world two-level, (world_size // inner_size) x inner_size
+    (flattened rank = outer * inner_size + inner), as strategy "hybrid" needs.
     """
     from ringcompile.mods import and_masks, compose_scores
 
@@ -209,7 +223,10 @@ def simulated_ring_attention(
     seed = None if dropout_seed is None else torch.tensor([dropout_seed], dtype=torch.int64)
     layout = check_layout(spec.layout)
     seq_len = q.shape[2] if seq_len is None else seq_len
-    chosen = choose_strategy(q, k, v, seq_len, world_size, spec, layout)
-    spec = effective_spec(q, k, seq_len, world_size, spec, chosen)  # K/V chunk and tiles, as dispatch does
+    chosen = choose_strategy(q, k, v, seq_len, world_size, spec, layout,
+                             two_level=(world_size // inner_size, inner_size) if inner_size else None)
+    planned = (f"hybrid-{world_size // inner_size}x{inner_size}" if chosen == "hybrid" and inner_size
+               else chosen)
+    spec = effective_spec(q, k, seq_len, world_size, spec, planned)  # K/V chunk and tiles, as dispatch does
     return _SimulatedRing.apply(q, k, v, spec, world_size, chosen, layout, seq_len, list(mask_extras), seed,
-                                *score_extras)
+                                inner_size, *score_extras)

@@ -21,7 +21,7 @@ from .layouts import chunks_per_rank
 Tensor = torch.Tensor
 
 _DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-_STRATEGIES = ["local", "ring", "zigzag", "allgather", "ulysses"]
+_STRATEGIES = ["local", "ring", "zigzag", "allgather", "ulysses", "hybrid"]
 _LAYOUTS = ["contiguous", "zigzag"]
 FIELDS = ("valid inputs", "batch", "query heads", "kv heads", "local query length", "local kv length",
           "head dim", "value head dim", "dtype", "seq_len", "strategy", "layout", "mask extras",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import allgather, local, ring, ulysses, zigzag
+from . import allgather, hybrid, local, ring, ulysses, zigzag
 
 STRATEGIES: dict[str, ModuleType] = {
     "local": local,
@@ -12,6 +12,7 @@ STRATEGIES: dict[str, ModuleType] = {
     "zigzag": zigzag,
     "allgather": allgather,
     "ulysses": ulysses,
+    "hybrid": hybrid,
 }
 
 NAMES = tuple(STRATEGIES)

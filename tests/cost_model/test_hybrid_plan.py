@@ -1,0 +1,115 @@
+"""The cost model's hybrid splits (inner all-to-all x outer ring) on two-level profiles: every split is
+ranked with time, bubble and memory; the formula reduces to its parts; the published trend holds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from ringcompile.cost_model import symbols as sym
+from ringcompile.cost_model.evaluate import HYBRID_ARGS, strategy_functions
+from ringcompile.cost_model.planner import plan, plans
+from ringcompile.cost_model.profiles import load_profile
+from ringcompile.cost_model.strategies import hybrid_split, kv_replication
+
+from ringcompile.cli import main
+from ringcompile.errors import OptionError
+from ringcompile.runtime.strategies import hybrid as runtime_hybrid
+
+LLAMA = dict(heads=32, kv_heads=8, head_dim=128, causal=True, backward=True)
+SPLITS = {"hybrid-32x2", "hybrid-16x4", "hybrid-8x8", "hybrid-4x16", "hybrid-2x32"}
+
+
+def _best(ranked, hybrid: bool):
+    return next(p for p in ranked
+                if (hybrid_split(p.strategy) is not None) == hybrid and p.strategy != "local")
+
+
+@pytest.mark.parametrize("name", ["h100-nvlink-ib", "a100-nvlink-ib"])
+def test_shipped_two_level_profiles(name):
+    prof = load_profile(name)
+    assert prof.node_size == 8 and prof.intra_bandwidth > 5 * prof.inter_bandwidth
+    assert prof.link("intra")[0] == prof.link_bandwidth   # a flat group inside a node uses NVLink
+    assert not load_profile("h100-nvlink").two_level     # old profiles load as one level
+
+
+def test_every_split_ranked_with_time_bubble_memory():
+    ranked = plans(seq_len=131072, world_size=64, profile="h100-nvlink-ib", **LLAMA)
+    names = {p.strategy for p in ranked}
+    assert SPLITS <= names and {"ring", "zigzag", "allgather", "local"} <= names
+    assert [p.time for p in ranked] == sorted(p.time for p in ranked)
+    for p in ranked:
+        assert p.time > 0 and 0 <= p.bubble < 1 and p.memory.peak > 0
+        if hybrid_split(p.strategy):
+            assert p.layout == "zigzag" and "node-chunk heads: q" in p.memory.terms
+
+
+@pytest.mark.parametrize("name", ["h100-nvlink-ib", "a100-nvlink-ib"])
+def test_hybrid_beats_a_ring_across_nodes_when_links_are_slow(name):
+    """USP (Fang & Zhao 2024) / TransformerEngine a2a+p2p: across nodes, a2a inside + ring outside wins
+    when the inter-node link is slow relative to a ring step's compute; the margin shrinks as it speeds
+    up, and as the sequence (so the step's compute) grows."""
+    prof = load_profile(name)
+
+    def margin(profile, seq_len=131072):
+        ranked = plans(seq_len=seq_len, world_size=64, profile=profile, **LLAMA)
+        ring = min(p.time for p in ranked if p.strategy in ("ring", "zigzag"))
+        return ring / _best(ranked, hybrid=True).time
+
+    shipped = margin(prof)
+    assert shipped > 1.5
+    faster = [margin(dataclasses.replace(prof, inter_bandwidth=prof.inter_bandwidth * x)) for x in (2, 4)]
+    assert shipped > faster[0] > faster[1]
+    assert margin(prof, seq_len=1 << 20) < shipped
+
+
+def test_hybrid_formula_is_its_ring_plus_the_node_all_to_alls():
+    """Hand check: hybrid(N_i) = zigzag on N/N_i ranks with H/N_i heads (r H_kv/N_i kv heads), plus the
+    inner all-to-alls' bytes over W_i and their latencies."""
+    vals = {sym.S: 65536.0, sym.N: 16.0, sym.B: 1.0, sym.Hq: 8.0, sym.Hkv: 2.0, sym.D: 64.0, sym.e: 2.0,
+            sym.f: 1.0, sym.d: 1.0, sym.c: 4096.0, sym.F: 3e14, sym.M: 2e12, sym.W: 2e10, sym.Wa: 1.6e10,
+            sym.alpha: 1e-5, sym.P: 0.0, sym.o: 0.0, sym.k: 128.0, sym.kb: 2.5, sym.tc: 128.0, sym.Ph: 16.0,
+            sym.h: 0.0, sym.Ni: 4.0, sym.r: 2.0, sym.Wi: 3e11, sym.alpha_i: 5e-6}
+    hybrid = strategy_functions("hybrid", True, False).time(*[vals[a] for a in HYBRID_ARGS])
+    ring_vals = vals | {sym.N: 4.0, sym.Hq: 2.0, sym.Hkv: 1.0}   # 4 nodes; 8/4 q heads; 2*2/4 kv heads
+    ring = strategy_functions("zigzag", True, False).time(*[ring_vals[a] for a in HYBRID_ARGS[:-4]])
+    x = 65536 / 16
+    bytes_in = 1 * (8 + 2 * 4) * x * 64 * 2            # q, replicated k, v of the local shard
+    bytes_out = 1 * 8 * x * (64 + 1) * 4               # fp32 out with lse
+    a2a = (3 + 1) * 3 * 5e-6 + 3 / 4 * (bytes_in + bytes_out) / 3e11
+    assert hybrid == pytest.approx(ring + a2a, rel=1e-12)
+
+
+def test_kv_replication_matches_the_runtime():
+    for hkv in range(1, 17):
+        for inner in (2, 4, 8, 16):
+            assert kv_replication(hkv, inner) == runtime_hybrid.kv_replication(hkv, inner)
+
+
+def test_explain_says_kv_heads_are_replicated():
+    text = plan(seq_len=65536, world_size=16, heads=16, kv_heads=2, head_dim=64, causal=True,
+                profile="h100-nvlink-ib", strategy="hybrid-2x8").explain()
+    assert "replicated 4x" in text and "ring over 2 nodes" in text
+
+
+def test_infeasible_splits_and_one_level_profiles():
+    ranked = plans(seq_len=8192, world_size=8, heads=6, head_dim=64, profile="h100-nvlink-ib")
+    reasons = dict((n, r) for n, t, r in ranked[0].alternatives if t is None)
+    assert "hybrid-2x4" in reasons and "hybrid-4x2" not in reasons
+    assert not any(hybrid_split(p.strategy) for p in plans(seq_len=8192, world_size=8, heads=8, head_dim=64))
+    with pytest.raises(OptionError, match="two-level"):
+        plan(seq_len=8192, world_size=8, heads=8, head_dim=64, profile="h100-nvlink", strategy="hybrid")
+    best = plan(seq_len=8192, world_size=8, heads=8, head_dim=64, profile="h100-nvlink", node_size=4,
+                strategy="hybrid")
+    assert hybrid_split(best.strategy) is not None
+
+
+def test_cli_ranks_the_splits_and_reports_crossovers(capsys):
+    rc = main(["plan", "--seq", "131072", "--world-size", "16", "--node-size", "8", "--heads", "32",
+               "--kv-heads", "8", "--head-dim", "128", "--causal", "--backward",
+               "--profile", "h100-nvlink-ib"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if line.startswith("hybrid-")]
+    assert {"hybrid-8x2", "hybrid-4x4", "hybrid-2x8"} <= set(rows)
+    assert "crossovers" in out and "best strategy by S" in out
