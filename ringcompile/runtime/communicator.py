@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -147,3 +148,41 @@ class RingCommunicator(Communicator):
         work = self._start(step, what, lambda: dist.all_to_all_single(recv, send, group=self.group,
                                                                       async_op=True))
         return self._finish([work], step, what, lambda: list(recv.unbind(0)))
+
+
+class MailboxCollectives(Communicator):
+    """The collectives of a communicator built on point-to-point mailboxes (``_send`` / ``_recv``):
+    shared by the virtual ranks of ``runtime.simulated`` and the per-level views of ``runtime.two_level``."""
+
+    def _send(self, dst: int, channel: Any, tensors: Sequence[Tensor]) -> None:
+        raise NotImplementedError
+
+    def _recv(self, src: int, channel: Any, step: int, what: str) -> list[Tensor]:
+        raise NotImplementedError
+
+    def ring_shift(self, tensors: Sequence[Tensor], step: int, channel: int = 0,
+                   what: str = "K/V") -> Pending:
+        self._send(self.next_rank, ("ring", channel), tensors)
+        return Pending(lambda: self._recv(self.prev_rank, ("ring", channel), step, f"{what} ring transfer"))
+
+    def _exchange(self, kind: str, per_dst: Sequence[Tensor], step: int, what: str) -> Pending:
+        for dst in range(self.world_size):
+            self._send(dst, kind, [per_dst[dst]])
+        return Pending(lambda: [self._recv(src, kind, step, what)[0] for src in range(self.world_size)])
+
+    def all_gather(self, tensor: Tensor, step: int = 0, what: str = "all_gather") -> Pending:
+        return self._exchange("all_gather", [tensor] * self.world_size, step, what)
+
+    def all_reduce(self, tensor: Tensor, step: int = 0, what: str = "all_reduce") -> Pending:
+        gathered = self._exchange("all_reduce", [tensor] * self.world_size, step, what)
+
+        def total() -> list[Tensor]:
+            parts = gathered.wait()
+            out = parts[0].clone()
+            for p in parts[1:]:
+                out += p
+            return [out]
+        return Pending(total)
+
+    def all_to_all(self, chunks: Sequence[Tensor], step: int = 0, what: str = "all_to_all") -> Pending:
+        return self._exchange("all_to_all", list(chunks), step, what)

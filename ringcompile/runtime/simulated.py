@@ -17,7 +17,7 @@ import torch
 
 from ringcompile.errors import CommunicationError
 
-from .communicator import Communicator, Pending
+from .communicator import Communicator, MailboxCollectives
 
 Tensor = torch.Tensor
 T = TypeVar("T")
@@ -40,7 +40,7 @@ class _Aborted(CommunicationError):
     """Raised in a virtual rank because another one failed first (never reported on its own)."""
 
 
-class SimulatedCommunicator(Communicator):
+class SimulatedCommunicator(MailboxCollectives):
     def __init__(self, hub: _Hub, rank: int, timeout: float) -> None:
         self.hub = hub
         self.rank = rank
@@ -62,32 +62,6 @@ class SimulatedCommunicator(Communicator):
                 if time.monotonic() > deadline:
                     raise self.error(step, what, f"nothing arrived from virtual rank {src}") from None
 
-    def ring_shift(self, tensors: Sequence[Tensor], step: int, channel: int = 0,
-                   what: str = "K/V") -> Pending:
-        self._send(self.next_rank, ("ring", channel), tensors)
-        return Pending(lambda: self._recv(self.prev_rank, ("ring", channel), step, f"{what} ring transfer"))
-
-    def _exchange(self, kind: str, per_dst: Sequence[Tensor], step: int, what: str) -> Pending:
-        for dst in range(self.world_size):
-            self._send(dst, kind, [per_dst[dst]])
-        return Pending(lambda: [self._recv(src, kind, step, what)[0] for src in range(self.world_size)])
-
-    def all_gather(self, tensor: Tensor, step: int = 0, what: str = "all_gather") -> Pending:
-        return self._exchange("all_gather", [tensor] * self.world_size, step, what)
-
-    def all_reduce(self, tensor: Tensor, step: int = 0, what: str = "all_reduce") -> Pending:
-        gathered = self._exchange("all_reduce", [tensor] * self.world_size, step, what)
-
-        def total() -> list[Tensor]:
-            parts = gathered.wait()
-            out = parts[0].clone()
-            for p in parts[1:]:
-                out += p
-            return [out]
-        return Pending(total)
-
-    def all_to_all(self, chunks: Sequence[Tensor], step: int = 0, what: str = "all_to_all") -> Pending:
-        return self._exchange("all_to_all", list(chunks), step, what)
 
 
 def simulate(fn_per_rank: Callable[[Communicator], T], world_size: int, timeout: float = 60.0) -> list[T]:

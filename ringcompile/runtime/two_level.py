@@ -18,7 +18,7 @@ import torch
 
 from ringcompile.errors import OptionError, ShapeMismatchError
 
-from .communicator import Communicator, Pending
+from .communicator import Communicator, MailboxCollectives, Pending
 
 Tensor = torch.Tensor
 
@@ -146,7 +146,7 @@ def _flat_members(level: Communicator, world: Communicator) -> list[int]:
     return [dist.get_group_rank(world.group, dist.get_global_rank(group, j)) for j in range(level.world_size)]
 
 
-class SubCommunicator(Communicator):
+class SubCommunicator(MailboxCollectives):
     """The ranks ``members`` (world ranks, in sub-rank order) of a simulated world, as their own group.
 
     Messages travel on the parent's queues in their own namespace ``tag``, so the outer ring,
@@ -165,32 +165,6 @@ class SubCommunicator(Communicator):
     def _recv(self, src: int, channel: Any, step: int, what: str) -> list[Tensor]:
         return self.parent._recv(self.members[src], (self.tag, channel), step, f"{self.tag} {what}")
 
-    def ring_shift(self, tensors: Sequence[Tensor], step: int, channel: int = 0,
-                   what: str = "K/V") -> Pending:
-        self._send(self.next_rank, ("ring", channel), tensors)
-        return Pending(lambda: self._recv(self.prev_rank, ("ring", channel), step, f"{what} ring transfer"))
-
-    def _exchange(self, kind: str, per_dst: Sequence[Tensor], step: int, what: str) -> Pending:
-        for dst in range(self.world_size):
-            self._send(dst, kind, [per_dst[dst]])
-        return Pending(lambda: [self._recv(src, kind, step, what)[0] for src in range(self.world_size)])
-
-    def all_gather(self, tensor: Tensor, step: int = 0, what: str = "all_gather") -> Pending:
-        return self._exchange("all_gather", [tensor] * self.world_size, step, what)
-
-    def all_reduce(self, tensor: Tensor, step: int = 0, what: str = "all_reduce") -> Pending:
-        gathered = self._exchange("all_reduce", [tensor] * self.world_size, step, what)
-
-        def total() -> list[Tensor]:
-            parts = gathered.wait()
-            out = parts[0].clone()
-            for p in parts[1:]:
-                out += p
-            return [out]
-        return Pending(total)
-
-    def all_to_all(self, chunks: Sequence[Tensor], step: int = 0, what: str = "all_to_all") -> Pending:
-        return self._exchange("all_to_all", list(chunks), step, what)
 
 
 def two_level_communicator(group: Any, timeout: float, device: torch.device | None) -> TwoLevelCommunicator:
