@@ -68,21 +68,9 @@ def use_partitioner() -> None:
 
 def saved_bytes(model: torch.nn.Module, fn) -> tuple[object, int]:
     """Run ``fn`` and sum the distinct storages autograd saves for backward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    from ringcompile.demo import activation_bytes
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return t
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
+    return activation_bytes(fn, list(model.parameters()))
 
 
 def measure(seq: int, dim: int, layers: int, checkpoint: bool) -> dict:

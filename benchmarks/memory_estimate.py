@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from ringcompile.cost_model.whole_model import estimate_memory
 
+from ringcompile.demo import activation_bytes
 from ringcompile.models import ModelConfig, build_model
 from ringcompile.runtime.spawned_ranks import exit_rank, free_port, run_spawned
 
@@ -34,22 +35,6 @@ def _model(name: str) -> torch.nn.Module:
     return build_model(name, ModelConfig(**{**CFG.__dict__, "kv_heads": kv}), seed=0)
 
 
-def saved_bytes(fn, params) -> tuple[object, int]:
-    """Run ``fn``; bytes of the distinct storages autograd saves, parameters excluded."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 def rank_main(rank: int, world: int, port: int, name: str, seq: int, out_path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -58,7 +43,7 @@ def rank_main(rank: int, world: int, port: int, name: str, seq: int, out_path: s
     ids = torch.randint(0, CFG.vocab, (1, seq), generator=torch.Generator().manual_seed(0))
     compiled = torch.compile(model, backend="ring", dynamic=False, options={"inner": "eager"})
     compiled(ids, ids)[1].backward()
-    (_, loss), nbytes = saved_bytes(lambda: compiled(ids, ids), list(model.parameters()))
+    (_, loss), nbytes = activation_bytes(lambda: compiled(ids, ids), list(model.parameters()))
     loss.backward()
     if rank == 0:
         with open(out_path, "w") as f:

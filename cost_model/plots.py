@@ -12,21 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingDependencyError
+from ..plotting import pyplot, save
 from .planner import plans
 
 WORLDS = (1, 2, 4, 8)
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise MissingDependencyError("--plot needs matplotlib: pip install 'ringcompile[plot]'") from exc
-    return plt
 
 
 def seq_grid(seq_len: int, points: int = 12) -> list[int]:
@@ -67,7 +56,7 @@ def memory_curves(grid: Sequence[int], memory_model: Any = None, **workload: Any
 def draw_plan_plots(path: str | Path, grid: Sequence[int], times: dict[str, list[float | None]],
                     memory: dict[int, list[float]], title: str, budget: float | None = None,
                     memory_label: str = "attention") -> Path:
-    plt = _pyplot()
+    plt = pyplot("--plot")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, ys in times.items():
         pts = [(s, y) for s, y in zip(grid, ys, strict=True) if y is not None]
@@ -84,9 +73,4 @@ def draw_plan_plots(path: str | Path, grid: Sequence[int], times: dict[str, list
               title=f"per-rank memory ({memory_label})")
     right.legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -10,27 +10,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..errors import MissingDependencyError
+from ..plotting import pyplot, save
 
 COLORS = {"compute": "#2e7d32", "wait": "#c62828"}
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "drawing timeline.png needs matplotlib: pip install 'ringcompile[plot]' (or matplotlib); "
-            "trace.json and summary.txt were written without it") from exc
-    return plt
-
-
 def draw_timeline(calls: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """One row per rank and phase; green bars compute, red bars wait (the bubble)."""
-    plt = _pyplot()
+    plt = pyplot("drawing timeline.png (trace.json and summary.txt are written without it)")
     calls = list(calls)
     origin = min((c["start_ns"] for c in calls), default=0)
     ranks = sorted({c["rank"] for c in calls})
@@ -56,9 +43,4 @@ def draw_timeline(calls: Iterable[dict[str, Any]], path: str | Path) -> Path:
     if unique:
         ax.legend(unique.values(), unique.keys(), loc="upper right")
     ax.invert_yaxis()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -9,26 +9,11 @@ from ringcompile.cost_model.whole_model import MemoryModel, estimate_memory
 from torch.utils.checkpoint import checkpoint
 
 from ringcompile.cli import main
+from ringcompile.demo import activation_bytes
 from ringcompile.errors import OptionError
 from ringcompile.models import ModelConfig, build_model
 
 CFG = ModelConfig(vocab=64, dim=32, layers=2, heads=4, kv_heads=2, max_seq=4096)
-
-
-def _saved_bytes(fn, params) -> int:
-    """Distinct storages autograd saves while ``fn`` runs, parameters excluded (measured, real)."""
-    skip = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +29,7 @@ def test_estimate_matches_measured_saved_activations(llama_memory):
     ids = torch.randint(0, CFG.vocab, (1, seq), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="ring", dynamic=False, options={"inner": "eager"})
-    measured = _saved_bytes(lambda: compiled(ids, ids)[1].backward(), list(model.parameters()))
+    _, measured = activation_bytes(lambda: compiled(ids, ids)[1].backward(), list(model.parameters()))
     torch._dynamo.reset()
     est = memory.estimate(1, seq)
     assert abs(est.terms["activations"] / measured - 1) <= 0.15, (est.terms, measured)
