@@ -152,6 +152,8 @@ def norm_dims(dims: int | Sequence[int] | None, rank: int) -> list[int]:
 CASTS = (aten.to, aten._to_copy, aten.type_as)
 IDENTITY = (aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
 RESHAPES = (aten.view, aten.reshape, aten._unsafe_view)
+# the same reshapes as overloads (the targets of a normalised graph's nodes), for ``n.target in``
+RESHAPE_OVERLOADS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 # Overloads whose output regroups the input's dims (the reshapes, plus flatten/unflatten), with the
 # position of their explicit size list (None: the output shape follows from the input's). Placement
 # rules map a dim through any of them from the two shapes alone (``placements.view_dim``).
@@ -159,6 +161,7 @@ VIEW_SIZES: dict[Any, int | None] = {
     aten.view.default: 1, aten._unsafe_view.default: 1, aten.reshape.default: 1,
     aten.flatten.using_ints: None, aten.unflatten.int: 2,
 }
+# RESHAPE_OVERLOADS plus flatten/unflatten: attention rules walk a score through any of them
 VIEW_OPS = frozenset(VIEW_SIZES)
 # ops whose result may alias their first argument (in-place ops on it mutate the source too)
 ALIASING = RESHAPES + (aten.alias, aten.detach, aten.expand, aten.slice, aten.select, aten.permute,

@@ -37,8 +37,6 @@ CHAIN_OPS = CAST_OPS | {
 _CHAIN_PACKETS = {op.overloadpacket for op in CHAIN_OPS}
 
 
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int,
-             aten.flatten.using_ints}
 
 
 def is_chain_op(n: fx.Node) -> bool:
