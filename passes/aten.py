@@ -151,6 +151,11 @@ def norm_dims(dims: int | Sequence[int] | None, rank: int) -> list[int]:
 
 CASTS = (aten.to, aten._to_copy, aten.type_as)
 IDENTITY = (aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
+# The value-preserving cast/copy overloads the attention rules walk a score or output through: a
+# narrower set than CASTS + IDENTITY as packets (no to.other, detach or lift_fresh_copy), kept as
+# the rules have always matched it
+RULE_CASTS = frozenset({aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default,
+                        aten.contiguous.default, aten.alias.default, aten.to.dtype_layout, aten.to.device})
 RESHAPES = (aten.view, aten.reshape, aten._unsafe_view)
 # the same reshapes as overloads (the targets of a normalised graph's nodes), for ``n.target in``
 RESHAPE_OVERLOADS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..aten import INPLACE, functional_packet, packet_of
+from ..aten import INPLACE, RULE_CASTS, functional_packet, packet_of
 
 aten = torch.ops.aten
 
@@ -18,8 +18,7 @@ MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.einsum.default, aten.b
 SDPA_OPS = {aten.scaled_dot_product_attention.default}
 
 
-CAST_OPS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default,
-            aten.contiguous.default, aten.alias.default, aten.to.dtype_layout, aten.to.device}
+CAST_OPS = RULE_CASTS  # the vocabulary's (passes/aten.py)
 
 
 DROPOUT_OPS = {aten.dropout.default, aten.native_dropout.default}
