@@ -65,6 +65,12 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
+def _compare(fn: Callable, packet: Any, meaning: Callable, triton: str) -> LiftedOp:
+    """A comparison: lifted from its aten packet, lowered from its Tensor and Scalar overloads."""
+    return LiftedOp(fn, "compare", aten=(packet,), fold=fn, sympy=meaning, triton=triton,
+                    lowered=(packet.Tensor, packet.Scalar))
+
+
 _OPS = (
     # arithmetic: the lifter writes add/sub/mul/div itself (alpha, rounding modes), so no aten one to one
     LiftedOp(operator.add, "arith", fold=operator.add, sympy=operator.add, triton="+",
@@ -80,18 +86,12 @@ _OPS = (
     LiftedOp(operator.neg, "unary", aten=(aten.neg,), fold=operator.neg, sympy=operator.neg, triton="-",
              lowered=(aten.neg.default,)),
     # comparisons
-    LiftedOp(operator.lt, "compare", aten=(aten.lt,), fold=operator.lt, sympy=sympy.Lt, triton="<",
-             lowered=(aten.lt.Tensor, aten.lt.Scalar)),
-    LiftedOp(operator.le, "compare", aten=(aten.le,), fold=operator.le, sympy=sympy.Le, triton="<=",
-             lowered=(aten.le.Tensor, aten.le.Scalar)),
-    LiftedOp(operator.gt, "compare", aten=(aten.gt,), fold=operator.gt, sympy=sympy.Gt, triton=">",
-             lowered=(aten.gt.Tensor, aten.gt.Scalar)),
-    LiftedOp(operator.ge, "compare", aten=(aten.ge,), fold=operator.ge, sympy=sympy.Ge, triton=">=",
-             lowered=(aten.ge.Tensor, aten.ge.Scalar)),
-    LiftedOp(operator.eq, "compare", aten=(aten.eq,), fold=operator.eq, sympy=sympy.Eq, triton="==",
-             lowered=(aten.eq.Tensor, aten.eq.Scalar)),
-    LiftedOp(operator.ne, "compare", aten=(aten.ne,), fold=operator.ne, sympy=sympy.Ne, triton="!=",
-             lowered=(aten.ne.Tensor, aten.ne.Scalar)),
+    _compare(operator.lt, aten.lt, sympy.Lt, "<"),
+    _compare(operator.le, aten.le, sympy.Le, "<="),
+    _compare(operator.gt, aten.gt, sympy.Gt, ">"),
+    _compare(operator.ge, aten.ge, sympy.Ge, ">="),
+    _compare(operator.eq, aten.eq, sympy.Eq, "=="),
+    _compare(operator.ne, aten.ne, sympy.Ne, "!="),
     # logical (on bools; the lifter turns operands to bool first)
     LiftedOp(operator.and_, "logical", fold=operator.and_, sympy=sympy.And, triton="&",
              lowered=(aten.bitwise_and.Tensor, aten.bitwise_and.Scalar, aten.logical_and.default)),
