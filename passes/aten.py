@@ -34,6 +34,17 @@ def val_of(node: Any) -> Any:
     return node
 
 
+def dynamo_val(node: Any) -> Any:
+    """The value a node of Dynamo's graph holds (``example_value``, else ``meta["val"]``); non-nodes as is.
+
+    For the passes that run before the normalise retrace (``passes.flex``): there Dynamo's
+    ``example_value`` is the value of record, so it is read first (``val_of`` reads ``val`` first).
+    """
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
 def tensor_val(n: Any) -> torch.Tensor | None:
     """The (fake) tensor a node holds, or None for non-tensor nodes and non-nodes."""
     if isinstance(n, fx.Node):
