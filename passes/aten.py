@@ -34,6 +34,17 @@ def val_of(node: Any) -> Any:
     return node
 
 
+def dynamo_val(node: Any) -> Any:
+    """The value a node of Dynamo's graph holds (``example_value``, else ``meta["val"]``); non-nodes as is.
+
+    For the passes that run before the normalise retrace (``passes.flex``): there Dynamo's
+    ``example_value`` is the value of record, so it is read first (``val_of`` reads ``val`` first).
+    """
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
 def tensor_val(n: Any) -> torch.Tensor | None:
     """The (fake) tensor a node holds, or None for non-tensor nodes and non-nodes."""
     if isinstance(n, fx.Node):
@@ -151,7 +162,14 @@ def norm_dims(dims: int | Sequence[int] | None, rank: int) -> list[int]:
 
 CASTS = (aten.to, aten._to_copy, aten.type_as)
 IDENTITY = (aten.clone, aten.contiguous, aten.alias, aten.detach, aten.lift_fresh_copy)
+# The value-preserving cast/copy overloads the attention rules walk a score or output through: a
+# narrower set than CASTS + IDENTITY as packets (no to.other, detach or lift_fresh_copy), kept as
+# the rules have always matched it
+RULE_CASTS = frozenset({aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default,
+                        aten.contiguous.default, aten.alias.default, aten.to.dtype_layout, aten.to.device})
 RESHAPES = (aten.view, aten.reshape, aten._unsafe_view)
+# the same reshapes as overloads (the targets of a normalised graph's nodes), for ``n.target in``
+RESHAPE_OVERLOADS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
 # Overloads whose output regroups the input's dims (the reshapes, plus flatten/unflatten), with the
 # position of their explicit size list (None: the output shape follows from the input's). Placement
 # rules map a dim through any of them from the two shapes alone (``placements.view_dim``).
@@ -159,6 +177,7 @@ VIEW_SIZES: dict[Any, int | None] = {
     aten.view.default: 1, aten._unsafe_view.default: 1, aten.reshape.default: 1,
     aten.flatten.using_ints: None, aten.unflatten.int: 2,
 }
+# RESHAPE_OVERLOADS plus flatten/unflatten: attention rules walk a score through any of them
 VIEW_OPS = frozenset(VIEW_SIZES)
 # ops whose result may alias their first argument (in-place ops on it mutate the source too)
 ALIASING = RESHAPES + (aten.alias, aten.detach, aten.expand, aten.slice, aten.select, aten.permute,

@@ -36,6 +36,8 @@ from ringcompile.errors import RingCompileError, UnsupportedPatternError
 from ringcompile.log import get_logger
 from ringcompile.mods import Mod
 
+from .aten import dynamo_val
+
 log = get_logger(__name__)
 
 HOP_NAME = "flex_attention"
@@ -94,12 +96,6 @@ def is_marker(node: Any) -> bool:
 # ---------------------------------------------------------------------------- before the retrace
 
 
-def _val(node: Any) -> Any:
-    if not isinstance(node, fx.Node):
-        return node
-    return node.meta.get("example_value", node.meta.get("val"))
-
-
 def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
     seen: set[fx.Node] = set()
     stack = list(nodes)
@@ -121,7 +117,7 @@ def _check_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: Sequence
     """Refuse a BlockMask whose block sparsity might mean more than its mask_mod (see module docstring);
     returns a note for the report, if any."""
     q_len, kv_len = sizes[2], sizes[3]
-    tensors = [a for a in block[:-1] if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor)]
+    tensors = [a for a in block[:-1] if isinstance(a, fx.Node) and isinstance(dynamo_val(a), torch.Tensor)]
     outside = [a.name for a in tensors if a.op in ("placeholder", "get_attr")]
     if outside:
         why = _check_passed_block_mask(block, mask_gm, mask_bufs, sizes)
@@ -230,10 +226,10 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
     if not isinstance(score_gm, fx.GraphModule) or not isinstance(mask_gm, fx.GraphModule):
         raise UnsupportedPatternError(f"flex_attention at {where}: score_mod/mask_mod are not graphs")
     for bufs in (score_bufs, mask_bufs):
-        if not all(isinstance(b, fx.Node) and isinstance(_val(b), torch.Tensor) for b in bufs):
+        if not all(isinstance(b, fx.Node) and isinstance(dynamo_val(b), torch.Tensor) for b in bufs):
             raise UnsupportedPatternError(
                 f"flex_attention at {where}: a captured value of score_mod/mask_mod is not a tensor")
-    qv, kv_ = _val(q), _val(k)
+    qv, kv_ = dynamo_val(q), dynamo_val(k)
     if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or kv_.dim() != 4:
         raise UnsupportedPatternError(f"flex_attention at {where}: q/k/v are not 4-D")
     sizes = [qv.shape[0], qv.shape[1], qv.shape[2], kv_.shape[2]]
@@ -257,7 +253,7 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
         lse = graph.call_function(operator.getitem, (marker, 1))
         if kernel_options.get("BACKEND") != "FLASH":  # the HOP's lse is in base 2 unless FLASH
             lse = graph.call_function(operator.mul, (lse, 1.0 / _LN2))
-        hop_val = _val(node)
+        hop_val = dynamo_val(node)
         want = hop_val[1].dtype if isinstance(hop_val, (tuple, list)) else None
         if want is not None and want != _lse_dtype(qv):
             lse = graph.call_method("to", (lse, want))

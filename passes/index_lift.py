@@ -31,12 +31,12 @@ from .aten import (
     SOURCE_KEY,
     dtype_of,
     is_one,
+    norm_dim,
     shape_or_raise,
     static_int,
     tensor_val,
 )
 from .aten import functional_packet as packet_of
-from .aten import norm_dim as _norm_dim
 from .pointwise import LIFTED, aten_one_to_one
 
 aten = torch.ops.aten
@@ -274,13 +274,11 @@ def _is_const(x: Any, value: float) -> bool:
 
 # ---------------------------------------------------------------------------- the lifter
 
-_CASTS, _IDENTITY, _VIEWS, _CREATION = CASTS, IDENTITY, RESHAPES, CREATION
-
 
 def creation_value(n: fx.Node) -> Any:
     """The constant a creation op fills its tensor with (cast to its dtype), or None."""
     p = packet_of(n)
-    if p not in _CREATION:
+    if p not in CREATION:
         return None
     if p in (aten.ones, aten.ones_like, aten.new_ones):
         v: Any = 1
@@ -356,12 +354,12 @@ class IndexLifter:
         if p is None:
             return None
         a = n.args
-        if p in _IDENTITY:
+        if p in IDENTITY:
             return a[0], idx
         if p is aten.slice:
             x = a[0]
             rank = len(shape_of(x))
-            dim = _norm_dim(a[1] if len(a) > 1 else 0, rank)
+            dim = norm_dim(a[1] if len(a) > 1 else 0, rank)
             start = a[2] if len(a) > 2 else None
             step = a[4] if len(a) > 4 else 1
             start = 0 if start is None else static_int(start)
@@ -379,7 +377,7 @@ class IndexLifter:
         if p is aten.select:
             x = a[0]
             rank = len(shape_of(x))
-            dim = _norm_dim(a[1], rank)
+            dim = norm_dim(a[1], rank)
             index = static_int(a[2])
             if index is None:
                 raise NotLiftable("select with a dynamic index")
@@ -390,14 +388,14 @@ class IndexLifter:
                 index += size
             return x, idx[:dim] + (index,) + idx[dim:]
         if p is aten.unsqueeze:
-            dim = _norm_dim(a[1], len(idx))
+            dim = norm_dim(a[1], len(idx))
             return a[0], idx[:dim] + idx[dim + 1:]
         if p is aten.squeeze:
             x = a[0]
             xs = shape_of(x)
             if len(a) > 1:
                 dims = a[1] if isinstance(a[1], (list, tuple)) else [a[1]]
-                dims = {_norm_dim(d, len(xs)) for d in dims}
+                dims = {norm_dim(d, len(xs)) for d in dims}
             else:
                 dims = set(range(len(xs)))
             it = iter(idx)
@@ -406,19 +404,19 @@ class IndexLifter:
             x = a[0]
             return x, bcast_idx(shape_of(x), idx)
         if p is aten.permute:
-            perm = [_norm_dim(d, len(idx)) for d in a[1]]
+            perm = [norm_dim(d, len(idx)) for d in a[1]]
             new: list[Expr] = [0] * len(idx)
             for i, d in enumerate(perm):
                 new[d] = idx[i]
             return a[0], tuple(new)
         if p is aten.transpose:
-            d0, d1 = _norm_dim(a[1], len(idx)), _norm_dim(a[2], len(idx))
+            d0, d1 = norm_dim(a[1], len(idx)), norm_dim(a[2], len(idx))
             new = list(idx)
             new[d0], new[d1] = idx[d1], idx[d0]
             return a[0], tuple(new)
         if p is aten.t:
             return a[0], tuple(reversed(idx))
-        if p in _VIEWS:
+        if p in RESHAPES:
             x = a[0]
             return x, self._reshape_idx(shape_of(x), shape_of(n), idx)
         return None
@@ -565,7 +563,7 @@ class IndexLifter:
             cond = B.call(operator.ge if p is aten.triu else operator.le, d, diag)
             zero = _zero_of(dtype_of(n))
             return B.where(cond, x, zero, logical=dtype_of(n) == torch.bool)
-        if p in _CASTS:
+        if p in CASTS:
             src = a[0]
             x = self.lift(src, idx)
             dt_out, dt_in = dtype_of(n), dtype_of(src)

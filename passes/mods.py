@@ -27,6 +27,7 @@ from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
 from ringcompile.mods import Mod, index_grid
 
+from .aten import CASTS, IDENTITY, RESHAPES
 from .classify_mods import (
     Bool,
     MaskClass,
@@ -38,9 +39,6 @@ from .classify_mods import (
     to_sympy,
 )
 from .index_lift import (
-    _CASTS,
-    _IDENTITY,
-    _VIEWS,
     POINTWISE,
     SHAPE_ONLY,
     Expr,
@@ -171,7 +169,7 @@ def _chain_path(score: fx.Node, softmax_input: fx.Node) -> list[fx.Node]:
         p = packet_of(cur)
         if p is aten.max and len(cur.args) == 2:
             p = aten.maximum  # torch.max(a, b) is torch.maximum(a, b)
-        if p not in POINTWISE and p not in _CASTS and p not in _IDENTITY and p not in _VIEWS:
+        if p not in POINTWISE and p not in CASTS and p not in IDENTITY and p not in RESHAPES:
             raise UnsupportedPatternError(
                 f"{cur.name} ({cur.target}) in the score chain is not a pointwise op")
         path.append(cur)
@@ -318,7 +316,7 @@ class _Extraction:
         p = packet_of(n)
         a = n.args
         out: Expr | None = None
-        if p in _CASTS:
+        if p in CASTS:
             dt_out, dt_in = dtype_of(n), dtype_of(a[0])
             if all(dt is not None and dt.is_floating_point for dt in (dt_out, dt_in)):
                 out = self.keep_of(a[0], idx)
@@ -448,8 +446,8 @@ class _Extraction:
         while i < len(path):  # head: casts and constant factors
             n = path[i]
             p = packet_of(n)
-            if p in _CASTS or p in _IDENTITY or p in _VIEWS:
-                if p in _VIEWS:
+            if p in CASTS or p in IDENTITY or p in RESHAPES:
+                if p in RESHAPES:
                     self._chain_view(n, prev)
                 prev, i = n, i + 1
                 continue
@@ -494,9 +492,9 @@ class _Extraction:
         p = packet_of(n)
         a = n.args
         ri = _running_index(n, prev)
-        if p in _CASTS or p in _IDENTITY:
+        if p in CASTS or p in IDENTITY:
             return 1
-        if p in _VIEWS:
+        if p in RESHAPES:
             self._chain_view(n, prev)
             return 1
         if p is aten.masked_fill and ri == 0:
@@ -722,7 +720,7 @@ def _is_nonzero_test(m: Any, x: Any) -> bool:
     if not isinstance(m, fx.Node) or m.op != "call_function":
         return False
     p = packet_of(m)
-    if p in _CASTS and m.args[0] is x and dtype_of(m) == torch.bool:
+    if p in CASTS and m.args[0] is x and dtype_of(m) == torch.bool:
         return True
     return p is aten.ne and m.args[0] is x and static_number(m.args[1]) == 0
 
@@ -741,9 +739,9 @@ def _is_integral(n: Any, depth: int = 0) -> bool:
     if v is not None:
         return float(v).is_integer()
     p = packet_of(n)
-    if p in _CASTS or p in _IDENTITY or p in (aten.slice, aten.select, aten.unsqueeze, aten.squeeze,
-                                               aten.expand, aten.permute, aten.transpose, aten.view,
-                                               aten.reshape, aten._unsafe_view):
+    if p in CASTS or p in IDENTITY or p in RESHAPES or p in (aten.slice, aten.select, aten.unsqueeze,
+                                                             aten.squeeze, aten.expand, aten.permute,
+                                                             aten.transpose):
         return _is_integral(n.args[0], depth + 1)
     if p in (aten.add, aten.sub, aten.rsub, aten.mul):
         return all(_is_integral(a, depth + 1) for a in n.args[:2])

@@ -14,16 +14,15 @@ their own copies. ``LIFTED`` holds them once:
 * ``sympy``: the meaning over sympy expressions (``classify_mods`` proves masks with it).
 * ``triton``: the Triton spelling where it is one infix operator or one ``tl`` function on the
   same operands.
-
-How ``kernels/triton/lower_mods`` should adopt it (that file is owned elsewhere; nothing here
-imports it): ``_Lowerer`` lowers aten overloads of a make_fx-traced mod, so its ``_BINARY`` and
-``_UNARY_FLOAT`` tables are ``{overload: op.triton for op in LIFTED.values() for packet in op.aten
-for overload of packet}`` restricted to the entries whose ``triton`` is set (the ``+ - * == != < <=
-> >= & | ^`` operators and ``tl.exp/log/sqrt/rsqrt/abs``). Its own rules stay where Triton needs more
-than the table says: true division (``as_float`` first), integer division and remainder, ``tanh`` and
-``sigmoid`` through ``tl.exp``, casts, ``pow`` by small integers, constants. ``_Deriver`` would take a
-``derivative`` field added here (d/dx of ``exp`` is its output, of ``log`` 1/x, ...) instead of its
-if/elif chain; until then its rules stay in lower_mods.
+* ``lowered``: the aten overloads of a make_fx-traced mod that the Triton lowering spells as
+  ``triton`` on the same operands. ``kernels/triton/lower_mods`` builds its operator tables
+  (``_BINARY``, ``_UNARY_FLOAT``, the negation) from these; its own rules stay where Triton needs
+  more than the table says: true division (``as_float`` first), integer division and remainder,
+  ``tanh`` and ``sigmoid`` through ``tl.exp``, casts, ``pow`` by small integers, constants, and
+  ``_Deriver``'s rules for the operators (sum, product and quotient rules), ``pow``, min/max,
+  clamp and ``where``.
+* ``d_triton``: a unary function's derivative as Triton source (``_Deriver`` reads it; it
+  differentiates the ops ``_Lowerer`` lowered, so it looks them up by aten packet).
 """
 
 from __future__ import annotations
@@ -50,6 +49,12 @@ class LiftedOp:
     fold: Callable | None = None    # value on Python constants (None: emitted even then)
     sympy: Callable | None = None   # meaning over sympy expressions (None: opaque to classification)
     triton: str | None = None       # operator ("+"; prefix for unary "-") or tl function ("tl.exp")
+    # aten overloads of a make_fx-traced mod that Triton lowering spells as ``triton`` on the same
+    # operands (kernels/triton/lower_mods builds its operator tables from these)
+    lowered: tuple[Any, ...] = ()
+    # Triton derivative of a unary function: (out, x, scale) -> d(out), where out and x are the
+    # result's and operand's expressions and scale(f) is "f times the operand's derivative"
+    d_triton: Callable[[str, str, Callable[[str], str]], str] | None = None
 
     @property
     def arity(self) -> int:
@@ -60,35 +65,56 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
 
 
+def _compare(fn: Callable, packet: Any, meaning: Callable, triton: str) -> LiftedOp:
+    """A comparison: lifted from its aten packet, lowered from its Tensor and Scalar overloads."""
+    return LiftedOp(fn, "compare", aten=(packet,), fold=fn, sympy=meaning, triton=triton,
+                    lowered=(packet.Tensor, packet.Scalar))
+
+
 _OPS = (
     # arithmetic: the lifter writes add/sub/mul/div itself (alpha, rounding modes), so no aten one to one
-    LiftedOp(operator.add, "arith", fold=operator.add, sympy=operator.add, triton="+"),
-    LiftedOp(operator.sub, "arith", fold=operator.sub, sympy=operator.sub, triton="-"),
-    LiftedOp(operator.mul, "arith", fold=operator.mul, sympy=operator.mul, triton="*"),
+    LiftedOp(operator.add, "arith", fold=operator.add, sympy=operator.add, triton="+",
+             lowered=(aten.add.Tensor, aten.add.Scalar)),
+    LiftedOp(operator.sub, "arith", fold=operator.sub, sympy=operator.sub, triton="-",
+             lowered=(aten.sub.Tensor, aten.sub.Scalar)),
+    LiftedOp(operator.mul, "arith", fold=operator.mul, sympy=operator.mul, triton="*",
+             lowered=(aten.mul.Tensor, aten.mul.Scalar)),
     LiftedOp(operator.truediv, "arith", fold=operator.truediv, sympy=operator.truediv),
     LiftedOp(operator.floordiv, "arith", fold=operator.floordiv, sympy=lambda a, b: sympy.floor(a / b)),
     LiftedOp(operator.mod, "arith", fold=operator.mod, sympy=sympy.Mod),
     LiftedOp(operator.pow, "arith", fold=operator.pow, sympy=operator.pow),
-    LiftedOp(operator.neg, "unary", aten=(aten.neg,), fold=operator.neg, sympy=operator.neg, triton="-"),
+    LiftedOp(operator.neg, "unary", aten=(aten.neg,), fold=operator.neg, sympy=operator.neg, triton="-",
+             lowered=(aten.neg.default,)),
     # comparisons
-    LiftedOp(operator.lt, "compare", aten=(aten.lt,), fold=operator.lt, sympy=sympy.Lt, triton="<"),
-    LiftedOp(operator.le, "compare", aten=(aten.le,), fold=operator.le, sympy=sympy.Le, triton="<="),
-    LiftedOp(operator.gt, "compare", aten=(aten.gt,), fold=operator.gt, sympy=sympy.Gt, triton=">"),
-    LiftedOp(operator.ge, "compare", aten=(aten.ge,), fold=operator.ge, sympy=sympy.Ge, triton=">="),
-    LiftedOp(operator.eq, "compare", aten=(aten.eq,), fold=operator.eq, sympy=sympy.Eq, triton="=="),
-    LiftedOp(operator.ne, "compare", aten=(aten.ne,), fold=operator.ne, sympy=sympy.Ne, triton="!="),
+    _compare(operator.lt, aten.lt, sympy.Lt, "<"),
+    _compare(operator.le, aten.le, sympy.Le, "<="),
+    _compare(operator.gt, aten.gt, sympy.Gt, ">"),
+    _compare(operator.ge, aten.ge, sympy.Ge, ">="),
+    _compare(operator.eq, aten.eq, sympy.Eq, "=="),
+    _compare(operator.ne, aten.ne, sympy.Ne, "!="),
     # logical (on bools; the lifter turns operands to bool first)
-    LiftedOp(operator.and_, "logical", fold=operator.and_, sympy=sympy.And, triton="&"),
-    LiftedOp(operator.or_, "logical", fold=operator.or_, sympy=sympy.Or, triton="|"),
-    LiftedOp(operator.xor, "logical", fold=operator.xor, sympy=sympy.Xor, triton="^"),
+    LiftedOp(operator.and_, "logical", fold=operator.and_, sympy=sympy.And, triton="&",
+             lowered=(aten.bitwise_and.Tensor, aten.bitwise_and.Scalar, aten.logical_and.default)),
+    LiftedOp(operator.or_, "logical", fold=operator.or_, sympy=sympy.Or, triton="|",
+             lowered=(aten.bitwise_or.Tensor, aten.bitwise_or.Scalar, aten.logical_or.default)),
+    LiftedOp(operator.xor, "logical", fold=operator.xor, sympy=sympy.Xor, triton="^",
+             lowered=(aten.bitwise_xor.Tensor, aten.logical_xor.default)),
     # unary functions
-    LiftedOp(torch.abs, "unary", aten=(aten.abs,), fold=abs, sympy=sympy.Abs, triton="tl.abs"),
-    LiftedOp(torch.tanh, "unary", aten=(aten.tanh,), fold=math.tanh, sympy=sympy.tanh),
-    LiftedOp(torch.exp, "unary", aten=(aten.exp,), fold=math.exp, sympy=sympy.exp, triton="tl.exp"),
-    LiftedOp(torch.log, "unary", aten=(aten.log,), fold=math.log, sympy=sympy.log, triton="tl.log"),
-    LiftedOp(torch.sqrt, "unary", aten=(aten.sqrt,), fold=math.sqrt, sympy=sympy.sqrt, triton="tl.sqrt"),
-    LiftedOp(torch.sigmoid, "unary", aten=(aten.sigmoid,), fold=_sigmoid),
-    LiftedOp(torch.rsqrt, "unary", aten=(aten.rsqrt,), triton="tl.rsqrt"),
+    LiftedOp(torch.abs, "unary", aten=(aten.abs,), fold=abs, sympy=sympy.Abs, triton="tl.abs",
+             lowered=(aten.abs.default,),
+             d_triton=lambda out, x, scale: scale(f"tl.where({x} < 0, -1.0, 1.0)")),
+    LiftedOp(torch.tanh, "unary", aten=(aten.tanh,), fold=math.tanh, sympy=sympy.tanh,
+             d_triton=lambda out, x, scale: scale(f"(1.0 - {out} * {out})")),
+    LiftedOp(torch.exp, "unary", aten=(aten.exp,), fold=math.exp, sympy=sympy.exp, triton="tl.exp",
+             lowered=(aten.exp.default,), d_triton=lambda out, x, scale: scale(out)),
+    LiftedOp(torch.log, "unary", aten=(aten.log,), fold=math.log, sympy=sympy.log, triton="tl.log",
+             lowered=(aten.log.default,), d_triton=lambda out, x, scale: f"{scale('1.0')} / {x}"),
+    LiftedOp(torch.sqrt, "unary", aten=(aten.sqrt,), fold=math.sqrt, sympy=sympy.sqrt, triton="tl.sqrt",
+             lowered=(aten.sqrt.default,), d_triton=lambda out, x, scale: f"{scale('0.5')} / {out}"),
+    LiftedOp(torch.sigmoid, "unary", aten=(aten.sigmoid,), fold=_sigmoid,
+             d_triton=lambda out, x, scale: scale(f"{out} * (1.0 - {out})")),
+    LiftedOp(torch.rsqrt, "unary", aten=(aten.rsqrt,), triton="tl.rsqrt", lowered=(aten.rsqrt.default,),
+             d_triton=lambda out, x, scale: scale(f"-0.5 * {out} * {out} * {out}")),
     LiftedOp(torch.log1p, "unary", aten=(aten.log1p,)),
     LiftedOp(torch.sign, "unary", aten=(aten.sign,)),
     LiftedOp(torch.floor, "unary", aten=(aten.floor,)),
@@ -101,6 +127,11 @@ LIFTED: dict[Callable, LiftedOp] = {op.fn: op for op in _OPS}
 def by_kind(kind: str) -> dict[Callable, LiftedOp]:
     """The table's entries of one kind, keyed by the lifted function."""
     return {fn: op for fn, op in LIFTED.items() if op.kind == kind}
+
+
+def triton_derivatives() -> dict[Any, Callable[[str, str, Callable[[str], str]], str]]:
+    """aten packet -> its unary function's Triton derivative (``LiftedOp.d_triton``)."""
+    return {packet: op.d_triton for op in _OPS if op.d_triton is not None for packet in op.aten}
 
 
 def aten_one_to_one() -> dict[Any, LiftedOp]:

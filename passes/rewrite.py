@@ -22,7 +22,7 @@ from ringcompile.options import Options
 from ringcompile.site import AttentionSite
 from ringcompile.spec import AttentionSpec, register_spec
 
-from .aten import RING_ATTENTION
+from .aten import RESHAPE_OVERLOADS, RING_ATTENTION
 from .normalize import fake_mode_of
 
 log = get_logger(__name__)
@@ -201,8 +201,7 @@ def split_merged_head_biases(gm: fx.GraphModule) -> int:
 
 def _head_split_sizes(mm: fx.Node, view: fx.Node) -> tuple | None:
     """(B, H) when ``view`` reshapes the 3-D ``mm`` to (B, H, S, S), else None."""
-    if view.op != "call_function" or view.target not in (aten.view.default, aten.reshape.default,
-                                                          aten._unsafe_view.default):
+    if view.op != "call_function" or view.target not in RESHAPE_OVERLOADS:
         return None
     sizes = view.args[1]
     if not isinstance(sizes, (list, tuple)) or len(sizes) != 4 or len(mm.meta["val"].shape) != 3:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
+from ringcompile.passes.pointwise import LIFTED, triton_derivatives
 
 from ringcompile.errors import KernelError
 from ringcompile.mods import Mod
@@ -208,21 +209,21 @@ def _const(c: float | int | bool) -> Value:
     return Value(_fmt_const(c), None, SCALAR, True, c)
 
 
-_BINARY = {
-    aten.add.Tensor: "+", aten.add.Scalar: "+", aten.sub.Tensor: "-", aten.sub.Scalar: "-",
-    aten.mul.Tensor: "*", aten.mul.Scalar: "*",
-    aten.eq.Tensor: "==", aten.eq.Scalar: "==", aten.ne.Tensor: "!=", aten.ne.Scalar: "!=",
-    aten.lt.Tensor: "<", aten.lt.Scalar: "<", aten.le.Tensor: "<=", aten.le.Scalar: "<=",
-    aten.gt.Tensor: ">", aten.gt.Scalar: ">", aten.ge.Tensor: ">=", aten.ge.Scalar: ">=",
-    aten.bitwise_and.Tensor: "&", aten.bitwise_and.Scalar: "&", aten.logical_and.default: "&",
-    aten.bitwise_or.Tensor: "|", aten.bitwise_or.Scalar: "|", aten.logical_or.default: "|",
-    aten.bitwise_xor.Tensor: "^", aten.logical_xor.default: "^",
-}
+# the operators and tl functions a traced mod's aten overloads lower to one to one: the shared
+# pointwise table's Triton spellings (passes/pointwise.py), read here, not restated
+_BINARY = {ov: op.triton for op in LIFTED.values() if op.arity == 2 for ov in op.lowered}
 _COMPARE = {"==", "!=", "<", "<=", ">", ">="}
 _IDENTITY = {aten.alias.default, aten.detach.default, aten.clone.default, aten.lift_fresh_copy.default,
              aten.expand.default, aten.contiguous.default}
-_UNARY_FLOAT = {aten.exp.default: "tl.exp", aten.log.default: "tl.log", aten.sqrt.default: "tl.sqrt",
-                aten.rsqrt.default: "tl.rsqrt", aten.abs.default: "tl.abs"}
+_UNARY_FLOAT = {ov: op.triton for op in LIFTED.values()
+                if op.arity == 1 and (op.triton or "").startswith("tl.") for ov in op.lowered}
+_NEG = LIFTED[operator.neg].triton  # prefix "-"
+_NEG_OPS = LIFTED[operator.neg].lowered
+_UNARY_DERIVATIVES = triton_derivatives()  # aten packet -> (out, x, scale) -> derivative
+_CASTS = (aten._to_copy.default, aten.to.dtype, aten.type_as.default)
+_WHERE = (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar)
+_CLAMPS = (aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default)
+_MIN_MAX = (aten.minimum.default, aten.maximum.default)
 
 
 class _Lowerer:
@@ -335,100 +336,95 @@ class _Lowerer:
         self.captured.append(attr)
 
     def lower_call(self, node: fx.Node) -> None:
+        """One call node through the handler registered for its target (``_HANDLERS``)."""
         t = node.target
-        dtype = self.out_dtype(node)
         if t is operator.getitem:
             raise self.fail(node, "multi-output ops are not supported")
-        if t in _IDENTITY:
-            if t is aten.expand.default:
-                val = node.meta.get("val")
-                if val is None or val.dim() != 4:
-                    raise self.fail(node, "expand to a non-4-D shape")
-            self.values[node] = self.arg(node, node.args[0])
-            return
-        if t is aten.index.Tensor:
-            self.lower_index(node)
-            return
-        if t in _BINARY:
-            self.lower_binary(node, _BINARY[t], dtype)
-            return
-        if t is aten.rsub.Scalar:
-            a, b = self.arg(node, node.args[0]), self.arg(node, node.args[1])
-            self.emit(node, self.cast(f"{b.expr} - {a.expr}", a, dtype), dtype, a.axes | b.axes)
-            return
-        if t in (aten.div.Tensor, aten.div.Scalar):
-            a, b = self.arg(node, node.args[0]), self.arg(node, node.args[1])
-            expr = f"{self.as_float(a, dtype)} / {self.as_float(b, dtype)}"
-            self.emit(node, self.cast(expr, a, dtype), dtype, a.axes | b.axes)
-            return
-        if t in (aten.div.Tensor_mode, aten.div.Scalar_mode, aten.floor_divide.default,
-                 aten.remainder.Tensor, aten.remainder.Scalar):
-            self.lower_int_division(node, dtype)
-            return
-        if t is aten.neg.default:
-            a = self.arg(node, node.args[0])
-            self.emit(node, f"-{a.expr}", dtype, a.axes)
-            return
-        if t in (aten.bitwise_not.default, aten.logical_not.default):
-            a = self.arg(node, node.args[0])
-            if dtype != torch.bool:
-                raise self.fail(node, "bitwise not on integers")
-            self.emit(node, f"{a.expr} == 0", dtype, a.axes)
-            return
-        if t in _UNARY_FLOAT:
-            a = self.arg(node, node.args[0])
-            self.emit(node, self.cast(f"{_UNARY_FLOAT[t]}({self.as_float(a, dtype)})", a, dtype), dtype,
-                      a.axes)
-            return
-        if t is aten.tanh.default:
-            a = self.arg(node, node.args[0])
-            x = self.as_float(a, dtype)
-            # tanh through exp: tl.tanh is not in every Triton version; saturates correctly at +-inf
-            self.emit(node, self.cast(f"1.0 - 2.0 / (tl.exp(2.0 * {x}) + 1.0)", a, dtype), dtype, a.axes)
-            return
-        if t is aten.sigmoid.default:
-            a = self.arg(node, node.args[0])
-            x = self.as_float(a, dtype)
-            self.emit(node, self.cast(f"1.0 / (1.0 + tl.exp(-{x}))", a, dtype), dtype, a.axes)
-            return
-        if t in (aten.minimum.default, aten.maximum.default):
-            a, b = self.arg(node, node.args[0]), self.arg(node, node.args[1])
-            fn = "tl.minimum" if t is aten.minimum.default else "tl.maximum"
-            self.emit(node, self.cast(f"{fn}({a.expr}, {b.expr})", a, dtype), dtype, a.axes | b.axes)
-            return
-        if t in (aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default):
-            self.lower_clamp(node, dtype)
-            return
-        if t in (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar):
-            c, a, b = (self.arg(node, x) for x in node.args[:3])
-            self.emit(node, self.cast(f"tl.where({c.expr}, {a.expr}, {b.expr})", a, dtype), dtype,
-                      c.axes | a.axes | b.axes)
-            return
-        if t in (aten.pow.Tensor_Scalar,):
-            a, p = self.arg(node, node.args[0]), node.args[1]
-            if not (isinstance(p, (int, float)) and float(p).is_integer() and 0 <= p <= 4):
-                raise self.fail(node, "only small integer powers are supported")
-            expr = " * ".join([a.expr] * int(p)) if int(p) > 0 else "1.0"
-            self.emit(node, self.cast(expr, a, dtype), dtype, a.axes)
-            return
-        if t in (aten._to_copy.default, aten.to.dtype, aten.type_as.default):
-            a = self.arg(node, node.args[0])
-            if dtype is None:
-                raise self.fail(node, "cast without a known dtype")
-            if dtype == torch.bool:
-                self.emit(node, f"{a.expr} != 0", dtype, a.axes)
-            elif a.is_const:
-                self.values[node] = a
-            else:
-                self.emit(node, f"({a.expr}).to({TL_DTYPES[dtype]})", dtype, a.axes)
-            return
-        if t in (aten.scalar_tensor.default, aten.full.default):
-            if t is aten.full.default and tuple(node.args[0]) not in ((), (1,), (1, 1, 1, 1)):
-                raise self.fail(node, "full() of a non-scalar shape")
-            c = node.args[0] if t is aten.scalar_tensor.default else node.args[1]
-            self.values[node] = _const(c)
-            return
-        raise self.fail(node, f"op {t} has no Triton lowering")
+        handler = _HANDLERS.get(t)
+        if handler is None:
+            raise self.fail(node, f"op {t} has no Triton lowering")
+        handler(self, node, self.out_dtype(node))
+
+    # -- one handler per op family: (node, its output dtype)
+    def lower_identity(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        if node.target is aten.expand.default:
+            val = node.meta.get("val")
+            if val is None or val.dim() != 4:
+                raise self.fail(node, "expand to a non-4-D shape")
+        self.values[node] = self.arg(node, node.args[0])
+
+    def lower_table_binary(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        self.lower_binary(node, _BINARY[node.target], dtype)
+
+    def lower_rsub(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a, b = self.arg(node, node.args[0]), self.arg(node, node.args[1])
+        self.emit(node, self.cast(f"{b.expr} - {a.expr}", a, dtype), dtype, a.axes | b.axes)
+
+    def lower_true_div(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a, b = self.arg(node, node.args[0]), self.arg(node, node.args[1])
+        expr = f"{self.as_float(a, dtype)} / {self.as_float(b, dtype)}"
+        self.emit(node, self.cast(expr, a, dtype), dtype, a.axes | b.axes)
+
+    def lower_neg(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a = self.arg(node, node.args[0])
+        self.emit(node, f"{_NEG}{a.expr}", dtype, a.axes)
+
+    def lower_not(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a = self.arg(node, node.args[0])
+        if dtype != torch.bool:
+            raise self.fail(node, "bitwise not on integers")
+        self.emit(node, f"{a.expr} == 0", dtype, a.axes)
+
+    def lower_unary_float(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a = self.arg(node, node.args[0])
+        self.emit(node, self.cast(f"{_UNARY_FLOAT[node.target]}({self.as_float(a, dtype)})", a, dtype),
+                  dtype, a.axes)
+
+    def lower_tanh(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a = self.arg(node, node.args[0])
+        x = self.as_float(a, dtype)
+        # tanh through exp: tl.tanh is not in every Triton version; saturates correctly at +-inf
+        self.emit(node, self.cast(f"1.0 - 2.0 / (tl.exp(2.0 * {x}) + 1.0)", a, dtype), dtype, a.axes)
+
+    def lower_sigmoid(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a = self.arg(node, node.args[0])
+        x = self.as_float(a, dtype)
+        self.emit(node, self.cast(f"1.0 / (1.0 + tl.exp(-{x}))", a, dtype), dtype, a.axes)
+
+    def lower_min_max(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a, b = self.arg(node, node.args[0]), self.arg(node, node.args[1])
+        fn = "tl.minimum" if node.target is aten.minimum.default else "tl.maximum"
+        self.emit(node, self.cast(f"{fn}({a.expr}, {b.expr})", a, dtype), dtype, a.axes | b.axes)
+
+    def lower_where(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        c, a, b = (self.arg(node, x) for x in node.args[:3])
+        self.emit(node, self.cast(f"tl.where({c.expr}, {a.expr}, {b.expr})", a, dtype), dtype,
+                  c.axes | a.axes | b.axes)
+
+    def lower_pow(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a, p = self.arg(node, node.args[0]), node.args[1]
+        if not (isinstance(p, (int, float)) and float(p).is_integer() and 0 <= p <= 4):
+            raise self.fail(node, "only small integer powers are supported")
+        expr = " * ".join([a.expr] * int(p)) if int(p) > 0 else "1.0"
+        self.emit(node, self.cast(expr, a, dtype), dtype, a.axes)
+
+    def lower_cast(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        a = self.arg(node, node.args[0])
+        if dtype is None:
+            raise self.fail(node, "cast without a known dtype")
+        if dtype == torch.bool:
+            self.emit(node, f"{a.expr} != 0", dtype, a.axes)
+        elif a.is_const:
+            self.values[node] = a
+        else:
+            self.emit(node, f"({a.expr}).to({TL_DTYPES[dtype]})", dtype, a.axes)
+
+    def lower_scalar_const(self, node: fx.Node, dtype: torch.dtype | None) -> None:
+        t = node.target
+        if t is aten.full.default and tuple(node.args[0]) not in ((), (1,), (1, 1, 1, 1)):
+            raise self.fail(node, "full() of a non-scalar shape")
+        c = node.args[0] if t is aten.scalar_tensor.default else node.args[1]
+        self.values[node] = _const(c)
 
     def as_float(self, v: Value, dtype: torch.dtype | None) -> str:
         if v.is_const:
@@ -491,7 +487,7 @@ class _Lowerer:
             expr = f"tl.minimum({expr}, {self.arg(node, hi).expr})"
         self.emit(node, self.cast(expr, a, dtype), dtype, a.axes)
 
-    def lower_index(self, node: fx.Node) -> None:
+    def lower_index(self, node: fx.Node, dtype: torch.dtype | None = None) -> None:
         src, indices = node.args[0], node.args[1]
         if src not in self.extra_of:
             raise self.fail(node, "only extras (mod arguments after kv_idx) may be indexed")
@@ -518,6 +514,28 @@ class _Lowerer:
         self.lines.append(f"{var} = {load}")
         self.values[node] = Value(var, arg.dtype, axes)
         self.loads[node] = ExtraLoad(i, f"{var}_ptr", f"{var}_ok", axes, node.name, [v.expr for v in idx])
+
+
+def _handlers() -> dict[object, Callable[[_Lowerer, fx.Node, torch.dtype | None], None]]:
+    """Call target -> the ``_Lowerer`` handler that lowers it (the op families above)."""
+    families: list[tuple[Sequence, Callable]] = [
+        (_IDENTITY, _Lowerer.lower_identity), ((aten.index.Tensor,), _Lowerer.lower_index),
+        (_BINARY, _Lowerer.lower_table_binary), ((aten.rsub.Scalar,), _Lowerer.lower_rsub),
+        ((aten.div.Tensor, aten.div.Scalar), _Lowerer.lower_true_div),
+        ((aten.div.Tensor_mode, aten.div.Scalar_mode, aten.floor_divide.default, aten.remainder.Tensor,
+          aten.remainder.Scalar), _Lowerer.lower_int_division),
+        (_NEG_OPS, _Lowerer.lower_neg),
+        ((aten.bitwise_not.default, aten.logical_not.default), _Lowerer.lower_not),
+        (_UNARY_FLOAT, _Lowerer.lower_unary_float), ((aten.tanh.default,), _Lowerer.lower_tanh),
+        ((aten.sigmoid.default,), _Lowerer.lower_sigmoid), (_MIN_MAX, _Lowerer.lower_min_max),
+        (_CLAMPS, _Lowerer.lower_clamp), (_WHERE, _Lowerer.lower_where),
+        ((aten.pow.Tensor_Scalar,), _Lowerer.lower_pow), (_CASTS, _Lowerer.lower_cast),
+        ((aten.scalar_tensor.default, aten.full.default), _Lowerer.lower_scalar_const),
+    ]
+    return {t: fn for targets, fn in families for t in targets}
+
+
+_HANDLERS = _handlers()
 
 
 # ---------------------------------------------------------------------------- derivatives
@@ -568,10 +586,11 @@ class _Deriver:
             self.rule(node)
         return out
 
-    def rule(self, node: fx.Node) -> None:  # noqa: C901 - one branch per op is the clearest form
+    def rule(self, node: fx.Node) -> None:
+        """The derivative of one node that depends on the seed, by its op family."""
         t = node.target
         args = node.args
-        if t in _IDENTITY or t in (aten._to_copy.default, aten.to.dtype, aten.type_as.default):
+        if t in _IDENTITY or t in _CASTS:
             dtype = _Lowerer.out_dtype(node)
             if dtype is not None and not dtype.is_floating_point:
                 return  # integer/bool result: piecewise constant, zero derivative
@@ -585,6 +604,14 @@ class _Deriver:
         da, db = self.dof(args[0]), self.dof(args[1]) if len(args) > 1 else None
         a = self.val(node, args[0])
         b = self.val(node, args[1]) if len(args) > 1 and not isinstance(args[1], (list, tuple)) else None
+        if op in ("+", "-", "*") or t is aten.rsub.Scalar or t in (aten.div.Tensor, aten.div.Scalar):
+            self.rule_arith(node, op, a, b, da, db)
+        else:
+            self.rule_function(node, a, b, da, db)
+
+    def rule_arith(self, node: fx.Node, op: str | None, a: str, b: str | None, da: str | None,
+                   db: str | None) -> None:
+        """Sum, difference, product and quotient rules."""
         if op in ("+", "-"):
             if da is not None and db is not None:
                 self.emit(node, f"{da} {op} {db}")
@@ -592,48 +619,36 @@ class _Deriver:
                 self.d[node] = da
             else:
                 self.emit(node, f"-{db}" if op == "-" else db)
-            return
-        if t is aten.rsub.Scalar:
+        elif node.target is aten.rsub.Scalar:
             self.emit(node, f"-{da}")
-            return
-        if op == "*":
+        elif op == "*":
             parts = [self.mul(b, da) if da is not None else None, self.mul(a, db) if db is not None else None]
             self.emit(node, " + ".join(p for p in parts if p is not None))
-            return
-        if t in (aten.div.Tensor, aten.div.Scalar):
-            if db is None:
-                self.emit(node, f"{self.mul('1.0', da)} / {b}")
-            else:
-                num = f"({self.mul(b, da) if da is not None else '0.0'} - {self.mul(a, db)})"
-                self.emit(node, f"{num} / ({b} * {b})")
-            return
+        elif db is None:
+            self.emit(node, f"{self.mul('1.0', da)} / {b}")
+        else:
+            num = f"({self.mul(b, da) if da is not None else '0.0'} - {self.mul(a, db)})"
+            self.emit(node, f"{num} / ({b} * {b})")
+
+    def rule_function(self, node: fx.Node, a: str, b: str | None, da: str | None, db: str | None) -> None:
+        """Negation, the shared table's unary derivatives, pow, min/max, clamp and where."""
+        t, args = node.target, node.args
         out = self.low.values[node].expr
-        if t is aten.neg.default:
+        d_unary = _UNARY_DERIVATIVES.get(getattr(t, "overloadpacket", None))
+        if t in _NEG_OPS:
             self.emit(node, f"-{da}")
-        elif t is aten.tanh.default:
-            self.emit(node, self.mul(f"(1.0 - {out} * {out})", da))
-        elif t is aten.sigmoid.default:
-            self.emit(node, self.mul(f"{out} * (1.0 - {out})", da))
-        elif t is aten.exp.default:
-            self.emit(node, self.mul(out, da))
-        elif t is aten.log.default:
-            self.emit(node, f"{self.mul('1.0', da)} / {a}")
-        elif t is aten.sqrt.default:
-            self.emit(node, f"{self.mul('0.5', da)} / {out}")
-        elif t is aten.rsqrt.default:
-            self.emit(node, self.mul(f"-0.5 * {out} * {out} * {out}", da))
-        elif t is aten.abs.default:
-            self.emit(node, self.mul(f"tl.where({a} < 0, -1.0, 1.0)", da))
+        elif d_unary is not None:
+            self.emit(node, d_unary(out, a, lambda f: self.mul(f, da)))
         elif t is aten.pow.Tensor_Scalar:
             p = int(args[1])
             self.emit(node, "0.0" if p == 0 else self.mul(
                 f"{p}.0" + "".join(f" * {a}" for _ in range(p - 1)), da))
-        elif t in (aten.minimum.default, aten.maximum.default):
+        elif t in _MIN_MAX:
             cmp = "<=" if t is aten.minimum.default else ">="
             self.emit(node, f"tl.where({a} {cmp} {b}, {da or '0.0'}, {db or '0.0'})")
-        elif t in (aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default):
+        elif t in _CLAMPS:
             self.emit(node, f"tl.where({out} == {a}, {da}, 0.0)")
-        elif t in (aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther, aten.where.Scalar):
+        elif t in _WHERE:
             c = self.val(node, args[0])
             d1, d2 = self.dof(args[1]), self.dof(args[2])
             self.emit(node, f"tl.where({c}, {d1 or '0.0'}, {d2 or '0.0'})")

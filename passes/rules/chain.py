@@ -14,9 +14,10 @@ import torch.fx as fx
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.mods import Mod
 
+from ..aten import RESHAPE_OVERLOADS, VIEW_OPS, norm_dim, val_of
 from .base import Decline, NotAttention  # noqa: F401
-from .ops import _RESHAPES, CAST_OPS, DROPOUT_OPS, MATMUL_OPS, is_chain_op
-from .shapes import _norm_dim, _same_shape, _shape, _val, same_size
+from .ops import CAST_OPS, DROPOUT_OPS, MATMUL_OPS, is_chain_op
+from .shapes import _same_shape, _shape, same_size
 
 aten = torch.ops.aten
 
@@ -40,11 +41,11 @@ def _find_through_chain(x: fx.Node, probe: Callable[[fx.Node, list[fx.Node]], tu
         stop, item = probe(n, path)
         if item is not None:
             found.append(item)
-        if stop or not (is_chain_op(n) or (through_views and n.target in _RESHAPES)):
+        if stop or not (is_chain_op(n) or (through_views and n.target in VIEW_OPS)):
             return
-        args = n.args[:1] if n.target in _RESHAPES else n.args
+        args = n.args[:1] if n.target in VIEW_OPS else n.args
         for a in args:
-            if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor):
+            if isinstance(a, fx.Node) and isinstance(val_of(a), torch.Tensor):
                 visit(a, [a, *path])
 
     visit(x, [x])
@@ -83,11 +84,11 @@ def _reshaped_score(x: fx.Node, depth: int = 12) -> bool:
             if reshaped:
                 return True
             continue
-        if not is_chain_op(n) and n.target not in _RESHAPES:
+        if not is_chain_op(n) and n.target not in VIEW_OPS:
             continue
         for a in n.args:
-            if isinstance(a, fx.Node) and isinstance(_val(a), torch.Tensor):
-                stack.append((a, reshaped or n.target in _RESHAPES, d + 1))
+            if isinstance(a, fx.Node) and isinstance(val_of(a), torch.Tensor):
+                stack.append((a, reshaped or n.target in VIEW_OPS, d + 1))
     return False
 
 
@@ -101,7 +102,7 @@ def _head_split_spine(x: fx.Node):
         return None
 
     def probe(n: fx.Node, path: list[fx.Node]) -> tuple[bool, Any]:
-        if n.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        if n.target not in RESHAPE_OVERLOADS:
             return False, None
         mm = n.args[0]
         sizes = n.args[1]
@@ -125,12 +126,12 @@ def not_attention_reason(sm: fx.Node) -> str | None:
     activations feeds it and no matmul with a batched operand reads it (a router over experts,
     a softmax over features)."""
     x = sm.args[0]
-    if not isinstance(x, fx.Node) or _val(x) is None:
+    if not isinstance(x, fx.Node) or val_of(x) is None:
         return "its input is not a tensor"
     if _qk_feeds(x) or _pv_reads(sm):
         return None
     xs = _shape(x)
-    dim = _norm_dim(int(sm.args[1]), len(xs))
+    dim = norm_dim(int(sm.args[1]), len(xs))
     return (f"a {len(xs)}-D softmax over dim {dim} (size {xs[dim]}) that no q.k^T matmul of two "
             "activations feeds and no matmul with v reads (e.g. a router over experts or a softmax over "
             "features)")
@@ -143,7 +144,7 @@ def _batched_operands(mm: fx.Node) -> list[Any]:
 
 
 def _is_batched(a: Any) -> bool:
-    val = _val(a)
+    val = val_of(a)
     return isinstance(val, torch.Tensor) and val.dim() >= 3
 
 
@@ -159,7 +160,7 @@ def _qk_feeds(x: fx.Node, depth: int = 16) -> bool:
             if all(_is_batched(a) for a in _batched_operands(n)):
                 return True
             continue
-        if is_chain_op(n) or n.target in _RESHAPES:
+        if is_chain_op(n) or n.target in VIEW_OPS:
             stack += [(a, d + 1) for a in n.args if isinstance(a, fx.Node)]
         elif n.target == aten.cat.default:  # scores with a sink column
             stack += [(a, d + 1) for a in n.args[0] if isinstance(a, fx.Node)]
@@ -179,7 +180,7 @@ def _pv_reads(sm: fx.Node, depth: int = 8) -> bool:
                 if u.target in MATMUL_OPS:
                     if any(_is_batched(a) for a in _batched_operands(u) if a is not n):
                         return True
-                elif (u.target in CAST_OPS or u.target in DROPOUT_OPS or u.target in _RESHAPES
+                elif (u.target in CAST_OPS or u.target in DROPOUT_OPS or u.target in VIEW_OPS
                       or u.target is operator.getitem or u.target == aten.slice.Tensor):
                     nxt.append(u)
         frontier = nxt

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..aten import INPLACE, functional_packet, packet_of
+from ..aten import INPLACE, RULE_CASTS, functional_packet, packet_of
 
 aten = torch.ops.aten
 
@@ -18,8 +18,7 @@ MATMUL_OPS = {aten.matmul.default, aten.bmm.default, aten.einsum.default, aten.b
 SDPA_OPS = {aten.scaled_dot_product_attention.default}
 
 
-CAST_OPS = {aten.to.dtype, aten._to_copy.default, aten.type_as.default, aten.clone.default,
-            aten.contiguous.default, aten.alias.default, aten.to.dtype_layout, aten.to.device}
+CAST_OPS = RULE_CASTS  # the vocabulary's (passes/aten.py)
 
 
 DROPOUT_OPS = {aten.dropout.default, aten.native_dropout.default}
@@ -37,8 +36,6 @@ CHAIN_OPS = CAST_OPS | {
 _CHAIN_PACKETS = {op.overloadpacket for op in CHAIN_OPS}
 
 
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unflatten.int,
-             aten.flatten.using_ints}
 
 
 def is_chain_op(n: fx.Node) -> bool:

@@ -11,6 +11,7 @@ from ringcompile import mods as mods_lib
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.site import AttentionSite
 
+from ..aten import val_of
 from ..locations import location_of
 from .base import Decline, Match, Rule, register_rule
 from .ops import SDPA_OPS
@@ -21,7 +22,6 @@ from .shapes import (
     _or_none,
     _scalar_value,
     _shape,
-    _val,
     fold_permutes,
     permuted_shape,
     same_size,
@@ -71,7 +71,7 @@ def extract_sdpa(node: fx.Node, index: int) -> Match:
         dropout_p=_scalar_value(args["dropout_p"]) or 0.0, softmax_dtype=None, mask=mask, score=score,
         mask_extras=list(ex.mask_extras), score_extras=list(ex.score_extras), nodes={node} | set(ex.consumed),
         location=location_of(node), q_perm=_or_none(q_perm), k_perm=_or_none(k_perm), v_perm=_or_none(v_perm),
-        out_perm=None, is_3d=is_3d, output_dtype=_val(node).dtype, notes=list(ex.notes))
+        out_perm=None, is_3d=is_3d, output_dtype=val_of(node).dtype, notes=list(ex.notes))
     return Match("sdpa", site)
 
 

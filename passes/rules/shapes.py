@@ -9,20 +9,15 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..aten import RESHAPE_OVERLOADS, norm_dim, shape_or_raise, val_of
 from .base import Decline
 
 aten = torch.ops.aten
 
 
-def _val(node: Any) -> Any:
-    return node.meta.get("val") if isinstance(node, fx.Node) else node
-
-
 def _shape(node: fx.Node) -> tuple:
-    val = _val(node)
-    if not isinstance(val, torch.Tensor):
-        raise Decline(f"{node.name} is not a tensor")
-    return tuple(val.shape)
+    """A tensor node's shape; a rule declines a node that holds no tensor."""
+    return shape_or_raise(node, Decline)
 
 
 def same_size(a: Any, b: Any) -> bool:
@@ -46,23 +41,19 @@ def _compose(outer: tuple[int, ...], inner: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inner[i] for i in outer)
 
 
-def _norm_dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
-
-
 def fold_permutes(node: fx.Node, perm: tuple[int, ...]) -> tuple[fx.Node, tuple[int, ...]]:
     """Walk back through transpose/permute nodes: value == permute(result_node, result_perm)."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         src = node.args[0]
-        if not isinstance(src, fx.Node) or not isinstance(_val(src), torch.Tensor):
+        if not isinstance(src, fx.Node) or not isinstance(val_of(src), torch.Tensor):
             break
         ndim = len(_shape(src))
         if node.target == aten.transpose.int:
-            d0, d1 = (_norm_dim(int(d), ndim) for d in node.args[1:3])
+            d0, d1 = (norm_dim(int(d), ndim) for d in node.args[1:3])
             inner = list(range(ndim))
             inner[d0], inner[d1] = inner[d1], inner[d0]
         elif node.target == aten.permute.default:
-            inner = [_norm_dim(int(d), ndim) for d in node.args[1]]
+            inner = [norm_dim(int(d), ndim) for d in node.args[1]]
         elif node.target == aten.t.default and ndim == 2:
             inner = [1, 0]
         else:
@@ -92,7 +83,7 @@ def _scalar_value(arg: Any) -> float | None:
     if isinstance(arg, (int, float)):
         return float(arg)
     if isinstance(arg, fx.Node):
-        val = _val(arg)
+        val = val_of(arg)
         if isinstance(val, (torch.SymFloat, torch.SymInt, int, float)) and not isinstance(val, bool):
             return float(val)
     return None
@@ -110,13 +101,13 @@ def strip_repeat(node: fx.Node, perm: tuple[int, ...]) -> tuple[fx.Node, tuple[i
     if node.target == aten.repeat_interleave.self_int:
         src, reps = node.args[0], node.args[1]
         dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-        if isinstance(reps, int) and dim is not None and _norm_dim(int(dim), len(_shape(node))) == hd:
+        if isinstance(reps, int) and dim is not None and norm_dim(int(dim), len(_shape(node))) == hd:
             return src, perm, reps
     elif node.target == aten.expand.default:
         found = _expanded_head(node, hd)
         if found is not None:
             return found[0], perm, found[1]
-    elif node.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+    elif node.target in RESHAPE_OVERLOADS:
         found = _repeat_kv_source(node, hd)
         if found is not None:
             return found[0], perm, found[1]
@@ -126,7 +117,7 @@ def strip_repeat(node: fx.Node, perm: tuple[int, ...]) -> tuple[fx.Node, tuple[i
 def _expanded_head(node: fx.Node, hd: int) -> tuple[fx.Node, int] | None:
     """MQA: one KV head expanded (a view) to every query head: (source, heads)."""
     src, out_shape = node.args[0], _shape(node)
-    if not (isinstance(src, fx.Node) and isinstance(_val(src), torch.Tensor)):
+    if not (isinstance(src, fx.Node) and isinstance(val_of(src), torch.Tensor)):
         return None
     src_shape = _shape(src)
     if (len(src_shape) == len(out_shape) and same_size(src_shape[hd], 1) and not same_size(out_shape[hd], 1)
@@ -166,7 +157,7 @@ def _through_one_unsqueeze(src: Any, j: int, ndim: int) -> fx.Node | None:
         if src.target == aten.slice.Tensor and _is_full_slice(src):
             src = src.args[0]
         elif src.target == aten.unsqueeze.default and not found:
-            if _norm_dim(int(src.args[1]), ndim) != j:
+            if norm_dim(int(src.args[1]), ndim) != j:
                 return None
             found = True
             src = src.args[0]

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .shapes import _norm_dim, _shape, _val, same_size
+from ..aten import norm_dim, val_of
+from .shapes import _shape, same_size
 
 aten = torch.ops.aten
 
@@ -23,10 +24,10 @@ def strip_sink(x: fx.Node) -> tuple[fx.Node, fx.Node, set[fx.Node]] | None:
         x = x.args[0]
     if x.target != aten.cat.default or len(x.args[0]) != 2:
         return None
-    cat_val = _val(x)
+    cat_val = val_of(x)
     if not isinstance(cat_val, torch.Tensor) or cat_val.dim() != 4:
         return None
-    if _norm_dim(int(x.args[1] if len(x.args) > 1 else 0), 4) != 3:
+    if norm_dim(int(x.args[1] if len(x.args) > 1 else 0), 4) != 3:
         return None
     scores, sink = x.args[0]
     if not (isinstance(scores, fx.Node) and isinstance(sink, fx.Node)) or not same_size(_shape(sink)[-1], 1):
@@ -42,7 +43,7 @@ def _is_row_max_of(m: Any, c: fx.Node) -> bool:
         return False
     if m.target is operator.getitem and m.args[1] == 0 and isinstance(m.args[0], fx.Node):
         mx = m.args[0]
-        return (mx.target == aten.max.dim and mx.args[0] is c and _norm_dim(int(mx.args[1]), 4) == 3
+        return (mx.target == aten.max.dim and mx.args[0] is c and norm_dim(int(mx.args[1]), 4) == 3
                 and bool(mx.args[2] if len(mx.args) > 2 else mx.kwargs.get("keepdim", False)))
     if m.target == aten.amax.default and m.args[0] is c:
         dims = m.args[1] if len(m.args) > 1 else []
@@ -71,6 +72,6 @@ def _drops_sink(user: fx.Node, probs: fx.Node) -> bool:
     args = list(user.args) + [None] * (5 - len(user.args))
     dim, start, end, step = args[1], args[2], args[3], args[4]
     size = _shape(probs)[-1]
-    return (_norm_dim(int(dim if dim is not None else 0), 4) == 3 and start in (None, 0) and step in (None, 1)
+    return (norm_dim(int(dim if dim is not None else 0), 4) == 3 and start in (None, 0) and step in (None, 1)
             and isinstance(end, int) and (end == -1 or same_size(end, size - 1)))
 

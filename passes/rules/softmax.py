@@ -18,6 +18,7 @@ import torch.fx as fx
 
 from ringcompile.site import AttentionSite
 
+from ..aten import VIEW_OPS, norm_dim, val_of
 from ..locations import location_of
 from .base import Decline, Match, NotAttention, Rule, register_rule
 from .chain import (
@@ -28,17 +29,15 @@ from .chain import (
     extract_chain,
     not_attention_reason,
 )
-from .ops import _RESHAPES, CAST_OPS, DROPOUT_OPS, MATMUL_OPS, SOFTMAX_OPS
+from .ops import CAST_OPS, DROPOUT_OPS, MATMUL_OPS, SOFTMAX_OPS
 from .products import QK, match_pv, match_qk
 from .shapes import (
     _check_qkv,
     _layout_name,
-    _norm_dim,
     _or_none,
     _same_shape,
     _scalar_value,
     _shape,
-    _val,
     permuted_shape,
     same_size,
     strip_kv_repeats,
@@ -118,7 +117,7 @@ def _chain_spine(sm: fx.Node) -> Spine:
 def _check_spine(sm: fx.Node, spine: Spine) -> int:
     """The softmax runs over the key dim of 3-D or 4-D scores that nothing else reads; returns ndim."""
     ndim = len(_shape(spine.x))
-    dim = _norm_dim(int(sm.args[1]), ndim)
+    dim = norm_dim(int(sm.args[1]), ndim)
     if dim != ndim - 1:
         raise Decline(f"softmax over dim {dim}, not the key dim {ndim - 1}")
     if ndim not in (3, 4):
@@ -154,7 +153,7 @@ def _forward_step(user: fx.Node, fwd: Forward, spine: Spine) -> fx.Node:
     if spine.sink is not None and not fwd.sink_sliced and cur is fwd.nodes[0] and _drops_sink(user, cur):
         fwd.sink_sliced = True  # the sink column's probability is dropped
         return user
-    if user.target in _RESHAPES:
+    if user.target in VIEW_OPS:
         return user  # a view of the probabilities: _check_forward wants them back in the shape p @ v reads
     raise Decline(f"softmax output feeds {user.target}, not a matmul with v")
 
@@ -238,12 +237,12 @@ def extract_site(sm: fx.Node, index: int, spine: Spine, rule: str) -> Match:
         name=f"attn{index}", pattern=pattern, q=qk.q, k=k, v=v, output=fwd.pv,
         layout="3d" if split else _layout_name(is_3d, qk.q_perm, k_perm),
         output_layout="3d" if is_3d else ("bshd" if bshd else "bhsd"), scale=chain.scale, gqa_groups=groups,
-        dropout_p=fwd.dropout_p, softmax_dtype=_val(sm).dtype, mask=chain.mask, score=chain.score,
+        dropout_p=fwd.dropout_p, softmax_dtype=val_of(sm).dtype, mask=chain.mask, score=chain.score,
         mask_extras=chain.mask_extras, score_extras=chain.score_extras,
         nodes=set(spine.path) | set(fwd.nodes) | {fwd.pv} | chain.consumed | spine.extra_nodes,
         location=location_of(sm), q_perm=_or_none(qk.q_perm), k_perm=_or_none(k_perm),
         v_perm=_or_none(v_perm), out_perm=None if split else _or_none(pv.out_perm), is_3d=is_3d and not split,
-        head_split=spine.head_split, sink=spine.sink, output_dtype=_val(fwd.pv).dtype, notes=chain.notes)
+        head_split=spine.head_split, sink=spine.sink, output_dtype=val_of(fwd.pv).dtype, notes=chain.notes)
     return Match(rule, site)
 
 
