@@ -35,6 +35,7 @@ from ringcompile.log import get_logger
 from .cache_layout import CacheLayout
 from .communicator import Communicator, RingCommunicator
 from .group import resolve_group
+from .validate import gather_and_compare
 
 log = get_logger(__name__)
 Tensor = torch.Tensor
@@ -180,20 +181,7 @@ def _show(field: str, value: int) -> str:
 def check_cache_agrees(comm: Communicator, meta: list[int], layout: CacheLayout | None) -> list[int]:
     """All-gather ``meta``; raise ShapeMismatchError naming each rank whose cache or queries differ.
     Returns every rank's shard length."""
-    device = getattr(comm, "device", None) or torch.device("cpu")
-    rows = comm.all_gather(torch.tensor(meta, dtype=torch.int64, device=device), 0,
-                           "decode metadata check").wait()
-    table = [[int(x) for x in r.cpu().tolist()] for r in rows]
-    problems = []
-    for i, field in enumerate(META_FIELDS[:_AGREED]):
-        column = [row[i] for row in table]
-        majority = max(set(column), key=lambda x: (column.count(x), -column.index(x)))
-        for rank, value in enumerate(column):
-            if value != majority:
-                problems.append(f"rank {rank} has {field} {_show(field, value)} where the others have "
-                                f"{_show(field, majority)}")
-        if field == "valid inputs" and problems:
-            break
+    table, problems = gather_and_compare(comm, meta, META_FIELDS[:_AGREED], _show, "decode metadata check")
     if not problems:
         cache_len = table[0][10]
         lengths = [row[13] for row in table]

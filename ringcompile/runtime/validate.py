@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
@@ -94,6 +94,28 @@ def _show(field: str, value: int) -> str:
     return str(value)
 
 
+def gather_and_compare(comm: Communicator, meta: Sequence[int], fields: Sequence[str],
+                       show: Callable[[str, int], str], what: str) -> tuple[list[list[int]], list[str]]:
+    """All-gather every rank's ``meta`` ints (one small collective) and name each rank whose value of
+    one of ``fields`` (the first ``len(fields)`` entries) differs from the majority. Returns every
+    rank's row and the problems; stops after a "valid inputs" disagreement (the shapes of a rank with
+    invalid inputs say nothing more)."""
+    device = getattr(comm, "device", None) or torch.device("cpu")
+    rows = comm.all_gather(torch.tensor(list(meta), dtype=torch.int64, device=device), 0, what).wait()
+    table = [[int(x) for x in r.cpu().tolist()] for r in rows]
+    problems = []
+    for i, field in enumerate(fields):
+        column = [row[i] for row in table]
+        majority = max(set(column), key=lambda x: (column.count(x), -column.index(x)))
+        for rank, value in enumerate(column):
+            if value != majority:
+                problems.append(f"rank {rank} has {field} {show(field, value)} where the others have "
+                                f"{show(field, majority)}")
+        if field == "valid inputs" and problems:
+            break
+    return table, problems
+
+
 def check_ranks_agree(comm: Communicator, meta: list[int], cache_key: Hashable | None = None) -> None:
     """All-gather ``meta``; raise ShapeMismatchError naming every rank that differs from the majority.
 
@@ -116,19 +138,7 @@ def check_ranks_agree(comm: Communicator, meta: list[int], cache_key: Hashable |
             if cache_key in _CHECKED:
                 _CHECKED.move_to_end(cache_key)
                 return
-    rows = comm.all_gather(torch.tensor(meta, dtype=torch.int64, device=device), 0,
-                           "metadata check (before the ring)").wait()
-    table = [[int(x) for x in r.cpu().tolist()] for r in rows]
-    problems = []
-    for i, field in enumerate(FIELDS):
-        column = [row[i] for row in table]
-        majority = max(set(column), key=lambda x: (column.count(x), -column.index(x)))
-        for rank, value in enumerate(column):
-            if value != majority:
-                problems.append(f"rank {rank} has {field} {_show(field, value)} where the others have "
-                                f"{_show(field, majority)}")
-        if field == "valid inputs" and problems:
-            break  # shapes of a rank with invalid inputs say nothing more
+    _, problems = gather_and_compare(comm, meta, FIELDS, _show, "metadata check (before the ring)")
     if problems:
         raise ShapeMismatchError(f"ranks disagree before the ring (seen from rank {comm.rank}): "
                                  + "; ".join(problems))
