@@ -24,9 +24,7 @@ import argparse
 import datetime
 import json
 import os
-import queue
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -119,31 +117,11 @@ def _rank(rank, world, init_file, args, out):
 
 def sharded(args) -> list[dict]:
     """The results of ``args.world_size`` spawned gloo ranks (None for a rank that never reported)."""
-    import torch.multiprocessing as mp
+    from ringcompile.runtime.spawned_ranks import spawn_and_collect
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    fd, init_file = tempfile.mkstemp(prefix="ring_ckpt_mem_")
-    os.close(fd)
-    os.unlink(init_file)
-    procs = [ctx.Process(target=_rank, args=(r, args.world_size, init_file, args, out), daemon=True)
-             for r in range(args.world_size)]
-    for p in procs:
-        p.start()
-    results: list = [None] * args.world_size
-    deadline = time.monotonic() + args.timeout
-    while any(r is None for r in results) and time.monotonic() < deadline:
-        try:
-            rank, res = out.get(timeout=2)
-            results[rank] = res
-        except queue.Empty:
-            if not any(p.is_alive() for p in procs):
-                break
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-    return results
+    return spawn_and_collect(_rank, args.world_size, args.timeout,
+                             lambda r, init_file, out: (r, args.world_size, init_file, args, out),
+                             prefix="ring_ckpt_mem_")
 
 
 def run(args) -> dict:

@@ -15,10 +15,8 @@ import copy
 import dataclasses
 import datetime
 import os
-import queue
 import resource
 import sys
-import tempfile
 import time
 import traceback
 from typing import Any
@@ -224,30 +222,11 @@ def _rank_main(rank: int, cfg: DemoConfig, init_file: str) -> dict:
 
 def launch(cfg: DemoConfig) -> list[dict]:
     """Spawn the ranks and collect one result dict per rank (errors included, never hangs)."""
-    import torch.multiprocessing as mp
+    from .runtime.spawned_ranks import spawn_and_collect
 
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    fd, init_file = tempfile.mkstemp(prefix="ringcompile_demo_")
-    os.close(fd)
-    os.unlink(init_file)
-    procs = [ctx.Process(target=rank_main, args=(r, cfg, init_file, out), daemon=True)
-             for r in range(cfg.world_size)]
-    for p in procs:
-        p.start()
-    results: list[dict | None] = [None] * cfg.world_size
-    deadline = time.monotonic() + cfg.timeout
-    while any(r is None for r in results) and time.monotonic() < deadline:
-        try:
-            rank, res = out.get(timeout=1.0)
-            results[rank] = res
-        except queue.Empty:
-            if not any(p.is_alive() for p in procs) and out.empty():
-                break
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
+    results = spawn_and_collect(rank_main, cfg.world_size, cfg.timeout,
+                                lambda r, init_file, out: (r, cfg, init_file, out),
+                                prefix="ringcompile_demo_")
     return [r if r is not None else {"error": f"rank {i} gave no result within {cfg.timeout:g} s (crashed or "
                                              "hung; rerun with -v)"} for i, r in enumerate(results)]
 

@@ -42,6 +42,42 @@ def run_spawned(fn: Callable[..., Any], args: tuple, nprocs: int, timeout: float
     return True
 
 
+def spawn_and_collect(target: Callable[..., Any], world_size: int, timeout: float,
+                      args_of: Callable[[int, str, Any], tuple], prefix: str = "ringcompile_") -> list[Any]:
+    """Start ``world_size`` spawned processes ``target(*args_of(rank, init_file, queue))`` that meet on
+    a fresh ``file://`` init file and each put ``(rank, result)`` on ``queue``; collect the results
+    until all arrived, the ranks all died, or ``timeout`` seconds passed, then reap the processes.
+    A rank that never reported gives None (never hangs)."""
+    import queue as queue_module
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    fd, init_file = tempfile.mkstemp(prefix=prefix)
+    os.close(fd)
+    os.unlink(init_file)
+    procs = [ctx.Process(target=target, args=args_of(r, init_file, out), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: list[Any] = [None] * world_size
+    deadline = time.monotonic() + timeout
+    while any(r is None for r in results) and time.monotonic() < deadline:
+        try:
+            rank, res = out.get(timeout=1.0)
+            results[rank] = res
+        except queue_module.Empty:
+            if not any(p.is_alive() for p in procs) and out.empty():
+                break
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+    return results
+
+
 def exit_rank(code: int = 0, queues: Iterable[Any] = ()) -> NoReturn:
     """Flush ``queues`` (multiprocessing queues this rank put results on) and stdio, run
     multiprocessing's own exit handlers (they release the semaphores and pools the rank made,
