@@ -137,6 +137,9 @@ class MemoryModel:
             torch._dynamo.reset()
         if not capture.graphs:
             raise RingCompileError("torch.compile captured no graph from this model; nothing to estimate")
+        if on_meta:  # traced on fake CPU tensors: every op has its autograd formula there
+            for captured in capture.graphs:
+                _meta_to_cpu(captured.graph)
         seq_symbol = _sequence_symbol(capture.graphs[0].example_values, example_inputs, seq_dim)
         return cls(model, capture.graphs, seq_symbol, opts)
 
@@ -228,8 +231,6 @@ def _trace_at(captured: _Captured, seq_symbol: Any, local: int, dtype: torch.dty
 
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     is_param = captured.is_param
-    if any(isinstance(v, torch.Tensor) and v.device.type == "meta" for v in captured.example_values):
-        _meta_to_cpu(captured.graph)  # fake CPU tensors: every op has its autograd formula there
     inputs: list[Any] = []
     with mode:
         for v, param, grad in zip(captured.example_values, is_param, captured.requires_grad, strict=True):

@@ -22,7 +22,7 @@ from ringcompile.options import Options
 from ringcompile.site import AttentionSite
 from ringcompile.spec import AttentionSpec, register_spec
 
-from .aten import RESHAPE_OVERLOADS, RING_ATTENTION
+from .aten import RESHAPE_OVERLOADS, RING_ATTENTION, hint_of
 from .normalize import fake_mode_of
 
 log = get_logger(__name__)
@@ -131,16 +131,12 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     return out
 
 
-def _hint(x: Any) -> int | None:
-    return x if isinstance(x, int) else getattr(getattr(x, "node", None), "hint", None)
-
-
 def _memory_order(t: torch.Tensor) -> list[int] | None:
     """Dims from outermost to innermost in memory (by stride, size-1 dims in place), or None when a
     stride has no hint."""
     strides = []
     for st in t.stride():
-        hint = _hint(st)
+        hint = hint_of(st)
         if hint is None:
             return None
         strides.append(int(hint))
@@ -154,7 +150,7 @@ def _match_memory_order(b: _Builder, out: fx.Node, old: torch.Tensor) -> fx.Node
     want, have = _memory_order(old), _memory_order(new)
     if want is None or have is None or old.dim() != new.dim():
         return out
-    sized = [d for d in range(old.dim()) if _hint(old.shape[d]) != 1]  # size-1 dims: any order is valid
+    sized = [d for d in range(old.dim()) if hint_of(old.shape[d]) != 1]  # size-1 dims: any order is valid
     if [d for d in want if d in sized] == [d for d in have if d in sized]:
         return out
     inverse = sorted(range(len(want)), key=want.__getitem__)
