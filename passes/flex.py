@@ -96,8 +96,9 @@ def is_marker(node: Any) -> bool:
 # ---------------------------------------------------------------------------- before the retrace
 
 
-def _ancestors(nodes: Sequence[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
+def _ancestors(nodes: Sequence[fx.Node], seen: set[fx.Node] | None = None) -> set[fx.Node]:
+    """``nodes`` and everything they read, added to ``seen`` (a walk stops at nodes already in it)."""
+    seen = set() if seen is None else seen
     stack = list(nodes)
     while stack:
         n = stack.pop()
@@ -315,13 +316,7 @@ def prune_block_masks(graph: fx.Graph) -> int:
     alive: set[fx.Node] = set()
 
     def mark(root: fx.Node) -> None:
-        stack = [root]
-        while stack:
-            n = stack.pop()
-            if n in alive:
-                continue
-            alive.add(n)
-            stack += n.all_input_nodes
+        _ancestors([root], alive)
 
     for n in nodes:
         if n.op in ("output", "placeholder"):
