@@ -289,13 +289,34 @@ def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool =
               kernel_shapes: tuple[tuple[int, int, int], ...] = KERNEL_SHAPES,
               link_sizes: tuple[int, ...] = LINK_SIZES,
               causal_sizes: tuple[int, ...] = (1024, 2048),
-              probe_shape: tuple[int, int, int] = PROBE_SHAPE) -> Profile:
+              probe_shape: tuple[int, int, int] = PROBE_SHAPE, node_size: int | None = None,
+              world_size: int | None = None, base_profile: str | Profile | None = None) -> Profile:
     """Measure and return a Profile for CPU ranks on this host (one thread per rank).
 
     ``kernel_shapes`` (q tokens, kv tokens, head dim), ``link_sizes`` (bytes) and
     ``probe_shape`` (the kernel timed alone and then in two ranks at once) set the sweep;
-    tests pass tiny ones.
+    tests pass tiny ones. With ``node_size``, ``world_size`` (default 2 x node_size) ranks are
+    spawned as nodes x node_size and the links inside a node and between nodes are measured
+    separately (``calibrate_levels``): a two-level profile ([node], [intra], [inter]).
+    ``base_profile`` skips the compute and one-level link measurements and takes them from that
+    profile (only the two-level links are measured).
     """
+    if node_size is not None:
+        from .calibrate_levels import LEVEL_SIZES, check_factoring, measure_levels, with_levels
+        from .profiles import load_profile
+
+        world = 2 * node_size if world_size is None else world_size
+        check_factoring(world, node_size)
+        base = (load_profile(base_profile) if base_profile is not None else
+                calibrate(name, backend, quick, progress, kernel_block, kernel_shapes, link_sizes,
+                          causal_sizes, probe_shape))
+        sizes = link_sizes if link_sizes != LINK_SIZES else LEVEL_SIZES[:4] if quick else LEVEL_SIZES
+        links = measure_levels(node_size, world, backend, repeat=3 if quick else 7, sizes=sizes)
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        return with_levels(base, links, name=name,
+                           source=f"ringcompile calibrate --node-size {node_size} --world-size {world}, "
+                                  f"torch {torch.__version__}, {when}"
+                                  + (f"; compute from {base.name}" if base_profile is not None else ""))
     total = len(STEPS) - 1
 
     def step(i: int) -> None:

@@ -184,6 +184,16 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default="calibrated-cpu", help="profile name")
     p.add_argument("--backend", default="gloo", help="torch.distributed backend for the link test")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (seconds, noisier)")
+    p.add_argument("--node-size", type=int, default=None,
+                   help="measure a two-level group: ranks per node; the links inside a node and between "
+                        "nodes are measured separately and a [node]/[intra]/[inter] profile is written. "
+                        "Under torchrun the job's own ranks are measured (real nodes); otherwise "
+                        "--world-size ranks are spawned on this host")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="spawned ranks for --node-size (default 2 x node size)")
+    p.add_argument("--base-profile", default=None,
+                   help="with --node-size: take the compute numbers from this profile and measure only the "
+                        "links (default under torchrun: the device's default profile)")
     p.set_defaults(func=run_calibrate)
 
 
@@ -198,7 +208,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
               flush=True)
 
     try:
-        profile = calibrate(name=args.name, backend=args.backend, quick=args.quick, progress=progress)
+        if args.node_size is not None and _under_torchrun():
+            profile = _calibrate_torchrun(args)
+            if profile is None:  # ranks other than 0 measured with it and write nothing
+                return 0
+        else:
+            profile = calibrate(name=args.name, backend=args.backend, quick=args.quick, progress=progress,
+                                node_size=args.node_size, world_size=args.world_size,
+                                base_profile=args.base_profile)
     except RingCompileError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 2
@@ -207,3 +224,38 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(profile.to_toml())
     print(f"wrote {output}")
     return 0
+
+
+def _under_torchrun() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def _calibrate_torchrun(args: argparse.Namespace):
+    """Every rank of a torchrun job measures the two levels together; rank 0 returns the profile."""
+    import datetime
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from .calibrate_levels import fit_levels, measure_levels_here, with_levels
+    from .profiles import default_profile_name, load_profile
+
+    device = torch.device("cpu")
+    if args.backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=120))
+    try:
+        rows = measure_levels_here(args.node_size, repeat=3 if args.quick else 7, device=device)
+        world, rank = dist.get_world_size(), dist.get_rank()
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    base = load_profile(args.base_profile or default_profile_name(device.type))
+    return with_levels(base, fit_levels(rows, args.node_size, world), name=args.name,
+                       source=f"ringcompile calibrate --node-size {args.node_size} under torchrun "
+                              f"({world} ranks, {args.backend}); compute from {base.name}")
