@@ -15,7 +15,11 @@ The hash, specified on unsigned 32-bit lanes (``mix32`` is Chris Wellons' "lowbi
     u        = mix32(row ^ col) >> 8                # 24 uniform bits
     keep     = u >= threshold(p),  threshold(p) = min(2**24, round(p * 2**24))
 
-Indices enter as their low 32 bits. Kept probabilities are scaled by ``1 / (1 - p)``. Here
+Indices enter as their low 32 bits. ``h`` is the GLOBAL head: a kernel that holds a group of
+heads (hybrid's all-to-all gives an inner rank heads [h0, h0 + H/N_i)) is passed its seed as a
+``HeadOffsetSeed(seed, h0)``, and the hash adds ``h0`` to the tensor's head index (the
+PyTorch kernels; the Triton launcher refuses such a seed rather than ignore it).
+Kept probabilities are scaled by ``1 / (1 - p)``. Here
 the lanes live in int64 tensors: products of two 32-bit values wrap mod 2**64 in int64,
 which leaves the low 32 bits exact, and every value is masked back to 32 bits before a
 shift, so a Triton kernel on uint32 computes the same bits.
@@ -33,6 +37,25 @@ MUL_2 = 0x846CA68B
 SEED_SALT = 0x9E3779B9
 KV_SALT = 0x85EBCA6B
 UNIFORM_BITS = 24
+
+
+class HeadOffsetSeed(int):
+    """A dropout seed for a tensor whose head 0 is global head ``head_offset`` (the int value is the seed)."""
+
+    head_offset: int
+
+    def __new__(cls, seed: int, head_offset: int) -> HeadOffsetSeed:
+        obj = super().__new__(cls, int(seed))
+        obj.head_offset = int(head_offset)
+        return obj
+
+    def __repr__(self) -> str:
+        return f"HeadOffsetSeed({int(self)}, head_offset={self.head_offset})"
+
+
+def head_offset(seed: object) -> int:
+    """The global head of a kernel tensor's head 0 under ``seed`` (0 for a plain seed)."""
+    return getattr(seed, "head_offset", 0)
 
 
 def mix32(x):
@@ -77,7 +100,11 @@ def _lanes(x: torch.Tensor) -> torch.Tensor:
 def keep_mask(
     seed: int, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, p: float,
 ) -> torch.Tensor:
-    """Bool keep mask, broadcast over the index tensors (e.g. the ``mods.index_grid`` shapes)."""
+    """Bool keep mask, broadcast over the index tensors (e.g. the ``mods.index_grid`` shapes); ``h``
+    is the tensor's head index, shifted to the global head by a ``HeadOffsetSeed``."""
+    h0 = head_offset(seed)
+    if h0:
+        h = h + h0
     seed = int(seed)
     # the seed's part is mixed on the host: a Python int enters the tensor op as a scalar, with no
     # host-to-device copy

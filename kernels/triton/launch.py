@@ -374,6 +374,9 @@ def _dropout_args(p: float, seed: int | torch.Tensor | None) -> tuple:
 
     seed_int = dropout.seed_to_int(seed)
     dropout.check_dropout(p, seed_int)
+    if dropout.head_offset(seed_int):  # the template hashes the tensor's own head index
+        raise KernelError("the Triton kernels cannot shift the dropout hash to a head group's global heads "
+                          f"({seed_int!r}); run the PyTorch block kernels for this call (kernel='cpu')")
     return (dropout.row_base(seed_int), dropout.threshold(p), 1.0 / (1.0 - p))
 
 

@@ -36,7 +36,7 @@ def _auto_candidates(q: torch.Tensor, k: torch.Tensor, world_size: int, spec: At
     names = tuple(s for s in AUTO_CANDIDATES[layout] if s != "ulysses" or heads_split)
     if two_level is not None:  # a 2-D group: its one hybrid split, when heads divide over a node
         outer, inner = two_level
-        if outer > 1 and inner > 1 and q.shape[1] % inner == 0 and spec.dropout_p == 0:
+        if outer > 1 and inner > 1 and q.shape[1] % inner == 0:
             names += (f"hybrid-{outer}x{inner}",)
     return names
 

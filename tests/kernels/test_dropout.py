@@ -141,3 +141,21 @@ def test_dropout_is_the_same_under_every_layout_block_and_rank_count(strategy, l
     for i, ref in enumerate((qr.grad, kr.grad, vr.grad)):
         got = unshard_tensor([g[i] for _, g in results], 2, layout, S)
         torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_head_offset_seed_hashes_global_heads():
+    """``HeadOffsetSeed(s, h0)`` on a tensor's heads 0.. is seed s on global heads h0..; the Triton launcher
+    refuses it (its template hashes the tensor's own head index) instead of dropping other entries."""
+    from ringcompile.kernels.triton.launch import _dropout_args
+
+    from ringcompile.errors import KernelError
+
+    b, h, q, kv = mods.index_grid(2, 3, 5, 7, 0, 9)
+    seed = dropout.HeadOffsetSeed(99, 4)
+    assert int(seed) == 99 and dropout.seed_to_int(seed).head_offset == 4
+    shifted = dropout.keep_mask(seed, b, h, q, kv, 0.4)
+    assert torch.equal(shifted, dropout.keep_mask(99, b, h + 4, q, kv, 0.4))
+    assert not torch.equal(shifted, dropout.keep_mask(99, b, h, q, kv, 0.4))
+    with pytest.raises(KernelError, match="global heads"):
+        _dropout_args(0.4, seed)
+    assert _dropout_args(0.4, dropout.HeadOffsetSeed(99, 0)) == _dropout_args(0.4, 99)

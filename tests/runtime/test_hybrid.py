@@ -186,3 +186,58 @@ def test_a_level_of_one_rank_on_a_real_group_shape():
     out = unshard_tensor(simulate(body, 4, timeout=20.0), 2, "zigzag", 16)
     ref = attention_reference(q, k, v, mask=mods.causal())
     torch.testing.assert_close(out, ref.detach(), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("shape,heads,layout,mask", [((2, 2), (4, 2), "zigzag", "causal"),
+                                                     ((2, 4), (8, 2), "contiguous", "alibi"),
+                                                     ((4, 2), (2, 1), "zigzag", "sliding_window")],
+                         ids=["2x2-gqa-causal", "2x4-gqa-alibi", "4x2-mqa-window"])
+def test_dropout_drops_what_one_process_and_the_flat_ring_drop(shape, heads, layout, mask):
+    """The keep mask is a hash of global (b, h, q, kv) and the seed: after the all-to-all an inner rank
+    holds heads [h0, h0 + H/N_i), and its kernels shift the hash by h0, so hybrid equals the world-1 run
+    with the same seed, the flat ring, and float64 eager attention with that mask; gradients too."""
+    outer, inner = shape
+    S = 4 * outer * inner + 3
+    (q, k, v), m, s, me, se = attention_case(mask, 2, *heads, S, 4, sum(shape) + heads[0])
+    kw = dict(mask=m, score=s, mask_extras=me, score_extras=se, enable_gqa=True, dropout_p=0.3,
+              dropout_seed=4321)
+    out = simulated_ring_attention(q, k, v, world_size=outer * inner, inner_size=inner, strategy="hybrid",
+                                   layout=layout, block_size=3, **kw)
+    one = simulated_ring_attention(q, k, v, world_size=1, strategy="local", **kw)
+    ring = simulated_ring_attention(q, k, v, world_size=outer * inner, strategy="ring", layout=layout, **kw)
+    ref = attention_reference(q, k, v, mask=m, score=s, mask_extras=me, score_extras=se, dropout_p=0.3,
+                              dropout_seed=4321)
+    plain = attention_reference(q, k, v, mask=m, score=s, mask_extras=me, score_extras=se)
+    assert not torch.allclose(ref, plain)  # dropout did something
+    for other in (one, ring, ref):
+        torch.testing.assert_close(out, other, atol=1e-9, rtol=1e-9)
+    dout = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(7))
+    wrt = [q, k, v, *se]
+    got = torch.autograd.grad(out, wrt, dout)
+    for other in (one, ring, ref):
+        for a, b in zip(got, torch.autograd.grad(other, wrt, dout), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+def test_dropout_with_another_seed_drops_other_entries():
+    (q, k, v), m, *_ = attention_case("causal", 1, 4, 4, 12, 4, 2)
+    a, b = (simulated_ring_attention(q, k, v, world_size=4, inner_size=2, strategy="hybrid", mask=m,
+                                     layout="zigzag", dropout_p=0.3, dropout_seed=seed) for seed in (1, 2))
+    assert not torch.allclose(a, b)
+    torch.testing.assert_close(b, attention_reference(q, k, v, mask=m, dropout_p=0.3, dropout_seed=2),
+                               atol=1e-9, rtol=1e-9)
+
+
+def test_dropout_runs_the_pytorch_kernels_in_place_of_triton():
+    """Triton's template hashes the tensor's head index, so hybrid's outer ring under dropout takes the
+    PyTorch block kernels for the device (and keeps them when they already are)."""
+    from ringcompile.kernels.kernel_set import BlockKernels
+
+    from ringcompile.runtime.strategies.hybrid import _dropout_kernels
+
+    spec = build_spec(is_causal=True).replace(dropout_p=0.1)
+    triton_like = BlockKernels("triton", lambda *a, **k: None, lambda *a, **k: None)
+    assert _dropout_kernels(spec, triton_like, torch.device("cpu")).name == "cpu"
+    assert _dropout_kernels(spec, triton_like, torch.device("meta")).name == "generic"
+    cpu = _dropout_kernels(spec, triton_like, torch.device("cpu"))
+    assert _dropout_kernels(spec, cpu, torch.device("cpu")) is cpu

@@ -16,6 +16,12 @@ GQA: query heads must divide by ``inner``. When kv heads do not, each kv head is
 ``kv_replication(hkv, inner)`` = inner / gcd(hkv, inner) times, the least that makes them
 divide while every query head's kv head stays on its rank; their gradients are summed back.
 Mods see global head indices (the head group's offset is added, as in Ulysses).
+
+Dropout: the keep mask is a hash of global (b, h, q, kv) and the seed (``kernels.dropout``).
+The ring across nodes already passes global token offsets; the head group's global offset
+travels with the seed (``HeadOffsetSeed``), so every rank drops exactly the entries one
+process (or the flat ring) drops. The Triton template hashes the tensor's own head index, so
+under dropout the PyTorch block kernels run (logged once).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ import math
 import torch
 
 from ringcompile.errors import OptionError
+from ringcompile.kernels.dropout import HeadOffsetSeed, seed_to_int
+from ringcompile.kernels.select import BlockKernels, pytorch_block_kernels
+from ringcompile.log import get_logger
 
 from ..two_level import TwoLevelCommunicator, check_mesh_agrees
 from . import ring
@@ -32,6 +41,8 @@ from .common import RingContext, reduce_extras
 from .ulysses import _group_spec
 
 Tensor = torch.Tensor
+log = get_logger(__name__)
+_NOTED: set[str] = set()
 
 
 def kv_replication(hkv: int, inner: int) -> int:
@@ -52,11 +63,6 @@ def levels(ctx: RingContext) -> TwoLevelCommunicator:
         raise OptionError("strategy 'hybrid' needs a two-level group: pass group=<2-D DeviceMesh> and "
                           "mesh_dim=(outer_dim, inner_dim), e.g. mesh_dim=('cp_outer', 'cp_inner')")
     return comm
-
-
-def _check_dropout(ctx: RingContext) -> None:
-    if ctx.spec.dropout_p > 0:  # the dropout hash takes global head indices, which kernels do not see here
-        raise OptionError("strategy 'hybrid' does not support attention dropout yet; use 'ring' or 'zigzag'")
 
 
 def to_node_order(x: Tensor, inner: int, layout: str) -> Tensor:
@@ -91,17 +97,34 @@ def _gather_heads(comm, x: Tensor, local: int, what: str) -> Tensor:
     return torch.cat(pending.wait(), dim=1)
 
 
+def _dropout_kernels(spec, kernels: BlockKernels, device) -> BlockKernels:
+    """Kernels that honour a head-offset dropout seed: the PyTorch ones in place of Triton's."""
+    if kernels.name in ("cpu", "generic"):
+        return kernels
+    if kernels.name not in _NOTED:
+        _NOTED.add(kernels.name)
+        log.info("strategy 'hybrid' with attention dropout: the %s kernels hash the tensor's own head "
+                 "index, so the PyTorch block kernels run (dropout on global heads)", kernels.name)
+    return pytorch_block_kernels(spec, device)
+
+
 def _outer_context(ctx: RingContext, two: TwoLevelCommunicator, hq: int, device) -> RingContext:
+    """The ring over nodes, for this inner rank's head group [h0, h0 + hq/inner) of global heads."""
     inner = two.inner.world_size
-    spec, kernels = _group_spec(ctx, two.inner.rank * (hq // inner), device)
+    h0 = two.inner.rank * (hq // inner)
+    spec, kernels = _group_spec(ctx, h0, device)
+    seed = ctx.dropout_seed
+    if spec.dropout_p > 0:
+        kernels = _dropout_kernels(spec, kernels, device)
+        if seed is not None:  # None: the kernels raise their clear "needs a dropout_seed" error
+            seed = HeadOffsetSeed(seed_to_int(seed), h0)
     return RingContext(two.outer, spec, ctx.strategy, ctx.seq_len, ctx.layout, ctx.mask_extras,
-                       ctx.score_extras, kernels, ctx.dropout_seed)
+                       ctx.score_extras, kernels, seed)
 
 
 def _prepare(ctx: RingContext, q: Tensor, k: Tensor) -> tuple[TwoLevelCommunicator, int]:
     two = levels(ctx)
     check_heads(q.shape[1], k.shape[1], two.inner.world_size)
-    _check_dropout(ctx)
     return two, kv_replication(k.shape[1], two.inner.world_size)
 
 
