@@ -66,7 +66,7 @@ def hardware_values(profile: Profile, dtype: str, world_size: int, strategy: str
     ``shared_slowdown`` times slower than alone (caches and memory bandwidth are shared too):
     that divides F and M and multiplies the tile overhead, so the formulas stay those of one
     device with slower effective rates."""
-    from .strategies import base_name, hybrid_split
+    from .strategies import hybrid_split
 
     host = profile.host_cores()
     shared = host > 0 and strategy != "local" and world_size > 1
@@ -77,7 +77,7 @@ def hardware_values(profile: Profile, dtype: str, world_size: int, strategy: str
     # the link between nodes; hybrid's inner all-to-all stays inside a node when its width divides it
     across = profile.two_level and world_size > profile.node_size
     bw, lat, eff = profile.link("inter" if across else "intra")
-    split = hybrid_split(strategy) if base_name(strategy) == "hybrid" else None
+    split = hybrid_split(strategy)
     inner = split[1] if split else 1
     in_node = not profile.two_level or (inner <= profile.node_size and profile.node_size % inner == 0)
     ibw, ilat, ieff = profile.link("intra" if in_node else "inter")

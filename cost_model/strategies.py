@@ -48,34 +48,44 @@ from .symbols import (
 
 STRATEGIES = ("ring", "zigzag", "allgather", "ulysses", "local")
 HYBRID = "hybrid"   # one model; the planner names each split "hybrid-<outer>x<inner>"
+# the same split on contiguous shards under a causal mask (the runtime's "auto" on contiguous shards):
+# its outer ring runs contiguous node chunks, so the last node does the most work
+HYBRID_CONTIGUOUS = "hybrid-contiguous"
+CONTIGUOUS_SUFFIX = "-contiguous"
 LAYOUT = {"ring": "contiguous", "zigzag": "zigzag", "allgather": "contiguous", "ulysses": "contiguous",
-          "local": "contiguous", "hybrid": "contiguous"}
+          "local": "contiguous", HYBRID: "contiguous", HYBRID_CONTIGUOUS: "contiguous"}
 OVERLAPPED = {"ring": True, "zigzag": True, "allgather": False, "ulysses": False, "local": False,
-              "hybrid": True}
+              HYBRID: True, HYBRID_CONTIGUOUS: True}
 
 
-def hybrid_name(outer: int, inner: int) -> str:
-    return f"{HYBRID}-{outer}x{inner}"
+def hybrid_name(outer: int, inner: int, contiguous: bool = False) -> str:
+    """"hybrid-<outer>x<inner>" (zigzag over nodes when causal, what the planner lays out), or with
+    ``contiguous`` "hybrid-<outer>x<inner>-contiguous": contiguous node chunks even when causal."""
+    return f"{HYBRID}-{outer}x{inner}" + (CONTIGUOUS_SUFFIX if contiguous else "")
 
 
 def hybrid_split(name: str) -> tuple[int, int] | None:
-    """(outer, inner) of a split name "hybrid-<outer>x<inner>"; None for every other name."""
+    """(outer, inner) of a split name "hybrid-<outer>x<inner>[-contiguous]"; None for every other name."""
     if not name.startswith(HYBRID + "-"):
         return None
     try:
-        outer, inner = (int(x) for x in name[len(HYBRID) + 1:].split("x"))
+        outer, inner = (int(x) for x in name[len(HYBRID) + 1:].removesuffix(CONTIGUOUS_SUFFIX).split("x"))
     except ValueError:
         return None
     return outer, inner
 
 
 def base_name(name: str) -> str:
-    """The model a strategy name uses: "hybrid" for every split, else the name itself."""
-    return HYBRID if hybrid_split(name) is not None else name
+    """The model a strategy name uses: "hybrid" for every split ("hybrid-contiguous" for a split on
+    contiguous shards), else the name itself."""
+    if hybrid_split(name) is None:
+        return name
+    return HYBRID_CONTIGUOUS if name.endswith(CONTIGUOUS_SUFFIX) else HYBRID
 
 
 def layout_of(name: str, causal: bool) -> str:
-    """The layout a strategy runs on: hybrid splits take zigzag shards when causal (balanced nodes)."""
+    """The layout a strategy runs on: hybrid splits take zigzag shards when causal (balanced nodes),
+    unless named for contiguous shards."""
     base = base_name(name)
     if base == HYBRID:
         return "zigzag" if causal else "contiguous"
@@ -312,13 +322,16 @@ def _ulysses(causal: bool, backward: bool) -> StrategyModel:
                          (N * compute).subs(subs), shared_makespan(compute).subs(subs))
 
 
-def _hybrid(causal: bool, backward: bool) -> StrategyModel:
+def _hybrid(causal: bool, backward: bool, zigzag: bool = True) -> StrategyModel:
     """Ulysses over the N_i ranks of a node, then the ring (zigzag when causal) over the N / N_i nodes.
 
     The ring is ``_ring_like`` with N -> N / N_i ranks, each holding the node's S N_i / N tokens for
     H_q / N_i query and r H_kv / N_i kv heads (r: GQA replication); its links are the ring's (W,
-    alpha: between nodes). The all-to-alls run inside a node (W_i, alpha_i) and do not overlap."""
-    ring_model = _ring_like("zigzag" if causal else "ring", causal, backward)
+    alpha: between nodes). The all-to-alls run inside a node (W_i, alpha_i) and do not overlap.
+    ``zigzag=False``: contiguous shards, so a causal ring over nodes is the contiguous ring's
+    (the last node computes every later step in full)."""
+    zig = causal and zigzag
+    ring_model = _ring_like("zigzag" if zig else "ring", causal, backward)
     x = S / N
     kv = r * Hkv
     sub = {N: N / Ni, Hq: Hq / Ni, Hkv: kv / Ni}
@@ -333,11 +346,14 @@ def _hybrid(causal: bool, backward: bool) -> StrategyModel:
     if backward:
         inner += (a2a(B * (3 * Hq + 2 * kv) * x * D * e + B * Hq * x * ACC, 6)
                   + a2a(B * (Hq + 2 * kv) * x * D * ACC, 3))
-    frac = sp.Rational(1, 2) if causal else sp.Integer(1)
+    frac = sp.Rational(1, 2) if zig else sp.Integer(1)
     notes = ("all-to-all over heads inside a node (H/N_i heads, the node's sequence), then the ring over "
-             "N/N_i nodes" + ("; zigzag over nodes: every step is half the causal work" if causal else "")
+             "N/N_i nodes" + ("; zigzag over nodes: every step is half the causal work" if zig else "")
+             + ("; contiguous node chunks, causal: the last node does all the work" if causal and not zig
+                else "")
              + "; kv heads replicated r_kv times when H_kv < N_i")
-    return StrategyModel(HYBRID, "zigzag" if causal else "contiguous", on_nodes(ring_model.time) + inner,
+    return StrategyModel(HYBRID if zigzag else HYBRID_CONTIGUOUS, "zigzag" if zig else "contiguous",
+                         on_nodes(ring_model.time) + inner,
                          on_nodes(ring_model.compute), on_nodes(ring_model.comm) + inner,
                          on_nodes(ring_model.step_compute), on_nodes(ring_model.step_comm),
                          on_nodes(ring_threshold(frac)), notes, Ni * on_nodes(ring_model.work),
@@ -365,6 +381,8 @@ def _per_device(name: str, causal: bool, backward: bool) -> StrategyModel:
         return _local(causal, backward)
     if name == HYBRID:
         return _hybrid(causal, backward)
+    if name == HYBRID_CONTIGUOUS:
+        return _hybrid(causal, backward, zigzag=False)
     raise ValueError(f"unknown strategy {name!r}; choose from {STRATEGIES}")
 
 

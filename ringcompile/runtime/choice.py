@@ -30,6 +30,15 @@ ALLGATHER_MAX_SEQ = 4096  # heuristic when no cost model: gathering K/V once win
 AUTO_CANDIDATES = {"contiguous": ("ring", "allgather", "ulysses"), "zigzag": ("zigzag", "ulysses")}
 
 
+def hybrid_plan_name(two_level: tuple[int, int], layout: str, spec: AttentionSpec) -> str:
+    """The cost model's name for the hybrid split this call runs: on contiguous shards under a causal
+    mask the outer ring runs contiguous node chunks (imbalanced), and the model must say so."""
+    from ringcompile.cost_model.strategies import hybrid_name
+
+    causal = spec.mask is not None and "causal" in spec.mask.kinds
+    return hybrid_name(*two_level, contiguous=causal and layout == "contiguous")
+
+
 def _auto_candidates(q: torch.Tensor, k: torch.Tensor, world_size: int, spec: AttentionSpec,
                      layout: str, two_level: tuple[int, int] | None = None) -> tuple[str, ...]:
     heads_split = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0 and spec.dropout_p == 0
@@ -37,7 +46,7 @@ def _auto_candidates(q: torch.Tensor, k: torch.Tensor, world_size: int, spec: At
     if two_level is not None:  # a 2-D group: its one hybrid split, when heads divide over a node
         outer, inner = two_level
         if outer > 1 and inner > 1 and q.shape[1] % inner == 0:
-            names += (f"hybrid-{outer}x{inner}",)
+            names += (hybrid_plan_name(two_level, layout, spec),)
     return names
 
 

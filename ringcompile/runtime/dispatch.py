@@ -10,7 +10,7 @@ from ringcompile.log import get_logger
 from ringcompile.spec import AttentionSpec
 
 from .call_plan import effective_spec
-from .choice import AUTO_CANDIDATES, COMPATIBLE, choose_strategy
+from .choice import AUTO_CANDIDATES, COMPATIBLE, choose_strategy, hybrid_plan_name
 from .communicator import RingCommunicator
 from .execute import run_backward, run_forward
 from .group import ResolvedGroup, TwoLevelGroup, group_key, resolve_group
@@ -40,7 +40,7 @@ def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str, AttentionSpe
         check_dropout(spec)
     log.debug("attention %s: strategy %s, layout %s, rank %d of %d", spec.name or "<op>", strategy, layout,
               group.rank, group.world_size)
-    planned = f"hybrid-{two_level[0]}x{two_level[1]}" if strategy == "hybrid" and two_level else strategy
+    planned = hybrid_plan_name(two_level, layout, spec) if strategy == "hybrid" and two_level else strategy
     run_spec = effective_spec(q, k, seq_len, group.world_size, spec, planned)
     return group, strategy, layout, run_spec
 

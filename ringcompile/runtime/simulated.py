@@ -181,7 +181,7 @@ def simulated_ring_attention(
     from ringcompile.mods import and_masks, compose_scores
 
     from .call_plan import effective_spec
-    from .choice import choose_strategy
+    from .choice import choose_strategy, hybrid_plan_name
     from .layouts import check_layout
     from .user_spec import build_spec, check_gqa
 
@@ -199,8 +199,8 @@ def simulated_ring_attention(
     seq_len = q.shape[2] if seq_len is None else seq_len
     chosen = choose_strategy(q, k, v, seq_len, world_size, spec, layout,
                              two_level=(world_size // inner_size, inner_size) if inner_size else None)
-    planned = (f"hybrid-{world_size // inner_size}x{inner_size}" if chosen == "hybrid" and inner_size
-               else chosen)
+    planned = (hybrid_plan_name((world_size // inner_size, inner_size), layout, spec)
+               if chosen == "hybrid" and inner_size else chosen)
     spec = effective_spec(q, k, seq_len, world_size, spec, planned)  # K/V chunk and tiles, as dispatch does
     return _SimulatedRing.apply(q, k, v, spec, world_size, chosen, layout, seq_len, list(mask_extras), seed,
                                 inner_size, *score_extras)

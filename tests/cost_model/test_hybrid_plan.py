@@ -113,3 +113,46 @@ def test_cli_ranks_the_splits_and_reports_crossovers(capsys):
     rows = [line.split()[0] for line in out.splitlines() if line.startswith("hybrid-")]
     assert {"hybrid-8x2", "hybrid-4x4", "hybrid-2x8"} <= set(rows)
     assert "crossovers" in out and "best strategy by S" in out
+
+
+@pytest.mark.parametrize("seq_len", [131072, 1 << 20])
+def test_contiguous_causal_split_models_the_imbalance_of_its_layout(seq_len):
+    """On contiguous shards a causal hybrid's outer ring is the contiguous ring over nodes: the last node
+    computes every later step in full, so its time approaches (N_o - 1/2) / (N_o / 2) = 2 - 1/N_o of the
+    zigzag split's when compute-bound; it keeps the contiguous layout, and its full steps hide a transfer
+    of half the block (f = 1, not 1/2)."""
+    kw = dict(seq_len=seq_len, world_size=64, profile="h100-nvlink-ib", **LLAMA)
+    zig = plan(strategy="hybrid-8x8", **kw)
+    contiguous = plan(strategy="hybrid-8x8-contiguous", **kw)
+    assert zig.layout == "zigzag" and contiguous.layout == "contiguous"
+    ratio = contiguous.time / zig.time
+    assert 1.5 < ratio < 2 - 1 / 8 + 0.01, ratio
+    assert contiguous.overlap_threshold == pytest.approx(zig.overlap_threshold / 2)
+    assert "contiguous node chunks" in contiguous.explain()
+    full = dict(kw, causal=False)   # without a causal mask both layouts are the same schedule
+    assert plan(strategy="hybrid-8x8-contiguous", **full).time == pytest.approx(
+        plan(strategy="hybrid-8x8", **full).time)
+    assert "hybrid-8x8-contiguous" not in {p.strategy for p in plans(**kw)}   # the planner lays out zigzag
+
+
+def test_auto_on_contiguous_causal_shards_ranks_the_layout_it_runs():
+    """16 ranks as 2 x 8 on h100-nvlink-ib, H = H_kv = 32, S = 128K causal: on zigzag shards the hybrid
+    split wins; on contiguous shards its real (imbalanced) time loses to Ulysses, which "auto" then runs.
+    The zigzag-balanced estimate would have picked hybrid on both."""
+    import torch
+    from ringcompile.cost_model.planner import choose_for_call
+
+    from ringcompile.runtime.choice import choose_strategy
+    from ringcompile.runtime.user_spec import build_spec
+
+    q = torch.empty(1, 32, 8192, 128, dtype=torch.bfloat16, device="meta")
+    spec = build_spec(is_causal=True).replace(profile="h100-nvlink-ib")
+    def auto(layout: str) -> str:
+        return choose_strategy(q, q, q, 131072, 16, spec, layout, backward=True, two_level=(2, 8))
+
+    assert auto("zigzag") == "hybrid" and auto("contiguous") == "ulysses"
+    kw = dict(seq_len=131072, world_size=16, batch=1, heads=32, kv_heads=32, head_dim=128, dtype="bfloat16",
+              causal=True, backward=True, profile="h100-nvlink-ib")
+    names = ("ulysses", "hybrid-2x8", "hybrid-2x8-contiguous")
+    times = {n: t for n, t, _ in choose_for_call(strategies=names, **kw).alternatives}
+    assert times["hybrid-2x8"] < times["ulysses"] < times["hybrid-2x8-contiguous"]
