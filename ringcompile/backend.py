@@ -110,14 +110,37 @@ def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Op
     return compile_fx(gm, list(example_inputs))
 
 
+def _profile_node_size(opts: Options) -> int | None:
+    """The node size of a two-level ``profile`` when it should factor the group: strategy "auto" or
+    "hybrid" on the whole world (a 1-D group, not a mesh) wider than one node, which it divides."""
+    if opts.profile is None or opts.strategy not in ("auto", "hybrid") or opts.mesh_dim is not None:
+        return None
+    from .cost_model.profiles import load_profile
+    from .runtime.group import resolve_group
+
+    prof = load_profile(opts.profile)
+    if not prof.two_level:
+        return None
+    flat = resolve_group(opts.group)
+    import torch.distributed as dist
+
+    n = flat.world_size
+    if flat.is_single or n != dist.get_world_size() or n <= prof.node_size or n % prof.node_size:
+        log.info("profile %s has %d ranks a node; the %d-rank group stays one level (hybrid needs the whole "
+                 "world as >= 2 nodes of that size)", prof.name, prof.node_size, n)
+        return None
+    return prof.node_size
+
+
 def _two_level(opts: Options) -> Options:
-    """``node_size``: the group as a 2-D mesh ("cp_outer", "cp_inner"), built once (a collective every
-    rank runs here, at the same compile)."""
-    if opts.node_size is None:
+    """``node_size`` (or a two-level profile's node size): the group as a 2-D mesh ("cp_outer",
+    "cp_inner"), built once (a collective every rank runs here, at the same compile)."""
+    node_size = opts.node_size if opts.node_size is not None else _profile_node_size(opts)
+    if node_size is None:
         return opts
     from .runtime.group import TWO_LEVEL_DIMS, factored_mesh
 
-    mesh = factored_mesh(opts.group, opts.node_size, opts.timeout)
+    mesh = factored_mesh(opts.group, node_size, opts.timeout)
     return opts if mesh is None else dataclasses.replace(opts, group=mesh, mesh_dim=TWO_LEVEL_DIMS)
 
 

@@ -100,8 +100,8 @@ def _node_size_check(rank: int, seq_len: int, failures: list[str]) -> None:
 
 def _backend_check(rank: int, mesh, failures: list[str]) -> None:
     """torch.compile(backend="ring", options={"group": mesh, "mesh_dim": DIMS, "strategy": "hybrid"}), and
-    with {"node_size": 2} on the default group, on full inputs (transparent mode): the output and dq
-    equal float64 eager, and hybrid really ran."""
+    with {"node_size": 2} or a profile with 2 ranks a node on the default group, on full inputs
+    (transparent mode): the output and dq equal float64 eager, and hybrid really ran."""
     import torch.nn.functional as F
 
     from ringcompile.runtime.strategies import hybrid
@@ -127,7 +127,8 @@ def _backend_check(rank: int, mesh, failures: list[str]) -> None:
         ref_leaf = q.clone().requires_grad_(True)
         ref = f(ref_leaf, k, v)
         ref.sum().backward()
-        two_level = {"mesh": {"group": mesh, "mesh_dim": DIMS}, "node_size": {"node_size": 2}}
+        two_level = {"mesh": {"group": mesh, "mesh_dim": DIMS}, "node_size": {"node_size": 2},
+                     "profile": {"profile": _two_level_profile(rank)}}
         for label, extra in two_level.items():
             torch._dynamo.reset()
             calls.update(forward=0, backward=0)
@@ -142,6 +143,21 @@ def _backend_check(rank: int, mesh, failures: list[str]) -> None:
     finally:
         for name, fn in originals.items():
             setattr(hybrid, name, fn)
+
+
+def _two_level_profile(rank: int) -> str:
+    """A profile file with 2 ranks a node (this host's CPU numbers on both levels), for this rank."""
+    import os
+    import tempfile
+
+    from ringcompile.cost_model.planner import two_level_profile
+    from ringcompile.cost_model.profiles import load_profile
+
+    prof = two_level_profile(load_profile("cpu-gloo-loopback"), 2)
+    path = os.path.join(tempfile.gettempdir(), f"ringcompile_hybrid_2x2_{os.getpid()}_rank{rank}.toml")
+    with open(path, "w") as fh:
+        fh.write(prof.to_toml())
+    return path
 
 
 def killed_rank_phase(rank: int, mesh, timeout: float) -> dict:
