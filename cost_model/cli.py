@@ -103,7 +103,7 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print("crossovers: none in [256, 16M]")
     if pieces:
-        print("best strategy by S (ranks of a node x nodes: hybrid-<nodes>x<per node>):")
+        print("best strategy by S (hybrid-<nodes>x<ranks per node>):")
         for piece in pieces:
             print(f"  S in [{piece.start:,}, {piece.end:,}): {piece.strategy}")
     if args.decode:

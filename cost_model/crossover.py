@@ -159,4 +159,10 @@ def best_pieces(*, world_size: int, heads: int, head_dim: int, kv_heads: int | N
             pieces.append(Piece(start, s, current))
             start, current = s, best(s)
     pieces.append(Piece(start, grid[-1] + 1, current))
-    return pieces
+    merged: list[Piece] = []
+    for piece in pieces:   # a bisection that lands on a third strategy's tie can split one range in two
+        if merged and merged[-1].strategy == piece.strategy:
+            merged[-1] = dataclasses.replace(merged[-1], end=piece.end)
+        elif piece.end > piece.start:
+            merged.append(piece)
+    return merged

@@ -156,3 +156,16 @@ def test_auto_on_contiguous_causal_shards_ranks_the_layout_it_runs():
     names = ("ulysses", "hybrid-2x8", "hybrid-2x8-contiguous")
     times = {n: t for n, t, _ in choose_for_call(strategies=names, **kw).alternatives}
     assert times["hybrid-2x8"] < times["ulysses"] < times["hybrid-2x8-contiguous"]
+
+
+@pytest.mark.parametrize("profile", ["h100-nvlink", "h100-nvlink-ib"])
+def test_best_pieces_cover_the_range_once_per_change(profile):
+    """`plan --world-size 64 --node-size 8`: the best-strategy ranges tile [256, 16M] with no two neighbours
+    naming the same strategy (a bisection that meets a third strategy's tie once split a range in two)."""
+    from ringcompile.cost_model.crossover import best_pieces
+
+    pieces = best_pieces(world_size=64, node_size=8, profile=profile, **LLAMA)
+    assert pieces[0].start == 256 and pieces[-1].end == (1 << 24) + 1
+    pairs = zip(pieces, pieces[1:], strict=False)
+    assert all(a.end == b.start and a.strategy != b.strategy for a, b in pairs)
+    assert any(hybrid_split(p.strategy) for p in pieces)
