@@ -241,3 +241,43 @@ def test_dropout_runs_the_pytorch_kernels_in_place_of_triton():
     assert _dropout_kernels(spec, triton_like, torch.device("meta")).name == "generic"
     cpu = _dropout_kernels(spec, triton_like, torch.device("cpu"))
     assert _dropout_kernels(spec, cpu, torch.device("cpu")) is cpu
+
+
+def test_a_rank_dying_in_the_node_all_to_all_makes_the_others_raise_within_the_timeout():
+    """Rank 2 passes the mesh check, then dies as its node's all-to-all starts (it sends nothing): its inner
+    peer (rank 3) raises CommunicationError in the all-to-all, its outer peer (rank 0) in the ring across
+    nodes, rank 1 after them; each within a few timeouts (the gloo test kills a rank in the outer ring)."""
+    import time
+
+    from ringcompile.errors import CommunicationError
+
+    timeout = 1.0
+    (q, k, v), *_ = attention_case("none", 1, 4, 4, 16, 4, 13)
+    spec = build_spec(is_causal=True, strategy="hybrid", timeout=timeout)
+
+    class Died(Exception):
+        pass
+
+    def body(comm):
+        two = split_simulated(comm, 2)
+        if comm.rank == 2:
+            def die(*args, **kwargs):
+                raise Died
+            two.inner.all_to_all = die
+        shards = [shard_tensor(t.detach(), 2, 4, comm.rank, "zigzag") for t in (q, k, v)]
+        start = time.monotonic()
+        try:
+            run_forward(two, *shards, [], [], 16, spec, "hybrid", "zigzag")
+            return ("finished", "", time.monotonic() - start)
+        except Died:
+            return ("died", "", 0.0)
+        except CommunicationError as e:
+            return ("CommunicationError", str(e), time.monotonic() - start)
+
+    results = simulate(body, 4, timeout=timeout)
+    assert results[2][0] == "died"
+    for rank in (0, 1, 3):
+        raised, message, seconds = results[rank]
+        assert raised == "CommunicationError" and seconds < 4 * timeout + 2, (rank, results[rank])
+    assert "all-to-all" in results[3][1], results[3]
+    assert "ring" in results[0][1], results[0]
