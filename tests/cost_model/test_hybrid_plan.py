@@ -169,3 +169,24 @@ def test_best_pieces_cover_the_range_once_per_change(profile):
     pairs = zip(pieces, pieces[1:], strict=False)
     assert all(a.end == b.start and a.strategy != b.strategy for a, b in pairs)
     assert any(hybrid_split(p.strategy) for p in pieces)
+
+
+def test_the_issue_spellings_rank_the_splits_beside_the_flat_strategies(capsys):
+    """`ringcompile.plans(..., world_size=64, node_size=8, profile="h100-nvlink-ib")`, `ringcompile.plan(...,
+    strategy="hybrid")` and `ringcompile plan --world-size 64 --node-size 8` all rank every split."""
+    import ringcompile
+
+    ranked = ringcompile.plans(seq_len=131072, world_size=64, node_size=8, profile="h100-nvlink-ib", **LLAMA)
+    assert SPLITS <= {p.strategy for p in ranked} and {"ring", "zigzag", "allgather"} <= {p.strategy
+                                                                                         for p in ranked}
+    best_split = min((p for p in ranked if hybrid_split(p.strategy)), key=lambda p: p.time)
+    chosen = ringcompile.plan(seq_len=131072, world_size=64, node_size=8, profile="h100-nvlink-ib",
+                              strategy="hybrid", **LLAMA)
+    assert chosen.strategy == best_split.strategy and chosen.time == pytest.approx(best_split.time)
+    assert main(["plan", "--seq", "131072", "--world-size", "64", "--node-size", "8", "--heads", "32",
+                 "--kv-heads", "8", "--head-dim", "128", "--causal", "--backward",
+                 "--profile", "h100-nvlink-ib"]) == 0
+    out = capsys.readouterr().out
+    crossing = [line for line in out.splitlines() if line.strip().startswith("S=") and "->" in line]
+    assert any("hybrid-" in line and ("ring" in line or "zigzag" in line) for line in crossing), out
+    assert {s for s in SPLITS} <= {line.split()[0] for line in out.splitlines() if line.startswith("hybrid-")}
