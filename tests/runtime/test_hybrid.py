@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ringcompile.kernels.reference import attention_reference
 
-from ringcompile.errors import OptionError, ShapeMismatchError
+from ringcompile.errors import KernelError, OptionError, ShapeMismatchError
 from ringcompile.runtime.execute import run_forward
 from ringcompile.runtime.layouts import shard_tensor
 from ringcompile.runtime.simulated import simulate, simulated_ring_attention
@@ -241,6 +241,8 @@ def test_dropout_runs_the_pytorch_kernels_in_place_of_triton():
     assert _dropout_kernels(spec, triton_like, torch.device("meta")).name == "generic"
     cpu = _dropout_kernels(spec, triton_like, torch.device("cpu"))
     assert _dropout_kernels(spec, cpu, torch.device("cpu")) is cpu
+    with pytest.raises(KernelError, match="kernel='triton' was requested"):
+        _dropout_kernels(spec.replace(kernel="triton"), triton_like, torch.device("cpu"))
 
 
 def test_a_rank_dying_in_the_node_all_to_all_makes_the_others_raise_within_the_timeout():

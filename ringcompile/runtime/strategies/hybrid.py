@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ringcompile.errors import OptionError
+from ringcompile.errors import KernelError, OptionError
 from ringcompile.kernels.dropout import HeadOffsetSeed, seed_to_int
 from ringcompile.kernels.select import BlockKernels, pytorch_block_kernels
 from ringcompile.log import get_logger
@@ -101,6 +101,11 @@ def _dropout_kernels(spec, kernels: BlockKernels, device) -> BlockKernels:
     """Kernels that honour a head-offset dropout seed: the PyTorch ones in place of Triton's."""
     if kernels.name in ("cpu", "generic"):
         return kernels
+    if spec.kernel == "triton":
+        raise KernelError("kernel='triton' was requested, but strategy 'hybrid' with attention dropout needs "
+                          "the dropout hash on global heads, which the Triton template does not take; use "
+                          "kernel='auto' (the PyTorch block kernels then run) or a flat strategy ('ring', "
+                          "'zigzag')")
     if kernels.name not in _NOTED:
         _NOTED.add(kernels.name)
         log.info("strategy 'hybrid' with attention dropout: the %s kernels hash the tensor's own head "
