@@ -118,7 +118,11 @@ def _profile_node_size(opts: Options) -> int | None:
     from .cost_model.profiles import load_profile
     from .runtime.group import resolve_group
 
-    prof = load_profile(opts.profile)
+    try:
+        prof = load_profile(opts.profile)
+    except OptionError as exc:   # the planner reports a bad profile where it plans (and falls back)
+        log.info("profile %r not read for the two-level group (%s)", opts.profile, exc)
+        return None
     if not prof.two_level:
         return None
     flat = resolve_group(opts.group)

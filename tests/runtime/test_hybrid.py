@@ -283,3 +283,15 @@ def test_a_rank_dying_in_the_node_all_to_all_makes_the_others_raise_within_the_t
         assert raised == "CommunicationError" and seconds < 4 * timeout + 2, (rank, results[rank])
     assert "all-to-all" in results[3][1], results[3]
     assert "ring" in results[0][1], results[0]
+
+
+def test_a_profile_factors_the_group_only_where_it_can():
+    """The backend's two-level profile hook leaves a one-process run, a flat strategy, a one-level profile
+    and an unreadable profile alone (the 4-rank factoring itself runs in test_gloo_two_by_two_mesh)."""
+    from ringcompile.backend import _profile_node_size
+    from ringcompile.options import Options
+
+    assert _profile_node_size(Options(profile="h100-nvlink-ib")) is None        # no process group here
+    assert _profile_node_size(Options(profile="h100-nvlink-ib", strategy="ring")) is None
+    assert _profile_node_size(Options(profile="h100-nvlink")) is None
+    assert _profile_node_size(Options(profile="/nonexistent/profile.toml")) is None
