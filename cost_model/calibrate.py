@@ -26,6 +26,7 @@ import torch
 from ringcompile.errors import CommunicationError
 from ringcompile.log import get_logger
 
+from .fits import _nnls, fit_link
 from .profiles import Profile
 
 log = get_logger(__name__)
@@ -76,23 +77,6 @@ def measure_memory_bandwidth(mbytes: int = 64, repeat: int = 5) -> float:
     dst = torch.empty_like(src)
     t = _best_time(lambda: dst.copy_(src), repeat)
     return 2 * n * 4 / t
-
-
-def _nnls(rows: list[list[float]], y: list[float]) -> list[float]:
-    """Non-negative least squares by active-set elimination on a tiny system (relative errors)."""
-    A = torch.tensor(rows, dtype=torch.float64)
-    b = torch.tensor(y, dtype=torch.float64)
-    w = 1 / b                     # fit relative error, so small shapes count as much as big ones
-    active = list(range(A.shape[1]))
-    x = torch.zeros(A.shape[1], dtype=torch.float64)
-    while active:
-        sol = torch.linalg.lstsq(A[:, active] * w[:, None], b * w).solution
-        if (sol >= 0).all():
-            x.zero_()
-            x[active] = sol
-            break
-        active.pop(int(torch.argmin(sol)))
-    return x.tolist()
 
 
 KERNEL_SHAPES = ((256, 256, 32), (512, 512, 32), (512, 512, 128), (1024, 1024, 64), (1024, 512, 16),
@@ -272,16 +256,6 @@ def measure_link(backend: str = "gloo", repeat: int = 7, sizes=LINK_SIZES, timeo
                 kind, n, t = line.split()
                 rows[kind].append((int(n), float(t)))
     return rows
-
-
-def fit_link(samples: list[tuple[int, float]]) -> tuple[float, float]:
-    """(latency s, bandwidth bytes/s) fitted to t = alpha + bytes/W."""
-    alpha, inv_w = _nnls([[1.0, float(n)] for n, _ in samples], [t for _, t in samples])
-    small = min(t for _, t in samples)
-    if inv_w <= 0:   # noise swamped the size dependence: fall back to the largest message's rate
-        n_max, t_max = max(samples)
-        inv_w = max(t_max - alpha, 0.5 * t_max) / n_max
-    return (alpha if alpha > 0 else small), 1 / inv_w
 
 
 def calibrate(name: str = "calibrated-cpu", backend: str = "gloo", quick: bool = False,

@@ -27,6 +27,7 @@ import torch
 
 from ringcompile.errors import CommunicationError, OptionError
 
+from .fits import fit_link
 from .profiles import Profile
 
 LEVEL_SIZES = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22)
@@ -130,8 +131,6 @@ def measure_levels_here(node_size: int, repeat: int = 5, sizes: tuple[int, ...] 
 
 def fit_levels(rows: dict[str, list[tuple[int, float]]], node_size: int, world_size: int) -> LevelLinks:
     """Latency, bandwidth and all-to-all efficiency per level from ``measure_levels_here`` rows."""
-    from .calibrate import fit_link
-
     fitted = {}
     for level in ("intra", "inter"):
         latency, bandwidth = fit_link(rows[f"{level}_p2p"])
