@@ -34,6 +34,7 @@ from ringcompile.errors import KernelError, OptionError
 from ringcompile.kernels.dropout import HeadOffsetSeed, seed_to_int
 from ringcompile.kernels.select import BlockKernels, pytorch_block_kernels
 from ringcompile.log import get_logger
+from ringcompile.spec import AttentionSpec
 
 from ..two_level import TwoLevelCommunicator, check_mesh_agrees
 from . import ring
@@ -97,7 +98,7 @@ def _gather_heads(comm, x: Tensor, local: int, what: str) -> Tensor:
     return torch.cat(pending.wait(), dim=1)
 
 
-def _dropout_kernels(spec, kernels: BlockKernels, device) -> BlockKernels:
+def _dropout_kernels(spec: AttentionSpec, kernels: BlockKernels, device: torch.device) -> BlockKernels:
     """Kernels that honour a head-offset dropout seed: the PyTorch ones in place of Triton's."""
     if kernels.name in ("cpu", "generic"):
         return kernels
@@ -113,7 +114,7 @@ def _dropout_kernels(spec, kernels: BlockKernels, device) -> BlockKernels:
     return pytorch_block_kernels(spec, device)
 
 
-def _outer_context(ctx: RingContext, two: TwoLevelCommunicator, hq: int, device) -> RingContext:
+def _outer_context(ctx: RingContext, two: TwoLevelCommunicator, hq: int, device: torch.device) -> RingContext:
     """The ring over nodes, for this inner rank's head group [h0, h0 + hq/inner) of global heads."""
     inner = two.inner.world_size
     h0 = two.inner.rank * (hq // inner)
