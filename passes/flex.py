@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import math
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,7 +65,31 @@ class FlexCall:
 
 
 _CALLS: dict[str, FlexCall] = {}
+_HOLDERS: dict[str, int] = {}  # key -> how many live objects (graph modules) hold it
 _ids = itertools.count()
+
+
+def hold_call(key: str, holder: Any) -> None:
+    """Keep ``_CALLS[key]`` while ``holder`` lives (the graph whose compile or run needs it): the entry is
+    freed when its last holder is garbage collected, so the registry does not grow with every compile."""
+    if key not in _CALLS:
+        return
+    _HOLDERS[key] = _HOLDERS.get(key, 0) + 1
+    weakref.finalize(holder, _release_call, key)
+
+
+def _release_call(key: str) -> None:
+    left = _HOLDERS.get(key, 0) - 1
+    if left > 0:
+        _HOLDERS[key] = left
+        return
+    _HOLDERS.pop(key, None)
+    _CALLS.pop(key, None)
+
+
+def live_call_count() -> int:
+    """How many flex calls the registry holds (tests check it does not grow across compiles)."""
+    return len(_CALLS)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -245,6 +270,7 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
             f"flex_attention at {where} returns max_scores (return_aux): not supported by the ring op")
     key = f"flex{next(_ids)}"
     _CALLS[key] = FlexCall(score_gm, mask_gm, float(scale), len(score_bufs), len(mask_bufs), where, note)
+    hold_call(key, owner)  # the Dynamo graph being compiled: freed with it
     marker = graph.call_function(MARKER, (env[q], env[k], env[v], [env[b] for b in score_bufs],
                                           [env[b] for b in mask_bufs], key))
     marker.meta = {m: node.meta[m] for m in ("stack_trace", "nn_module_stack") if m in node.meta}
@@ -549,5 +575,5 @@ def _softcap(e: Any, s: Any) -> float | None:
     return None
 
 
-__all__ = ["FlexCall", "MARKER", "check_broadcast_semantics", "is_marker", "lifted_mod_graph",
-           "lower_flex_call", "mask_mod_from", "prune_block_masks", "score_mod_from"]
+__all__ = ["FlexCall", "MARKER", "check_broadcast_semantics", "hold_call", "is_marker", "lifted_mod_graph",
+           "live_call_count", "lower_flex_call", "mask_mod_from", "prune_block_masks", "score_mod_from"]

@@ -256,3 +256,24 @@ def test_dropping_the_block_mask_keeps_the_graphs_own_in_place_writes():
     want.view(2, 2).mul_(3.0)
     assert reason is None and torch.equal(buf, want), (reason, buf)
     assert (out.double() - _reference(q, k, v, keep=_causal)).abs().max() < 2e-5
+
+
+def test_flex_call_registry_is_freed_with_its_graphs():
+    """Each compile registers its flex calls; they must go when the compiled graphs go."""
+    import gc
+
+    from ringcompile.passes.flex import live_call_count
+
+    q, k, v = _inputs(9)
+    torch._dynamo.reset()
+    gc.collect()
+    before = live_call_count()
+    for i in range(6):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(f_softcap, backend="ring", options={"inner": "eager"}, dynamic=False)(q, k, v)
+        assert backend.HISTORY[-1].sites and backend.HISTORY[-1].sites[0].rewritten, i
+    torch._dynamo.reset()
+    backend.HISTORY.clear()  # the report keeps graphs alive on purpose; the registry must not on its own
+    gc.collect()
+    assert live_call_count() <= before, (before, live_call_count())
