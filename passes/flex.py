@@ -62,6 +62,7 @@ class FlexCall:
     n_mask: int
     location: str
     note: str | None = None
+    guards: tuple = ()  # flex_guards.CallGuard: what every call must still satisfy once rewritten
 
 
 _CALLS: dict[str, FlexCall] = {}
@@ -139,16 +140,17 @@ def _fn_name(node: fx.Node) -> str:
 
 
 def _check_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: Sequence[fx.Node],
-                      sizes: Sequence[Any], where: str) -> str | None:
+                      sizes: Sequence[Any], where: str, guards: list) -> str | None:
     """Refuse a BlockMask whose block sparsity might mean more than its mask_mod (see module docstring);
     returns a note for the report, if any."""
     q_len, kv_len = sizes[2], sizes[3]
     tensors = [a for a in block[:-1] if isinstance(a, fx.Node) and isinstance(dynamo_val(a), torch.Tensor)]
     outside = [a.name for a in tensors if a.op in ("placeholder", "get_attr")]
     if outside:
-        why = _check_passed_block_mask(block, mask_gm, mask_bufs, sizes)
+        why = _check_passed_block_mask(block, mask_gm, mask_bufs, sizes, guards)
         if why is None:
-            return "BlockMask passed in: its blocks were checked against mask_mod on the first call"
+            return "BlockMask passed in: its blocks are checked against mask_mod (again on every call that " \
+                "passes different contents)"
         raise UnsupportedPatternError(
             f"flex_attention at {where} takes a BlockMask built outside the compiled region (its block "
             f"tensors {outside} are graph inputs) whose blocks cannot be vouched for: {why}; the call is "
@@ -183,9 +185,11 @@ def _blocks_dense(num: torch.Tensor | None, idx: torch.Tensor | None, n_kv: int)
 
 
 def _check_passed_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: Sequence[fx.Node],
-                             sizes: Sequence[Any]) -> str | None:
-    """None when the example BlockMask means exactly mask_mod: every block holding a kept pair is listed,
-    and every block listed as full keeps all its pairs (for every batch and head of the call)."""
+                             sizes: Sequence[Any], guards: list) -> str | None:
+    """None when the example BlockMask means exactly mask_mod (``passed_block_mask_reason``); then a
+    guard in ``guards`` re-checks it on every call whose block tensors or mask buffers change."""
+    from .flex_guards import CallGuard, SameContents, input_position
+
     if _always_true(mask_gm):
         return "it has no mask_mod (block sparsity alone is not rewritten)"
     try:
@@ -193,17 +197,47 @@ def _check_passed_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: S
         q_bs, kv_bs = int(block[-3]), int(block[-2])
     except Exception:  # noqa: BLE001
         return "its sizes are symbolic"
-    if S * Skv * B * H > 2**28:
-        return "too large to check at compile time"
-    ex = [_example(a) if isinstance(a, fx.Node) else None for a in block[2:6]]
-    bufs = [_example(b) for b in mask_bufs]
-    if ex[0] is None or ex[1] is None or any(b is None for b in bufs):
+    slots = [i for i, a in enumerate(block[2:6]) if isinstance(a, fx.Node)]
+    nodes = [block[2 + i] for i in slots] + list(mask_bufs)
+    ex = [_example(a) for a in nodes]
+    if any(e is None for e in ex) or slots[:2] != [0, 1]:
         return "its example values are not available at compile time"
+    positions = [input_position(n) for n in nodes]
+    if any(p is None for p in positions):
+        return "its tensors are not inputs of the compiled graph"
+    lifted = lifted_mod_graph(mask_gm, True, len(mask_bufs))
+
+    def reason(*tensors: torch.Tensor) -> str | None:
+        blocks: list[torch.Tensor | None] = [None] * 4
+        for i, t in zip(slots, tensors, strict=False):
+            blocks[i] = t
+        return passed_block_mask_reason(blocks, tensors[len(slots):], lifted, (B, H, S, Skv), (q_bs, kv_bs))
+
+    why = reason(*ex)
+    if why is None:
+        guards.append(CallGuard(tuple(positions), SameContents(ex, reason),  # type: ignore[arg-type]
+                                "the BlockMask passed to flex_attention no longer means its mask_mod"))
+    return why
+
+
+def passed_block_mask_reason(blocks: Sequence[torch.Tensor | None], bufs: Sequence[torch.Tensor],
+                             lifted: fx.GraphModule, sizes: tuple[int, int, int, int],
+                             block_sizes: tuple[int, int]) -> str | None:
+    """None when a BlockMask ((kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)) means
+    exactly the lifted mask_mod on ``bufs``: every block holding a kept pair is listed, and every block
+    listed as full keeps all its pairs (for every batch and head of the call)."""
+    B, H, S, Skv = sizes
+    q_bs, kv_bs = block_sizes
+    if S * Skv * B * H > 2**28:
+        return "too large to check"
+    bufs = [t.cpu() for t in bufs]
     nq, nkv = -(-S // q_bs), -(-Skv // kv_bs)
-    partial = _blocks_dense(ex[0], ex[1], nkv)
-    full = _blocks_dense(ex[2], ex[3], nkv)
+    blocks = [None if t is None else t.cpu() for t in blocks]
+    partial = _blocks_dense(blocks[0], blocks[1], nkv)
+    full = _blocks_dense(blocks[2], blocks[3], nkv)
+    if partial is None:
+        return "it lists no blocks"
     listed = partial if full is None else partial | full
-    lifted = lifted_mod_graph(mask_gm, True, len(bufs))
     b = torch.arange(B).view(-1, 1, 1, 1)
     h = torch.arange(H).view(1, -1, 1, 1)
     q = torch.arange(nq * q_bs).view(1, 1, -1, 1)
@@ -213,9 +247,11 @@ def _check_passed_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: S
     except Exception as exc:  # noqa: BLE001
         return f"mask_mod does not evaluate on index grids ({type(exc).__name__})"
     keep = keep.expand(B, H, nq * q_bs, nkv * kv_bs) & (q < S) & (kv < Skv)
-    blocks = keep.view(B, H, nq, q_bs, nkv, kv_bs)
-    any_kept, all_kept = blocks.any(5).any(3), blocks.all(5).all(3)
-    listed = listed.expand(B, H, nq, nkv) if listed.shape[:2] != (B, H) else listed
+    grid = keep.view(B, H, nq, q_bs, nkv, kv_bs)
+    any_kept, all_kept = grid.any(5).any(3), grid.all(5).all(3)
+    if listed.shape[-2:] != (nq, nkv):
+        return f"its block grid {tuple(listed.shape[-2:])} is not {(nq, nkv)}"
+    listed = listed.expand(B, H, nq, nkv)
     if bool((any_kept & ~listed).any()):
         return "it leaves out blocks where mask_mod keeps pairs"
     if full is not None and bool((full.expand(B, H, nq, nkv) & ~all_kept).any()):
@@ -259,7 +295,8 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
     if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or kv_.dim() != 4:
         raise UnsupportedPatternError(f"flex_attention at {where}: q/k/v are not 4-D")
     sizes = [qv.shape[0], qv.shape[1], qv.shape[2], kv_.shape[2]]
-    note = _check_block_mask(block, mask_gm, mask_bufs, sizes, where)
+    guards: list = []
+    note = _check_block_mask(block, mask_gm, mask_bufs, sizes, where, guards)
     used: dict[int, list[fx.Node]] = {}
     for user in node.users:
         if user.op != "call_function" or user.target is not operator.getitem:
@@ -269,7 +306,8 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
         raise UnsupportedPatternError(
             f"flex_attention at {where} returns max_scores (return_aux): not supported by the ring op")
     key = f"flex{next(_ids)}"
-    _CALLS[key] = FlexCall(score_gm, mask_gm, float(scale), len(score_bufs), len(mask_bufs), where, note)
+    _CALLS[key] = FlexCall(score_gm, mask_gm, float(scale), len(score_bufs), len(mask_bufs), where, note,
+                           tuple(guards))
     hold_call(key, owner)  # the Dynamo graph being compiled: freed with it
     marker = graph.call_function(MARKER, (env[q], env[k], env[v], [env[b] for b in score_bufs],
                                           [env[b] for b in mask_bufs], key))

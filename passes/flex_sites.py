@@ -17,6 +17,7 @@ from ringcompile.site import AttentionSite
 
 from .find_attention import fold_permutes
 from .flex import _CALLS, is_marker
+from .flex_guards import GUARDS_KEY
 
 
 def connect_lse(gm: fx.GraphModule, sites: Sequence[AttentionSite], rejected: Sequence[Any] = ()) -> None:
@@ -26,10 +27,13 @@ def connect_lse(gm: fx.GraphModule, sites: Sequence[AttentionSite], rejected: Se
     from ringcompile.ops import RingCall, is_ring_call
 
     calls = [RingCall.from_node(n) for n in gm.graph.nodes if is_ring_call(n)]
+    guards: list = []
     for site in sites:
         marker = next((n for n in site.nodes if is_marker(n)), None)
         if marker is None or not site.rewritten or marker.graph is not gm.graph:
             continue
+        call = _CALLS.get(marker.args[5])
+        guards += call.guards if call is not None else []
         lse_users = [u for u in marker.users if u.target is operator.getitem and u.args[1] == 1]
         if not lse_users:
             continue
@@ -50,6 +54,8 @@ def connect_lse(gm: fx.GraphModule, sites: Sequence[AttentionSite], rejected: Se
         where = {n: _CALLS[n.args[5]].location if n.args[5] in _CALLS else n.name for n in left}
         what = [f"{where[n]}: {why.get(n, 'not rewritten')}" for n in left]
         raise UnsupportedPatternError(f"FlexAttention call(s) not rewritten: {'; '.join(what)}")
+    if guards:  # checked by the backend before every call (passes.flex_guards)
+        gm.meta[GUARDS_KEY] = [*gm.meta.get(GUARDS_KEY, []), *guards]
     gm.recompile()
 
 

@@ -277,3 +277,31 @@ def test_flex_call_registry_is_freed_with_its_graphs():
     backend.HISTORY.clear()  # the report keeps graphs alive on purpose; the registry must not on its own
     gc.collect()
     assert live_call_count() <= before, (before, live_call_count())
+
+
+def test_block_mask_passed_in_is_rechecked_on_every_call(caplog):
+    """Dynamo guards the BlockMask's shapes, not its contents: a later call with other blocks reuses the
+    compiled graph, so the backend re-checks them and runs the original graph when they lie."""
+    q, k, v = _inputs(10)
+    good = create_block_mask(_causal, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, m: flex_attention(q, k, v, block_mask=m), backend="ring",
+                             options={"inner": "eager"}, dynamic=False)
+    with torch.no_grad():
+        out = compiled(q, k, v, good)
+    n_graphs = len(backend.HISTORY)
+    assert backend.HISTORY[-1].sites[0].rewritten
+    assert (out.double() - _reference(q, k, v, keep=_causal)).abs().max() < 2e-5
+    again = create_block_mask(_causal, None, None, S, S, device="cpu", BLOCK_SIZE=16)  # same blocks: ring
+    lying = create_block_mask(_window, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    lying.mask_mod = _causal  # block sparsity of a window, mask_mod causal: flex honours the blocks
+    q2, k2, v2 = _inputs(11)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="ringcompile"):
+        out_again = compiled(q2, k2, v2, again)
+        out_lying = compiled(q2, k2, v2, lying)
+    assert len(backend.HISTORY) == n_graphs, "expected Dynamo to reuse the graph (the guard is the test)"
+    assert (out_again.double() - _reference(q2, k2, v2, keep=_causal)).abs().max() < 2e-5
+    torch.testing.assert_close(out_lying, flex_attention(q2, k2, v2, block_mask=lying))
+    fell_back = [r.getMessage() for r in caplog.records if "runs the original" in r.getMessage()]
+    assert len(fell_back) == 1 and "no longer means its mask_mod" in fell_back[0], fell_back
+    assert "leaves out blocks" in fell_back[0], fell_back
