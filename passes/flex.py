@@ -543,8 +543,55 @@ def _is_document_clause(clause: list) -> bool:
     return {f1.args, f2.args} in ({(SYMS["b"], Q), (SYMS["b"], KV)}, {(Q,), (KV,)})
 
 
-def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node]) -> Mod | None:
-    """Our Mod for a flex mask_mod graph (None when it keeps everything)."""
+def _position_causal(expr: Any, extras: Sequence[fx.Node]) -> tuple[Any, Any] | None:
+    """HF's packed-sequence form of causality, ``pos[b, kv] <= pos[b, q]`` (``position_ids`` remapped
+    indices, ``and``-ed with ``doc[b, q] == doc[b, kv]``): the keep formula with that clause read as
+    ``kv <= q``, and the guard under which that reading is exact (positions increase inside each
+    document, checked on every call), or None when the mask has no such clause over graph inputs."""
+    from .classify_mods import KV, SYMS, Q, _cnf_clauses
+    from .flex_guards import CallGuard, input_position, positions_increase_within_documents
+
+    undef = sympy.core.function.AppliedUndef
+    clauses = _cnf_clauses(expr) or []
+    docs = [c[0][0] for c in clauses if _is_document_clause(c)]
+    for n, clause in enumerate(clauses):
+        if len(clause) != 1 or not clause[0][1]:
+            continue
+        atom = clause[0][0]
+        if isinstance(atom, sympy.GreaterThan):
+            diff = atom.args[0] - atom.args[1]  # diff >= 0
+        elif isinstance(atom, sympy.LessThan):
+            diff = atom.args[1] - atom.args[0]
+        else:
+            continue
+        terms = [t.as_coeff_Mul() for t in sympy.Add.make_args(sympy.expand(diff))]
+        if len(terms) != 2 or not all(isinstance(f, undef) and abs(c) == 1 for c, f in terms):
+            continue
+        (big, small) = [f for c, f in sorted(terms, key=lambda t: -t[0])]
+        if small.func != big.func or sorted(c for c, _ in terms) != [-1, 1]:
+            continue
+        if (small.args, big.args) not in (((SYMS["b"], KV), (SYMS["b"], Q)), ((KV,), (Q,))):
+            continue
+        pos = extras[int(str(small.func)[len("extra"):])]
+        doc = None
+        if docs:
+            f = next(a for a in sympy.Add.make_args(docs[0].args[0]) if isinstance(a, undef))
+            doc = extras[int(str(f.func)[len("extra"):])]
+        inputs = [input_position(pos)] + ([input_position(doc)] if doc is not None else [])
+        if any(i is None for i in inputs):
+            return None  # computed in the graph: nothing to check it against on each call
+        guard = CallGuard(tuple(inputs), positions_increase_within_documents,  # type: ignore[arg-type]
+                          "flex mask causality over positions"
+                          " (pos[b, kv] <= pos[b, q] read as kv <= q)")
+        rest = [sympy.Or(*[a if pol else sympy.Not(a) for a, pol in c])
+                for m, c in enumerate(clauses) if m != n]
+        return sympy.And(sympy.Le(KV, Q), *rest), guard
+    return None
+
+
+def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node], guards: list | None = None) -> Mod | None:
+    """Our Mod for a flex mask_mod graph (None when it keeps everything); facts its classification
+    relies on that must be re-checked on every call are appended to ``guards`` (not claimed without it)."""
     from .classify_mods import MaskClass, _bool, classify_keep, to_sympy
     from .index_lift import dtype_of
     from .mods import aten_graph, canonical_mask, clamp_lookups
@@ -557,6 +604,10 @@ def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node]) -> Mod | None:
     document, only_document = False, False
     try:
         keep = _bool(to_sympy(lifted, extra_dtypes=dtypes))
+        claim = _position_causal(keep.expr, extras) if guards is not None else None
+        if claim is not None:  # classification only: the mod itself stays the exact mask_mod
+            keep = type(keep)(claim[0])
+            guards.append(claim[1])
         cls = classify_keep(keep)
         document, only_document = _document_keep(keep.expr)
     except Exception as exc:  # noqa: BLE001 - classification only enables fast paths

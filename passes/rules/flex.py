@@ -5,6 +5,7 @@ graphs, with the captured buffers as extras.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -36,7 +37,10 @@ def extract_flex(node: fx.Node, index: int) -> Match:
         raise Decline(f"flex_attention at {call.location}: {hq} query heads, {hkv} kv heads")
     where = call.location
     sizes = [int(qv.shape[0]), int(hq), int(qv.shape[2]), int(kv_.shape[2])]
-    mask = mask_mod_from(call.mask_gm, mask_bufs)
+    guards: list = []
+    mask = mask_mod_from(call.mask_gm, mask_bufs, guards)
+    if guards:  # checked before every call of the rewritten graph (passes.flex_guards)
+        _CALLS[key] = call = dataclasses.replace(call, guards=call.guards + tuple(guards))
     score = score_mod_from(call.score_gm, score_bufs)
     for mod, bufs in ((mask, mask_bufs), (score, score_bufs)):
         if mod is None:

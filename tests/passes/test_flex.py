@@ -305,3 +305,49 @@ def test_block_mask_passed_in_is_rechecked_on_every_call(caplog):
     fell_back = [r.getMessage() for r in caplog.records if "runs the original" in r.getMessage()]
     assert len(fell_back) == 1 and "no longer means its mask_mod" in fell_back[0], fell_back
     assert "leaves out blocks" in fell_back[0], fell_back
+
+
+def _packed(b, h, q, kv, pos, doc):
+    return (pos[b, kv] <= pos[b, q]) & (doc[b, q] == doc[b, kv])
+
+
+def f_packed_positions(q, k, v, pos, doc):
+    mask = create_block_mask(lambda b, h, qi, ki: _packed(b, h, qi, ki, pos, doc), B, None, S, S,
+                             device="cpu")
+    return flex_attention(q, k, v, block_mask=mask)
+
+
+def test_causality_over_positions_is_claimed_under_a_per_call_guard(caplog):
+    """HF's packed form ``pos[b, kv] <= pos[b, q] & doc[b, q] == doc[b, kv]`` is causal & document while
+    positions increase inside each document (checked on every call); other positions run the original."""
+    from ringcompile.ops import RingCall, is_ring_call
+    from ringcompile.runtime.local import mask_structure
+
+    doc = DOC.clone()
+    starts = torch.cat([torch.zeros(B, 1, dtype=torch.long), (doc[:, 1:] != doc[:, :-1]).long()], 1)
+    idx = torch.arange(S).expand(B, S)
+    first = torch.cummax(torch.where(starts.bool() | (idx == 0), idx, 0), 1).values
+    pos = idx - first  # HF's position_ids of packed documents: 0, 1, 2, ... inside each
+    q, k, v = _inputs(12)
+    torch._dynamo.reset()
+    compiled = torch.compile(f_packed_positions, backend="ring", options={"inner": "eager"}, dynamic=False)
+
+    def ref(pos, q, k, v):
+        return _reference(q, k, v, keep=lambda b, h, qi, ki: _packed(b, h, qi, ki, pos, doc))
+
+    with torch.no_grad():
+        out = compiled(q, k, v, pos, doc)
+    entry = backend.HISTORY[-1]
+    (site,) = entry.sites
+    assert site.rewritten and site.mask_description == "flex mask_mod: causal & document", site
+    (ring,) = [RingCall.from_node(n) for n in entry.graph.graph.nodes if is_ring_call(n)]
+    assert ring.spec.mask.kinds == ("causal", "document")
+    assert mask_structure(ring.spec.mask, 0, 15, 16, 31) == "empty"  # from indices alone: tiles skipped
+    assert (out.double() - ref(pos, q, k, v)).abs().max() < 2e-5
+    backwards = torch.where(doc == doc[:, :1], 100 - idx, pos)  # decreasing inside the first document
+    q, k, v = _inputs(13)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="ringcompile"):
+        out = compiled(q, k, v, backwards, doc)
+    assert (out.double() - ref(backwards, q, k, v)).abs().max() < 2e-5
+    assert any("causality over positions" in r.getMessage() and "inside a document" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
