@@ -100,10 +100,37 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 @torch.library.custom_op("ringcompile::flex_attention_site", mutates_args=())
 def flex_attention_site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_buffers: list[torch.Tensor],
                         mask_buffers: list[torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stands for one flex call between the retrace and the rewrite; (out, natural-log lse)."""
-    raise RingCompileError(
-        f"internal error: the FlexAttention marker {key!r} was executed; every marker must be rewritten "
-        "into ringcompile.ring_attention or the graph must fall back to the original")
+    """Stands for one flex call between the retrace and the rewrite; (out, natural-log lse).
+
+    A marker the rewrite refused (while other sites of its graph were rewritten) stays in the graph and
+    runs here as the original flex call, on replicated inputs (``run_original``)."""
+    call = _CALLS.get(key)
+    if call is None:
+        raise RingCompileError(
+            f"internal error: the FlexAttention marker {key!r} has no record (its graph was freed?); "
+            "recompile the model (torch._dynamo.reset()) and report this")
+    return run_original(call, q, k, v, score_buffers, mask_buffers)
+
+
+def run_original(call: FlexCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 score_buffers: Sequence[torch.Tensor], mask_buffers: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flex call the marker stands for, eagerly: its mods with their buffers and a BlockMask built
+    from mask_mod (the marker exists only where the call's BlockMask provably means mask_mod)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def score_mod(s, b, h, qi, ki):
+        return call.score_gm(s, b, h, qi, ki, *score_buffers)
+
+    def mask_mod(b, h, qi, ki):
+        return call.mask_gm(b, h, qi, ki, *mask_buffers)
+
+    block = None
+    if not _always_true(call.mask_gm):
+        block = create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device)
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block, scale=call.scale,
+                              enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
+    return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
 @flex_attention_site.register_fake

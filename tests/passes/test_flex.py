@@ -351,3 +351,47 @@ def test_causality_over_positions_is_claimed_under_a_per_call_guard(caplog):
     assert (out.double() - ref(backwards, q, k, v)).abs().max() < 2e-5
     assert any("causality over positions" in r.getMessage() and "inside a document" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def f_self_then_cross(q, k, v, mk, mv):
+    x = flex_attention(q, k, v, block_mask=create_block_mask(_causal, None, None, S, S, device="cpu"))
+    return flex_attention(x * 2.0, mk, mv)  # cross-attention (32 keys): refused, runs as the original op
+
+
+def run_per_site_fallback(seed: int) -> dict:
+    torch._dynamo.reset()
+    q, k, v = _inputs(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    mk, mv = torch.randn(B, H, 32, D, generator=g), torch.randn(B, H, 32, D, generator=g)
+    first = len(backend.HISTORY)
+    with torch.no_grad():
+        out = torch.compile(f_self_then_cross, backend="ring", options={"inner": "eager"}, dynamic=False)(
+            q, k, v, mk, mv)
+    x = _reference(q, k, v, keep=_causal) * 2.0
+    ref = torch.softmax(x @ mk.double().transpose(-1, -2) * D ** -0.5, -1) @ mv.double()
+    (entry,) = [e for e in backend.HISTORY[first:] if e.sites or e.fallback_reason]
+    return {"err": (out.double() - ref).abs().max().item(), "fallback": entry.fallback_reason,
+            "sites": [s.rewritten for s in entry.sites], "refused": [r.reason for r in entry.rejected],
+            "sharded": entry.graph.meta.get("ringcompile_shard") is not None}
+
+
+def _check_per_site(got: dict, sharded: bool) -> None:
+    assert "error" not in got and got["fallback"] is None, got
+    assert got["err"] < 2e-5, got
+    assert got["sites"] == [True] and len(got["refused"]) == 1 and "cross-attention" in got["refused"][0], got
+    assert got["sharded"] is sharded, got
+
+
+def test_a_refused_flex_call_falls_back_alone_the_other_site_is_rewritten():
+    _check_per_site(run_per_site_fallback(14), sharded=False)
+
+
+def case_per_site(rank, world):
+    return run_per_site_fallback(15)
+
+
+@pytest.mark.multirank
+def test_a_refused_flex_call_falls_back_alone_on_two_ranks():
+    for got in run_cases("test_flex", ["case_per_site"], world=2, timeout=300)["case_per_site"]:
+        assert got is not None, got
+        _check_per_site(got, sharded=True)
