@@ -323,7 +323,10 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
         raise UnsupportedPatternError(f"flex_attention at {where}: q/k/v are not 4-D")
     sizes = [qv.shape[0], qv.shape[1], qv.shape[2], kv_.shape[2]]
     guards: list = []
-    note = _check_block_mask(block, mask_gm, mask_bufs, sizes, where, guards)
+    # judged in the flattened graph: a BlockMask handed into a HOP body (a checkpointed block taking
+    # the mask as an argument) is then seen for what it is outside the body
+    resolved = tuple(env.get(a, a) if isinstance(a, fx.Node) and a is not block[-1] else a for a in block)
+    note = _check_block_mask(resolved, mask_gm, [env.get(b, b) for b in mask_bufs], sizes, where, guards)
     used: dict[int, list[fx.Node]] = {}
     for user in node.users:
         if user.op != "call_function" or user.target is not operator.getitem:
