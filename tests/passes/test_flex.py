@@ -149,14 +149,18 @@ def test_flex_call_is_rewritten_and_matches_float64(name):
 
 
 def case_all(rank, world):
-    return {name: run_case(name, seed=len(name)) for name in RANK_CASES}
+    out = {name: run_case(name, seed=len(name)) for name in RANK_CASES}
+    out["per_site"] = run_per_site_fallback(15)  # one spawn for all 2-rank cases of this file
+    return out
 
 
 @pytest.mark.multirank
 def test_flex_calls_on_two_ranks_are_sharded_and_match_float64():
+    """The rank cases, and a refused flex call falling back alone while the graph's other site is sharded."""
     results = run_cases("test_flex", ["case_all"], world=2, timeout=400)["case_all"]
     for rank in results:
         assert rank is not None and "error" not in rank, rank
+        _check_per_site(rank.pop("per_site"), sharded=True)
         for name, got in rank.items():
             _check(name, got, sharded=True)
 
@@ -268,7 +272,7 @@ def test_flex_call_registry_is_freed_with_its_graphs():
     torch._dynamo.reset()
     gc.collect()
     before = live_call_count()
-    for i in range(6):
+    for i in range(3):
         torch._dynamo.reset()
         with torch.no_grad():
             torch.compile(f_softcap, backend="ring", options={"inner": "eager"}, dynamic=False)(q, k, v)
@@ -384,17 +388,6 @@ def _check_per_site(got: dict, sharded: bool) -> None:
 
 def test_a_refused_flex_call_falls_back_alone_the_other_site_is_rewritten():
     _check_per_site(run_per_site_fallback(14), sharded=False)
-
-
-def case_per_site(rank, world):
-    return run_per_site_fallback(15)
-
-
-@pytest.mark.multirank
-def test_a_refused_flex_call_falls_back_alone_on_two_ranks():
-    for got in run_cases("test_flex", ["case_per_site"], world=2, timeout=300)["case_per_site"]:
-        assert got is not None, got
-        _check_per_site(got, sharded=True)
 
 
 class _CheckpointedFlex(torch.nn.Module):
