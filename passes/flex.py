@@ -63,6 +63,8 @@ class FlexCall:
     location: str
     note: str | None = None
     guards: tuple = ()  # flex_guards.CallGuard: what every call must still satisfy once rewritten
+    refused: str | None = None  # why the rule must decline it (decided before the retrace)
+    block_spec: tuple | None = None  # ((Q_LEN, KV_LEN), BLOCK_SIZE, which kv block tensors are passed)
 
 
 _CALLS: dict[str, FlexCall] = {}
@@ -99,7 +101,8 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 @torch.library.custom_op("ringcompile::flex_attention_site", mutates_args=())
 def flex_attention_site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_buffers: list[torch.Tensor],
-                        mask_buffers: list[torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+                        mask_buffers: list[torch.Tensor], key: str,
+                        block_tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stands for one flex call between the retrace and the rewrite; (out, natural-log lse).
 
     A marker the rewrite refused (while other sites of its graph were rewritten) stays in the graph and
@@ -109,15 +112,16 @@ def flex_attention_site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score
         raise RingCompileError(
             f"internal error: the FlexAttention marker {key!r} has no record (its graph was freed?); "
             "recompile the model (torch._dynamo.reset()) and report this")
-    return run_original(call, q, k, v, score_buffers, mask_buffers)
+    return run_original(call, q, k, v, score_buffers, mask_buffers, block_tensors)
 
 
 def run_original(call: FlexCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 score_buffers: Sequence[torch.Tensor], mask_buffers: Sequence[torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flex call the marker stands for, eagerly: its mods with their buffers and a BlockMask built
-    from mask_mod (the marker exists only where the call's BlockMask provably means mask_mod)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+                 score_buffers: Sequence[torch.Tensor], mask_buffers: Sequence[torch.Tensor],
+                 block_tensors: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flex call the marker stands for, eagerly: its mods with their buffers and its BlockMask,
+    rebuilt from the kv block tensors it carries, or built from mask_mod (where the call's BlockMask
+    provably means mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
     def score_mod(s, b, h, qi, ki):
         return call.score_gm(s, b, h, qi, ki, *score_buffers)
@@ -126,7 +130,13 @@ def run_original(call: FlexCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return call.mask_gm(b, h, qi, ki, *mask_buffers)
 
     block = None
-    if not _always_true(call.mask_gm):
+    if call.block_spec is not None:
+        seq_lengths, block_size, present = call.block_spec
+        it = iter(block_tensors)
+        kv = [next(it) if p else None for p in present]
+        block = BlockMask.from_kv_blocks(kv[0], kv[1], kv[2], kv[3], BLOCK_SIZE=tuple(block_size),
+                                         mask_mod=mask_mod, seq_lengths=tuple(seq_lengths))
+    elif not _always_true(call.mask_gm):
         block = create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device)
     out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block, scale=call.scale,
                               enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
@@ -134,7 +144,7 @@ def run_original(call: FlexCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 @flex_attention_site.register_fake
-def _(q, k, v, score_buffers, mask_buffers, key):
+def _(q, k, v, score_buffers, mask_buffers, key, block_tensors):
     B, H, S, _ = q.shape
     return q.new_empty(B, H, S, v.shape[-1]), q.new_empty(B, H, S, dtype=_lse_dtype(q))
 
@@ -326,7 +336,19 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
     # judged in the flattened graph: a BlockMask handed into a HOP body (a checkpointed block taking
     # the mask as an argument) is then seen for what it is outside the body
     resolved = tuple(env.get(a, a) if isinstance(a, fx.Node) and a is not block[-1] else a for a in block)
-    note = _check_block_mask(resolved, mask_gm, [env.get(b, b) for b in mask_bufs], sizes, where, guards)
+    refused, block_spec, block_nodes = None, None, []
+    try:
+        note = _check_block_mask(resolved, mask_gm, [env.get(b, b) for b in mask_bufs], sizes, where, guards)
+    except UnsupportedPatternError as exc:
+        # kept as a marker that runs the original call with this very BlockMask (the flex rule declines
+        # it with this reason), so the graph's other sites can still be rewritten
+        kv_blocks = list(resolved[2:6])
+        if not (isinstance(kv_blocks[0], fx.Node) and isinstance(kv_blocks[1], fx.Node)
+                and all(type(a) is int for a in (block[0], block[1], block[-3], block[-2]))):
+            raise
+        refused, note = str(exc), None
+        block_spec = ((block[0], block[1]), (block[-3], block[-2]), [a is not None for a in kv_blocks])
+        block_nodes = [a for a in kv_blocks if a is not None]
     used: dict[int, list[fx.Node]] = {}
     for user in node.users:
         if user.op != "call_function" or user.target is not operator.getitem:
@@ -337,10 +359,10 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
             f"flex_attention at {where} returns max_scores (return_aux): not supported by the ring op")
     key = f"flex{next(_ids)}"
     _CALLS[key] = FlexCall(score_gm, mask_gm, float(scale), len(score_bufs), len(mask_bufs), where, note,
-                           tuple(guards))
+                           tuple(guards), refused, block_spec)
     hold_call(key, owner)  # the Dynamo graph being compiled: freed with it
     marker = graph.call_function(MARKER, (env[q], env[k], env[v], [env[b] for b in score_bufs],
-                                          [env[b] for b in mask_bufs], key))
+                                          [env[b] for b in mask_bufs], key, block_nodes))
     marker.meta = {m: node.meta[m] for m in ("stack_trace", "nn_module_stack") if m in node.meta}
     out = graph.call_function(operator.getitem, (marker, 0))
     lse = None

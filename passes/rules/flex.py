@@ -20,10 +20,12 @@ from .shapes import _layout_name, _or_none, fold_permutes, same_size
 
 def extract_flex(node: fx.Node, index: int) -> Match:
     """The site of one flex marker; declines (the graph then falls back) when it cannot be described."""
-    q, k, v, score_bufs, mask_bufs, key = node.args
+    q, k, v, score_bufs, mask_bufs, key = node.args[:6]
     call = _CALLS.get(key)
     if call is None:
         raise Decline(f"flex marker {key!r} has no record (graph compiled elsewhere?)")
+    if call.refused is not None:
+        raise Decline(call.refused)
     outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
     if len(outs) != 1:
         raise Decline(f"flex_attention at {call.location}: output read {len(outs)} times")

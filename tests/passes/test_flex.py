@@ -438,3 +438,24 @@ def test_flex_building_its_block_mask_inside_checkpoint_never_reaches_the_backen
     monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True)
     err, sites = _run_checkpointed(mask_inside=True, seed=18)
     assert err < 2e-5 and sites == [(True, "causal")], (err, sites)
+
+
+def test_a_block_mask_refused_before_the_retrace_also_falls_back_alone():
+    """The passed-in BlockMask that lies about its mask_mod is refused; its call runs as the original flex
+    op with that very BlockMask, and the graph's other site is still rewritten."""
+    q, k, v = _inputs(19)
+    lying = create_block_mask(_window, None, None, S, S, device="cpu", BLOCK_SIZE=16)
+    lying.mask_mod = _causal
+
+    def fn(q, k, v, mask):
+        x = flex_attention(q, k, v, block_mask=create_block_mask(_causal, None, None, S, S, device="cpu"))
+        return flex_attention(x * 2.0, k, v, block_mask=mask)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(fn, backend="ring", options={"inner": "eager"}, dynamic=False)(q, k, v, lying)
+        want = fn(q, k, v, lying)
+    entry = backend.HISTORY[-1]
+    assert entry.fallback_reason is None and [s.rewritten for s in entry.sites] == [True], entry
+    assert [r.reason for r in entry.rejected if "leaves out blocks" in r.reason], entry.rejected
+    torch.testing.assert_close(out, want)  # the same model in one process (flex honours the blocks it gets)
