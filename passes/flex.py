@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import math
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,10 +62,37 @@ class FlexCall:
     n_mask: int
     location: str
     note: str | None = None
+    guards: tuple = ()  # flex_guards.CallGuard: what every call must still satisfy once rewritten
+    refused: str | None = None  # why the rule must decline it (decided before the retrace)
+    block_spec: tuple | None = None  # ((Q_LEN, KV_LEN), BLOCK_SIZE, which kv block tensors are passed)
 
 
 _CALLS: dict[str, FlexCall] = {}
+_HOLDERS: dict[str, int] = {}  # key -> how many live objects (graph modules) hold it
 _ids = itertools.count()
+
+
+def hold_call(key: str, holder: Any) -> None:
+    """Keep ``_CALLS[key]`` while ``holder`` lives (the graph whose compile or run needs it): the entry is
+    freed when its last holder is garbage collected, so the registry does not grow with every compile."""
+    if key not in _CALLS:
+        return
+    _HOLDERS[key] = _HOLDERS.get(key, 0) + 1
+    weakref.finalize(holder, _release_call, key)
+
+
+def _release_call(key: str) -> None:
+    left = _HOLDERS.get(key, 0) - 1
+    if left > 0:
+        _HOLDERS[key] = left
+        return
+    _HOLDERS.pop(key, None)
+    _CALLS.pop(key, None)
+
+
+def live_call_count() -> int:
+    """How many flex calls the registry holds (tests check it does not grow across compiles)."""
+    return len(_CALLS)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -73,15 +101,50 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 @torch.library.custom_op("ringcompile::flex_attention_site", mutates_args=())
 def flex_attention_site(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, score_buffers: list[torch.Tensor],
-                        mask_buffers: list[torch.Tensor], key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stands for one flex call between the retrace and the rewrite; (out, natural-log lse)."""
-    raise RingCompileError(
-        f"internal error: the FlexAttention marker {key!r} was executed; every marker must be rewritten "
-        "into ringcompile.ring_attention or the graph must fall back to the original")
+                        mask_buffers: list[torch.Tensor], key: str,
+                        block_tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stands for one flex call between the retrace and the rewrite; (out, natural-log lse).
+
+    A marker the rewrite refused (while other sites of its graph were rewritten) stays in the graph and
+    runs here as the original flex call, on replicated inputs (``run_original``)."""
+    call = _CALLS.get(key)
+    if call is None:
+        raise RingCompileError(
+            f"internal error: the FlexAttention marker {key!r} has no record (its graph was freed?); "
+            "recompile the model (torch._dynamo.reset()) and report this")
+    return run_original(call, q, k, v, score_buffers, mask_buffers, block_tensors)
+
+
+def run_original(call: FlexCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 score_buffers: Sequence[torch.Tensor], mask_buffers: Sequence[torch.Tensor],
+                 block_tensors: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flex call the marker stands for, eagerly: its mods with their buffers and its BlockMask,
+    rebuilt from the kv block tensors it carries, or built from mask_mod (where the call's BlockMask
+    provably means mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+    def score_mod(s, b, h, qi, ki):
+        return call.score_gm(s, b, h, qi, ki, *score_buffers)
+
+    def mask_mod(b, h, qi, ki):
+        return call.mask_gm(b, h, qi, ki, *mask_buffers)
+
+    block = None
+    if call.block_spec is not None:
+        seq_lengths, block_size, present = call.block_spec
+        it = iter(block_tensors)
+        kv = [next(it) if p else None for p in present]
+        block = BlockMask.from_kv_blocks(kv[0], kv[1], kv[2], kv[3], BLOCK_SIZE=tuple(block_size),
+                                         mask_mod=mask_mod, seq_lengths=tuple(seq_lengths))
+    elif not _always_true(call.mask_gm):
+        block = create_block_mask(mask_mod, q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device)
+    out, lse = flex_attention(q, k, v, score_mod=score_mod, block_mask=block, scale=call.scale,
+                              enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
+    return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
 @flex_attention_site.register_fake
-def _(q, k, v, score_buffers, mask_buffers, key):
+def _(q, k, v, score_buffers, mask_buffers, key, block_tensors):
     B, H, S, _ = q.shape
     return q.new_empty(B, H, S, v.shape[-1]), q.new_empty(B, H, S, dtype=_lse_dtype(q))
 
@@ -114,16 +177,17 @@ def _fn_name(node: fx.Node) -> str:
 
 
 def _check_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: Sequence[fx.Node],
-                      sizes: Sequence[Any], where: str) -> str | None:
+                      sizes: Sequence[Any], where: str, guards: list) -> str | None:
     """Refuse a BlockMask whose block sparsity might mean more than its mask_mod (see module docstring);
     returns a note for the report, if any."""
     q_len, kv_len = sizes[2], sizes[3]
     tensors = [a for a in block[:-1] if isinstance(a, fx.Node) and isinstance(dynamo_val(a), torch.Tensor)]
     outside = [a.name for a in tensors if a.op in ("placeholder", "get_attr")]
     if outside:
-        why = _check_passed_block_mask(block, mask_gm, mask_bufs, sizes)
+        why = _check_passed_block_mask(block, mask_gm, mask_bufs, sizes, guards)
         if why is None:
-            return "BlockMask passed in: its blocks were checked against mask_mod on the first call"
+            return "BlockMask passed in: its blocks are checked against mask_mod (again on every call that " \
+                "passes different contents)"
         raise UnsupportedPatternError(
             f"flex_attention at {where} takes a BlockMask built outside the compiled region (its block "
             f"tensors {outside} are graph inputs) whose blocks cannot be vouched for: {why}; the call is "
@@ -158,9 +222,11 @@ def _blocks_dense(num: torch.Tensor | None, idx: torch.Tensor | None, n_kv: int)
 
 
 def _check_passed_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: Sequence[fx.Node],
-                             sizes: Sequence[Any]) -> str | None:
-    """None when the example BlockMask means exactly mask_mod: every block holding a kept pair is listed,
-    and every block listed as full keeps all its pairs (for every batch and head of the call)."""
+                             sizes: Sequence[Any], guards: list) -> str | None:
+    """None when the example BlockMask means exactly mask_mod (``passed_block_mask_reason``); then a
+    guard in ``guards`` re-checks it on every call whose block tensors or mask buffers change."""
+    from .flex_guards import CallGuard, SameContents, input_position
+
     if _always_true(mask_gm):
         return "it has no mask_mod (block sparsity alone is not rewritten)"
     try:
@@ -168,17 +234,47 @@ def _check_passed_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: S
         q_bs, kv_bs = int(block[-3]), int(block[-2])
     except Exception:  # noqa: BLE001
         return "its sizes are symbolic"
-    if S * Skv * B * H > 2**28:
-        return "too large to check at compile time"
-    ex = [_example(a) if isinstance(a, fx.Node) else None for a in block[2:6]]
-    bufs = [_example(b) for b in mask_bufs]
-    if ex[0] is None or ex[1] is None or any(b is None for b in bufs):
+    slots = [i for i, a in enumerate(block[2:6]) if isinstance(a, fx.Node)]
+    nodes = [block[2 + i] for i in slots] + list(mask_bufs)
+    ex = [_example(a) for a in nodes]
+    if any(e is None for e in ex) or slots[:2] != [0, 1]:
         return "its example values are not available at compile time"
+    positions = [input_position(n) for n in nodes]
+    if any(p is None for p in positions):
+        return "its tensors are not inputs of the compiled graph"
+    lifted = lifted_mod_graph(mask_gm, True, len(mask_bufs))
+
+    def reason(*tensors: torch.Tensor) -> str | None:
+        blocks: list[torch.Tensor | None] = [None] * 4
+        for i, t in zip(slots, tensors, strict=False):
+            blocks[i] = t
+        return passed_block_mask_reason(blocks, tensors[len(slots):], lifted, (B, H, S, Skv), (q_bs, kv_bs))
+
+    why = reason(*ex)
+    if why is None:
+        guards.append(CallGuard(tuple(positions), SameContents(ex, reason),  # type: ignore[arg-type]
+                                "the BlockMask passed to flex_attention no longer means its mask_mod"))
+    return why
+
+
+def passed_block_mask_reason(blocks: Sequence[torch.Tensor | None], bufs: Sequence[torch.Tensor],
+                             lifted: fx.GraphModule, sizes: tuple[int, int, int, int],
+                             block_sizes: tuple[int, int]) -> str | None:
+    """None when a BlockMask ((kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)) means
+    exactly the lifted mask_mod on ``bufs``: every block holding a kept pair is listed, and every block
+    listed as full keeps all its pairs (for every batch and head of the call)."""
+    B, H, S, Skv = sizes
+    q_bs, kv_bs = block_sizes
+    if S * Skv * B * H > 2**28:
+        return "too large to check"
+    bufs = [t.cpu() for t in bufs]
     nq, nkv = -(-S // q_bs), -(-Skv // kv_bs)
-    partial = _blocks_dense(ex[0], ex[1], nkv)
-    full = _blocks_dense(ex[2], ex[3], nkv)
+    blocks = [None if t is None else t.cpu() for t in blocks]
+    partial = _blocks_dense(blocks[0], blocks[1], nkv)
+    full = _blocks_dense(blocks[2], blocks[3], nkv)
+    if partial is None:
+        return "it lists no blocks"
     listed = partial if full is None else partial | full
-    lifted = lifted_mod_graph(mask_gm, True, len(bufs))
     b = torch.arange(B).view(-1, 1, 1, 1)
     h = torch.arange(H).view(1, -1, 1, 1)
     q = torch.arange(nq * q_bs).view(1, 1, -1, 1)
@@ -188,9 +284,11 @@ def _check_passed_block_mask(block: tuple, mask_gm: fx.GraphModule, mask_bufs: S
     except Exception as exc:  # noqa: BLE001
         return f"mask_mod does not evaluate on index grids ({type(exc).__name__})"
     keep = keep.expand(B, H, nq * q_bs, nkv * kv_bs) & (q < S) & (kv < Skv)
-    blocks = keep.view(B, H, nq, q_bs, nkv, kv_bs)
-    any_kept, all_kept = blocks.any(5).any(3), blocks.all(5).all(3)
-    listed = listed.expand(B, H, nq, nkv) if listed.shape[:2] != (B, H) else listed
+    grid = keep.view(B, H, nq, q_bs, nkv, kv_bs)
+    any_kept, all_kept = grid.any(5).any(3), grid.all(5).all(3)
+    if listed.shape[-2:] != (nq, nkv):
+        return f"its block grid {tuple(listed.shape[-2:])} is not {(nq, nkv)}"
+    listed = listed.expand(B, H, nq, nkv)
     if bool((any_kept & ~listed).any()):
         return "it leaves out blocks where mask_mod keeps pairs"
     if full is not None and bool((full.expand(B, H, nq, nkv) & ~all_kept).any()):
@@ -234,7 +332,23 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
     if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or kv_.dim() != 4:
         raise UnsupportedPatternError(f"flex_attention at {where}: q/k/v are not 4-D")
     sizes = [qv.shape[0], qv.shape[1], qv.shape[2], kv_.shape[2]]
-    note = _check_block_mask(block, mask_gm, mask_bufs, sizes, where)
+    guards: list = []
+    # judged in the flattened graph: a BlockMask handed into a HOP body (a checkpointed block taking
+    # the mask as an argument) is then seen for what it is outside the body
+    resolved = tuple(env.get(a, a) if isinstance(a, fx.Node) and a is not block[-1] else a for a in block)
+    refused, block_spec, block_nodes = None, None, []
+    try:
+        note = _check_block_mask(resolved, mask_gm, [env.get(b, b) for b in mask_bufs], sizes, where, guards)
+    except UnsupportedPatternError as exc:
+        # kept as a marker that runs the original call with this very BlockMask (the flex rule declines
+        # it with this reason), so the graph's other sites can still be rewritten
+        kv_blocks = list(resolved[2:6])
+        if not (isinstance(kv_blocks[0], fx.Node) and isinstance(kv_blocks[1], fx.Node)
+                and all(type(a) is int for a in (block[0], block[1], block[-3], block[-2]))):
+            raise
+        refused, note = str(exc), None
+        block_spec = ((block[0], block[1]), (block[-3], block[-2]), [a is not None for a in kv_blocks])
+        block_nodes = [a for a in kv_blocks if a is not None]
     used: dict[int, list[fx.Node]] = {}
     for user in node.users:
         if user.op != "call_function" or user.target is not operator.getitem:
@@ -244,9 +358,11 @@ def lower_flex_call(graph: fx.Graph, owner: fx.GraphModule, node: fx.Node, env: 
         raise UnsupportedPatternError(
             f"flex_attention at {where} returns max_scores (return_aux): not supported by the ring op")
     key = f"flex{next(_ids)}"
-    _CALLS[key] = FlexCall(score_gm, mask_gm, float(scale), len(score_bufs), len(mask_bufs), where, note)
+    _CALLS[key] = FlexCall(score_gm, mask_gm, float(scale), len(score_bufs), len(mask_bufs), where, note,
+                           tuple(guards), refused, block_spec)
+    hold_call(key, owner)  # the Dynamo graph being compiled: freed with it
     marker = graph.call_function(MARKER, (env[q], env[k], env[v], [env[b] for b in score_bufs],
-                                          [env[b] for b in mask_bufs], key))
+                                          [env[b] for b in mask_bufs], key, block_nodes))
     marker.meta = {m: node.meta[m] for m in ("stack_trace", "nn_module_stack") if m in node.meta}
     out = graph.call_function(operator.getitem, (marker, 0))
     lse = None
@@ -479,8 +595,55 @@ def _is_document_clause(clause: list) -> bool:
     return {f1.args, f2.args} in ({(SYMS["b"], Q), (SYMS["b"], KV)}, {(Q,), (KV,)})
 
 
-def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node]) -> Mod | None:
-    """Our Mod for a flex mask_mod graph (None when it keeps everything)."""
+def _position_causal(expr: Any, extras: Sequence[fx.Node]) -> tuple[Any, Any] | None:
+    """HF's packed-sequence form of causality, ``pos[b, kv] <= pos[b, q]`` (``position_ids`` remapped
+    indices, ``and``-ed with ``doc[b, q] == doc[b, kv]``): the keep formula with that clause read as
+    ``kv <= q``, and the guard under which that reading is exact (positions increase inside each
+    document, checked on every call), or None when the mask has no such clause over graph inputs."""
+    from .classify_mods import KV, SYMS, Q, _cnf_clauses
+    from .flex_guards import CallGuard, input_position, positions_increase_within_documents
+
+    undef = sympy.core.function.AppliedUndef
+    clauses = _cnf_clauses(expr) or []
+    docs = [c[0][0] for c in clauses if _is_document_clause(c)]
+    for n, clause in enumerate(clauses):
+        if len(clause) != 1 or not clause[0][1]:
+            continue
+        atom = clause[0][0]
+        if isinstance(atom, sympy.GreaterThan):
+            diff = atom.args[0] - atom.args[1]  # diff >= 0
+        elif isinstance(atom, sympy.LessThan):
+            diff = atom.args[1] - atom.args[0]
+        else:
+            continue
+        terms = [t.as_coeff_Mul() for t in sympy.Add.make_args(sympy.expand(diff))]
+        if len(terms) != 2 or not all(isinstance(f, undef) and abs(c) == 1 for c, f in terms):
+            continue
+        (big, small) = [f for c, f in sorted(terms, key=lambda t: -t[0])]
+        if small.func != big.func or sorted(c for c, _ in terms) != [-1, 1]:
+            continue
+        if (small.args, big.args) not in (((SYMS["b"], KV), (SYMS["b"], Q)), ((KV,), (Q,))):
+            continue
+        pos = extras[int(str(small.func)[len("extra"):])]
+        doc = None
+        if docs:
+            f = next(a for a in sympy.Add.make_args(docs[0].args[0]) if isinstance(a, undef))
+            doc = extras[int(str(f.func)[len("extra"):])]
+        inputs = [input_position(pos)] + ([input_position(doc)] if doc is not None else [])
+        if any(i is None for i in inputs):
+            return None  # computed in the graph: nothing to check it against on each call
+        guard = CallGuard(tuple(inputs), positions_increase_within_documents,  # type: ignore[arg-type]
+                          "flex mask causality over positions"
+                          " (pos[b, kv] <= pos[b, q] read as kv <= q)")
+        rest = [sympy.Or(*[a if pol else sympy.Not(a) for a, pol in c])
+                for m, c in enumerate(clauses) if m != n]
+        return sympy.And(sympy.Le(KV, Q), *rest), guard
+    return None
+
+
+def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node], guards: list | None = None) -> Mod | None:
+    """Our Mod for a flex mask_mod graph (None when it keeps everything); facts its classification
+    relies on that must be re-checked on every call are appended to ``guards`` (not claimed without it)."""
     from .classify_mods import MaskClass, _bool, classify_keep, to_sympy
     from .index_lift import dtype_of
     from .mods import aten_graph, canonical_mask, clamp_lookups
@@ -493,6 +656,10 @@ def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node]) -> Mod | None:
     document, only_document = False, False
     try:
         keep = _bool(to_sympy(lifted, extra_dtypes=dtypes))
+        claim = _position_causal(keep.expr, extras) if guards is not None else None
+        if claim is not None:  # classification only: the mod itself stays the exact mask_mod
+            keep = type(keep)(claim[0])
+            guards.append(claim[1])
         cls = classify_keep(keep)
         document, only_document = _document_keep(keep.expr)
     except Exception as exc:  # noqa: BLE001 - classification only enables fast paths
@@ -549,5 +716,5 @@ def _softcap(e: Any, s: Any) -> float | None:
     return None
 
 
-__all__ = ["FlexCall", "MARKER", "check_broadcast_semantics", "is_marker", "lifted_mod_graph",
-           "lower_flex_call", "mask_mod_from", "prune_block_masks", "score_mod_from"]
+__all__ = ["FlexCall", "MARKER", "check_broadcast_semantics", "hold_call", "is_marker", "lifted_mod_graph",
+           "live_call_count", "lower_flex_call", "mask_mod_from", "prune_block_masks", "score_mod_from"]

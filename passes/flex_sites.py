@@ -13,23 +13,30 @@ from typing import Any
 import torch.fx as fx
 
 from ringcompile.errors import UnsupportedPatternError
+from ringcompile.log import get_logger
 from ringcompile.site import AttentionSite
 
 from .find_attention import fold_permutes
-from .flex import _CALLS, is_marker
+from .flex import _CALLS, hold_call, is_marker
+from .flex_guards import GUARDS_KEY
+
+log = get_logger(__name__)
 
 
 def connect_lse(gm: fx.GraphModule, sites: Sequence[AttentionSite], rejected: Sequence[Any] = ()) -> None:
-    """After the rewrite: readers of a marker's lse read the ring op's lse; then no marker may remain
-    (a marker cannot run: a flex call that was not rewritten sends the graph back, with the reason
-    its rule gave, from ``rejected``)."""
+    """After the rewrite: readers of a marker's lse read the ring op's lse. A marker left (its rule
+    declined it, reason in ``rejected``) runs as the original flex op when other sites of the graph were
+    rewritten and it needs no gradient; otherwise the graph falls back, with the reason."""
     from ringcompile.ops import RingCall, is_ring_call
 
     calls = [RingCall.from_node(n) for n in gm.graph.nodes if is_ring_call(n)]
+    guards: list = []
     for site in sites:
         marker = next((n for n in site.nodes if is_marker(n)), None)
         if marker is None or not site.rewritten or marker.graph is not gm.graph:
             continue
+        call = _CALLS.get(marker.args[5])
+        guards += call.guards if call is not None else []
         lse_users = [u for u in marker.users if u.target is operator.getitem and u.args[1] == 1]
         if not lse_users:
             continue
@@ -47,10 +54,28 @@ def connect_lse(gm: fx.GraphModule, sites: Sequence[AttentionSite], rejected: Se
     left = [n for n in gm.graph.nodes if is_marker(n)]
     if left:
         why = {getattr(r, "node", None): r.reason for r in rejected}
+        why.update({n: s.reason for s in sites for n in s.nodes if is_marker(n) and s.reason})
         where = {n: _CALLS[n.args[5]].location if n.args[5] in _CALLS else n.name for n in left}
-        what = [f"{where[n]}: {why.get(n, 'not rewritten')}" for n in left]
-        raise UnsupportedPatternError(f"FlexAttention call(s) not rewritten: {'; '.join(what)}")
+        what = "; ".join(f"{where[n]}: {why.get(n, 'not rewritten')}" for n in left)
+        if not calls:  # nothing rewritten: the original graph is the faithful one
+            raise UnsupportedPatternError(f"FlexAttention call(s) not rewritten: {what}")
+        if any(_needs_grad(a) for n in left for a in n.args[:3]):
+            raise UnsupportedPatternError(
+                f"FlexAttention call(s) not rewritten: {what}; a refused call can only run on its own (as "
+                "the original flex op, the other sites still sharded) without gradients, so the graph falls "
+                "back")
+        for n in left:  # they run as the original flex op (flex.run_original) on replicated inputs
+            hold_call(n.args[5], gm)
+        log.info("flex: %d refused call(s) run as the original flex op; the graph's other sites are "
+                 "rewritten: %s", len(left), what)
+    if guards:  # checked by the backend before every call (passes.flex_guards)
+        gm.meta[GUARDS_KEY] = [*gm.meta.get(GUARDS_KEY, []), *guards]
     gm.recompile()
+
+
+def _needs_grad(node: Any) -> bool:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return bool(getattr(val, "requires_grad", False))
 
 
 def _base(node: Any) -> Any:

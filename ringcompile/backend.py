@@ -16,6 +16,7 @@ from .errors import OptionError, UnshardedAttentionError
 from .log import get_logger
 from .options import Options
 from .passes import Decision, PipelineState, run_pipeline, stages_through, world_size
+from .passes.flex_guards import GUARDS_KEY, guarded
 from .site import AttentionSite
 
 log = get_logger(__name__)
@@ -170,7 +171,13 @@ def ring_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     entry = _entry(state)
     _record(entry)
     _check_all_sharded(state)
-    return inner_compile(state.graph, example_inputs, opts)
+    compiled = inner_compile(state.graph, example_inputs, opts)
+    guards = state.graph.meta.get(GUARDS_KEY)
+    if not guards:
+        return compiled
+    # facts about input contents the rewrite relied on (Dynamo guards shapes only): checked on every
+    # call; a call that breaks one runs the original graph
+    return guarded(compiled, lambda: inner_compile(gm, example_inputs, opts), guards)
 
 
 def rewritten_op_count(gm: fx.GraphModule) -> int:

@@ -5,6 +5,7 @@ graphs, with the captured buffers as extras.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
@@ -19,10 +20,12 @@ from .shapes import _layout_name, _or_none, fold_permutes, same_size
 
 def extract_flex(node: fx.Node, index: int) -> Match:
     """The site of one flex marker; declines (the graph then falls back) when it cannot be described."""
-    q, k, v, score_bufs, mask_bufs, key = node.args
+    q, k, v, score_bufs, mask_bufs, key = node.args[:6]
     call = _CALLS.get(key)
     if call is None:
         raise Decline(f"flex marker {key!r} has no record (graph compiled elsewhere?)")
+    if call.refused is not None:
+        raise Decline(call.refused)
     outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
     if len(outs) != 1:
         raise Decline(f"flex_attention at {call.location}: output read {len(outs)} times")
@@ -36,7 +39,10 @@ def extract_flex(node: fx.Node, index: int) -> Match:
         raise Decline(f"flex_attention at {call.location}: {hq} query heads, {hkv} kv heads")
     where = call.location
     sizes = [int(qv.shape[0]), int(hq), int(qv.shape[2]), int(kv_.shape[2])]
-    mask = mask_mod_from(call.mask_gm, mask_bufs)
+    guards: list = []
+    mask = mask_mod_from(call.mask_gm, mask_bufs, guards)
+    if guards:  # checked before every call of the rewritten graph (passes.flex_guards)
+        _CALLS[key] = call = dataclasses.replace(call, guards=call.guards + tuple(guards))
     score = score_mod_from(call.score_gm, score_bufs)
     for mod, bufs in ((mask, mask_bufs), (score, score_bufs)):
         if mod is None:

@@ -29,23 +29,34 @@ def _llama(impl: str = "flex_attention"):
     return tf.LlamaForCausalLM(cfg)
 
 
-def _compare(device: str = "cpu") -> dict:
+def _compare(device: str = "cpu", padded: bool = False) -> dict:
     from ringcompile import backend
+    from ringcompile.ops import RingCall, is_ring_call
+    from ringcompile.runtime.local import mask_structure
 
     torch._dynamo.reset()
     model = _llama().to(device).eval()
     ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(3)).to(device)
+    kwargs = {"input_ids": ids}
+    if padded:  # right padding: HF's and_masks(causal, padding_mask_function(attention_mask))
+        kwargs["attention_mask"] = torch.ones(B, S, dtype=torch.long, device=device)
+        kwargs["attention_mask"][1, S - 7:] = 0
     first = len(backend.HISTORY)
     with torch.no_grad():
-        ref = model(input_ids=ids).logits.double()
+        ref = model(**kwargs).logits.double()
         compiled = torch.compile(model, backend="ring", dynamic=False, options={"inner": "eager"})
-        out = compiled(input_ids=ids).logits
+        out = compiled(**kwargs).logits
     entries = [e for e in backend.HISTORY[first:] if e.sites or e.fallback_reason]
+    rings = [RingCall.from_node(n).spec.mask for e in entries if e.graph is not None
+             for n in e.graph.graph.nodes if is_ring_call(n)]
     return {
         "err": (out.double() - ref).abs().max().item() / ref.abs().max().item(),
         "sites": [(s.pattern, s.mask_description, s.rewritten) for e in entries for s in e.sites],
         "fallbacks": [e.fallback_reason for e in entries if e.fallback_reason],
         "sharded": [e.graph.meta.get("ringcompile_shard") is not None for e in entries if e.sites],
+        "kinds": [m.kinds for m in rings],
+        # a block above the diagonal, decided from indices alone (causal tile skipping, no data read)
+        "upper_block": [mask_structure(m, 0, S // 4 - 1, S // 2, S - 1) for m in rings],
     }
 
 
@@ -53,15 +64,23 @@ def case_hf_llama_flex(rank, world):
     return _compare()
 
 
+def case_hf_llama_flex_padded(rank, world):
+    return _compare(padded=True)
+
+
 @pytest.mark.multirank
 def test_hf_llama_flex_on_two_ranks_equals_one_process():
-    results = run_cases("test_flex_models", ["case_hf_llama_flex"], world=2, timeout=300)
-    for got in results["case_hf_llama_flex"]:
-        assert got is not None and "error" not in got, got
-        assert got["fallbacks"] == [] and got["err"] < 1e-5, got
-        assert [p for p, _, ok in got["sites"] if ok] == ["flex_attention"], got["sites"]
-        assert "document" in got["sites"][0][1], got["sites"]  # HF's packed-sequence clause
-        assert got["sharded"] == [True], got
+    """Without attention_mask HF states causality over position_ids (packed-sequence remap), with one it
+    ands causal with padding_mask_function: causal & document / causal & padding, causal tiles skipped."""
+    names = ["case_hf_llama_flex", "case_hf_llama_flex_padded"]
+    results = run_cases("test_flex_models", names, world=2, timeout=400)
+    for name, kinds in zip(names, [("causal", "document"), ("causal", "padding")], strict=True):
+        for got in results[name]:
+            assert got is not None and "error" not in got, got
+            assert got["fallbacks"] == [] and got["err"] < 1e-5, got
+            assert [p for p, _, ok in got["sites"] if ok] == ["flex_attention"], got["sites"]
+            assert got["kinds"] == [kinds] and got["upper_block"] == ["empty"], got
+            assert got["sharded"] == [True], got
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flex backward needs CUDA while tracing")
