@@ -197,8 +197,37 @@ def _grad_params(score: LoweredMod | None) -> str:
     return "".join(f"{p},\n    " for p in params)
 
 
+def _hoisted(axes: frozenset) -> str | None:
+    """The accumulator shape of an extra's gradient that the dQ kernel sums over its kv loop and
+    adds once after it (loads indexed by batch/head/query only: their address is loop-invariant),
+    or None when the load varies along kv and each tile adds its own part."""
+    if axes == frozenset():
+        return "[1, 1]"
+    if axes == frozenset({"q"}):
+        return "[BLOCK_M, 1]"
+    return None
+
+
+def _extra_grad_init(score: LoweredMod | None) -> list[str]:
+    """Before the dQ kernel's kv loop: zero accumulators (and a masked-off address, for an empty loop)."""
+    if score is None:
+        return []
+    lines: list[str] = []
+    for load, _, _ in score.extra_grads:
+        shape = _hoisted(load.axes)
+        if shape is not None:
+            g = f"g_{load.node_name}"
+            prefix = score.extras[load.extra].prefix
+            lines += [f"{g}_acc = tl.zeros({shape}, tl.float32)",
+                      f"{g}_at = {prefix}_grad_ptr + tl.zeros({shape}, tl.int32)",
+                      f"{g}_at_ok = tl.zeros({shape}, tl.int32) != 0"]
+    return lines
+
+
 def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
-    """Scatter d(loss)/d(looked-up extra value) into the extra's gradient buffer (atomic adds)."""
+    """Per kv tile: d(loss)/d(looked-up extra value). Loop-invariant addresses accumulate in
+    registers (one atomic add per program after the loop: an atomic per tile costs the fp32 dQ
+    kernel its spill-free tiles); addresses that vary along kv are atomically added per tile."""
     if score is None:
         return []
     lines: list[str] = []
@@ -209,17 +238,33 @@ def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
         lines += [f"# gradient of {prefix} through `{load.node_name}`", *dlines,
                   f"{g} = tl.where(keep, ds * ({dexpr}), 0.0)",
                   f"{g}_ptr = {prefix}_grad_ptr + {offs}"]
+        shape = _hoisted(load.axes)
         if load.axes == frozenset():
-            lines.append(f"tl.atomic_add({g}_ptr, tl.sum(tl.sum({g}, 1)[:, None], 0)[None, :], "
-                         f"mask={load.in_bounds})")
+            lines += [f"{g}_acc += tl.sum(tl.sum({g}, 1)[:, None], 0)[None, :]"]
         elif load.axes == frozenset({"q"}):
-            lines.append(f"tl.atomic_add({g}_ptr, tl.sum({g}, 1)[:, None], mask={load.in_bounds})")
+            lines += [f"{g}_acc += tl.sum({g}, 1)[:, None]"]
         elif load.axes == frozenset({"kv"}):
             lines.append(f"tl.atomic_add({g}_ptr, tl.sum({g}, 0)[None, :], mask={load.in_bounds})")
         else:
             lines.append(f"{g}_full = {g}_ptr + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)")
             lines.append(f"tl.atomic_add({g}_full, {g}, mask={load.in_bounds} & keep)")
+        if shape is not None:
+            lines += [f"{g}_at = {g}_ptr + tl.zeros({shape}, tl.int32)",
+                      f"{g}_at_ok = ({load.in_bounds}) & (tl.zeros({shape}, tl.int32) == 0)"]
     return lines
+
+
+def _extra_grad_flush(score: LoweredMod | None) -> list[str]:
+    """After the dQ kernel's kv loop: one atomic add per hoisted accumulator."""
+    if score is None:
+        return []
+    return [f"tl.atomic_add(g_{load.node_name}_at, g_{load.node_name}_acc, mask=g_{load.node_name}_at_ok)"
+            for load, _, _ in score.extra_grads if _hoisted(load.axes) is not None]
+
+
+def _indent_or_empty(lines: list[str], spaces: int) -> str:
+    """Lines for a hole that sits on a line of its own: nothing at all when there are none."""
+    return "".join(" " * spaces + line + "\n" for line in lines)
 
 
 def _dscore_lines(score: LoweredMod | None) -> list[str]:
@@ -282,7 +327,9 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "KEEP": keep,
         "DSCORE_LINES": template.indent(_dscore_lines(score), 8),
         "DSCORE_LINES2": template.indent(_dscore_lines(score), 12),
+        "EXTRA_GRAD_INIT": _indent_or_empty(_extra_grad_init(score), 4),
         "EXTRA_GRAD_LINES": template.indent(_extra_grad_lines(score), 8),
+        "EXTRA_GRAD_FLUSH": _indent_or_empty(_extra_grad_flush(score), 4),
         "DROP_PARAMS": "\n    drop_row_base, drop_threshold, drop_scale," if spec.dropout else "",
         "DROP_HELPERS": template.DROPOUT_HELPERS if spec.dropout else "",
         "DROP_FWD": template.indent(_drop_lines(spec.dropout), 8),

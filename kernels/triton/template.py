@@ -263,7 +263,7 @@ def block_bwd_dq(
     kv_stop = tl.minimum(kv_len, seq_len - kv_offset)
 %%KV_BOUNDS%%
     kv_start = (kv_start // BLOCK_N) * BLOCK_N
-    for start_n in range(kv_start, kv_stop, BLOCK_N):
+%%EXTRA_GRAD_INIT%%    for start_n in range(kv_start, kv_stop, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < kv_stop
         cols64 = cols.to(tl.int64)
@@ -284,7 +284,7 @@ def block_bwd_dq(
 %%DSCORE_LINES%%
         dq = tl.dot(ds%%TILE_CAST%%, tl.trans(kT), dq%%DOT_ARGS%%)
 
-    dq = dq * sm_scale
+%%EXTRA_GRAD_FLUSH%%    dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq, mask=row_ok[:, None] & d_ok[None, :])
 '''

@@ -187,3 +187,34 @@ def test_mod_graph_from_discovery_is_used_when_present():
     key_mask = torch.rand(2, 40, generator=g) > 0.3
     compare_block(kernels_for(mask), q, k, v, tol=2e-5, scale=0.25, q_offset=19, kv_offset=0, seq_len=21,
                   mask=mask, mask_extras=[key_mask])
+
+
+def test_loop_invariant_extra_gradients_are_added_once_after_the_kv_loop():
+    """The dQ kernel sums the gradient of an extra looked up by head (ALiBi slopes) or by query (a
+    per-query bias) over its kv tiles in registers and adds it once per program (an atomic per kv
+    tile cost the fp32 kernel every spill-free tile); gradients still equal float64 autograd over
+    several kv tiles (37 keys = 3 interpreter tiles), and an extra indexed by kv keeps its per-tile add."""
+    from ringcompile.kernels.triton.codegen import specialise
+
+    def qbias(score, b, h, q, kv, bias):
+        return score + bias[h, q]
+
+    def kbias(score, b, h, q, kv, bias):
+        return score + bias[h, kv]
+
+    q_mod = mods.Mod(qbias, False, "custom", n_extras=1, description="per-query bias")
+    k_mod = mods.Mod(kbias, False, "custom", n_extras=1, description="per-key bias")
+    for score, extra, hoisted in ((q_mod, lambda g: torch.randn(2, 64, generator=g), True),
+                                  (k_mod, lambda g: torch.randn(2, 64, generator=g), False),
+                                  (mods.alibi(), lambda g: torch.rand(2, generator=g), True)):
+        q, k, v, g = qkv(2, 2, 1, 20, 37, 16, seed=21)
+        se = [extra(g)]
+        compare_block(kernels_for(mods.causal(), score), q, k, v, tol=5e-5, scale=0.3, q_offset=30,
+                      kv_offset=0, seq_len=37, mask=mods.causal(), score=score, score_extras=se)
+        src = specialise(mods.causal(), score, head_dim=16, v_head_dim=16, dtype=torch.float32, groups=2,
+                         mask_extras=[], score_extras=se).source
+        dq = src[src.index("def block_bwd_dq"):]
+        dq = dq.split("    for start_n in range(kv_start")[1].split("dq * sm_scale")[0]
+        in_loop = sum(line.startswith("        tl.atomic_add(") for line in dq.splitlines())
+        after_loop = sum(line.startswith("    tl.atomic_add(") for line in dq.splitlines())
+        assert (in_loop, after_loop) == ((0, 1) if hoisted else (1, 0)), score.description
