@@ -197,10 +197,12 @@ def _grad_params(score: LoweredMod | None) -> str:
     return "".join(f"{p},\n    " for p in params)
 
 
-def _hoisted(axes: frozenset) -> str | None:
+def _hoisted(axes: frozenset, hoist: bool = True) -> str | None:
     """The accumulator shape of an extra's gradient that the dQ kernel sums over its kv loop and
     adds once after it (loads indexed by batch/head/query only: their address is loop-invariant),
-    or None when the load varies along kv and each tile adds its own part."""
+    or None when the load varies along kv (or ``hoist`` is off) and each tile adds its own part."""
+    if not hoist:
+        return None
     if axes == frozenset():
         return "[1, 1]"
     if axes == frozenset({"q"}):
@@ -208,13 +210,20 @@ def _hoisted(axes: frozenset) -> str | None:
     return None
 
 
-def _extra_grad_init(score: LoweredMod | None) -> list[str]:
+def hoist_extra_grads(dtype: torch.dtype) -> bool:
+    """Whether the dQ kernel accumulates loop-invariant extra gradients over its kv loop (measured,
+    BENCHMARKS.md): fp32 needs it for a spill-free tile at D=128/256; for 16-bit tiles the three
+    loop-carried values (sum, address, mask) cost D=256 its best spill-free tile instead."""
+    return dtype not in (torch.bfloat16, torch.float16)
+
+
+def _extra_grad_init(score: LoweredMod | None, hoist: bool = True) -> list[str]:
     """Before the dQ kernel's kv loop: zero accumulators (and a masked-off address, for an empty loop)."""
     if score is None:
         return []
     lines: list[str] = []
     for load, _, _ in score.extra_grads:
-        shape = _hoisted(load.axes)
+        shape = _hoisted(load.axes, hoist)
         if shape is not None:
             g = f"g_{load.node_name}"
             prefix = score.extras[load.extra].prefix
@@ -224,7 +233,7 @@ def _extra_grad_init(score: LoweredMod | None) -> list[str]:
     return lines
 
 
-def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
+def _extra_grad_lines(score: LoweredMod | None, hoist: bool = True) -> list[str]:
     """Per kv tile: d(loss)/d(looked-up extra value). Loop-invariant addresses accumulate in
     registers (one atomic add per program after the loop: an atomic per tile costs the fp32 dQ
     kernel its spill-free tiles); addresses that vary along kv are atomically added per tile."""
@@ -238,11 +247,16 @@ def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
         lines += [f"# gradient of {prefix} through `{load.node_name}`", *dlines,
                   f"{g} = tl.where(keep, ds * ({dexpr}), 0.0)",
                   f"{g}_ptr = {prefix}_grad_ptr + {offs}"]
-        shape = _hoisted(load.axes)
-        if load.axes == frozenset():
+        shape = _hoisted(load.axes, hoist)
+        if shape is not None and load.axes == frozenset():
             lines += [f"{g}_acc += tl.sum(tl.sum({g}, 1)[:, None], 0)[None, :]"]
-        elif load.axes == frozenset({"q"}):
+        elif shape is not None:
             lines += [f"{g}_acc += tl.sum({g}, 1)[:, None]"]
+        elif load.axes == frozenset():
+            lines.append(f"tl.atomic_add({g}_ptr, tl.sum(tl.sum({g}, 1)[:, None], 0)[None, :], "
+                         f"mask={load.in_bounds})")
+        elif load.axes == frozenset({"q"}):
+            lines.append(f"tl.atomic_add({g}_ptr, tl.sum({g}, 1)[:, None], mask={load.in_bounds})")
         elif load.axes == frozenset({"kv"}):
             lines.append(f"tl.atomic_add({g}_ptr, tl.sum({g}, 0)[None, :], mask={load.in_bounds})")
         else:
@@ -254,12 +268,12 @@ def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
     return lines
 
 
-def _extra_grad_flush(score: LoweredMod | None) -> list[str]:
+def _extra_grad_flush(score: LoweredMod | None, hoist: bool = True) -> list[str]:
     """After the dQ kernel's kv loop: one atomic add per hoisted accumulator."""
     if score is None:
         return []
     return [f"tl.atomic_add(g_{load.node_name}_at, g_{load.node_name}_acc, mask=g_{load.node_name}_at_ok)"
-            for load, _, _ in score.extra_grads if _hoisted(load.axes) is not None]
+            for load, _, _ in score.extra_grads if _hoisted(load.axes, hoist) is not None]
 
 
 def _indent_or_empty(lines: list[str], spaces: int) -> str:
@@ -296,6 +310,7 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
     else:
         dot_args = ""
     exact = spec.dtype == torch.float64
+    hoist = hoist_extra_grads(spec.dtype)
     tile_cast = (".to(tl.bfloat16).to(tl.float32)" if spec.dot_upcast  # bf16 rounding, fp32 interpreter dot
                  else f".to({_TL_TILE[spec.dtype]})")
     keep = f" & {mask.result}" if mask is not None else ""
@@ -327,9 +342,9 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "KEEP": keep,
         "DSCORE_LINES": template.indent(_dscore_lines(score), 8),
         "DSCORE_LINES2": template.indent(_dscore_lines(score), 12),
-        "EXTRA_GRAD_INIT": _indent_or_empty(_extra_grad_init(score), 4),
-        "EXTRA_GRAD_LINES": template.indent(_extra_grad_lines(score), 8),
-        "EXTRA_GRAD_FLUSH": _indent_or_empty(_extra_grad_flush(score), 4),
+        "EXTRA_GRAD_INIT": _indent_or_empty(_extra_grad_init(score, hoist), 4),
+        "EXTRA_GRAD_LINES": template.indent(_extra_grad_lines(score, hoist), 8),
+        "EXTRA_GRAD_FLUSH": _indent_or_empty(_extra_grad_flush(score, hoist), 4),
         "DROP_PARAMS": "\n    drop_row_base, drop_threshold, drop_scale," if spec.dropout else "",
         "DROP_HELPERS": template.DROPOUT_HELPERS if spec.dropout else "",
         "DROP_FWD": template.indent(_drop_lines(spec.dropout), 8),

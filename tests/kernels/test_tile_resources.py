@@ -51,7 +51,7 @@ def test_h100_profiles_use_the_same_shared_memory_limit():
 
 # cells where every candidate was compiled and each one spills (BENCHMARKS.md, issue 16): launches
 # then run the smallest tiles, which spill a few dozen bytes; the kernels need restructuring there
-UNFINISHED: set[tuple[str, int, str, str]] = {("dq", 128, "fp32", "heavy"), ("dq", 256, "fp32", "heavy")}
+UNFINISHED: set[tuple[str, int, str, str]] = set()
 CELLS = [(k, d, dt, c) for dt in tiles.DTYPES for d in tiles.D_CLASSES for k in tiles.KERNELS
          for c in tiles.TILE_CLASSES]
 
