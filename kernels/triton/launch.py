@@ -11,6 +11,7 @@ unless the kernels were forced, in which case ``KernelError`` says what to chang
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -169,7 +170,7 @@ class TritonBlocks:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of one block pair, fp32 (fp64 for fp64 inputs); see reference.block_forward."""
         _check_shapes(q, k, v)
-        drop = _dropout_args(dropout_p, dropout_seed)
+        drop = _dropout_args(dropout_p, dropout_seed, q.device)
         module, kernel_extras = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
             return blocked_reference_forward(q, k, v, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
@@ -241,7 +242,7 @@ class TritonBlocks:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         """(dq, dk, dv, d_score_extras) of one block pair; see reference.block_backward."""
         _check_shapes(q, k, v)
-        drop = _dropout_args(dropout_p, dropout_seed)
+        drop = _dropout_args(dropout_p, dropout_seed, q.device)
         module, kernel_extras = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
             return blocked_reference_backward(
@@ -363,18 +364,31 @@ def _out_of_resources_error() -> type[BaseException]:
     return type("NeverRaised", (Exception,), {})
 
 
-def _dropout_args(p: float, seed: int | torch.Tensor | None) -> tuple:
-    """Kernel arguments (row hash base, threshold, 1/(1-p)) for dropout, or () without it.
+def _dropout_args(p: float, seed: int | torch.Tensor | None, device: torch.device) -> tuple:
+    """Kernel arguments (seed tensor, threshold, 1/(1-p)) for dropout, or () without it.
 
-    Host integer arithmetic only; callers pass the seed as an int (``RingContext`` reads the op's
-    seed tensor once per call), so a launch never waits for the device."""
+    The kernel reads the seed itself (``seed_row_base``): the op's seed tensor goes in as a pointer,
+    so a launch never waits for the device (issue 16.6); an int seed becomes a device tensor once
+    per (device, value)."""
     if not p or p <= 0:
         return ()
     from .. import dropout
 
-    seed_int = dropout.seed_to_int(seed)
-    dropout.check_dropout(p, seed_int)
-    return (dropout.row_base(seed_int), dropout.threshold(p), 1.0 / (1.0 - p))
+    dropout.check_dropout(p, seed)
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() == 0 or seed.is_floating_point() or seed.is_complex():
+            raise KernelError(f"dropout_seed must be an integer tensor with one element, got {seed.dtype} "
+                              f"of shape {tuple(seed.shape)}")
+        first = seed.reshape(-1)[:1]
+        if first.device != device or first.dtype != torch.int64:
+            first = first.to(device=device, dtype=torch.int64)  # a device-side copy, no host read
+        return (first, dropout.threshold(p), 1.0 / (1.0 - p))
+    return (_seed_tensor(int(seed), device), dropout.threshold(p), 1.0 / (1.0 - p))
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_tensor(seed: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -65,7 +65,7 @@ def block_fwd(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast in every backend)
+%%DROP_INIT%%    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast)
     b_idx = bh // n_heads + tl.zeros([1, 1], tl.int32)
     h_idx = bh % n_heads + tl.zeros([1, 1], tl.int32)
     # 64-bit offsets: b * stride_b + h * stride_h passes 2**31 at long sequences (Triton strides are i32)
@@ -149,7 +149,7 @@ def block_bwd_dkdv(
     # M dimension (Hopper wgmma), so scores are [BLOCK_N, BLOCK_M] with kv_idx a column, q_idx a row.
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b_idx = bh // n_kv_heads + tl.zeros([1, 1], tl.int32)
+%%DROP_INIT%%    b_idx = bh // n_kv_heads + tl.zeros([1, 1], tl.int32)
     kv_h32 = bh % n_kv_heads
     b = (bh // n_kv_heads).to(tl.int64)
     kv_h = kv_h32.to(tl.int64)
@@ -229,7 +229,7 @@ def block_bwd_dq(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast in every backend)
+%%DROP_INIT%%    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast)
     b_idx = bh // n_heads + tl.zeros([1, 1], tl.int32)
     h_idx = bh % n_heads + tl.zeros([1, 1], tl.int32)
     b = (bh // n_heads).to(tl.int64)  # 64-bit offsets (see block_fwd)
@@ -317,11 +317,20 @@ def mix32(x):
     x = x ^ (x >> 15)
     x = x * 0x846CA68B
     return x ^ (x >> 16)
+
+
+# The seed's share of every row hash, from the op's seed tensor (read on the device, so the host
+# never waits for it): mix32(seed32 ^ SEED_SALT) with seed32 = (seed ^ (seed >> 32)) & M
+@triton.jit
+def seed_row_base(Seed):
+    seed = tl.load(Seed).to(tl.int64)
+    seed32 = ((seed ^ (seed >> 32)) & 0xFFFFFFFF).to(tl.uint32)
+    return mix32(seed32 ^ 0x9E3779B9)
 '''
 
 DROPOUT_KEEP = '''\
 # dropout: keep / (1 - p) from a hash of the global indices (lse is unchanged by dropout)
-drop_row = mix32(mix32(mix32(drop_row_base.to(tl.uint32) ^ b_idx.to(tl.uint32)) ^ h_idx.to(tl.uint32))
+drop_row = mix32(mix32(mix32(drop_row_base ^ b_idx.to(tl.uint32)) ^ h_idx.to(tl.uint32))
                  ^ q_idx.to(tl.uint32))
 drop_col = mix32(kv_idx.to(tl.uint32) ^ 0x85EBCA6B)
 drop_keep = (mix32(drop_row ^ drop_col) >> 8) >= drop_threshold
