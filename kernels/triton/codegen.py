@@ -19,6 +19,7 @@ from ringcompile.mods import Mod
 
 from . import template
 from .lower_mods import LoweredMod, lower_mod
+from .padding_bounds import padding_parts
 
 CODEGEN_VERSION = "2"
 # an edited template is a new specialisation even if nobody bumps the version
@@ -60,6 +61,7 @@ class BlockSkip:
 
     causal: bool = False
     window: int | None = None  # sliding window width (keys within `window` of the query)
+    padding: bool = False  # an AND-ed key padding part: per-batch key bounds (padding_bounds.py)
 
 
 def block_skip_for(mask: Mod | None) -> BlockSkip:
@@ -72,7 +74,7 @@ def block_skip_for(mask: Mod | None) -> BlockSkip:
     if "sliding_window" in kinds and isinstance(mask.params.get("window"), int):
         window = int(mask.params["window"])
         causal = causal or bool(mask.params.get("causal", True))
-    return BlockSkip(causal, window)
+    return BlockSkip(causal, window, bool(padding_parts(mask)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +156,15 @@ def specialise(
 # ---------------------------------------------------------------------------- rendering
 
 
+PAD_LOAD = ["kv_lo = tl.load(kv_bounds_ptr + 2 * b)  # this batch row's kept keys: [kv_lo, kv_hi)",
+            "kv_hi = tl.load(kv_bounds_ptr + 2 * b + 1)"]
+
+
 def _kv_bounds(skip: BlockSkip) -> list[str]:
     lines = []
+    if skip.padding:
+        lines += [*PAD_LOAD, "kv_start = tl.maximum(kv_start, kv_lo - kv_offset)  # padded keys: not visited",
+                  "kv_stop = tl.minimum(kv_stop, kv_hi - kv_offset)"]
     if skip.causal:
         lines.append("kv_stop = tl.minimum(kv_stop, q_last - kv_offset + 1)  # causal: keys <= last query")
     if skip.window is not None:
@@ -168,6 +177,8 @@ def _kv_bounds(skip: BlockSkip) -> list[str]:
 
 def _q_bounds(skip: BlockSkip) -> list[str]:
     lines = []
+    if skip.padding:  # a kv tile this batch row pads fully: no query tile to visit
+        lines.append("q_stop = tl.where((kv_first < kv_hi) & (kv_last >= kv_lo), q_stop, 0)")
     if skip.causal:
         lines.append("q_start = tl.maximum(q_start, kv_first - q_offset)  # causal: queries >= first key")
     if skip.window is not None:
@@ -331,7 +342,8 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "QK_SCALE": "sm_scale" if score or exact else "(sm_scale * LOG2E)",
         "SCORE_LOG2": (f"{score.result} * LOG2E" if not exact else score.result) if score else "score",
         "LOAD_CAST": ".to(tl.float32)" if spec.dot_upcast else "",
-        "EXTRA_PARAMS": _extra_params([mask, score]),
+        # the key bounds (before the mods' extras) when a key padding part is AND-ed in
+        "EXTRA_PARAMS": ("\n    kv_bounds_ptr," if spec.skip.padding else "") + _extra_params([mask, score]),
         "GRAD_PARAMS": _grad_params(score),
         "KV_BOUNDS": template.indent(_kv_bounds(spec.skip), 4),
         "Q_BOUNDS": template.indent(_q_bounds(spec.skip), 4),
@@ -345,6 +357,10 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "EXTRA_GRAD_INIT": _indent_or_empty(_extra_grad_init(score, hoist), 4),
         "EXTRA_GRAD_LINES": template.indent(_extra_grad_lines(score, hoist), 8),
         "EXTRA_GRAD_FLUSH": _indent_or_empty(_extra_grad_flush(score, hoist), 4),
+        "PAD_INIT": _indent_or_empty(PAD_LOAD if spec.skip.padding else [], 4),
+        "KV_COL_LO": " & (cols >= kv_lo - kv_offset)" if spec.skip.padding else "",
+        "KV_COL_PAD": (" & (kv_offset + offs_n >= kv_lo) & (kv_offset + offs_n < kv_hi)"
+                       if spec.skip.padding else ""),
         "DROP_PARAMS": "\n    drop_seed_ptr, drop_threshold, drop_scale," if spec.dropout else "",
         "DROP_INIT": "    drop_row_base = seed_row_base(drop_seed_ptr)\n" if spec.dropout else "",
         "DROP_HELPERS": template.DROPOUT_HELPERS if spec.dropout else "",

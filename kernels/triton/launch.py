@@ -26,6 +26,7 @@ from .. import reference
 from . import cache
 from .codegen import Generated, specialise
 from .lower_mods import LoweringError
+from .padding_bounds import kv_bounds, padding_parts
 from .tiles import Tiles, candidates
 
 log = get_logger(__name__)
@@ -82,6 +83,14 @@ def _extra_args(extras: Sequence[torch.Tensor], device: torch.device) -> list[An
             e = e.view(torch.uint8)  # bool extras travel as bytes; the kernel compares with 0
         args += [e, *e.shape, *e.stride()]
     return args
+
+
+def _padding_args(mask: Mod | None, mask_extras: Sequence[torch.Tensor], batch: int, kv_offset: int,
+                  kv_len: int, seq_len: int, device: torch.device) -> list[Any]:
+    """The kernels' per-batch key bounds when the mask has a key padding part (padding_bounds.py)."""
+    if not padding_parts(mask):
+        return []
+    return [kv_bounds(mask, mask_extras, batch, kv_offset, kv_len, seq_len, device)]
 
 
 class TritonBlocks:
@@ -186,7 +195,8 @@ class TritonBlocks:
         if out.numel() == 0 or lse.numel() == 0:
             return out.zero_(), lse.fill_(float("-inf"))
         seq = int(seq_len) if seq_len is not None else int(kv_offset) + Sk
-        extras = _extra_args(kernel_extras, q.device)
+        extras = _padding_args(mask, mask_extras, B, int(kv_offset), Sk, seq, q.device) \
+            + _extra_args(kernel_extras, q.device)
 
         def run(tiles: Tiles) -> None:
             grid = (_cdiv(Sq, tiles.block_m), B * Hq)
@@ -267,7 +277,8 @@ class TritonBlocks:
         lse = lse.to(acc).contiguous()
         dout = dout.to(q.dtype)
         seq = int(seq_len) if seq_len is not None else int(kv_offset) + Sk
-        extras = _extra_args(kernel_extras, q.device)
+        extras = _padding_args(mask, mask_extras, B, int(kv_offset), Sk, seq, q.device) \
+            + _extra_args(kernel_extras, q.device)
         grads: list[Any] = []
         for g in d_extras:
             if g is not None:

@@ -29,6 +29,8 @@ def signature(fn, dtype: str, extra_dtypes: dict[str, str]) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name in TILE_ARGS:
             sig[name] = f"*{dtype}"
+        elif name == "kv_bounds_ptr":
+            sig[name] = "*i32"  # per-batch kept-key bounds (padding_bounds.py)
         elif name == "drop_seed_ptr":
             sig[name] = "*i64"  # the op's seed tensor, read by the kernel
         elif name.endswith("_ptr"):

@@ -99,7 +99,7 @@ def block_fwd(
     kv_start = (kv_start // BLOCK_N) * BLOCK_N
     for start_n in range(kv_start, kv_stop, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < kv_stop
+        col_ok = (cols < kv_stop)%%KV_COL_LO%%
         cols64 = cols.to(tl.int64)
         kv_idx = (kv_offset + cols)[None, :]
         kT = tl.load(k_base + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -159,7 +159,7 @@ def block_bwd_dkdv(
     offs_dv = tl.arange(0, DV_PAD)
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < V_HEAD_DIM
-    col_ok = (offs_n < kv_len) & (kv_offset + offs_n < seq_len)
+%%PAD_INIT%%    col_ok = (offs_n < kv_len) & (kv_offset + offs_n < seq_len)%%KV_COL_PAD%%
     cols64 = offs_n.to(tl.int64)
     kv_idx = (kv_offset + offs_n)[:, None]
     k = tl.load(K + b * stride_kb + kv_h * stride_kh + cols64[:, None] * stride_kn
@@ -265,7 +265,7 @@ def block_bwd_dq(
     kv_start = (kv_start // BLOCK_N) * BLOCK_N
 %%EXTRA_GRAD_INIT%%    for start_n in range(kv_start, kv_stop, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < kv_stop
+        col_ok = (cols < kv_stop)%%KV_COL_LO%%
         cols64 = cols.to(tl.int64)
         kv_idx = (kv_offset + cols)[None, :]
         kT = tl.load(k_base + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
