@@ -51,20 +51,39 @@ def kv_bounds(mask: Mod, mask_extras: Sequence[torch.Tensor], batch: int, kv_off
     b = torch.arange(batch, device=device).view(-1, 1)
     kv = torch.arange(kv_offset, kv_offset + kv_len, device=device).view(1, -1)
     zero = torch.zeros((), dtype=torch.int64, device=device)
+    parts = padding_parts(mask)
+    if not all(_evaluable(part, mask_extras[first:first + part.n_extras], batch, kv_offset + kv_len)
+               for part, first in parts):
+        return _everything(batch, device)
     try:
         keep = None
-        for part, first in padding_parts(mask):
+        for part, first in parts:
             extras = [e.to(device) for e in mask_extras[first:first + part.n_extras]]
             part_keep = torch.as_tensor(part.fn(b, zero, zero, kv, *extras), device=device) != 0
             keep = part_keep if keep is None else keep & part_keep
         keep = keep.expand(batch, kv_len).to(torch.int8)
     except Exception as exc:  # a part the launcher cannot evaluate: visit every tile (still correct)
         log.info("key padding bounds not computed (%s): every key tile is visited", exc)
-        everything = torch.zeros(batch, 2, dtype=torch.int32, device=device)
-        everything[:, 1] = NO_BOUND  # a fill on the device, not an upload
-        return everything
+        return _everything(batch, device)
     kept = keep.amax(1) > 0
     lo = keep.argmax(1)  # the first maximum: the first kept key
     hi = kv_len - keep.flip(1).argmax(1)
     bounds = torch.stack([lo + kv_offset, hi + kv_offset], 1)
     return torch.where(kept.view(-1, 1), bounds, 0).to(torch.int32).contiguous()
+
+
+def _evaluable(part: Mod, extras: Sequence[torch.Tensor], batch: int, kv_end: int) -> bool:
+    """Whether evaluating ``part`` on every (batch row, key) of the block is safe on a GPU, where an
+    index out of range is a device-side assert rather than an exception (the kernels mask such
+    lookups instead): a plain function of its own ``[B, S]`` extras (no graph, nothing it closes
+    over), each with at least ``batch`` rows and ``kv_end`` columns (shapes: host metadata)."""
+    if part.graph is not None or getattr(part.fn, "__closure__", None) or not extras:
+        return False
+    return all(e.dim() == 2 and e.shape[0] >= batch and e.shape[1] >= kv_end for e in extras)
+
+
+def _everything(batch: int, device: torch.device) -> torch.Tensor:
+    """Bounds that keep every key (the kernels then visit every tile and mask as before)."""
+    out = torch.zeros(batch, 2, dtype=torch.int32, device=device)
+    out[:, 1] = NO_BOUND  # a fill on the device, not an upload
+    return out

@@ -109,3 +109,9 @@ def test_key_bounds_are_the_first_and_last_kept_key_per_batch_row():
     assert padding_bounds.kv_bounds(mask, [m1, m2], 3, 5, 40, 8, torch.device("cpu")).tolist() == \
         [[5, 8], [0, 0], [0, 0]]  # keys at or past seq_len are not visited
     assert padding_bounds.padding_parts(mods.causal()) == []
+    # a key mask with fewer rows than the batch (or columns than the keys): not evaluated (on a GPU
+    # an out-of-range index is a device-side assert), every tile is visited
+    everything = [[0, padding_bounds.NO_BOUND]] * 3
+    cpu = torch.device("cpu")
+    assert padding_bounds.kv_bounds(mask, [m1[:1], m2], 3, 5, 40, 50, cpu).tolist() == everything
+    assert padding_bounds.kv_bounds(mask, [m1, m2[:, :30]], 3, 5, 40, 50, cpu).tolist() == everything
