@@ -18,9 +18,13 @@ class BlockKernels:
 
     The CPU kernels tile and skip internally, so callers should hand them whole chunks: cutting
     an 8192-token chunk into 512-token pairs costs ~40% more time in Python and merges.
+
+    device_seed: the kernels take the op's dropout seed tensor as it is and read it on the device
+    (Triton); otherwise callers read it into an int once per call (``dropout.seed_to_int``).
     """
 
     name: str
     forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     backward: Callable[..., tuple]
     preferred_block: int | None = None
+    device_seed: bool = False

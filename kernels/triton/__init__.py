@@ -63,7 +63,7 @@ def _select(spec: AttentionSpec, forced: bool):
         log.info("site %s: Triton kernels declined (the PyTorch block path runs): %s", spec.name, reason)
         return None
     blocks = TritonBlocks(forced, planner_tiles(getattr(spec, "tiles", None)), spec.name)
-    return BlockKernels("triton", blocks.forward, blocks.backward)
+    return BlockKernels("triton", blocks.forward, blocks.backward, device_seed=True)
 
 
 def _triton_missing() -> str | None:

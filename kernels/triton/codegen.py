@@ -19,6 +19,7 @@ from ringcompile.mods import Mod
 
 from . import template
 from .lower_mods import LoweredMod, lower_mod
+from .padding_bounds import padding_parts
 
 CODEGEN_VERSION = "2"
 # an edited template is a new specialisation even if nobody bumps the version
@@ -60,6 +61,7 @@ class BlockSkip:
 
     causal: bool = False
     window: int | None = None  # sliding window width (keys within `window` of the query)
+    padding: bool = False  # an AND-ed key padding part: per-batch key bounds (padding_bounds.py)
 
 
 def block_skip_for(mask: Mod | None) -> BlockSkip:
@@ -72,7 +74,7 @@ def block_skip_for(mask: Mod | None) -> BlockSkip:
     if "sliding_window" in kinds and isinstance(mask.params.get("window"), int):
         window = int(mask.params["window"])
         causal = causal or bool(mask.params.get("causal", True))
-    return BlockSkip(causal, window)
+    return BlockSkip(causal, window, bool(padding_parts(mask)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,8 +156,15 @@ def specialise(
 # ---------------------------------------------------------------------------- rendering
 
 
+PAD_LOAD = ["kv_lo = tl.load(kv_bounds_ptr + 2 * b)  # this batch row's kept keys: [kv_lo, kv_hi)",
+            "kv_hi = tl.load(kv_bounds_ptr + 2 * b + 1)"]
+
+
 def _kv_bounds(skip: BlockSkip) -> list[str]:
     lines = []
+    if skip.padding:
+        lines += [*PAD_LOAD, "kv_start = tl.maximum(kv_start, kv_lo - kv_offset)  # padded keys: not visited",
+                  "kv_stop = tl.minimum(kv_stop, kv_hi - kv_offset)"]
     if skip.causal:
         lines.append("kv_stop = tl.minimum(kv_stop, q_last - kv_offset + 1)  # causal: keys <= last query")
     if skip.window is not None:
@@ -168,6 +177,8 @@ def _kv_bounds(skip: BlockSkip) -> list[str]:
 
 def _q_bounds(skip: BlockSkip) -> list[str]:
     lines = []
+    if skip.padding:  # a kv tile this batch row pads fully: no query tile to visit
+        lines.append("q_stop = tl.where((kv_first < kv_hi) & (kv_last >= kv_lo), q_stop, 0)")
     if skip.causal:
         lines.append("q_start = tl.maximum(q_start, kv_first - q_offset)  # causal: queries >= first key")
     if skip.window is not None:
@@ -197,8 +208,46 @@ def _grad_params(score: LoweredMod | None) -> str:
     return "".join(f"{p},\n    " for p in params)
 
 
-def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
-    """Scatter d(loss)/d(looked-up extra value) into the extra's gradient buffer (atomic adds)."""
+def _hoisted(axes: frozenset, hoist: bool = True) -> str | None:
+    """The accumulator shape of an extra's gradient that the dQ kernel sums over its kv loop and
+    adds once after it (loads indexed by batch/head/query only: their address is loop-invariant),
+    or None when the load varies along kv (or ``hoist`` is off) and each tile adds its own part."""
+    if not hoist:
+        return None
+    if axes == frozenset():
+        return "[1, 1]"
+    if axes == frozenset({"q"}):
+        return "[BLOCK_M, 1]"
+    return None
+
+
+def hoist_extra_grads(dtype: torch.dtype) -> bool:
+    """Whether the dQ kernel accumulates loop-invariant extra gradients over its kv loop (measured,
+    BENCHMARKS.md): fp32 needs it for a spill-free tile at D=128/256; for 16-bit tiles the three
+    loop-carried values (sum, address, mask) cost D=256 its best spill-free tile instead."""
+    return dtype not in (torch.bfloat16, torch.float16)
+
+
+def _extra_grad_init(score: LoweredMod | None, hoist: bool = True) -> list[str]:
+    """Before the dQ kernel's kv loop: zero accumulators (and a masked-off address, for an empty loop)."""
+    if score is None:
+        return []
+    lines: list[str] = []
+    for load, _, _ in score.extra_grads:
+        shape = _hoisted(load.axes, hoist)
+        if shape is not None:
+            g = f"g_{load.node_name}"
+            prefix = score.extras[load.extra].prefix
+            lines += [f"{g}_acc = tl.zeros({shape}, tl.float32)",
+                      f"{g}_at = {prefix}_grad_ptr + tl.zeros({shape}, tl.int32)",
+                      f"{g}_at_ok = tl.zeros({shape}, tl.int32) != 0"]
+    return lines
+
+
+def _extra_grad_lines(score: LoweredMod | None, hoist: bool = True) -> list[str]:
+    """Per kv tile: d(loss)/d(looked-up extra value). Loop-invariant addresses accumulate in
+    registers (one atomic add per program after the loop: an atomic per tile costs the fp32 dQ
+    kernel its spill-free tiles); addresses that vary along kv are atomically added per tile."""
     if score is None:
         return []
     lines: list[str] = []
@@ -209,7 +258,12 @@ def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
         lines += [f"# gradient of {prefix} through `{load.node_name}`", *dlines,
                   f"{g} = tl.where(keep, ds * ({dexpr}), 0.0)",
                   f"{g}_ptr = {prefix}_grad_ptr + {offs}"]
-        if load.axes == frozenset():
+        shape = _hoisted(load.axes, hoist)
+        if shape is not None and load.axes == frozenset():
+            lines += [f"{g}_acc += tl.sum(tl.sum({g}, 1)[:, None], 0)[None, :]"]
+        elif shape is not None:
+            lines += [f"{g}_acc += tl.sum({g}, 1)[:, None]"]
+        elif load.axes == frozenset():
             lines.append(f"tl.atomic_add({g}_ptr, tl.sum(tl.sum({g}, 1)[:, None], 0)[None, :], "
                          f"mask={load.in_bounds})")
         elif load.axes == frozenset({"q"}):
@@ -219,7 +273,23 @@ def _extra_grad_lines(score: LoweredMod | None) -> list[str]:
         else:
             lines.append(f"{g}_full = {g}_ptr + tl.zeros([BLOCK_M, BLOCK_N], tl.int32)")
             lines.append(f"tl.atomic_add({g}_full, {g}, mask={load.in_bounds} & keep)")
+        if shape is not None:
+            lines += [f"{g}_at = {g}_ptr + tl.zeros({shape}, tl.int32)",
+                      f"{g}_at_ok = ({load.in_bounds}) & (tl.zeros({shape}, tl.int32) == 0)"]
     return lines
+
+
+def _extra_grad_flush(score: LoweredMod | None, hoist: bool = True) -> list[str]:
+    """After the dQ kernel's kv loop: one atomic add per hoisted accumulator."""
+    if score is None:
+        return []
+    return [f"tl.atomic_add(g_{load.node_name}_at, g_{load.node_name}_acc, mask=g_{load.node_name}_at_ok)"
+            for load, _, _ in score.extra_grads if _hoisted(load.axes, hoist) is not None]
+
+
+def _indent_or_empty(lines: list[str], spaces: int) -> str:
+    """Lines for a hole that sits on a line of its own: nothing at all when there are none."""
+    return "".join(" " * spaces + line + "\n" for line in lines)
 
 
 def _dscore_lines(score: LoweredMod | None) -> list[str]:
@@ -251,6 +321,7 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
     else:
         dot_args = ""
     exact = spec.dtype == torch.float64
+    hoist = hoist_extra_grads(spec.dtype)
     tile_cast = (".to(tl.bfloat16).to(tl.float32)" if spec.dot_upcast  # bf16 rounding, fp32 interpreter dot
                  else f".to({_TL_TILE[spec.dtype]})")
     keep = f" & {mask.result}" if mask is not None else ""
@@ -271,7 +342,8 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "QK_SCALE": "sm_scale" if score or exact else "(sm_scale * LOG2E)",
         "SCORE_LOG2": (f"{score.result} * LOG2E" if not exact else score.result) if score else "score",
         "LOAD_CAST": ".to(tl.float32)" if spec.dot_upcast else "",
-        "EXTRA_PARAMS": _extra_params([mask, score]),
+        # the key bounds (before the mods' extras) when a key padding part is AND-ed in
+        "EXTRA_PARAMS": ("\n    kv_bounds_ptr," if spec.skip.padding else "") + _extra_params([mask, score]),
         "GRAD_PARAMS": _grad_params(score),
         "KV_BOUNDS": template.indent(_kv_bounds(spec.skip), 4),
         "Q_BOUNDS": template.indent(_q_bounds(spec.skip), 4),
@@ -282,8 +354,15 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "KEEP": keep,
         "DSCORE_LINES": template.indent(_dscore_lines(score), 8),
         "DSCORE_LINES2": template.indent(_dscore_lines(score), 12),
-        "EXTRA_GRAD_LINES": template.indent(_extra_grad_lines(score), 8),
-        "DROP_PARAMS": "\n    drop_row_base, drop_threshold, drop_scale," if spec.dropout else "",
+        "EXTRA_GRAD_INIT": _indent_or_empty(_extra_grad_init(score, hoist), 4),
+        "EXTRA_GRAD_LINES": template.indent(_extra_grad_lines(score, hoist), 8),
+        "EXTRA_GRAD_FLUSH": _indent_or_empty(_extra_grad_flush(score, hoist), 4),
+        "PAD_INIT": _indent_or_empty(PAD_LOAD if spec.skip.padding else [], 4),
+        "KV_COL_LO": " & (cols >= kv_lo - kv_offset)" if spec.skip.padding else "",
+        "KV_COL_PAD": (" & (kv_offset + offs_n >= kv_lo) & (kv_offset + offs_n < kv_hi)"
+                       if spec.skip.padding else ""),
+        "DROP_PARAMS": "\n    drop_seed_ptr, drop_threshold, drop_scale," if spec.dropout else "",
+        "DROP_INIT": "    drop_row_base = seed_row_base(drop_seed_ptr)\n" if spec.dropout else "",
         "DROP_HELPERS": template.DROPOUT_HELPERS if spec.dropout else "",
         "DROP_FWD": template.indent(_drop_lines(spec.dropout), 8),
         "DROP_BWD": template.indent(_drop_lines(spec.dropout), 8),

@@ -11,6 +11,7 @@ unless the kernels were forced, in which case ``KernelError`` says what to chang
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from .. import reference
 from . import cache
 from .codegen import Generated, specialise
 from .lower_mods import LoweringError
+from .padding_bounds import kv_bounds, padding_parts
 from .tiles import Tiles, candidates
 
 log = get_logger(__name__)
@@ -81,6 +83,14 @@ def _extra_args(extras: Sequence[torch.Tensor], device: torch.device) -> list[An
             e = e.view(torch.uint8)  # bool extras travel as bytes; the kernel compares with 0
         args += [e, *e.shape, *e.stride()]
     return args
+
+
+def _padding_args(mask: Mod | None, mask_extras: Sequence[torch.Tensor], batch: int, kv_offset: int,
+                  kv_len: int, seq_len: int, device: torch.device) -> list[Any]:
+    """The kernels' per-batch key bounds when the mask has a key padding part (padding_bounds.py)."""
+    if not padding_parts(mask):
+        return []
+    return [kv_bounds(mask, mask_extras, batch, kv_offset, kv_len, seq_len, device)]
 
 
 class TritonBlocks:
@@ -169,7 +179,7 @@ class TritonBlocks:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of one block pair, fp32 (fp64 for fp64 inputs); see reference.block_forward."""
         _check_shapes(q, k, v)
-        drop = _dropout_args(dropout_p, dropout_seed)
+        drop = _dropout_args(dropout_p, dropout_seed, q.device)
         module, kernel_extras = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
             return blocked_reference_forward(q, k, v, scale=scale, q_offset=q_offset, kv_offset=kv_offset,
@@ -185,7 +195,8 @@ class TritonBlocks:
         if out.numel() == 0 or lse.numel() == 0:
             return out.zero_(), lse.fill_(float("-inf"))
         seq = int(seq_len) if seq_len is not None else int(kv_offset) + Sk
-        extras = _extra_args(kernel_extras, q.device)
+        extras = _padding_args(mask, mask_extras, B, int(kv_offset), Sk, seq, q.device) \
+            + _extra_args(kernel_extras, q.device)
 
         def run(tiles: Tiles) -> None:
             grid = (_cdiv(Sq, tiles.block_m), B * Hq)
@@ -241,7 +252,7 @@ class TritonBlocks:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         """(dq, dk, dv, d_score_extras) of one block pair; see reference.block_backward."""
         _check_shapes(q, k, v)
-        drop = _dropout_args(dropout_p, dropout_seed)
+        drop = _dropout_args(dropout_p, dropout_seed, q.device)
         module, kernel_extras = self._module(q, k, v, mask, score, mask_extras, score_extras, bool(drop))
         if module is None:
             return blocked_reference_backward(
@@ -266,7 +277,8 @@ class TritonBlocks:
         lse = lse.to(acc).contiguous()
         dout = dout.to(q.dtype)
         seq = int(seq_len) if seq_len is not None else int(kv_offset) + Sk
-        extras = _extra_args(kernel_extras, q.device)
+        extras = _padding_args(mask, mask_extras, B, int(kv_offset), Sk, seq, q.device) \
+            + _extra_args(kernel_extras, q.device)
         grads: list[Any] = []
         for g in d_extras:
             if g is not None:
@@ -363,21 +375,34 @@ def _out_of_resources_error() -> type[BaseException]:
     return type("NeverRaised", (Exception,), {})
 
 
-def _dropout_args(p: float, seed: int | torch.Tensor | None) -> tuple:
-    """Kernel arguments (row hash base, threshold, 1/(1-p)) for dropout, or () without it.
+def _dropout_args(p: float, seed: int | torch.Tensor | None, device: torch.device) -> tuple:
+    """Kernel arguments (seed tensor, threshold, 1/(1-p)) for dropout, or () without it.
 
-    Host integer arithmetic only; callers pass the seed as an int (``RingContext`` reads the op's
-    seed tensor once per call), so a launch never waits for the device."""
+    The kernel reads the seed itself (``seed_row_base``): the op's seed tensor goes in as a pointer,
+    so a launch never waits for the device (issue 16.6); an int seed becomes a device tensor once
+    per (device, value)."""
     if not p or p <= 0:
         return ()
     from .. import dropout
 
-    seed_int = dropout.seed_to_int(seed)
-    dropout.check_dropout(p, seed_int)
-    if dropout.head_offset(seed_int):  # the template hashes the tensor's own head index
+    dropout.check_dropout(p, seed)
+    if dropout.head_offset(seed):  # the template hashes the tensor's own head index
         raise KernelError("the Triton kernels cannot shift the dropout hash to a head group's global heads "
-                          f"({seed_int!r}); run the PyTorch block kernels for this call (kernel='cpu')")
-    return (dropout.row_base(seed_int), dropout.threshold(p), 1.0 / (1.0 - p))
+                          f"({seed!r}); run the PyTorch block kernels for this call (kernel='cpu')")
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() == 0 or seed.is_floating_point() or seed.is_complex():
+            raise KernelError(f"dropout_seed must be an integer tensor with one element, got {seed.dtype} "
+                              f"of shape {tuple(seed.shape)}")
+        first = seed.reshape(-1)[:1]
+        if first.device != device or first.dtype != torch.int64:
+            first = first.to(device=device, dtype=torch.int64)  # a device-side copy, no host read
+        return (first, dropout.threshold(p), 1.0 / (1.0 - p))
+    return (_seed_tensor(int(seed), device), dropout.threshold(p), 1.0 / (1.0 - p))
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_tensor(seed: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -29,14 +29,16 @@ def signature(fn, dtype: str, extra_dtypes: dict[str, str]) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name in TILE_ARGS:
             sig[name] = f"*{dtype}"
+        elif name == "kv_bounds_ptr":
+            sig[name] = "*i32"  # per-batch kept-key bounds (padding_bounds.py)
+        elif name == "drop_seed_ptr":
+            sig[name] = "*i64"  # the op's seed tensor, read by the kernel
         elif name.endswith("_ptr"):
             sig[name] = extra_dtypes.get(name.removesuffix("_ptr"), "*fp32")
         elif name[0].isupper():
             sig[name] = "*fp32"  # Out, Lse, Delta, DQ, DK, DV: fp32 accumulators
         elif name in ("sm_scale", "drop_scale"):
             sig[name] = "fp32"
-        elif name == "drop_row_base":
-            sig[name] = "i64"  # a 32-bit hash value: Triton passes values >= 2**31 as i64
         else:
             sig[name] = "i32"
     return sig

@@ -65,7 +65,7 @@ def block_fwd(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast in every backend)
+%%DROP_INIT%%    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast)
     b_idx = bh // n_heads + tl.zeros([1, 1], tl.int32)
     h_idx = bh % n_heads + tl.zeros([1, 1], tl.int32)
     # 64-bit offsets: b * stride_b + h * stride_h passes 2**31 at long sequences (Triton strides are i32)
@@ -99,7 +99,7 @@ def block_fwd(
     kv_start = (kv_start // BLOCK_N) * BLOCK_N
     for start_n in range(kv_start, kv_stop, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < kv_stop
+        col_ok = (cols < kv_stop)%%KV_COL_LO%%
         cols64 = cols.to(tl.int64)
         kv_idx = (kv_offset + cols)[None, :]
         kT = tl.load(k_base + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -149,7 +149,7 @@ def block_bwd_dkdv(
     # M dimension (Hopper wgmma), so scores are [BLOCK_N, BLOCK_M] with kv_idx a column, q_idx a row.
     start_n = tl.program_id(0)
     bh = tl.program_id(1)
-    b_idx = bh // n_kv_heads + tl.zeros([1, 1], tl.int32)
+%%DROP_INIT%%    b_idx = bh // n_kv_heads + tl.zeros([1, 1], tl.int32)
     kv_h32 = bh % n_kv_heads
     b = (bh // n_kv_heads).to(tl.int64)
     kv_h = kv_h32.to(tl.int64)
@@ -159,7 +159,7 @@ def block_bwd_dkdv(
     offs_dv = tl.arange(0, DV_PAD)
     d_ok = offs_d < HEAD_DIM
     dv_ok = offs_dv < V_HEAD_DIM
-    col_ok = (offs_n < kv_len) & (kv_offset + offs_n < seq_len)
+%%PAD_INIT%%    col_ok = (offs_n < kv_len) & (kv_offset + offs_n < seq_len)%%KV_COL_PAD%%
     cols64 = offs_n.to(tl.int64)
     kv_idx = (kv_offset + offs_n)[:, None]
     k = tl.load(K + b * stride_kb + kv_h * stride_kh + cols64[:, None] * stride_kn
@@ -229,7 +229,7 @@ def block_bwd_dq(
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast in every backend)
+%%DROP_INIT%%    # batch and head as [1, 1] int32 blocks for the mods (scalar booleans do not broadcast)
     b_idx = bh // n_heads + tl.zeros([1, 1], tl.int32)
     h_idx = bh % n_heads + tl.zeros([1, 1], tl.int32)
     b = (bh // n_heads).to(tl.int64)  # 64-bit offsets (see block_fwd)
@@ -263,9 +263,9 @@ def block_bwd_dq(
     kv_stop = tl.minimum(kv_len, seq_len - kv_offset)
 %%KV_BOUNDS%%
     kv_start = (kv_start // BLOCK_N) * BLOCK_N
-    for start_n in range(kv_start, kv_stop, BLOCK_N):
+%%EXTRA_GRAD_INIT%%    for start_n in range(kv_start, kv_stop, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < kv_stop
+        col_ok = (cols < kv_stop)%%KV_COL_LO%%
         cols64 = cols.to(tl.int64)
         kv_idx = (kv_offset + cols)[None, :]
         kT = tl.load(k_base + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
@@ -284,7 +284,7 @@ def block_bwd_dq(
 %%DSCORE_LINES%%
         dq = tl.dot(ds%%TILE_CAST%%, tl.trans(kT), dq%%DOT_ARGS%%)
 
-    dq = dq * sm_scale
+%%EXTRA_GRAD_FLUSH%%    dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq, mask=row_ok[:, None] & d_ok[None, :])
 '''
@@ -317,11 +317,20 @@ def mix32(x):
     x = x ^ (x >> 15)
     x = x * 0x846CA68B
     return x ^ (x >> 16)
+
+
+# The seed's share of every row hash, from the op's seed tensor (read on the device, so the host
+# never waits for it): mix32(seed32 ^ SEED_SALT) with seed32 = (seed ^ (seed >> 32)) & M
+@triton.jit
+def seed_row_base(Seed):
+    seed = tl.load(Seed).to(tl.int64)
+    seed32 = ((seed ^ (seed >> 32)) & 0xFFFFFFFF).to(tl.uint32)
+    return mix32(seed32 ^ 0x9E3779B9)
 '''
 
 DROPOUT_KEEP = '''\
 # dropout: keep / (1 - p) from a hash of the global indices (lse is unchanged by dropout)
-drop_row = mix32(mix32(mix32(drop_row_base.to(tl.uint32) ^ b_idx.to(tl.uint32)) ^ h_idx.to(tl.uint32))
+drop_row = mix32(mix32(mix32(drop_row_base ^ b_idx.to(tl.uint32)) ^ h_idx.to(tl.uint32))
                  ^ q_idx.to(tl.uint32))
 drop_col = mix32(kv_idx.to(tl.uint32) ^ 0x85EBCA6B)
 drop_keep = (mix32(drop_row ^ drop_col) >> 8) >= drop_threshold

@@ -117,10 +117,12 @@ def _pair_mask(q, k, q0, k0, spec):
     return spec.mask
 
 
-def _dropout_kwargs(spec: AttentionSpec, dropout_seed) -> dict:
-    """The kernels' dropout arguments, the seed read once here (not once per block pair)."""
+def _dropout_kwargs(spec: AttentionSpec, dropout_seed, kernels: BlockKernels) -> dict:
+    """The kernels' dropout arguments: the seed tensor itself for kernels that read it on the device,
+    else the seed read once here (not once per block pair)."""
     if spec.dropout_p > 0:  # a missing seed is the kernel's clear error, never silently no dropout
-        return {"dropout_p": spec.dropout_p, "dropout_seed": seed_to_int(dropout_seed)}
+        seed = dropout_seed if kernels.device_seed else seed_to_int(dropout_seed)
+        return {"dropout_p": spec.dropout_p, "dropout_seed": seed}
     return {}
 
 
@@ -134,7 +136,7 @@ def local_forward(
     block = DEFAULT_BLOCK if block is None else block
     kernels = block_kernels(spec, q.device) if kernels is None else kernels
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
-    extra = _dropout_kwargs(spec, dropout_seed)
+    extra = _dropout_kwargs(spec, dropout_seed, kernels)
     acc = acc_dtype(q)
     outs, lses = [], []
     for qs, qe in _blocks(q.shape[2], block):
@@ -172,7 +174,7 @@ def local_backward(
     block = DEFAULT_BLOCK if block is None else block
     kernels = block_kernels(spec, q.device) if kernels is None else kernels
     scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
-    extra = _dropout_kwargs(spec, dropout_seed)
+    extra = _dropout_kwargs(spec, dropout_seed, kernels)
     acc = acc_dtype(q)
     if delta is None:
         delta = (dout.to(acc) * out.to(acc)).sum(-1)

@@ -187,3 +187,41 @@ def test_mod_graph_from_discovery_is_used_when_present():
     key_mask = torch.rand(2, 40, generator=g) > 0.3
     compare_block(kernels_for(mask), q, k, v, tol=2e-5, scale=0.25, q_offset=19, kv_offset=0, seq_len=21,
                   mask=mask, mask_extras=[key_mask])
+
+
+def test_loop_invariant_extra_gradients_are_added_once_after_the_kv_loop():
+    """The dQ kernel sums the gradient of an extra looked up by head (ALiBi slopes) or by query (a
+    per-query bias) over its kv tiles in registers and adds it once per program (an atomic per kv
+    tile cost the fp32 kernel every spill-free tile); gradients still equal float64 autograd over
+    several kv tiles (37 keys = 3 interpreter tiles), and an extra indexed by kv keeps its per-tile add.
+    fp32 only: 16-bit kernels keep per-tile adds."""
+    def qbias(score, b, h, q, kv, bias):
+        return score + bias[h, q]
+
+    def kbias(score, b, h, q, kv, bias):
+        return score + bias[h, kv]
+
+    q_mod = mods.Mod(qbias, False, "custom", n_extras=1, description="per-query bias")
+    k_mod = mods.Mod(kbias, False, "custom", n_extras=1, description="per-key bias")
+    for score, extra, hoisted in ((q_mod, lambda g: torch.randn(2, 64, generator=g), True),
+                                  (k_mod, lambda g: torch.randn(2, 64, generator=g), False),
+                                  (mods.alibi(), lambda g: torch.rand(2, generator=g), True)):
+        q, k, v, g = qkv(2, 2, 1, 20, 37, 16, seed=21)
+        se = [extra(g)]
+        compare_block(kernels_for(mods.causal(), score), q, k, v, tol=5e-5, scale=0.3, q_offset=30,
+                      kv_offset=0, seq_len=37, mask=mods.causal(), score=score, score_extras=se)
+        assert dq_atomic_adds(score, se, torch.float32) == ((0, 1) if hoisted else (1, 0)), score.description
+        # 16-bit tiles keep the per-tile add (codegen.hoist_extra_grads: measured to fit better there)
+        assert dq_atomic_adds(score, se, torch.bfloat16) == (1, 0), score.description
+
+
+def dq_atomic_adds(score, score_extras, dtype) -> tuple[int, int]:
+    """(atomic adds inside the dQ kernel's kv loop, after it) in the generated source."""
+    from ringcompile.kernels.triton.codegen import specialise
+
+    src = specialise(mods.causal(), score, head_dim=16, v_head_dim=16, dtype=dtype, groups=2,
+                     mask_extras=[], score_extras=score_extras).source
+    dq = src[src.index("def block_bwd_dq"):]
+    lines = dq.split("    for start_n in range(kv_start")[1].split("dq * sm_scale")[0].splitlines()
+    return (sum(ln.startswith("        tl.atomic_add(") for ln in lines),
+            sum(ln.startswith("    tl.atomic_add(") for ln in lines))

@@ -35,4 +35,4 @@ def recording_triton_kernels(monkeypatch) -> tuple[BlockKernels, list]:
     # _module returns (compiled module, the extra kernel tensors)
     monkeypatch.setattr(launch.TritonBlocks, "_module", lambda self, *a, **k: (module, []))
     blocks = launch.TritonBlocks(forced=False)
-    return BlockKernels("triton", blocks.forward, blocks.backward), launches
+    return BlockKernels("triton", blocks.forward, blocks.backward, device_seed=True), launches

@@ -115,7 +115,7 @@ def _count_block_loop(kernels, S: int, block: int) -> int:
     return counter.total
 
 
-def test_block_loop_reads_the_seed_once_per_call_and_nothing_per_pair(triton_on_fake_gpu):
+def test_block_loop_has_no_syncs_the_seed_goes_to_the_kernel_as_a_tensor(triton_on_fake_gpu):
     kernels, launches = triton_on_fake_gpu
     few = _count_block_loop(kernels, 32, 16)        # 3 causal pairs
     n_few = len(launches)
@@ -123,12 +123,24 @@ def test_block_loop_reads_the_seed_once_per_call_and_nothing_per_pair(triton_on_
     many = _count_block_loop(kernels, 128, 16)      # 36 causal pairs
     n_many = len(launches)
     assert n_many > 4 * n_few > 0  # the block loop did run many more pairs...
-    assert few == many == 2, (few, many)  # ...with the same syncs: one seed read per call (fwd, bwd)
+    assert few == many == 0, (few, many)  # ...with no syncs: the kernels read the seed on the device
+
+
+def test_kernels_that_cannot_read_the_seed_on_the_device_read_it_once_per_call(triton_on_fake_gpu):
+    """Kernels without ``device_seed`` (CPU, generic) get an int: one read per call, none per pair."""
+    import dataclasses
+
+    kernels, _ = triton_on_fake_gpu
+    host_seeded = dataclasses.replace(kernels, device_seed=False)
+    # (the Triton launcher turns an int seed into a device tensor once per value: the first call uploads
+    # it; the counter answers every read with the same placeholder value)
+    _count_block_loop(host_seeded, 16, 16)
+    assert _count_block_loop(host_seeded, 32, 16) == _count_block_loop(host_seeded, 128, 16) == 2
 
 
 def test_one_ring_step_with_causal_padding_and_dropout_has_no_syncs(triton_on_fake_gpu):
     """A zigzag ring step (two query pieces x two K/V pieces, forward and backward) on a fake GPU:
-    the seed is read once when the call's context is built, then nothing, whatever the length."""
+    nothing is read when the call's context is built (the seed stays a tensor) nor in the step."""
     kernels, launches = triton_on_fake_gpu
     counts = []
     for S in (64, 512):
@@ -146,7 +158,7 @@ def test_one_ring_step_with_causal_padding_and_dropout_has_no_syncs(triton_on_fa
             backward_pairs(ctx, dl, ql, out, lse, delta_of(dl, out), pieces, kl, vl, pieces, dq, dk, dv,
                            [None])
         counts.append((at_setup.total, in_step.total))
-    assert counts == [(1, 0), (1, 0)], counts
+    assert counts == [(0, 0), (0, 0)], counts
     assert launches  # the kernels did launch
 
 

@@ -59,9 +59,10 @@ class RingContext:
     dropout_seed: Tensor | int | None = None
 
     def __post_init__(self) -> None:
-        # the op's seed is a one-element tensor, often on the GPU: read it once per call here, not
-        # once per kernel launch (each read waits for the device)
-        if isinstance(self.dropout_seed, Tensor) and self.spec.dropout_p > 0:
+        # the op's seed is a one-element tensor, often on the GPU: kernels that read it on the device
+        # (Triton) get it as it is; for the others it is read once per call here, not once per
+        # kernel launch (each read waits for the device)
+        if isinstance(self.dropout_seed, Tensor) and self.spec.dropout_p > 0 and not self.kernels.device_seed:
             self.dropout_seed = seed_to_int(self.dropout_seed)
 
     @property

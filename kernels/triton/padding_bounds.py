@@ -1,0 +1,89 @@
+"""Per-batch key bounds from a mask's key-padding parts, so the kernels skip padded key tiles.
+
+A key-padding part (kind "padding": a function of the batch and key index only, e.g.
+``mods.key_padding()``) that is AND-ed into the mask decides, per batch row, a first and a last
+key it keeps; keys outside that range are masked whatever the other parts say. The launcher
+evaluates the padding parts on the block's keys with device tensor ops (no host read) and
+passes ``[B, 2]`` int32 bounds ``[first kept, last kept + 1)`` in global key indices; the forward
+and dQ kernels bound their kv loops by them and the dK/dV kernel's programs for tiles outside
+them skip their query loop. Keys outside the bounds are never loaded, so a batch row padded over
+whole tiles costs no tile work (issue 16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ringcompile.log import get_logger
+from ringcompile.mods import Mod
+
+log = get_logger(__name__)
+
+NO_BOUND = 2**31 - 1  # "keep every key": the bounds when a padding part cannot be evaluated
+
+
+def padding_parts(mask: Mod | None) -> list[tuple[Mod, int]]:
+    """(padding part, index of its first extra in the mask's extras) for every part of an
+    AND-composition (or the whole mask) that is a key padding; empty when there is none."""
+    if mask is None:
+        return []
+    if not mask.parts:
+        return [(mask, 0)] if mask.kind == "padding" else []
+    out, first = [], 0
+    for part in mask.parts:
+        if part.kind == "padding" and not part.parts:
+            out.append((part, first))
+        first += part.n_extras
+    return out
+
+
+def kv_bounds(mask: Mod, mask_extras: Sequence[torch.Tensor], batch: int, kv_offset: int, kv_len: int,
+              seq_len: int, device: torch.device) -> torch.Tensor:
+    """``[batch, 2]`` int32 ``[first, last + 1)`` global key indices that the padding parts keep among
+    the block's keys ``kv_offset .. kv_offset + kv_len - 1`` below ``seq_len`` (the keys the kernels
+    visit, so the parts see the indices the reference path gives them), ``[0, 0)`` for a row keeping
+    none."""
+    kv_len = max(0, min(kv_len, seq_len - kv_offset))
+    if kv_len == 0:
+        return torch.zeros(batch, 2, dtype=torch.int32, device=device)
+    b = torch.arange(batch, device=device).view(-1, 1)
+    kv = torch.arange(kv_offset, kv_offset + kv_len, device=device).view(1, -1)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    parts = padding_parts(mask)
+    if not all(_evaluable(part, mask_extras[first:first + part.n_extras], batch, kv_offset + kv_len)
+               for part, first in parts):
+        return _everything(batch, device)
+    try:
+        keep = None
+        for part, first in parts:
+            extras = [e.to(device) for e in mask_extras[first:first + part.n_extras]]
+            part_keep = torch.as_tensor(part.fn(b, zero, zero, kv, *extras), device=device) != 0
+            keep = part_keep if keep is None else keep & part_keep
+        keep = keep.expand(batch, kv_len).to(torch.int8)
+    except Exception as exc:  # a part the launcher cannot evaluate: visit every tile (still correct)
+        log.info("key padding bounds not computed (%s): every key tile is visited", exc)
+        return _everything(batch, device)
+    kept = keep.amax(1) > 0
+    lo = keep.argmax(1)  # the first maximum: the first kept key
+    hi = kv_len - keep.flip(1).argmax(1)
+    bounds = torch.stack([lo + kv_offset, hi + kv_offset], 1)
+    return torch.where(kept.view(-1, 1), bounds, 0).to(torch.int32).contiguous()
+
+
+def _evaluable(part: Mod, extras: Sequence[torch.Tensor], batch: int, kv_end: int) -> bool:
+    """Whether evaluating ``part`` on every (batch row, key) of the block is safe on a GPU, where an
+    index out of range is a device-side assert rather than an exception (the kernels mask such
+    lookups instead): a plain function of its own ``[B, S]`` extras (no graph, nothing it closes
+    over), each with at least ``batch`` rows and ``kv_end`` columns (shapes: host metadata)."""
+    if part.graph is not None or getattr(part.fn, "__closure__", None) or not extras:
+        return False
+    return all(e.dim() == 2 and e.shape[0] >= batch and e.shape[1] >= kv_end for e in extras)
+
+
+def _everything(batch: int, device: torch.device) -> torch.Tensor:
+    """Bounds that keep every key (the kernels then visit every tile and mask as before)."""
+    out = torch.zeros(batch, 2, dtype=torch.int32, device=device)
+    out[:, 1] = NO_BOUND  # a fill on the device, not an upload
+    return out
