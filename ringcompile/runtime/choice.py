@@ -26,7 +26,7 @@ ALLGATHER_MAX_SEQ = 4096  # heuristic when no cost model: gathering K/V once win
 
 
 # what strategy "auto" may pick on shards of each layout (the planner ranks them; ulysses needs
-# heads divisible by N and no dropout). Ulysses runs on either layout: it gathers whole sequences.
+# heads divisible by N). Ulysses runs on either layout: it gathers whole sequences.
 AUTO_CANDIDATES = {"contiguous": ("ring", "allgather", "ulysses"), "zigzag": ("zigzag", "ulysses")}
 
 
@@ -41,7 +41,7 @@ def hybrid_plan_name(two_level: tuple[int, int], layout: str, spec: AttentionSpe
 
 def _auto_candidates(q: torch.Tensor, k: torch.Tensor, world_size: int, spec: AttentionSpec,
                      layout: str, two_level: tuple[int, int] | None = None) -> tuple[str, ...]:
-    heads_split = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0 and spec.dropout_p == 0
+    heads_split = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0
     names = tuple(s for s in AUTO_CANDIDATES[layout] if s != "ulysses" or heads_split)
     if two_level is not None:  # a 2-D group: its one hybrid split, when heads divide over a node
         outer, inner = two_level
