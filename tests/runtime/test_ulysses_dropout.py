@@ -118,3 +118,18 @@ def test_auto_ranks_ulysses_under_dropout(monkeypatch):
     assert seen[-1] == ("zigzag", "ulysses")
     q3, k3, v3 = (torch.randn(1, h, 8, 4) for h in (6, 3, 3))
     assert choose_strategy(q3, k3, v3, 32, 4, spec, "zigzag") == "zigzag"
+
+
+
+@pytest.mark.multirank
+def test_gloo_ranks_drop_what_one_process_drops_under_ring_ulysses_allgather_and_hybrid():
+    """One spawn of 4 gloo ranks, through the op with a seed (as the backend calls it), fwd+bwd, against
+    float64 with the same keep mask and each other: two 2-rank groups run ring, ulysses and allgather
+    (MHA, GQA); the 2 x 2 DeviceMesh runs hybrid, ulysses and ring (MHA, GQA); causal on zigzag shards
+    and none on contiguous ones."""
+    import dropout_bodies
+    from ring_harness import run_ranks
+
+    results = run_ranks(dropout_bodies.dropout_body, 4, 150.0, 11)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures[:40])
