@@ -1,6 +1,7 @@
-"""Attention dropout under strategy "ulysses": after the all-to-all rank r holds query heads
-[r * H/N, (r+1) * H/N), and its kernels shift the dropout hash by that offset, so the simulated
-world drops exactly what one process, the ring and a float64 reference with the same keep mask drop."""
+"""Attention dropout under strategy "ulysses" (and the flat strategies beside it): after the
+all-to-all rank r holds query heads [r * H/N, (r+1) * H/N), and its kernels shift the dropout hash by
+that offset, so the simulated world drops exactly what one process, the ring, allgather, zigzag and a
+float64 reference with the same keep mask drop; then the same on spawned gloo ranks."""
 
 import pytest
 import torch
@@ -39,6 +40,8 @@ def dropout_attention64(q, k, v, causal: bool, seed: int, p: float):
 @pytest.mark.parametrize("heads", [(4, 4), (8, 4)], ids=["mha", "gqa"])
 @pytest.mark.parametrize("mask", ["none", "causal"])
 def test_ulysses_dropout_equals_world_one_the_ring_and_float64(world, heads, mask):
+    """Ulysses, and every flat strategy beside it (ring, allgather, zigzag when causal), drop exactly
+    the entries one process and float64 with the keep mask on the full grid drop; gradients too."""
     causal = mask == "causal"
     layout = "zigzag" if causal else "contiguous"
     S = 4 * world + 3  # not divisible: the padded tail is masked
@@ -46,16 +49,17 @@ def test_ulysses_dropout_equals_world_one_the_ring_and_float64(world, heads, mas
     kw = dict(is_causal=causal, enable_gqa=True, dropout_p=P, dropout_seed=2468)
     out = simulated_ring_attention(q, k, v, world_size=world, strategy="ulysses", layout=layout, **kw)
     one = simulated_ring_attention(q, k, v, world_size=1, strategy="local", **kw)
-    ring = simulated_ring_attention(q, k, v, world_size=world, strategy="ring", layout=layout, **kw)
+    flat = [simulated_ring_attention(q, k, v, world_size=world, strategy=name, layout=layout, **kw)
+            for name in ("ring", "allgather", *(("zigzag",) if causal else ()))]
     ref = dropout_attention64(q, k, v, causal, 2468, P)
     plain = simulated_ring_attention(q, k, v, world_size=world, strategy="ulysses", layout=layout,
                                      is_causal=causal, enable_gqa=True)
     assert not torch.allclose(out, plain)  # dropout did something
-    for other in (one, ring, ref):
+    for other in (one, *flat, ref):
         torch.testing.assert_close(out, other, atol=1e-9, rtol=1e-9)
     dout = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(world))
     got = torch.autograd.grad(out, [q, k, v], dout)
-    for other in (one, ring, ref):
+    for other in (one, *flat, ref):
         for a, b in zip(got, torch.autograd.grad(other, [q, k, v], dout), strict=True):
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
@@ -118,6 +122,25 @@ def test_auto_ranks_ulysses_under_dropout(monkeypatch):
     assert seen[-1] == ("zigzag", "ulysses")
     q3, k3, v3 = (torch.randn(1, h, 8, 4) for h in (6, 3, 3))
     assert choose_strategy(q3, k3, v3, 32, 4, spec, "zigzag") == "zigzag"
+
+
+def test_auto_leaves_head_group_strategies_out_under_dropout_where_triton_would_run():
+    """On CUDA the Triton kernels cannot hash a head group's global heads, so ulysses and hybrid would
+    run the (slower) PyTorch kernels the cost model does not price: "auto" does not offer them there,
+    unless the call runs the PyTorch kernels anyway (kernel='cpu') or has no dropout."""
+    import types
+
+    from ringcompile.runtime.choice import _auto_candidates
+
+    def cands(device, spec):
+        q, k = (types.SimpleNamespace(shape=(1, h, 8, 4), device=torch.device(device)) for h in (8, 4))
+        return _auto_candidates(q, k, 4, spec, "zigzag", (2, 2))
+
+    drop = build_spec(is_causal=True).replace(dropout_p=0.1)
+    assert cands("cuda", drop) == ("zigzag",)
+    assert cands("cpu", drop) == ("zigzag", "ulysses", "hybrid-2x2")
+    assert cands("cuda", drop.replace(kernel="cpu")) == ("zigzag", "ulysses", "hybrid-2x2")
+    assert cands("cuda", drop.replace(dropout_p=0.0)) == ("zigzag", "ulysses", "hybrid-2x2")
 
 
 
