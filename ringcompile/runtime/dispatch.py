@@ -34,10 +34,6 @@ def _plan(q, k, v, seq_len, spec) -> tuple[ResolvedGroup, str, str, AttentionSpe
     two_level = (group.outer.world_size, group.inner.world_size) if isinstance(group, TwoLevelGroup) else None
     strategy = choose_strategy(q, k, v, seq_len, group.world_size, spec, layout, backward=True,
                                two_level=two_level)
-    if strategy == "ulysses":
-        from .strategies.ulysses import check_dropout
-
-        check_dropout(spec)
     log.debug("attention %s: strategy %s, layout %s, rank %d of %d", spec.name or "<op>", strategy, layout,
               group.rank, group.world_size)
     planned = hybrid_plan_name(two_level, layout, spec) if strategy == "hybrid" and two_level else strategy

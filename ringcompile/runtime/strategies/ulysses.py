@@ -3,16 +3,26 @@
 q, k, v go from (B, H, S/N) shards to (B, H/N, S) head groups, attention runs locally, and
 the output (with its lse) goes back. Query AND kv heads must divide by N (GQA groups stay
 on one rank). Mods see global head indices: the head group's offset is added to ``h``.
+
+Dropout: the keep mask is a hash of global (b, h, q, kv) and the seed (``kernels.dropout``).
+The pieces already carry global token offsets; rank r holds query heads [h0, h0 + H/N) with
+h0 = r * H/N, and the hash takes the query head (a GQA group's kv head stays on the rank), so
+the seed travels as ``HeadOffsetSeed(seed, h0)`` and every rank drops exactly the entries one
+process (or the ring) drops. The Triton template hashes the tensor's own head index, so under
+dropout the PyTorch block kernels run (logged once; ``kernel="triton"`` forced raises).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
 
-from ringcompile.errors import OptionError
-from ringcompile.kernels.select import BlockKernels, block_kernels
+from ringcompile.errors import KernelError, OptionError
+from ringcompile.kernels.dropout import HeadOffsetSeed, seed_to_int
+from ringcompile.kernels.select import BlockKernels, block_kernels, pytorch_block_kernels
+from ringcompile.log import get_logger
 from ringcompile.mods import Mod
 from ringcompile.spec import AttentionSpec
 
@@ -32,12 +42,27 @@ Tensor = torch.Tensor
 _HEAD_INVARIANT = {"causal", "sliding_window", "padding"}
 _CACHE: dict[tuple[int, int], tuple[AttentionSpec, AttentionSpec, BlockKernels]] = {}
 _LOCK = threading.Lock()
+log = get_logger(__name__)
+_NOTED: set[tuple[str, str]] = set()
+# kernels whose dropout hash adds a HeadOffsetSeed's offset to the tensor's head index
+HEAD_OFFSET_KERNELS = ("cpu", "generic")
 
 
-def check_dropout(spec: AttentionSpec) -> None:
-    if spec.dropout_p > 0:  # the dropout hash takes global head indices, which kernels do not see here
-        raise OptionError("strategy 'ulysses' does not support attention dropout yet; use 'ring', 'zigzag' "
-                          "or 'allgather'")
+def dropout_kernels(spec: AttentionSpec, kernels: BlockKernels, device: torch.device,
+                    strategy: str = "ulysses") -> BlockKernels:
+    """Kernels that honour a head-offset dropout seed: the PyTorch ones in place of Triton's."""
+    if kernels.name in HEAD_OFFSET_KERNELS:
+        return kernels
+    if spec.kernel == "triton":
+        raise KernelError(f"kernel='triton' was requested, but strategy {strategy!r} with attention dropout "
+                          "needs the dropout hash on global heads, which the Triton template does not take; "
+                          "use kernel='auto' (the PyTorch block kernels then run) or strategy 'ring' / "
+                          "'zigzag' / 'allgather'")
+    if (strategy, kernels.name) not in _NOTED:
+        _NOTED.add((strategy, kernels.name))
+        log.info("strategy %r with attention dropout: the %s kernels hash the tensor's own head index, so "
+                 "the PyTorch block kernels run (dropout on global heads)", strategy, kernels.name)
+    return pytorch_block_kernels(spec, device)
 
 
 def check_heads(hq: int, hkv: int, world_size: int) -> None:
@@ -94,6 +119,19 @@ def _gather_heads(ctx: RingContext, x: Tensor, local: int, what: str) -> Tensor:
     return torch.cat(pending.wait(), dim=1)
 
 
+def _head_group(ctx: RingContext, hq: int, device: torch.device
+                ) -> tuple[RingContext, AttentionSpec, BlockKernels]:
+    """This rank's view of its head group [h0, h0 + hq/N) of global heads: mods shifted by h0 and,
+    under dropout, the seed shifted too (and kernels that honour the shift)."""
+    h0 = ctx.rank * (hq // ctx.world_size)
+    spec, kernels = _group_spec(ctx, h0, device)
+    if spec.dropout_p > 0:
+        kernels = dropout_kernels(spec, kernels, device)
+        if ctx.dropout_seed is not None:  # None: the kernels raise their clear "needs a dropout_seed" error
+            ctx = dataclasses.replace(ctx, dropout_seed=HeadOffsetSeed(seed_to_int(ctx.dropout_seed), h0))
+    return ctx, spec, kernels
+
+
 def _pieces(ctx: RingContext, local: int):
     n = ctx.world_size
     return chunk_pieces(global_order(local * n, n, ctx.layout), ctx.seq_len)
@@ -102,16 +140,15 @@ def _pieces(ctx: RingContext, local: int):
 def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     n, local = ctx.world_size, q.shape[2]
     check_heads(q.shape[1], k.shape[1], n)
-    check_dropout(ctx.spec)
     timer = ctx.timer("forward", q, k)
-    spec, kernels = _group_spec(ctx, ctx.rank * (q.shape[1] // n), q.device)
+    group, spec, kernels = _head_group(ctx, q.shape[1], q.device)
     fq, fk, fv = (_scatter_heads(ctx, t, f"{name} all-to-all") for t, name in ((q, "Q"), (k, "K"), (v, "V")))
     with timer.wait(0, "Q/K/V all-to-all"):
         qf, kf, vf = fq(), fk(), fv()
     pieces = _pieces(ctx, local)
     out, lse = empty_outputs(qf, vf)
     with timer.compute(0):
-        forward_pairs(ctx, qf, pieces, kf, vf, pieces, out, lse, spec=spec, kernels=kernels)
+        forward_pairs(group, qf, pieces, kf, vf, pieces, out, lse, spec=spec, kernels=kernels)
     with timer.wait(1, "output all-to-all"):
         packed = _gather_heads(ctx, torch.cat([out, lse.unsqueeze(-1)], dim=-1), local, "output all-to-all")
     timer.finish(ctx.spec.record_timing)
@@ -121,9 +158,8 @@ def forward(ctx: RingContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
 def backward(ctx: RingContext, dout, q, k, v, out, lse):
     n, local = ctx.world_size, q.shape[2]
     check_heads(q.shape[1], k.shape[1], n)
-    check_dropout(ctx.spec)
     timer = ctx.timer("backward", q, k)
-    spec, kernels = _group_spec(ctx, ctx.rank * (q.shape[1] // n), q.device)
+    group, spec, kernels = _head_group(ctx, q.shape[1], q.device)
     inputs = ((q, "Q"), (k, "K"), (v, "V"), (dout, "dO"), (out, "O"), (lse.unsqueeze(-1), "lse"))
     starts = [_scatter_heads(ctx, t, f"{name} all-to-all") for t, name in inputs]
     with timer.wait(0, "Q/K/V/dO all-to-all"):
@@ -133,7 +169,7 @@ def backward(ctx: RingContext, dout, q, k, v, out, lse):
     dq, dk, dv = grad_buffers(qf, kf, vf)
     d_extras: list[Tensor | None] = [None] * len(ctx.score_extras)
     with timer.compute(0):
-        backward_pairs(ctx, df, qf, of, lf, delta_of(df, of), pieces, kf, vf, pieces, dq, dk, dv, d_extras,
+        backward_pairs(group, df, qf, of, lf, delta_of(df, of), pieces, kf, vf, pieces, dq, dk, dv, d_extras,
                        spec=spec, kernels=kernels)
     with timer.wait(1, "dQ/dK/dV all-to-all"):
         dq = _gather_heads(ctx, dq, local, "dQ all-to-all")
