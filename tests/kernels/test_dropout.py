@@ -157,5 +157,7 @@ def test_a_head_offset_seed_hashes_global_heads():
     assert torch.equal(shifted, dropout.keep_mask(99, b, h + 4, q, kv, 0.4))
     assert not torch.equal(shifted, dropout.keep_mask(99, b, h, q, kv, 0.4))
     with pytest.raises(KernelError, match="global heads"):
-        _dropout_args(0.4, seed)
-    assert _dropout_args(0.4, dropout.HeadOffsetSeed(99, 0)) == _dropout_args(0.4, 99)
+        _dropout_args(0.4, seed, torch.device("cpu"))
+    plain = _dropout_args(0.4, 99, torch.device("cpu"))
+    no_shift = _dropout_args(0.4, dropout.HeadOffsetSeed(99, 0), torch.device("cpu"))
+    assert torch.equal(no_shift[0], plain[0]) and no_shift[1:] == plain[1:]
