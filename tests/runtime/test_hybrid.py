@@ -233,16 +233,16 @@ def test_dropout_runs_the_pytorch_kernels_in_place_of_triton():
     PyTorch block kernels for the device (and keeps them when they already are)."""
     from ringcompile.kernels.kernel_set import BlockKernels
 
-    from ringcompile.runtime.strategies.hybrid import _dropout_kernels
+    from ringcompile.runtime.strategies.ulysses import dropout_kernels
 
     spec = build_spec(is_causal=True).replace(dropout_p=0.1)
     triton_like = BlockKernels("triton", lambda *a, **k: None, lambda *a, **k: None)
-    assert _dropout_kernels(spec, triton_like, torch.device("cpu")).name == "cpu"
-    assert _dropout_kernels(spec, triton_like, torch.device("meta")).name == "generic"
-    cpu = _dropout_kernels(spec, triton_like, torch.device("cpu"))
-    assert _dropout_kernels(spec, cpu, torch.device("cpu")) is cpu
+    assert dropout_kernels(spec, triton_like, torch.device("cpu"), "hybrid").name == "cpu"
+    assert dropout_kernels(spec, triton_like, torch.device("meta"), "hybrid").name == "generic"
+    cpu = dropout_kernels(spec, triton_like, torch.device("cpu"), "hybrid")
+    assert dropout_kernels(spec, cpu, torch.device("cpu"), "hybrid") is cpu
     with pytest.raises(KernelError, match="kernel='triton' was requested"):
-        _dropout_kernels(spec.replace(kernel="triton"), triton_like, torch.device("cpu"))
+        dropout_kernels(spec.replace(kernel="triton"), triton_like, torch.device("cpu"), "hybrid")
 
 
 def test_a_rank_dying_in_the_node_all_to_all_makes_the_others_raise_within_the_timeout():

@@ -30,16 +30,14 @@ import math
 
 import torch
 
-from ringcompile.errors import KernelError, OptionError
+from ringcompile.errors import OptionError
 from ringcompile.kernels.dropout import HeadOffsetSeed, seed_to_int
-from ringcompile.kernels.select import BlockKernels, pytorch_block_kernels
 from ringcompile.log import get_logger
-from ringcompile.spec import AttentionSpec
 
 from ..two_level import TwoLevelCommunicator, check_mesh_agrees
 from . import ring
 from .common import RingContext, reduce_extras
-from .ulysses import _group_spec
+from .ulysses import _group_spec, dropout_kernels
 
 Tensor = torch.Tensor
 log = get_logger(__name__)
@@ -98,22 +96,6 @@ def _gather_heads(comm, x: Tensor, local: int, what: str) -> Tensor:
     return torch.cat(pending.wait(), dim=1)
 
 
-def _dropout_kernels(spec: AttentionSpec, kernels: BlockKernels, device: torch.device) -> BlockKernels:
-    """Kernels that honour a head-offset dropout seed: the PyTorch ones in place of Triton's."""
-    if kernels.name in ("cpu", "generic"):
-        return kernels
-    if spec.kernel == "triton":
-        raise KernelError("kernel='triton' was requested, but strategy 'hybrid' with attention dropout needs "
-                          "the dropout hash on global heads, which the Triton template does not take; use "
-                          "kernel='auto' (the PyTorch block kernels then run) or a flat strategy ('ring', "
-                          "'zigzag')")
-    if kernels.name not in _NOTED:
-        _NOTED.add(kernels.name)
-        log.info("strategy 'hybrid' with attention dropout: the %s kernels hash the tensor's own head "
-                 "index, so the PyTorch block kernels run (dropout on global heads)", kernels.name)
-    return pytorch_block_kernels(spec, device)
-
-
 def _outer_context(ctx: RingContext, two: TwoLevelCommunicator, hq: int, device: torch.device) -> RingContext:
     """The ring over nodes, for this inner rank's head group [h0, h0 + hq/inner) of global heads."""
     inner = two.inner.world_size
@@ -121,7 +103,7 @@ def _outer_context(ctx: RingContext, two: TwoLevelCommunicator, hq: int, device:
     spec, kernels = _group_spec(ctx, h0, device)
     seed = ctx.dropout_seed
     if spec.dropout_p > 0:
-        kernels = _dropout_kernels(spec, kernels, device)
+        kernels = dropout_kernels(spec, kernels, device, "hybrid")
         if seed is not None:  # None: the kernels raise their clear "needs a dropout_seed" error
             seed = HeadOffsetSeed(seed_to_int(seed), h0)
     return RingContext(two.outer, spec, ctx.strategy, ctx.seq_len, ctx.layout, ctx.mask_extras,
