@@ -55,7 +55,7 @@ def transform(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Com
 
     A graph without any softmax or SDPA is returned as it is (no retrace).
     """
-    decoded = _rewrite_cache_attention(gm)
+    decoded = rewrite_cache_attention(gm)
     state = _state(gm, options)
     if state is None:
         return gm, CompiledGraph([], [], gm, decisions=decoded)
@@ -68,10 +68,15 @@ def _state(gm: fx.GraphModule, options: Options) -> PipelineState | None:
     return PipelineState(gm, options) if may_hold_attention(gm) else None
 
 
-def _rewrite_cache_attention(gm: fx.GraphModule) -> list[Decision]:
+def holds_sharded_cache(gm: fx.GraphModule) -> bool:
+    """Does the graph read a sharded KV cache (``ringcompile::cache_gather``)?"""
+    return any(n.op == "call_function" and "cache_gather" in str(n.target) for n in gm.graph.nodes)
+
+
+def rewrite_cache_attention(gm: fx.GraphModule) -> list[Decision]:
     """Attention over a sharded KV cache (``sharded_cache(..., compiled=True)``) becomes decode_attention
     on the shard before the pipeline runs (``passes/rules/decode.py``); what it rewrote, as decisions."""
-    if not any(n.op == "call_function" and "cache_gather" in str(n.target) for n in gm.graph.nodes):
+    if not holds_sharded_cache(gm):
         return []
     from .passes.rules.decode import rewrite_cache_attention
 
@@ -144,7 +149,7 @@ def ring_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     """``torch.compile(model, backend="ring", options={...})`` lands here: run ``passes.STAGES``."""
     opts = options if isinstance(options, Options) else Options.from_mapping(options)
     opts = _two_level(opts)
-    decoded = _rewrite_cache_attention(gm)
+    decoded = rewrite_cache_attention(gm)
     state = _state(gm, opts)
     if state is None:
         _record(CompiledGraph([], [], gm, decisions=decoded))

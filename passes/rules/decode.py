@@ -14,7 +14,8 @@ one decode graph serves every token.
 arguments, which the pipeline's sharding would otherwise treat as replicated inputs). An SDPA on the
 gathered cache that it leaves (another mask kind, dropout) is declined by the registered rule
 ``decode`` with the reason, so ``explain()`` and the unsharded-attention WARNING name it; it runs on
-the gathered cache (correct, the cache is still stored 1/N per rank).
+the gathered cache (correct, the cache is still stored 1/N per rank); so is a softmax chain over it
+(rule ``decode-softmax``, HF's eager attention).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.fx as fx
 
 from ..locations import location_of
 from .base import Decline, Rule, register_rule
+from .ops import SOFTMAX_OPS
 from .shapes import _is_full_slice
 
 _GATHER = "ringcompile::cache_gather"
@@ -178,14 +180,35 @@ def _erase_unused(roots: list[Any]) -> None:
 
 
 def _reads_gathered_cache(node: fx.Node) -> bool:
-    return node.target == torch.ops.aten.scaled_dot_product_attention.default and len(node.args) > 1 and \
+    return node.target == aten.scaled_dot_product_attention.default and len(node.args) > 1 and \
         cache_read(node.args[1]) is not None
 
 
 def _decline(node: fx.Node, index: int):
     reason = why_not(node) or "the decode rewrite did not take it"
-    raise Decline(f"attention over a sharded KV cache left on the gathered cache (correct; every rank "
-                  f"gathers that layer's cache per step): {reason}")
+    raise Decline(f"{_LEFT}: {reason}")
 
 
+def _near_gathered_cache(node: fx.Node, depth: int = 12) -> bool:
+    """A softmax whose scores come from a gathered cache within ``depth`` ops (HF's eager attention)."""
+    if node.target not in SOFTMAX_OPS:
+        return False
+    seen, frontier = set(), [node]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+        if any(is_gather(a) for a in frontier):
+            return True
+    return False
+
+
+def _decline_softmax(node: fx.Node, index: int):
+    raise Decline(f"{_LEFT}: only SDPA over the cache becomes decode_attention (this is a softmax chain; "
+                  "attn_implementation='sdpa' shards it)")
+
+
+_LEFT = ("attention over a sharded KV cache left on the gathered cache (correct; every rank gathers that "
+         "layer's cache per step)")
 DECODE_RULE = register_rule(Rule("decode", _reads_gathered_cache, _decline, pattern="sdpa"), before="sdpa")
+DECODE_SOFTMAX_RULE = register_rule(Rule("decode-softmax", _near_gathered_cache, _decline_softmax,
+                                         pattern="softmax"), before="softmax-sink")
