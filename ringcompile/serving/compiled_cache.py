@@ -9,8 +9,11 @@ attention function understands. This layer is what ``sharded_cache(..., compiled
   entries under the layout: contiguous prefill, round_robin appends, about max_cache_len / N);
 * the global length is a 0-d tensor (HF's StaticLayer does the same), so the step's positions are
   tensor arithmetic, and the write is the opaque op ``ringcompile::cache_append``;
-* ``update`` returns ``ringcompile::cache_gather``: the whole cache at global slots, shaped like
-  HF's StaticCache (masks are sized ``max_cache_len``). The backend's decode rewrite
+* the prefill's ``update`` returns the prompt's own K/V (the cache was empty), so the prefill graph
+  is plain causal self-attention that the backend ring-shards along the sequence as any other (TTFT
+  scales with N); each rank keeps only its contiguous shard of the prompt's K/V;
+* later ``update``s return ``ringcompile::cache_gather``: the whole cache at global slots, shaped
+  like HF's StaticCache (masks are sized ``max_cache_len``). The backend's decode rewrite
   (``passes/rules/decode.py``) turns an SDPA reading it into ``decode_attention`` on the shard; any
   attention it cannot rewrite reads the gathered cache (correct, with a WARNING).
 """
@@ -64,13 +67,16 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if self.prefill_len is None:
+        prefill = self.prefill_len is None
+        if prefill:
             self._allocate(key_states, value_states)
         n = key_states.shape[-2]
         positions = torch.arange(n, device=key_states.device) + self.cumulative_length
         cache_append(self.keys, self.values, self.slots, key_states, value_states, positions, self.rank,
                      self.world, self.prefill_len)
         self.cumulative_length.add_(n)
+        if prefill:     # the cache was empty: attention over it is the prompt's self-attention (ring-sharded)
+            return key_states, value_states
         return cache_gather(self.keys, self.values, self.slots, positions, self.max_cache_len,
                             self.prefill_len, self.group_name, self.timeout)
 
@@ -82,6 +88,8 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
         return self.cumulative_length if self.is_initialized else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.prefill_len is None:     # the prefill attends only its own keys (see update)
+            return query_length, 0
         return self.max_cache_len, 0
 
     def get_max_length(self) -> int:

@@ -54,6 +54,9 @@ def _compiled(family: str, rank: int, world: int, attention: str | None = None,
             "logit_error": float((logits - want_logits).abs().max()),
             "graphs": len(graphs),
             "decode_rewrites": sum(d.stage == "decode" for d in decisions),
+            "ring_rewrites": sum(s.rewritten for g in graphs for s in g.sites),
+            "sharded_graphs": sum(bool(g.graph is not None and g.graph.meta.get("ringcompile_shard"))
+                                  for g in graphs),
             "unsharded": [d.reason for d in decisions if d.leaves_attention_unsharded],
             "cache_bytes": sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers),
             "slot_bytes": full_bytes / slots,    # all layers' K and V of one global slot
@@ -62,6 +65,11 @@ def _compiled(family: str, rank: int, world: int, attention: str | None = None,
 
 
 def llama(rank: int, world: int) -> dict:
+    return _compiled("llama", rank, world, options={"inner": "eager"})
+
+
+def llama_inductor(rank: int, world: int) -> dict:
+    """The default inner compiler (Inductor): slow to compile, so with RING_SLOW=1 only."""
     return _compiled("llama", rank, world)
 
 

@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 
 
-def _prefill_inputs(attention: str):
+def _decode_step_inputs(attention: str):
+    """A tiny Llama, its sharded cache filled by an eager prefill, and the inputs of one decode step."""
     from generate_cases import build
 
     from ringcompile.serving.hf import sharded_cache
@@ -22,13 +24,17 @@ def _prefill_inputs(attention: str):
     model, ids, mask = build("llama")
     model.set_attn_implementation(attention)
     cache = sharded_cache(model.config.num_hidden_layers, 0, 1, max_cache_len=16, compiled=True)
-    return model, dict(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return model, dict(input_ids=logits[:, -1:].argmax(-1), attention_mask=mask, cache=cache, use_cache=True,
+                       position_ids=mask.cumsum(1)[:, -1:] - 1)
 
 
 def test_explain_shows_sdpa_over_the_sharded_cache_as_decode_attention():
     import ringcompile
 
-    model, kw = _prefill_inputs("sdpa")
+    model, kw = _decode_step_inputs("sdpa")
     report = ringcompile.explain(model, **kw)
     decode = [d for d in report.decisions if d.stage == "decode"]
     assert len(decode) == model.config.num_hidden_layers, str(report)
@@ -39,7 +45,7 @@ def test_explain_shows_sdpa_over_the_sharded_cache_as_decode_attention():
 def test_explain_names_an_attention_over_the_cache_it_cannot_rewrite():
     import ringcompile
 
-    model, kw = _prefill_inputs("eager")
+    model, kw = _decode_step_inputs("eager")
     report = ringcompile.explain(model, **kw)
     assert not [d for d in report.decisions if d.stage == "decode"]
     reasons = [n.reason for n in report.not_rewritten]
