@@ -55,6 +55,7 @@ def _compiled(family: str, rank: int, world: int, attention: str | None = None,
             "graphs": len(graphs),
             "decode_rewrites": sum(d.stage == "decode" for d in decisions),
             "ring_rewrites": sum(s.rewritten for g in graphs for s in g.sites),
+            "prefill_gathers": [n for g in graphs for n in _shard_gathers(g)],
             "sharded_graphs": sum(bool(g.graph is not None and g.graph.meta.get("ringcompile_shard"))
                                   for g in graphs),
             "unsharded": [d.reason for d in decisions if d.leaves_attention_unsharded],
@@ -62,6 +63,12 @@ def _compiled(family: str, rank: int, world: int, attention: str | None = None,
             "slot_bytes": full_bytes / slots,    # all layers' K and V of one global slot
             "filled": [layer.filled() for layer in cache.layers], "global_len": slots,
             "warnings": [r.getMessage() for r in caught.records if r.levelno >= logging.WARNING]}
+
+
+def _shard_gathers(entry) -> list[str]:
+    """The nodes the sequence-sharding pass gathered in one compiled graph (none if not sharded)."""
+    report = entry.graph.meta.get("ringcompile_shard") if entry.graph is not None else None
+    return list(report.gathers) if report is not None else []
 
 
 def llama(rank: int, world: int) -> dict:
