@@ -56,15 +56,38 @@ def transform(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Com
 
     A graph without any softmax or SDPA is returned as it is (no retrace).
     """
+    decoded = rewrite_cache_attention(gm)
     state = _state(gm, options)
     if state is None:
-        return gm, CompiledGraph([], [], gm)
+        return gm, CompiledGraph([], [], gm, decisions=decoded)
+    state.decisions[:0] = decoded
     run_pipeline(state, stages_through("rewrite"))
     return state.graph, _entry(state)
 
 
 def _state(gm: fx.GraphModule, options: Options) -> PipelineState | None:
     return PipelineState(gm, options) if may_hold_attention(gm) else None
+
+
+def holds_sharded_cache(gm: fx.GraphModule) -> bool:
+    """Does the graph read a sharded KV cache (``ringcompile::cache_gather``)?"""
+    return any(n.op == "call_function" and "cache_gather" in str(n.target) for n in gm.graph.nodes)
+
+
+def rewrite_cache_attention(gm: fx.GraphModule) -> list[Decision]:
+    """Attention over a sharded KV cache (``sharded_cache(..., compiled=True)``) becomes decode_attention
+    on the shard before the pipeline runs (``passes/rules/decode.py``); what it rewrote, as decisions."""
+    if not holds_sharded_cache(gm):
+        return []
+    from .passes.rules.decode import rewrite_cache_attention
+
+    try:
+        done = rewrite_cache_attention(gm)
+    except Exception as exc:  # noqa: BLE001 - the gathered cache is still correct
+        log.warning("ringcompile: attention over the sharded KV cache left on the gathered cache: %s: %s",
+                    type(exc).__name__, exc)
+        return []
+    return [Decision("decode", d.location, "sdpa", "decode_attention", d.reason) for d in done if d.rewritten]
 
 
 def _entry(state: PipelineState) -> CompiledGraph:
@@ -154,10 +177,12 @@ def ring_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     """``torch.compile(model, backend="ring", options={...})`` lands here: run ``passes.STAGES``."""
     opts = options if isinstance(options, Options) else Options.from_mapping(options)
     opts = _two_level(opts)
+    decoded = rewrite_cache_attention(gm)
     state = _state(gm, opts)
     if state is None:
-        _record(CompiledGraph([], [], gm))
+        _record(CompiledGraph([], [], gm, decisions=decoded))
         return inner_compile(gm, example_inputs, opts)
+    state.decisions[:0] = decoded
     try:
         run_pipeline(state)
     except OptionError:

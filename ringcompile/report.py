@@ -7,6 +7,7 @@ calls it once on the given inputs, and reports per site and per rejected candida
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -157,14 +158,19 @@ class _Capture:
         self.report = Report()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        from .backend import may_hold_attention
+        from .backend import holds_sharded_cache, may_hold_attention, rewrite_cache_attention
 
         index = self.report.graphs
         self.report.graphs += 1
         state = None
         try:
-            state = PipelineState(gm, self.options)
-            if may_hold_attention(gm):
+            analysed, decoded = gm, []
+            if holds_sharded_cache(gm):   # analyse what the backend would run (the original graph runs here)
+                analysed = copy.deepcopy(gm)
+                decoded = rewrite_cache_attention(analysed)
+            state = PipelineState(analysed, self.options)
+            state.decisions[:0] = decoded
+            if may_hold_attention(analysed):
                 run_pipeline(state, stages_through("rewrite"))
         except Exception as exc:  # noqa: BLE001 - reported, never raised: explain must not fail on a model
             self.report.fallbacks.append(f"graph {index} ({state.stage if state else '?'}): "

@@ -1,13 +1,19 @@
 """Attention rules as data: ``base`` holds the registry, each other module one family of spellings.
 
 Importing this package registers the built-in rules, in the order they are asked: flex, SDPA, then the
-softmax spellings (sinks, Bloom's head split, the plain chain). Other modules add theirs with
+softmax spellings (sinks, Bloom's head split, the plain chain); ``decode`` (SDPA over a sharded KV cache)
+is asked before SDPA. Other modules add theirs with
 ``register_rule``; FlexAttention's rule (``flex``) anchors on the marker ``passes.flex`` leaves.
 """
 
 from __future__ import annotations
 
-from . import flex, sdpa, softmax  # noqa: F401 - registration order (flex is asked first on its marker)
+from . import (  # noqa: F401 - registration order (flex is asked first on its marker)
+    decode,  # noqa: F401,I001 - asked before sdpa on attention over a sharded KV cache
+    flex,
+    sdpa,
+    softmax,
+)
 from .base import RULES, Decline, Match, NotAttention, Rule, register_rule, rules_for
 
 __all__ = ["RULES", "Decline", "Match", "NotAttention", "Rule", "register_rule", "rules_for"]

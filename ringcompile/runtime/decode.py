@@ -201,6 +201,17 @@ def check_cache_agrees(comm: Communicator, meta: list[int], layout: CacheLayout 
     return [row[13] for row in table]
 
 
+def filled_prefix(k: Tensor, v: Tensor, kv_slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A preallocated shard (``runtime/cache_append.py``) marks entries not written yet with slot -1 at
+    its end: views of the written prefix (the shard as it is when nothing is marked)."""
+    if kv_slots.dim() != 1 or kv_slots.shape[0] != k.shape[-2] or not bool((kv_slots < 0).any()):
+        return k, v, kv_slots
+    n = int((kv_slots >= 0).sum())
+    if bool((kv_slots[n:] >= 0).any()):
+        return k, v, kv_slots          # not a prefix: _problems reports the negative slots
+    return k[:, :, :n], v[:, :, :n], kv_slots[:n]
+
+
 def decode_partials(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor,
                     *, cache_len: int | None = None, key_padding: Tensor | None = None,
                     window: int | None = None, scale: float | None = None,
@@ -209,6 +220,7 @@ def decode_partials(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slot
     """(out, lse, computed) on ``comm``: the merged fp32 output and lse, and whether this rank computed."""
     kv_slots = kv_slots.to(device=q.device, dtype=torch.long).reshape(-1)
     q_slots = q_slots.to(device=q.device, dtype=torch.long).reshape(-1)
+    k, v, kv_slots = filled_prefix(k, v, kv_slots)
     if cache_len is None:
         cache_len = int(q_slots.max()) + 1 if q_slots.numel() else 0
     problem = _problems(q, k, v, kv_slots, q_slots, key_padding, cache_len)

@@ -30,7 +30,8 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slo
                         slot_mask: Tensor | None, cache_len: int, window: int, scale: float, group_name: str,
                         timeout: float, layout: list[int]) -> Tensor:
     """Replicated queries against this rank's cache shard, merged over the group ``group_name``
-    ("single": no communication)."""
+    ("single": no communication). ``cache_len`` -1: the last query slot + 1; kv_slots -1 at the end of
+    the shard: preallocated entries not written yet."""
     from .communicator import RingCommunicator
     from .decode import decode_attention
     from .group import SINGLE, resolve_group
@@ -45,7 +46,8 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slo
     if layout:
         cl = CacheLayout(resolved.world_size, layout[0], LAYOUTS[layout[1]], POLICIES[layout[2]])
     with op_support.device_guard(q.device):
-        return decode_attention(q, k, v, kv_slots=kv_slots, q_slots=q_slots, cache_len=cache_len,
+        return decode_attention(q, k, v, kv_slots=kv_slots, q_slots=q_slots,
+                                cache_len=None if cache_len < 0 else cache_len,
                                 slot_mask=slot_mask, window=None if window < 0 else window, scale=scale,
                                 layout=cl, comm=RingCommunicator(resolved, timeout, device=q.device))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ringcompile.errors import MissingDependencyError, UnsupportedPatternError
+from ringcompile.errors import MissingDependencyError, OptionError, UnsupportedPatternError
 from ringcompile.runtime.cache_layout import CacheLayout
 from ringcompile.runtime.decode import decode_attention
 
@@ -131,13 +131,28 @@ class ShardedStaticLayer(ShardedCacheLayer):
 
 
 def sharded_cache(num_layers: int, rank: int, world: int, *, policy: str = "shortest", group: Any = None,
-                  timeout: float = 60.0, max_cache_len: int | None = None):
+                  timeout: float = 60.0, max_cache_len: int | None = None, compiled: bool = False):
     """A ``DynamicCache`` whose layers hold only this rank's shard (pass as ``past_key_values``);
-    with ``max_cache_len`` each shard is preallocated (StaticCache-style, ~max_cache_len / N per rank)."""
+    with ``max_cache_len`` each shard is preallocated (StaticCache-style, ~max_cache_len / N per rank).
+
+    ``compiled=True`` (needs ``max_cache_len``; ``policy`` is then round_robin): layers a forward compiled
+    with ``backend="ring"`` traces without a recompile per token (``serving/compiled_cache.py``); the
+    model keeps its own attention implementation."""
     _require_transformers()
     register()
     cache = DynamicCache()
-    if max_cache_len is not None:
+    if compiled:
+        if max_cache_len is None:
+            raise OptionError("sharded_cache(compiled=True) needs max_cache_len (the shards are preallocated "
+                              "so a compiled decode step has fixed shapes)")
+        from ringcompile.runtime.collectives import group_name_of
+
+        from .compiled_cache import CompiledShardedLayer
+
+        name = group_name_of(group)
+        cache.layers = [CompiledShardedLayer(rank, world, max_cache_len, name, timeout)
+                        for _ in range(num_layers)]
+    elif max_cache_len is not None:
         cache.layers = [ShardedStaticLayer(rank, world, max_cache_len, policy, group, timeout)
                         for _ in range(num_layers)]
     else:

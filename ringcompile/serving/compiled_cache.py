@@ -1,0 +1,96 @@
+"""A sharded KV cache layer a compiled forward can trace: shapes fixed, no per-token Python ints.
+
+``ShardedCacheLayer`` (``serving/hf.py``) decides ownership with Python ints, on which Dynamo would
+guard (a recompile per token), and returns the bare shard, which only the ``"ring_decode"``
+attention function understands. This layer is what ``sharded_cache(..., compiled=True)`` builds for
+``m.forward = torch.compile(m.forward, backend="ring")``:
+
+* the shard is preallocated at the prefill for ``max_cache_len`` global slots (this rank's most
+  entries under the layout: contiguous prefill, round_robin appends, about max_cache_len / N);
+* the global length is a 0-d tensor (HF's StaticLayer does the same), so the step's positions are
+  tensor arithmetic, and the write is the opaque op ``ringcompile::cache_append``;
+* the prefill's ``update`` returns the prompt's own K/V (the cache was empty), so the prefill graph
+  is plain causal self-attention that the backend ring-shards along the sequence as any other (TTFT
+  scales with N); each rank keeps only its contiguous shard of the prompt's K/V;
+* later ``update``s return ``ringcompile::cache_gather``: the whole cache at global slots, shaped
+  like HF's StaticCache (masks are sized ``max_cache_len``). The backend's decode rewrite
+  (``passes/rules/decode.py``) turns an SDPA reading it into ``decode_attention`` on the shard; any
+  attention it cannot rewrite reads the gathered cache (correct, with a WARNING).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ringcompile.runtime.cache_append import cache_append, cache_gather, shard_capacity, shard_layout
+from ringcompile.runtime.cache_layout import CacheLayout
+
+from .hf import DynamicLayer
+
+Tensor = torch.Tensor
+
+
+class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object):  # type: ignore[misc]
+    """One layer's preallocated K/V shard on this rank; the model sees the global cache shape."""
+
+    is_compileable = False   # True would make generate compile forward itself (with Inductor)
+    is_croppable = False
+
+    def __init__(self, rank: int, world: int, max_cache_len: int, group_name: str = "default",
+                 timeout: float = 60.0) -> None:
+        super().__init__()
+        self.rank, self.world, self.max_cache_len = rank, world, max_cache_len
+        self.group_name = "single" if world == 1 else group_name
+        self.timeout = timeout
+        self.prefill_len: int | None = None
+        self.cumulative_length = torch.zeros((), dtype=torch.long)
+
+    @property
+    def layout(self) -> CacheLayout | None:
+        return None if self.prefill_len is None else shard_layout(self.world, self.prefill_len)
+
+    def _allocate(self, key_states: Tensor, value_states: Tensor) -> None:
+        n = key_states.shape[-2]
+        if n > self.max_cache_len:
+            raise ValueError(f"sharded cache holds {self.max_cache_len} slots; the prompt has {n}")
+        self.prefill_len = n
+        capacity = shard_capacity(self.world, n, self.max_cache_len)[self.rank]
+        B, H, _, D = key_states.shape
+        self.device = key_states.device
+        self.keys = key_states.new_zeros(B, H, capacity, D)
+        self.values = value_states.new_zeros(B, H, capacity, value_states.shape[-1])
+        self.slots = torch.full((capacity,), -1, dtype=torch.long, device=key_states.device)
+        self.cumulative_length = self.cumulative_length.to(key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+               **kwargs: Any) -> tuple[Tensor, Tensor]:
+        prefill = self.prefill_len is None
+        if prefill:
+            self._allocate(key_states, value_states)
+        n = key_states.shape[-2]
+        positions = torch.arange(n, device=key_states.device) + self.cumulative_length
+        cache_append(self.keys, self.values, self.slots, key_states, value_states, positions, self.rank,
+                     self.world, self.prefill_len)
+        self.cumulative_length.add_(n)
+        if prefill:     # the cache was empty: attention over it is the prompt's self-attention (ring-sharded)
+            return key_states, value_states
+        return cache_gather(self.keys, self.values, self.slots, positions, self.max_cache_len,
+                            self.prefill_len, self.group_name, self.timeout)
+
+    def filled(self) -> int:
+        """Entries written on this rank (outside a graph: reads the slots buffer)."""
+        return int((self.slots >= 0).sum()) if self.is_initialized else 0
+
+    def get_seq_length(self) -> Tensor | int:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.prefill_len is None:     # the prefill attends only its own keys (see update)
+            return query_length, 0
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len

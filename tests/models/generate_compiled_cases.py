@@ -1,0 +1,90 @@
+"""Cases for compiled generate over a sharded KV cache (importable by spawned ranks).
+
+``m.forward = torch.compile(m.forward, backend="ring")`` with ``sharded_cache(..., compiled=True)``
+against the same model's eager generate with HF's own DynamicCache in one process."""
+
+from __future__ import annotations
+
+import logging
+
+from generate_cases import build, generate
+
+MAX_CACHE = 24   # prompt 11 + 8 new tokens needs 18 slots
+
+
+class _Caught(logging.Handler):
+    """The ringcompile log records of a block."""
+
+    def __enter__(self):
+        self.records: list[logging.LogRecord] = []
+        logging.getLogger("ringcompile").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("ringcompile").removeHandler(self)
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def _compiled(family: str, rank: int, world: int, attention: str | None = None,
+              options: dict | None = None) -> dict:
+    import torch._dynamo
+    from transformers import DynamicCache
+
+    from ringcompile import backend
+    from ringcompile.serving.hf import sharded_cache
+
+    torch._dynamo.reset()
+    model, ids, mask = build(family)
+    one_process = DynamicCache()
+    want_tokens, want_logits = generate(model, ids, mask, one_process)
+    full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in one_process.layers)
+    slots = one_process.get_seq_length()
+    before = len(backend.HISTORY)
+    if attention is not None:
+        model.set_attn_implementation(attention)
+    model.forward = torch.compile(model.forward, backend="ring", options=options)
+    cache = sharded_cache(model.config.num_hidden_layers, rank, world, max_cache_len=MAX_CACHE, compiled=True)
+    with _Caught() as caught:
+        tokens, logits = generate(model, ids, mask, cache)
+    graphs = backend.HISTORY[before:]
+    decisions = [d for g in graphs for d in g.decisions]
+    return {"same_tokens": bool(torch.equal(tokens, want_tokens)),
+            "logit_error": float((logits - want_logits).abs().max()),
+            "graphs": len(graphs),
+            "decode_rewrites": sum(d.stage == "decode" for d in decisions),
+            "ring_rewrites": sum(s.rewritten for g in graphs for s in g.sites),
+            "prefill_gathers": [n for g in graphs for n in _shard_gathers(g)],
+            "sharded_graphs": sum(bool(g.graph is not None and g.graph.meta.get("ringcompile_shard"))
+                                  for g in graphs),
+            "unsharded": [d.reason for d in decisions if d.leaves_attention_unsharded],
+            "cache_bytes": sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers),
+            "slot_bytes": full_bytes / slots,    # all layers' K and V of one global slot
+            "filled": [layer.filled() for layer in cache.layers], "global_len": slots,
+            "warnings": [r.getMessage() for r in caught.records if r.levelno >= logging.WARNING]}
+
+
+def _shard_gathers(entry) -> list[str]:
+    """The nodes the sequence-sharding pass gathered in one compiled graph (none if not sharded)."""
+    report = entry.graph.meta.get("ringcompile_shard") if entry.graph is not None else None
+    return list(report.gathers) if report is not None else []
+
+
+def llama(rank: int, world: int) -> dict:
+    return _compiled("llama", rank, world, options={"inner": "eager"})
+
+
+def llama_inductor(rank: int, world: int) -> dict:
+    """The default inner compiler (Inductor): slow to compile, so with RING_SLOW=1 only."""
+    return _compiled("llama", rank, world)
+
+
+def mistral(rank: int, world: int) -> dict:
+    """A sliding window (6) shorter than the sequence: HF's mask carries it to the shards."""
+    return _compiled("mistral", rank, world, options={"inner": "eager"})
+
+
+def llama_eager_attention(rank: int, world: int) -> dict:
+    """HF's eager attention (matmul + softmax) over the cache: not rewritten, runs on the gathered cache."""
+    return _compiled("llama", rank, world, attention="eager", options={"inner": "eager"})

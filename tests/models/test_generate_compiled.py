@@ -1,0 +1,53 @@
+"""HF generate with ``m.forward = torch.compile(m.forward, backend="ring")`` over a sharded KV cache
+(``sharded_cache(..., compiled=True)``) on 2 gloo ranks, batch 2 with left padding: greedy tokens equal
+one process (eager, HF's own cache), each rank holds about 1/N of the cache, every SDPA over the cache
+became decode_attention, the prefill graph was ring-sharded along the sequence, and the compiled graphs
+do not grow with the number of generated tokens (prefill + one decode graph). HF's eager attention over
+the cache in decode is not rewritten: it runs on the gathered cache (same tokens) with the reason in
+a WARNING. Mistral (window) and the Inductor inner compiler with RING_SLOW=1 (the others use
+inner="eager" for the suite's time budget)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from harness import run_cases
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.multirank
+WORLD = 2
+SLOW = ["mistral", "llama_inductor"] if os.environ.get("RING_SLOW") == "1" else []
+
+
+def _check_same_tokens_and_sharded(name: str, per_rank: list[dict]) -> None:
+    from generate_compiled_cases import MAX_CACHE
+
+    errors = [r["error"] for r in per_rank if "error" in r]
+    assert not errors, f"{name}: {errors[0]}"
+    for rank, r in enumerate(per_rank):
+        assert r["same_tokens"], (name, rank, r)
+        assert r["logit_error"] < 1e-4, (name, rank, r)
+        assert r["graphs"] <= 2, (name, rank, r)              # one prefill graph, one decode graph
+        assert r["cache_bytes"] <= r["slot_bytes"] * (math.ceil(MAX_CACHE / WORLD) + 1), (name, rank, r)
+        assert all(f <= math.ceil(r["global_len"] / WORLD) for f in r["filled"]), (name, rank, r)
+    filled = [sum(r["filled"]) for r in per_rank]
+    assert sum(filled) == per_rank[0]["global_len"] * len(per_rank[0]["filled"]), (name, filled)
+
+
+def test_compiled_generate_over_a_sharded_cache_matches_one_process():
+    results = run_cases("generate_compiled_cases", ["llama", "llama_eager_attention", *SLOW], world=WORLD,
+                        timeout=400.0)
+    for name, per_rank in results.items():
+        _check_same_tokens_and_sharded(name, per_rank)
+        for r in per_rank:
+            if name == "llama_eager_attention":
+                assert r["decode_rewrites"] == 0 and r["ring_rewrites"] == 2, r   # prefill ring-sharded
+                assert r["unsharded"] and all("gathered cache" in u for u in r["unsharded"]), r
+                assert len(r["warnings"]) == 1, r       # one WARNING (the decode graph), with the reason
+                assert all("sharded KV cache left on the gathered cache" in w for w in r["warnings"]), r
+            else:   # prefill graph: both layers ring-sharded; decode graph: both layers decode_attention
+                assert r["graphs"] == 2 and r["ring_rewrites"] == 2 and r["decode_rewrites"] == 2, (name, r)
+                assert r["sharded_graphs"] == 1, (name, r)
+                assert not r["unsharded"] and not r["warnings"], (name, r)
