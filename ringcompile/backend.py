@@ -122,7 +122,29 @@ def _check_all_sharded(state: PipelineState, fallback: str | None = None) -> Non
             f"require_sharded=True, but this graph would run attention unsharded on each of {ranks} ranks: "
             f"{what}. Rewrite that attention in a supported form (ringcompile.explain() lists what is "
             "recognised), or drop require_sharded to accept the unsharded (correct, slower) graph.")
+    if _plain_cache_warned(left):
+        log.info("ringcompile: attention left unsharded on %d ranks (warned before): %s", ranks, what)
+        return
     log.warning("ringcompile: attention left unsharded on %d ranks: %s", ranks, what)
+
+
+# the attention locations (one model) already warned about for running over an unsharded HF KV cache
+_PLAIN_CACHE_WARNED: set[tuple[str, ...]] = set()
+
+
+def _plain_cache_warned(left: list[Decision]) -> bool:
+    """One WARNING per compiled model, not per decode graph (each recompile would repeat it): True when
+    every unsharded site of this graph is attention over an unsharded HF cache at locations already
+    warned about; records them otherwise."""
+    from .passes.rules.decode import PLAIN_CACHE_REASON
+
+    if not all(PLAIN_CACHE_REASON in d.reason for d in left):
+        return False
+    key = tuple(sorted({d.location for d in left}))
+    if key in _PLAIN_CACHE_WARNED:
+        return True
+    _PLAIN_CACHE_WARNED.add(key)
+    return False
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Options) -> Callable:

@@ -179,12 +179,16 @@ def _erase_unused(roots: list[Any]) -> None:
         todo.extend(a for a in inputs if a.op == "call_function" and not a.users)
 
 
-def _reads_gathered_cache(node: fx.Node) -> bool:
-    return node.target == aten.scaled_dot_product_attention.default and len(node.args) > 1 and \
-        cache_read(node.args[1]) is not None
+def _reads_a_cache(node: fx.Node) -> bool:
+    """SDPA over a gathered sharded cache, or (decode) over an HF cache nobody sharded."""
+    if node.target != aten.scaled_dot_product_attention.default or len(node.args) < 2:
+        return False
+    return cache_read(node.args[1]) is not None or reads_unsharded_cache(node)
 
 
 def _decline(node: fx.Node, index: int):
+    if cache_read(node.args[1]) is None:
+        raise Decline(PLAIN_CACHE_REASON)
     reason = why_not(node) or "the decode rewrite did not take it"
     raise Decline(f"{_LEFT}: {reason}")
 
@@ -207,8 +211,40 @@ def _decline_softmax(node: fx.Node, index: int):
                   "attn_implementation='sdpa' shards it)")
 
 
+def _unsharded_cache_source(node: Any) -> fx.Node | None:
+    """The node a plain (unsharded) HF KV cache hands attention: ``cat(past, new)`` (DynamicCache) or an
+    in-place write into a graph input (StaticCache's ``index_copy_``), reached through a head repeat."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_function" and node.target in _CACHE_WRITES:
+            past = node.args[0]
+            past = past if isinstance(past, (list, tuple)) else [past]
+            return node if any(isinstance(p, fx.Node) and p.op == "placeholder" for p in past) else None
+        if not _is_repeat_step(node):
+            return None
+        node = node.args[0]
+    return None
+
+
+def reads_unsharded_cache(node: fx.Node) -> bool:
+    """An SDPA whose keys come from an HF cache the user did not shard and are longer than its queries
+    (a decode / later-chunk step: the whole cache is on every rank)."""
+    if node.target not in _SDPA_TARGETS or len(node.args) < 3:
+        return False
+    q, k = _val(node.args[0]), _val(node.args[1])
+    if q is None or k is None or q.dim() != 4 or k.dim() != 4 or str(q.shape[-2]) == str(k.shape[-2]):
+        return False
+    return cache_read(node.args[1]) is None and _unsharded_cache_source(node.args[1]) is not None
+
+
+PLAIN_CACHE_REASON = ("attention over an HF KV cache that is not sharded (every rank holds and attends the "
+                      "whole cache; correct, unsharded): pass ringcompile.serving.hf.sharded_cache("
+                      "num_layers, rank, world, max_cache_len=M, compiled=True) to generate as its cache")
+
+
+_CACHE_WRITES = {aten.cat.default, aten.index_copy.default, aten.index_copy_.default, aten.index_put.default,
+                 aten.index_put_.default, aten.copy_.default, aten.slice_scatter.default}
 _LEFT = ("attention over a sharded KV cache left on the gathered cache (correct; every rank gathers that "
          "layer's cache per step)")
-DECODE_RULE = register_rule(Rule("decode", _reads_gathered_cache, _decline, pattern="sdpa"), before="sdpa")
+DECODE_RULE = register_rule(Rule("decode", _reads_a_cache, _decline, pattern="sdpa"), before="sdpa")
 DECODE_SOFTMAX_RULE = register_rule(Rule("decode-softmax", _near_gathered_cache, _decline_softmax,
                                          pattern="softmax"), before="softmax-sink")

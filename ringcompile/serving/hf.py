@@ -44,6 +44,15 @@ def _require_transformers() -> None:
         raise MissingDependencyError("ringcompile.serving.hf needs transformers: pip install transformers")
 
 
+@torch._dynamo.disable
+def _refuse_under_compile() -> None:
+    """Raised from eager code (a graph break), so Dynamo cannot swallow it and rerun the frame eagerly."""
+    raise OptionError("sharded_cache() without compiled=True was traced by torch.compile: its layers decide "
+                      "shard ownership with Python ints (a recompile per generated token) and need "
+                      "attn_implementation='ring_decode'. Under torch.compile(..., backend='ring') use "
+                      "sharded_cache(num_layers, rank, world, max_cache_len=M, compiled=True)")
+
+
 class ShardedCacheLayer(DynamicLayer if DynamicLayer is not None else object):  # type: ignore[misc]
     """One layer's K/V shard on this rank; lengths and masks stay global."""
 
@@ -58,6 +67,8 @@ class ShardedCacheLayer(DynamicLayer if DynamicLayer is not None else object):  
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            _refuse_under_compile()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, start = key_states.shape[-2], self.global_len
@@ -100,6 +111,8 @@ class ShardedStaticLayer(ShardedCacheLayer):
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            _refuse_under_compile()
         n, start = key_states.shape[-2], self.global_len
         if start + n > self.max_cache_len:
             raise ValueError(f"sharded static cache holds {self.max_cache_len} slots; {start + n} requested")

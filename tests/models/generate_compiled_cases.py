@@ -88,3 +88,25 @@ def mistral(rank: int, world: int) -> dict:
 def llama_eager_attention(rank: int, world: int) -> dict:
     """HF's eager attention (matmul + softmax) over the cache: not rewritten, runs on the gathered cache."""
     return _compiled("llama", rank, world, attention="eager", options={"inner": "eager"})
+
+
+def llama_plain_cache(rank: int, world: int) -> dict:
+    """HF's own DynamicCache (no sharded cache passed): the cache is gathered, one WARNING says why."""
+    import torch._dynamo
+    from transformers import DynamicCache
+
+    from ringcompile import backend
+
+    torch._dynamo.reset()
+    model, ids, mask = build("llama")
+    want_tokens, want_logits = generate(model, ids, mask, DynamicCache())
+    before = len(backend.HISTORY)
+    model.forward = torch.compile(model.forward, backend="ring", options={"inner": "eager"})
+    with _Caught() as caught:
+        tokens, logits = generate(model, ids, mask, DynamicCache())
+    graphs = backend.HISTORY[before:]
+    return {"same_tokens": bool(torch.equal(tokens, want_tokens)),
+            "logit_error": float((logits - want_logits).abs().max()),
+            "graphs": len(graphs),
+            "decisions": [(d.stage, d.pattern, d.outcome, d.reason) for g in graphs for d in g.decisions],
+            "warnings": [r.getMessage() for r in caught.records if r.levelno >= logging.WARNING]}

@@ -36,9 +36,24 @@ def _check_same_tokens_and_sharded(name: str, per_rank: list[dict]) -> None:
     assert sum(filled) == per_rank[0]["global_len"] * len(per_rank[0]["filled"]), (name, filled)
 
 
+def _check_plain_cache(per_rank: list[dict]) -> None:
+    """HF's own cache (none passed): same tokens, the cache gathered, ONE WARNING saying what to pass."""
+    from ringcompile.passes.rules.decode import PLAIN_CACHE_REASON
+
+    errors = [r["error"] for r in per_rank if "error" in r]
+    assert not errors, f"llama_plain_cache: {errors[0]}"
+    for r in per_rank:
+        assert r["same_tokens"] and r["logit_error"] < 1e-4, r
+        assert len(r["warnings"]) == 1 and PLAIN_CACHE_REASON in r["warnings"][0], r["warnings"]
+        declined = [d for d in r["decisions"] if PLAIN_CACHE_REASON in d[3]]
+        assert len(declined) >= 2, r["decisions"]          # both layers of every decode graph named
+
+
 def test_compiled_generate_over_a_sharded_cache_matches_one_process():
-    results = run_cases("generate_compiled_cases", ["llama", "llama_eager_attention", *SLOW], world=WORLD,
+    cases = ["llama", "llama_eager_attention", "llama_plain_cache", *SLOW]
+    results = run_cases("generate_compiled_cases", cases, world=WORLD,
                         timeout=400.0)
+    _check_plain_cache(results.pop("llama_plain_cache"))
     for name, per_rank in results.items():
         _check_same_tokens_and_sharded(name, per_rank)
         for r in per_rank:

@@ -51,3 +51,49 @@ def test_explain_names_an_attention_over_the_cache_it_cannot_rewrite():
     reasons = [n.reason for n in report.not_rewritten]
     assert len(reasons) == model.config.num_hidden_layers, str(report)
     assert all("sharded KV cache left on the gathered cache" in r and "decode-softmax" in r for r in reasons)
+
+
+def _plain_decode_step_inputs(static: bool):
+    """A tiny Llama, HF's own (unsharded) cache filled by an eager prefill, one decode step's inputs."""
+    from generate_cases import build
+    from transformers import DynamicCache, StaticCache
+
+    model, ids, mask = build("llama")
+    cache = StaticCache(config=model.config, max_cache_len=16) if static else DynamicCache()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True).logits
+    n = ids.shape[1]
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return model, dict(input_ids=logits[:, -1:].argmax(-1), attention_mask=mask, cache=cache,
+                       use_cache=True, position_ids=mask.cumsum(1)[:, -1:] - 1,
+                       cache_position=torch.tensor([n]))
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic_cache", "static_cache"])
+def test_explain_names_attention_over_an_unsharded_hf_cache(static):
+    from ringcompile.passes.rules.decode import PLAIN_CACHE_REASON
+
+    import ringcompile
+
+    model, kw = _plain_decode_step_inputs(static)
+    report = ringcompile.explain(model, **kw)
+    reasons = [n.reason for n in report.not_rewritten]
+    assert len(reasons) == model.config.num_hidden_layers, str(report)
+    assert all(PLAIN_CACHE_REASON in r and "compiled=True" in r for r in reasons), reasons
+
+
+def test_the_eager_sharded_cache_under_compile_raises_naming_the_compiled_cache():
+    import torch._dynamo
+    from generate_cases import build
+
+    from ringcompile.errors import OptionError
+    from ringcompile.serving.hf import sharded_cache
+
+    torch._dynamo.reset()
+    model, ids, mask = build("llama")
+    forward = torch.compile(model.forward, backend="ring", options={"inner": "eager"})
+    for max_cache_len in (None, 16):
+        cache = sharded_cache(model.config.num_hidden_layers, 0, 1, max_cache_len=max_cache_len)
+        with pytest.raises(OptionError, match="compiled=True"), torch.no_grad():
+            forward(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+    torch._dynamo.reset()
