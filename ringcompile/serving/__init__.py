@@ -1,1 +1,5 @@
 """Serving long contexts with a sharded KV cache (see docs/ARCHITECTURE.md "Serving")."""
+
+from .auto_cache import prepare
+
+__all__ = ["prepare"]

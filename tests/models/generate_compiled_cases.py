@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from generate_cases import build, generate
 
 MAX_CACHE = 24   # prompt 11 + 8 new tokens needs 18 slots
@@ -110,3 +111,51 @@ def llama_plain_cache(rank: int, world: int) -> dict:
             "graphs": len(graphs),
             "decisions": [(d.stage, d.pattern, d.outcome, d.reason) for g in graphs for d in g.decisions],
             "warnings": [r.getMessage() for r in caught.records if r.levelno >= logging.WARNING]}
+
+
+def llama_prepared(rank: int, world: int) -> dict:
+    """``ringcompile.serving.prepare(model)``: generate without a cache (and with a fresh StaticCache)
+    gets the compiled sharded cache; same tokens as one process."""
+    import torch._dynamo
+    from transformers import DynamicCache, StaticCache
+
+    from ringcompile.serving import prepare
+    from ringcompile.serving.compiled_cache import CompiledShardedLayer
+
+    torch._dynamo.reset()
+    model, ids, mask = build("llama")
+    want_tokens, want_logits = generate(model, ids, mask, DynamicCache())
+    model.forward = torch.compile(model.forward, backend="ring", options={"inner": "eager"})
+    prepare(model)
+    out = {}
+    static = StaticCache(config=model.config, max_cache_len=MAX_CACHE)
+    for label, cache in (("none", None), ("static", static)):
+        with _Caught() as caught:
+            tokens, logits, used = _generate_with_cache(model, ids, mask, cache)
+        out[label] = {"same_tokens": bool(torch.equal(tokens, want_tokens)),
+                      "logit_error": float((logits - want_logits).abs().max()),
+                      "sharded": all(isinstance(layer, CompiledShardedLayer) for layer in used.layers),
+                      "filled": [layer.filled() for layer in used.layers],
+                      "max_cache_len": used.layers[0].max_cache_len,
+                      "warnings": [r.getMessage() for r in caught.records if r.levelno >= logging.WARNING]}
+    return out
+
+
+def _generate_with_cache(model, ids, mask, cache):
+    """generate_cases.generate, also returning the cache generate used."""
+    import inspect
+
+    from generate_cases import NEW
+
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+              output_logits=True, return_dict_in_generate=True)
+    if cache is not None:
+        kw["cache" if "cache" in inspect.signature(model.generate).parameters else "past_key_values"] = cache
+    with torch.no_grad():
+        res = model.generate(**kw)
+    return res.sequences[:, ids.shape[1]:], torch.stack(res.logits, 1), res.past_key_values
+
+
+def qwen2(rank: int, world: int) -> dict:
+    """Qwen2 with one KV head (MQA) through the compiled path."""
+    return _compiled("qwen2", rank, world, options={"inner": "eager"})

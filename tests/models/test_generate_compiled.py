@@ -49,11 +49,30 @@ def _check_plain_cache(per_rank: list[dict]) -> None:
         assert len(declined) >= 2, r["decisions"]          # both layers of every decode graph named
 
 
+def _check_prepared(per_rank: list[dict]) -> None:
+    """``prepare(model)``: no cache, or a fresh StaticCache, becomes the compiled sharded cache."""
+    from generate_cases import NEW, PROMPT
+    from generate_compiled_cases import MAX_CACHE
+
+    errors = [r["error"] for r in per_rank if "error" in r]
+    assert not errors, f"llama_prepared: {errors[0]}"
+    for r in per_rank:
+        for label, want_len in (("none", PROMPT + NEW), ("static", MAX_CACHE)):
+            got = r[label]
+            assert got["same_tokens"] and got["logit_error"] < 1e-4, (label, got)
+            assert got["sharded"] and got["max_cache_len"] == want_len and not got["warnings"], (label, got)
+            assert all(f <= math.ceil((PROMPT + NEW - 1) / WORLD) for f in got["filled"]), (label, got)
+    for label in ("none", "static"):
+        filled = [sum(r[label]["filled"]) for r in per_rank]
+        assert sum(filled) == (PROMPT + NEW - 1) * len(per_rank[0][label]["filled"]), (label, filled)
+
+
 def test_compiled_generate_over_a_sharded_cache_matches_one_process():
-    cases = ["llama", "llama_eager_attention", "llama_plain_cache", *SLOW]
+    cases = ["llama", "llama_eager_attention", "llama_plain_cache", "llama_prepared", "qwen2", *SLOW]
     results = run_cases("generate_compiled_cases", cases, world=WORLD,
                         timeout=400.0)
     _check_plain_cache(results.pop("llama_plain_cache"))
+    _check_prepared(results.pop("llama_prepared"))
     for name, per_rank in results.items():
         _check_same_tokens_and_sharded(name, per_rank)
         for r in per_rank:
