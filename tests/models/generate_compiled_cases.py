@@ -159,3 +159,8 @@ def _generate_with_cache(model, ids, mask, cache):
 def qwen2(rank: int, world: int) -> dict:
     """Qwen2 with one KV head (MQA) through the compiled path."""
     return _compiled("qwen2", rank, world, options={"inner": "eager"})
+
+
+def gpt2(rank: int, world: int) -> dict:
+    """GPT-2 (learned positions, no KV-head repeat) through the compiled path."""
+    return _compiled("gpt2", rank, world, options={"inner": "eager"})

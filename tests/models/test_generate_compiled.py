@@ -4,7 +4,8 @@ one process (eager, HF's own cache), each rank holds about 1/N of the cache, eve
 became decode_attention, the prefill graph was ring-sharded along the sequence, and the compiled graphs
 do not grow with the number of generated tokens (prefill + one decode graph). HF's eager attention over
 the cache in decode is not rewritten: it runs on the gathered cache (same tokens) with the reason in
-a WARNING. Mistral (window) and the Inductor inner compiler with RING_SLOW=1 (the others use
+a WARNING. HF's own cache (none passed) and ``serving.prepare``; Qwen2 (MQA). Mistral (window), GPT-2
+and the Inductor inner compiler with RING_SLOW=1 (the others use
 inner="eager" for the suite's time budget)."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from harness import run_cases
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.multirank
 WORLD = 2
-SLOW = ["mistral", "llama_inductor"] if os.environ.get("RING_SLOW") == "1" else []
+SLOW = ["mistral", "llama_inductor", "gpt2"] if os.environ.get("RING_SLOW") == "1" else []
 
 
 def _check_same_tokens_and_sharded(name: str, per_rank: list[dict]) -> None:
