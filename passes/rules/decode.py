@@ -235,7 +235,8 @@ def reads_unsharded_cache(node: fx.Node) -> bool:
 
 PLAIN_CACHE_REASON = ("attention over an HF KV cache that is not sharded (every rank holds and attends the "
                       "whole cache; correct, unsharded): pass ringcompile.serving.hf.sharded_cache("
-                      "num_layers, rank, world, max_cache_len=M, compiled=True) to generate as its cache")
+                      "num_layers, rank, world, max_cache_len=M, compiled=True) to generate as its cache, "
+                      "or call ringcompile.serving.prepare(model) once")
 
 
 _CACHE_WRITES = {aten.cat.default, aten.index_copy.default, aten.index_copy_.default, aten.index_put.default,
