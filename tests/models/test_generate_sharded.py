@@ -2,7 +2,7 @@
 tokens equal one process, logits within fp32 rounding, and each rank holds ~1/N of the cache, for
 Llama (GQA; also with shards preallocated StaticCache-style), Mistral (sliding window shorter than
 the sequence), Qwen2 (MQA) and GPT-2, batch 2 with left padding, at N = 2 and 4 (each N one spawn
-running every family)."""
+running every family); `cache.crop` rollback (speculative / assisted decoding) at N = 4."""
 
 from __future__ import annotations
 
@@ -34,3 +34,21 @@ def test_same_tokens_as_one_process_with_a_sharded_cache(world):
             allocated = STATIC_SLOTS if name.endswith("_static") else slots
             assert r["cache_bytes"] <= per_slot * math.ceil(allocated / world), (name, rank, r)
         assert sum(r["filled_bytes"] for r in per_rank) == per_rank[0]["full_bytes"], name
+
+
+def test_crop_rolls_the_sharded_cache_back_like_one_process():
+    """Speculative decoding's rollback at N = 4: crop by 3 tokens, continue on other tokens, crop into the
+    prompt, continue again (dynamic and preallocated shards); and HF assisted generation with a random
+    draft model (rejected drafts crop the sharded cache) gives plain greedy's tokens."""
+    results = run_cases("generate_cases", ["llama_rollback", "llama_static_rollback", "llama_assisted"],
+                        world=4, timeout=240.0)
+    for name, per_rank in results.items():
+        errors = [r["error"] for r in per_rank if "error" in r]
+        assert not errors, f"{name}: {errors[0]}"
+        for rank, r in enumerate(per_rank):
+            assert r["same_tokens"], (name, rank, r)
+            if name == "llama_assisted":
+                assert r["tokens_cropped"] > 0, (name, rank, r)    # drafts were rejected: crop ran
+                continue
+            assert r["logit_error"] < 1e-4, (name, rank, r)
+            assert r["shard_len"] == r["layout_len"] and r["slots_below_len"], (name, rank, r)
