@@ -7,9 +7,11 @@ fp32 per rank). The rest of the step (projections, MLP) runs replicated on every
 weight reads (``params`` elements) do not shrink with N. Plain formulas over the hardware profile
 (no sympy: every term is a closed form and nothing is solved for).
 
-Chunked prefill against a sharded cache moves either the cache (pass-KV, grows with T) or the
-queries plus their partials (pass-Q, grows with the chunk C); ``choose_chunk_method`` takes the
-one that moves fewer bytes, as arXiv 2411.01783 does (its heuristic compares the same volumes).
+Chunked prefill against a sharded cache moves either the cache (pass-KV, a ring whose transfers
+overlap the attention, grows with T) or the queries plus their partials (pass-Q, grows with the
+chunk C, not overlapped); ``choose_chunk_method`` takes the one predicted faster
+(``chunk_method_times``), as arXiv 2411.01783's heuristic does: pass-KV when its transfers hide
+under compute, else the smaller transfer. Without a world size it compares the bytes moved.
 """
 
 from __future__ import annotations
@@ -117,9 +119,47 @@ def chunk_bytes(*, q_len: int, cache_len: int, heads: int, kv_heads: int, head_d
             "pass_q": heads * q_len * (head_dim * elem_bytes + (head_dim + 1) * FP32)}
 
 
+def chunk_method_times(*, q_len: int, cache_len: int, heads: int, kv_heads: int, head_dim: int,
+                       world_size: int, batch: int = 1, dtype: Any = "bfloat16",
+                       profile: str | Profile | None = None) -> dict[str, float]:
+    """Predicted seconds of one chunk-attention call (``runtime/chunk_prefill.py``) per method, on the
+    slowest rank: a ``q_len``-token chunk sequence-sharded over ``world_size`` ranks against a
+    ``cache_len``-slot sharded cache (chunk included).
+
+    Both methods compute the same: the rank's c = ceil(C/N) queries against all T slots, in N pieces
+    of ceil(T/N). pass-KV rotates the cache shards, each step's transfer overlapping the next piece's
+    compute ((N - 1) max(piece, message) + piece); pass-Q all_gathers the queries, computes, and
+    returns fp32 partials by all_to_all, nothing overlapped."""
+    prof = load_profile(profile)
+    name = dtype_name(dtype)
+    e, n = DTYPE_BYTES[name], world_size
+    c, local = math.ceil(q_len / n), math.ceil(cache_len / n)
+    read = 2 * batch * kv_heads * local * head_dim * e
+    flops = 4 * batch * heads * c * local * head_dim
+    piece = max(read / prof.memory_bandwidth, flops / (prof.flops(name) * prof.kernel_efficiency))
+    piece *= _compute_share(prof, n)
+    if n <= 1:
+        return {"pass_kv": piece, "pass_q": piece}
+    message = prof.link_latency + read / prof.link_bandwidth
+    q_gather = all_gather_time(prof, batch * heads * c * head_dim * e, n)
+    partials = (n - 1) * (prof.link_latency + batch * heads * c * (head_dim + 1) * FP32
+                          / (prof.link_bandwidth * prof.alltoall_efficiency))
+    return {"pass_kv": (n - 1) * max(piece, message) + piece, "pass_q": q_gather + n * piece + partials}
+
+
 def choose_chunk_method(*, q_len: int, cache_len: int, heads: int, kv_heads: int, head_dim: int,
-                        elem_bytes: int = 2) -> str:
-    """"pass_q" when moving the chunk's queries (and partials back) is cheaper than moving the cache."""
+                        elem_bytes: int = 2, world_size: int | None = None, batch: int = 1,
+                        dtype: Any = None, profile: str | Profile | None = None) -> str:
+    """The faster of "pass_q" / "pass_kv" by ``chunk_method_times`` when ``world_size`` is given (the
+    KV ring hides its transfers under compute when the chunk is long enough); without it, the one
+    moving fewer bytes (pass-Q when Hq C (D e + 4 (D + 1)) < 2 Hkv T D e)."""
+    if world_size is not None:
+        if dtype is None:
+            dtype = {8: "float64", 4: "float32"}.get(elem_bytes, "bfloat16")
+        times = chunk_method_times(q_len=q_len, cache_len=cache_len, heads=heads, kv_heads=kv_heads,
+                                   head_dim=head_dim, world_size=world_size, batch=batch, dtype=dtype,
+                                   profile=profile)
+        return "pass_q" if times["pass_q"] < times["pass_kv"] else "pass_kv"
     moved = chunk_bytes(q_len=q_len, cache_len=cache_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                         elem_bytes=elem_bytes)
     return "pass_q" if moved["pass_q"] < moved["pass_kv"] else "pass_kv"
