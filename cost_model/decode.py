@@ -3,9 +3,12 @@
 Decode (``runtime/decode.py``) is memory-bound: each rank reads its cache shard once per layer
 and token (2 * B * Hkv * ceil(T/N) * D elements), does 4 * B * Hq * ceil(T/N) * D FLOPs, and
 joins two small all_gathers (the metadata check and the packed (out, lse), B * Hq * (Dv + 1)
-fp32 per rank). The rest of the step (projections, MLP) runs replicated on every rank, so its
-weight reads (``params`` elements) do not shrink with N. Plain formulas over the hardware profile
-(no sympy: every term is a closed form and nothing is solved for).
+fp32 per rank). Each call also costs host time outside kernels and collectives
+(``DecodeHostCost.call``: a documented default per device, or measured by ``calibrate_decode_host``,
+which also measures the eager kernel's effective read bandwidth). The rest of the step
+(projections, MLP) runs replicated on every rank, so its weight reads (``params`` elements) do
+not shrink with N. Plain formulas over the hardware profile (no sympy: every term is a closed form
+and nothing is solved for).
 
 Chunked prefill against a sharded cache moves either the cache (pass-KV, a ring whose transfers
 overlap the attention, grows with T) or the queries plus their partials (pass-Q, grows with the
@@ -23,6 +26,58 @@ from typing import Any
 from .profiles import DTYPE_BYTES, Profile, dtype_name, load_profile
 
 FP32 = 4
+# Host seconds per decode-attention call outside its kernels and collectives (Python argument checks,
+# slot/mask tensors, the merge's small ops): the default ``DecodeHostCost.call``. CPU: measured on the
+# 2-core CI VM (torch 2.13, one thread, ``calibrate_decode_host``: 0.12 ms at a 16-slot cache);
+# CUDA: ~20 small kernel launches at ~3 us. ``calibrate_decode_host`` measures it on the host at hand.
+DEFAULT_CALL_SECONDS = {"cpu": 1.2e-4, "cuda": 6e-5}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeHostCost:
+    """What a hardware profile does not say about one decode-attention call.
+
+    call:           host seconds per call outside kernels and collectives (charged once per layer);
+    read_bandwidth: effective bytes/s of the local shard attention (0: the profile's memory bandwidth;
+                    the eager kernel makes several passes over the scores, so measured is lower);
+    collective:     seconds of one small all_gather at this world size (0: the profile's link model).
+    """
+
+    call: float
+    read_bandwidth: float = 0.0
+    collective: float = 0.0
+
+    @classmethod
+    def default(cls, prof: Profile) -> DecodeHostCost:
+        return cls(DEFAULT_CALL_SECONDS.get(prof.device, DEFAULT_CALL_SECONDS["cuda"]))
+
+
+def calibrate_decode_host(*, small: int = 16, large: int = 16384, heads: int = 4, kv_heads: int = 2,
+                          head_dim: int = 32, repeats: int = 15) -> DecodeHostCost:
+    """Measure ``call`` and ``read_bandwidth`` in this process: the fastest of ``repeats`` one-rank decode
+    calls at a ``small`` and a ``large`` cache (float32, batch 1); the small one is the per-call cost,
+    the slope between them the bandwidth. Takes well under a second; the caller sets the thread count."""
+    import time
+
+    import torch
+
+    from ringcompile.runtime.decode import decode_attention
+
+    def fastest(T: int) -> float:
+        g = torch.Generator().manual_seed(T)
+        q = torch.randn(1, heads, 1, head_dim, generator=g)
+        k, v = (torch.randn(1, kv_heads, T, head_dim, generator=g) for _ in range(2))
+        slots, at = torch.arange(T), torch.tensor([T - 1])
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            decode_attention(q, k, v, kv_slots=slots, q_slots=at, cache_len=T)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    t_small, t_large = fastest(small), fastest(large)
+    moved = 2 * kv_heads * (large - small) * head_dim * FP32
+    return DecodeHostCost(call=t_small, read_bandwidth=moved / max(t_large - t_small, 1e-9))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,15 +93,16 @@ class DecodeEstimate:
     dense_time: float             # of which: replicated projections / MLP weight reads
     prefill_time: float           # the prompt (cache_len tokens), whole model
     prefill_strategy: str
+    host_time: float = 0.0        # of which: per-call host work (DecodeHostCost.call x layers)
 
     def lines(self) -> list[str]:
         from .planner import format_bytes, format_seconds
 
         return [f"N={self.world_size}: cache/rank {format_bytes(self.cache_bytes_per_rank)}, "
                 f"decode {format_seconds(self.token_latency)}/token (attention "
-                f"{format_seconds(self.attention_time)}, merge {format_seconds(self.merge_time)}, dense "
-                f"{format_seconds(self.dense_time)}), prefill {format_seconds(self.prefill_time)} "
-                f"({self.prefill_strategy})"]
+                f"{format_seconds(self.attention_time)}, merge {format_seconds(self.merge_time)}, host "
+                f"{format_seconds(self.host_time)}, dense {format_seconds(self.dense_time)}), prefill "
+                f"{format_seconds(self.prefill_time)} ({self.prefill_strategy})"]
 
 
 def _compute_share(prof: Profile, world: int) -> float:
@@ -72,15 +128,20 @@ def cache_bytes_per_rank(*, cache_len: int, world_size: int, kv_heads: int, head
 
 
 def decode_attention_time(prof: Profile, *, cache_len: int, world_size: int, heads: int, kv_heads: int,
-                          head_dim: int, batch: int = 1, dtype: Any = "bfloat16") -> tuple[float, float]:
-    """(compute, merge) seconds of one decode attention call on the slowest rank."""
+                          head_dim: int, batch: int = 1, dtype: Any = "bfloat16",
+                          host: DecodeHostCost | None = None) -> tuple[float, float]:
+    """(compute, merge) seconds of one decode attention call on the slowest rank (``host`` overrides the
+    profile's bandwidth and collective model where it was measured; its ``call`` is charged by the caller)."""
     name = dtype_name(dtype)
     e = DTYPE_BYTES[name]
     local = math.ceil(cache_len / world_size)
     read = 2 * batch * kv_heads * local * head_dim * e
     flops = 4 * batch * heads * local * head_dim
-    compute = max(read / prof.memory_bandwidth, flops / (prof.flops(name) * prof.kernel_efficiency))
+    bandwidth = host.read_bandwidth if host is not None and host.read_bandwidth > 0 else prof.memory_bandwidth
+    compute = max(read / bandwidth, flops / (prof.flops(name) * prof.kernel_efficiency))
     compute *= _compute_share(prof, world_size)
+    if host is not None and host.collective > 0 and world_size > 1:
+        return compute, 2 * host.collective
     merge = (all_gather_time(prof, 16 * 8, world_size)                       # metadata vector
              + all_gather_time(prof, batch * heads * (head_dim + 1) * FP32, world_size))
     return compute, merge
@@ -88,16 +149,20 @@ def decode_attention_time(prof: Profile, *, cache_len: int, world_size: int, hea
 
 def estimate_decode(*, cache_len: int, world_size: int, heads: int, head_dim: int,
                     kv_heads: int | None = None, layers: int = 1, batch: int = 1, dtype: Any = "bfloat16",
-                    params: int = 0, profile: str | Profile | None = "h100-nvlink") -> DecodeEstimate:
+                    params: int = 0, profile: str | Profile | None = "h100-nvlink",
+                    host: DecodeHostCost | None = None) -> DecodeEstimate:
     """Per-token decode latency, per-rank cache bytes and prefill time of a ``layers``-layer model with
-    ``params`` weights outside attention (0: attention only)."""
+    ``params`` weights outside attention (0: attention only). ``host``: the per-call host cost (default
+    ``DecodeHostCost.default``; ``calibrate_decode_host`` measures one), charged once per layer."""
     from .planner import plan
 
     prof = load_profile(profile)
+    host = DecodeHostCost.default(prof) if host is None else host
     kv_heads = kv_heads or heads
     name = dtype_name(dtype)
     compute, merge = decode_attention_time(prof, cache_len=cache_len, world_size=world_size, heads=heads,
-                                           kv_heads=kv_heads, head_dim=head_dim, batch=batch, dtype=name)
+                                           kv_heads=kv_heads, head_dim=head_dim, batch=batch, dtype=name,
+                                           host=host)
     e = DTYPE_BYTES[name]
     share = _compute_share(prof, world_size)
     dense = max(params * e / prof.memory_bandwidth, 2 * params * batch / prof.flops(name)) * share
@@ -107,8 +172,8 @@ def estimate_decode(*, cache_len: int, world_size: int, heads: int, head_dim: in
     return DecodeEstimate(world_size, cache_len,
                           cache_bytes_per_rank(cache_len=cache_len, world_size=world_size, kv_heads=kv_heads,
                                                head_dim=head_dim, layers=layers, batch=batch, dtype=name),
-                          layers * (compute + merge) + dense, layers * compute, layers * merge, dense,
-                          layers * best.time + prefill_dense, best.strategy)
+                          layers * (compute + merge + host.call) + dense, layers * compute, layers * merge,
+                          dense, layers * best.time + prefill_dense, best.strategy, layers * host.call)
 
 
 def chunk_bytes(*, q_len: int, cache_len: int, heads: int, kv_heads: int, head_dim: int,
