@@ -110,7 +110,7 @@ def test_host_cost_is_charged_once_per_layer_and_measured_terms_replace_the_prof
 
 def test_calibrated_prediction_is_within_3x_of_a_measured_decode_step():
     """The stated factor: with ``calibrate_decode_host`` (one thread, this host, now), the predicted
-    one-rank decode step at an 8K cache is within 3x of the fastest of 7 measured steps."""
+    one-rank decode step at an 8K cache is within 3x of the median of 7 measured steps."""
     import time
 
     import torch
@@ -125,14 +125,15 @@ def test_calibrated_prediction_is_within_3x_of_a_measured_decode_step():
         g = torch.Generator().manual_seed(3)
         q = torch.randn(1, 4, 1, 32, generator=g)
         k, v = (torch.randn(1, 2, T, 32, generator=g) for _ in range(2))
-        best = float("inf")
+        times = []
         for _ in range(7):
             t0 = time.perf_counter()
             decode_attention(q, k, v, kv_slots=torch.arange(T), q_slots=torch.tensor([T - 1]), cache_len=T)
-            best = min(best, time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
+        typical = sorted(times)[3]
     finally:
         torch.set_num_threads(threads)
     assert host.call > 0 and host.read_bandwidth > 0
     pred = estimate_decode(cache_len=T, world_size=1, heads=4, kv_heads=2, head_dim=32, dtype="float32",
                            profile="cpu-gloo-loopback", host=host).token_latency
-    assert best / 3 <= pred <= best * 3, (pred, best, host)
+    assert typical / 3 <= pred <= typical * 3, (pred, typical, host)
