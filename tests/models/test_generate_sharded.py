@@ -17,11 +17,21 @@ STATIC_SLOTS = 24   # generate_cases.llama_static's max_cache_len
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "llama_static"]
+ROLLBACK = ["llama_rollback", "llama_static_rollback", "llama_assisted"]   # run in the N = 4 spawn
+_SPAWNED: dict[int, dict] = {}
+
+
+def spawned(world: int) -> dict:
+    """Every case of this world size from one spawn (the spawn and imports cost more than a case)."""
+    if world not in _SPAWNED:
+        names = FAMILIES + (ROLLBACK if world == 4 else [])
+        _SPAWNED[world] = run_cases("generate_cases", names, world=world, timeout=300.0)
+    return _SPAWNED[world]
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_same_tokens_as_one_process_with_a_sharded_cache(world):
-    results = run_cases("generate_cases", FAMILIES, world=world, timeout=240.0)
+    results = {name: spawned(world)[name] for name in FAMILIES}
     for name, per_rank in results.items():
         errors = [r["error"] for r in per_rank if "error" in r]
         assert not errors, f"{name}: {errors[0]}"
@@ -40,8 +50,7 @@ def test_crop_rolls_the_sharded_cache_back_like_one_process():
     """Speculative decoding's rollback at N = 4: crop by 3 tokens, continue on other tokens, crop into the
     prompt, continue again (dynamic and preallocated shards); and HF assisted generation with a random
     draft model (rejected drafts crop the sharded cache) gives plain greedy's tokens."""
-    results = run_cases("generate_cases", ["llama_rollback", "llama_static_rollback", "llama_assisted"],
-                        world=4, timeout=240.0)
+    results = {name: spawned(4)[name] for name in ROLLBACK}
     for name, per_rank in results.items():
         errors = [r["error"] for r in per_rank if "error" in r]
         assert not errors, f"{name}: {errors[0]}"
