@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ringcompile.errors import MissingDependencyError, UnsupportedPatternError
+from ringcompile.errors import MissingDependencyError, OptionError, UnsupportedPatternError
 from ringcompile.runtime.cache_layout import CacheLayout
 from ringcompile.runtime.decode import decode_attention
 
@@ -104,7 +104,8 @@ class ShardedCacheLayer(DynamicLayer if DynamicLayer is not None else object):  
         """The global length after ``crop(tokens_to_remove)``; None when nothing changes."""
         new_len = tokens_to_remove if tokens_to_remove > 0 else self.global_len + tokens_to_remove
         if new_len < 0:
-            raise ValueError(f"cannot crop {-tokens_to_remove} tokens from a cache of {self.global_len}")
+            raise OptionError(f"cannot crop {-tokens_to_remove} tokens from a cache of {self.global_len} "
+                              "slots; pass -k with k <= the cache length (or the new length, > 0)")
         return None if self.layout is None or new_len >= self.global_len else new_len
 
 
