@@ -60,21 +60,23 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 def _small_all_gather(dist, repeats: int = 20) -> float:
-    """Mean seconds of one 16-int all_gather (what a decode step does twice), after a warm-up."""
+    """Median seconds of one 16-int all_gather (what a decode step does twice), after a warm-up."""
     if dist.get_world_size() == 1:
         return 0.0
     x = torch.zeros(16, dtype=torch.long)
     outs = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(outs, x)
     dist.barrier()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         dist.all_gather(outs, x)
-    return (time.perf_counter() - t0) / repeats
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _small_decode_call(rank: int, world: int, repeats: int = 20) -> float:
-    """Mean seconds of a decode-attention call on a 16-slot sharded cache at this N: the per-call host
+    """Median seconds of a decode-attention call on a 16-slot sharded cache at this N: the per-call host
     work and both collectives, next to no attention compute."""
     from ringcompile.runtime.cache_layout import CacheLayout
     from ringcompile.runtime.decode import decode_attention
@@ -85,10 +87,12 @@ def _small_decode_call(rank: int, world: int, repeats: int = 20) -> float:
     k, v = (torch.randn(1, KV_HEADS, len(slots), DIM) for _ in range(2))
     call = dict(kv_slots=slots, q_slots=torch.tensor([15]), cache_len=16, layout=layout, timeout=600.0)
     decode_attention(q, k, v, **call)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         decode_attention(q, k, v, **call)
-    return (time.perf_counter() - t0) / repeats
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _plain_pytorch(q, k_all, v_all, q_dec, T: int, iters: int) -> dict:
