@@ -570,6 +570,10 @@ class IndexLifter:
             return x if dt_out == dt_in or dt_out is None else B.cast(x, dt_out)
         if p is aten.index:
             return self._lift_index(n, idx)
+        if p is aten.gather:  # out[i] = x[i with i[dim] replaced by index[i]] (DeBERTa's relative positions)
+            x, dim, index = a[0], norm_dim(a[1], len(idx)), a[2]
+            at = self.lift(index, idx)
+            return self.lift(x, idx[:dim] + (at,) + idx[dim + 1:])
         if p is aten.embedding:
             weight, indices = a[0], a[1]
             i = self.lift(indices, idx[:-1])

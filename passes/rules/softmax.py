@@ -91,9 +91,11 @@ def _split_spine(sm: fx.Node) -> Spine | None:
     split = _head_split_spine(x) if isinstance(x, fx.Node) and _score_spine(x) is None else None
     if split is None:
         return None
-    mm, view, path, heads = split
+    mm, view, pre, path, heads = split
     if len(mm.users) != 1:
         raise Decline(f"the score matrix ({mm.name}) is also used outside the softmax")
+    if pre:  # 3-D chain ops before the head split (DeBERTa's relative-position bias): lift from the matmul
+        return Spine(mm, mm, pre[1:] + path, x, head_split=heads, extra_nodes={mm})
     return Spine(mm, view, path, x, head_split=heads, extra_nodes={mm})
 
 
@@ -226,7 +228,8 @@ def extract_site(sm: fx.Node, index: int, spine: Spine, rule: str) -> Match:
     is_3d = ndim == 3 or split
     k, k_perm, v, v_perm, groups = _resolve_heads(qk, pv.v, pv.v_perm, is_3d)
     additive = _split_additive(spine, qk) if split else qk.additive
-    chain: Chain = extract_chain(spine.score, spine.x, 4 if split else ndim, additive, qk.alpha)
+    chain: Chain = extract_chain(spine.score, spine.x, 4 if split else ndim, additive, qk.alpha,
+                                 merged_heads=spine.head_split if split and spine.score is spine.mm else None)
     pattern = qk.pattern + ("+view" if split else "")
     if qk.pattern == "einsum" and fwd.pv.target != aten.einsum.default:
         pattern = "einsum+matmul"
