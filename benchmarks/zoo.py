@@ -41,6 +41,8 @@ _EXACT = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "moe_topk": 2, "top_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
     "type_vocab_size": 2, "sliding_window": 8, "attention_window": 8,
+    # expert groups and top-k must fit the 4 shrunk experts
+    "num_experts_per_token": 2, "n_group": 1, "num_expert_group": 1, "topk_group": 1,
 }
 
 

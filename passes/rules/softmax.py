@@ -70,6 +70,7 @@ class Forward:
     pv: fx.Node
     dropout_p: float = 0.0
     sink_sliced: bool = False
+    returned: fx.Node | None = None  # the probabilities are also an output of the graph (this node)
 
 
 # ---------------------------------------------------------------------------- the three spines
@@ -134,9 +135,12 @@ def walk_forward(sm: fx.Node, spine: Spine) -> Forward:
     """softmax -> casts / dropout / (sink slice) / (head merge) -> the matmul with v."""
     fwd = Forward([sm], sm, sm)
     while True:
-        if len(fwd.probs.users) != 1:
+        users = [u for u in fwd.probs.users if u.op != "output"]
+        if len(users) < len(fwd.probs.users) and fwd.returned is None:
+            fwd.returned = fwd.probs
+        if len(users) != 1:
             raise Decline("attention probabilities are also used outside the matmul with v")
-        user = next(iter(fwd.probs.users))
+        user = users[0]
         if user.op == "call_function" and user.target in MATMUL_OPS:
             fwd.pv = user
             return fwd
@@ -245,11 +249,20 @@ def extract_site(sm: fx.Node, index: int, spine: Spine, rule: str) -> Match:
         nodes=set(spine.path) | set(fwd.nodes) | {fwd.pv} | chain.consumed | spine.extra_nodes,
         location=location_of(sm), q_perm=_or_none(qk.q_perm), k_perm=_or_none(k_perm),
         v_perm=_or_none(v_perm), out_perm=None if split else _or_none(pv.out_perm), is_3d=is_3d and not split,
-        head_split=spine.head_split, sink=spine.sink, output_dtype=val_of(fwd.pv).dtype, notes=chain.notes)
+        head_split=spine.head_split, sink=spine.sink, output_dtype=val_of(fwd.pv).dtype,
+        notes=chain.notes + ([RETURNED_NOTE] if fwd.returned is not None else []))
     return Match(rule, site)
 
 
+RETURNED_NOTE = ("the attention probabilities are also returned from the graph (e.g. a layer's attention "
+                 "weights where a graph break makes the layer its own frame): the returned copy is still "
+                 "computed by the original ops (S x S), p @ v by the ring")
+
+
 def _check_forward(fwd: Forward, spine: Spine, ndim: int) -> None:
+    if fwd.returned is not None and fwd.dropout_p > 0:
+        raise Decline("attention probabilities are returned from the graph and dropout is active (the "
+                      "returned ones would not match the ring's dropout)")
     if spine.sink is not None:
         if not fwd.sink_sliced:
             raise Decline("attention sinks: the sink column's probability is not sliced off before p @ v")
