@@ -146,6 +146,11 @@ def shrink_config(config_cls, impl: str):
     for name in ("use_cache", "tie_word_embeddings"):
         if hasattr(cfg, name):
             setattr(cfg, name, False)
+    rope = vars(cfg).get("qk_rope_head_dim")
+    if type(rope) is int and type(vars(cfg).get("head_dim")) is int:  # MLA: the rotary table's width
+        _set(cfg, "head_dim", rope)
+    if type(vars(cfg).get("kv_lora_rank")) is int and type(vars(cfg).get("num_key_value_heads")) is int:
+        _set(cfg, "num_key_value_heads", cfg.num_attention_heads)  # MLA: one latent K/V per query head
     for name in _LAYER_COUNTS:
         if type(getattr(cfg, name, None)) is int:
             _set(cfg, name, n_new)
