@@ -1,6 +1,7 @@
-"""Cases for test_merged_head_bias.py, importable in spawned ranks: DeBERTa-v2 with its disentangled
-relative-position bias (c2p / p2c terms gathered over relative positions and added to the merged-head
-(B*H, S, S) scores before the (B, H, S, S) view) under backend="ring" vs the same model in one process."""
+"""Cases for test_merged_head_bias.py, importable in spawned ranks, under backend="ring" vs the same model
+in one process: DeBERTa-v2 with its disentangled relative-position bias (c2p / p2c terms gathered over
+relative positions and added to the merged-head (B*H, S, S) scores before the (B, H, S, S) view), and
+Falcon's ALiBi path in float64."""
 
 from __future__ import annotations
 
@@ -30,6 +31,19 @@ def build(name: str, impl: str = "eager"):
     return tf.DebertaV2ForMaskedLM(cfg).double().eval()
 
 
+def build_falcon_alibi():
+    """Falcon with ALiBi: the causal mask is ``where(causal, full((), 0.0, float64), finfo.min)`` folded
+    into the alibi bias by masked_fill, and the scores are scaled in place (``*=``)."""
+    import transformers as tf
+
+    cfg = tf.FalconConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                          alibi=True, new_decoder_architecture=False, multi_query=True, parallel_attn=True,
+                          hidden_dropout=0.0, attention_dropout=0.0, use_cache=False)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return tf.FalconForCausalLM(cfg).double().eval()
+
+
 def inputs(pad: bool) -> dict:
     g = torch.Generator().manual_seed(5)
     x = {"input_ids": torch.randint(1, V, (B, S), generator=g)}
@@ -39,23 +53,17 @@ def inputs(pad: bool) -> dict:
     return x
 
 
-def compare(name: str, pad: bool) -> dict:
-    """Relative errors of the logits and of the parameters' gradients (relative to the largest reference
-    gradient: a key bias's gradient is 0 up to rounding), plus what was rewritten.
-
-    With padding, DeBERTa masks the padded query rows entirely (finfo.min fill): the ring returns 0 for
-    them where eager averages v uniformly (the documented finite-mask note), so the comparison reads the
-    kept rows and back-propagates from them only."""
+def ring_vs_one_process(model, x: dict, rows: torch.Tensor) -> dict:
+    """Relative errors of the logits (on ``rows``) and of the parameters' gradients back-propagated from
+    those rows (relative to the largest reference gradient: a key bias's gradient is 0 up to rounding),
+    plus what was rewritten."""
     from ringcompile import backend
 
     torch._dynamo.reset()
-    model = build(name)
     ref = copy.deepcopy(model)
-    x = inputs(pad)
     first = len(backend.HISTORY)
     out = torch.compile(model, backend="ring", dynamic=False, options={"inner": "eager"})(**x).logits
     r_out = ref(**x).logits
-    rows = x["attention_mask"].bool() if pad else torch.ones(B, S, dtype=torch.bool)
     g = torch.randn(r_out.shape, generator=torch.Generator().manual_seed(9), dtype=r_out.dtype)
     g = g * rows[..., None]
     (out * g).sum().backward()
@@ -74,5 +82,18 @@ def compare(name: str, pad: bool) -> dict:
             "fallbacks": [e.fallback_reason for e in entries if e.fallback_reason]}
 
 
+def compare(name: str, pad: bool) -> dict:
+    """DeBERTa ``name``. With padding, DeBERTa masks the padded query rows entirely (finfo.min fill): the
+    ring returns 0 for them where eager averages v uniformly (the documented finite-mask note), so the
+    comparison reads the kept rows and back-propagates from them only."""
+    x = inputs(pad)
+    rows = x["attention_mask"].bool() if pad else torch.ones(B, S, dtype=torch.bool)
+    return ring_vs_one_process(build(name), x, rows)
+
+
 def case_v3_padded(rank, world):
     return compare("v3", pad=True)
+
+
+def case_falcon_alibi(rank, world):
+    return ring_vs_one_process(build_falcon_alibi(), inputs(False), torch.ones(B, S, dtype=torch.bool))
