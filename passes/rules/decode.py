@@ -128,10 +128,7 @@ def why_not(node: fx.Node) -> str | None:
 
 def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
     """Replace each SDPA over a gathered sharded cache by decode_attention on the shard (in place)."""
-    from ringcompile.runtime.cache_append import POLICY, PREFILL_LAYOUT
-    from ringcompile.runtime.cache_layout import POLICIES
-    from ringcompile.runtime.decode_op import decode_attention_op  # noqa: F401 - registers the op
-    from ringcompile.runtime.layouts import LAYOUTS
+    from ringcompile.cache_codes import COMPILED_POLICY, COMPILED_PREFILL_LAYOUT, layout_code
 
     done: list[DecodeRewrite] = []
     for node in list(gm.graph.nodes):
@@ -148,7 +145,7 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
         keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = gather.args
         q = _val(args["query"])
         scale = float(args["scale"]) if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-        layout = [int(prefill_len), LAYOUTS.index(PREFILL_LAYOUT), POLICIES.index(POLICY)]
+        layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.ringcompile.decode_attention.default,

@@ -27,7 +27,10 @@ import torch
 from ringcompile.runtime.cache_append import cache_append, cache_gather, shard_capacity, shard_layout
 from ringcompile.runtime.cache_layout import CacheLayout
 
-from .hf import DynamicLayer
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # pragma: no cover - transformers is optional
+    DynamicLayer = None  # type: ignore[assignment,misc]
 
 Tensor = torch.Tensor
 
