@@ -41,6 +41,8 @@ _EXACT = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "moe_topk": 2, "top_k": 2, "n_shared_experts": 1, "num_shared_experts": 1,
     "type_vocab_size": 2, "sliding_window": 8, "attention_window": 8,
+    # expert groups and top-k must fit the 4 shrunk experts
+    "num_experts_per_token": 2, "n_group": 1, "num_expert_group": 1, "topk_group": 1,
 }
 
 
@@ -64,9 +66,71 @@ def _int_rule(name: str, default: int) -> int | None:
     return None
 
 
+_LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
+_MAX_LAYERS = 12  # a longer pattern period is cut here (its later layer kinds are then not exercised)
+
+
+def _layer_count(cfg) -> int | None:
+    for name in _LAYER_COUNTS:
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def _is_index_list(name: str, v) -> bool:
+    return (isinstance(v, (list, tuple)) and bool(v) and all(type(x) is int for x in v)
+            and name.endswith(("_idxs", "_ids", "_indices")) and ("layer" in name or "attn" in name))
+
+
+def pattern_layers(cfg, n_layers: int | None) -> int:
+    """The fewest layers (at least 2) that hold every kind of layer the config's layer pattern names, so a
+    hybrid's attention layers exist: per-layer kind lists (``layer_types``, ``block_types``,
+    ``layers_block_type``, ``mlp_layer_types``, ... or any list of strings as long as the layer count)
+    up to the first occurrence of their last new kind; layer-index lists (``full_attn_idxs``,
+    ``hybrid_layer_ids``) up to their first index; ``X_period`` / ``X_offset`` pairs (Jamba's
+    ``attn_layer_period`` / ``attn_layer_offset``) up to the offset."""
+    need = 2
+    for name in dir(cfg):
+        if name.startswith("_") or name.startswith("mtp_"):
+            continue
+        try:
+            v = getattr(cfg, name)
+        except Exception:  # noqa: BLE001 - a property that needs other fields
+            continue
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, str) for x in v) and (
+                name.endswith(("layer_types", "block_types", "layers_block_type")) or len(v) == n_layers):
+            first: dict[str, int] = {}
+            for i, kind in enumerate(v):
+                first.setdefault(kind, i)
+            need = max(need, max(first.values()) + 1)
+        elif _is_index_list(name, v):
+            need = max(need, min(v) + 1)
+        elif name.endswith("_period") and type(v) is int:
+            offset = getattr(cfg, name[: -len("period")] + "offset", None)
+            if type(offset) is int:
+                need = max(need, offset + 1)
+    return min(need, _MAX_LAYERS)
+
+
+def _follow_layer_count(cfg, n_old: int | None, n_new: int) -> None:
+    """Per-layer lists follow the new layer count: lists as long as the old count are cut (or cycled),
+    layer-index lists keep the indices that still exist."""
+    for name, v in list(vars(cfg).items()):
+        if name.startswith("_"):
+            continue
+        if isinstance(v, list) and v and n_old is not None and len(v) == n_old and n_old != n_new:
+            _set(cfg, name, (v * (n_new // len(v) + 1))[:n_new])
+        elif _is_index_list(name, v):
+            _set(cfg, name, [i for i in v if i < n_new])
+
+
 def shrink_config(config_cls, impl: str):
-    """A tiny config of ``config_cls``: its defaults with every size-like int field shrunk."""
+    """A tiny config of ``config_cls``: its defaults with every size-like int field shrunk, keeping
+    enough layers for one period of a hybrid's layer pattern (``pattern_layers``)."""
     cfg = config_cls()
+    n_old = _layer_count(cfg)
+    n_new = pattern_layers(cfg, n_old)
     for name, value in list(vars(cfg).items()):
         if isinstance(value, bool) or not isinstance(value, int):
             continue
@@ -82,10 +146,15 @@ def shrink_config(config_cls, impl: str):
     for name in ("use_cache", "tie_word_embeddings"):
         if hasattr(cfg, name):
             setattr(cfg, name, False)
-    for name in ("layer_types", "mlp_layer_types"):  # per-layer lists follow the layer count
-        v = getattr(cfg, name, None)
-        if isinstance(v, list) and v:
-            _set(cfg, name, (v * 2)[:2])
+    rope = vars(cfg).get("qk_rope_head_dim")
+    if type(rope) is int and type(vars(cfg).get("head_dim")) is int:  # MLA: the rotary table's width
+        _set(cfg, "head_dim", rope)
+    if type(vars(cfg).get("kv_lora_rank")) is int and type(vars(cfg).get("num_key_value_heads")) is int:
+        _set(cfg, "num_key_value_heads", cfg.num_attention_heads)  # MLA: one latent K/V per query head
+    for name in _LAYER_COUNTS:
+        if type(getattr(cfg, name, None)) is int:
+            _set(cfg, name, n_new)
+    _follow_layer_count(cfg, n_old, n_new)
     cfg._attn_implementation = impl
     return cfg
 

@@ -43,7 +43,8 @@ def add_plan_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _print_decode(args: argparse.Namespace) -> None:
-    from .decode import chunk_bytes, estimate_decode
+    from .decode import chunk_bytes, chunk_method_times, estimate_decode
+    from .planner import format_seconds
 
     print("decode (sharded KV cache, one all_gather of (out, lse) per layer):")
     for world in sorted({1, args.world_size}):
@@ -51,10 +52,17 @@ def _print_decode(args: argparse.Namespace) -> None:
                               head_dim=args.head_dim, layers=args.layers, batch=args.batch, dtype=args.dtype,
                               params=int(args.params), profile=args.profile)
         print("  " + est.lines()[0])
-    moved = chunk_bytes(q_len=min(args.seq, 4096), cache_len=args.seq, heads=args.heads,
-                        kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim)
-    print(f"  a {min(args.seq, 4096)}-token chunk against this cache moves {moved['pass_q'] / 2**20:.1f} MiB "
+    chunk = dict(q_len=min(args.seq, 4096), cache_len=args.seq, heads=args.heads,
+                 kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim)
+    moved = chunk_bytes(**chunk)
+    print(f"  a {chunk['q_len']}-token chunk against this cache moves {moved['pass_q'] / 2**20:.1f} MiB "
           f"(pass-Q) vs {moved['pass_kv'] / 2**20:.1f} MiB (pass-KV) per batch row")
+    if args.world_size > 1:
+        times = chunk_method_times(**chunk, world_size=args.world_size, batch=args.batch, dtype=args.dtype,
+                                   profile=args.profile)
+        pick = {"pass_q": "pass-Q", "pass_kv": "pass-KV"}[min(times, key=times.get)]
+        print(f"  predicted at N={args.world_size}: pass-Q {format_seconds(times['pass_q'])}, pass-KV ring "
+              f"{format_seconds(times['pass_kv'])} (overlapped): {pick} is chosen")
 
 
 def run_plan(args: argparse.Namespace) -> int:

@@ -211,9 +211,11 @@ class ModGraphBuilder:
             return x.args[0]
         return self.call(operator.invert, x)
 
-    def where(self, c: Expr, x: Expr, y: Expr, logical: bool = False) -> Expr:
+    def where(self, c: Expr, x: Expr, y: Expr, logical: bool = False,
+              dtype: torch.dtype | None = None) -> Expr:
         """``where(c, x, y)``; ``logical`` says x and y are both bool-valued (then a constant
-        branch folds into and/or; with a numeric branch it must stay a where)."""
+        branch folds into and/or; with a numeric branch it must stay a where). ``dtype``: the dtype of a
+        branch that was a 0-dim tensor in the original graph (``torch.full((), 0.0, dtype=float64)``)."""
         if isinstance(c, bool):
             return x if c else y
         if x is True and y is False:
@@ -226,6 +228,10 @@ class ModGraphBuilder:
             return self.or_(self.and_(c, x), self.and_(self.not_(c), y))
         if isinstance(x, fx.Node) and x is y:
             return x
+        if not isinstance(c, fx.Node) or not _beyond_float32(x, y, dtype):
+            return self.call(torch.where, c, x, y)
+        # two Python numbers make a float32 where: float64's finfo.min (Falcon's alibi mask) would overflow
+        x = self.call(torch.scalar_tensor, x, dtype=dtype) if _is_number(x) else x
         return self.call(torch.where, c, x, y)
 
     def cast(self, x: Expr, dtype: torch.dtype) -> Expr:
@@ -266,6 +272,18 @@ class ModGraphBuilder:
                 self.extra_dtypes.pop(ph, None)
         self.graph.lint()
         return fx.GraphModule(torch.nn.Module(), self.graph)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _beyond_float32(x: Any, y: Any, dtype: torch.dtype | None) -> bool:
+    """Both branches are Python numbers, one outside float32's range, and the where is wider."""
+    big = torch.finfo(torch.float32).max
+    if dtype is None or not dtype.is_floating_point or torch.finfo(dtype).max <= big:
+        return False
+    return _is_number(x) and _is_number(y) and max(abs(x), abs(y)) > big
 
 
 def _is_const(x: Any, value: float) -> bool:
@@ -570,6 +588,10 @@ class IndexLifter:
             return x if dt_out == dt_in or dt_out is None else B.cast(x, dt_out)
         if p is aten.index:
             return self._lift_index(n, idx)
+        if p is aten.gather:  # out[i] = x[i with i[dim] replaced by index[i]] (DeBERTa's relative positions)
+            x, dim, index = a[0], norm_dim(a[1], len(idx)), a[2]
+            at = self.lift(index, idx)
+            return self.lift(x, idx[:dim] + (at,) + idx[dim + 1:])
         if p is aten.embedding:
             weight, indices = a[0], a[1]
             i = self.lift(indices, idx[:-1])
@@ -664,6 +686,10 @@ def _all_bool(values: Sequence, dtypes: Sequence) -> bool:
                for v, dt in zip(values, dtypes, strict=True))
 
 
+def _float_dtype(dtypes: Sequence) -> torch.dtype | None:
+    return next((d for d in dtypes if d is not None and d.is_floating_point), None)
+
+
 def _alpha(args: list, kwargs: dict, pos: int = 2) -> Any:
     return kwargs.get("alpha", args[pos] if len(args) > pos else 1)
 
@@ -752,7 +778,8 @@ POINTWISE: dict[Any, Callable[..., Expr]] = {
     aten.bitwise_xor: _bitwise(operator.xor, lambda B, x, y: B.call(operator.xor, x, y)),
     aten.__xor__: _bitwise(operator.xor, lambda B, x, y: B.call(operator.xor, x, y)),
     aten.bitwise_not: _not,
-    aten.where: lambda B, a, k, d: B.where(a[0], a[1], a[2], logical=_all_bool(a[1:3], d[1:3])),
+    aten.where: lambda B, a, k, d: B.where(a[0], a[1], a[2], logical=_all_bool(a[1:3], d[1:3]),
+                                           dtype=_float_dtype(d[1:3])),
     aten.masked_fill: lambda B, a, k, d: B.where(a[1], a[2], a[0], logical=_all_bool([a[2], a[0]],
                                                                                       [d[2], d[0]])),
 }

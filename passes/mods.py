@@ -85,10 +85,16 @@ class ExtractedMods:
 
 
 def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[str, ...],
-                        additive: Sequence[fx.Node] = ()) -> ExtractedMods:
-    """Lift the pointwise chain from the raw ``score`` (q @ k^T) to ``softmax_input``."""
+                        additive: Sequence[fx.Node] = (), merged_heads: bool = False) -> ExtractedMods:
+    """Lift the pointwise chain from the raw ``score`` (q @ k^T) to ``softmax_input``.
+
+    ``merged_heads``: ``score`` is (B*H, S, S) while ``dims`` and the softmax input are 4-D (DeBERTa adds
+    its relative-position bias before the head split): the score is read at (b*H + h, q, kv), and the
+    chain's split of that offset gives back (b, h) (``IndexLifter._reshape_idx``)."""
     ex = _Extraction(dims, dtype_of(softmax_input))
     path = _chain_path(score, softmax_input)
+    if merged_heads:
+        ex.merge_heads(shape_of(score), shape_of(softmax_input))
     for a in additive:
         if _depends_on(a, score):
             raise UnsupportedPatternError(f"additive term {a.name} depends on the score itself")
@@ -232,6 +238,14 @@ class _Extraction:
         self.bound: float | None = None   # proven bound of |running score| (None: the premise only)
         self.factor = 1.0                 # constant factor additive terms are multiplied by (head scale)
         self.claims: list[list] = []      # [c, additive, bound, later factor] of each finite mask claim
+
+    def merge_heads(self, score_shape: tuple, split_shape: tuple) -> None:
+        """Index the (B*H, S, S) score by the flat offset of the 4-D roles (see extract_score_chain)."""
+        try:
+            self.idx_m = self.mask_l._reshape_idx(score_shape, split_shape, self.idx_m)
+            self.idx_s = self.score_l._reshape_idx(score_shape, split_shape, self.idx_s)
+        except NotLiftable as e:
+            raise UnsupportedPatternError(f"merged-head scores cannot be indexed by (b, h): {e}") from e
 
     # mask terms ---------------------------------------------------------------------------
     def add_keep(self, keep: Expr) -> None:

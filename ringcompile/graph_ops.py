@@ -25,16 +25,5 @@ def world_size(group: Any = None, mesh_dim: int | str | None = None) -> int:
     return resolve_group(group, mesh_dim).world_size
 
 
-def decode_op_layout(prefill_len: int) -> list[int]:
-    """The ``layout`` argument of ``torch.ops.ringcompile.decode_attention`` for the compiled sharded KV
-    cache (contiguous prefill, round_robin appends: ``runtime/cache_append.py``); registers the op."""
-    from .runtime import decode_op  # noqa: F401 - registers torch.ops.ringcompile.decode_attention
-    from .runtime.cache_append import POLICY, PREFILL_LAYOUT
-    from .runtime.cache_layout import POLICIES
-    from .runtime.layouts import LAYOUTS
-
-    return [int(prefill_len), LAYOUTS.index(PREFILL_LAYOUT), POLICIES.index(POLICY)]
-
-
-__all__ = ["ResolvedGroup", "decode_op_layout", "grad_reduce_view", "group_name_of", "padded_length",
-           "resolve_group", "world_size"]
+__all__ = ["ResolvedGroup", "grad_reduce_view", "group_name_of", "padded_length", "resolve_group",
+           "world_size"]

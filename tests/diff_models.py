@@ -34,7 +34,8 @@ class Spec:
     cast: str = "none"           # none | type_as (no-op casts) | float32_softmax (then type_as)
     inplace: tuple[str, ...] = ()  # subset of q_mul_, scores_div_, residual_add_, mlp_mul_
     custom_fn: bool = False      # an autograd.Function with its own (bounded) backward in the MLP
-    bias: str = "none"           # none | relative (learned table, T5-style) | alibi
+    bias: str = "none"           # none | relative (learned table, T5-style) | alibi | c2p (manual spellings:
+    #                              DeBERTa's content->position term, gather(q @ pos_k^T) over q - kv)
     mask: str = "none"           # none | causal | padding | window | causal_padding
     mask_style: str = "bool"     # bool (masked_fill / bool attn_mask) | additive (finfo.min * (1 - m))
     sink: bool = False           # gpt-oss attention sinks (a learned logit column, softmax, sliced off)
@@ -76,7 +77,7 @@ def draw_spec(pick: Pick) -> Spec:
         rope=pick("rope", ["none", "rotate_half", "interleaved", "complex", "learned_pos"]),
         cast=pick("cast", ["none", "type_as"] + (["float32_softmax"] if manual else [])),
         inplace=inplace, custom_fn=pick("custom_fn", [False, True]),
-        bias=pick("bias", ["none", "relative", "alibi"]),
+        bias=pick("bias", ["none", "relative", "alibi"] + (["c2p"] if manual else [])),
         mask=pick("mask", ["none", "causal", "padding", "window", "causal_padding"]),
         mask_style=pick("mask_style", ["bool", "additive"]),
         sink=manual and pick("sink", RARE),
@@ -119,6 +120,8 @@ class Attention(torch.nn.Module):
         self.o = torch.nn.Linear(h * D, E)
         if spec.bias == "relative":
             self.rel = torch.nn.Embedding(2 * 4 + 1, h)
+        if spec.bias == "c2p":  # a key per relative distance -4..3, per head
+            self.pos_k = torch.nn.Parameter(torch.randn(h, 2 * 4, D) * 0.3)
         if spec.sink:
             self.sinks = torch.nn.Parameter(torch.randn(h) * 0.5)
         if spec.cache == "prefix":
@@ -174,7 +177,7 @@ class Attention(torch.nn.Module):
     def extra(self, S, L, P, dtype, device):
         """The (1, H, S, L) additive position bias, or None."""
         s = self.spec
-        if s.bias == "none":
+        if s.bias in ("none", "c2p"):
             return None
         qpos = torch.arange(S, device=device)[:, None] + P
         kpos = torch.arange(L, device=device)[None, :]
@@ -183,6 +186,17 @@ class Attention(torch.nn.Module):
             return self.rel(bucket).permute(2, 0, 1).unsqueeze(0)
         slopes = torch.tensor([2.0 ** (-(i + 1)) for i in range(s.heads)], dtype=dtype, device=device)
         return -(slopes[:, None, None] * (qpos - kpos).abs().to(dtype)).unsqueeze(0)
+
+    def c2p(self, q, L):
+        """DeBERTa's content->position bias on (B, H, S, D) or merged (B*H, S, D) queries:
+        ``gather(q @ pos_k^T, -1, clamp(q_pos - kv_pos + 4, 0, 7))``."""
+        S = q.shape[-2]
+        P = L - S if self.spec.cache == "prefix" else 0
+        pos_k = self.pos_k if q.dim() == 4 else self.pos_k.repeat(q.shape[0] // self.spec.heads, 1, 1)
+        att = q @ pos_k.transpose(-1, -2).to(q.dtype)  # (.., S, 8)
+        rel = torch.arange(S, device=q.device)[:, None] + P - torch.arange(L, device=q.device)[None, :]
+        index = torch.clamp(rel + 4, 0, 7).expand(*q.shape[:-2], S, L)
+        return torch.gather(att, -1, index)
 
     def forward(self, x, pad):
         s = self.spec
@@ -233,6 +247,8 @@ class Attention(torch.nn.Module):
             scores = torch.bmm(q.reshape(B * H, S, D), k.reshape(B * H, L, D).transpose(1, 2))
             if bias is not None:
                 scores = scores + bias.expand(B, H, S, L).reshape(B * H, S, L)
+            if s.bias == "c2p":
+                scores = scores + self.c2p(q.reshape(B * H, S, D), L)
             scores = scores.view(B, H, S, L)
             v = v.reshape(B * H, L, D)
         elif s.spelling == "einsum":
@@ -245,6 +261,8 @@ class Attention(torch.nn.Module):
             scores = scores / math.sqrt(D)
         if bias is not None and s.spelling != "bmm":
             scores = scores + bias
+        if s.bias == "c2p" and s.spelling != "bmm":
+            scores = scores + self.c2p(q, L)
         if keep is not None:
             if s.mask_style == "bool":
                 scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)

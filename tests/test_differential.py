@@ -3,7 +3,9 @@ with a reason, on small random transformer-like models (tests/diff_models.py).
 
 The models draw from the ops real models use around attention: RoPE (rotate_half, interleaved, complex
 view_as_complex / view_as_real), type_as / to(dtype), in-place arithmetic on activations and scores, a
-custom autograd.Function with its own backward, learned relative-position and ALiBi biases, causal /
+custom autograd.Function with its own backward, learned relative-position and ALiBi biases, DeBERTa's
+content->position bias (a gather of q @ pos_k^T over relative positions, on merged-head (B*H, S, S)
+scores before their 4-D view in the bmm spelling), causal /
 padding / sliding-window masks (bool or finfo.min additive), GQA through repeat_interleave, expand or
 SDPA's enable_gqa, SDPA vs matmul / bmm (merged heads) / einsum spellings, attention sinks, and K/V
 caches (an empty past, a learned prefix). Logits, the loss and every parameter gradient must agree

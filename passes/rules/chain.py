@@ -93,9 +93,12 @@ def _reshaped_score(x: fx.Node, depth: int = 12) -> bool:
 
 
 def _head_split_spine(x: fx.Node):
-    """Bloom's spelling: a 3-D (B*H, S, S) matmul viewed to (B, H, S, S) and then chain ops to ``x``.
+    """Bloom's / DeBERTa's spelling: a 3-D (B*H, S, S) matmul, then 3-D chain ops (DeBERTa adds its
+    relative-position bias there), viewed to (B, H, S, S), then chain ops to ``x``.
 
-    Returns (matmul, view, path from view to x, (B, H) view sizes) or None.
+    Returns (matmul, view, path from the matmul to the view's input (empty without 3-D ops), path from
+    view to x, (B, H) view sizes) or None. B may be -1 in the sizes (``view(-1, H, S, S)``): the rewrite
+    unflattens q/k/v with the same sizes.
     """
     target_shape = _shape(x)
     if len(target_shape) != 4:
@@ -104,16 +107,22 @@ def _head_split_spine(x: fx.Node):
     def probe(n: fx.Node, path: list[fx.Node]) -> tuple[bool, Any]:
         if n.target not in RESHAPE_OVERLOADS:
             return False, None
-        mm = n.args[0]
+        src = n.args[0]
         sizes = n.args[1]
-        if (isinstance(mm, fx.Node) and mm.op == "call_function" and mm.target in MATMUL_OPS
-                and len(_shape(mm)) == 3 and _same_shape(_shape(n), target_shape)
-                and isinstance(sizes, (list, tuple)) and len(sizes) == 4
-                and not any(isinstance(z, int) and z < 0 for z in sizes[:2])):
-            ms, vs = _shape(mm), _shape(n)
-            if same_size(ms[0], vs[0] * vs[1]) and _same_shape(ms[1:], vs[2:]):
-                return True, (mm, n, path, (sizes[0], sizes[1]))
-        return True, None
+        if not (isinstance(src, fx.Node) and isinstance(sizes, (list, tuple)) and len(sizes) == 4
+                and _same_shape(_shape(n), target_shape) and len(_shape(src)) == 3
+                and isinstance(sizes[1], int) and sizes[1] > 0
+                and not (isinstance(sizes[0], int) and sizes[0] < 0 and sizes[0] != -1)):
+            return True, None
+        ss, vs = _shape(src), _shape(n)
+        if not (same_size(ss[0], vs[0] * vs[1]) and _same_shape(ss[1:], vs[2:])):
+            return True, None
+        if src.op == "call_function" and src.target in MATMUL_OPS:
+            return True, (src, n, [], path, (sizes[0], sizes[1]))
+        pre = _score_spine(src) if src.op == "call_function" and is_chain_op(src) else None
+        if pre is None:
+            return True, None
+        return True, (pre[0], n, pre[1], path, (sizes[0], sizes[1]))
 
     found = _find_through_chain(x, probe)
     if len(found) != 1:
@@ -200,13 +209,18 @@ class Chain:
     notes: list[str]
 
 
-def extract_chain(score: fx.Node, x: fx.Node, ndim: int, additive: list[fx.Node], alpha: float) -> Chain:
-    """Lift the chain ``score -> x`` (plus baddbmm's additive terms and alpha) with ``passes.mods``."""
+def extract_chain(score: fx.Node, x: fx.Node, ndim: int, additive: list[fx.Node], alpha: float,
+                  merged_heads: tuple | None = None) -> Chain:
+    """Lift the chain ``score -> x`` (plus baddbmm's additive terms and alpha) with ``passes.mods``.
+
+    ``merged_heads``: the score is the 3-D (B*H, S, S) matmul of a 4-D site (the chain splits it into
+    (B, H) on the way): its index is (b*H + h, q, kv)."""
     from .. import mods as extract
 
     dims = ("b", "q", "kv") if ndim == 3 else ("b", "h", "q", "kv")
     try:
-        ex = extract.extract_score_chain(score, x, dims=dims, additive=list(additive))
+        ex = extract.extract_score_chain(score, x, dims=dims, additive=list(additive),
+                                         merged_heads=merged_heads is not None)
     except UnsupportedPatternError as exc:
         raise Decline(f"mask/score chain not expressible: {exc}") from exc
     if alpha != 1.0:

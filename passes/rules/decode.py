@@ -128,7 +128,7 @@ def why_not(node: fx.Node) -> str | None:
 
 def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
     """Replace each SDPA over a gathered sharded cache by decode_attention on the shard (in place)."""
-    from ringcompile.graph_ops import decode_op_layout
+    from ringcompile.cache_codes import COMPILED_POLICY, COMPILED_PREFILL_LAYOUT, layout_code
 
     done: list[DecodeRewrite] = []
     for node in list(gm.graph.nodes):
@@ -145,7 +145,7 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
         keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = gather.args
         q = _val(args["query"])
         scale = float(args["scale"]) if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-        layout = decode_op_layout(int(prefill_len))
+        layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 torch.ops.ringcompile.decode_attention.default,

@@ -70,6 +70,7 @@ class Forward:
     pv: fx.Node
     dropout_p: float = 0.0
     sink_sliced: bool = False
+    returned: fx.Node | None = None  # the probabilities are also an output of the graph (this node)
 
 
 # ---------------------------------------------------------------------------- the three spines
@@ -91,9 +92,11 @@ def _split_spine(sm: fx.Node) -> Spine | None:
     split = _head_split_spine(x) if isinstance(x, fx.Node) and _score_spine(x) is None else None
     if split is None:
         return None
-    mm, view, path, heads = split
+    mm, view, pre, path, heads = split
     if len(mm.users) != 1:
         raise Decline(f"the score matrix ({mm.name}) is also used outside the softmax")
+    if pre:  # 3-D chain ops before the head split (DeBERTa's relative-position bias): lift from the matmul
+        return Spine(mm, mm, pre[1:] + path, x, head_split=heads, extra_nodes={mm})
     return Spine(mm, view, path, x, head_split=heads, extra_nodes={mm})
 
 
@@ -132,9 +135,12 @@ def walk_forward(sm: fx.Node, spine: Spine) -> Forward:
     """softmax -> casts / dropout / (sink slice) / (head merge) -> the matmul with v."""
     fwd = Forward([sm], sm, sm)
     while True:
-        if len(fwd.probs.users) != 1:
+        users = [u for u in fwd.probs.users if u.op != "output"]
+        if len(users) < len(fwd.probs.users) and fwd.returned is None:
+            fwd.returned = fwd.probs
+        if len(users) != 1:
             raise Decline("attention probabilities are also used outside the matmul with v")
-        user = next(iter(fwd.probs.users))
+        user = users[0]
         if user.op == "call_function" and user.target in MATMUL_OPS:
             fwd.pv = user
             return fwd
@@ -226,7 +232,8 @@ def extract_site(sm: fx.Node, index: int, spine: Spine, rule: str) -> Match:
     is_3d = ndim == 3 or split
     k, k_perm, v, v_perm, groups = _resolve_heads(qk, pv.v, pv.v_perm, is_3d)
     additive = _split_additive(spine, qk) if split else qk.additive
-    chain: Chain = extract_chain(spine.score, spine.x, 4 if split else ndim, additive, qk.alpha)
+    chain: Chain = extract_chain(spine.score, spine.x, 4 if split else ndim, additive, qk.alpha,
+                                 merged_heads=spine.head_split if split and spine.score is spine.mm else None)
     pattern = qk.pattern + ("+view" if split else "")
     if qk.pattern == "einsum" and fwd.pv.target != aten.einsum.default:
         pattern = "einsum+matmul"
@@ -242,11 +249,20 @@ def extract_site(sm: fx.Node, index: int, spine: Spine, rule: str) -> Match:
         nodes=set(spine.path) | set(fwd.nodes) | {fwd.pv} | chain.consumed | spine.extra_nodes,
         location=location_of(sm), q_perm=_or_none(qk.q_perm), k_perm=_or_none(k_perm),
         v_perm=_or_none(v_perm), out_perm=None if split else _or_none(pv.out_perm), is_3d=is_3d and not split,
-        head_split=spine.head_split, sink=spine.sink, output_dtype=val_of(fwd.pv).dtype, notes=chain.notes)
+        head_split=spine.head_split, sink=spine.sink, output_dtype=val_of(fwd.pv).dtype,
+        notes=chain.notes + ([RETURNED_NOTE] if fwd.returned is not None else []))
     return Match(rule, site)
 
 
+RETURNED_NOTE = ("the attention probabilities are also returned from the graph (e.g. a layer's attention "
+                 "weights where a graph break makes the layer its own frame): the returned copy is still "
+                 "computed by the original ops (S x S), p @ v by the ring")
+
+
 def _check_forward(fwd: Forward, spine: Spine, ndim: int) -> None:
+    if fwd.returned is not None and fwd.dropout_p > 0:
+        raise Decline("attention probabilities are returned from the graph and dropout is active (the "
+                      "returned ones would not match the ring's dropout)")
     if spine.sink is not None:
         if not fwd.sink_sliced:
             raise Decline("attention sinks: the sink column's probability is not sliced off before p @ v")

@@ -22,13 +22,14 @@ from __future__ import annotations
 import torch
 
 from ringcompile import op_support
+from ringcompile.cache_codes import COMPILED_POLICY as POLICY
+from ringcompile.cache_codes import COMPILED_PREFILL_LAYOUT as PREFILL_LAYOUT
 from ringcompile.errors import ShapeMismatchError
 
+from . import decode_op as _decode_op  # noqa: F401  (registers decode_attention, which the decode rule emits)
 from .cache_layout import CacheLayout
 
 Tensor = torch.Tensor
-PREFILL_LAYOUT = "contiguous"
-POLICY = "round_robin"   # the owner of an appended slot needs no history: t mod N
 
 
 def shard_layout(world: int, prefill_len: int) -> CacheLayout:

@@ -20,11 +20,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from ringcompile.cache_codes import POLICIES
 from ringcompile.errors import OptionError
 
 from .layouts import check_layout, local_chunks, padded_length
-
-POLICIES = ("shortest", "round_robin")
 
 
 def append_owner(lengths: list[int] | tuple[int, ...], slot: int, policy: str = "shortest") -> int:

@@ -5,15 +5,20 @@ Chunked / multi-turn prefill: the new chunk's queries are sharded over the ranks
 appended by each rank to its shard before the call) is sharded too. Two ways to bring them
 together (arXiv 2411.01783, section 3):
 
-* ``pass_kv``: the cache shards travel (one all_gather of K, V and their slots); every rank
-  attends its own queries against the whole cache. Moves 2 * Hkv * T * D elements per rank.
+* ``pass_kv``: the cache shards travel around the ring as the training ring's K/V do: at step s
+  rank r attends its own queries against the shard of rank r - s while that shard (K, V and their
+  slots packed in one message, padded to the longest shard with slots in every query's future)
+  moves on to rank r + 1, so the transfer hides under the compute when the chunk is long enough;
+  partials are merged by log-sum-exp in fp32 as they arrive. Moves 2 * Hkv * T * D elements per
+  rank in N - 1 steps.
 * ``pass_q``: the queries travel (an all_gather of q and their slots), each rank attends every
   query against its own shard, and the partial (out, lse) go back to the queries' owners (one
   all_to_all) to be merged by log-sum-exp in fp32. Moves Hq * C * (D + Dv + 1) elements per
   rank, independent of the cache length: the larger cache stays put.
 
-``cost_model.decode.choose_chunk_method`` picks the one that moves fewer bytes. Both are
-preceded by the same metadata check as decode (``decode.check_cache_agrees``).
+``cost_model.decode.choose_chunk_method`` picks the one predicted faster (pass-KV's transfers
+overlap its compute; pass-Q's do not but move fewer bytes for a short chunk on a long cache).
+Both are preceded by the same metadata check as decode (``decode.check_cache_agrees``).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 
 from ringcompile.errors import OptionError, ShapeMismatchError
+from ringcompile.kernels.reference import merge_partials
 
 from .cache_layout import CacheLayout
 from .communicator import Communicator, RingCommunicator
@@ -38,10 +44,11 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, q_slots: Tensor, kv_slot
                     method: str = "auto", key_padding: Tensor | None = None, window: int | None = None,
                     scale: float | None = None, layout: CacheLayout | None = None, group: Any = None,
                     mesh_dim: int | str | None = None, comm: Communicator | None = None,
-                    timeout: float = 60.0) -> Tensor:
+                    timeout: float = 60.0, profile: Any = None) -> Tensor:
     """This rank's output (B, Hq, c, Dv) for its chunk queries q (B, Hq, c, D) at ``q_slots`` (c,)
     against the sharded cache (this rank's k/v at ``kv_slots``; ``cache_len`` global slots).
-    Every rank must pass the same c (pad with slot -1: such rows see nothing and return 0)."""
+    Every rank must pass the same c (pad with slot -1: such rows see nothing and return 0).
+    ``method="auto"`` asks the cost model with ``profile`` (default: the device's default profile)."""
     if method not in METHODS:
         raise OptionError(f"chunk method must be one of {list(METHODS)}, got {method!r}")
     if comm is None:
@@ -61,10 +68,14 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, q_slots: Tensor, kv_slot
         raise ShapeMismatchError(f"rank {comm.rank}: {problem}")
     if method == "auto":
         from ringcompile.cost_model.decode import choose_chunk_method
+        from ringcompile.cost_model.profiles import default_profile_name
 
+        prof = default_profile_name(str(q.device)) if profile is None else profile
         method = choose_chunk_method(q_len=q.shape[2] * comm.world_size, cache_len=cache_len,
                                      heads=q.shape[1], kv_heads=k.shape[1], head_dim=q.shape[-1],
-                                     elem_bytes=q.element_size())
+                                     elem_bytes=q.element_size(), world_size=comm.world_size,
+                                     batch=q.shape[0], dtype=q.dtype,
+                                     profile=prof)
     with torch.no_grad():
         if method == "pass_kv":
             out = _pass_kv(comm, q, k, v, kv_slots, q_slots, lengths, scale, key_padding, window)
@@ -83,15 +94,23 @@ def _pad_len(x: Tensor, dim: int, length: int, value: float | int = 0) -> Tensor
 
 def _pass_kv(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor,
              lengths: list[int], scale: float, key_padding: Tensor | None, window: int | None) -> Tensor:
-    """Gather every shard (padded to the longest, padding in every query's future), attend locally."""
-    longest = max(lengths)
-    packed = torch.cat([_pad_len(k, 2, longest), _pad_len(v, 2, longest)], -1)
-    parts = comm.all_gather(packed, 0, "pass-KV cache all_gather").wait()
-    slots = comm.all_gather(_pad_len(kv_slots, 0, longest, NEVER), 0, "pass-KV slot all_gather").wait()
-    kk = torch.cat([p[:, :, :n, :k.shape[-1]] for p, n in zip(parts, lengths, strict=True)], 2)
-    vv = torch.cat([p[:, :, :n, k.shape[-1]:] for p, n in zip(parts, lengths, strict=True)], 2)
-    ss = torch.cat([s[:n] for s, n in zip(slots, lengths, strict=True)])
-    return local_partial(q, kk, vv, ss, q_slots, scale=scale, key_padding=key_padding, window=window).out
+    """Rotate the cache shards around the ring (each padded to the longest, padding in every query's
+    future), attending the one in hand while the next arrives; merge the partials as they come."""
+    longest, n, d = max(lengths), comm.world_size, k.shape[-1]
+    held_kv = torch.cat([_pad_len(k, 2, longest), _pad_len(v, 2, longest)], -1)   # one message: K | V
+    held_slots = _pad_len(kv_slots, 0, longest, NEVER)
+    out = lse = None
+    for step in range(n):
+        pending = None
+        if step < n - 1:                              # the next shard travels while this one is attended
+            pending = comm.ring_shift([held_kv, held_slots], step, what="pass-KV cache shard")
+        size = lengths[(comm.rank - step) % n]        # the shard in hand is rank r - step's
+        part = local_partial(q, held_kv[:, :, :size, :d], held_kv[:, :, :size, d:], held_slots[:size],
+                             q_slots, scale=scale, key_padding=key_padding, window=window)
+        out, lse = merge_partials(out, lse, part.out, part.lse)
+        if pending is not None:
+            held_kv, held_slots = pending.wait()
+    return out
 
 
 def _pass_q(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor,

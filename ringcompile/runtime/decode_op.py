@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from ringcompile import op_support
+from ringcompile.cache_codes import layout_code, layout_from_code
 
-from .cache_layout import POLICIES, CacheLayout
-from .layouts import LAYOUTS
+from .cache_layout import CacheLayout
 
 Tensor = torch.Tensor
 
@@ -22,7 +22,7 @@ def layout_ints(layout: CacheLayout | None) -> list[int]:
     """A CacheLayout as the op's int list ([] for none): [prefill_len, layout index, policy index]."""
     if layout is None:
         return []
-    return [layout.prefill_len, LAYOUTS.index(layout.prefill_layout), POLICIES.index(layout.policy)]
+    return layout_code(layout.prefill_len, layout.prefill_layout, layout.policy)
 
 
 @torch.library.custom_op("ringcompile::decode_attention", mutates_args=(), **op_support.SYNCING)
@@ -44,7 +44,7 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slo
         resolved = resolve_group(group_by_name(group_name))
     cl = None
     if layout:
-        cl = CacheLayout(resolved.world_size, layout[0], LAYOUTS[layout[1]], POLICIES[layout[2]])
+        cl = CacheLayout(resolved.world_size, *layout_from_code(layout))
     with op_support.device_guard(q.device):
         return decode_attention(q, k, v, kv_slots=kv_slots, q_slots=q_slots,
                                 cache_len=None if cache_len < 0 else cache_len,

@@ -29,7 +29,7 @@ from ringcompile.runtime.cache_layout import CacheLayout
 
 try:
     from transformers.cache_utils import DynamicLayer
-except ImportError:  # pragma: no cover - transformers is optional (sharded_cache checks it first)
+except ImportError:  # pragma: no cover - transformers is optional
     DynamicLayer = None  # type: ignore[assignment,misc]
 
 Tensor = torch.Tensor

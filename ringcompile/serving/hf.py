@@ -86,17 +86,38 @@ class ShardedCacheLayer(DynamicLayer if DynamicLayer is not None else object):  
         _LAYER_OF_KEYS[id(self.keys)] = self
         return self.keys, self.values
 
-    is_croppable = False   # a shard cannot be cut at a global length by slicing (assisted decoding)
-
-    def crop(self, max_length: int) -> None:
-        raise UnsupportedPatternError("a sharded KV cache cannot be cropped yet (assisted / speculative "
-                                      "decoding); use an unsharded cache for it")
-
     def get_seq_length(self) -> int:
         return self.global_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.global_len + query_length, 0
+
+    is_croppable = True   # assisted / speculative decoding rolls the cache back with crop
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the global slots at and after the new length on every rank (HF's rollback after a
+        rejected draft). ``tokens_to_remove`` <= 0 removes that many tokens (HF >= 5); > 0 is the
+        legacy absolute length (HF 4's ``crop(max_length)``). Slot ownership depends only on the
+        slots before it, so the kept shards are exactly ``layout`` at the new length and later
+        appends go where they would have gone."""
+        new_len = self._cropped_length(tokens_to_remove)
+        if new_len is None:
+            return
+        keep = torch.nonzero(self.slots < new_len).flatten().to(self.keys.device)
+        self.keys = self.keys.index_select(-2, keep)
+        self.values = self.values.index_select(-2, keep)
+        self.slots = self.slots[self.slots < new_len]
+        self.q_slots = self.q_slots[:0]
+        self.global_len = new_len
+        _LAYER_OF_KEYS[id(self.keys)] = self
+
+    def _cropped_length(self, tokens_to_remove: int) -> int | None:
+        """The global length after ``crop(tokens_to_remove)``; None when nothing changes."""
+        new_len = tokens_to_remove if tokens_to_remove > 0 else self.global_len + tokens_to_remove
+        if new_len < 0:
+            raise OptionError(f"cannot crop {-tokens_to_remove} tokens from a cache of {self.global_len} "
+                              "slots; pass -k with k <= the cache length (or the new length, > 0)")
+        return None if self.layout is None or new_len >= self.global_len else new_len
 
 
 class ShardedStaticLayer(ShardedCacheLayer):
@@ -141,6 +162,22 @@ class ShardedStaticLayer(ShardedCacheLayer):
 
     def get_max_length(self) -> int:
         return self.max_cache_len
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """As ``ShardedCacheLayer.crop``, in place: the kept entries move to the front of the
+        preallocated shard (they already are: local order is slot order) and ``filled`` shrinks, so
+        the next update overwrites the stale ones."""
+        new_len = self._cropped_length(tokens_to_remove)
+        if new_len is None:
+            return
+        keep = torch.nonzero(self.slots < new_len).flatten().to(self.keys.device)
+        m = keep.numel()
+        self.keys[:, :, :m] = self.keys.index_select(-2, keep)
+        self.values[:, :, :m] = self.values.index_select(-2, keep)
+        self.filled = m
+        self.slots = self.slots[self.slots < new_len]
+        self.q_slots = self.q_slots[:0]
+        self.global_len = new_len
 
 
 def sharded_cache(num_layers: int, rank: int, world: int, *, policy: str = "shortest", group: Any = None,

@@ -6,7 +6,16 @@ from __future__ import annotations
 import math
 
 import pytest
-from ringcompile.cost_model.decode import cache_bytes_per_rank, choose_chunk_method, estimate_decode
+from ringcompile.cost_model.decode import (
+    DEFAULT_CALL_SECONDS,
+    DecodeHostCost,
+    cache_bytes_per_rank,
+    calibrate_decode_host,
+    choose_chunk_method,
+    chunk_bytes,
+    chunk_method_times,
+    estimate_decode,
+)
 
 from ringcompile.cli import main
 
@@ -50,3 +59,81 @@ def test_chunk_choice_is_the_cheaper_transfer():
         q_bytes = 8 * q_len * (64 * 2 + 65 * 4)
         kv_bytes = 2 * 8 * cache_len * 64 * 2
         assert pick == ("pass_q" if q_bytes < kv_bytes else "pass_kv")
+
+
+def test_chunk_choice_with_a_world_size_is_the_faster_predicted_method():
+    """With N given the choice is by time: the KV ring hides its transfers under a long chunk's compute,
+    so it wins even where pass-Q moves fewer bytes (a 4K chunk on a 32K GQA cache); a short chunk on a
+    long cache still sends its queries."""
+    shape = dict(heads=32, kv_heads=8, head_dim=128, world_size=4, profile="h100-nvlink")
+    for C, T, want in ((128, 32768, "pass_q"), (32768, 4096, "pass_kv"), (4096, 32768, "pass_kv")):
+        times = chunk_method_times(q_len=C, cache_len=T, **shape)
+        assert choose_chunk_method(q_len=C, cache_len=T, **shape) == want == min(times, key=times.get)
+    moved = chunk_bytes(q_len=4096, cache_len=32768, heads=32, kv_heads=8, head_dim=128)
+    assert moved["pass_q"] < moved["pass_kv"]                    # the bytes rule would have sent queries
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_pass_kv_ring_time_is_hidden_compute_or_its_transfers(world):
+    """(N - 1) max(piece, message) + piece: N pieces of compute (one piece = c queries against T/N slots
+    on one rank) while each shard's message is shorter; N - 1 messages plus a piece once it is longer."""
+    from ringcompile.cost_model.profiles import load_profile
+
+    shape = dict(heads=8, kv_heads=8, head_dim=64, profile="h100-nvlink")
+    C, T = 1 << 16, 1 << 12                                            # long chunk, short cache
+    piece = chunk_method_times(q_len=C // world, cache_len=T // world, world_size=1, **shape)["pass_kv"]
+    long_chunk = chunk_method_times(q_len=C, cache_len=T, world_size=world, **shape)
+    assert long_chunk["pass_kv"] == pytest.approx(world * piece, rel=1e-9)
+    assert long_chunk["pass_q"] > long_chunk["pass_kv"]                 # same compute plus collectives
+    C, T = world, 1 << 22                                               # one query per rank, huge cache
+    prof = load_profile("h100-nvlink")
+    message = prof.link_latency + 2 * 8 * (T // world) * 64 * 2 / prof.link_bandwidth
+    piece = chunk_method_times(q_len=1, cache_len=T // world, world_size=1, **shape)["pass_kv"]
+    short = chunk_method_times(q_len=C, cache_len=T, world_size=world, **shape)
+    assert message > piece
+    assert short["pass_kv"] == pytest.approx((world - 1) * message + piece, rel=1e-9)
+    assert short["pass_q"] < short["pass_kv"]
+
+
+def test_host_cost_is_charged_once_per_layer_and_measured_terms_replace_the_profile():
+    shape = dict(cache_len=1 << 16, world_size=4, heads=2, kv_heads=2, head_dim=64, layers=3,
+                 profile="cpu-gloo-loopback")                        # MHA: the shard read bounds the step
+    none = estimate_decode(**shape, host=DecodeHostCost(0.0))
+    default = estimate_decode(**shape)
+    assert default.host_time == pytest.approx(3 * DEFAULT_CALL_SECONDS["cpu"])
+    assert default.token_latency - none.token_latency == pytest.approx(default.host_time)
+    slow = estimate_decode(**shape, host=DecodeHostCost(0.0, read_bandwidth=1e9, collective=5e-3))
+    profile_bandwidth = 21559148272.331886                          # cpu-gloo-loopback's memory_bandwidth
+    assert slow.attention_time == pytest.approx(none.attention_time * profile_bandwidth / 1e9, rel=1e-9)
+    assert slow.merge_time == pytest.approx(3 * 2 * 5e-3)
+
+
+def test_calibrated_prediction_is_within_3x_of_a_measured_decode_step():
+    """The stated factor: with ``calibrate_decode_host`` (one thread, this host, now), the predicted
+    one-rank decode step at an 8K cache is within 3x of the median of 7 measured steps."""
+    import time
+
+    import torch
+
+    from ringcompile.runtime.decode import decode_attention
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        host = calibrate_decode_host(repeats=7)
+        T = 8192
+        g = torch.Generator().manual_seed(3)
+        q = torch.randn(1, 4, 1, 32, generator=g)
+        k, v = (torch.randn(1, 2, T, 32, generator=g) for _ in range(2))
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            decode_attention(q, k, v, kv_slots=torch.arange(T), q_slots=torch.tensor([T - 1]), cache_len=T)
+            times.append(time.perf_counter() - t0)
+        typical = sorted(times)[3]
+    finally:
+        torch.set_num_threads(threads)
+    assert host.call > 0 and host.read_bandwidth > 0
+    pred = estimate_decode(cache_len=T, world_size=1, heads=4, kv_heads=2, head_dim=32, dtype="float32",
+                           profile="cpu-gloo-loopback", host=host).token_latency
+    assert typical / 3 <= pred <= typical * 3, (pred, typical, host)

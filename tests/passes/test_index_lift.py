@@ -96,3 +96,21 @@ def test_toeplitz_band_declines_a_non_band():
     m[2, 1] = 0  # m[1, 0] and m[3, 2] on the same diagonal stay 1: not "a function of col - row"
     assert toeplitz_band(m) is None
     assert toeplitz_band(torch.full((3, 3), 0.5)) is None  # not 0/1
+
+
+def test_where_of_two_numbers_keeps_a_float64_finfo_min():
+    # Falcon's alibi mask: where(causal, full((), 0.0, dtype=float64), finfo(float64).min) lifted into a mod
+    B = ModGraphBuilder(with_score=False)
+    tiny = torch.finfo(torch.float64).min
+    cond = B.call(torch.lt, B.role("kv"), B.role("q"))
+    out = B.where(cond, 0.0, tiny, dtype=torch.float64)
+    gm = B.finish(out)
+    q, kv = torch.arange(4)[:, None], torch.arange(4)[None, :]
+    got = gm(torch.zeros(()), torch.zeros(()), q, kv)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, torch.where(kv < q, torch.tensor(0.0, dtype=torch.float64), tiny))
+    # within float32's range the emitted where stays the plain one (the Triton lowering reads it)
+    plain = ModGraphBuilder(with_score=False)
+    cond = plain.call(torch.lt, plain.role("kv"), plain.role("q"))
+    node = plain.where(cond, 0.0, -1e9, dtype=torch.float64)
+    assert node.args[1] == 0.0

@@ -25,6 +25,22 @@ def test_lengths_slots_and_owners_agree(world, prefill, appended, layout, policy
 
 
 @settings(max_examples=40, deadline=None)
+@given(world=st.integers(1, 5), prefill=st.integers(0, 30), appended=st.integers(0, 30),
+       cut=st.integers(0, 60),
+       policy=st.sampled_from(["shortest", "round_robin"]))
+def test_a_cropped_cache_is_the_layout_at_the_shorter_length(world, prefill, appended, cut, policy):
+    """What ``ShardedCacheLayer.crop`` relies on: dropping slots >= n from every shard leaves exactly the
+    layout's shards at length n (also inside the prefill), so the metadata check still passes and the
+    next appends go where they would have gone."""
+    cl = CacheLayout(world, prefill, "contiguous", policy)
+    T = prefill + appended
+    n = min(cut, T)
+    for r in range(world):
+        assert [t for t in cl.slots(r, T) if t < n] == cl.slots(r, n)
+    assert cl.lengths(n) == [len(cl.slots(r, n)) for r in range(world)]
+
+
+@settings(max_examples=40, deadline=None)
 @given(world=st.integers(2, 5), prefill=st.integers(0, 40), appended=st.integers(0, 60))
 def test_shortest_policy_only_narrows_the_imbalance(world, prefill, appended):
     cl = CacheLayout(world, prefill, "contiguous", "shortest")

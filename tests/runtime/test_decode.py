@@ -116,12 +116,15 @@ def test_gloo_ranks(world):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("method", ["pass_q", "pass_kv", "auto"])
-@pytest.mark.parametrize("kw", [dict(), dict(window=7, heads=(4, 1))], ids=["gqa-leftpad", "window-mqa"])
+@pytest.mark.parametrize("kw", [dict(), dict(window=7, heads=(4, 1)),
+                                dict(dtype=torch.float64, policy="round_robin")],
+                         ids=["gqa-leftpad", "window-mqa", "fp64-round_robin"])
 def test_sharded_chunk_against_sharded_cache(world, method, kw):
     """Chunked prefill: a 7-token chunk (not a multiple of N) sharded over the ranks attends the
-    prefill cache plus itself; both methods equal float64 on every rank's rows."""
+    prefill cache plus itself (shards of unequal length); both methods (pass-KV: the ring) equal
+    float64 on every rank's rows."""
     case = make_case(21 + world, world, q_len=7, prefill=12, appended=7, **kw)
     want = reference(case)
 
@@ -135,8 +138,56 @@ def test_sharded_chunk_against_sharded_cache(world, method, kw):
     for out, q_slots in simulate(rank, world, timeout=20.0):
         rows = q_slots >= 0
         got, ref = out[:, :, rows].double(), want[:, :, q_slots[rows] - c0]
-        assert (got - ref).abs().max().item() <= TOL[torch.float32]
+        assert (got - ref).abs().max().item() <= TOL[case.q.dtype]
         assert (out[:, :, ~rows] == 0).all()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_pass_kv_rotates_the_shards_and_overlaps_each_transfer_with_compute(world, monkeypatch):
+    """pass-KV is a ring: N - 1 shard transfers and no cache all_gather; the transfer of step s starts
+    before step s's attention and is waited for after it (the training ring's overlap)."""
+    import threading
+
+    from ringcompile.runtime import chunk_prefill
+
+    case = make_case(31, world, q_len=8, prefill=16, appended=8)
+    logs: dict[int, list[str]] = {}
+    attend = chunk_prefill.local_partial
+
+    def logged_partial(*args, **kw):
+        logs[threading.get_ident()].append("compute")
+        return attend(*args, **kw)
+
+    monkeypatch.setattr(chunk_prefill, "local_partial", logged_partial)
+
+    def rank(comm):
+        log = logs.setdefault(threading.get_ident(), [])
+        shift, gather = comm.ring_shift, comm.all_gather
+
+        def logged_shift(tensors, step, channel=0, what="K/V"):
+            log.append(f"send {step}")
+            pending = shift(tensors, step, channel, what)
+            wait = pending.wait
+
+            def logged_wait():
+                log.append(f"wait {step}")
+                return wait()
+            pending.wait = logged_wait
+            return pending
+
+        def logged_gather(tensor, step=0, what="all_gather"):
+            log.append(f"gather {what}")
+            return gather(tensor, step, what)
+
+        comm.ring_shift, comm.all_gather = logged_shift, logged_gather
+        q, q_slots, k, v, slots = chunk_shards(case, world, comm.rank)
+        chunk_attention(q, k, v, q_slots=q_slots, kv_slots=slots, cache_len=case.cache_len, method="pass_kv",
+                        key_padding=case.key_padding, comm=comm)
+        return list(log)
+
+    ring = [e for s in range(world - 1) for e in (f"send {s}", "compute", f"wait {s}")] + ["compute"]
+    for log in simulate(rank, world, timeout=20.0):
+        assert log == ["gather decode metadata check"] + ring, log
 
 
 def test_chunk_method_choice_follows_bytes_moved():

@@ -1,0 +1,24 @@
+"""How a compiled graph states a KV-cache layout as ints.
+
+The decode rule (``passes/rules/decode.py``) writes them into ``decode_attention`` calls and the
+runtime's op reads them back, so both sides share these tables without the passes importing the
+runtime (passes reach it only through graph ops).
+"""
+
+from __future__ import annotations
+
+from .options import LAYOUTS
+
+POLICIES = ("shortest", "round_robin")
+COMPILED_PREFILL_LAYOUT = "contiguous"
+COMPILED_POLICY = "round_robin"  # the owner of an appended slot needs no history: t mod N
+
+
+def layout_code(prefill_len: int, prefill_layout: str, policy: str) -> list[int]:
+    """A cache layout as the op's int list: [prefill_len, layout index, policy index]."""
+    return [int(prefill_len), LAYOUTS.index(prefill_layout), POLICIES.index(policy)]
+
+
+def layout_from_code(code: list[int]) -> tuple[int, str, str]:
+    """The inverse of ``layout_code``: (prefill_len, prefill layout, policy)."""
+    return int(code[0]), LAYOUTS[code[1]], POLICIES[code[2]]
