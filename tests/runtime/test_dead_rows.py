@@ -76,12 +76,13 @@ CASES = [  # (padding, c, additive)
 ]
 
 
-STRATEGIES = [(1, "local"), (2, "ring"), (2, "zigzag"), (2, "allgather"), (2, "ulysses")]
+STRATEGIES = [(1, "local", None), (2, "ring", None), (2, "zigzag", None), (2, "allgather", None),
+              (2, "ulysses", None), (4, "hybrid", 2)]
 
 
-@pytest.mark.parametrize("world,strategy", STRATEGIES)
+@pytest.mark.parametrize("world,strategy,inner", STRATEGIES)
 @pytest.mark.parametrize("padding,c,additive", CASES)
-def test_dead_rows_match_eager(world, strategy, padding, c, additive):
+def test_dead_rows_match_eager(world, strategy, inner, padding, c, additive):
     torch.manual_seed(hash((world, strategy, padding, c, additive)) % 2**31)
     with_bias = padding == "query"
     keep_fn = _query_padding_keep if padding == "query" else _left_padding_causal_keep
@@ -92,7 +93,7 @@ def test_dead_rows_match_eager(world, strategy, padding, c, additive):
     layout = "zigzag" if strategy == "zigzag" else None
     out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, layout=layout, mask=mask,
                                    mask_extras=[pm], score=score, score_extras=[kb] if with_bias else [],
-                                   dead_rows=form, kernel="cpu")
+                                   dead_rows=form, kernel="cpu", inner_size=inner)
     idx = torch.arange(S)
     keep = keep_fn(torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
                    idx.view(1, 1, -1, 1), idx.view(1, 1, 1, -1), pm)
@@ -105,3 +106,30 @@ def test_dead_rows_match_eager(world, strategy, padding, c, additive):
     want = torch.autograd.grad(ref, inputs, dout)
     for name, g, w in zip("q k v kb".split(), got, want, strict=False):
         torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("world,strategy", [(1, "local"), (2, "ring")])
+def test_no_second_pass_without_dead_rows(monkeypatch, world, strategy):
+    """Rows that all keep a key: the bias form is never run (forward or backward), result as eager."""
+    from ringcompile.runtime import dead_rows
+
+    def never(spec):
+        raise AssertionError("the bias-form pass ran although every row keeps a key")
+
+    monkeypatch.setattr(dead_rows, "_bias_spec", never)
+    torch.manual_seed(world)
+    mask, score, form = _forms(_left_padding_causal_keep, MIN32, True, False)
+    pm = torch.ones(B, S, dtype=torch.long)
+    pm[1, 1:3] = 0  # padding inside the row: key 0 is kept by every query
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, mask=mask, mask_extras=[pm],
+                                   dead_rows=form, kernel="cpu")
+    idx = torch.arange(S)
+    keep = _left_padding_causal_keep(torch.arange(B).view(-1, 1, 1, 1), 0, idx.view(1, 1, -1, 1),
+                                     idx.view(1, 1, 1, -1), pm)
+    ref = _eager(q, k, v, keep, MIN32, True, None)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    dout = torch.randn_like(ref)
+    for g, w in zip(torch.autograd.grad(out, [q, k, v], dout), torch.autograd.grad(ref, [q, k, v], dout),
+                    strict=True):
+        torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6)
