@@ -25,7 +25,7 @@ from .communicator import Communicator
 from .layouts import local_indices
 
 Tensor = torch.Tensor
-KEY_CHUNK = 4096  # keys per mask evaluation when finding dead rows in the backward
+MASK_ELEMENTS = 1 << 24  # most (b, h, q, kv) pairs evaluated at once when finding dead rows (backward)
 
 Pass = Callable[[AttentionSpec, list, list], tuple]  # one forward pass: (spec, mask_extras, score_extras)
 
@@ -80,10 +80,12 @@ def dead_rows(comm: Communicator, q: Tensor, mask_extras, seq_len: int, spec: At
     h = torch.arange(H, device=q.device).view(1, -1, 1, 1)
     qi = pos.clamp(max=max(seq_len - 1, 0)).view(1, 1, -1, 1)
     kept = torch.zeros(B, H, S, dtype=torch.bool, device=q.device)
-    for start in range(0, seq_len, KEY_CHUNK):
-        kv = torch.arange(start, min(start + KEY_CHUNK, seq_len), device=q.device).view(1, 1, 1, -1)
+    chunk = max(1, MASK_ELEMENTS // max(1, B * H * S))
+    for start in range(0, seq_len, chunk):
+        kv = torch.arange(start, min(start + chunk, seq_len), device=q.device).view(1, 1, 1, -1)
         keep = evaluate_mask(spec.mask, (b, h, qi, kv), mask_extras)
-        kept |= keep.expand(B, H, S, kv.shape[-1]).any(-1)
+        keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+        kept |= keep.expand(*keep.shape[:-1], kv.shape[-1]).any(-1)
     return ~kept & (pos < seq_len)
 
 
