@@ -103,3 +103,40 @@ def compare(name: str, rank: int = 0, world: int = 1) -> dict:
 
 def all_cases_body(rank: int, world: int) -> dict:
     return {name: compare(name, rank, world) for name in CASES}
+
+
+def hf_llama_left_padding(impl: str = "eager") -> dict:
+    """A tiny HF Llama (float32), batch row 1 left padded: logits on ALL rows and every parameter's
+    gradient against the same model in one process (SDPA's math backend for the reference)."""
+    import copy
+
+    import transformers as tf
+
+    from ringcompile import backend
+
+    cfg = tf.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).float().eval()
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(11)
+    x = {"input_ids": torch.randint(1, 50, (2, S), generator=g),
+         "attention_mask": torch.ones(2, S, dtype=torch.long)}
+    x["attention_mask"][1, :4] = 0
+    torch._dynamo.reset()
+    first = len(backend.HISTORY)
+    out = torch.compile(model, backend="ring", dynamic=False, options={"inner": "eager"})(**x).logits
+    with sdpa_kernel(SDPBackend.MATH):
+        r_out = ref(**x).logits
+        dout = torch.randn(r_out.shape, generator=g)
+        (r_out * dout).sum().backward()
+    (out * dout).sum().backward()
+    entries = backend.HISTORY[first:]
+    return {"out": ((out - r_out).abs().max() / r_out.abs().max()).item(),
+            "grads": {n: (p.grad - q.grad).abs().max().item() / q.grad.abs().max().item()
+                      for (n, p), q in zip(model.named_parameters(), ref.parameters(), strict=True)
+                      if q.grad is not None and q.grad.abs().max() > 0},
+            "rewritten": sum(backend.rewritten_op_count(e.graph) for e in entries if e.graph is not None),
+            "fallbacks": [e.fallback_reason for e in entries if e.fallback_reason],
+            "notes": [n for e in entries for s in e.sites for n in s.notes]}
