@@ -140,7 +140,7 @@ def _with_dead_rows(extract: Any) -> ExtractedMods:
     largest claimed constant; its extras must be among the claimed extraction's (else that
     extraction is returned instead: exact everywhere, without block skipping)."""
     ex = extract(True)
-    if not ex.claims:
+    if not ex.claims or _keeps_the_diagonal(ex.mask):
         return ex
     try:
         exact = extract(False)
@@ -160,6 +160,11 @@ def _with_dead_rows(extract: Any) -> ExtractedMods:
                                score_idx=tuple(every.index(n) for n in exact.score_extras), shift=shift)
     ex.notes = [n for n in ex.notes if n != FINFO_NOTE] + [DEAD_ROWS_NOTE]
     return ex
+
+
+def _keeps_the_diagonal(mask: Mod | None) -> bool:
+    """A proven causal / sliding-window mask keeps (q, q): no row can lose every key."""
+    return mask is not None and set(mask.kinds) <= {"causal", "sliding_window"}
 
 
 def _shifted(score: Mod, shift: float) -> Mod:
