@@ -580,7 +580,7 @@ class IndexLifter:
             d = B.sub(idx[-1], idx[-2])
             cond = B.call(operator.ge if p is aten.triu else operator.le, d, diag)
             zero = _zero_of(dtype_of(n))
-            return B.where(cond, x, zero, logical=dtype_of(n) == torch.bool)
+            return B.where(cond, x, zero, logical=dtype_of(n) == torch.bool, dtype=dtype_of(n))
         if p in CASTS:
             src = a[0]
             x = self.lift(src, idx)
@@ -781,7 +781,8 @@ POINTWISE: dict[Any, Callable[..., Expr]] = {
     aten.where: lambda B, a, k, d: B.where(a[0], a[1], a[2], logical=_all_bool(a[1:3], d[1:3]),
                                            dtype=_float_dtype(d[1:3])),
     aten.masked_fill: lambda B, a, k, d: B.where(a[1], a[2], a[0], logical=_all_bool([a[2], a[0]],
-                                                                                      [d[2], d[0]])),
+                                                                                      [d[2], d[0]]),
+                                                 dtype=_float_dtype([d[0]])),
 }
 # ops that lift one to one (unary functions, comparisons) come from the shared pointwise table
 POINTWISE.update({p: _same_operands(op.fn, op.arity) for p, op in aten_one_to_one().items()})

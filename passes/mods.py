@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
 from ringcompile.mods import Mod, index_grid
+from ringcompile.spec import DeadRowForm
 
 from .aten import CASTS, IDENTITY, RESHAPES
 from .classify_mods import (
@@ -63,6 +64,8 @@ aten = torch.ops.aten
 
 FINFO_NOTE = ("scores are masked with a large finite negative constant (finfo.min or similar): rows with "
               "every key masked return 0 here, where eager returns uniform weights")
+DEAD_ROWS_NOTE = ("scores are masked with a large finite negative constant (finfo.min or similar): rows with "
+                  "every key masked are recomputed with the constant as an exact score term")
 BIAS_NOTE = ("a finite negative constant ({c:g}) is kept as an exact score bias, not a mask: with scores "
              "bounded only by |s| <= {bound:.3g} it does not provably underflow exp() in {dtype} "
              "(needs c + {k}*bound < {limit:.2f})")
@@ -79,6 +82,8 @@ class ExtractedMods:
     score_extras: list[fx.Node] = dataclasses.field(default_factory=list)
     consumed: set[fx.Node] = dataclasses.field(default_factory=set)
     notes: list[str] = dataclasses.field(default_factory=list)
+    claims: list[list] = dataclasses.field(default_factory=list)  # [c, additive, bound, factor] per claim
+    dead_rows: DeadRowForm | None = None
 
 
 # ---------------------------------------------------------------------------- public API
@@ -91,7 +96,14 @@ def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[s
     ``merged_heads``: ``score`` is (B*H, S, S) while ``dims`` and the softmax input are 4-D (DeBERTa adds
     its relative-position bias before the head split): the score is read at (b*H + h, q, kv), and the
     chain's split of that offset gives back (b, h) (``IndexLifter._reshape_idx``)."""
-    ex = _Extraction(dims, dtype_of(softmax_input))
+    return _with_dead_rows(
+        lambda claim: _extract_score_chain(score, softmax_input, dims, additive, merged_heads, claim))
+
+
+def _extract_score_chain(score: fx.Node, softmax_input: fx.Node, dims: tuple[str, ...],
+                         additive: Sequence[fx.Node], merged_heads: bool,
+                         claim_finite: bool) -> ExtractedMods:
+    ex = _Extraction(dims, dtype_of(softmax_input), claim_finite=claim_finite)
     path = _chain_path(score, softmax_input)
     if merged_heads:
         ex.merge_heads(shape_of(score), shape_of(softmax_input))
@@ -117,8 +129,58 @@ def extract_score_chain(score: fx.Node, softmax_input: fx.Node, *, dims: tuple[s
 
 def extract_attn_mask(mask: fx.Node, *, dims: tuple[str, ...]) -> ExtractedMods:
     """SDPA ``attn_mask``: bool (True = keep) or additive float (0/-inf/finfo.min or any bias)."""
+    return _with_dead_rows(lambda claim: _extract_attn_mask(mask, dims, claim))
+
+
+def _with_dead_rows(extract: Any) -> ExtractedMods:
+    """``extract(claim_finite=True)``, plus the exact bias form of its finite mask claims.
+
+    A claim is exact for rows that keep a key; rows with none need the constants as score terms
+    (``runtime.dead_rows``). The form is the extraction without claims, its scores shifted by the
+    largest claimed constant; its extras must be among the claimed extraction's (else that
+    extraction is returned instead: exact everywhere, without block skipping)."""
+    ex = extract(True)
+    if not ex.claims or _keeps_the_diagonal(ex.mask):
+        return ex
+    try:
+        exact = extract(False)
+    except UnsupportedPatternError as e:
+        ex.notes.append(f"{DEAD_ROWS_NOTE}: no exact bias form ({e})")
+        log.warning("mods: finite masking constants without an exact bias form: %s", e)
+        return ex
+    every = list(ex.mask_extras) + list(ex.score_extras)
+    needed = list(exact.mask_extras) + list(exact.score_extras)
+    if exact.scale != ex.scale or exact.score is None or any(n not in every for n in needed):
+        exact.notes.append("finite masking constants kept as exact score biases (their bias form needs "
+                           "inputs the mask form does not carry)")
+        return exact
+    shift = max(c * f for c, _additive, _bound, f in ex.claims)
+    ex.dead_rows = DeadRowForm(mask=exact.mask, score=_shifted(exact.score, shift),
+                               mask_idx=tuple(every.index(n) for n in exact.mask_extras),
+                               score_idx=tuple(every.index(n) for n in exact.score_extras), shift=shift)
+    ex.notes = [n for n in ex.notes if n != FINFO_NOTE] + [DEAD_ROWS_NOTE]
+    return ex
+
+
+def _keeps_the_diagonal(mask: Mod | None) -> bool:
+    """A proven causal / sliding-window mask keeps (q, q): no row can lose every key."""
+    return mask is not None and set(mask.kinds) <= {"causal", "sliding_window"}
+
+
+def _shifted(score: Mod, shift: float) -> Mod:
+    """``score`` minus a constant (the same for every pair, so softmax is unchanged)."""
+    fn = score.fn
+
+    def shifted(s, *args):
+        return fn(s, *args) - shift
+
+    return Mod(shifted, False, "custom", n_extras=score.n_extras,
+               description=f"({score.describe()}) - {shift:g}")
+
+
+def _extract_attn_mask(mask: fx.Node, dims: tuple[str, ...], claim_finite: bool) -> ExtractedMods:
     dt = dtype_of(mask)
-    ex = _Extraction(dims, dt if dt is not None and dt.is_floating_point else None)
+    ex = _Extraction(dims, dt if dt is not None and dt.is_floating_point else None, claim_finite=claim_finite)
     ex.roots = [mask]
     try:
         with _real_tensors():
@@ -215,7 +277,7 @@ def _running_index(n: fx.Node, prev: fx.Node) -> int:
 class _Extraction:
     """State while walking one chain: two graph builders (mask, score) and what was found."""
 
-    def __init__(self, dims: tuple[str, ...], dtype: torch.dtype | None = None):
+    def __init__(self, dims: tuple[str, ...], dtype: torch.dtype | None = None, claim_finite: bool = True):
         dims = tuple(dims)
         if len(dims) < 2 or dims[-2:] != ("q", "kv") or any(d not in ("b", "h", "q", "kv") for d in dims):
             raise UnsupportedPatternError(f"score dims {dims} must end with ('q', 'kv') and use b/h/q/kv")
@@ -238,6 +300,7 @@ class _Extraction:
         self.bound: float | None = None   # proven bound of |running score| (None: the premise only)
         self.factor = 1.0                 # constant factor additive terms are multiplied by (head scale)
         self.claims: list[list] = []      # [c, additive, bound, later factor] of each finite mask claim
+        self.claim_finite = claim_finite  # False: finite constants stay exact score terms
 
     def merge_heads(self, score_shape: tuple, split_shape: tuple) -> None:
         """Index the (B*H, S, S) score by the flat offset of the 4-D roles (see extract_score_chain)."""
@@ -268,6 +331,8 @@ class _Extraction:
             if math.isinf(v):
                 return False
             c = float(v) * (self.factor if additive else 1.0)
+            if not self.claim_finite:
+                return None
             if not masks_exactly(c, additive=additive, dtype=self.dtype, bound=self.bound):
                 self._bias_note(c, additive)
                 return None
@@ -614,7 +679,8 @@ class _Extraction:
         consumed = self._dead_after_rewrite() - set(mask_extras) - set(score_extras)
         for text in self.notes:
             log.info("mods: %s", text)
-        return ExtractedMods(scale, mask, score, mask_extras, score_extras, consumed, list(self.notes))
+        return ExtractedMods(scale, mask, score, mask_extras, score_extras, consumed, list(self.notes),
+                             [list(c) for c in self.claims])
 
     def _dead_after_rewrite(self) -> set[fx.Node]:
         """Lifted nodes with no users left once this site is rewritten (shared masks stay)."""

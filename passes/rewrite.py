@@ -37,7 +37,7 @@ def spec_for(site: AttentionSite, options: Options) -> AttentionSpec:
         strategy=options.strategy, layout=options.layout, group=options.group, mesh_dim=options.mesh_dim,
         kernel=options.kernel, timeout=options.timeout, block_size=options.block_size,
         profile=None if options.profile is None else str(options.profile),
-        record_timing=options.record_timing, name=site.location or site.name,
+        record_timing=options.record_timing, name=site.location or site.name, dead_rows=site.dead_rows,
     )
 
 

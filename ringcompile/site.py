@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -27,6 +28,7 @@ class AttentionSite:
     softmax_dtype: dtype the softmax ran in (None = input dtype).
     mask, score:  mods over global indices (see ringcompile.mods), or None.
     mask_extras, score_extras: graph nodes whose values the mods take as extras.
+    dead_rows: the exact bias form of finite mask claims (``spec.DeadRowForm``), or None.
     nodes:        nodes that exist only to compute this attention (dead after rewrite).
     location:     module path or source line, for reports.
     rewritten, reason: whether the rewrite happened, and why not.
@@ -71,6 +73,7 @@ class AttentionSite:
     sink: fx.Node | None = None
     output_dtype: torch.dtype | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    dead_rows: Any = None
 
     @property
     def mask_description(self) -> str:

@@ -23,6 +23,26 @@ from .mods import Mod
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class DeadRowForm:
+    """A finite masking constant claimed as a mask, written back as the exact score term it is.
+
+    A claim (``passes/classify_mods``) is exact for rows that keep a key; a row whose keys are all
+    masked gets, in eager, softmax over the constants themselves (uniform weights for finfo.min).
+    ``mask``/``score`` compute those scores exactly (the constant as a fill or added term; ``mask``
+    keeps only the -inf parts). Their extras are picked from the op's ``mask_extras + score_extras``
+    by ``mask_idx``/``score_idx``. ``shift``: the form's scores are eager's minus ``shift`` (a per-row
+    constant, so softmax is unchanged), which keeps a kernel's lse from absorbing ``log(n)`` into
+    a huge constant (finfo.min + log 8 == finfo.min); the op's lse output adds it back.
+    """
+
+    mask: Mod | None
+    score: Mod | None
+    mask_idx: tuple[int, ...] = ()
+    score_idx: tuple[int, ...] = ()
+    shift: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class AttentionSpec:
     """Static facts about one attention call.
 
@@ -46,6 +66,8 @@ class AttentionSpec:
               K/V chunk; None = the default for the device.
     record_timing: keep a timing record per call.
     name:      where the site came from, for logs and reports.
+    dead_rows: the exact bias form of a mask that claims finite constants (``DeadRowForm``), used
+              for query rows with no kept key at all (``runtime.dead_rows``); None otherwise.
     """
 
     scale: float | None = None
@@ -63,6 +85,7 @@ class AttentionSpec:
     profile: str | None = None
     record_timing: bool = False
     name: str = ""
+    dead_rows: DeadRowForm | None = None
 
     def replace(self, **changes: Any) -> AttentionSpec:
         return dataclasses.replace(self, **changes)

@@ -207,6 +207,7 @@ class Chain:
     score_extras: list[fx.Node]
     consumed: set[fx.Node]
     notes: list[str]
+    dead_rows: Any = None  # spec.DeadRowForm of finite mask claims
 
 
 def extract_chain(score: fx.Node, x: fx.Node, ndim: int, additive: list[fx.Node], alpha: float,
@@ -230,4 +231,4 @@ def extract_chain(score: fx.Node, x: fx.Node, ndim: int, additive: list[fx.Node]
     else:
         scale = ex.scale if ex.scale is not None else 1.0
     return Chain(scale, ex.mask, ex.score, list(ex.mask_extras), list(ex.score_extras), set(ex.consumed),
-                 list(ex.notes))
+                 list(ex.notes), ex.dead_rows)

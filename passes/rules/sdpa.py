@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -62,14 +63,20 @@ def extract_sdpa(node: fx.Node, index: int) -> Match:
     if not is_3d:
         groups = _sdpa_groups(qs[1], kb[1], groups, bool(args["enable_gqa"]))
     mask, score, ex = _sdpa_mask(args["attn_mask"], is_3d)
+    dead_rows = ex.dead_rows
     if args["is_causal"]:
         mask = mods_lib.and_masks(mods_lib.causal(), mask) if mask is not None else mods_lib.causal()
+        if dead_rows is not None:
+            causal = mods_lib.causal()
+            dead_rows = dataclasses.replace(dead_rows, mask=causal if dead_rows.mask is None
+                                            else mods_lib.and_masks(causal, dead_rows.mask))
     site = AttentionSite(
         name=f"attn{index}", pattern="sdpa", q=q_node, k=k_node, v=v_node, output=node,
         layout=_layout_name(is_3d, q_perm, k_perm), output_layout="3d" if is_3d else "bhsd",
         scale=_scalar_value(args["scale"]) if args["scale"] is not None else None, gqa_groups=groups,
         dropout_p=_scalar_value(args["dropout_p"]) or 0.0, softmax_dtype=None, mask=mask, score=score,
         mask_extras=list(ex.mask_extras), score_extras=list(ex.score_extras), nodes={node} | set(ex.consumed),
+        dead_rows=dead_rows,
         location=location_of(node), q_perm=_or_none(q_perm), k_perm=_or_none(k_perm), v_perm=_or_none(v_perm),
         out_perm=None, is_3d=is_3d, output_dtype=val_of(node).dtype, notes=list(ex.notes))
     return Match("sdpa", site)

@@ -245,7 +245,7 @@ def extract_site(sm: fx.Node, index: int, spine: Spine, rule: str) -> Match:
         layout="3d" if split else _layout_name(is_3d, qk.q_perm, k_perm),
         output_layout="3d" if is_3d else ("bshd" if bshd else "bhsd"), scale=chain.scale, gqa_groups=groups,
         dropout_p=fwd.dropout_p, softmax_dtype=val_of(sm).dtype, mask=chain.mask, score=chain.score,
-        mask_extras=chain.mask_extras, score_extras=chain.score_extras,
+        mask_extras=chain.mask_extras, score_extras=chain.score_extras, dead_rows=chain.dead_rows,
         nodes=set(spine.path) | set(fwd.nodes) | {fwd.pv} | chain.consumed | spine.extra_nodes,
         location=location_of(sm), q_perm=_or_none(qk.q_perm), k_perm=_or_none(k_perm),
         v_perm=_or_none(v_perm), out_perm=None if split else _or_none(pv.out_perm), is_3d=is_3d and not split,

@@ -11,6 +11,7 @@ from ringcompile.errors import RingCompileError, ShapeMismatchError
 from ringcompile.kernels.select import block_kernels
 from ringcompile.spec import AttentionSpec
 
+from . import dead_rows
 from .call_plan import CHUNKED
 from .communicator import Communicator
 from .strategies import STRATEGIES
@@ -51,8 +52,14 @@ def run_forward(
                 raise
     if problem is not None:
         raise problem
-    ctx = _context(comm, q, mask_extras, score_extras, seq_len, spec, strategy, layout, dropout_seed)
-    return STRATEGIES[strategy].forward(ctx, q, k, v)
+    def run(run_spec: AttentionSpec, m_extras, s_extras) -> tuple[Tensor, Tensor]:
+        ctx = _context(comm, q, m_extras, s_extras, seq_len, run_spec, strategy, layout, dropout_seed)
+        return STRATEGIES[strategy].forward(ctx, q, k, v)
+
+    out, lse = run(spec, mask_extras, score_extras)
+    if spec.dead_rows is None:
+        return out, lse
+    return dead_rows.correct_forward(comm, q, out, lse, mask_extras, score_extras, seq_len, spec, layout, run)
 
 
 def run_backward(
@@ -62,5 +69,16 @@ def run_backward(
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor | None]]:
     """(dq, dk, dv, d_score_extras) for this rank's shard; extras' grads are summed over ranks."""
     validate_inputs(q, k, v, seq_len, comm.world_size, layout, strategy)
-    ctx = _context(comm, q, mask_extras, score_extras, seq_len, spec, strategy, layout, dropout_seed)
-    return STRATEGIES[strategy].backward(ctx, dout, q, k, v, out, lse)
+
+    def run(run_spec: AttentionSpec, m_extras, s_extras, grad_out: Tensor, run_lse: Tensor) -> tuple:
+        ctx = _context(comm, q, m_extras, s_extras, seq_len, run_spec, strategy, layout, dropout_seed)
+        return STRATEGIES[strategy].backward(ctx, grad_out, q, k, v, out, run_lse)
+
+    def forward(run_spec: AttentionSpec, m_extras, s_extras) -> tuple[Tensor, Tensor]:
+        ctx = _context(comm, q, m_extras, s_extras, seq_len, run_spec, strategy, layout, dropout_seed)
+        return STRATEGIES[strategy].forward(ctx, q, k, v)
+
+    if spec.dead_rows is None:
+        return run(spec, mask_extras, score_extras, dout, lse)
+    return dead_rows.correct_backward(comm, dout, q, lse, mask_extras, score_extras, seq_len, spec, layout,
+                                      forward, run)

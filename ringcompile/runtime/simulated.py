@@ -167,7 +167,7 @@ def simulated_ring_attention(
     mask: Any = None, score: Any = None, mask_extras: Sequence[Tensor] = (),
     score_extras: Sequence[Tensor] = (),
     block_size: int | None = None, kernel: str = "auto", timeout: float = 60.0, dropout_p: float = 0.0,
-    dropout_seed: int | None = None, inner_size: int | None = None,
+    dropout_seed: int | None = None, inner_size: int | None = None, dead_rows: Any = None,
 ) -> Tensor:
     """Ring attention of FULL (B, H, S, D) tensors on ``world_size`` virtual ranks; differentiable.
 
@@ -177,6 +177,7 @@ def simulated_ring_attention(
     ``mask_mod``/``score_mod`` are FlexAttention-style callables, as in ``ring_attention``.
     ``inner_size`` makes the virtual world two-level, (world_size // inner_size) x inner_size
     (flattened rank = outer * inner_size + inner), as strategy "hybrid" needs.
+    ``dead_rows``: a ``spec.DeadRowForm`` (the exact bias form of finite masking constants).
     """
     from ringcompile.mods import and_masks, compose_scores
 
@@ -194,6 +195,8 @@ def simulated_ring_attention(
         spec = spec.replace(score=compose_scores(spec.score, score) if spec.score is not None else score)
     if dropout_p:
         spec = spec.replace(dropout_p=dropout_p)
+    if dead_rows is not None:
+        spec = spec.replace(dead_rows=dead_rows)
     seed = None if dropout_seed is None else torch.tensor([dropout_seed], dtype=torch.int64)
     layout = check_layout(spec.layout)
     seq_len = q.shape[2] if seq_len is None else seq_len

@@ -83,12 +83,11 @@ def ring_vs_one_process(model, x: dict, rows: torch.Tensor) -> dict:
 
 
 def compare(name: str, pad: bool) -> dict:
-    """DeBERTa ``name``. With padding, DeBERTa masks the padded query rows entirely (finfo.min fill): the
-    ring returns 0 for them where eager averages v uniformly (the documented finite-mask note), so the
-    comparison reads the kept rows and back-propagates from them only."""
+    """DeBERTa ``name``. With padding, DeBERTa masks the padded query rows entirely (finfo.min fill):
+    the op recomputes those rows with the constant as a score term (``runtime.dead_rows``), so every
+    row is compared, and gradients flow from every row."""
     x = inputs(pad)
-    rows = x["attention_mask"].bool() if pad else torch.ones(B, S, dtype=torch.bool)
-    return ring_vs_one_process(build(name), x, rows)
+    return ring_vs_one_process(build(name), x, torch.ones(B, S, dtype=torch.bool))
 
 
 def case_v3_padded(rank, world):

@@ -61,3 +61,24 @@ def test_masks_exactly_condition():
     assert not masks_exactly(-100.0, additive=True, dtype=torch.float32, bound=30.0)
     assert masks_exactly(-140.0, additive=False, dtype=torch.float32, bound=30.0)
     assert float(torch.exp(torch.tensor(-140.0 + 30.0))) == 0.0
+
+
+def test_claims_carry_a_dead_row_form_unless_the_mask_keeps_the_diagonal():
+    """Query padding (rows can lose every key) gets the exact bias form; a causal finfo.min mask
+    (every row keeps (q, q)) needs none and keeps its block skipping."""
+    fmin = torch.finfo(f64).min
+
+    def padded(q, k, v, am):
+        m = (am[:, None, :, None] * am[:, None, None, :]).bool()
+        return (q @ k.transpose(-1, -2)).masked_fill(~m, fmin).softmax(-1) @ v
+
+    def causal(q, k, v, am):
+        c = torch.full((S, S), fmin, dtype=q.dtype).triu(1)
+        return (q @ k.transpose(-1, -2) + c).softmax(-1) @ v
+
+    args = _inputs()
+    ex = extract_score_chain(*chain_ends(trace(padded, *args)), dims=("b", "h", "q", "kv"))
+    assert ex.mask is not None and ex.dead_rows is not None and ex.dead_rows.shift == fmin
+    assert ex.dead_rows.mask is None and ex.dead_rows.score_idx == (0,)
+    ex = extract_score_chain(*chain_ends(trace(causal, *args)), dims=("b", "h", "q", "kv"))
+    assert ex.mask.describe() == "causal" and ex.dead_rows is None

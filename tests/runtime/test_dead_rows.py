@@ -1,0 +1,138 @@
+"""Rows with every key masked by a claimed finite constant: outputs and grads on ALL rows match eager.
+
+The mask form (the constant claimed as a mask) gives such rows lse = -inf; the op recomputes them
+with the spec's ``DeadRowForm``. Reference: float64 eager softmax over the scores with the constant
+filled in or added, on the unsharded input; fresh random inputs each case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ringcompile.mods import Mod
+from ringcompile.runtime.simulated import simulated_ring_attention
+from ringcompile.spec import DeadRowForm
+
+MIN32 = torch.finfo(torch.float32).min
+B, H, S, D = 2, 2, 8, 4
+
+
+def _query_padding_keep(b, h, q, kv, pm):  # DeBERTa: mask[b, q] * mask[b, kv]
+    return (pm[b, q] != 0) & (pm[b, kv] != 0)
+
+
+def _left_padding_causal_keep(b, h, q, kv, pm):  # HF causal LM with left padding
+    return (kv <= q) & (pm[b, kv] != 0)
+
+
+def _key_bias(s, b, h, q, kv, kb):  # a learned per-(head, key) bias: a differentiable score extra
+    return s + kb[h, kv]
+
+
+def _padding(kind: str) -> torch.Tensor:
+    pm = torch.ones(B, S, dtype=torch.long)
+    if kind == "query":
+        pm[0, 5:] = 0
+        pm[1, 2:] = 0
+    else:  # left padding
+        pm[1, :3] = 0
+    return pm
+
+
+def _forms(keep_fn, c: float, additive: bool, with_bias: bool):
+    """(mask Mod, score Mod or None, DeadRowForm) for the op; extras are [pm] + ([kb] if with_bias)."""
+    mask = Mod(keep_fn, True, "custom", n_extras=1)
+    score = Mod(_key_bias, False, "custom", n_extras=1) if with_bias else None
+
+    def bias_form(s, b, h, q, kv, *extras):
+        pm, rest = extras[0], extras[1:]
+        if with_bias:
+            s = _key_bias(s, b, h, q, kv, *rest)
+        keep = keep_fn(b, h, q, kv, pm)  # masked pairs: eager's score minus the shift c
+        masked = (s + c) - c if additive else torch.zeros_like(s)
+        return torch.where(keep, s, masked)
+
+    form = DeadRowForm(mask=None, score=Mod(bias_form, False, "custom", n_extras=2 if with_bias else 1),
+                       score_idx=(0, 1) if with_bias else (0,), shift=c)
+    return mask, score, form
+
+
+def _eager(q, k, v, keep, c, additive, kb):
+    s = (q @ k.transpose(-1, -2)) / D ** 0.5
+    if kb is not None:
+        s = s + kb[None, :, None, :]
+    x = s + torch.where(keep, 0.0, c) if additive else s.masked_fill(~keep, c)
+    return torch.softmax(x, -1) @ v
+
+
+CASES = [  # (padding, c, additive)
+    ("query", MIN32, False),
+    ("query", MIN32, True),
+    ("query", -10000.0, True),
+    ("left", MIN32, False),
+    ("left", MIN32, True),
+    ("left", -10000.0, True),
+]
+
+
+STRATEGIES = [(1, "local", None), (2, "ring", None), (2, "zigzag", None), (2, "allgather", None),
+              (2, "ulysses", None), (4, "hybrid", 2)]
+
+
+@pytest.mark.parametrize("world,strategy,inner", STRATEGIES)
+@pytest.mark.parametrize("padding,c,additive", CASES)
+def test_dead_rows_match_eager(monkeypatch, world, strategy, inner, padding, c, additive):
+    from ringcompile.runtime import dead_rows
+
+    monkeypatch.setattr(dead_rows, "MASK_ELEMENTS", B * H * S * 3)  # the backward's mask scan in chunks
+    torch.manual_seed(hash((world, strategy, padding, c, additive)) % 2**31)
+    with_bias = padding == "query"
+    keep_fn = _query_padding_keep if padding == "query" else _left_padding_causal_keep
+    mask, score, form = _forms(keep_fn, c, additive, with_bias)
+    pm = _padding(padding)
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kb = torch.randn(H, S, dtype=torch.float64, requires_grad=True) if with_bias else None
+    layout = "zigzag" if strategy == "zigzag" else None
+    out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, layout=layout, mask=mask,
+                                   mask_extras=[pm], score=score, score_extras=[kb] if with_bias else [],
+                                   dead_rows=form, kernel="cpu", inner_size=inner)
+    idx = torch.arange(S)
+    keep = keep_fn(torch.arange(B).view(-1, 1, 1, 1), torch.arange(H).view(1, -1, 1, 1),
+                   idx.view(1, 1, -1, 1), idx.view(1, 1, 1, -1), pm)
+    assert (~keep.any(-1)).any(), "the case must have rows with no kept key"
+    ref = _eager(q, k, v, keep, c, additive, kb)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    dout = torch.randn_like(ref)
+    inputs = [q, k, v] + ([kb] if with_bias else [])
+    got = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(ref, inputs, dout)
+    for name, g, w in zip("q k v kb".split(), got, want, strict=False):
+        torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("world,strategy", [(1, "local"), (2, "ring")])
+def test_no_second_pass_without_dead_rows(monkeypatch, world, strategy):
+    """Rows that all keep a key: the bias form is never run (forward or backward), result as eager."""
+    from ringcompile.runtime import dead_rows
+
+    def never(spec):
+        raise AssertionError("the bias-form pass ran although every row keeps a key")
+
+    monkeypatch.setattr(dead_rows, "_bias_spec", never)
+    torch.manual_seed(world)
+    mask, score, form = _forms(_left_padding_causal_keep, MIN32, True, False)
+    pm = torch.ones(B, S, dtype=torch.long)
+    pm[1, 1:3] = 0  # padding inside the row: key 0 is kept by every query
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, mask=mask, mask_extras=[pm],
+                                   dead_rows=form, kernel="cpu")
+    idx = torch.arange(S)
+    keep = _left_padding_causal_keep(torch.arange(B).view(-1, 1, 1, 1), 0, idx.view(1, 1, -1, 1),
+                                     idx.view(1, 1, 1, -1), pm)
+    ref = _eager(q, k, v, keep, MIN32, True, None)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    dout = torch.randn_like(ref)
+    for g, w in zip(torch.autograd.grad(out, [q, k, v], dout), torch.autograd.grad(ref, [q, k, v], dout),
+                    strict=True):
+        torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6)
