@@ -123,3 +123,48 @@ def test_ring_output_keeps_the_memory_order_of_the_sdpa_it_replaces():
     assert torch.equal(result, value) and result.stride() == old.stride()
     result.transpose(1, 2).view(2, 5, 12)  # the model's view now works
     assert rewrite._match_memory_order(b, x, torch.empty(2, 3, 5, 4)) is x  # same order: no copy
+
+
+def _grads_of(fn, tensors):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype))
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("through_view", [False, True])
+def test_output_written_in_place_later_is_a_copy(through_view):
+    """Nystromformer adds ``conv(v)`` into the attention output in place; the op saved that output for
+    backward, so the rewrite hands the graph a copy and backward equals eager (no version error)."""
+    gen = torch.Generator().manual_seed(11)
+    q, k, v, x = (torch.randn(2, 3, 8, 4, generator=gen, dtype=torch.float64) for _ in range(4))
+
+    def fn(q, k, v, x):
+        o = (q @ k.transpose(-1, -2) / 2).softmax(-1) @ v
+        if through_view:
+            o.transpose(1, 2)[:, 1:] += x.transpose(1, 2)[:, 1:]  # a write into a view of the output
+        else:
+            o += x * 2
+        return o.sin()
+
+    compiled = torch.compile(fn, backend="ring", options={"inner": "eager"}, dynamic=False)
+    out, grads = _grads_of(compiled, (q, k, v, x))
+    ref, ref_grads = _grads_of(fn, (q, k, v, x))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+    gm = backend.HISTORY[-1].graph
+    assert len(_calls(gm)) == 1
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert aten.clone.default in targets  # the in-place write lands in the copy
+
+
+def test_output_not_written_in_place_gets_no_copy():
+    from ringcompile.passes.rewrite import mutated_in_place
+
+    q, k, v = (torch.randn(1, 2, 6, 4) for _ in range(3))
+    _, gm = _compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v).relu(), q, k, v)
+    assert len(_calls(gm)) == 1
+    ring = next(n for n in gm.graph.nodes if n.target is RING)
+    assert not mutated_in_place(ring)
+    assert aten.clone.default not in {n.target for n in gm.graph.nodes if n.op == "call_function"}
