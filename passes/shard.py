@@ -123,6 +123,20 @@ def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: i
     return "contiguous"
 
 
+_GRAD_MODE_SETTERS = (torch._C._set_grad_enabled, torch.set_grad_enabled)
+
+
+def grad_mode_regions(graph: fx.Graph) -> dict[fx.Node, int]:
+    """Node -> index of the grad-mode region it runs in (a new region after every grad-mode switch that
+    Dynamo recorded, e.g. ``with torch.no_grad()`` inside the model)."""
+    region, out = 0, {}
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in _GRAD_MODE_SETTERS:
+            region += 1
+        out[n] = region
+    return out
+
+
 class _Sharder:
     def __init__(self, gm: fx.GraphModule, options: Options, seq_len: int, layout: str, world: int,
                  group_name: str, sizes: SymSizes | None = None):
@@ -135,7 +149,10 @@ class _Sharder:
         self.timeout = float(options.timeout)
         self.pl: dict[fx.Node, Any] = {}        # placement per original node (tuple for multi-output)
         self.value: dict[fx.Node, fx.Node] = {}  # node that carries the (local) value of an original node
+        # conversions are shared only within one grad-mode region: a grad_reduce_view / to_local made
+        # under torch.no_grad is not differentiable, so reusing it where grad is on drops gradients
         self.cache: dict[tuple, fx.Node] = {}
+        self.grad_region = grad_mode_regions(gm.graph)
         self.gathers: list[str] = []
         self.reductions = 0
 
@@ -156,32 +173,42 @@ class _Sharder:
         node.meta["ringcompile"] = name_hint
         return node
 
+    def region_of(self, before: fx.Node) -> int:
+        """The grad-mode region ``before`` runs in (inserted nodes: that of the next original node)."""
+        n = before
+        while n is not None and n.op != "root":
+            if n in self.grad_region:
+                return self.grad_region[n]
+            n = n.next
+        return -1
+
     def convert(self, node: fx.Node, have: Any, want: Any, before: fx.Node, at_output: bool = False
                 ) -> fx.Node:
         """The value of original ``node`` with placement ``want`` (inserting collectives as needed)."""
         v = self.value.get(node, node)
         if have == want:
             return v
-        key = (node, want)
+        region = self.region_of(before)
+        key = (region, node, want)
         if key in self.cache:
             return self.cache[key]
         if isinstance(have, Partial):
-            out = self.cache.get((node, R))
+            out = self.cache.get((region, node, R))
             if out is None:
                 out = self._insert(before, ops.reduce_partial.default, (v, self.group_name, self.timeout),
                                    "reduce")
                 self.reductions += 1
-                self.cache[(node, R)] = out
+                self.cache[(region, node, R)] = out
             return out if want == R else self.convert_value(out, node, R, want, before)
         if isinstance(have, Shard):
-            full = self.cache.get((node, R))
+            full = self.cache.get((region, node, R))
             if full is None:
                 full = self._insert(before, ops.gather_seq.default,
                                     (v, have.dim, have.inner, self.len_arg(self.vlen(have)),
                                      self.padded_arg(), self.layout, self.group_name, self.timeout), "gather")
                 if not at_output:
                     self.gathers.append(node.name)
-                self.cache[(node, R)] = full
+                self.cache[(region, node, R)] = full
             return full if want == R else self.convert_value(full, node, R, want, before)
         return self.convert_value(v, node, have, want, before)
 
@@ -194,7 +221,7 @@ class _Sharder:
     def convert_value(self, v: fx.Node, node: fx.Node, have: Any, want: Any, before: fx.Node,
                       fill: float = 0.0) -> fx.Node:
         """Replicated -> shard (slice; padding holds ``fill``) or -> replicated with a summed gradient."""
-        key = (node, want, fill)
+        key = (self.region_of(before), node, want, fill)
         if key in self.cache:
             return self.cache[key]
         if isinstance(want, Shard):
