@@ -139,7 +139,8 @@ def test_options_profile_reaches_the_spec():
 
     from ringcompile.options import Options
 
-    site = types.SimpleNamespace(scale=None, mask=None, score=None, dropout_p=0.0, location="x", name="x")
+    site = types.SimpleNamespace(scale=None, mask=None, score=None, dropout_p=0.0, location="x", name="x",
+                                 dead_rows=None)
     assert spec_for(site, Options(profile="a100-nvlink")).profile == "a100-nvlink"
     assert spec_for(site, Options()).profile is None
 
