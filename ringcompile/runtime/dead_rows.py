@@ -32,8 +32,7 @@ Pass = Callable[[AttentionSpec, list, list], tuple]  # one forward pass: (spec, 
 
 def _real_queries(comm: Communicator, q: Tensor, seq_len: int, layout: str) -> Tensor:
     """Global positions of the local queries (those at or past ``seq_len`` are padding)."""
-    pos = local_indices(q.shape[2] * comm.world_size, comm.world_size, comm.rank, layout, q.device)
-    return pos
+    return local_indices(q.shape[2] * comm.world_size, comm.world_size, comm.rank, layout, q.device)
 
 
 def _agree(comm: Communicator, flag: bool, device: torch.device) -> bool:

@@ -27,6 +27,16 @@ def _context(comm: Communicator, q: Tensor, mask_extras, score_extras, seq_len: 
                        block_kernels(spec, q.device), dropout_seed)
 
 
+def _forward_pass(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, seq_len: int, strategy: str,
+                  layout: str, dropout_seed) -> dead_rows.Pass:
+    """One forward of the strategy over these q/k/v for a given spec and extras (the dead-row
+    correction runs a second one with the bias form)."""
+    def run(run_spec: AttentionSpec, m_extras, s_extras) -> tuple[Tensor, Tensor]:
+        ctx = _context(comm, q, m_extras, s_extras, seq_len, run_spec, strategy, layout, dropout_seed)
+        return STRATEGIES[strategy].forward(ctx, q, k, v)
+    return run
+
+
 def run_forward(
     comm: Communicator, q: Tensor, k: Tensor, v: Tensor, mask_extras: Sequence[Tensor],
     score_extras: Sequence[Tensor], seq_len: int, spec: AttentionSpec, strategy: str, layout: str,
@@ -52,10 +62,7 @@ def run_forward(
                 raise
     if problem is not None:
         raise problem
-    def run(run_spec: AttentionSpec, m_extras, s_extras) -> tuple[Tensor, Tensor]:
-        ctx = _context(comm, q, m_extras, s_extras, seq_len, run_spec, strategy, layout, dropout_seed)
-        return STRATEGIES[strategy].forward(ctx, q, k, v)
-
+    run = _forward_pass(comm, q, k, v, seq_len, strategy, layout, dropout_seed)
     out, lse = run(spec, mask_extras, score_extras)
     if spec.dead_rows is None:
         return out, lse
@@ -74,11 +81,8 @@ def run_backward(
         ctx = _context(comm, q, m_extras, s_extras, seq_len, run_spec, strategy, layout, dropout_seed)
         return STRATEGIES[strategy].backward(ctx, grad_out, q, k, v, out, run_lse)
 
-    def forward(run_spec: AttentionSpec, m_extras, s_extras) -> tuple[Tensor, Tensor]:
-        ctx = _context(comm, q, m_extras, s_extras, seq_len, run_spec, strategy, layout, dropout_seed)
-        return STRATEGIES[strategy].forward(ctx, q, k, v)
-
     if spec.dead_rows is None:
         return run(spec, mask_extras, score_extras, dout, lse)
+    forward = _forward_pass(comm, q, k, v, seq_len, strategy, layout, dropout_seed)
     return dead_rows.correct_backward(comm, dout, q, lse, mask_extras, score_extras, seq_len, spec, layout,
                                       forward, run)
