@@ -19,6 +19,7 @@ import torch
 
 from ringcompile.errors import OptionError
 from ringcompile.log import get_logger
+from ringcompile.runtime.group import resolve_group
 
 from .hf import _require_transformers, sharded_cache
 
@@ -35,16 +36,18 @@ def prepare(model: Any, max_cache_len: int | None = None, *, group: Any = None, 
         raise OptionError(f"prepare(max_cache_len={max_cache_len}): the cache needs at least one slot")
     if getattr(model.generate, "_ringcompile_prepared", False):
         return model
-    rank, world = _rank_and_world(group)
+    resolved = resolve_group(group)
+    rank, world = resolved.rank, resolved.world_size
     if world == 1:
         log.info("ringcompile.serving.prepare: one rank, generate keeps HF's own cache")
         return model
     plain_generate = model.generate
     layers = model.config.get_text_config().num_hidden_layers
+    default_kwarg = _cache_kwarg(model)
 
     @functools.wraps(plain_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
-        name = next((k for k in _CACHE_KWARGS if k in kwargs), _cache_kwarg(model))
+        name = next((k for k in _CACHE_KWARGS if k in kwargs), default_kwarg)
         length = _fresh_cache_length(kwargs.get(name), max_cache_len, args, kwargs)
         if length is not None:
             kwargs[name] = sharded_cache(layers, rank, world, group=group, timeout=timeout,
@@ -54,14 +57,6 @@ def prepare(model: Any, max_cache_len: int | None = None, *, group: Any = None, 
     generate._ringcompile_prepared = True  # type: ignore[attr-defined]
     model.generate = generate
     return model
-
-
-def _rank_and_world(group: Any) -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _cache_kwarg(model: Any) -> str:
