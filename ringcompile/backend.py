@@ -6,6 +6,7 @@ the original graph unchanged: the answer is then correct but unsharded, and a WA
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -56,11 +57,9 @@ def transform(gm: fx.GraphModule, options: Options) -> tuple[fx.GraphModule, Com
 
     A graph without any softmax or SDPA is returned as it is (no retrace).
     """
-    decoded = rewrite_cache_attention(gm)
-    state = _state(gm, options)
+    gm, decoded, state = _prologue(gm, options)
     if state is None:
         return gm, CompiledGraph([], [], gm, decisions=decoded)
-    state.decisions[:0] = decoded
     run_pipeline(state, stages_through("rewrite"))
     return state.graph, _entry(state)
 
@@ -69,25 +68,45 @@ def _state(gm: fx.GraphModule, options: Options) -> PipelineState | None:
     return PipelineState(gm, options) if may_hold_attention(gm) else None
 
 
+def _prologue(gm: fx.GraphModule,
+              options: Options) -> tuple[fx.GraphModule, list[Decision], PipelineState | None]:
+    """What both entry points (``transform`` for explain, ``ring_backend`` for compile) do first: the
+    decode rewrite over a sharded cache, then the pipeline state (None: nothing attention-like)."""
+    gm, decoded = rewrite_cache_attention(gm)
+    state = _state(gm, options)
+    if state is not None:
+        state.decisions[:0] = decoded
+    return gm, decoded, state
+
+
 def holds_sharded_cache(gm: fx.GraphModule) -> bool:
     """Does the graph read a sharded KV cache (``ringcompile::cache_gather``)?"""
     return any(n.op == "call_function" and "cache_gather" in str(n.target) for n in gm.graph.nodes)
 
 
-def rewrite_cache_attention(gm: fx.GraphModule) -> list[Decision]:
+def rewrite_cache_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Decision]]:
     """Attention over a sharded KV cache (``sharded_cache(..., compiled=True)``) becomes decode_attention
-    on the shard before the pipeline runs (``passes/rules/decode.py``); what it rewrote, as decisions."""
+    on the shard before the pipeline runs (``passes/rules/decode.py``): the graph to go on with and what
+    was rewritten, as decisions.
+
+    The rewrite works on a copy, so a failure half-way returns the untouched graph (whose gathered cache
+    is correct), never a partly rewritten one.
+    """
     if not holds_sharded_cache(gm):
-        return []
+        return gm, []
     from .passes.rules.decode import rewrite_cache_attention
 
+    work = fx.GraphModule(gm, copy.deepcopy(gm.graph))  # Graph deepcopy: new nodes, meta copied shallow
+    work.meta.update(gm.meta)
     try:
-        done = rewrite_cache_attention(gm)
+        done = rewrite_cache_attention(work)
     except Exception as exc:  # noqa: BLE001 - the gathered cache is still correct
         log.warning("ringcompile: attention over the sharded KV cache left on the gathered cache: %s: %s",
                     type(exc).__name__, exc)
-        return []
-    return [Decision("decode", d.location, "sdpa", "decode_attention", d.reason) for d in done if d.rewritten]
+        return gm, []
+    decided = [Decision("decode", d.location, "sdpa", "decode_attention", d.reason)
+               for d in done if d.rewritten]
+    return (work, decided) if decided else (gm, [])
 
 
 def _entry(state: PipelineState) -> CompiledGraph:
@@ -199,12 +218,10 @@ def ring_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     """``torch.compile(model, backend="ring", options={...})`` lands here: run ``passes.STAGES``."""
     opts = options if isinstance(options, Options) else Options.from_mapping(options)
     opts = _two_level(opts)
-    decoded = rewrite_cache_attention(gm)
-    state = _state(gm, opts)
+    gm, decoded, state = _prologue(gm, opts)
     if state is None:
         _record(CompiledGraph([], [], gm, decisions=decoded))
         return inner_compile(gm, example_inputs, opts)
-    state.decisions[:0] = decoded
     try:
         run_pipeline(state)
     except OptionError:

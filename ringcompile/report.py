@@ -7,7 +7,6 @@ calls it once on the given inputs, and reports per site and per rejected candida
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -158,16 +157,14 @@ class _Capture:
         self.report = Report()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        from .backend import holds_sharded_cache, may_hold_attention, rewrite_cache_attention
+        from .backend import may_hold_attention, rewrite_cache_attention
 
         index = self.report.graphs
         self.report.graphs += 1
         state = None
         try:
-            analysed, decoded = gm, []
-            if holds_sharded_cache(gm):   # analyse what the backend would run (the original graph runs here)
-                analysed = copy.deepcopy(gm)
-                decoded = rewrite_cache_attention(analysed)
+            # analyse what the backend would run (the original graph runs here; the rewrite works on a copy)
+            analysed, decoded = rewrite_cache_attention(gm)
             state = PipelineState(analysed, self.options)
             state.decisions[:0] = decoded
             if may_hold_attention(analysed):

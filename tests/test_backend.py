@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import subprocess
 import sys
 import textwrap
@@ -189,3 +190,38 @@ def test_training_with_dropout_backward_uses_the_forward_mask(inner):
     assert abs(loss.item() - no_dropout.item()) > 1e-3  # dropout was applied
     torch.testing.assert_close((v.grad.double() * v.detach().double()).sum(), loss.double(),
                                atol=1e-3, rtol=1e-4)
+
+
+def cache_gather(x: torch.Tensor) -> torch.Tensor:
+    """Stands in for ``ringcompile::cache_gather``: the backend looks for that name in a graph."""
+    return x * 2
+
+
+torch.fx.wrap("cache_gather")
+
+
+def _graph_reading_a_cache() -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(lambda x: cache_gather(x) + 1)
+
+
+def _half_rewrite_then_fail(gm: torch.fx.GraphModule):
+    """A decode rule that changes the graph and then raises (a bug half-way through a rewrite)."""
+    add = next(n for n in gm.graph.nodes if n.target is operator.add)
+    add.target = operator.sub
+    gm.recompile()
+    raise RuntimeError("failed half-way")
+
+
+def test_a_decode_rewrite_failing_half_way_leaves_the_graph_untouched(monkeypatch, caplog):
+    from ringcompile.passes.rules import decode
+
+    gm = _graph_reading_a_cache()
+    before = gm.code
+    monkeypatch.setattr(decode, "rewrite_cache_attention", _half_rewrite_then_fail)
+    x = torch.randn(3, dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="ringcompile"):
+        out, decided = backend.rewrite_cache_attention(gm)
+    assert out is gm and decided == []
+    assert gm.code == before
+    torch.testing.assert_close(out(x), x * 2 + 1, rtol=0, atol=0)
+    assert "failed half-way" in caplog.text
