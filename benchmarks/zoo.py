@@ -43,6 +43,8 @@ _EXACT = {
     "type_vocab_size": 2, "sliding_window": 8, "attention_window": 8,
     # expert groups and top-k must fit the 4 shrunk experts
     "num_experts_per_token": 2, "n_group": 1, "num_expert_group": 1, "topk_group": 1,
+    # state-space mixers: head counts and the groups that must divide them
+    "mamba_n_heads": 4, "n_mamba_heads": 4, "n_groups": 1, "mamba_n_groups": 1,
 }
 
 
@@ -52,7 +54,9 @@ def _int_rule(name: str, default: int) -> int | None:
         return _EXACT[name]
     if "position" in name or name in ("n_positions", "n_ctx", "max_seq_len", "seq_length"):
         return max(4 * S, 64) if default > 4 * S else None
-    if name.endswith(("hidden_size", "d_model", "n_embd", "hidden_dim", "embed_dim", "dim",
+    if "rotary" in name and name.endswith("dim"):  # a rotary width must fit inside the shrunk head
+        return 4
+    if name.endswith(("hidden_size", "bottleneck_size", "d_model", "n_embd", "hidden_dim", "embed_dim", "dim",
                       "embedding_size")):
         return 32
     if "intermediate" in name or name.endswith(("ffn_dim", "d_ff", "n_inner", "ffn_hidden_size")):
@@ -65,6 +69,13 @@ def _int_rule(name: str, default: int) -> int | None:
         return 8
     return None
 
+
+# fields a config leaves None (derived by the model, or required): set when shrinking, since the
+# derivation would use the unshrunk sizes or fail on None
+_FILL_NONE = ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_group", "topk_group")
+# (heads field, per-head width field) of state-space mixers: heads * width must equal expand * hidden
+_SSM_HEADS = (("mamba_n_heads", "mamba_d_head"), ("n_mamba_heads", "mamba_headdim"),
+              ("num_heads", "head_dim"))
 
 _LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
 _MAX_LAYERS = 12  # a longer pattern period is cut here (its later layer kinds are then not exercised)
@@ -146,6 +157,10 @@ def shrink_config(config_cls, impl: str):
     for name in ("use_cache", "tie_word_embeddings"):
         if hasattr(cfg, name):
             setattr(cfg, name, False)
+    for name in _FILL_NONE:
+        if name in vars(cfg) and vars(cfg)[name] is None:
+            _set(cfg, name, _EXACT[name])
+    _fit_ssm_heads(cfg)
     rope = vars(cfg).get("qk_rope_head_dim")
     if type(rope) is int and type(vars(cfg).get("head_dim")) is int:  # MLA: the rotary table's width
         _set(cfg, "head_dim", rope)
@@ -157,6 +172,22 @@ def shrink_config(config_cls, impl: str):
     _follow_layer_count(cfg, n_old, n_new)
     cfg._attn_implementation = impl
     return cfg
+
+
+def _fit_ssm_heads(cfg) -> None:
+    """Mamba-style mixers split ``expand * hidden_size`` into heads: after shrinking, the per-head width
+    follows the (shrunk) head count."""
+    expand = vars(cfg).get("mamba_expand", vars(cfg).get("expand"))
+    hidden = vars(cfg).get("hidden_size")
+    if type(expand) is not int or type(hidden) is not int:
+        return
+    if type(vars(cfg).get("mamba_d_ssm")) is int:  # an explicit mixer width (Falcon-H1) follows too
+        _set(cfg, "mamba_d_ssm", expand * hidden)
+    for heads, width in _SSM_HEADS:
+        n = vars(cfg).get(heads)
+        if type(n) is int and type(vars(cfg).get(width)) is int and expand * hidden % n == 0:
+            _set(cfg, width, expand * hidden // n)
+            return
 
 
 def _set(cfg, name: str, value) -> None:
