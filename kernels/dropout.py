@@ -18,7 +18,7 @@ The hash, specified on unsigned 32-bit lanes (``mix32`` is Chris Wellons' "lowbi
 Indices enter as their low 32 bits. ``h`` is the GLOBAL head: a kernel that holds a group of
 heads (hybrid's all-to-all gives an inner rank heads [h0, h0 + H/N_i)) is passed its seed as a
 ``HeadOffsetSeed(seed, h0)``, and the hash adds ``h0`` to the tensor's head index (the
-PyTorch kernels; the Triton launcher refuses such a seed rather than ignore it).
+PyTorch kernels here; the Triton kernels take ``h0`` as their ``drop_head_offset`` argument).
 Kept probabilities are scaled by ``1 / (1 - p)``. Here
 the lanes live in int64 tensors: products of two 32-bit values wrap mod 2**64 in int64,
 which leaves the low 32 bits exact, and every value is masked back to 32 bits before a

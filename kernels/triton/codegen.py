@@ -361,7 +361,8 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "KV_COL_LO": " & (cols >= kv_lo - kv_offset)" if spec.skip.padding else "",
         "KV_COL_PAD": (" & (kv_offset + offs_n >= kv_lo) & (kv_offset + offs_n < kv_hi)"
                        if spec.skip.padding else ""),
-        "DROP_PARAMS": "\n    drop_seed_ptr, drop_threshold, drop_scale," if spec.dropout else "",
+        "DROP_PARAMS": ("\n    drop_seed_ptr, drop_head_offset, drop_threshold, drop_scale,"
+                        if spec.dropout else ""),
         "DROP_INIT": "    drop_row_base = seed_row_base(drop_seed_ptr)\n" if spec.dropout else "",
         "DROP_HELPERS": template.DROPOUT_HELPERS if spec.dropout else "",
         "DROP_FWD": template.indent(_drop_lines(spec.dropout), 8),

@@ -376,7 +376,7 @@ def _out_of_resources_error() -> type[BaseException]:
 
 
 def _dropout_args(p: float, seed: int | torch.Tensor | None, device: torch.device) -> tuple:
-    """Kernel arguments (seed tensor, threshold, 1/(1-p)) for dropout, or () without it.
+    """Kernel arguments (seed tensor, head offset, threshold, 1/(1-p)) for dropout, or () without it.
 
     The kernel reads the seed itself (``seed_row_base``): the op's seed tensor goes in as a pointer,
     so a launch never waits for the device (issue 16.6); an int seed becomes a device tensor once
@@ -386,9 +386,7 @@ def _dropout_args(p: float, seed: int | torch.Tensor | None, device: torch.devic
     from .. import dropout
 
     dropout.check_dropout(p, seed)
-    if dropout.head_offset(seed):  # the template hashes the tensor's own head index
-        raise KernelError("the Triton kernels cannot shift the dropout hash to a head group's global heads "
-                          f"({seed!r}); run the PyTorch block kernels for this call (kernel='cpu')")
+    h0 = dropout.head_offset(seed)  # a head group's first global head (ulysses, hybrid), else 0
     if isinstance(seed, torch.Tensor):
         if seed.numel() == 0 or seed.is_floating_point() or seed.is_complex():
             raise KernelError(f"dropout_seed must be an integer tensor with one element, got {seed.dtype} "
@@ -396,8 +394,8 @@ def _dropout_args(p: float, seed: int | torch.Tensor | None, device: torch.devic
         first = seed.reshape(-1)[:1]
         if first.device != device or first.dtype != torch.int64:
             first = first.to(device=device, dtype=torch.int64)  # a device-side copy, no host read
-        return (first, dropout.threshold(p), 1.0 / (1.0 - p))
-    return (_seed_tensor(int(seed), device), dropout.threshold(p), 1.0 / (1.0 - p))
+        return (first, h0, dropout.threshold(p), 1.0 / (1.0 - p))
+    return (_seed_tensor(int(seed), device), h0, dropout.threshold(p), 1.0 / (1.0 - p))
 
 
 @functools.lru_cache(maxsize=64)

@@ -330,8 +330,9 @@ def seed_row_base(Seed):
 
 DROPOUT_KEEP = '''\
 # dropout: keep / (1 - p) from a hash of the global indices (lse is unchanged by dropout)
-drop_row = mix32(mix32(mix32(drop_row_base ^ b_idx.to(tl.uint32)) ^ h_idx.to(tl.uint32))
-                 ^ q_idx.to(tl.uint32))
+# the GLOBAL head: h_idx plus the head group's first global head (kernels/dropout.HeadOffsetSeed)
+drop_h = (h_idx + drop_head_offset).to(tl.uint32)
+drop_row = mix32(mix32(mix32(drop_row_base ^ b_idx.to(tl.uint32)) ^ drop_h) ^ q_idx.to(tl.uint32))
 drop_col = mix32(kv_idx.to(tl.uint32) ^ 0x85EBCA6B)
 drop_keep = (mix32(drop_row ^ drop_col) >> 8) >= drop_threshold
 p_v = tl.where(drop_keep, p * drop_scale, 0.0)'''

@@ -26,8 +26,7 @@ ALLGATHER_MAX_SEQ = 4096  # heuristic when no cost model: gathering K/V once win
 
 
 # what strategy "auto" may pick on shards of each layout (the planner ranks them; ulysses needs
-# heads divisible by N and, under dropout, kernels that hash global heads:
-# head_groups_drop_at_kernel_speed). Ulysses runs on either layout: it gathers whole sequences.
+# heads divisible by N). Ulysses runs on either layout: it gathers whole sequences.
 AUTO_CANDIDATES = {"contiguous": ("ring", "allgather", "ulysses"), "zigzag": ("zigzag", "ulysses")}
 
 
@@ -40,23 +39,13 @@ def hybrid_plan_name(two_level: tuple[int, int], layout: str, spec: AttentionSpe
     return hybrid_name(*two_level, contiguous=causal and layout == "contiguous")
 
 
-def head_groups_drop_at_kernel_speed(q: torch.Tensor, spec: AttentionSpec) -> bool:
-    """Whether a strategy that hands each rank a head group (ulysses, hybrid) runs this call's kernels.
-
-    Under dropout such a rank hashes GLOBAL heads (``kernels.dropout.HeadOffsetSeed``), which only the
-    PyTorch block kernels do; where the Triton kernels would otherwise run (CUDA), those strategies
-    would run far slower kernels than the cost model prices, so "auto" leaves them out there."""
-    return spec.dropout_p == 0 or q.device.type != "cuda" or spec.kernel == "cpu"
-
-
 def _auto_candidates(q: torch.Tensor, k: torch.Tensor, world_size: int, spec: AttentionSpec,
                      layout: str, two_level: tuple[int, int] | None = None) -> tuple[str, ...]:
-    fast = head_groups_drop_at_kernel_speed(q, spec)
-    heads_split = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0 and fast
+    heads_split = q.shape[1] % world_size == 0 and k.shape[1] % world_size == 0
     names = tuple(s for s in AUTO_CANDIDATES[layout] if s != "ulysses" or heads_split)
     if two_level is not None:  # a 2-D group: its one hybrid split, when heads divide over a node
         outer, inner = two_level
-        if outer > 1 and inner > 1 and q.shape[1] % inner == 0 and fast:
+        if outer > 1 and inner > 1 and q.shape[1] % inner == 0:
             names += (hybrid_plan_name(two_level, layout, spec),)
     return names
 

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ringcompile.kernels.reference import attention_reference
 
-from ringcompile.errors import KernelError, OptionError, ShapeMismatchError
+from ringcompile.errors import OptionError, ShapeMismatchError
 from ringcompile.runtime.execute import run_forward
 from ringcompile.runtime.layouts import shard_tensor
 from ringcompile.runtime.simulated import simulate, simulated_ring_attention
@@ -226,23 +226,6 @@ def test_dropout_with_another_seed_drops_other_entries():
     assert not torch.allclose(a, b)
     torch.testing.assert_close(b, attention_reference(q, k, v, mask=m, dropout_p=0.3, dropout_seed=2),
                                atol=1e-9, rtol=1e-9)
-
-
-def test_dropout_runs_the_pytorch_kernels_in_place_of_triton():
-    """Triton's template hashes the tensor's head index, so hybrid's outer ring under dropout takes the
-    PyTorch block kernels for the device (and keeps them when they already are)."""
-    from ringcompile.kernels.kernel_set import BlockKernels
-
-    from ringcompile.runtime.strategies.ulysses import dropout_kernels
-
-    spec = build_spec(is_causal=True).replace(dropout_p=0.1)
-    triton_like = BlockKernels("triton", lambda *a, **k: None, lambda *a, **k: None)
-    assert dropout_kernels(spec, triton_like, torch.device("cpu"), "hybrid").name == "cpu"
-    assert dropout_kernels(spec, triton_like, torch.device("meta"), "hybrid").name == "generic"
-    cpu = dropout_kernels(spec, triton_like, torch.device("cpu"), "hybrid")
-    assert dropout_kernels(spec, cpu, torch.device("cpu"), "hybrid") is cpu
-    with pytest.raises(KernelError, match="kernel='triton' was requested"):
-        dropout_kernels(spec.replace(kernel="triton"), triton_like, torch.device("cpu"), "hybrid")
 
 
 def test_a_rank_dying_in_the_node_all_to_all_makes_the_others_raise_within_the_timeout():

@@ -6,12 +6,9 @@ float64 reference with the same keep mask drop; then the same on spawned gloo ra
 import pytest
 import torch
 from ringcompile.kernels import dropout
-from ringcompile.kernels.kernel_set import BlockKernels
 
 from ringcompile import mods
-from ringcompile.errors import KernelError
 from ringcompile.runtime.simulated import simulated_ring_attention
-from ringcompile.runtime.strategies.ulysses import dropout_kernels
 from ringcompile.runtime.user_spec import build_spec
 
 P = 0.3
@@ -90,19 +87,6 @@ def test_ulysses_dropout_with_mods_on_global_heads():
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
-def test_ulysses_dropout_runs_the_pytorch_kernels_in_place_of_triton():
-    """Triton's template hashes the tensor's head index, so under dropout ulysses takes the PyTorch
-    block kernels for the device; kernel='triton' forced raises instead of dropping other entries."""
-    spec = build_spec(is_causal=True).replace(dropout_p=0.1)
-    triton_like = BlockKernels("triton", lambda *a, **k: None, lambda *a, **k: None)
-    assert dropout_kernels(spec, triton_like, torch.device("cpu")).name == "cpu"
-    assert dropout_kernels(spec, triton_like, torch.device("meta")).name == "generic"
-    cpu = dropout_kernels(spec, triton_like, torch.device("cpu"))
-    assert dropout_kernels(spec, cpu, torch.device("cpu")) is cpu
-    with pytest.raises(KernelError, match="global heads"):
-        dropout_kernels(spec.replace(kernel="triton"), triton_like, torch.device("cpu"))
-
-
 def test_auto_ranks_ulysses_under_dropout(monkeypatch):
     """Dropout no longer takes ulysses out of "auto"'s candidates (heads must still divide by N)."""
     import ringcompile.cost_model.planner as planner
@@ -124,24 +108,22 @@ def test_auto_ranks_ulysses_under_dropout(monkeypatch):
     assert choose_strategy(q3, k3, v3, 32, 4, spec, "zigzag") == "zigzag"
 
 
-def test_auto_leaves_head_group_strategies_out_under_dropout_where_triton_would_run():
-    """On CUDA the Triton kernels cannot hash a head group's global heads, so ulysses and hybrid would
-    run the (slower) PyTorch kernels the cost model does not price: "auto" does not offer them there,
-    unless the call runs the PyTorch kernels anyway (kernel='cpu') or has no dropout."""
+def test_auto_offers_head_group_strategies_under_dropout_on_cuda():
+    """Every kernel set (Triton's included) hashes a head group's global heads, so dropout no longer takes
+    ulysses and hybrid out of "auto"'s candidates on CUDA; heads must still divide."""
     import types
 
     from ringcompile.runtime.choice import _auto_candidates
 
-    def cands(device, spec):
-        q, k = (types.SimpleNamespace(shape=(1, h, 8, 4), device=torch.device(device)) for h in (8, 4))
+    def cands(device, spec, hq=8):
+        q, k = (types.SimpleNamespace(shape=(1, h, 8, 4), device=torch.device(device)) for h in (hq, 4))
         return _auto_candidates(q, k, 4, spec, "zigzag", (2, 2))
 
     drop = build_spec(is_causal=True).replace(dropout_p=0.1)
-    assert cands("cuda", drop) == ("zigzag",)
-    assert cands("cpu", drop) == ("zigzag", "ulysses", "hybrid-2x2")
-    assert cands("cuda", drop.replace(kernel="cpu")) == ("zigzag", "ulysses", "hybrid-2x2")
-    assert cands("cuda", drop.replace(dropout_p=0.0)) == ("zigzag", "ulysses", "hybrid-2x2")
-
+    for device in ("cuda", "cpu"):
+        assert cands(device, drop) == ("zigzag", "ulysses", "hybrid-2x2")
+        assert cands(device, drop.replace(dropout_p=0.0)) == ("zigzag", "ulysses", "hybrid-2x2")
+    assert cands("cuda", drop, hq=6) == ("zigzag", "hybrid-2x2")  # 6 heads split over a node of 2, not 4
 
 
 @pytest.mark.multirank

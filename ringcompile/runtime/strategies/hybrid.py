@@ -20,8 +20,7 @@ Mods see global head indices (the head group's offset is added, as in Ulysses).
 Dropout: the keep mask is a hash of global (b, h, q, kv) and the seed (``kernels.dropout``).
 The ring across nodes already passes global token offsets; the head group's global offset
 travels with the seed (``HeadOffsetSeed``), so every rank drops exactly the entries one
-process (or the flat ring) drops. The Triton template hashes the tensor's own head index, so
-under dropout the PyTorch block kernels run (logged once).
+process (or the flat ring) drops; every kernel set, Triton's included, hashes the shifted head.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from ringcompile.log import get_logger
 from ..two_level import TwoLevelCommunicator, check_mesh_agrees
 from . import ring
 from .common import RingContext, reduce_extras
-from .ulysses import _group_spec, dropout_kernels
+from .ulysses import _group_spec
 
 Tensor = torch.Tensor
 log = get_logger(__name__)
@@ -102,10 +101,8 @@ def _outer_context(ctx: RingContext, two: TwoLevelCommunicator, hq: int, device:
     h0 = two.inner.rank * (hq // inner)
     spec, kernels = _group_spec(ctx, h0, device)
     seed = ctx.dropout_seed
-    if spec.dropout_p > 0:
-        kernels = dropout_kernels(spec, kernels, device, "hybrid")
-        if seed is not None:  # None: the kernels raise their clear "needs a dropout_seed" error
-            seed = HeadOffsetSeed(seed_to_int(seed), h0)
+    if spec.dropout_p > 0 and seed is not None:  # None: the kernels raise their clear "needs a dropout_seed"
+        seed = HeadOffsetSeed(seed_to_int(seed), h0)
     return RingContext(two.outer, spec, ctx.strategy, ctx.seq_len, ctx.layout, ctx.mask_extras,
                        ctx.score_extras, kernels, seed)
 

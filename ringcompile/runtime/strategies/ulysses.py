@@ -8,8 +8,8 @@ Dropout: the keep mask is a hash of global (b, h, q, kv) and the seed (``kernels
 The pieces already carry global token offsets; rank r holds query heads [h0, h0 + H/N) with
 h0 = r * H/N, and the hash takes the query head (a GQA group's kv head stays on the rank), so
 the seed travels as ``HeadOffsetSeed(seed, h0)`` and every rank drops exactly the entries one
-process (or the ring) drops. The Triton template hashes the tensor's own head index, so under
-dropout the PyTorch block kernels run (logged once; ``kernel="triton"`` forced raises).
+process (or the ring) drops. Every kernel set adds h0 to its head index in the hash (the Triton
+kernels as their ``drop_head_offset`` argument), so the rank's usual kernels run.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import threading
 
 import torch
 
-from ringcompile.errors import KernelError, OptionError
+from ringcompile.errors import OptionError
 from ringcompile.kernels.dropout import HeadOffsetSeed, seed_to_int
-from ringcompile.kernels.select import BlockKernels, block_kernels, pytorch_block_kernels
-from ringcompile.log import get_logger
+from ringcompile.kernels.select import BlockKernels, block_kernels
 from ringcompile.mods import Mod
 from ringcompile.spec import AttentionSpec
 
@@ -42,27 +41,6 @@ Tensor = torch.Tensor
 _HEAD_INVARIANT = {"causal", "sliding_window", "padding"}
 _CACHE: dict[tuple[int, int], tuple[AttentionSpec, AttentionSpec, BlockKernels]] = {}
 _LOCK = threading.Lock()
-log = get_logger(__name__)
-_NOTED: set[tuple[str, str]] = set()
-# kernels whose dropout hash adds a HeadOffsetSeed's offset to the tensor's head index
-HEAD_OFFSET_KERNELS = ("cpu", "generic")
-
-
-def dropout_kernels(spec: AttentionSpec, kernels: BlockKernels, device: torch.device,
-                    strategy: str = "ulysses") -> BlockKernels:
-    """Kernels that honour a head-offset dropout seed: the PyTorch ones in place of Triton's."""
-    if kernels.name in HEAD_OFFSET_KERNELS:
-        return kernels
-    if spec.kernel == "triton":
-        raise KernelError(f"kernel='triton' was requested, but strategy {strategy!r} with attention dropout "
-                          "needs the dropout hash on global heads, which the Triton template does not take; "
-                          "use kernel='auto' (the PyTorch block kernels then run) or strategy 'ring' / "
-                          "'zigzag' / 'allgather'")
-    if (strategy, kernels.name) not in _NOTED:
-        _NOTED.add((strategy, kernels.name))
-        log.info("strategy %r with attention dropout: the %s kernels hash the tensor's own head index, so "
-                 "the PyTorch block kernels run (dropout on global heads)", strategy, kernels.name)
-    return pytorch_block_kernels(spec, device)
 
 
 def check_heads(hq: int, hkv: int, world_size: int) -> None:
@@ -122,13 +100,11 @@ def _gather_heads(ctx: RingContext, x: Tensor, local: int, what: str) -> Tensor:
 def _head_group(ctx: RingContext, hq: int, device: torch.device
                 ) -> tuple[RingContext, AttentionSpec, BlockKernels]:
     """This rank's view of its head group [h0, h0 + hq/N) of global heads: mods shifted by h0 and,
-    under dropout, the seed shifted too (and kernels that honour the shift)."""
+    under dropout, the seed shifted too (every kernel set hashes the shifted head)."""
     h0 = ctx.rank * (hq // ctx.world_size)
     spec, kernels = _group_spec(ctx, h0, device)
-    if spec.dropout_p > 0:
-        kernels = dropout_kernels(spec, kernels, device)
-        if ctx.dropout_seed is not None:  # None: the kernels raise their clear "needs a dropout_seed" error
-            ctx = dataclasses.replace(ctx, dropout_seed=HeadOffsetSeed(seed_to_int(ctx.dropout_seed), h0))
+    if spec.dropout_p > 0 and ctx.dropout_seed is not None:  # None: the kernels raise their clear error
+        ctx = dataclasses.replace(ctx, dropout_seed=HeadOffsetSeed(seed_to_int(ctx.dropout_seed), h0))
     return ctx, spec, kernels
 
 
