@@ -87,7 +87,7 @@ def mistral(rank: int, world: int) -> dict:
 
 
 def llama_eager_attention(rank: int, world: int) -> dict:
-    """HF's eager attention (matmul + softmax) over the cache: not rewritten, runs on the gathered cache."""
+    """HF's eager attention (q @ k^T * scale + float mask, softmax, @ v) over the cache: decode_attention."""
     return _compiled("llama", rank, world, attention="eager", options={"inner": "eager"})
 
 

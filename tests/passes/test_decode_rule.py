@@ -31,10 +31,12 @@ def _decode_step_inputs(attention: str):
                        position_ids=mask.cumsum(1)[:, -1:] - 1)
 
 
-def test_explain_shows_sdpa_over_the_sharded_cache_as_decode_attention():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_explain_shows_attention_over_the_sharded_cache_as_decode_attention(attention):
+    """SDPA (bool mask) and HF's eager chain softmax(q @ k^T * scale + float mask) @ v both rewritten."""
     import ringcompile
 
-    model, kw = _decode_step_inputs("sdpa")
+    model, kw = _decode_step_inputs(attention)
     report = ringcompile.explain(model, **kw)
     decode = [d for d in report.decisions if d.stage == "decode"]
     assert len(decode) == model.config.num_hidden_layers, str(report)
@@ -42,15 +44,46 @@ def test_explain_shows_sdpa_over_the_sharded_cache_as_decode_attention():
     assert not report.not_rewritten, str(report)
 
 
-def test_explain_names_an_attention_over_the_cache_it_cannot_rewrite():
+def test_explain_names_an_eager_chain_over_the_cache_it_cannot_rewrite():
+    """Returned attention weights (output_attentions=True) keep the chain on the gathered cache, named."""
     import ringcompile
 
     model, kw = _decode_step_inputs("eager")
-    report = ringcompile.explain(model, **kw)
+    report = ringcompile.explain(model, **kw, output_attentions=True)
     assert not [d for d in report.decisions if d.stage == "decode"]
     reasons = [n.reason for n in report.not_rewritten]
     assert len(reasons) == model.config.num_hidden_layers, str(report)
     assert all("sharded KV cache left on the gathered cache" in r and "decode-softmax" in r for r in reasons)
+    import torch._dynamo
+    from ringcompile.passes.rules.decode import rewrite_cache_attention
+
+    graphs = []
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model.forward, backend=lambda gm, ex: graphs.append(gm) or gm.forward)(
+            **kw, output_attentions=True)
+    torch._dynamo.reset()
+    done = rewrite_cache_attention(graphs[0])
+    assert len(done) == model.config.num_hidden_layers and not any(d.rewritten for d in done), done
+    assert all("returned attention weights" in d.reason for d in done), done
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_compiled_decode_step_on_one_process_matches_eager(attention):
+    """The rewritten decode graph (world 1) gives the eager model's logits over the same cache contents."""
+    import copy
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model, kw = _decode_step_inputs(attention)
+    kw_eager = dict(kw, cache=copy.deepcopy(kw["cache"]))
+    with torch.no_grad():
+        want = model(**kw_eager).logits.double()
+        forward = torch.compile(model.forward, backend="ring", options={"inner": "eager"})
+        got = forward(**kw).logits.double()
+    torch._dynamo.reset()
+    assert (got - want).abs().max().item() < 1e-4
 
 
 def _plain_decode_step_inputs(static: bool):
