@@ -12,7 +12,8 @@ Mask semantics are HF's on cache slots: causal (``kv_slot <= q_slot``), ``key_pa
 over global slots (HF's 2-D attention_mask; left padding), and a sliding ``window``
 (``q_slot - kv_slot < window``, Mistral). A query row with no visible key anywhere returns 0
 (HF's value there is unspecified). A rank whose shard lies wholly outside every query's window,
-or wholly in the future, skips its compute and still joins the collective.
+or wholly in the future, or wholly hidden by the model's own mask (how a compiled Mistral's window
+arrives: in HF's mask, not as ``window``), skips its compute and still joins the collective.
 
 Before the merge, ranks all-gather a tiny int64 metadata vector (shapes, dtype, query slots,
 cache length, shard length and slot range; with a ``CacheLayout`` the length each rank must
@@ -125,8 +126,8 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
         o = pv / denom.clamp_min(torch.finfo(acc).tiny).unsqueeze(-1)
         s = torch.log(denom) + m.squeeze(-1)
         o_acc, s_acc = merge_partials(o_acc, s_acc, o, s)
-    if o_acc is None:
-        return DecodePartial(out, lse, True)
+    if o_acc is None:   # the model's mask (HF's sliding window on the compiled path) hid every slot
+        return DecodePartial(out, lse, False)
     return DecodePartial(o_acc, s_acc, True)
 
 

@@ -270,3 +270,27 @@ def test_additive_float_mask_with_left_padding_matches_float64(world, q_len):
         return out
     for r, out in enumerate(simulate(rank, world, timeout=20.0)):
         assert (out.double() - want).abs().max().item() <= TOL[torch.float32], r
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "float-neg-inf"])
+def test_ranks_the_models_window_mask_hides_skip_compute(additive):
+    """A compiled Mistral passes its sliding window inside HF's mask (window=None): ranks whose shard the
+    mask hides wholly skip their compute, and the merge still equals float64 with the window."""
+    world = 4
+    case = make_case(7, world, q_len=1, prefill=40, appended=0, window=12, left_pad=False)
+    case.layout = type(case.layout)(world, 40, "contiguous", "shortest")   # rank r holds [10r, 10r+10)
+    slots = torch.arange(case.cache_len + 2)                               # 2 preallocated slots more
+    keep = (slots <= case.q_slots.view(-1, 1)) & (case.q_slots.view(-1, 1) - slots < 12)
+    mask = keep.view(1, 1, 1, -1).expand(case.q.shape[0], 1, 1, -1)
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+
+    def rank(comm):
+        k, v, kv_slots = case.shard(comm.rank)
+        out, _, computed = decode_partials(comm, case.q, k, v, kv_slots, case.q_slots, layout=case.layout,
+                                           slot_mask=mask)
+        return out, computed
+    results = simulate(rank, world, timeout=20.0)
+    assert [c for _, c in results] == [False, False, True, True]
+    for out, _ in results:
+        assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
