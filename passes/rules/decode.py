@@ -51,8 +51,11 @@ class DecodeRewrite:
 
 
 def is_gather(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and getattr(
-        getattr(node.target, "_schema", None), "name", None) == _GATHER
+    """A ``cache_gather`` call: its overload (what HF's cache records) or the packet (a direct call)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    name = getattr(getattr(node.target, "_schema", None), "name", None)
+    return (name or getattr(node.target, "_qualified_op_name", None)) == _GATHER
 
 
 def _val(node: Any) -> Any:
@@ -399,12 +402,15 @@ def match_eager_chain(sm: fx.Node) -> EagerChain | str | None:
     return EagerChain(query, read[0], mask, float(scale), out)
 
 
-def _leads_to_gathered_keys(node: Any, depth: int = 8) -> bool:
-    frontier = [node] if isinstance(node, fx.Node) else []
+def _leads_to_gathered_keys(node: Any, depth: int = 12) -> bool:
+    """Is a cache_gather among the inputs of ``node`` within ``depth`` ops?"""
+    frontier = {node} if isinstance(node, fx.Node) else set()
+    seen = set(frontier)
     for _ in range(depth):
         if any(is_gather(n) for n in frontier):
             return True
-        frontier = [a for n in frontier for a in n.all_input_nodes]
+        frontier = {a for n in frontier for a in n.all_input_nodes} - seen
+        seen |= frontier
     return False
 
 
