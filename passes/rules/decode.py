@@ -120,7 +120,7 @@ def why_not(node: fx.Node) -> str | None:
         return "the keys are not the cache read whole (sliced or reshaped along the sequence)"
     if args["dropout_p"] not in (0, 0.0):
         return "dropout on attention over a KV cache"
-    reason = _mask_problem(args["attn_mask"], q)
+    reason = _mask_problem(args["attn_mask"], q, kf[0].shape[2])
     if reason is not None:
         return reason
     if not isinstance(args["scale"], (int, float, type(None))):
@@ -128,7 +128,7 @@ def why_not(node: fx.Node) -> str | None:
     return None
 
 
-def _mask_problem(mask_node: Any, q: Any) -> str | None:
+def _mask_problem(mask_node: Any, q: Any, kv_len: Any) -> str | None:
     """Why this mask cannot be passed whole to decode_attention (bool, or additive float over the cache
     slots, 4-D or fewer dims broadcasting to the scores); None: it can."""
     if mask_node is None:
@@ -140,6 +140,8 @@ def _mask_problem(mask_node: Any, q: Any) -> str | None:
         return f"its mask is a {mask.dtype} tensor; only boolean or additive float masks reach the shard"
     if mask.dim() != 4 or (q is not None and str(mask.shape[-2]) not in ("1", str(q.shape[-2]))):
         return f"its mask {tuple(mask.shape)} is not a 4-D (B, H, Sq, cache) mask over the cache's slots"
+    if str(mask.shape[-1]) != str(kv_len):
+        return f"its mask covers {mask.shape[-1]} keys, not the cache's {kv_len} slots"
     return None
 
 
@@ -396,9 +398,11 @@ def match_eager_chain(sm: fx.Node) -> EagerChain | str | None:
         return "only 4-D (B, H, S, D) attention on a sharded cache is rewritten"
     if q.shape[1] % _val(read[0])[0].shape[1]:
         return "its query heads are not a multiple of the cache's kv heads"
-    reason = _mask_problem(mask, q)
+    reason = _mask_problem(mask, q, _val(read[0])[0].shape[2])
     if reason is not None:
         return reason
+    if _val(out) is None or _val(out).dtype != q.dtype:
+        return "its output's dtype is not the queries' (a cast between the softmax and the p @ v product)"
     return EagerChain(query, read[0], mask, float(scale), out)
 
 
