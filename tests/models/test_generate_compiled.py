@@ -18,7 +18,8 @@ from harness import run_cases
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.multirank
 WORLD = 2
-SLOW = ["mistral", "mistral_eager_attention", "llama_inductor", "gpt2"] if os.environ.get("RING_SLOW") == "1" else []
+SLOW = (["mistral", "mistral_eager_attention", "llama_inductor", "gpt2"] if os.environ.get("RING_SLOW") == "1"
+        else [])
 
 
 def _check_same_tokens_and_sharded(name: str, per_rank: list[dict]) -> None:
