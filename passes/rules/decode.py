@@ -51,8 +51,11 @@ class DecodeRewrite:
 
 
 def is_gather(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and getattr(
-        getattr(node.target, "_schema", None), "name", None) == _GATHER
+    """A ``cache_gather`` call: its overload (what HF's cache records) or the packet (a direct call)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    name = getattr(getattr(node.target, "_schema", None), "name", None)
+    return (name or getattr(node.target, "_qualified_op_name", None)) == _GATHER
 
 
 def _val(node: Any) -> Any:
@@ -117,12 +120,28 @@ def why_not(node: fx.Node) -> str | None:
         return "the keys are not the cache read whole (sliced or reshaped along the sequence)"
     if args["dropout_p"] not in (0, 0.0):
         return "dropout on attention over a KV cache"
-    mask = _val(args["attn_mask"])
-    if args["attn_mask"] is not None and (mask is None or mask.dtype != torch.bool):
-        return (f"its mask is a {getattr(mask, 'dtype', 'non-tensor')} tensor (additive); only boolean masks "
-                "are gathered at the shard's slots")
+    reason = _mask_problem(args["attn_mask"], q, kf[0].shape[2])
+    if reason is not None:
+        return reason
     if not isinstance(args["scale"], (int, float, type(None))):
         return "its scale is not a constant"
+    return None
+
+
+def _mask_problem(mask_node: Any, q: Any, kv_len: Any) -> str | None:
+    """Why this mask cannot be passed whole to decode_attention (bool, or additive float over the cache
+    slots, 4-D or fewer dims broadcasting to the scores); None: it can."""
+    if mask_node is None:
+        return None
+    mask = _val(mask_node)
+    if not isinstance(mask, torch.Tensor):
+        return "its mask is not a tensor"
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        return f"its mask is a {mask.dtype} tensor; only boolean or additive float masks reach the shard"
+    if mask.dim() != 4 or (q is not None and str(mask.shape[-2]) not in ("1", str(q.shape[-2]))):
+        return f"its mask {tuple(mask.shape)} is not a 4-D (B, H, Sq, cache) mask over the cache's slots"
+    if str(mask.shape[-1]) != str(kv_len):
+        return f"its mask covers {mask.shape[-1]} keys, not the cache's {kv_len} slots"
     return None
 
 
@@ -156,9 +175,41 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
         gm.graph.erase_node(node)
         _erase_unused([args["key"], args["value"], gather])
         done.append(DecodeRewrite(location_of(new), True, "decode_attention on this rank's cache shard"))
+    done += _rewrite_eager_chains(gm)
     if any(d.rewritten for d in done):
         gm.graph.lint()
         gm.recompile()
+    return done
+
+
+def _rewrite_eager_chains(gm: fx.GraphModule) -> list[DecodeRewrite]:
+    """Each plain eager chain over a gathered cache (``match_eager_chain``) becomes decode_attention."""
+    from ringcompile.cache_codes import COMPILED_POLICY, COMPILED_PREFILL_LAYOUT, layout_code
+
+    done: list[DecodeRewrite] = []
+    for sm in list(gm.graph.nodes):
+        if not _is(sm, _SOFTMAX_TARGETS, frozenset({"softmax"})):
+            continue
+        chain = match_eager_chain(sm)
+        if chain is None:
+            continue
+        if isinstance(chain, str):
+            done.append(DecodeRewrite(location_of(sm), False, chain))
+            continue
+        keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = chain.gather.args
+        layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
+        with gm.graph.inserting_before(chain.output):
+            new = gm.graph.call_function(
+                torch.ops.ringcompile.decode_attention.default,
+                (chain.query, keys, values, slots, positions, chain.mask, -1, -1, chain.scale, group_name,
+                 float(timeout), layout))
+        new.meta = dict(chain.output.meta)
+        chain.output.replace_all_uses_with(new)
+        inputs = list(chain.output.all_input_nodes)
+        gm.graph.erase_node(chain.output)
+        _erase_unused(inputs + [chain.gather])
+        done.append(DecodeRewrite(location_of(new), True, "decode_attention on this rank's cache shard "
+                                                          "(eager softmax chain)"))
     return done
 
 
@@ -168,12 +219,13 @@ def _erase_unused(roots: list[Any]) -> None:
     erased: set[fx.Node] = set()
     while todo:
         n = todo.pop()
-        if n in erased or n.users or n.op != "call_function":
+        if n in erased or n.users or not (n.op == "call_function" or (
+                n.op == "call_method" and n.target in _ERASABLE_METHODS)):
             continue
         inputs = list(n.all_input_nodes)
         n.graph.erase_node(n)
         erased.add(n)
-        todo.extend(a for a in inputs if a.op == "call_function" and not a.users)
+        todo.extend(a for a in inputs if a.op in ("call_function", "call_method") and not a.users)
 
 
 def _reads_a_cache(node: fx.Node) -> bool:
@@ -204,8 +256,10 @@ def _near_gathered_cache(node: fx.Node, depth: int = 12) -> bool:
 
 
 def _decline_softmax(node: fx.Node, index: int):
-    raise Decline(f"{_LEFT}: only SDPA over the cache becomes decode_attention (this is a softmax chain; "
-                  "attn_implementation='sdpa' shards it)")
+    chain = match_eager_chain(node) if node.args else None
+    why = chain if isinstance(chain, str) else "the decode rewrite did not take this softmax chain"
+    raise Decline(f"{_LEFT}: {why} (attn_implementation='sdpa', or a plain softmax(q @ k^T * scale + "
+                  "mask) @ v, becomes decode_attention)")
 
 
 def _unsharded_cache_source(node: Any) -> fx.Node | None:
@@ -246,3 +300,141 @@ _LEFT = ("attention over a sharded KV cache left on the gathered cache (correct;
 DECODE_RULE = register_rule(Rule("decode", _reads_a_cache, _decline, pattern="sdpa"), before="sdpa")
 DECODE_SOFTMAX_RULE = register_rule(Rule("decode-softmax", _near_gathered_cache, _decline_softmax,
                                          pattern="softmax"), before="softmax-sink")
+
+
+# --- HF's eager spelling: softmax(q @ k^T * scale + mask) @ v over the gathered cache -------------------
+
+_SOFTMAX_TARGETS = {torch.nn.functional.softmax, torch.softmax, aten.softmax.int, aten._softmax.default}
+_MATMULS = {torch.matmul, operator.matmul, aten.matmul.default}
+_ADDS = {operator.add, torch.add, aten.add.Tensor}
+_MULS = {operator.mul, torch.mul, aten.mul.Tensor, aten.mul.Scalar}
+_DIVS = {operator.truediv, torch.div, aten.div.Tensor, aten.div.Scalar}
+_DROPOUTS = {torch.nn.functional.dropout, aten.dropout.default}
+_CASTS = {"to", "type", "float"}
+_ERASABLE_METHODS = _REPEAT_METHODS | _CASTS | {"transpose", "permute", "softmax"}
+
+
+@dataclasses.dataclass
+class EagerChain:
+    """One matched ``softmax(q @ k^T * scale + mask) @ v`` over a gathered cache."""
+
+    query: fx.Node
+    gather: fx.Node
+    mask: fx.Node | None
+    scale: float
+    output: fx.Node          # the p @ v matmul the decode_attention call replaces
+
+
+def _is(node: Any, targets: set, methods: frozenset = frozenset()) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    return (node.op == "call_function" and node.target in targets) or (
+        node.op == "call_method" and node.target in methods)
+
+
+def _is_key_transpose(node: Any) -> fx.Node | None:
+    """``k.transpose(2, 3)`` / ``(-2, -1)`` / ``.mT`` of a 4-D k: the k, else None."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    if (node.op == "call_method" and node.target == "transpose") or (
+            node.op == "call_function" and node.target in (torch.transpose, aten.transpose.int)):
+        dims = {d % 4 for d in node.args[1:3] if isinstance(d, int)}
+        return node.args[0] if dims == {2, 3} else None
+    return None
+
+
+def _one_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _softmax_dim(node: fx.Node) -> Any:
+    """The softmax's dim (``F.softmax(x, dim)``, ``x.softmax(dim)`` and aten all put it second)."""
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+
+
+def match_eager_chain(sm: fx.Node) -> EagerChain | str | None:
+    """The chain around softmax ``sm`` when it is HF's eager attention over a gathered cache; a reason
+    string when it reads the cache but is not plain (then it stays on the gathered cache); None when it
+    does not read a gathered cache at all."""
+    x = sm.args[0]
+    scale, mask = 1.0, None
+    while True:   # backwards from the softmax input: additive mask, constant scale, then q @ k^T
+        if _is(x, _ADDS) and len(x.args) == 2 and all(isinstance(a, fx.Node) for a in x.args):
+            a, b = x.args
+            score_side = a if _leads_to_gathered_keys(a) else b if _leads_to_gathered_keys(b) else None
+            if score_side is None:
+                return None
+            if mask is not None:
+                return "more than one additive term on its scores (only one mask is passed to the shard)"
+            mask, x = (b if score_side is a else a), score_side
+        elif _is(x, _MULS | _DIVS) and len(x.args) == 2 and isinstance(x.args[1], (int, float)):
+            scale = scale * x.args[1] if x.target in _MULS else scale / x.args[1]
+            x = x.args[0]
+        elif _is(x, _MULS) and len(x.args) == 2 and isinstance(x.args[0], (int, float)):
+            scale, x = scale * x.args[0], x.args[1]
+        else:
+            break
+        if len(x.users) != 1:
+            return "its scores are read by something besides the softmax"
+    if not _is(x, _MATMULS) or len(x.args) != 2:
+        return None if not _leads_to_gathered_keys(x) else (
+            "its scores pass through ops other than a constant scale and an additive mask (softcap, "
+            "bias products); only that plain chain becomes decode_attention")
+    query, kt = x.args
+    key = _is_key_transpose(kt)
+    read = cache_read(key) if key is not None else None
+    if read is None or read[1] != 0:
+        return None if not _leads_to_gathered_keys(x) else "its keys are not a read of the gathered cache"
+    if _softmax_dim(sm) not in (-1, 3):
+        return "its softmax is not over the last (key) dimension"
+    out = _pv_matmul(sm)
+    if isinstance(out, str):
+        return out
+    v_read = cache_read(out.args[1])
+    if v_read is None or v_read[0] is not read[0] or v_read[1] != 1:
+        return "its probabilities multiply something other than the same cache layer's values"
+    q = _val(query)
+    if q is None or q.dim() != 4:
+        return "only 4-D (B, H, S, D) attention on a sharded cache is rewritten"
+    if q.shape[1] % _val(read[0])[0].shape[1]:
+        return "its query heads are not a multiple of the cache's kv heads"
+    reason = _mask_problem(mask, q, _val(read[0])[0].shape[2])
+    if reason is not None:
+        return reason
+    if _val(out) is None or _val(out).dtype != q.dtype:
+        return "its output's dtype is not the queries' (a cast between the softmax and the p @ v product)"
+    return EagerChain(query, read[0], mask, float(scale), out)
+
+
+def _leads_to_gathered_keys(node: Any, depth: int = 12) -> bool:
+    """Is a cache_gather among the inputs of ``node`` within ``depth`` ops?"""
+    frontier = {node} if isinstance(node, fx.Node) else set()
+    seen = set(frontier)
+    for _ in range(depth):
+        if any(is_gather(n) for n in frontier):
+            return True
+        frontier = {a for n in frontier for a in n.all_input_nodes} - seen
+        seen |= frontier
+    return False
+
+
+def _pv_matmul(sm: fx.Node) -> fx.Node | str:
+    """Forward from the softmax through casts and inactive dropout to the p @ v matmul."""
+    node = sm
+    while True:
+        user = _one_user(node)
+        if user is None:
+            return "its probabilities are read by more than the p @ v product (returned attention weights)"
+        if _is(user, _MATMULS) and user.args[0] is node:
+            return user
+        if _is(user, set(), frozenset(_CASTS)):
+            node = user
+        elif _is(user, _DROPOUTS):
+            p = user.kwargs.get("p", user.args[1] if len(user.args) > 1 else 0.5)
+            train = user.kwargs.get("training", user.kwargs.get("train", user.args[2] if len(user.args) > 2
+                                                               else True))
+            if p not in (0, 0.0) and train is not False:
+                return "dropout on attention over a KV cache"
+            node = user
+        else:
+            return f"its probabilities pass through {user.target} before the p @ v product"

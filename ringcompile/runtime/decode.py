@@ -12,7 +12,8 @@ Mask semantics are HF's on cache slots: causal (``kv_slot <= q_slot``), ``key_pa
 over global slots (HF's 2-D attention_mask; left padding), and a sliding ``window``
 (``q_slot - kv_slot < window``, Mistral). A query row with no visible key anywhere returns 0
 (HF's value there is unspecified). A rank whose shard lies wholly outside every query's window,
-or wholly in the future, skips its compute and still joins the collective.
+or wholly in the future, or wholly hidden by the model's own mask (how a compiled Mistral's window
+arrives: in HF's mask, not as ``window``), skips its compute and still joins the collective.
 
 Before the merge, ranks all-gather a tiny int64 metadata vector (shapes, dtype, query slots,
 cache length, shard length and slot range; with a ``CacheLayout`` the length each rank must
@@ -75,8 +76,9 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
                   slot_mask: Tensor | None = None) -> DecodePartial:
     """This rank's partial attention of q (B, Hq, Sq, D) against its shard k/v (B, Hkv, L, D).
 
-    ``slot_mask`` (B or 1, 1 or Hq, Sq, >= T) bool over global slots (True = keep) is ANDed in: how a
-    model's own mask (HF's, with its padding and window rules) reaches the shard."""
+    ``slot_mask`` (B or 1, 1 or Hq, Sq, >= T) over global slots is how a model's own mask (HF's, with its
+    padding and window rules) reaches the shard: bool (True = keep) is ANDed in; a float mask is added
+    to the scaled scores (HF's additive 0 / finfo.min mask), its -inf entries dropped."""
     B, Hq, Sq, _ = q.shape
     Hkv, L, Dv = k.shape[1], k.shape[2], v.shape[-1]
     acc = _acc(q.dtype)
@@ -101,12 +103,21 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
         if key_padding is not None:
             cols = slots.clamp(max=key_padding.shape[1] - 1)   # padding entries (pass-KV) are in the future
             keep = keep & key_padding[:, cols].to(torch.bool).view(B, 1, 1, -1)
+        bias = None
         if slot_mask is not None:
-            keep = keep & slot_mask[..., slots.clamp(max=slot_mask.shape[-1] - 1)]
+            at_slots = slot_mask[..., slots.clamp(max=slot_mask.shape[-1] - 1)]
+            if at_slots.dtype == torch.bool:
+                keep = keep & at_slots
+            else:                                   # additive (HF eager: 0 / finfo.min), -inf also drops
+                bias = at_slots.to(acc)
+                keep = keep & ~torch.isneginf(bias)
         if not bool(keep.any()):
             continue
         scores = torch.matmul(qg, k[:, :, a:b].to(acc).transpose(-1, -2)) * scale   # (B, Hkv, g*Sq, Lb)
-        scores = scores.view(B, Hq, Sq, b - a).masked_fill(~keep.expand(B, Hq, Sq, b - a), float("-inf"))
+        scores = scores.view(B, Hq, Sq, b - a)
+        if bias is not None:
+            scores = scores + bias
+        scores = scores.masked_fill(~keep.expand(B, Hq, Sq, b - a), float("-inf"))
         m = scores.amax(-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p = torch.exp(scores - m)
@@ -115,8 +126,8 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
         o = pv / denom.clamp_min(torch.finfo(acc).tiny).unsqueeze(-1)
         s = torch.log(denom) + m.squeeze(-1)
         o_acc, s_acc = merge_partials(o_acc, s_acc, o, s)
-    if o_acc is None:
-        return DecodePartial(out, lse, True)
+    if o_acc is None:   # the model's mask (HF's sliding window on the compiled path) hid every slot
+        return DecodePartial(out, lse, False)
     return DecodePartial(o_acc, s_acc, True)
 
 
@@ -251,7 +262,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, kv_slots: Tensor, q_slo
     sharded cache (this rank's k/v (B, Hkv, L_r, D) at ``kv_slots``); every rank returns the full
     output (B, Hq, Sq, Dv) in q's dtype. GQA when Hq is a multiple of Hkv.
 
-    ``slot_mask`` (bool, True = keep, over global slots; see ``local_partial``) adds a model's own mask.
+    ``slot_mask`` (bool, True = keep, or additive float, over global slots; see ``local_partial``) adds a
+    model's own mask.
     ``cache_len`` (default last query slot + 1) is the global number of slots; ``layout`` states who
     holds how many (checked on every call when given). ``comm`` overrides ``group`` (simulated ranks).
     Not differentiable (serving).

@@ -86,8 +86,13 @@ def mistral(rank: int, world: int) -> dict:
     return _compiled("mistral", rank, world, options={"inner": "eager"})
 
 
+def mistral_eager_attention(rank: int, world: int) -> dict:
+    """Mistral's window in HF's additive float mask, read by the eager chain: decode_attention too."""
+    return _compiled("mistral", rank, world, attention="eager", options={"inner": "eager"})
+
+
 def llama_eager_attention(rank: int, world: int) -> dict:
-    """HF's eager attention (matmul + softmax) over the cache: not rewritten, runs on the gathered cache."""
+    """HF's eager attention (q @ k^T * scale + float mask, softmax, @ v) over the cache: decode_attention."""
     return _compiled("llama", rank, world, attention="eager", options={"inner": "eager"})
 
 

@@ -238,3 +238,59 @@ def test_any_partition_of_the_cache_merges_to_the_same_answer(world, owners_seed
                                key_padding=case.key_padding, window=window)[0]
     for out in simulate(rank, world, timeout=20.0):
         assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
+
+
+def _additive_mask(case, seed: int) -> torch.Tensor:
+    """HF's eager 4-D mask over the whole (preallocated, longer) cache: 0 where kept, finfo.min at left
+    padding, plus a random per-head bias so the values are really added (not just thresholded)."""
+    B, H, Sq, T = case.q.shape[0], case.q.shape[1], case.q.shape[2], case.cache_len
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.randn(B, H, Sq, T + 3, generator=g)          # 3 preallocated slots past the cache
+    pad = torch.nn.functional.pad(case.key_padding, (0, 3), value=True)
+    return mask.masked_fill(~pad.view(B, 1, 1, T + 3), torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("q_len", [1, 4])
+def test_additive_float_mask_with_left_padding_matches_float64(world, q_len):
+    case = make_case(40 + world + q_len, world, q_len=q_len, prefill=15, appended=q_len + 2)
+    mask = _additive_mask(case, world)
+    q, k, v = (t.double() for t in (case.q, case.k, case.v))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    T = case.cache_len
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5 + mask[..., :T].double()
+    causal = torch.arange(T).view(1, -1) <= case.q_slots.view(-1, 1)
+    want = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+
+    def rank(comm):
+        ks, vs, slots = case.shard(comm.rank)
+        out, _, _ = decode_partials(comm, case.q, ks, vs, slots, case.q_slots, layout=case.layout,
+                                    slot_mask=mask)
+        return out
+    for r, out in enumerate(simulate(rank, world, timeout=20.0)):
+        assert (out.double() - want).abs().max().item() <= TOL[torch.float32], r
+
+
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "float-neg-inf"])
+def test_ranks_the_models_window_mask_hides_skip_compute(additive):
+    """A compiled Mistral passes its sliding window inside HF's mask (window=None): ranks whose shard the
+    mask hides wholly skip their compute, and the merge still equals float64 with the window."""
+    world = 4
+    case = make_case(7, world, q_len=1, prefill=40, appended=0, window=12, left_pad=False)
+    case.layout = type(case.layout)(world, 40, "contiguous", "shortest")   # rank r holds [10r, 10r+10)
+    slots = torch.arange(case.cache_len + 2)                               # 2 preallocated slots more
+    keep = (slots <= case.q_slots.view(-1, 1)) & (case.q_slots.view(-1, 1) - slots < 12)
+    mask = keep.view(1, 1, 1, -1).expand(case.q.shape[0], 1, 1, -1)
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+
+    def rank(comm):
+        k, v, kv_slots = case.shard(comm.rank)
+        out, _, computed = decode_partials(comm, case.q, k, v, kv_slots, case.q_slots, layout=case.layout,
+                                           slot_mask=mask)
+        return out, computed
+    results = simulate(rank, world, timeout=20.0)
+    assert [c for _, c in results] == [False, False, True, True]
+    for out, _ in results:
+        assert (out.double() - reference(case)).abs().max().item() <= TOL[torch.float32]
