@@ -48,6 +48,7 @@ class DecodeRewrite:
     location: str
     rewritten: bool
     reason: str
+    pattern: str = "sdpa"  # or "eager-chain": HF's matmul-softmax-matmul spelling
 
 
 def is_gather(node: Any) -> bool:
@@ -194,7 +195,7 @@ def _rewrite_eager_chains(gm: fx.GraphModule) -> list[DecodeRewrite]:
         if chain is None:
             continue
         if isinstance(chain, str):
-            done.append(DecodeRewrite(location_of(sm), False, chain))
+            done.append(DecodeRewrite(location_of(sm), False, chain, "eager-chain"))
             continue
         keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = chain.gather.args
         layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
@@ -209,7 +210,7 @@ def _rewrite_eager_chains(gm: fx.GraphModule) -> list[DecodeRewrite]:
         gm.graph.erase_node(chain.output)
         _erase_unused(inputs + [chain.gather])
         done.append(DecodeRewrite(location_of(new), True, "decode_attention on this rank's cache shard "
-                                                          "(eager softmax chain)"))
+                                                          "(eager softmax chain)", "eager-chain"))
     return done
 
 
