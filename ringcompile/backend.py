@@ -87,7 +87,8 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[Decision]:
         log.warning("ringcompile: attention over the sharded KV cache left on the gathered cache: %s: %s",
                     type(exc).__name__, exc)
         return []
-    return [Decision("decode", d.location, "sdpa", "decode_attention", d.reason) for d in done if d.rewritten]
+    return [Decision("decode", d.location, "sdpa", d.reason.split(" ")[0], d.reason) for d in done
+            if d.rewritten]
 
 
 def _entry(state: PipelineState) -> CompiledGraph:

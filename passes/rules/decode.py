@@ -117,6 +117,8 @@ def why_not(node: fx.Node) -> str | None:
         return "the keys are not the cache read whole (sliced or reshaped along the sequence)"
     if args["dropout_p"] not in (0, 0.0):
         return "dropout on attention over a KV cache"
+    if args["is_causal"] not in (False, 0):
+        return "is_causal over a KV cache (HF passes a mask there; SDPA's top-left causal is not a cache's)"
     mask = _val(args["attn_mask"])
     if args["attn_mask"] is not None and (mask is None or mask.dtype != torch.bool):
         return (f"its mask is a {getattr(mask, 'dtype', 'non-tensor')} tensor (additive); only boolean masks "
@@ -146,16 +148,25 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
         q = _val(args["query"])
         scale = float(args["scale"]) if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
         layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
+        decode = isinstance(q.shape[2], int) and q.shape[2] == 1
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                torch.ops.ringcompile.decode_attention.default,
-                (args["query"], keys, values, slots, positions, args["attn_mask"], -1, -1, scale, group_name,
-                 float(timeout), layout))
+            if decode:
+                new = gm.graph.call_function(
+                    torch.ops.ringcompile.decode_attention.default,
+                    (args["query"], keys, values, slots, positions, args["attn_mask"], -1, -1, scale,
+                     group_name, float(timeout), layout))
+            else:       # a prompt chunk (multi-turn / chunked prefill): pass-KV or pass-Q, by the cost model
+                new = gm.graph.call_function(
+                    torch.ops.ringcompile.chunk_cache_attention.default,
+                    (args["query"], keys, values, slots, positions, args["attn_mask"], scale, group_name,
+                     float(timeout), layout, "auto"))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         _erase_unused([args["key"], args["value"], gather])
-        done.append(DecodeRewrite(location_of(new), True, "decode_attention on this rank's cache shard"))
+        what = ("decode_attention on this rank's cache shard" if decode
+                else "chunk_cache_attention (pass-KV / pass-Q) on this rank's cache shard")
+        done.append(DecodeRewrite(location_of(new), True, what))
     if any(d.rewritten for d in done):
         gm.graph.lint()
         gm.recompile()
