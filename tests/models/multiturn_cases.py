@@ -8,22 +8,43 @@ one process with HF's own DynamicCache."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from generate_cases import build
+from generate_compiled_cases import _Caught
 
 CHUNK, NEW = 5, 4
 MAX_CACHE = 40          # prompt 11 + 4 + chunk 5 + 4, cropped by 3 and 4 more: fits
 
 
-def _generate(model, ids, mask, cache):
+def _generate(model, ids, mask, cache, with_cache: bool = False):
     import inspect
 
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
               output_logits=True, return_dict_in_generate=True)
-    kw["cache" if "cache" in inspect.signature(model.generate).parameters else "past_key_values"] = cache
+    if cache is not None:
+        kw["cache" if "cache" in inspect.signature(model.generate).parameters else "past_key_values"] = cache
     with torch.no_grad():
         res = model.generate(**kw)
+    if with_cache:
+        return res.sequences, torch.stack(res.logits, 1), res.past_key_values
     return res.sequences, torch.stack(res.logits, 1)
+
+
+def _prepared_two_turns(model, ids, mask, chunk, max_cache_len: int) -> dict:
+    """``prepare(model, max_cache_len=M)``: turn 1 with no cache gets a compiled sharded cache; turn 2
+    passes the cache generate returned, which prepare reuses as it is."""
+    from ringcompile.serving import prepare
+    from ringcompile.serving.compiled_cache import CompiledShardedLayer
+
+    prepare(model, max_cache_len=max_cache_len)
+    seq1, logits1, cache = _generate(model, ids, mask, None, with_cache=True)
+    ids2 = torch.cat([seq1, chunk], 1)
+    mask2 = torch.cat([mask, torch.ones_like(ids2[:, mask.shape[1]:])], 1)
+    seq2, logits2, cache2 = _generate(model, ids2, mask2, cache, with_cache=True)
+    return {"turns": [(seq1, logits1), (seq2, logits2)], "reused": cache2 is cache,
+            "sharded": all(isinstance(layer, CompiledShardedLayer) for layer in cache.layers)}
 
 
 def _conversation(model, ids, mask, cache, chunk) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -77,4 +98,12 @@ def multiturn(rank: int, world: int) -> dict:
             "chunk_calls": len(asked), "cost_model_choice": sorted(set(asked)),
             "filled": [layer.filled() for layer in cache.layers], "global_len": int(cache.get_seq_length()),
             "unsharded": [d.reason for d in decisions if d.leaves_attention_unsharded]}
+    with _Caught() as caught:
+        prepared = _prepared_two_turns(model, ids, mask, chunk, MAX_CACHE)
+    out["prepared"] = {
+        "same_tokens": [bool(torch.equal(g[0], w[0])) for g, w in zip(prepared["turns"], want, strict=False)],
+        "logit_error": max(float((g[1] - w[1]).abs().max()) for g, w in zip(prepared["turns"], want,
+                                                                              strict=False)),
+        "reused": prepared["reused"], "sharded": prepared["sharded"],
+        "warnings": [r.getMessage() for r in caught.records if r.levelno >= logging.WARNING]}
     return out

@@ -33,3 +33,7 @@ def test_multiturn_and_crop_over_a_compiled_sharded_cache_match_one_process():
             assert all(r["chunk_rewrites"] == 2 for r in per_rank), per_rank
         filled = [sum(r["filled"]) for r in per_rank]        # every kept slot on exactly one rank
         assert sum(filled) == per_rank[0]["global_len"] * len(per_rank[0]["filled"]), (method, filled)
+    for r in results:          # prepare: turn 2 reuses turn 1's compiled sharded cache, no WARNING
+        got = r["prepared"]
+        assert got["same_tokens"] == [True, True] and got["logit_error"] < 1e-4, got
+        assert got["reused"] and got["sharded"] and not got["warnings"], got
