@@ -8,7 +8,10 @@ K and V are such a read, with a boolean mask (or none), no dropout, becomes one
 positions (all arguments of the gather), with the mask passed whole (it is gathered at the shard's
 slots inside the op): the queries stay replicated, each rank attends its shard, partials are merged
 across ranks. Nothing is gathered, and the graph has fixed shapes (the cache is preallocated), so
-one decode graph serves every token.
+one decode graph serves every token. An SDPA whose query length is not statically 1 (a later prompt
+chunk: multi-turn / chunked prefill) becomes ``torch.ops.ringcompile.chunk_cache_attention`` instead
+(``runtime/chunk_op.py``: each rank takes its share of the chunk's queries, pass-KV or pass-Q by the
+cost model, outputs all-gathered back).
 
 ``rewrite_cache_attention`` runs on the Dynamo graph before the pipeline (the op needs the gather's
 arguments, which the pipeline's sharding would otherwise treat as replicated inputs). An SDPA on the

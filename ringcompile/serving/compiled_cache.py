@@ -15,7 +15,9 @@ attention function understands. This layer is what ``sharded_cache(..., compiled
 * later ``update``s return ``ringcompile::cache_gather``: the whole cache at global slots, shaped
   like HF's StaticCache (masks are sized ``max_cache_len``). The backend's decode rewrite
   (``passes/rules/decode.py``) turns an SDPA reading it into ``decode_attention`` on the shard; any
-  attention it cannot rewrite reads the gathered cache (correct, with a WARNING).
+  attention it cannot rewrite reads the gathered cache (correct, with a WARNING); a later prompt
+  chunk (multi-turn) reading it becomes ``chunk_cache_attention`` (pass-KV / pass-Q);
+* ``crop`` (speculative decoding's rollback) drops this rank's slots >= n in place.
 """
 
 from __future__ import annotations
