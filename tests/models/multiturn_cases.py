@@ -48,7 +48,8 @@ def _prepared_two_turns(model, ids, mask, chunk, max_cache_len: int) -> dict:
 
 
 def _conversation(model, ids, mask, cache, chunk) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(sequences, logits) of turn 1, turn 2 (a new chunk) and the continuation after crop(-3)."""
+    """(sequences, logits) of turn 1, turn 2 (a new chunk), the continuation after crop(-3) and turn 3
+    (a chunk of another length: Dynamo may make the query length dynamic)."""
     seq1, logits1 = _generate(model, ids, mask, cache)
     ids2 = torch.cat([seq1, chunk], 1)
     mask2 = torch.cat([mask, torch.ones_like(ids2[:, mask.shape[1]:])], 1)
@@ -57,7 +58,10 @@ def _conversation(model, ids, mask, cache, chunk) -> list[tuple[torch.Tensor, to
     kept = int(cache.get_seq_length())
     mask3 = torch.cat([mask2, torch.ones_like(seq2[:, mask2.shape[1]:])], 1)[:, :kept + 1]
     seq3, logits3 = _generate(model, seq2[:, :kept + 1], mask3, cache)     # one uncached token
-    return [(seq1, logits1), (seq2, logits2), (seq3, logits3)]
+    ids4 = torch.cat([seq3, chunk[:, :3]], 1)          # turn 3: a chunk of another length
+    mask4 = torch.cat([mask3, torch.ones_like(ids4[:, mask3.shape[1]:])], 1)
+    seq4, logits4 = _generate(model, ids4, mask4, cache)
+    return [(seq1, logits1), (seq2, logits2), (seq3, logits3), (seq4, logits4)]
 
 
 def multiturn(rank: int, world: int) -> dict:
