@@ -104,7 +104,7 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[De
         log.warning("ringcompile: attention over the sharded KV cache left on the gathered cache: %s: %s",
                     type(exc).__name__, exc)
         return gm, []
-    decided = [Decision("decode", d.location, d.pattern, "decode_attention", d.reason)
+    decided = [Decision("decode", d.location, d.pattern, d.reason.split(" ")[0], d.reason)
                for d in done if d.rewritten]
     return (work, decided) if decided else (gm, [])
 

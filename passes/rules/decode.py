@@ -8,7 +8,10 @@ K and V are such a read, with a boolean mask (or none), no dropout, becomes one
 positions (all arguments of the gather), with the mask passed whole (it is gathered at the shard's
 slots inside the op): the queries stay replicated, each rank attends its shard, partials are merged
 across ranks. Nothing is gathered, and the graph has fixed shapes (the cache is preallocated), so
-one decode graph serves every token.
+one decode graph serves every token. An SDPA whose query length is not statically 1 (a later prompt
+chunk: multi-turn / chunked prefill) becomes ``torch.ops.ringcompile.chunk_cache_attention`` instead
+(``runtime/chunk_op.py``: each rank takes its share of the chunk's queries, pass-KV or pass-Q by the
+cost model, outputs all-gathered back).
 
 ``rewrite_cache_attention`` runs on the Dynamo graph before the pipeline (the op needs the gather's
 arguments, which the pipeline's sharding would otherwise treat as replicated inputs). An SDPA on the
@@ -121,6 +124,8 @@ def why_not(node: fx.Node) -> str | None:
         return "the keys are not the cache read whole (sliced or reshaped along the sequence)"
     if args["dropout_p"] not in (0, 0.0):
         return "dropout on attention over a KV cache"
+    if args["is_causal"] not in (False, 0):
+        return "is_causal over a KV cache (HF passes a mask there; SDPA's top-left causal is not a cache's)"
     reason = _mask_problem(args["attn_mask"], q, kf[0].shape[2])
     if reason is not None:
         return reason
@@ -166,16 +171,29 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
         q = _val(args["query"])
         scale = float(args["scale"]) if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
         layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
+        mask = _val(args["attn_mask"])
+        # a prompt chunk takes the chunk op, which slices a boolean mask per rank; an additive mask on a
+        # chunk stays with decode_attention (replicated queries, the mask passed whole: correct, not cheaper)
+        decode = (isinstance(q.shape[2], int) and q.shape[2] == 1) or (
+            isinstance(mask, torch.Tensor) and mask.dtype != torch.bool)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(
-                torch.ops.ringcompile.decode_attention.default,
-                (args["query"], keys, values, slots, positions, args["attn_mask"], -1, -1, scale, group_name,
-                 float(timeout), layout))
+            if decode:
+                new = gm.graph.call_function(
+                    torch.ops.ringcompile.decode_attention.default,
+                    (args["query"], keys, values, slots, positions, args["attn_mask"], -1, -1, scale,
+                     group_name, float(timeout), layout))
+            else:       # a prompt chunk (multi-turn / chunked prefill): pass-KV or pass-Q, by the cost model
+                new = gm.graph.call_function(
+                    torch.ops.ringcompile.chunk_cache_attention.default,
+                    (args["query"], keys, values, slots, positions, args["attn_mask"], scale, group_name,
+                     float(timeout), layout, "auto"))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         _erase_unused([args["key"], args["value"], gather])
-        done.append(DecodeRewrite(location_of(new), True, "decode_attention on this rank's cache shard"))
+        what = ("decode_attention on this rank's cache shard" if decode
+                else "chunk_cache_attention (pass-KV / pass-Q) on this rank's cache shard")
+        done.append(DecodeRewrite(location_of(new), True, what))
     done += _rewrite_eager_chains(gm)
     if any(d.rewritten for d in done):
         gm.graph.lint()

@@ -26,6 +26,7 @@ from ringcompile.cache_codes import COMPILED_POLICY as POLICY
 from ringcompile.cache_codes import COMPILED_PREFILL_LAYOUT as PREFILL_LAYOUT
 from ringcompile.errors import ShapeMismatchError
 
+from . import chunk_op as _chunk_op  # noqa: F401  (registers chunk_cache_attention, which the decode rule emits)
 from . import decode_op as _decode_op  # noqa: F401  (registers decode_attention, which the decode rule emits)
 from .cache_layout import CacheLayout
 

@@ -6,7 +6,11 @@ shard a cache it never sees (docs/ARCHITECTURE.md "Serving"). The opt-in is expl
 fresh (empty) ``DynamicCache`` / ``StaticCache``, runs with ``sharded_cache(..., compiled=True)``
 instead, sized for the call: the StaticCache's ``max_cache_len``, else ``prepare``'s
 ``max_cache_len``, else prompt length + ``max_new_tokens``. A cache that already holds tokens
-(multi-turn), another cache class, or one rank, is passed through unchanged. The sharded cache is
+(multi-turn), another cache class, or one rank, is passed through unchanged: a compiled sharded
+cache from an earlier turn is reused as it is (its later chunks run as ``chunk_cache_attention``;
+size it for every turn with ``prepare(model, max_cache_len=M)``); a plain HF cache that already
+holds tokens cannot be sharded after the fact, so it stays (the gathered fallback, correct) with a
+WARNING. The sharded cache is
 what ``generate`` returns (``past_key_values``); a fresh cache the caller passed stays empty.
 """
 
@@ -48,7 +52,13 @@ def prepare(model: Any, max_cache_len: int | None = None, *, group: Any = None, 
     @functools.wraps(plain_generate)
     def generate(*args: Any, **kwargs: Any) -> Any:
         name = next((k for k in _CACHE_KWARGS if k in kwargs), default_kwarg)
-        length = _fresh_cache_length(kwargs.get(name), max_cache_len, args, kwargs)
+        cache = kwargs.get(name)
+        length = _fresh_cache_length(cache, max_cache_len, args, kwargs)
+        if length is None and cache is not None and not _is_compiled_sharded(cache):
+            log.warning("ringcompile.serving.prepare: generate got a %s that already holds tokens or is not "
+                        "HF's own class; it is kept unsharded (every rank holds the whole cache; correct). "
+                        "Start the conversation with no cache (or a fresh one) so prepare shards it",
+                        type(cache).__name__)
         if length is not None:
             kwargs[name] = sharded_cache(layers, rank, world, group=group, timeout=timeout,
                                          max_cache_len=length, compiled=True)
@@ -57,6 +67,14 @@ def prepare(model: Any, max_cache_len: int | None = None, *, group: Any = None, 
     generate._ringcompile_prepared = True  # type: ignore[attr-defined]
     model.generate = generate
     return model
+
+
+def _is_compiled_sharded(cache: Any) -> bool:
+    """A cache of ``sharded_cache(..., compiled=True)`` (from an earlier turn): reused as it is."""
+    from .compiled_cache import CompiledShardedLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, CompiledShardedLayer) for layer in layers)
 
 
 def _cache_kwarg(model: Any) -> str:

@@ -15,7 +15,9 @@ attention function understands. This layer is what ``sharded_cache(..., compiled
 * later ``update``s return ``ringcompile::cache_gather``: the whole cache at global slots, shaped
   like HF's StaticCache (masks are sized ``max_cache_len``). The backend's decode rewrite
   (``passes/rules/decode.py``) turns an SDPA reading it into ``decode_attention`` on the shard; any
-  attention it cannot rewrite reads the gathered cache (correct, with a WARNING).
+  attention it cannot rewrite reads the gathered cache (correct, with a WARNING); a later prompt
+  chunk (multi-turn) reading it becomes ``chunk_cache_attention`` (pass-KV / pass-Q);
+* ``crop`` (speculative decoding's rollback) drops this rank's slots >= n in place.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ringcompile.errors import OptionError
 from ringcompile.runtime.cache_append import cache_append, cache_gather, shard_capacity, shard_layout
 from ringcompile.runtime.cache_layout import CacheLayout
 
@@ -39,7 +42,7 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
     """One layer's preallocated K/V shard on this rank; the model sees the global cache shape."""
 
     is_compileable = False   # True would make generate compile forward itself (with Inductor)
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, rank: int, world: int, max_cache_len: int, group_name: str = "default",
                  timeout: float = 60.0) -> None:
@@ -82,6 +85,26 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
             return key_states, value_states
         return cache_gather(self.keys, self.values, self.slots, positions, self.max_cache_len,
                             self.prefill_len, self.group_name, self.timeout)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the global slots at and after the new length on this rank (speculative decoding's
+        rollback). ``tokens_to_remove`` <= 0 removes that many tokens (HF >= 5); > 0 is the legacy
+        absolute length. In place (the shard stays preallocated): dropped entries get slot -1 and zeros,
+        and since an entry's local index depends only on its slot, later appends refill them."""
+        if not self.is_initialized:
+            return
+        length = int(self.cumulative_length)
+        new_len = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
+        if new_len < 0:
+            raise OptionError(f"cannot crop {-tokens_to_remove} tokens from a cache of {length} slots; pass "
+                              "-k with k <= the cache length (or the new length, > 0)")
+        if new_len >= length:
+            return
+        drop = self.slots >= new_len
+        self.keys[:, :, drop] = 0
+        self.values[:, :, drop] = 0
+        self.slots[drop] = -1
+        self.cumulative_length.fill_(new_len)
 
     def filled(self) -> int:
         """Entries written on this rank (outside a graph: reads the slots buffer)."""

@@ -142,6 +142,31 @@ def test_sharded_chunk_against_sharded_cache(world, method, kw):
         assert (out[:, :, ~rows] == 0).all()
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("method", ["pass_q", "pass_kv"])
+def test_chunk_with_the_models_own_mask_equals_padding_and_window(world, method):
+    """A model's boolean mask over global slots (``slot_mask``, this rank's rows; how a compiled
+    graph's HF mask reaches ``chunk_cache_attention``) in place of key_padding + window: same float64
+    answer; under pass-Q the mask rows travel with the queries."""
+    case = make_case(40 + world, world, q_len=7, prefill=12, appended=7, window=6, heads=(4, 2))
+    want = reference(case)
+    T = case.cache_len
+
+    def rank(comm):
+        q, q_slots, k, v, slots = chunk_shards(case, world, comm.rank)
+        t = torch.arange(T)
+        keep = (q_slots.view(-1, 1) - t.view(1, -1) < case.window) & case.key_padding.bool().view(-1, 1, T)
+        out = chunk_attention(q, k, v, q_slots=q_slots, kv_slots=slots, cache_len=T, method=method,
+                              slot_mask=keep.unsqueeze(1), comm=comm)
+        return out, q_slots
+
+    c0 = T - case.q.shape[2]
+    for out, q_slots in simulate(rank, world, timeout=20.0):
+        rows = q_slots >= 0
+        got, ref = out[:, :, rows].double(), want[:, :, q_slots[rows] - c0]
+        assert (got - ref).abs().max().item() <= TOL[case.q.dtype]
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_pass_kv_rotates_the_shards_and_overlaps_each_transfer_with_compute(world, monkeypatch):
     """pass-KV is a ring: N - 1 shard transfers and no cache all_gather; the transfer of step s starts

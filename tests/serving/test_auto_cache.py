@@ -50,3 +50,34 @@ def test_prepare_on_one_rank_keeps_generate_and_rejects_an_empty_cache_length():
     assert prepare(model) is model and model.generate == generate
     with pytest.raises(OptionError, match="at least one slot"):
         prepare(model, max_cache_len=0)
+
+
+def test_prepare_warns_for_a_plain_cache_that_already_holds_tokens(monkeypatch, caplog):
+    """Multi-turn with HF's own cache: prepare cannot shard it after the fact; it is kept (correct) and
+    a WARNING says so. Our compiled sharded cache is recognised for reuse. (World size 2 stood in.)"""
+    import logging
+    import types
+
+    from transformers import DynamicCache, LlamaForCausalLM
+
+    from ringcompile.serving import auto_cache
+    from ringcompile.serving.compiled_cache import CompiledShardedLayer
+
+    two_ranks = types.SimpleNamespace(rank=0, world_size=2)
+    monkeypatch.setattr(auto_cache, "resolve_group", lambda group: two_ranks)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config()).eval()
+    ids = torch.randint(0, 64, (1, int(torch.randint(3, 7, ()))))
+    used = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=used)
+    auto_cache.prepare(model)
+    more = torch.cat([ids, torch.randint(0, 64, (1, 2))], 1)
+    with caplog.at_level(logging.WARNING, logger="ringcompile"), torch.no_grad():
+        out = model.generate(input_ids=more, past_key_values=used, max_new_tokens=1, do_sample=False)
+    assert out.shape[1] == more.shape[1] + 1
+    assert any("already holds tokens" in r.getMessage() for r in caplog.records), caplog.records
+    assert not auto_cache._is_compiled_sharded(used)
+    sharded = DynamicCache()
+    sharded.layers = [CompiledShardedLayer(0, 2, 8) for _ in range(2)]
+    assert auto_cache._is_compiled_sharded(sharded)
