@@ -146,14 +146,14 @@ def llama_prepared(rank: int, world: int) -> dict:
     return out
 
 
-def _generate_with_cache(model, ids, mask, cache):
-    """generate_cases.generate, also returning the cache generate used."""
+def _generate_with_cache(model, ids, mask, cache, new: int | None = None):
+    """generate_cases.generate (``new`` tokens, default its NEW), also returning the cache generate used."""
     import inspect
 
     from generate_cases import NEW
 
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-              output_logits=True, return_dict_in_generate=True)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW if new is None else new,
+              do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
     if cache is not None:
         kw["cache" if "cache" in inspect.signature(model.generate).parameters else "past_key_values"] = cache
     with torch.no_grad():

@@ -12,24 +12,17 @@ import logging
 
 import torch
 from generate_cases import build
-from generate_compiled_cases import _Caught
+from generate_compiled_cases import _Caught, _generate_with_cache
 
 CHUNK, NEW = 5, 4
 MAX_CACHE = 40          # prompt 11 + 4 + chunk 5 + 4, cropped by 3 and 4 more: fits
 
 
 def _generate(model, ids, mask, cache, with_cache: bool = False):
-    import inspect
-
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-              output_logits=True, return_dict_in_generate=True)
-    if cache is not None:
-        kw["cache" if "cache" in inspect.signature(model.generate).parameters else "past_key_values"] = cache
-    with torch.no_grad():
-        res = model.generate(**kw)
-    if with_cache:
-        return res.sequences, torch.stack(res.logits, 1), res.past_key_values
-    return res.sequences, torch.stack(res.logits, 1)
+    """Greedy NEW tokens: (prompt + new tokens, logits[, the cache generate used])."""
+    new, logits, used = _generate_with_cache(model, ids, mask, cache, new=NEW)
+    sequences = torch.cat([ids, new], 1)
+    return (sequences, logits, used) if with_cache else (sequences, logits)
 
 
 def _prepared_two_turns(model, ids, mask, chunk, max_cache_len: int) -> dict:
