@@ -136,3 +136,41 @@ def test_no_second_pass_without_dead_rows(monkeypatch, world, strategy):
     for g, w in zip(torch.autograd.grad(out, [q, k, v], dout), torch.autograd.grad(ref, [q, k, v], dout),
                     strict=True):
         torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("world,strategy,inner", [(1, "local", None), (2, "ring", None), (2, "zigzag", None),
+                                                  (4, "hybrid", 2)])
+@pytest.mark.parametrize("additive", [False, True])
+def test_dead_rows_under_dropout_match_eager(world, strategy, inner, additive):
+    """Attention dropout with dead rows: eager gives a dead row dropout(softmax(s + c)) (uniform weights
+    for a fill), dropped with the same global keep mask as every other row. The bias-form pass runs the
+    same strategy with the same seed on global indices, so it is exact: out and grads vs float64 eager."""
+    from ringcompile.kernels.reference import attention_reference
+
+    torch.manual_seed(1000 + world + int(additive))
+    mask, score, form = _forms(_query_padding_keep, MIN32, additive, True)
+    pm = _padding("query")
+    q, k, v = (torch.randn(B, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kb = torch.randn(H, S, dtype=torch.float64, requires_grad=True)
+    p, seed = 0.3, 4242
+    layout = "zigzag" if strategy == "zigzag" else None
+    out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, layout=layout, mask=mask,
+                                   mask_extras=[pm], score=score, score_extras=[kb], dead_rows=form,
+                                   kernel="cpu", inner_size=inner, dropout_p=p, dropout_seed=seed)
+
+    def eager_scores(s, b, h, qi, kv, pm_, kb_):  # the model's own ops: bias, then the constant
+        s = s + kb_[h, kv]
+        keep = _query_padding_keep(b, h, qi, kv, pm_)
+        return s + torch.where(keep, 0.0, MIN32) if additive else s.masked_fill(~keep, MIN32)
+
+    ref = attention_reference(q, k, v, score=Mod(eager_scores, False, "custom", n_extras=2),
+                              score_extras=[pm, kb], dropout_p=p, dropout_seed=seed)
+    plain = attention_reference(q, k, v, score=Mod(eager_scores, False, "custom", n_extras=2),
+                                score_extras=[pm, kb])
+    assert not torch.allclose(ref, plain), "dropout must drop something"
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    dout = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [q, k, v, kb], dout)
+    want = torch.autograd.grad(ref, [q, k, v, kb], dout)
+    for name, g, w in zip("q k v kb".split(), got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
