@@ -63,7 +63,8 @@ class AutocastThenFull(NoGradThenGrad):
 
 
 def compare(cls: type = NoGradThenGrad, dtype: torch.dtype = torch.float64) -> dict:
-    """Output and per-parameter gradient errors (None on exactly one side is ``inf``)."""
+    """Output error and per-parameter relative gradient errors (None on exactly one side, or a gradient
+    of another dtype than its parameter, is ``inf``)."""
     from ringcompile import backend
 
     torch.manual_seed(0)
@@ -82,9 +83,12 @@ def compare(cls: type = NoGradThenGrad, dtype: torch.dtype = torch.float64) -> d
         if p.grad is None or q.grad is None:
             grads[name] = None if p.grad is None and q.grad is None else float("inf")
         else:
-            grads[name] = (p.grad - q.grad).abs().max().item()
+            grads[name] = ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30)).item()
+        if p.grad is not None and p.grad.dtype != p.dtype:
+            grads[name] = float("inf")
     entries = backend.HISTORY[first:]
-    return {"out": (out - r_out).abs().max().item(), "grads": grads,
+    return {"out": (out - r_out).abs().max().item(), "grads": grads, "dtype": str(out.dtype),
+            "ref_dtype": str(r_out.dtype),
             "rewritten": sum(s.rewritten for e in entries for s in e.sites),
             "sharded": any(e.graph is not None and e.graph.meta.get("ringcompile_shard") is not None
                            for e in entries)}

@@ -32,8 +32,9 @@ def test_no_grad_then_grad_two_ranks():
 
 _MORE = ["case_enable_grad_inside_no_grad", "case_inference_mode", "case_autocast_bf16"]
 # bf16 autocast: both sides round the same ops to bf16, but the ring's blockwise softmax sums in a
-# different order, so the autocast step differs at bf16 resolution
-_TOLS = {"case_enable_grad_inside_no_grad": TOL, "case_inference_mode": TOL, "case_autocast_bf16": 5e-2}
+# different order, so the autocast step differs at bf16 resolution (measured: out 3.9e-3 abs,
+# grads rel 3.1e-3 / 1.9e-3 at world 1 / 2; the gradient errors are relative)
+_TOLS = {"case_enable_grad_inside_no_grad": TOL, "case_inference_mode": TOL, "case_autocast_bf16": 1e-2}
 
 
 @pytest.mark.multirank
@@ -48,7 +49,7 @@ def test_other_grad_mode_switches(world):
         for res in results[name]:
             assert res is not None and "error" not in res, (name, res)
             tol = _TOLS[name]
-            assert res["out"] < tol, (name, res)
+            assert res["out"] < tol and res["dtype"] == res["ref_dtype"], (name, res)
             bad = {k: v for k, v in res["grads"].items() if v is not None and not v < tol}
             assert not bad, (name, bad)
             if name == "case_inference_mode":
