@@ -89,6 +89,7 @@ def compare(cls: type = NoGradThenGrad, dtype: torch.dtype = torch.float64) -> d
     entries = backend.HISTORY[first:]
     return {"out": (out - r_out).abs().max().item(), "grads": grads, "dtype": str(out.dtype),
             "ref_dtype": str(r_out.dtype),
+            "reasons": [e.fallback_reason for e in entries if e.fallback_reason],
             "rewritten": sum(s.rewritten for e in entries for s in e.sites),
             "sharded": any(e.graph is not None and e.graph.meta.get("ringcompile_shard") is not None
                            for e in entries)}

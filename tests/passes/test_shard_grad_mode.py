@@ -54,5 +54,6 @@ def test_other_grad_mode_switches(world):
             assert not bad, (name, bad)
             if name == "case_inference_mode":
                 assert not res["sharded"] and res["rewritten"] == 0, res
+                assert any("inference_mode" in r for r in res["reasons"]), res
             else:
                 assert res["rewritten"] >= 2 and (res["sharded"] or world == 1), (name, res)
