@@ -43,12 +43,28 @@ def _is_module_state(source: str | None) -> bool:
                                          "_buffers", "_parameters"))
 
 
+# Mode switches Dynamo records that the pre-dispatch retrace drops (torch 2.11-2.13): the ops after them
+# would run with grad on, so the retraced graph would train what the model never differentiates.
+_DROPPED_MODE_SWITCHES = ("_enter_inference_mode", "_exit_inference_mode")
+
+
+def _refuse_dropped_modes(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        name = getattr(node.target, "__name__", "")
+        if node.op == "call_function" and name in _DROPPED_MODE_SWITCHES:
+            raise UnsupportedPatternError(
+                f"the graph switches torch.inference_mode ({name}), which the aten retrace drops (the "
+                "inference-mode ops would get gradients); the graph is left unchanged. Use torch.no_grad() "
+                "inside the compiled model instead")
+
+
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Retrace ``gm`` (a Dynamo graph) into an aten pre-dispatch graph with fake-tensor metadata.
 
     Placeholders of the result match ``gm``'s one to one (SymInt placeholders included), carry
     ``meta["ringcompile_source"]`` and, for module buffers/parameters, ``meta["ringcompile_example"]``.
     """
+    _refuse_dropped_modes(gm)
     if hops.has_hops(gm):
         gm = hops.flatten_hops(gm)  # a copy: the original graph stays intact for the fallback
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -123,12 +123,16 @@ def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: i
     return "contiguous"
 
 
-_GRAD_MODE_SETTERS = (torch._C._set_grad_enabled, torch.set_grad_enabled)
+_GRAD_MODE_SETTERS = (torch._C._set_grad_enabled, torch.set_grad_enabled,
+                      torch.amp.autocast_mode._enter_autocast, torch.amp.autocast_mode._exit_autocast)
 
 
 def grad_mode_regions(graph: fx.Graph) -> dict[fx.Node, int]:
     """Node -> index of the grad-mode region it runs in (a new region after every grad-mode switch that
-    Dynamo recorded, e.g. ``with torch.no_grad()`` inside the model)."""
+    Dynamo recorded, e.g. ``with torch.no_grad()`` inside the model, and at every autocast enter/exit, so a
+    conversion made under autocast is never reused outside it). ``torch.inference_mode`` never gets here:
+    normalize refuses it; the ``wrap_with_set_grad_enabled`` / ``wrap_with_autocast`` HOPs are refused by
+    passes.hops."""
     region, out = 0, {}
     for n in graph.nodes:
         if n.op == "call_function" and n.target in _GRAD_MODE_SETTERS:

@@ -33,13 +33,43 @@ class NoGradThenGrad(torch.nn.Module):
         return self.step(x + z)
 
 
-def compare() -> dict:
-    """Output and per-parameter gradient errors (None on exactly one side is ``inf``), float64."""
+class EnableGradInsideNoGrad(NoGradThenGrad):
+    """``torch.enable_grad()`` nested in ``no_grad``: the inner step trains, the outer one does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.only_no_grad(self.step(x))
+            with torch.enable_grad():
+                w = self.step(x + z)
+        return self.step(x + w)
+
+
+class InferenceModeThenGrad(NoGradThenGrad):
+    """``torch.inference_mode()`` inside the model (the aten retrace drops it: the backend must fall back)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            z = self.only_no_grad(self.step(x))
+        return self.step(x + z.clone())
+
+
+class AutocastThenFull(NoGradThenGrad):
+    """A bf16 CPU autocast step, then a float32 step on the same weights and input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = self.step(x)
+        return self.step(x) + z.float()
+
+
+def compare(cls: type = NoGradThenGrad, dtype: torch.dtype = torch.float64) -> dict:
+    """Output error and per-parameter relative gradient errors (None on exactly one side, or a gradient
+    of another dtype than its parameter, is ``inf``)."""
     from ringcompile import backend
 
     torch.manual_seed(0)
-    model = NoGradThenGrad().double()
-    x = torch.randn(B, S, H * D, dtype=torch.float64)
+    model = cls().to(dtype)
+    x = torch.randn(B, S, H * D, dtype=dtype)
     torch._dynamo.reset()
     ref = copy.deepcopy(model)
     first = len(backend.HISTORY)
@@ -53,9 +83,13 @@ def compare() -> dict:
         if p.grad is None or q.grad is None:
             grads[name] = None if p.grad is None and q.grad is None else float("inf")
         else:
-            grads[name] = (p.grad - q.grad).abs().max().item()
+            grads[name] = ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-30)).item()
+        if p.grad is not None and p.grad.dtype != p.dtype:
+            grads[name] = float("inf")
     entries = backend.HISTORY[first:]
-    return {"out": (out - r_out).abs().max().item(), "grads": grads,
+    return {"out": (out - r_out).abs().max().item(), "grads": grads, "dtype": str(out.dtype),
+            "ref_dtype": str(r_out.dtype),
+            "reasons": [e.fallback_reason for e in entries if e.fallback_reason],
             "rewritten": sum(s.rewritten for e in entries for s in e.sites),
             "sharded": any(e.graph is not None and e.graph.meta.get("ringcompile_shard") is not None
                            for e in entries)}
@@ -63,3 +97,15 @@ def compare() -> dict:
 
 def case_no_grad_then_grad(rank, world):
     return compare()
+
+
+def case_enable_grad_inside_no_grad(rank, world):
+    return compare(EnableGradInsideNoGrad)
+
+
+def case_inference_mode(rank, world):
+    return compare(InferenceModeThenGrad)
+
+
+def case_autocast_bf16(rank, world):
+    return compare(AutocastThenFull, torch.float32)
