@@ -99,6 +99,49 @@ def cache_read(node: Any) -> tuple[fx.Node, int, list[fx.Node]] | None:
     return None
 
 
+def _dims(node: Any) -> tuple[str, ...] | None:
+    val = _val(node)
+    return tuple(str(d) for d in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _is_expand(node: fx.Node) -> bool:
+    return (node.op == "call_method" and node.target == "expand") or (
+        node.op == "call_function" and node.target == aten.expand.default)
+
+
+def read_problem(read: tuple[fx.Node, int, list[fx.Node]]) -> str | None:
+    """Why a walked ``cache_read`` is not the layer's keys / values whole with their heads repeated in
+    repeat_kv's order (query head h reads kv head h // g, what decode_attention assumes); None: it is.
+
+    Judged from the shapes along the walk, which the view ops between them fix (row-major): every
+    step is the cache (B, Hkv, T, D), that with a head copy dim (B, Hkv, 1 or g, T, D), or at the end
+    (B, Hkv * g, T, D); an expand keeps its input's rank (no broadcast that adds leading dims). A
+    tile-order repeat (B, g, Hkv, T, D), a slice or a reshape along the sequence fails."""
+    gather, index, walked = read
+    cache = _val(gather)
+    if not isinstance(cache, (tuple, list)) or len(cache) != 2 or not isinstance(cache[index], torch.Tensor):
+        return "its cache read has no shape recorded"
+    base = tuple(str(d) for d in cache[index].shape)
+    final = _dims(walked[0])
+    if len(base) != 4 or final is None or len(final) != 4:
+        return "only 4-D (B, H, S, D) reads of a sharded cache are rewritten"
+    B, hkv, T, D = base
+    if not (hkv.isdigit() and final[1].isdigit()) or int(final[1]) % int(hkv):
+        return f"its keys / values have {final[1]} heads, not a multiple of the cache's {hkv}"
+    g = str(int(final[1]) // int(hkv))
+    allowed = {base, (B, hkv, "1", T, D), (B, hkv, g, T, D)}
+    if final != (B, str(int(hkv) * int(g)), T, D):
+        return "its keys / values are not the cache read whole (sliced or reshaped along the sequence)"
+    for node in walked[1:]:
+        if _dims(node) not in allowed:
+            return ("its keys / values pass through a shape other than repeat_kv's (B, Hkv, g, T, D) "
+                    "(another head order, a slice or a reshape)")
+    for node in walked:
+        if _is_expand(node) and len(_dims(node.args[0]) or ()) != len(_dims(node) or ()):
+            return "its keys / values are expanded with new leading dims (not repeat_kv's head copies)"
+    return None
+
+
 def _sdpa_args(node: fx.Node) -> dict[str, Any]:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
     args: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
@@ -114,6 +157,9 @@ def why_not(node: fx.Node) -> str | None:
     k, v = cache_read(args["key"]), cache_read(args["value"])
     if k is None or v is None or k[0] is not v[0] or (k[1], v[1]) != (0, 1):
         return "its keys and values are not the keys and values of one sharded cache layer"
+    reason = read_problem(k) or read_problem(v)
+    if reason is not None:
+        return reason
     q, kf = _val(args["query"]), _val(k[0])
     if q is None or kf is None or q.dim() != 4:
         return "only 4-D (B, H, S, D) attention on a sharded cache is rewritten"
@@ -412,6 +458,9 @@ def match_eager_chain(sm: fx.Node) -> EagerChain | str | None:
     v_read = cache_read(out.args[1])
     if v_read is None or v_read[0] is not read[0] or v_read[1] != 1:
         return "its probabilities multiply something other than the same cache layer's values"
+    reason = read_problem(read) or read_problem(v_read)
+    if reason is not None:
+        return reason
     q = _val(query)
     if q is None or q.dim() != 4:
         return "only 4-D (B, H, S, D) attention on a sharded cache is rewritten"

@@ -138,6 +138,11 @@ def _spelled(kind: str):
 
     def fn(q, keys, values, slots, positions, mask, bias):
         kk, vv = torch.ops.ringcompile.cache_gather(keys, values, slots, positions, 12, 7, "single", 10.0)
+        if kind == "tile-order":     # query head h reads kv head h % 2 (aten's unsqueeze, at dim 1)
+            kk = torch.ops.aten.unsqueeze.default(kk, 1).expand(-1, 2, -1, -1, -1).reshape(2, 4, 12, 8)
+            vv = torch.ops.aten.unsqueeze.default(vv, 1).expand(-1, 2, -1, -1, -1).reshape(2, 4, 12, 8)
+            s = torch.matmul(q, kk.transpose(2, 3)) * 0.3 + mask
+            return torch.softmax(s, -1) @ vv
         kk = kk[:, :, None].expand(-1, -1, 2, -1, -1).reshape(2, 4, 12, 8)      # repeat_kv
         vv = vv[:, :, None].expand(-1, -1, 2, -1, -1).reshape(2, 4, 12, 8)
         if kind == "llama":
@@ -156,7 +161,8 @@ def _spelled(kind: str):
 
 @pytest.mark.parametrize("kind,rewritten,why", [
     ("llama", True, ""), ("div-mask-first", True, ""),
-    ("softcap", False, "softcap"), ("two-terms", False, "more than one additive term")])
+    ("softcap", False, "softcap"), ("two-terms", False, "more than one additive term"),
+    ("tile-order", False, "head order")])
 def test_eager_chain_spellings_over_the_gathered_cache(kind, rewritten, why):
     """Plain chains become decode_attention and equal float64 over the unsharded cache (additive mask with
     left padding); chains that are not plain stay on the gathered cache with their reason (still right)."""
@@ -182,13 +188,16 @@ def test_eager_chain_spellings_over_the_gathered_cache(kind, rewritten, why):
     kept = kept & (torch.arange(M) < T)
     mask = torch.zeros(2, 1, 1, M).masked_fill(~kept.view(2, 1, 1, M), torch.finfo(torch.float32).min)
 
-    scores = q.double() @ full_k.double().repeat_interleave(2, 1).transpose(-1, -2)
+    def heads(x):      # the kv head each query head reads, in the spelling's order
+        return x.double().repeat(1, 2, 1, 1) if kind == "tile-order" else x.double().repeat_interleave(2, 1)
+
+    scores = q.double() @ heads(full_k).transpose(-1, -2)
     if kind == "softcap":
         scores = torch.tanh(scores / 5.0) * 5.0
     else:
-        scores = scores * (0.3 if kind in ("llama", "two-terms") else 1 / math.sqrt(8))
+        scores = scores * (0.3 if kind in ("llama", "two-terms", "tile-order") else 1 / math.sqrt(8))
     scores = scores + mask[..., :T].double() + (bias[..., :T].double() if kind == "two-terms" else 0)
-    want = torch.softmax(scores, -1) @ full_v.double().repeat_interleave(2, 1)
+    want = torch.softmax(scores, -1) @ heads(full_v)
 
     done = []
 
