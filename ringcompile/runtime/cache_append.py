@@ -1,9 +1,10 @@
 """The two opaque ops a compiled graph sees around a sharded, preallocated KV cache layer.
 
 ``ringcompile::cache_append`` writes a step's new K/V into this rank's preallocated shard at the
-slots the ``CacheLayout`` gives it (contiguous prefill, then ``round_robin`` appends). It decides
-ownership from the ``positions`` tensor inside the op, so Dynamo never sees (or guards on) a Python
-int that changes per token: one decode graph serves every step.
+slots the ``CacheLayout`` gives it (the prefill in the prefill graph's sequence layout, then
+``round_robin`` appends). It decides ownership from the ``positions`` tensor inside the op, so Dynamo
+never sees (or guards on) a Python int that changes per token: one decode graph serves every step. At
+the prefill it takes the graph's K/V shard as it is (``seq_layout``), so they are not gathered for it.
 
 ``ringcompile::cache_gather`` is what the model's attention reads: the whole cache (B, H, max_len, D)
 at global slots, zeros where nothing is stored yet (HF's StaticCache has zeros there too). Its own
