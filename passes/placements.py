@@ -294,13 +294,16 @@ def links_for(node: fx.Node) -> OpRule | None:
     return None
 
 
-def _cache_append(node: fx.Node) -> LocalShardRule:
+def _cache_append(node: fx.Node) -> LocalShardRule | None:
     """``ringcompile::cache_append(keys, values, slots, new_k, new_v, positions, rank, world, prefill_len,
-    prefill_layout, seq_layout)`` (``runtime/cache_append.py``): the prefill's new K/V (B, H, S, D) may
-    arrive as this rank's sequence shard when the cache stores its prefill in the graph's layout; the op
-    then keeps exactly its own slots, so nothing is gathered for the cache."""
+    prefill_layout, at_prefill, seq_layout)`` (``runtime/cache_append.py``): the prefill's new K/V
+    (B, H, S, D; ``at_prefill``) may arrive as this rank's sequence shard when the cache stores its prefill
+    in the graph's layout; the op then keeps exactly its own slots, so nothing is gathered for the cache.
+    A later write (a prompt chunk, a decode step) has no rule: it takes full K/V."""
+    if not arg_or_kwarg(node, 10, "at_prefill", False):
+        return None
     wants = arg_or_kwarg(node, 9, "prefill_layout", "contiguous")
-    return LocalShardRule((((3,), 2), ((4,), 2)), (10, "seq_layout"), wants)
+    return LocalShardRule((((3,), 2), ((4,), 2)), (11, "seq_layout"), wants)
 
 
 # opaque ops (by qualified name: the passes do not import the runtime that registers them) that take

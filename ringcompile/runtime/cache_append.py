@@ -62,14 +62,16 @@ def _local_entries(ts: list[int], n_local: int, rank: int, world: int, seq_layou
 @torch.library.custom_op("ringcompile::cache_append", mutates_args=("keys", "values", "slots"))
 def cache_append(keys: Tensor, values: Tensor, slots: Tensor, new_k: Tensor, new_v: Tensor,
                  positions: Tensor, rank: int, world: int, prefill_len: int,
-                 prefill_layout: str = PREFILL_LAYOUT, seq_layout: str = "") -> None:
+                 prefill_layout: str = PREFILL_LAYOUT, at_prefill: bool = False,
+                 seq_layout: str = "") -> None:
     """Store the entries of new_k / new_v (B, H, n, D) at global slots ``positions`` (n,) that this rank
     owns into its shard keys / values (B, H, capacity, D); ``slots`` (capacity,) records their slots.
 
-    ``seq_layout`` "" : new_k / new_v hold all n entries (replicated). Else (the sharding pass writes it,
-    ``passes/placements.py`` LocalShardRule) they are this rank's shard of the padded sequence in that
-    layout, which must be the cache's ``prefill_layout``: every entry is then this rank's own (padding past
-    n is dropped), so nothing was gathered."""
+    ``at_prefill``: these are the prefill's K/V (slots 0..prefill_len-1), which the sharding pass may then
+    hand over sharded. ``seq_layout`` "" : new_k / new_v hold all n entries (replicated). Else (the pass
+    writes it, ``passes/placements.py`` LocalShardRule) they are this rank's shard of the padded sequence
+    in that layout, which must be the cache's ``prefill_layout``: every entry is then this rank's own
+    (padding past n is dropped), so nothing was gathered."""
     layout = shard_layout(world, prefill_len, prefill_layout)
     ts = [int(t) for t in positions.reshape(-1).tolist()]
     if seq_layout:
@@ -105,7 +107,7 @@ def cache_append(keys: Tensor, values: Tensor, slots: Tensor, new_k: Tensor, new
 
 @cache_append.register_fake
 def _(keys, values, slots, new_k, new_v, positions, rank, world, prefill_len, prefill_layout=PREFILL_LAYOUT,
-      seq_layout=""):
+      at_prefill=False, seq_layout=""):
     return None
 
 

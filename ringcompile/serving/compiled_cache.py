@@ -86,7 +86,7 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
         n = key_states.shape[-2]
         positions = torch.arange(n, device=key_states.device) + self.cumulative_length
         cache_append(self.keys, self.values, self.slots, key_states, value_states, positions, self.rank,
-                     self.world, self.prefill_len, self.prefill_layout)
+                     self.world, self.prefill_len, self.prefill_layout, prefill)
         self.cumulative_length.add_(n)
         if prefill:     # the cache was empty: attention over it is the prompt's self-attention (ring-sharded)
             return key_states, value_states

@@ -89,7 +89,7 @@ def _cache_writes(entry) -> list[dict]:
     for node in entry.graph.graph.nodes:
         if node.op == "call_function" and str(node.target).startswith("ringcompile.cache_append"):
             kv = node.args[3:5]
-            told = node.args[10] if len(node.args) > 10 else node.kwargs.get("seq_layout", "")
+            told = node.args[11] if len(node.args) > 11 else node.kwargs.get("seq_layout", "")
             out.append({"seq_layout": told,
                         "gathered": [str(a.target).startswith("ringcompile.gather_seq") for a in kv],
                         "local_len": [int(a.meta["val"].shape[2]) for a in kv]})

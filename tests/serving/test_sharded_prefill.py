@@ -37,9 +37,9 @@ def _prefill(world: int, rank: int, k: torch.Tensor, v: torch.Tensor, max_len: i
     keys, values, slots = _empty(world, rank, n, max_len, layout)
     if sharded:
         sk, sv = (shard_tensor(t, 2, world, rank, layout) for t in (k, v))
-        cache_append(keys, values, slots, sk, sv, torch.arange(n), rank, world, n, layout, layout)
+        cache_append(keys, values, slots, sk, sv, torch.arange(n), rank, world, n, layout, True, layout)
     else:
-        cache_append(keys, values, slots, k, v, torch.arange(n), rank, world, n, layout)
+        cache_append(keys, values, slots, k, v, torch.arange(n), rank, world, n, layout, True)
     return keys, values, slots
 
 
@@ -105,10 +105,11 @@ def test_a_shard_in_another_layout_or_world_raises():
     keys, values, slots = _empty(2, 0, 8, 10, "contiguous")
     zig = shard_tensor(k, 2, 2, 0, "zigzag")
     with pytest.raises(ShapeMismatchError, match="prefill layout"):
-        cache_append(keys, values, slots, zig, zig, torch.arange(8), 0, 2, 8, "contiguous", "zigzag")
+        cache_append(keys, values, slots, zig, zig, torch.arange(8), 0, 2, 8, "contiguous", True, "zigzag")
     four = shard_tensor(k, 2, 4, 0, "contiguous")      # a 4-rank shard handed to a 2-rank cache
     with pytest.raises(ShapeMismatchError, match="world size"):
-        cache_append(keys, values, slots, four, four, torch.arange(8), 0, 2, 8, "contiguous", "contiguous")
+        cache_append(keys, values, slots, four, four, torch.arange(8), 0, 2, 8, "contiguous", True,
+                     "contiguous")
 
 
 def test_the_placement_rule_and_the_planner_follow_the_caches_layout():
@@ -120,10 +121,12 @@ def test_the_placement_rule_and_the_planner_follow_the_caches_layout():
 
     g = fx.Graph()
     a = [g.placeholder(f"x{i}") for i in range(6)]
-    node = g.call_function(torch.ops.ringcompile.cache_append.default, (*a, 0, 2, 12, "zigzag"))
+    node = g.call_function(torch.ops.ringcompile.cache_append.default, (*a, 0, 2, 12, "zigzag", True))
     rule = local_shard_rule(node)
     assert rule is not None and rule.wants == "zigzag" and dict(rule.seq_args) == {(3,): 2, (4,): 2}
-    assert rule.layout_arg == (10, "seq_layout")
+    assert rule.layout_arg == (11, "seq_layout")
+    later = g.call_function(torch.ops.ringcompile.cache_append.default, (*a, 0, 2, 12, "zigzag", False))
+    assert local_shard_rule(later) is None           # a chunk / decode write takes full K/V
     assert local_shard_rule(g.call_function(torch.ops.aten.add.Tensor, (a[0], a[1]))) is None
     assert choose_layout(Options(), [], 11, 2, cache_layout="zigzag") == "zigzag"
     assert choose_layout(Options(layout="contiguous"), [], 12, 2, cache_layout="zigzag") == "contiguous"
