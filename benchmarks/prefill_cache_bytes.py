@@ -47,12 +47,13 @@ def _prefill(rank: int, world: int, T: int, keep_local: bool) -> dict:
     model.forward = torch.compile(model.forward, backend="ring", options={"inner": "eager"})
     ids = torch.randint(3, 128, (1, T), generator=torch.Generator().manual_seed(T))
     cache = sharded_cache(LAYERS, rank, world, max_cache_len=T + 8, compiled=True, timeout=600.0)
-    counted = {"calls": 0, "bytes": 0}
+    counted: dict = {"calls": 0, "bytes": 0, "shapes": []}
     plain = dist.all_gather
 
     def counting(outs, tensor, *args, **kwargs):
         counted["calls"] += 1
         counted["bytes"] += sum(o.numel() * o.element_size() for o in outs)
+        counted["shapes"].append(list(tensor.shape))
         return plain(outs, tensor, *args, **kwargs)
 
     before = len(backend.HISTORY)
@@ -60,7 +61,7 @@ def _prefill(rank: int, world: int, T: int, keep_local: bool) -> dict:
     try:
         with torch.no_grad():
             model(input_ids=ids, past_key_values=cache, use_cache=True)   # compile + first run
-            counted.update(calls=0, bytes=0)
+            counted.update(calls=0, bytes=0, shapes=[])
             cache = sharded_cache(LAYERS, rank, world, max_cache_len=T + 8, compiled=True, timeout=600.0)
             dist.barrier()
             t0 = time.perf_counter()
@@ -76,6 +77,7 @@ def _prefill(rank: int, world: int, T: int, keep_local: bool) -> dict:
     feeds = sum(str(getattr(a, "target", "")).startswith("ringcompile.gather_seq")
                 for n in appends for a in n.args[3:5])
     return {"all_gather_calls": counted["calls"], "all_gather_bytes": counted["bytes"],
+            "gathered_shapes": counted["shapes"],
             "cache_kv_gathers": feeds,
             "layout": graphs[0].meta["ringcompile_shard"].layout if graphs else None,
             "cache_bytes": sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers),
@@ -117,8 +119,8 @@ def main() -> None:
         rs = [p[i] for p in per_rank]
         off = [p[i - 1] if row["keep_local"] else p[i] for p in per_rank][0]
         err = max(abs(x - y) for x, y in zip(row["logits"], off["logits"], strict=True))
-        keys = ("seq", "keep_local", "layout", "all_gather_calls", "all_gather_bytes", "cache_kv_gathers",
-                "cache_bytes", "graphs")
+        keys = ("seq", "keep_local", "layout", "all_gather_calls", "all_gather_bytes", "gathered_shapes",
+                "cache_kv_gathers", "cache_bytes", "graphs")
         print(json.dumps({k: row[k] for k in keys}
                          | {"filled_per_rank": [r["filled"] for r in rs],
                             "ttft_s_max": round(max(r["ttft_s"] for r in rs), 4),
