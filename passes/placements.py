@@ -90,6 +90,21 @@ class OpRule:
     passive: tuple[ArgPath, ...] = ()  # args read only for their dtype/device (any placement will do)
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalShardRule:
+    """An opaque op that can take some inputs as this rank's sequence shard, told the graph's layout.
+
+    ``seq_args``: (argument, sequence dim) pairs the op accepts sharded (inner 1, the full valid length).
+    When all of them are, every other tensor input is replicated and ``wants`` (the layout the op can take
+    them in; None: any) is the graph's layout, the pass keeps them local (no gather) and writes the layout
+    into argument ``layout_arg`` (position, name). Otherwise every input is made replicated, the op's
+    plain contract. Its outputs are replicated."""
+
+    seq_args: tuple[tuple[ArgPath, int], ...]
+    layout_arg: tuple[int, str]
+    wants: str | None = None
+
+
 # ---------------------------------------------------------------------------- helpers
 
 
@@ -277,6 +292,32 @@ def links_for(node: fx.Node) -> OpRule | None:
             linear = tuple(paths)
         return OpRule(broadcast_links(node, paths, len(out), out), linear_in=linear, passive=passive)
     return None
+
+
+def _cache_append(node: fx.Node) -> LocalShardRule | None:
+    """``ringcompile::cache_append(keys, values, slots, new_k, new_v, positions, rank, world, prefill_len,
+    prefill_layout, at_prefill, seq_layout)`` (``runtime/cache_append.py``): the prefill's new K/V
+    (B, H, S, D; ``at_prefill``) may arrive as this rank's sequence shard when the cache stores its prefill
+    in the graph's layout; the op then keeps exactly its own slots, so nothing is gathered for the cache.
+    A later write (a prompt chunk, a decode step) has no rule: it takes full K/V."""
+    if not arg_or_kwarg(node, 10, "at_prefill", False):
+        return None
+    wants = arg_or_kwarg(node, 9, "prefill_layout", "contiguous")
+    return LocalShardRule((((3,), 2), ((4,), 2)), (11, "seq_layout"), wants)
+
+
+# opaque ops (by qualified name: the passes do not import the runtime that registers them) that take
+# sequence-sharded inputs as they are
+LOCAL_SHARD_OPS: dict[str, Callable[[fx.Node], LocalShardRule]] = {
+    "ringcompile::cache_append": _cache_append,
+}
+
+
+def local_shard_rule(node: fx.Node) -> LocalShardRule | None:
+    """The LocalShardRule of ``node`` (an op in ``LOCAL_SHARD_OPS``), else None."""
+    name = getattr(getattr(node.target, "_schema", None), "name", None)
+    fn = LOCAL_SHARD_OPS.get(name) if node.op == "call_function" and name else None
+    return fn(node) if fn is not None else None
 
 
 # ---------------------------------------------------------------------------- special rules

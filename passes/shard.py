@@ -39,6 +39,7 @@ import torch
 import torch.fx as fx
 
 from ringcompile import graph_ops as coll
+from ringcompile.cache_codes import causal_layout
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.log import get_logger
 from ringcompile.ops import RingCall
@@ -50,6 +51,7 @@ from .placements import (
     GETITEM,
     VIEW_OPS,
     VIEW_SIZES,
+    LocalShardRule,
     P,
     Partial,
     R,
@@ -60,6 +62,7 @@ from .placements import (
     get_arg,
     hint_of,
     links_for,
+    local_shard_rule,
     resolve_shape,
     shape_of,
     size_expr,
@@ -103,9 +106,11 @@ class ShardReport:
     dynamic: bool = False  # the sequence length is a SymInt: lengths are computed in the graph at run time
 
 
-def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: int, dynamic: bool = False
-                  ) -> str:
-    """The user's layout, else the one the strategy needs, else zigzag for causal masks.
+def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: int, dynamic: bool = False,
+                  cache_layout: str | None = None) -> str:
+    """The user's layout, else the one the strategy needs, else the layout a sharded KV cache written by the
+    graph stores its prefill in (``cache_layout``: the same causal rule, decided where the cache is built;
+    following it keeps the cache's K/V local), else zigzag for causal masks.
 
     With ``outputs="sharded"`` the user assembles outputs with ``ringcompile.gather``, whose
     default layout is contiguous, so that is the default there too."""
@@ -117,8 +122,10 @@ def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: i
         return "zigzag"
     if options.strategy in ("ring", "allgather", "ulysses", "local"):
         return "contiguous"
+    if cache_layout is not None:
+        return cache_layout
     causal = any(m is not None and ("causal" in m.kinds or m.params.get("causal")) for m in masks)
-    if causal and (dynamic or coll.padded_length(seq_len, world, "zigzag") == seq_len):
+    if causal and (dynamic or causal_layout(seq_len, world) == "zigzag"):
         return "zigzag"
     return "contiguous"
 
@@ -324,6 +331,9 @@ class _Sharder:
             self.keep(node)
             self.pl[node] = _replicated_like(node)
             return
+        local_rule = local_shard_rule(node)
+        if local_rule is not None:
+            return self.local_shard(node, local_rule)
         if t in VIEW_OPS:
             return self.view(node)
         if t in LOSS_OPS:
@@ -339,6 +349,29 @@ class _Sharder:
         if rule is None:
             return self.replicate_all(node, "no sharding rule for this op")
         self.generic(node, rule, paths, placements)
+
+    def local_shard(self, node: fx.Node, rule: LocalShardRule) -> None:
+        """An op that takes its sequence inputs as this rank's shard, told the layout (``LocalShardRule``);
+        where it cannot (another layout, a shifted or differently sharded input), it gets full inputs."""
+        want = dict(rule.seq_args)
+        why = None
+        if rule.wants is not None and rule.wants != self.layout:
+            why = f"it stores the {rule.wants} layout and the graph's sequence is {self.layout}"
+        for path in tensor_paths(node):
+            p = self.placement(get_arg(node, path))
+            if path in want and p != Shard(want[path]):
+                why = why or f"argument {path} is {p}, not this rank's whole shard along dim {want[path]}"
+            elif path not in want and not isinstance(p, Replicate):
+                why = why or f"argument {path} is {p}, not replicated"
+        if why is not None:
+            return self.replicate_all(node, f"it takes its inputs full: {why}")
+        self.keep(node)
+        pos, name = rule.layout_arg
+        if len(node.args) > pos:
+            self.set_arg(node, (pos,), self.layout)
+        else:
+            node.kwargs = {**node.kwargs, name: self.layout}
+        self.pl[node] = _replicated_like(node)
 
     def generic(self, node: fx.Node, rule, paths, placements) -> None:
         links = rule.links
@@ -775,7 +808,10 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
     if not seeds:
         raise UnsupportedPatternError(no_seed_reason(stops))
     masks = [RingCall.from_node(op).spec.mask for op in ops_]
-    layout = choose_layout(options, masks, seq, group.world_size, dynamic)
+    rules = [local_shard_rule(n) for n in aten_gm.graph.nodes]
+    cache_layouts = {r.wants for r in rules if r is not None and r.wants is not None}
+    cache_layout = cache_layouts.pop() if len(cache_layouts) == 1 else None
+    layout = choose_layout(options, masks, seq, group.world_size, dynamic, cache_layout)
     name = coll.group_name_of(group.group)
     sizes = SymSizes(aten_gm, seq_size, group.world_size, layout) if dynamic else None
     sharder = _Sharder(aten_gm, options, seq, layout, group.world_size, name, sizes)

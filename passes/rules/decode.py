@@ -197,9 +197,18 @@ def _mask_problem(mask_node: Any, q: Any, kv_len: Any) -> str | None:
     return None
 
 
+def _prefill_layout(gather: fx.Node) -> str:
+    """The cache's prefill layout a ``cache_gather`` call carries (argument 8; older calls: contiguous)."""
+    from ringcompile.cache_codes import COMPILED_PREFILL_LAYOUT
+
+    if len(gather.args) > 8:
+        return gather.args[8]
+    return gather.kwargs.get("prefill_layout", COMPILED_PREFILL_LAYOUT)
+
+
 def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
     """Replace each SDPA over a gathered sharded cache by decode_attention on the shard (in place)."""
-    from ringcompile.cache_codes import COMPILED_POLICY, COMPILED_PREFILL_LAYOUT, layout_code
+    from ringcompile.cache_codes import COMPILED_POLICY, layout_code
 
     done: list[DecodeRewrite] = []
     for node in list(gm.graph.nodes):
@@ -213,10 +222,10 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
             done.append(DecodeRewrite(location_of(node), False, reason))
             continue
         gather, _, _ = cache_read(args["key"])
-        keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = gather.args
+        keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = gather.args[:8]
         q = _val(args["query"])
         scale = float(args["scale"]) if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-        layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
+        layout = layout_code(int(prefill_len), _prefill_layout(gather), COMPILED_POLICY)
         mask = _val(args["attn_mask"])
         # a prompt chunk takes the chunk op, which slices a boolean mask per rank; an additive mask on a
         # chunk stays with decode_attention (replicated queries, the mask passed whole: correct, not cheaper)
@@ -249,7 +258,7 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
 
 def _rewrite_eager_chains(gm: fx.GraphModule) -> list[DecodeRewrite]:
     """Each plain eager chain over a gathered cache (``match_eager_chain``) becomes decode_attention."""
-    from ringcompile.cache_codes import COMPILED_POLICY, COMPILED_PREFILL_LAYOUT, layout_code
+    from ringcompile.cache_codes import COMPILED_POLICY, layout_code
 
     done: list[DecodeRewrite] = []
     for sm in list(gm.graph.nodes):
@@ -261,8 +270,8 @@ def _rewrite_eager_chains(gm: fx.GraphModule) -> list[DecodeRewrite]:
         if isinstance(chain, str):
             done.append(DecodeRewrite(location_of(sm), False, chain, "eager-chain"))
             continue
-        keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = chain.gather.args
-        layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
+        keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = chain.gather.args[:8]
+        layout = layout_code(int(prefill_len), _prefill_layout(chain.gather), COMPILED_POLICY)
         with gm.graph.inserting_before(chain.output):
             new = gm.graph.call_function(
                 torch.ops.ringcompile.decode_attention.default,

@@ -6,12 +6,15 @@ attention function understands. This layer is what ``sharded_cache(..., compiled
 ``m.forward = torch.compile(m.forward, backend="ring")``:
 
 * the shard is preallocated at the prefill for ``max_cache_len`` global slots (this rank's most
-  entries under the layout: contiguous prefill, round_robin appends, about max_cache_len / N);
+  entries under the layout: the prefill in the planner's causal layout, round_robin appends, about
+  max_cache_len / N);
 * the global length is a 0-d tensor (HF's StaticLayer does the same), so the step's positions are
   tensor arithmetic, and the write is the opaque op ``ringcompile::cache_append``;
 * the prefill's ``update`` returns the prompt's own K/V (the cache was empty), so the prefill graph
   is plain causal self-attention that the backend ring-shards along the sequence as any other (TTFT
-  scales with N); each rank keeps only its contiguous shard of the prompt's K/V;
+  scales with N). The cache stores its prefill in the layout the planner gives that graph
+  (``cache_codes.causal_layout``: zigzag when 2N divides the prompt, else contiguous), so the sharding
+  pass hands ``cache_append`` this rank's K/V shard as it is (no gather; padding is not stored);
 * later ``update``s return ``ringcompile::cache_gather``: the whole cache at global slots, shaped
   like HF's StaticCache (masks are sized ``max_cache_len``). The backend's decode rewrite
   (``passes/rules/decode.py``) turns an SDPA reading it into ``decode_attention`` on the shard; any
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 
+from ringcompile.cache_codes import COMPILED_PREFILL_LAYOUT, causal_layout
 from ringcompile.errors import OptionError
 from ringcompile.runtime.cache_append import cache_append, cache_gather, shard_capacity, shard_layout
 from ringcompile.runtime.cache_layout import CacheLayout
@@ -51,18 +55,21 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
         self.group_name = "single" if world == 1 else group_name
         self.timeout = timeout
         self.prefill_len: int | None = None
+        self.prefill_layout = COMPILED_PREFILL_LAYOUT
         self.cumulative_length = torch.zeros((), dtype=torch.long)
 
     @property
     def layout(self) -> CacheLayout | None:
-        return None if self.prefill_len is None else shard_layout(self.world, self.prefill_len)
+        return None if self.prefill_len is None else shard_layout(self.world, self.prefill_len,
+                                                                  self.prefill_layout)
 
     def _allocate(self, key_states: Tensor, value_states: Tensor) -> None:
         n = key_states.shape[-2]
         if n > self.max_cache_len:
             raise ValueError(f"sharded cache holds {self.max_cache_len} slots; the prompt has {n}")
         self.prefill_len = n
-        capacity = shard_capacity(self.world, n, self.max_cache_len)[self.rank]
+        self.prefill_layout = causal_layout(n, self.world)     # the prefill graph's layout (the planner's)
+        capacity = shard_capacity(self.world, n, self.max_cache_len, self.prefill_layout)[self.rank]
         B, H, _, D = key_states.shape
         self.device = key_states.device
         self.keys = key_states.new_zeros(B, H, capacity, D)
@@ -79,12 +86,12 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
         n = key_states.shape[-2]
         positions = torch.arange(n, device=key_states.device) + self.cumulative_length
         cache_append(self.keys, self.values, self.slots, key_states, value_states, positions, self.rank,
-                     self.world, self.prefill_len)
+                     self.world, self.prefill_len, self.prefill_layout, prefill)
         self.cumulative_length.add_(n)
         if prefill:     # the cache was empty: attention over it is the prompt's self-attention (ring-sharded)
             return key_states, value_states
         return cache_gather(self.keys, self.values, self.slots, positions, self.max_cache_len,
-                            self.prefill_len, self.group_name, self.timeout)
+                            self.prefill_len, self.group_name, self.timeout, self.prefill_layout)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the global slots at and after the new length on this rank (speculative decoding's

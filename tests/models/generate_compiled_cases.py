@@ -29,7 +29,7 @@ class _Caught(logging.Handler):
 
 
 def _compiled(family: str, rank: int, world: int, attention: str | None = None,
-              options: dict | None = None) -> dict:
+              options: dict | None = None, extra_tokens: int = 0) -> dict:
     import torch._dynamo
     from transformers import DynamicCache
 
@@ -38,6 +38,9 @@ def _compiled(family: str, rank: int, world: int, attention: str | None = None,
 
     torch._dynamo.reset()
     model, ids, mask = build(family)
+    if extra_tokens:        # a longer prompt (12 tokens: 2N divides it, so the planner picks zigzag)
+        more = torch.randint(3, 96, (2, extra_tokens), generator=torch.Generator().manual_seed(2))
+        ids, mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
     one_process = DynamicCache()
     want_tokens, want_logits = generate(model, ids, mask, one_process)
     full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in one_process.layers)
@@ -57,6 +60,10 @@ def _compiled(family: str, rank: int, world: int, attention: str | None = None,
             "decode_rewrites": sum(d.stage == "decode" for d in decisions),
             "ring_rewrites": sum(s.rewritten for g in graphs for s in g.sites),
             "prefill_gathers": [n for g in graphs for n in _shard_gathers(g)],
+            "cache_writes": [w for g in graphs for w in _cache_writes(g)],
+            "prefill_layouts": [g.graph.meta["ringcompile_shard"].layout for g in graphs
+                                if g.graph is not None and g.graph.meta.get("ringcompile_shard")],
+            "cache_layouts": sorted({layer.prefill_layout for layer in cache.layers}),
             "sharded_graphs": sum(bool(g.graph is not None and g.graph.meta.get("ringcompile_shard"))
                                   for g in graphs),
             "unsharded": [d.reason for d in decisions if d.leaves_attention_unsharded],
@@ -72,8 +79,37 @@ def _shard_gathers(entry) -> list[str]:
     return list(report.gathers) if report is not None else []
 
 
+def _cache_writes(entry) -> list[dict]:
+    """Each ``cache_append`` of a sequence-sharded graph: the layout it was told its K/V shard is in ("" if
+    replicated) and whether its K/V come straight from a gather (the transient all-gather per layer)."""
+    report = entry.graph.meta.get("ringcompile_shard") if entry.graph is not None else None
+    if report is None:
+        return []
+    out = []
+    for node in entry.graph.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("ringcompile.cache_append"):
+            kv = node.args[3:5]
+            told = node.args[11] if len(node.args) > 11 else node.kwargs.get("seq_layout", "")
+            out.append({"seq_layout": told,
+                        "gathered": [str(a.target).startswith("ringcompile.gather_seq") for a in kv],
+                        "local_len": [int(a.meta["val"].shape[2]) for a in kv]})
+    return out
+
+
 def llama(rank: int, world: int) -> dict:
+    """An 11-token prompt: contiguous shards padded to 12, the padding slot stored nowhere."""
     return _compiled("llama", rank, world, options={"inner": "eager"})
+
+
+def llama_zigzag(rank: int, world: int) -> dict:
+    """A 12-token prompt: the planner picks zigzag for the causal prefill, and the cache stores it so."""
+    return _compiled("llama", rank, world, options={"inner": "eager"}, extra_tokens=1)
+
+
+def llama_forced_contiguous(rank: int, world: int) -> dict:
+    """A 12-token prompt with layout="contiguous" forced: the cache (zigzag) disagrees with the graph, so
+    cache_append gets the full K/V (gathered, the correct fallback)."""
+    return _compiled("llama", rank, world, options={"inner": "eager", "layout": "contiguous"}, extra_tokens=1)
 
 
 def llama_inductor(rank: int, world: int) -> dict:

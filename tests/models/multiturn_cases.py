@@ -104,3 +104,26 @@ def multiturn(rank: int, world: int) -> dict:
         "reused": prepared["reused"], "sharded": prepared["sharded"],
         "warnings": [r.getMessage() for r in caught.records if r.levelno >= logging.WARNING]}
     return out
+
+
+def multiturn_zigzag(rank: int, world: int) -> dict:
+    """A 12-token prompt (2N divides it: the prefill graph and the cache take zigzag), then the same
+    conversation (chunk, crop, another chunk) with the cost model's own chunk method."""
+    import torch._dynamo
+    from transformers import DynamicCache
+
+    from ringcompile.serving.hf import sharded_cache
+
+    torch._dynamo.reset()
+    model, ids, mask = build("llama")
+    more = torch.randint(3, 96, (ids.shape[0], 1), generator=torch.Generator().manual_seed(2))
+    ids, mask = torch.cat([ids, more], 1), torch.cat([mask, torch.ones_like(more)], 1)
+    chunk = torch.randint(3, 96, (ids.shape[0], CHUNK), generator=torch.Generator().manual_seed(7))
+    want = _conversation(model, ids, mask, DynamicCache(), chunk)
+    model.forward = torch.compile(model.forward, backend="ring", options={"inner": "eager"})
+    cache = sharded_cache(model.config.num_hidden_layers, rank, world, max_cache_len=MAX_CACHE, compiled=True)
+    got = _conversation(model, ids, mask, cache, chunk)
+    return {"same_tokens": [bool(torch.equal(g[0], w[0])) for g, w in zip(got, want, strict=True)],
+            "logit_error": max(float((g[1] - w[1]).abs().max()) for g, w in zip(got, want, strict=True)),
+            "layouts": sorted({layer.prefill_layout for layer in cache.layers}),
+            "filled": [layer.filled() for layer in cache.layers], "global_len": int(cache.get_seq_length())}

@@ -68,12 +68,41 @@ def _check_prepared(per_rank: list[dict]) -> None:
         assert sum(filled) == (PROMPT + NEW - 1) * len(per_rank[0][label]["filled"]), (label, filled)
 
 
+def _check_prefill_kept_local(name: str, per_rank: list[dict], layout: str, padded: int) -> None:
+    """The prefill graph's K/V reach every layer's cache_append as this rank's shard (no gather), told the
+    graph's layout, which is the cache's; each rank then holds its slots of the prompt, padding dropped."""
+    for r in per_rank:
+        assert r["prefill_layouts"] == [layout] and r["cache_layouts"] == [layout], (name, r)
+        writes = r["cache_writes"]
+        assert len(writes) == 2, (name, writes)                       # one per layer
+        for w in writes:
+            assert w["seq_layout"] == layout and w["gathered"] == [False, False], (name, w)
+            assert w["local_len"] == [padded // WORLD] * 2, (name, w)
+
+
+def _check_forced_layout(per_rank: list[dict]) -> None:
+    """layout="contiguous" forced on a 12-token prompt whose cache stores zigzag: the K/V are gathered for
+    cache_append (today's behaviour, correct), and the tokens are still one process's."""
+    for r in per_rank:
+        assert r["prefill_layouts"] == ["contiguous"] and r["cache_layouts"] == ["zigzag"], r
+        assert [w["seq_layout"] for w in r["cache_writes"]] == ["", ""], r["cache_writes"]
+        assert all(w["gathered"] == [True, True] for w in r["cache_writes"]), r["cache_writes"]
+
+
 def test_compiled_generate_over_a_sharded_cache_matches_one_process():
-    cases = ["llama", "llama_eager_attention", "llama_plain_cache", "llama_prepared", "qwen2", *SLOW]
+    cases = ["llama", "llama_zigzag", "llama_forced_contiguous", "llama_eager_attention", "llama_plain_cache",
+             "llama_prepared", "qwen2", *SLOW]
     results = run_cases("generate_compiled_cases", cases, world=WORLD,
-                        timeout=400.0)
+                        timeout=500.0)
     _check_plain_cache(results.pop("llama_plain_cache"))
     _check_prepared(results.pop("llama_prepared"))
+    for name, layout, padded in (("llama", "contiguous", 12), ("llama_zigzag", "zigzag", 12),
+                                 ("qwen2", "contiguous", 12)):
+        assert "error" not in results[name][0], results[name][0]["error"]
+        _check_prefill_kept_local(name, results[name], layout, padded)
+    forced = results["llama_forced_contiguous"]
+    assert "error" not in forced[0], forced[0]["error"]
+    _check_forced_layout(forced)
     for name, per_rank in results.items():
         _check_same_tokens_and_sharded(name, per_rank)
         for r in per_rank:

@@ -3,7 +3,7 @@ compiled sharded KV cache on 2 gloo ranks (one spawn), tiny HF Llama (GQA), batc
 turn 1, then turn 2 with a new prompt chunk appended to the same cache (query length > 1 against the
 cache: ``chunk_cache_attention``, pass-KV and pass-Q each), then ``crop`` and more decoding, then a
 turn 3 chunk of another length; tokens
-and logits equal one process doing the same steps."""
+and logits equal one process doing the same steps. Also after a zigzag prefill (a 12-token prompt)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,15 @@ WORLD = 2
 
 
 def test_multiturn_and_crop_over_a_compiled_sharded_cache_match_one_process():
-    results = run_cases("multiturn_cases", ["multiturn"], world=WORLD, timeout=300.0)["multiturn"]
-    errors = [r["error"] for r in results if "error" in r]
+    both = run_cases("multiturn_cases", ["multiturn", "multiturn_zigzag"], world=WORLD, timeout=400.0)
+    results = both["multiturn"]
+    errors = [r["error"] for r in results + both["multiturn_zigzag"] if "error" in r]
     assert not errors, errors[0]
+    zigzag = both["multiturn_zigzag"]     # a zigzag prefill (12 tokens), then chunks and crop over it
+    for r in zigzag:
+        assert r["layouts"] == ["zigzag"] and r["same_tokens"] == [True] * 4 and r["logit_error"] < 1e-4, r
+        assert all(f <= math.ceil(r["global_len"] / WORLD) + 1 for f in r["filled"]), r
+    assert sum(sum(r["filled"]) for r in zigzag) == zigzag[0]["global_len"] * len(zigzag[0]["filled"]), zigzag
     for method in ("pass_kv", "pass_q"):
         per_rank = [r[method] for r in results]
         for rank, r in enumerate(per_rank):
