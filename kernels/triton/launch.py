@@ -14,7 +14,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from .codegen import Generated, specialise
 from .lower_mods import LoweringError
 from .padding_bounds import kv_bounds, padding_parts
 from .tiles import Tiles, candidates
+
+if TYPE_CHECKING:
+    from ..dropout import Seed
 
 log = get_logger(__name__)
 
@@ -175,7 +178,7 @@ class TritonBlocks:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0,
         kv_offset: int = 0, seq_len: int | None = None, mask: Mod | None = None, score: Mod | None = None,
         mask_extras: Sequence[torch.Tensor] = (), score_extras: Sequence[torch.Tensor] = (),
-        dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+        dropout_p: float = 0.0, dropout_seed: Seed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of one block pair, fp32 (fp64 for fp64 inputs); see reference.block_forward."""
         _check_shapes(q, k, v)
@@ -248,7 +251,7 @@ class TritonBlocks:
         lse: torch.Tensor, *, scale: float, q_offset: int = 0, kv_offset: int = 0, seq_len: int | None = None,
         mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
         score_extras: Sequence[torch.Tensor] = (), delta: torch.Tensor | None = None,
-        dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+        dropout_p: float = 0.0, dropout_seed: Seed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         """(dq, dk, dv, d_score_extras) of one block pair; see reference.block_backward."""
         _check_shapes(q, k, v)
@@ -375,7 +378,7 @@ def _out_of_resources_error() -> type[BaseException]:
     return type("NeverRaised", (Exception,), {})
 
 
-def _dropout_args(p: float, seed: int | torch.Tensor | None, device: torch.device) -> tuple:
+def _dropout_args(p: float, seed: Seed | None, device: torch.device) -> tuple:
     """Kernel arguments (seed tensor, head offset, threshold, 1/(1-p)) for dropout, or () without it.
 
     The kernel reads the seed itself (``seed_row_base``): the op's seed tensor goes in as a pointer,
@@ -387,6 +390,7 @@ def _dropout_args(p: float, seed: int | torch.Tensor | None, device: torch.devic
 
     dropout.check_dropout(p, seed)
     h0 = dropout.head_offset(seed)  # a head group's first global head (ulysses, hybrid), else 0
+    seed = dropout.base_seed(seed)  # the seed as given: an int or the op's tensor (not read here)
     if isinstance(seed, torch.Tensor):
         if seed.numel() == 0 or seed.is_floating_point() or seed.is_complex():
             raise KernelError(f"dropout_seed must be an integer tensor with one element, got {seed.dtype} "

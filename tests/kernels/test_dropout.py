@@ -158,3 +158,24 @@ def test_a_head_offset_seed_hashes_global_heads():
     offset = _dropout_args(0.4, seed, torch.device("cpu"))
     assert plain[1] == 0 and offset[1] == 4
     assert torch.equal(offset[0], plain[0]) and offset[2:] == plain[2:]
+
+
+def test_a_head_offset_seed_holds_a_tensor_seed_without_reading_it():
+    """``with_head_offset`` on the op's seed tensor keeps the tensor (the Triton launcher passes that very
+    tensor to the kernels, with the offset as an int); reading it once gives the int seed with the same
+    offset, and its keep mask is the int seed's on the shifted heads, bit for bit."""
+    from ringcompile.kernels.triton.launch import _dropout_args
+
+    tensor = torch.tensor([2**35 + 12345], dtype=torch.int64)
+    seed = dropout.with_head_offset(tensor, 3)
+    assert seed.seed is tensor and seed.head_offset == 3 and dropout.seed_on_device(seed)
+    assert dropout.with_head_offset(seed, 2).head_offset == 5  # a group inside a group
+    read = dropout.seed_to_int(seed)
+    assert read.seed == 2**35 + 12345 and read.head_offset == 3 and not dropout.seed_on_device(read)
+    b, h, q, kv = mods.index_grid(2, 3, 5, 7, 0, 9)
+    want = dropout.keep_mask(2**35 + 12345, b, h + 3, q, kv, 0.4)
+    assert torch.equal(dropout.keep_mask(seed, b, h, q, kv, 0.4), want)
+    assert torch.equal(dropout.keep_mask(read, b, h, q, kv, 0.4), want)
+    args = _dropout_args(0.4, seed, torch.device("cpu"))
+    assert args[0].data_ptr() == tensor.data_ptr() and args[1] == 3
+    assert dropout.with_head_offset(None, 3) is None

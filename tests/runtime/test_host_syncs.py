@@ -192,3 +192,82 @@ def test_the_counter_sees_every_kind_of_sync():
         torch.ones(3).to(GPU)
         torch.ones(1).item()  # a CPU read: free, not counted
     assert len(c.reads) == 3 and len(c.uploads) == 2, (c.reads, c.uploads)
+
+
+class _EchoCommunicator:
+    """Rank ``rank`` of ``world_size`` whose peers send back what it sends (same shapes, no values
+    on the stand-in GPU): enough for a strategy's host side to run for real in one process."""
+
+    timeout = 30.0
+
+    def __init__(self, rank: int, world_size: int):
+        from ringcompile.runtime.communicator import Pending
+
+        self.rank, self.world_size, self._pending = rank, world_size, Pending
+        self.device = GPU
+
+    @property
+    def next_rank(self) -> int:
+        return (self.rank + 1) % self.world_size
+
+    @property
+    def prev_rank(self) -> int:
+        return (self.rank - 1) % self.world_size
+
+    def ring_shift(self, tensors, step, channel=0, what="K/V"):
+        return self._pending(lambda: [t.clone() for t in tensors])
+
+    def all_gather(self, tensor, step=0, what="all_gather"):
+        return self._pending(lambda: [tensor.clone() for _ in range(self.world_size)])
+
+    def all_reduce(self, tensor, step=0, what="all_reduce"):
+        return self._pending(lambda: [tensor.clone()])
+
+    def all_to_all(self, chunks, step=0, what="all_to_all"):
+        return self._pending(lambda: [c.clone() for c in chunks])
+
+
+def _strategy_syncs(strategy: str, kernels, S: int, comm, monkeypatch) -> tuple[int, list[str]]:
+    """Host syncs of one ``strategy`` forward + backward on the stand-in GPU, causal + key padding and
+    dropout with a seed tensor, counted from building the call's context to the last gradient."""
+    from ringcompile.runtime.strategies import hybrid, ulysses
+
+    monkeypatch.setattr(ulysses, "block_kernels", lambda spec, device: kernels)  # head groups: Triton
+    module = {"ulysses": ulysses, "hybrid": hybrid}[strategy]
+    layout = "zigzag"
+    B, H, D = 2, 4, 16
+    local = S // comm.world_size
+    q, k, v, dout = (torch.randn(B, H, local, D, device=GPU) for _ in range(4))
+    key_mask = torch.arange(S, device=GPU).view(1, -1) < torch.tensor([S - 3, S // 2], device=GPU).view(-1, 1)
+    seed = torch.randint(0, 2**31, (), dtype=torch.int64, device=GPU)
+    spec = AttentionSpec(mask=mods.and_masks(mods.causal(), mods.key_padding()), dropout_p=0.1)
+    with SyncCounter() as counter:
+        ctx = RingContext(comm, spec, strategy, S, layout, [key_mask], [], kernels, seed)
+        out, lse = module.forward(ctx, q, k, v)
+        module.backward(ctx, dout, q, k, v, out, lse)
+    return counter.total, counter.reads + counter.uploads
+
+
+def test_ulysses_with_a_seed_tensor_under_dropout_has_no_syncs(triton_on_fake_gpu, monkeypatch):
+    """Rank 1 of 2 holds heads [2, 4): its seed carries the head offset without being read (it was
+    read with ``.item()`` once per call), so a whole Ulysses forward + backward reads nothing."""
+    kernels, launches = triton_on_fake_gpu
+    for S in (32, 128):
+        total, what = _strategy_syncs("ulysses", kernels, S, _EchoCommunicator(1, 2), monkeypatch)
+        assert total == 0, what
+    assert {name for name, _ in launches} == {"block_fwd", "block_bwd_dkdv", "block_bwd_dq"}
+
+
+def test_hybrid_with_a_seed_tensor_under_dropout_has_no_syncs(triton_on_fake_gpu, monkeypatch):
+    """Inner rank 1 of a 2 x 2 group (heads [2, 4), the ring over nodes): no host read per call. The
+    mesh check (one all_gather per call off CUDA, remembered on CUDA) is not what this counts."""
+    from ringcompile.runtime.strategies import hybrid
+    from ringcompile.runtime.two_level import TwoLevelCommunicator
+
+    monkeypatch.setattr(hybrid, "check_mesh_agrees", lambda comm: None)
+    kernels, launches = triton_on_fake_gpu
+    for S in (32, 128):
+        two = TwoLevelCommunicator(_EchoCommunicator(1, 4), _EchoCommunicator(0, 2), _EchoCommunicator(1, 2))
+        total, what = _strategy_syncs("hybrid", kernels, S, two, monkeypatch)
+        assert total == 0, what
+    assert {name for name, _ in launches} == {"block_fwd", "block_bwd_dkdv", "block_bwd_dq"}
