@@ -98,7 +98,7 @@ def threshold(p: float) -> int:
     return min(1 << UNIFORM_BITS, int(round(p * (1 << UNIFORM_BITS))))
 
 
-def check_dropout(p: float, seed: int | None) -> None:
+def check_dropout(p: float, seed: Seed | None) -> None:
     if not 0.0 <= p < 1.0:
         raise RingCompileError(f"dropout probability must be in [0, 1), got {p}")
     if p > 0.0 and seed is None:
