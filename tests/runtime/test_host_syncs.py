@@ -14,7 +14,7 @@ recorder (no GPU here); everything on the host side of the launch runs for real.
 from __future__ import annotations
 
 import torch
-from fake_gpu import GPU
+from fake_gpu import GPU, EchoCommunicator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringcompile import mods
@@ -194,39 +194,6 @@ def test_the_counter_sees_every_kind_of_sync():
     assert len(c.reads) == 3 and len(c.uploads) == 2, (c.reads, c.uploads)
 
 
-class _EchoCommunicator:
-    """Rank ``rank`` of ``world_size`` whose peers send back what it sends (same shapes, no values
-    on the stand-in GPU): enough for a strategy's host side to run for real in one process."""
-
-    timeout = 30.0
-
-    def __init__(self, rank: int, world_size: int):
-        from ringcompile.runtime.communicator import Pending
-
-        self.rank, self.world_size, self._pending = rank, world_size, Pending
-        self.device = GPU
-
-    @property
-    def next_rank(self) -> int:
-        return (self.rank + 1) % self.world_size
-
-    @property
-    def prev_rank(self) -> int:
-        return (self.rank - 1) % self.world_size
-
-    def ring_shift(self, tensors, step, channel=0, what="K/V"):
-        return self._pending(lambda: [t.clone() for t in tensors])
-
-    def all_gather(self, tensor, step=0, what="all_gather"):
-        return self._pending(lambda: [tensor.clone() for _ in range(self.world_size)])
-
-    def all_reduce(self, tensor, step=0, what="all_reduce"):
-        return self._pending(lambda: [tensor.clone()])
-
-    def all_to_all(self, chunks, step=0, what="all_to_all"):
-        return self._pending(lambda: [c.clone() for c in chunks])
-
-
 def _strategy_syncs(strategy: str, kernels, S: int, comm, monkeypatch) -> tuple[int, list[str]]:
     """Host syncs of one ``strategy`` forward + backward on the stand-in GPU, causal + key padding and
     dropout with a seed tensor, counted from building the call's context to the last gradient."""
@@ -253,7 +220,7 @@ def test_ulysses_with_a_seed_tensor_under_dropout_has_no_syncs(triton_on_fake_gp
     read with ``.item()`` once per call), so a whole Ulysses forward + backward reads nothing."""
     kernels, launches = triton_on_fake_gpu
     for S in (32, 128):
-        total, what = _strategy_syncs("ulysses", kernels, S, _EchoCommunicator(1, 2), monkeypatch)
+        total, what = _strategy_syncs("ulysses", kernels, S, EchoCommunicator(1, 2), monkeypatch)
         assert total == 0, what
     assert {name for name, _ in launches} == {"block_fwd", "block_bwd_dkdv", "block_bwd_dq"}
 
@@ -267,7 +234,7 @@ def test_hybrid_with_a_seed_tensor_under_dropout_has_no_syncs(triton_on_fake_gpu
     monkeypatch.setattr(hybrid, "check_mesh_agrees", lambda comm: None)
     kernels, launches = triton_on_fake_gpu
     for S in (32, 128):
-        two = TwoLevelCommunicator(_EchoCommunicator(1, 4), _EchoCommunicator(0, 2), _EchoCommunicator(1, 2))
+        two = TwoLevelCommunicator(EchoCommunicator(1, 4), EchoCommunicator(0, 2), EchoCommunicator(1, 2))
         total, what = _strategy_syncs("hybrid", kernels, S, two, monkeypatch)
         assert total == 0, what
     assert {name for name, _ in launches} == {"block_fwd", "block_bwd_dkdv", "block_bwd_dq"}
