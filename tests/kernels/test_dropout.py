@@ -179,3 +179,31 @@ def test_a_head_offset_seed_holds_a_tensor_seed_without_reading_it():
     args = _dropout_args(0.4, seed, torch.device("cpu"))
     assert args[0].data_ptr() == tensor.data_ptr() and args[1] == 3
     assert dropout.with_head_offset(None, 3) is None
+
+
+def test_every_pytorch_kernel_set_hashes_a_head_group_seed_tensor_like_the_full_heads():
+    """The CPU, generic and reference kernels given ``HeadOffsetSeed(seed tensor, h0)`` on heads h0..
+    (what ulysses / hybrid pass) return bit for bit the full-heads result at those heads, forward and
+    backward; the same group hashed as heads 0.. differs (the offset is used)."""
+    from ringcompile.kernels import cpu, generic, reference
+
+    g = torch.Generator().manual_seed(17)
+    B, H, S, D, h0 = 1, 4, 12, 8, 2
+    q, k, v, dout = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(4))
+    seed = torch.tensor([2**33 + 5], dtype=torch.int64)
+    kw = dict(scale=0.3, q_offset=4, kv_offset=0, seq_len=16, mask=mods.causal(), dropout_p=0.4)
+    group = (slice(None), slice(h0, H))
+    for forward, backward in ((cpu.block_forward, cpu.block_backward),
+                              (generic.block_forward, generic.block_backward),
+                              (reference.block_forward, reference.block_backward)):
+        full_out, full_lse = forward(q, k, v, dropout_seed=seed, **kw)
+        full_grads = backward(q, k, v, full_out, dout, full_lse, dropout_seed=seed, **kw)
+        part = [t[group].contiguous() for t in (q, k, v, dout)]
+        shifted = dropout.with_head_offset(seed, h0)
+        out, lse = forward(*part[:3], dropout_seed=shifted, **kw)
+        grads = backward(*part[:3], out, part[3], lse, dropout_seed=shifted, **kw)
+        assert torch.equal(out, full_out[group]) and torch.equal(lse, full_lse[group])
+        for got, want in zip(grads[:3], full_grads[:3], strict=True):
+            assert torch.equal(got, want[group])
+        plain, _ = forward(*part[:3], dropout_seed=seed, **kw)
+        assert not torch.equal(plain, out)
