@@ -110,8 +110,9 @@ def seed_to_int(seed: Seed | None) -> int | HeadOffsetSeed | None:
     """The seed with an int value: an int from an int or a one-element integer tensor (the op's
     ``dropout_seed``, one host read), a ``HeadOffsetSeed`` holding that int for a ``HeadOffsetSeed``."""
     if isinstance(seed, HeadOffsetSeed):
-        return seed if not isinstance(seed.seed, torch.Tensor) else HeadOffsetSeed(seed_to_int(seed.seed),
-                                                                                 seed.head_offset)
+        if isinstance(seed.seed, torch.Tensor):
+            return HeadOffsetSeed(seed_to_int(seed.seed), seed.head_offset)
+        return seed
     if seed is None or isinstance(seed, int):
         return seed
     return int(seed.reshape(-1).narrow(0, 0, 1).reshape(()).item())  # one read of the first element
