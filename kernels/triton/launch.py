@@ -324,6 +324,16 @@ def _fallback_pairs(q: torch.Tensor, k: torch.Tensor, q_offset: int, kv_offset: 
             yield slice(qs, qe), slice(ks, min(ks + FALLBACK_BLOCK, k.shape[2]))
 
 
+def _seed_read_once(kw: dict) -> dict:
+    """``kw`` with a dropout seed tensor read into an int once, not once per reference pair (each read
+    waits for the device); a head offset stays beside it."""
+    if kw.get("dropout_p", 0) > 0 and kw.get("dropout_seed") is not None:
+        from .. import dropout
+
+        return {**kw, "dropout_seed": dropout.seed_to_int(kw["dropout_seed"])}
+    return kw
+
+
 def blocked_reference_forward(q, k, v, *, q_offset: int = 0, kv_offset: int = 0, seq_len=None, mask=None,
                               **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.block_forward`` a ``FALLBACK_BLOCK`` pair at a time: the runtime hands these
@@ -331,6 +341,7 @@ def blocked_reference_forward(q, k, v, *, q_offset: int = 0, kv_offset: int = 0,
     if q.shape[2] <= FALLBACK_BLOCK and k.shape[2] <= FALLBACK_BLOCK:
         return reference.block_forward(q, k, v, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
                                        mask=mask, **kw)
+    kw = _seed_read_once(kw)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
@@ -349,6 +360,7 @@ def blocked_reference_backward(q, k, v, out, dout, lse, *, q_offset: int = 0, kv
         return reference.block_backward(q, k, v, out, dout, lse, q_offset=q_offset, kv_offset=kv_offset,
                                         seq_len=seq_len, mask=mask, score_extras=score_extras, delta=delta,
                                         **kw)
+    kw = _seed_read_once(kw)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if delta is None:
         delta = (dout.to(acc) * out.to(acc)).sum(-1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from fake_gpu import GPU, EchoCommunicator
+from ringcompile.kernels import dropout
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringcompile import mods
@@ -238,3 +239,23 @@ def test_hybrid_with_a_seed_tensor_under_dropout_has_no_syncs(triton_on_fake_gpu
         total, what = _strategy_syncs("hybrid", kernels, S, two, monkeypatch)
         assert total == 0, what
     assert {name for name, _ in launches} == {"block_fwd", "block_bwd_dkdv", "block_bwd_dq"}
+
+
+def test_a_declined_mod_reads_the_seed_once_per_call_not_once_per_fallback_pair(monkeypatch):
+    """When Triton declines a site at launch, the kernels run the reference math FALLBACK_BLOCK pairs at
+    a time: the seed tensor is read once per kernel call there (it was read once per pair)."""
+    from ringcompile.kernels.triton import launch
+
+    monkeypatch.setattr(launch.TritonBlocks, "_module", lambda self, *a, **k: (None, None))
+    monkeypatch.setattr(launch, "FALLBACK_BLOCK", 8)
+    blocks = launch.TritonBlocks(forced=False)
+    counts = []
+    for S in (16, 64):  # 3 and 36 causal fallback pairs per call
+        q, k, v, key_mask, seed = _case(S)
+        kw = dict(scale=0.25, seq_len=S, mask=SPEC.mask, mask_extras=[key_mask], dropout_p=0.1,
+                  dropout_seed=dropout.with_head_offset(seed, 2))
+        with SyncCounter() as counter:
+            out, lse = blocks.forward(q, k, v, **kw)
+            blocks.backward(q, k, v, out, torch.randn_like(q), lse, **kw)
+        counts.append(len(counter.reads))
+    assert counts == [2, 2], counts  # one read per call (forward, backward), whatever the pair count
