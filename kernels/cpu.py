@@ -28,7 +28,7 @@ import torch
 
 from ringcompile.mods import Mod, index_grid
 
-from .dropout import check_dropout, dropout_scale, seed_to_int
+from .dropout import HeadOffsetSeed, Seed, check_dropout, dropout_scale, seed_to_int
 from .reference import add_extra_grads, autograd_enabled, block_keep_mask, merge_partials
 
 TILE_ELEMENTS = 1 << 22  # score-tile elements per chunk on the math path (16 MiB in fp32)
@@ -102,7 +102,7 @@ def block_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0,
     kv_offset: int = 0, seq_len: int | None = None, mask: Mod | None = None, score: Mod | None = None,
     mask_extras: Sequence[torch.Tensor] = (), score_extras: Sequence[torch.Tensor] = (),
-    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+    dropout_p: float = 0.0, dropout_seed: Seed | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of one block pair, as ``reference.block_forward``; fully masked rows: 0 and -inf."""
     dropout_seed = seed_to_int(dropout_seed)
@@ -148,7 +148,7 @@ class _Context:
     mask_extras: Sequence[torch.Tensor]
     score_extras: Sequence[torch.Tensor]
     dropout_p: float
-    dropout_seed: int | None
+    dropout_seed: int | HeadOffsetSeed | None
     force_math: bool = False
 
     @property
@@ -294,7 +294,7 @@ def block_backward(
     lse: torch.Tensor, *, scale: float, q_offset: int = 0, kv_offset: int = 0, seq_len: int | None = None,
     mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
     score_extras: Sequence[torch.Tensor] = (), delta: torch.Tensor | None = None,
-    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+    dropout_p: float = 0.0, dropout_seed: Seed | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """(dq, dk, dv, d_score_extras) of this pair given the final out/lse, as ``reference.block_backward``.
 

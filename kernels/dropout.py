@@ -19,6 +19,9 @@ Indices enter as their low 32 bits. ``h`` is the GLOBAL head: a kernel that hold
 heads (hybrid's all-to-all gives an inner rank heads [h0, h0 + H/N_i)) is passed its seed as a
 ``HeadOffsetSeed(seed, h0)``, and the hash adds ``h0`` to the tensor's head index (the
 PyTorch kernels here; the Triton kernels take ``h0`` as their ``drop_head_offset`` argument).
+The wrapper holds the seed as given, an int or the op's one-element tensor, so shifting the
+heads never reads a device seed on the host: kernels that hash on the device take the tensor
+as it is, the others read it once per call (``seed_to_int`` keeps the offset).
 Kept probabilities are scaled by ``1 / (1 - p)``. Here
 the lanes live in int64 tensors: products of two 32-bit values wrap mod 2**64 in int64,
 which leaves the low 32 bits exact, and every value is masked back to 32 bits before a
@@ -26,6 +29,8 @@ shift, so a Triton kernel on uint32 computes the same bits.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -39,23 +44,44 @@ KV_SALT = 0x85EBCA6B
 UNIFORM_BITS = 24
 
 
-class HeadOffsetSeed(int):
-    """A dropout seed for a tensor whose head 0 is global head ``head_offset`` (the int value is the seed)."""
+@dataclasses.dataclass(frozen=True, eq=False)  # eq=False: a tensor seed has no truth value
+class HeadOffsetSeed:
+    """A dropout seed for a tensor whose head 0 is global head ``head_offset``.
 
+    ``seed`` is kept as given (an int, or a one-element integer tensor that may live on the GPU),
+    so building one never waits for the device."""
+
+    seed: int | torch.Tensor
     head_offset: int
 
-    def __new__(cls, seed: int, head_offset: int) -> HeadOffsetSeed:
-        obj = super().__new__(cls, int(seed))
-        obj.head_offset = int(head_offset)
-        return obj
+    def __int__(self) -> int:
+        """The seed as an int (a host read when it is a tensor)."""
+        return int(seed_to_int(self.seed))
 
-    def __repr__(self) -> str:
-        return f"HeadOffsetSeed({int(self)}, head_offset={self.head_offset})"
+
+Seed = int | torch.Tensor | HeadOffsetSeed
+
+
+def with_head_offset(seed: Seed | None, h0: int) -> Seed | None:
+    """``seed`` for a tensor whose head 0 is global head ``h0`` of the heads ``seed`` hashes (no read)."""
+    if seed is None:
+        return None
+    return HeadOffsetSeed(base_seed(seed), head_offset(seed) + int(h0))
 
 
 def head_offset(seed: object) -> int:
     """The global head of a kernel tensor's head 0 under ``seed`` (0 for a plain seed)."""
-    return getattr(seed, "head_offset", 0)
+    return seed.head_offset if isinstance(seed, HeadOffsetSeed) else 0
+
+
+def base_seed(seed: Seed | None) -> int | torch.Tensor | None:
+    """The seed without its head offset: an int, the op's tensor, or None."""
+    return seed.seed if isinstance(seed, HeadOffsetSeed) else seed
+
+
+def seed_on_device(seed: Seed | None) -> bool:
+    """Whether reading ``seed`` into an int would read a tensor (wait for its device)."""
+    return isinstance(base_seed(seed), torch.Tensor)
 
 
 def mix32(x):
@@ -72,7 +98,7 @@ def threshold(p: float) -> int:
     return min(1 << UNIFORM_BITS, int(round(p * (1 << UNIFORM_BITS))))
 
 
-def check_dropout(p: float, seed: int | None) -> None:
+def check_dropout(p: float, seed: Seed | None) -> None:
     if not 0.0 <= p < 1.0:
         raise RingCompileError(f"dropout probability must be in [0, 1), got {p}")
     if p > 0.0 and seed is None:
@@ -80,8 +106,13 @@ def check_dropout(p: float, seed: int | None) -> None:
                                "entries; pass dropout_seed=")
 
 
-def seed_to_int(seed: int | torch.Tensor | None) -> int | None:
-    """A Python int from an int or a one-element integer tensor (the op's ``dropout_seed``)."""
+def seed_to_int(seed: Seed | None) -> int | HeadOffsetSeed | None:
+    """The seed with an int value: an int from an int or a one-element integer tensor (the op's
+    ``dropout_seed``, one host read), a ``HeadOffsetSeed`` holding that int for a ``HeadOffsetSeed``."""
+    if isinstance(seed, HeadOffsetSeed):
+        if isinstance(seed.seed, torch.Tensor):
+            return HeadOffsetSeed(seed_to_int(seed.seed), seed.head_offset)
+        return seed
     if seed is None or isinstance(seed, int):
         return seed
     return int(seed.reshape(-1).narrow(0, 0, 1).reshape(()).item())  # one read of the first element
@@ -98,14 +129,15 @@ def _lanes(x: torch.Tensor) -> torch.Tensor:
 
 
 def keep_mask(
-    seed: int, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, p: float,
+    seed: int | HeadOffsetSeed, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
+    p: float,
 ) -> torch.Tensor:
     """Bool keep mask, broadcast over the index tensors (e.g. the ``mods.index_grid`` shapes); ``h``
     is the tensor's head index, shifted to the global head by a ``HeadOffsetSeed``."""
     h0 = head_offset(seed)
     if h0:
         h = h + h0
-    seed = int(seed)
+    seed = int(seed_to_int(base_seed(seed)))
     # the seed's part is mixed on the host: a Python int enters the tensor op as a scalar, with no
     # host-to-device copy
     row = mix32(mix32(mix32(row_base(seed) ^ _lanes(b)) ^ _lanes(h)) ^ _lanes(q))
@@ -115,7 +147,7 @@ def keep_mask(
 
 
 def dropout_scale(
-    seed: int, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, p: float,
+    seed: int | HeadOffsetSeed, b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, p: float,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """keep / (1 - p) as ``dtype``: the factor applied to normalised probabilities."""

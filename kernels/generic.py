@@ -13,10 +13,14 @@ query offset (mods read global indices, so extras need no slicing).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ringcompile.mods import Mod
+
+if TYPE_CHECKING:
+    from .dropout import Seed
 
 from . import reference
 from .reference import add_extra_grads
@@ -35,7 +39,7 @@ def block_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0,
     kv_offset: int = 0, seq_len: int | None = None, mask: Mod | None = None, score: Mod | None = None,
     mask_extras: Sequence[torch.Tensor] = (), score_extras: Sequence[torch.Tensor] = (),
-    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+    dropout_p: float = 0.0, dropout_seed: Seed | None = None,
     tile_elements: int = TILE_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of one block pair; see ``reference.block_forward``."""
@@ -61,7 +65,7 @@ def block_backward(
     lse: torch.Tensor, *, scale: float, q_offset: int = 0, kv_offset: int = 0, seq_len: int | None = None,
     mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
     score_extras: Sequence[torch.Tensor] = (), delta: torch.Tensor | None = None,
-    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+    dropout_p: float = 0.0, dropout_seed: Seed | None = None,
     tile_elements: int = TILE_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """(dq, dk, dv, d_score_extras) of one block pair; see ``reference.block_backward``."""

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ringcompile.mods import Mod, evaluate_mask, index_grid
+
+if TYPE_CHECKING:
+    from .dropout import Seed
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -77,7 +81,7 @@ def block_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0,
     kv_offset: int = 0, seq_len: int | None = None, mask: Mod | None = None, score: Mod | None = None,
     mask_extras: Sequence[torch.Tensor] = (), score_extras: Sequence[torch.Tensor] = (),
-    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+    dropout_p: float = 0.0, dropout_seed: Seed | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of one block pair; fully masked rows give out = 0 and lse = -inf.
 
@@ -103,7 +107,7 @@ def block_forward(
 
 def dropout_factor(
     q: torch.Tensor, k: torch.Tensor, q_offset: int, kv_offset: int, dropout_p: float,
-    dropout_seed: int | torch.Tensor | None, dtype: torch.dtype,
+    dropout_seed: Seed | None, dtype: torch.dtype,
 ) -> torch.Tensor | None:
     """keep / (1 - dropout_p) on the block's global indices, or None without dropout."""
     if dropout_p <= 0:
@@ -141,7 +145,7 @@ def block_backward(
     lse: torch.Tensor, *, scale: float, q_offset: int = 0, kv_offset: int = 0, seq_len: int | None = None,
     mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
     score_extras: Sequence[torch.Tensor] = (), delta: torch.Tensor | None = None,
-    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+    dropout_p: float = 0.0, dropout_seed: Seed | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """This block pair's (dq, dk, dv, d_score_extras) given the final out and lse.
 
@@ -193,7 +197,7 @@ def attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
     mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
     score_extras: Sequence[torch.Tensor] = (), dtype: torch.dtype = torch.float64,
-    dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+    dropout_p: float = 0.0, dropout_seed: Seed | None = None,
 ) -> torch.Tensor:
     """Eager attention on the full sequence, differentiable, in ``dtype`` (float64 for tests).
 

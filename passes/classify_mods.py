@@ -8,6 +8,13 @@ into an exact set of integers, and their intersection decides "causal" (d <= 0) 
 "sliding_window(W)" (-(W-1) <= d <= 0). Clauses of lookups indexed by (b, kv) only are
 "padding", lookups indexed by both q and kv are "dense"; anything else is "custom".
 What each lifted function means over sympy comes from the shared table (``passes.pointwise``).
+
+"padding" alone does not say the clause ignores q and h (``m[b, kv] > q`` is one) nor that its
+lookups stay in range (``m[b, kv - 9]``). When every non-index clause is a key padding in the
+strict sense, a function of (b, kv) alone whose lookups index extras at exactly ``b`` / ``kv``,
+the class states it as ``params["key_padding_lookups"]``: the (extra, index symbols) of each
+lookup. The Triton launcher then evaluates the mod on the diagonal q = kv, which every index
+kind keeps, to get the key padding exactly (``kernels/triton/padding_bounds.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import sympy
 import torch
 import torch.fx as fx
 from sympy.logic.boolalg import Boolean, BooleanFalse, BooleanTrue
+
+from ringcompile.mods import KEY_PADDING_LOOKUPS
 
 from .pointwise import by_kind
 
@@ -415,7 +424,48 @@ def classify_keep(keep: Bool) -> MaskClass:
             kinds.append(k)
             descs.append(k)
     only = index_kind if (index_kind is not None and not other) else None
+    if other and set(kinds) <= {"causal", "sliding_window", "padding"}:
+        lookups = key_padding_lookups([c for c in clauses if not _is_d_clause(c)])
+        if lookups is not None:
+            params = {**params, KEY_PADDING_LOOKUPS: lookups}
     return MaskClass("+".join(kinds), " & ".join(descs), params, only, window)
+
+
+_B = SYMS["b"]
+_ROLE_NAMES = {_B: "b", KV: "kv"}
+
+
+def _is_d_clause(clause: list[tuple[Any, bool]]) -> bool:
+    """A clause of relations linear in ``kv - q`` only (what the index part is made of)."""
+    return bool(clause) and all(_literal_set(atom, pol) is not None for atom, pol in clause)
+
+
+Lookups = tuple[tuple[int, tuple[str, ...]], ...]
+
+
+def key_padding_lookups(clauses: list[list[tuple[Any, bool]]]) -> Lookups | None:
+    """((extra index, index symbol names), ...) of every lookup in ``clauses`` when each clause is a
+    strict key padding: every atom a function of b and kv alone, holding a lookup, and every lookup
+    indexing an extra at exactly the symbols ``b`` / ``kv`` (so within an extra of >= B rows and
+    >= kv_end columns it is in range); None otherwise."""
+    found: set[tuple[int, tuple[str, ...]]] = set()
+    for clause in clauses:
+        if not clause:
+            return None
+        for atom, _ in clause:
+            if not isinstance(atom, sympy.Basic) or not atom.free_symbols <= {_B, KV}:
+                return None
+            funcs = atom.atoms(sympy.core.function.AppliedUndef)
+            if not funcs:
+                return None
+            for f in funcs:
+                name = str(f.func)
+                if not name.startswith("extra") or not name[len("extra"):].isdigit():
+                    return None
+                if not all(a in _ROLE_NAMES for a in f.args):
+                    return None
+                found.add((int(name[len("extra"):]), tuple(_ROLE_NAMES[a] for a in f.args)))
+    return tuple(sorted(found)) if found else None
 
 
 def _intersect(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> list[tuple[float, float]]:

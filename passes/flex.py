@@ -35,7 +35,7 @@ import torch.fx as fx
 
 from ringcompile.errors import RingCompileError, UnsupportedPatternError
 from ringcompile.log import get_logger
-from ringcompile.mods import Mod
+from ringcompile.mods import KEY_PADDING_LOOKUPS, Mod
 
 from .aten import dynamo_val
 
@@ -661,6 +661,10 @@ def mask_mod_from(gm: fx.GraphModule, extras: Sequence[fx.Node], guards: list | 
             keep = type(keep)(claim[0])
             guards.append(claim[1])
         cls = classify_keep(keep)
+        if claim is not None:
+            # the mod's causal clause is over positions (pos[b, kv] <= pos[b, q]), not kv <= q, and its
+            # lookups are not in the class: no strict key padding is stated
+            cls.params.pop(KEY_PADDING_LOOKUPS, None)
         document, only_document = _document_keep(keep.expr)
     except Exception as exc:  # noqa: BLE001 - classification only enables fast paths
         log.info("flex: could not classify mask_mod (%r); treated as custom", exc)

@@ -21,6 +21,11 @@ import torch
 from .errors import RingCompileError
 
 MaskFn = Callable[..., torch.Tensor]
+
+# Mod.params key: ((extra index, ("b" | "kv", ...)), ...) for a mask proved to be index clauses
+# (causal / sliding_window) AND a key padding that depends on b and kv alone and looks extras up at
+# exactly b / kv; the Triton launcher evaluates such a mask alone for per-batch key bounds
+KEY_PADDING_LOOKUPS = "key_padding_lookups"
 ScoreFn = Callable[..., torch.Tensor]
 
 
@@ -32,6 +37,8 @@ class Mod:
             or several joined by "+" for compositions (e.g. "causal+padding").
     params: structural facts used by fast paths, e.g. {"window": 128}. For a composition, the
             facts on which all its parts agree (two windows of different widths keep neither).
+            A discovered mod whose data clauses are provably a key padding states their lookups
+            under ``KEY_PADDING_LOOKUPS`` (see ``passes.classify_mods``).
     graph:  the same function as an FX graph of index arithmetic (for Triton lowering);
             None means "not lowered yet": kernels may trace ``fn`` themselves.
     parts:  for ``and_masks`` compositions, the masks joined, each with its own params (so block

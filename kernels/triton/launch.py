@@ -14,7 +14,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from .codegen import Generated, specialise
 from .lower_mods import LoweringError
 from .padding_bounds import kv_bounds, padding_parts
 from .tiles import Tiles, candidates
+
+if TYPE_CHECKING:
+    from ..dropout import Seed
 
 log = get_logger(__name__)
 
@@ -175,7 +178,7 @@ class TritonBlocks:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_offset: int = 0,
         kv_offset: int = 0, seq_len: int | None = None, mask: Mod | None = None, score: Mod | None = None,
         mask_extras: Sequence[torch.Tensor] = (), score_extras: Sequence[torch.Tensor] = (),
-        dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+        dropout_p: float = 0.0, dropout_seed: Seed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(out, lse) of one block pair, fp32 (fp64 for fp64 inputs); see reference.block_forward."""
         _check_shapes(q, k, v)
@@ -248,7 +251,7 @@ class TritonBlocks:
         lse: torch.Tensor, *, scale: float, q_offset: int = 0, kv_offset: int = 0, seq_len: int | None = None,
         mask: Mod | None = None, score: Mod | None = None, mask_extras: Sequence[torch.Tensor] = (),
         score_extras: Sequence[torch.Tensor] = (), delta: torch.Tensor | None = None,
-        dropout_p: float = 0.0, dropout_seed: int | torch.Tensor | None = None,
+        dropout_p: float = 0.0, dropout_seed: Seed | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         """(dq, dk, dv, d_score_extras) of one block pair; see reference.block_backward."""
         _check_shapes(q, k, v)
@@ -321,6 +324,16 @@ def _fallback_pairs(q: torch.Tensor, k: torch.Tensor, q_offset: int, kv_offset: 
             yield slice(qs, qe), slice(ks, min(ks + FALLBACK_BLOCK, k.shape[2]))
 
 
+def _seed_read_once(kw: dict) -> dict:
+    """``kw`` with a dropout seed tensor read into an int once, not once per reference pair (each read
+    waits for the device); a head offset stays beside it."""
+    if kw.get("dropout_p", 0) > 0 and kw.get("dropout_seed") is not None:
+        from .. import dropout
+
+        return {**kw, "dropout_seed": dropout.seed_to_int(kw["dropout_seed"])}
+    return kw
+
+
 def blocked_reference_forward(q, k, v, *, q_offset: int = 0, kv_offset: int = 0, seq_len=None, mask=None,
                               **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.block_forward`` a ``FALLBACK_BLOCK`` pair at a time: the runtime hands these
@@ -328,6 +341,7 @@ def blocked_reference_forward(q, k, v, *, q_offset: int = 0, kv_offset: int = 0,
     if q.shape[2] <= FALLBACK_BLOCK and k.shape[2] <= FALLBACK_BLOCK:
         return reference.block_forward(q, k, v, q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
                                        mask=mask, **kw)
+    kw = _seed_read_once(kw)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.zeros(*q.shape[:3], v.shape[-1], dtype=acc, device=q.device)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
@@ -346,6 +360,7 @@ def blocked_reference_backward(q, k, v, out, dout, lse, *, q_offset: int = 0, kv
         return reference.block_backward(q, k, v, out, dout, lse, q_offset=q_offset, kv_offset=kv_offset,
                                         seq_len=seq_len, mask=mask, score_extras=score_extras, delta=delta,
                                         **kw)
+    kw = _seed_read_once(kw)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     if delta is None:
         delta = (dout.to(acc) * out.to(acc)).sum(-1)
@@ -375,7 +390,7 @@ def _out_of_resources_error() -> type[BaseException]:
     return type("NeverRaised", (Exception,), {})
 
 
-def _dropout_args(p: float, seed: int | torch.Tensor | None, device: torch.device) -> tuple:
+def _dropout_args(p: float, seed: Seed | None, device: torch.device) -> tuple:
     """Kernel arguments (seed tensor, head offset, threshold, 1/(1-p)) for dropout, or () without it.
 
     The kernel reads the seed itself (``seed_row_base``): the op's seed tensor goes in as a pointer,
@@ -387,6 +402,7 @@ def _dropout_args(p: float, seed: int | torch.Tensor | None, device: torch.devic
 
     dropout.check_dropout(p, seed)
     h0 = dropout.head_offset(seed)  # a head group's first global head (ulysses, hybrid), else 0
+    seed = dropout.base_seed(seed)  # the seed as given: an int or the op's tensor (not read here)
     if isinstance(seed, torch.Tensor):
         if seed.numel() == 0 or seed.is_floating_point() or seed.is_complex():
             raise KernelError(f"dropout_seed must be an integer tensor with one element, got {seed.dtype} "

@@ -158,3 +158,52 @@ def test_a_head_offset_seed_hashes_global_heads():
     offset = _dropout_args(0.4, seed, torch.device("cpu"))
     assert plain[1] == 0 and offset[1] == 4
     assert torch.equal(offset[0], plain[0]) and offset[2:] == plain[2:]
+
+
+def test_a_head_offset_seed_holds_a_tensor_seed_without_reading_it():
+    """``with_head_offset`` on the op's seed tensor keeps the tensor (the Triton launcher passes that very
+    tensor to the kernels, with the offset as an int); reading it once gives the int seed with the same
+    offset, and its keep mask is the int seed's on the shifted heads, bit for bit."""
+    from ringcompile.kernels.triton.launch import _dropout_args
+
+    tensor = torch.tensor([2**35 + 12345], dtype=torch.int64)
+    seed = dropout.with_head_offset(tensor, 3)
+    assert seed.seed is tensor and seed.head_offset == 3 and dropout.seed_on_device(seed)
+    assert dropout.with_head_offset(seed, 2).head_offset == 5  # a group inside a group
+    read = dropout.seed_to_int(seed)
+    assert read.seed == 2**35 + 12345 and read.head_offset == 3 and not dropout.seed_on_device(read)
+    b, h, q, kv = mods.index_grid(2, 3, 5, 7, 0, 9)
+    want = dropout.keep_mask(2**35 + 12345, b, h + 3, q, kv, 0.4)
+    assert torch.equal(dropout.keep_mask(seed, b, h, q, kv, 0.4), want)
+    assert torch.equal(dropout.keep_mask(read, b, h, q, kv, 0.4), want)
+    args = _dropout_args(0.4, seed, torch.device("cpu"))
+    assert args[0].data_ptr() == tensor.data_ptr() and args[1] == 3
+    assert dropout.with_head_offset(None, 3) is None
+
+
+def test_every_pytorch_kernel_set_hashes_a_head_group_seed_tensor_like_the_full_heads():
+    """The CPU, generic and reference kernels given ``HeadOffsetSeed(seed tensor, h0)`` on heads h0..
+    (what ulysses / hybrid pass) return bit for bit the full-heads result at those heads, forward and
+    backward; the same group hashed as heads 0.. differs (the offset is used)."""
+    from ringcompile.kernels import cpu, generic, reference
+
+    g = torch.Generator().manual_seed(17)
+    B, H, S, D, h0 = 1, 4, 12, 8, 2
+    q, k, v, dout = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(4))
+    seed = torch.tensor([2**33 + 5], dtype=torch.int64)
+    kw = dict(scale=0.3, q_offset=4, kv_offset=0, seq_len=16, mask=mods.causal(), dropout_p=0.4)
+    group = (slice(None), slice(h0, H))
+    for forward, backward in ((cpu.block_forward, cpu.block_backward),
+                              (generic.block_forward, generic.block_backward),
+                              (reference.block_forward, reference.block_backward)):
+        full_out, full_lse = forward(q, k, v, dropout_seed=seed, **kw)
+        full_grads = backward(q, k, v, full_out, dout, full_lse, dropout_seed=seed, **kw)
+        part = [t[group].contiguous() for t in (q, k, v, dout)]
+        shifted = dropout.with_head_offset(seed, h0)
+        out, lse = forward(*part[:3], dropout_seed=shifted, **kw)
+        grads = backward(*part[:3], out, part[3], lse, dropout_seed=shifted, **kw)
+        assert torch.equal(out, full_out[group]) and torch.equal(lse, full_lse[group])
+        for got, want in zip(grads[:3], full_grads[:3], strict=True):
+            assert torch.equal(got, want[group])
+        plain, _ = forward(*part[:3], dropout_seed=seed, **kw)
+        assert not torch.equal(plain, out)

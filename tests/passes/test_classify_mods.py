@@ -14,6 +14,8 @@ from ringcompile.passes.classify_mods import Bool, classify_keep, to_sympy
 from ringcompile.passes.index_lift import ModGraphBuilder
 from ringcompile.passes.pointwise import LIFTED, by_kind
 
+from ringcompile.mods import KEY_PADDING_LOOKUPS
+
 
 def _keep_graph(spelling: str, lo: int, hi: int):
     """A lifted keep graph over (b, h, q_idx, kv_idx) keeping lo <= kv - q <= hi, in one of several forms."""
@@ -66,6 +68,54 @@ def test_causal_and_padding_lookup():
     cls = classify_keep(to_sympy(gm, extra_dtypes={ph: torch.bool for ph in bld.extra_dtypes} | {
         n: torch.bool for n in gm.graph.find_nodes(op="placeholder") if n.name.startswith("extra")}))
     assert cls.kind == "causal+padding" and cls.index_only is None
+
+
+def _classify_with_lookup(index: str, spelling: str):
+    """classify_keep of ``index`` (causal / window / none) AND a data clause over one bool extra."""
+    bld = ModGraphBuilder(with_score=False)
+    b, h, q, kv = (bld.role(r) for r in ("b", "h", "q", "kv"))
+    pad = torch.fx.Graph().placeholder("pad")
+    m = bld.extra(pad)
+    data = {
+        "key padding": lambda: bld.call(operator.getitem, m, (b, kv)),
+        "key padding by value": lambda: bld.call(operator.ne, bld.call(operator.getitem, m, (b, kv)), 0),
+        "reads the query": lambda: bld.call(operator.le, bld.call(operator.getitem, m, (b, kv)), q),
+        "reads the head": lambda: bld.call(operator.gt, bld.call(operator.getitem, m, (b, kv)), h),
+        "shifted lookup": lambda: bld.call(operator.getitem, m, (b, bld.call(operator.sub, kv, 1))),
+        "dense": lambda: bld.call(operator.getitem, m, (b, q, kv)),
+    }[spelling]()
+    index_clause = {
+        "causal": lambda: bld.call(operator.le, kv, q),
+        "window": lambda: bld.and_(bld.call(operator.le, kv, q), bld.call(operator.lt, bld.sub(q, kv), 4)),
+        "none": lambda: None,
+    }[index]()
+    gm = bld.finish(data if index_clause is None else bld.and_(index_clause, data))
+    bools = {n: torch.bool for n in gm.graph.find_nodes(op="placeholder") if n.name.startswith("extra")}
+    if spelling in ("reads the query", "reads the head", "key padding by value"):
+        bools = {}  # an integer extra compared by value
+    return classify_keep(to_sympy(gm, extra_dtypes=bools)), gm
+
+
+@pytest.mark.parametrize("index", ["causal", "window", "none"])
+def test_a_strict_key_padding_states_its_lookups(index):
+    """Index clauses AND a function of (b, kv) alone, looked up at exactly b / kv: the class says so,
+    which lets the Triton launcher evaluate the mask alone for per-batch key bounds."""
+    for spelling in ("key padding", "key padding by value"):
+        cls, _ = _classify_with_lookup(index, spelling)
+        kind = {"causal": "causal+padding", "window": "sliding_window+padding", "none": "padding"}[index]
+        assert cls.kind == kind
+        assert cls.params[KEY_PADDING_LOOKUPS] == ((0, ("b", "kv")),)
+
+
+@pytest.mark.parametrize("spelling", ["reads the query", "reads the head", "shifted lookup", "dense"])
+def test_data_clauses_that_only_look_like_a_key_padding_state_no_lookups(spelling):
+    """``m[b, kv] <= q`` and ``m[b, kv] > h`` are called "padding" (the lookup is by b and kv) but
+    depend on q / h; ``m[b, kv - 1]`` is out of range at kv = 0 on a GPU; a dense lookup is no
+    padding: none of them states the lookups, so no kernel evaluates them as a key padding."""
+    cls, _ = _classify_with_lookup("causal", spelling)
+    if spelling in ("reads the query", "reads the head", "shifted lookup"):
+        assert cls.kind == "causal+padding"  # the kind alone would have claimed a key padding
+    assert KEY_PADDING_LOOKUPS not in cls.params
 
 
 def test_always_true_and_opaque():

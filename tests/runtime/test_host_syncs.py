@@ -14,7 +14,8 @@ recorder (no GPU here); everything on the host side of the launch runs for real.
 from __future__ import annotations
 
 import torch
-from fake_gpu import GPU
+from fake_gpu import GPU, EchoCommunicator
+from ringcompile.kernels import dropout
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringcompile import mods
@@ -192,3 +193,69 @@ def test_the_counter_sees_every_kind_of_sync():
         torch.ones(3).to(GPU)
         torch.ones(1).item()  # a CPU read: free, not counted
     assert len(c.reads) == 3 and len(c.uploads) == 2, (c.reads, c.uploads)
+
+
+def _strategy_syncs(strategy: str, kernels, S: int, comm, monkeypatch) -> tuple[int, list[str]]:
+    """Host syncs of one ``strategy`` forward + backward on the stand-in GPU, causal + key padding and
+    dropout with a seed tensor, counted from building the call's context to the last gradient."""
+    from ringcompile.runtime.strategies import hybrid, ulysses
+
+    monkeypatch.setattr(ulysses, "block_kernels", lambda spec, device: kernels)  # head groups: Triton
+    module = {"ulysses": ulysses, "hybrid": hybrid}[strategy]
+    layout = "zigzag"
+    B, H, D = 2, 4, 16
+    local = S // comm.world_size
+    q, k, v, dout = (torch.randn(B, H, local, D, device=GPU) for _ in range(4))
+    key_mask = torch.arange(S, device=GPU).view(1, -1) < torch.tensor([S - 3, S // 2], device=GPU).view(-1, 1)
+    seed = torch.randint(0, 2**31, (), dtype=torch.int64, device=GPU)
+    spec = AttentionSpec(mask=mods.and_masks(mods.causal(), mods.key_padding()), dropout_p=0.1)
+    with SyncCounter() as counter:
+        ctx = RingContext(comm, spec, strategy, S, layout, [key_mask], [], kernels, seed)
+        out, lse = module.forward(ctx, q, k, v)
+        module.backward(ctx, dout, q, k, v, out, lse)
+    return counter.total, counter.reads + counter.uploads
+
+
+def test_ulysses_with_a_seed_tensor_under_dropout_has_no_syncs(triton_on_fake_gpu, monkeypatch):
+    """Rank 1 of 2 holds heads [2, 4): its seed carries the head offset without being read (it was
+    read with ``.item()`` once per call), so a whole Ulysses forward + backward reads nothing."""
+    kernels, launches = triton_on_fake_gpu
+    for S in (32, 128):
+        total, what = _strategy_syncs("ulysses", kernels, S, EchoCommunicator(1, 2), monkeypatch)
+        assert total == 0, what
+    assert {name for name, _ in launches} == {"block_fwd", "block_bwd_dkdv", "block_bwd_dq"}
+
+
+def test_hybrid_with_a_seed_tensor_under_dropout_has_no_syncs(triton_on_fake_gpu, monkeypatch):
+    """Inner rank 1 of a 2 x 2 group (heads [2, 4), the ring over nodes): no host read per call. The
+    mesh check (one all_gather per call off CUDA, remembered on CUDA) is not what this counts."""
+    from ringcompile.runtime.strategies import hybrid
+    from ringcompile.runtime.two_level import TwoLevelCommunicator
+
+    monkeypatch.setattr(hybrid, "check_mesh_agrees", lambda comm: None)
+    kernels, launches = triton_on_fake_gpu
+    for S in (32, 128):
+        two = TwoLevelCommunicator(EchoCommunicator(1, 4), EchoCommunicator(0, 2), EchoCommunicator(1, 2))
+        total, what = _strategy_syncs("hybrid", kernels, S, two, monkeypatch)
+        assert total == 0, what
+    assert {name for name, _ in launches} == {"block_fwd", "block_bwd_dkdv", "block_bwd_dq"}
+
+
+def test_a_declined_mod_reads_the_seed_once_per_call_not_once_per_fallback_pair(monkeypatch):
+    """When Triton declines a site at launch, the kernels run the reference math FALLBACK_BLOCK pairs at
+    a time: the seed tensor is read once per kernel call there (it was read once per pair)."""
+    from ringcompile.kernels.triton import launch
+
+    monkeypatch.setattr(launch.TritonBlocks, "_module", lambda self, *a, **k: (None, None))
+    monkeypatch.setattr(launch, "FALLBACK_BLOCK", 8)
+    blocks = launch.TritonBlocks(forced=False)
+    counts = []
+    for S in (16, 64):  # 3 and 36 causal fallback pairs per call
+        q, k, v, key_mask, seed = _case(S)
+        kw = dict(scale=0.25, seq_len=S, mask=SPEC.mask, mask_extras=[key_mask], dropout_p=0.1,
+                  dropout_seed=dropout.with_head_offset(seed, 2))
+        with SyncCounter() as counter:
+            out, lse = blocks.forward(q, k, v, **kw)
+            blocks.backward(q, k, v, out, torch.randn_like(q), lse, **kw)
+        counts.append(len(counter.reads))
+    assert counts == [2, 2], counts  # one read per call (forward, backward), whatever the pair count

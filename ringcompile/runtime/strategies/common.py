@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ringcompile.kernels.dropout import seed_to_int
+from ringcompile.kernels.dropout import HeadOffsetSeed, seed_on_device, seed_to_int
 from ringcompile.kernels.reference import add_extra_grads, merge_partials
 from ringcompile.kernels.select import BlockKernels
 from ringcompile.spec import AttentionSpec
@@ -56,13 +56,13 @@ class RingContext:
     mask_extras: Sequence[Tensor]
     score_extras: Sequence[Tensor]
     kernels: BlockKernels
-    dropout_seed: Tensor | int | None = None
+    dropout_seed: Tensor | int | HeadOffsetSeed | None = None
 
     def __post_init__(self) -> None:
         # the op's seed is a one-element tensor, often on the GPU: kernels that read it on the device
         # (Triton) get it as it is; for the others it is read once per call here, not once per
         # kernel launch (each read waits for the device)
-        if isinstance(self.dropout_seed, Tensor) and self.spec.dropout_p > 0 and not self.kernels.device_seed:
+        if seed_on_device(self.dropout_seed) and self.spec.dropout_p > 0 and not self.kernels.device_seed:
             self.dropout_seed = seed_to_int(self.dropout_seed)
 
     @property

@@ -19,8 +19,9 @@ Mods see global head indices (the head group's offset is added, as in Ulysses).
 
 Dropout: the keep mask is a hash of global (b, h, q, kv) and the seed (``kernels.dropout``).
 The ring across nodes already passes global token offsets; the head group's global offset
-travels with the seed (``HeadOffsetSeed``), so every rank drops exactly the entries one
-process (or the flat ring) drops; every kernel set, Triton's included, hashes the shifted head.
+travels beside the seed (``HeadOffsetSeed``, which does not read a tensor seed), so every rank
+drops exactly the entries one process (or the flat ring) drops; every kernel set, Triton's
+included, hashes the shifted head.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import math
 import torch
 
 from ringcompile.errors import OptionError
-from ringcompile.kernels.dropout import HeadOffsetSeed, seed_to_int
+from ringcompile.kernels.dropout import with_head_offset
 from ringcompile.log import get_logger
 
 from ..two_level import TwoLevelCommunicator, check_mesh_agrees
@@ -102,7 +103,7 @@ def _outer_context(ctx: RingContext, two: TwoLevelCommunicator, hq: int, device:
     spec, kernels = _group_spec(ctx, h0, device)
     seed = ctx.dropout_seed
     if spec.dropout_p > 0 and seed is not None:  # None: the kernels raise their clear "needs a dropout_seed"
-        seed = HeadOffsetSeed(seed_to_int(seed), h0)
+        seed = with_head_offset(seed, h0)  # a device seed tensor stays one: no host read
     return RingContext(two.outer, spec, ctx.strategy, ctx.seq_len, ctx.layout, ctx.mask_extras,
                        ctx.score_extras, kernels, seed)
 

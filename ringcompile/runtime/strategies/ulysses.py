@@ -7,9 +7,10 @@ on one rank). Mods see global head indices: the head group's offset is added to 
 Dropout: the keep mask is a hash of global (b, h, q, kv) and the seed (``kernels.dropout``).
 The pieces already carry global token offsets; rank r holds query heads [h0, h0 + H/N) with
 h0 = r * H/N, and the hash takes the query head (a GQA group's kv head stays on the rank), so
-the seed travels as ``HeadOffsetSeed(seed, h0)`` and every rank drops exactly the entries one
-process (or the ring) drops. Every kernel set adds h0 to its head index in the hash (the Triton
-kernels as their ``drop_head_offset`` argument), so the rank's usual kernels run.
+the seed travels as ``HeadOffsetSeed(seed, h0)`` (the seed as given: a device tensor is not read
+on the host) and every rank drops exactly the entries one process (or the ring) drops. Every
+kernel set adds h0 to its head index in the hash (the Triton kernels as their ``drop_head_offset``
+argument), so the rank's usual kernels run.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import torch
 
 from ringcompile.errors import OptionError
-from ringcompile.kernels.dropout import HeadOffsetSeed, seed_to_int
+from ringcompile.kernels.dropout import with_head_offset
 from ringcompile.kernels.select import BlockKernels, block_kernels
 from ringcompile.mods import Mod
 from ringcompile.spec import AttentionSpec
@@ -104,7 +105,8 @@ def _head_group(ctx: RingContext, hq: int, device: torch.device
     h0 = ctx.rank * (hq // ctx.world_size)
     spec, kernels = _group_spec(ctx, h0, device)
     if spec.dropout_p > 0 and ctx.dropout_seed is not None:  # None: the kernels raise their clear error
-        ctx = dataclasses.replace(ctx, dropout_seed=HeadOffsetSeed(seed_to_int(ctx.dropout_seed), h0))
+        # the seed as given (a device tensor is not read here) with the group's offset beside it
+        ctx = dataclasses.replace(ctx, dropout_seed=with_head_offset(ctx.dropout_seed, h0))
     return ctx, spec, kernels
 
 
