@@ -81,14 +81,16 @@ def _batch_passes(rows: list[int], spec: AttentionSpec, seed: Any, device: torch
 
 @functools.lru_cache(maxsize=256)
 def _batch_mapped(mod: Mod) -> Mod:
-    """``mod`` over a batch slice: its last extra maps the slice's row ``b`` to the original row."""
+    """``mod`` over a batch slice: its last extra maps the slice's row ``b`` to the original row.
+
+    (``.long()``: a no-op on the int64 rows; the Triton lowering's probe passes float examples.)"""
     fn = mod.fn
     if mod.is_mask:
         def mapped(b, h, q, kv, *extras):
-            return fn(extras[-1][b], h, q, kv, *extras[:-1])
+            return fn(extras[-1][b].long(), h, q, kv, *extras[:-1])
     else:
         def mapped(s, b, h, q, kv, *extras):
-            return fn(s, extras[-1][b], h, q, kv, *extras[:-1])
+            return fn(s, extras[-1][b].long(), h, q, kv, *extras[:-1])
     keep_kind = set(mod.kinds) <= _BATCH_INVARIANT
     return Mod(mapped, mod.is_mask, mod.kind if keep_kind else "custom",
                dict(mod.params) if keep_kind else {}, mod.n_extras + 1,
