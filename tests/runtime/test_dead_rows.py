@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ringcompile.mods import Mod
 from ringcompile.runtime.simulated import simulated_ring_attention
@@ -242,3 +244,41 @@ def test_second_pass_runs_on_dead_batch_rows_only(monkeypatch, world, strategy, 
     # rows the bias form ran on, summed over ranks: forward, then the backward's lse recompute + backward
     assert sum(n for ph, bias, n in calls if bias and ph == "forward") == 2 * 2 * world, calls
     assert sum(n for ph, bias, n in calls if bias and ph == "backward") == 2 * world, calls
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(0, S), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       world=st.sampled_from([1, 2]), dropout=st.booleans())
+def test_any_pattern_of_dead_batch_rows_matches_eager(lengths, seed, world, dropout):
+    """Query padding of any length per batch row (0: a whole row padded; S: none): the second pass
+    runs on exactly the batch rows with a padded query, and out and grads are eager's on all rows."""
+    from ringcompile.kernels.reference import attention_reference
+
+    Bb = len(lengths)
+    torch.manual_seed(seed)
+    pm = (torch.arange(S).view(1, -1) < torch.tensor(lengths).view(-1, 1)).long()
+    mask, score, form = _forms(_query_padding_keep, MIN32, True, True, bias_fn=_batch_bias)
+    q, k, v = (torch.randn(Bb, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kbb = torch.randn(Bb, H, S, dtype=torch.float64, requires_grad=True)
+    p, dseed = (0.25, seed) if dropout else (0.0, None)
+    calls: list = []
+
+    def eager_scores(s, b, h, qi, kv, pm_, kbb_):
+        keep = _query_padding_keep(b, h, qi, kv, pm_)
+        return _batch_bias(s, b, h, qi, kv, kbb_) + torch.where(keep, 0.0, MIN32)
+
+    ref = attention_reference(q, k, v, score=Mod(eager_scores, False, "custom", n_extras=2),
+                              score_extras=[pm, kbb], dropout_p=p, dropout_seed=dseed)
+    dout = torch.randn_like(ref)
+    with pytest.MonkeyPatch.context() as mp:  # forward and backward
+        _recording_strategies(mp, calls)
+        out = simulated_ring_attention(q, k, v, world_size=world, strategy="local" if world == 1 else "ring",
+                                       mask=mask, mask_extras=[pm], score=score, score_extras=[kbb],
+                                       dead_rows=form, kernel="cpu", dropout_p=p, dropout_seed=dseed)
+        got = torch.autograd.grad(out, [q, k, v, kbb], dout)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    for g, w in zip(got, torch.autograd.grad(ref, [q, k, v, kbb], dout), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6)
+    n_dead = sum(n < S for n in lengths)
+    bias_rows = [n for _, bias, n in calls if bias]
+    assert sum(bias_rows) == 3 * world * n_dead, (lengths, calls)  # fwd, bwd's lse recompute, bwd
