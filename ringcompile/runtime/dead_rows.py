@@ -97,17 +97,25 @@ def _batch_mapped(mod: Mod) -> Mod:
                f"{mod.describe()} (batch rows mapped)", parts=mod.parts if keep_kind else ())
 
 
+@functools.lru_cache(maxsize=256)
+def _bias_spec(spec: AttentionSpec) -> AttentionSpec:
+    """The bias form's spec over a batch slice; one object per spec, so what is cached per spec (the
+    kernels, ulysses' head-group specs) is reused call after call."""
+    form = spec.dead_rows
+    return spec.replace(mask=None if form.mask is None else _batch_mapped(form.mask),
+                        score=None if form.score is None else _batch_mapped(form.score), dead_rows=None)
+
+
 def _bias_pass(form: DeadRowForm, spec: AttentionSpec, mask_extras: Sequence[Tensor],
                score_extras: Sequence[Tensor], rows: BatchRows) -> tuple[AttentionSpec, list, list]:
     """(spec, mask_extras, score_extras) of the bias form over the batch slice ``rows``."""
     every = list(mask_extras) + list(score_extras)
     m_extras, s_extras = [every[i] for i in form.mask_idx], [every[i] for i in form.score_idx]
-    mask, score = form.mask, form.score
-    if mask is not None:
-        mask, m_extras = _batch_mapped(mask), m_extras + [rows.index]
-    if score is not None:
-        score, s_extras = _batch_mapped(score), s_extras + [rows.index]
-    return spec.replace(mask=mask, score=score, dead_rows=None), m_extras, s_extras
+    if form.mask is not None:
+        m_extras.append(rows.index)
+    if form.score is not None:
+        s_extras.append(rows.index)
+    return _bias_spec(spec), m_extras, s_extras
 
 
 def _note(rows: list[int], batch: int, passes: int, where: str) -> None:
