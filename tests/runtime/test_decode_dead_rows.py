@@ -71,6 +71,12 @@ def test_decode_row_with_no_kept_key_is_one_process_value(world, additive):
 
     for out in simulate(rank, world, timeout=20.0):
         torch.testing.assert_close(out.double(), want, atol=2e-6, rtol=1e-5)
+    if not additive:  # the direct API (serving/hf.py's ring_decode: HF's mask made boolean) agrees: 0
+        def direct(comm):
+            ks, vs, slots = _shard(k, v, comm.rank, comm.world_size)
+            return decode_partials(comm, q, ks, vs, slots, torch.tensor([T - 1]), slot_mask=mask)[0]
+        for out in simulate(direct, world, timeout=20.0):
+            assert (out[1] == 0).all()
     if additive:  # the case really is a dead row whose value depends on the unwritten slots
         assert not torch.allclose(want[1], v[1, :, :T].double().mean(1, keepdim=True).repeat_interleave(2, 0))
 
