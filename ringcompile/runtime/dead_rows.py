@@ -69,7 +69,7 @@ def _agreed_rows(comm: Communicator, dead: Tensor) -> list[int]:
     flags = dead.flatten(1).any(1).to(torch.float32)
     if comm.world_size > 1:
         flags = comm.all_reduce(flags, what="dead-row batch flags").wait()[0]
-    return torch.nonzero(flags > 0).flatten().tolist()
+    return torch.nonzero(flags.cpu() > 0).flatten().tolist()  # the one copy to the host
 
 
 def _batch_passes(rows: list[int], spec: AttentionSpec, seed: Any, device: torch.device) -> list[BatchRows]:
