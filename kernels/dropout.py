@@ -39,6 +39,8 @@ from ringcompile.errors import RingCompileError
 MASK32 = 0xFFFFFFFF
 MUL_1 = 0x7FEB352D
 MUL_2 = 0x846CA68B
+INV_MUL_1 = 0x1D69E2A5  # MUL_1 ** -1 mod 2**32 (mix32 is a bijection on 32 bits: ``unmix32``)
+INV_MUL_2 = 0x43021123  # MUL_2 ** -1 mod 2**32
 SEED_SALT = 0x9E3779B9
 KV_SALT = 0x85EBCA6B
 UNIFORM_BITS = 24
@@ -93,6 +95,16 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
+def unmix32(x):
+    """The inverse of ``mix32`` (on int64 tensors or Python ints in [0, 2**32))."""
+    x = x ^ (x >> 16)
+    x = (x * INV_MUL_2) & MASK32
+    x = x ^ (x >> 15)
+    x = x ^ (x >> 30)
+    x = (x * INV_MUL_1) & MASK32
+    return x ^ (x >> 16)
+
+
 def threshold(p: float) -> int:
     """Hash values (24 bits) below this are dropped."""
     return min(1 << UNIFORM_BITS, int(round(p * (1 << UNIFORM_BITS))))
@@ -122,6 +134,22 @@ def row_base(seed: int) -> int:
     """``mix32(seed32 ^ SEED_SALT)``: the seed's share of every row hash, as a Python int."""
     seed32 = (seed ^ (seed >> 32)) & MASK32
     return mix32(seed32 ^ SEED_SALT)
+
+
+def batch_row_seed(seed: int | torch.Tensor | None, b: int) -> int | torch.Tensor | None:
+    """A seed under which batch 0 of a tensor is hashed as batch ``b`` under ``seed``.
+
+    The hash starts ``row_base(seed) ^ b``; ``row_base`` is a bijection of 32-bit seeds, so the seed
+    ``s`` with ``row_base(s) == row_base(seed) ^ b`` exists (a 32-bit value) and every kernel set runs
+    one batch row of a call, sliced out, with the keep mask of its original row (``runtime.dead_rows``).
+    A tensor seed (read on the device by the Triton kernels) stays a one-element int64 tensor."""
+    if seed is None or b == 0:
+        return seed
+    if isinstance(seed, torch.Tensor):
+        s = seed.reshape(-1)[:1].to(torch.int64)
+        base = mix32(((s ^ (s >> 32)) & MASK32) ^ SEED_SALT)
+        return unmix32(base ^ (b & MASK32)) ^ SEED_SALT
+    return unmix32(row_base(int(seed)) ^ (b & MASK32)) ^ SEED_SALT
 
 
 def _lanes(x: torch.Tensor) -> torch.Tensor:

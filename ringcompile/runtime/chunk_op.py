@@ -8,8 +8,9 @@ runs ``chunk_prefill.chunk_attention`` (pass-KV or pass-Q, ``method="auto"``: th
 ``choose_chunk_method``), and all-gathers the outputs back to a replicated (B, Hq, C, Dv). The causal
 offset of the chunk comes from its query slots (``positions``: the cache's length before the chunk
 plus 0..C-1); the model's own boolean mask (HF's, sized ``max_cache_len``) is passed whole and
-sliced to each rank's rows. A query length of 1 at run time (a dynamic graph serving decode too)
-takes ``decode_attention``'s path.
+sliced to each rank's rows, and is the whole rule, as in one process (``whole_mask``: no causal rule of
+ours, unwritten slots are zero keys; see ``decode``). A query length of 1 at run time (a dynamic graph
+serving decode too) takes ``decode_attention``'s path.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def chunk_cache_attention(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_s
     with op_support.device_guard(q.device), torch.no_grad():
         if C == 1 or world == 1:
             return decode_attention(q, k, v, kv_slots=kv_slots, q_slots=q_slots, slot_mask=slot_mask,
-                                    scale=scale, layout=cl, comm=comm)
+                                    scale=scale, layout=cl, comm=comm, whole_mask=True)
         q_slots = q_slots.reshape(-1).to(device=q.device, dtype=torch.long)
         c = -(-C // world)
         start, stop = min(C, rank * c), min(C, (rank + 1) * c)
@@ -71,7 +72,7 @@ def chunk_cache_attention(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_s
         k, v, kv_slots = filled_prefix(k, v, kv_slots)
         out = chunk_attention(mine_q, k, v, q_slots=mine_slots, kv_slots=kv_slots,
                               cache_len=int(q_slots.max()) + 1, method=method, scale=scale, layout=cl,
-                              comm=comm, slot_mask=mine_mask)
+                              comm=comm, slot_mask=mine_mask, whole_mask=True)
         parts = comm.all_gather(out.contiguous(), 0, "chunk attention output all_gather").wait()
         return torch.cat(parts, 2)[:, :, :C]
 

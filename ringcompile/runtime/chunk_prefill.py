@@ -32,7 +32,7 @@ from ringcompile.kernels.reference import merge_partials
 
 from .cache_layout import CacheLayout
 from .communicator import Communicator, RingCommunicator
-from .decode import _problems, check_cache_agrees, local_partial, merge_across, metadata
+from .decode import _problems, check_cache_agrees, local_partial, merge_across, metadata, with_unwritten
 from .group import resolve_group
 
 Tensor = torch.Tensor
@@ -44,13 +44,15 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, q_slots: Tensor, kv_slot
                     method: str = "auto", key_padding: Tensor | None = None, window: int | None = None,
                     scale: float | None = None, layout: CacheLayout | None = None, group: Any = None,
                     mesh_dim: int | str | None = None, comm: Communicator | None = None,
-                    timeout: float = 60.0, profile: Any = None, slot_mask: Tensor | None = None) -> Tensor:
+                    timeout: float = 60.0, profile: Any = None, slot_mask: Tensor | None = None,
+                    whole_mask: bool = False) -> Tensor:
     """This rank's output (B, Hq, c, Dv) for its chunk queries q (B, Hq, c, D) at ``q_slots`` (c,)
     against the sharded cache (this rank's k/v at ``kv_slots``; ``cache_len`` global slots).
     Every rank must pass the same c (pad with slot -1: such rows see nothing and return 0).
     ``method="auto"`` asks the cost model with ``profile`` (default: the device's default profile).
     ``slot_mask`` (bool, True = keep; (B or 1, 1 or Hq, c, >= cache_len) over global slots) is this
-    rank's rows of a model's own mask (see ``decode.local_partial``)."""
+    rank's rows of a model's own mask (see ``decode.local_partial``); ``whole_mask``: that mask is the
+    whole rule, as one process applies it to the gathered cache (``decode``'s module docstring)."""
     if method not in METHODS:
         raise OptionError(f"chunk method must be one of {list(METHODS)}, got {method!r}")
     if comm is None:
@@ -63,8 +65,8 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, q_slots: Tensor, kv_slot
         if problem is not None:
             raise ShapeMismatchError(f"rank 0: {problem}")
         part = local_partial(q, k, v, kv_slots, q_slots, scale=scale, key_padding=key_padding, window=window,
-                             slot_mask=slot_mask)
-        return part.out.to(q.dtype)
+                             slot_mask=slot_mask, whole_mask=whole_mask)
+        return with_unwritten(part.out, part.lse, slot_mask, cache_len, whole_mask)[0].to(q.dtype)
     meta = metadata(q, k, v, kv_slots, q_slots[:0], cache_len, window, key_padding, problem is None)
     lengths = check_cache_agrees(comm, meta, layout)      # q slots differ per rank: not compared
     if problem is not None:
@@ -81,9 +83,12 @@ def chunk_attention(q: Tensor, k: Tensor, v: Tensor, *, q_slots: Tensor, kv_slot
                                      profile=prof)
     with torch.no_grad():
         if method == "pass_kv":
-            out = _pass_kv(comm, q, k, v, kv_slots, q_slots, lengths, scale, key_padding, window, slot_mask)
+            out, lse = _pass_kv(comm, q, k, v, kv_slots, q_slots, lengths, scale, key_padding, window,
+                                slot_mask, whole_mask)
         else:
-            out = _pass_q(comm, q, k, v, kv_slots, q_slots, scale, key_padding, window, slot_mask)
+            out, lse = _pass_q(comm, q, k, v, kv_slots, q_slots, scale, key_padding, window, slot_mask,
+                               whole_mask)
+        out, _ = with_unwritten(out, lse, slot_mask, cache_len, whole_mask)
     return out.to(q.dtype)
 
 
@@ -97,7 +102,7 @@ def _pad_len(x: Tensor, dim: int, length: int, value: float | int = 0) -> Tensor
 
 def _pass_kv(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor,
              lengths: list[int], scale: float, key_padding: Tensor | None, window: int | None,
-             slot_mask: Tensor | None = None) -> Tensor:
+             slot_mask: Tensor | None = None, whole_mask: bool = False) -> tuple[Tensor, Tensor]:
     """Rotate the cache shards around the ring (each padded to the longest, padding in every query's
     future), attending the one in hand while the next arrives; merge the partials as they come."""
     longest, n, d = max(lengths), comm.world_size, k.shape[-1]
@@ -111,16 +116,16 @@ def _pass_kv(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slots: Tens
         size = lengths[(comm.rank - step) % n]        # the shard in hand is rank r - step's
         part = local_partial(q, held_kv[:, :, :size, :d], held_kv[:, :, :size, d:], held_slots[:size],
                              q_slots, scale=scale, key_padding=key_padding, window=window,
-                             slot_mask=slot_mask)
+                             slot_mask=slot_mask, whole_mask=whole_mask)
         out, lse = merge_partials(out, lse, part.out, part.lse)
         if pending is not None:
             held_kv, held_slots = pending.wait()
-    return out
+    return out, lse
 
 
 def _pass_q(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor,
             scale: float, key_padding: Tensor | None, window: int | None,
-            slot_mask: Tensor | None = None) -> Tensor:
+            slot_mask: Tensor | None = None, whole_mask: bool = False) -> tuple[Tensor, Tensor]:
     """Gather the queries, attend them against the local shard, send each owner its partials, merge."""
     c, n = q.shape[2], comm.world_size
     all_q = torch.cat(comm.all_gather(q, 0, "pass-Q query all_gather").wait(), 2)
@@ -130,9 +135,9 @@ def _pass_q(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slots: Tenso
         rows = comm.all_gather(slot_mask.to(torch.uint8), 0, "pass-Q mask all_gather").wait()
         all_mask = torch.cat(rows, -2).to(torch.bool)
     part = local_partial(all_q, k, v, kv_slots, all_slots, scale=scale, key_padding=key_padding,
-                         window=window, slot_mask=all_mask)
+                         window=window, slot_mask=all_mask, whole_mask=whole_mask)
     packed = torch.cat([part.out, part.lse.unsqueeze(-1)], -1)
     back = comm.all_to_all([packed[:, :, r * c:(r + 1) * c] for r in range(n)], 0,
                            "pass-Q partial (out, lse) all_to_all").wait()
     stacked = torch.stack(back)
-    return merge_across(stacked[..., :-1], stacked[..., -1])[0]
+    return merge_across(stacked[..., :-1], stacked[..., -1])

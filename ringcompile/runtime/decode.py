@@ -15,6 +15,19 @@ over global slots (HF's 2-D attention_mask; left padding), and a sliding ``windo
 or wholly in the future, or wholly hidden by the model's own mask (how a compiled Mistral's window
 arrives: in HF's mask, not as ``window``), skips its compute and still joins the collective.
 
+``whole_mask=True`` (what the compiled ops pass with a model's mask) means what the graph means in one
+process: SDPA (or HF's eager chain) over the gathered cache, all W = mask-width slots, zeros at slots
+not written yet, with that mask and nothing else. No causal rule of ours then (a mask may keep a
+later slot: a prefix-LM), and the unwritten slots [cache_len, W) join the softmax as keys with
+k = v = 0 (``unwritten_partial``, merged once after the ranks' partials). Rows that keep a key under
+HF's 0 / finfo.min masks are unchanged by both (their weight there is exactly 0); a row that keeps
+none (a custom mask, a padded query row under an additive mask) gets one process's value: softmax over
+``s + finfo.min`` on all W slots, where the slot count matters. To keep that count, scores are
+``(s + mask) - shift`` with ``shift`` the row's largest mask value (``mask_shift``: 0 for a row that
+keeps a key under HF's masks, so those rows are computed as before); otherwise every partial's lse
+would absorb ``log n`` into finfo.min. A boolean row that keeps nothing is 0, as torch's SDPA gives.
+Known limit: ``s + mask`` is rounded in fp32, where a 16-bit model's eager rounds it in its dtype.
+
 Before the merge, ranks all-gather a tiny int64 metadata vector (shapes, dtype, query slots,
 cache length, shard length and slot range; with a ``CacheLayout`` the length each rank must
 hold), so a rank whose cache disagrees (skipped a step, other dtype, wrong length) is named in
@@ -71,14 +84,26 @@ def shard_visible(kv_min: int, kv_max: int, q_min: int, q_max: int, window: int 
     return window is None or kv_max > q_min - window
 
 
+def mask_shift(slot_mask: Tensor | None, whole_mask: bool, dtype: torch.dtype) -> Tensor | None:
+    """Per row (..., Sq, 1): the largest value of an additive whole mask over all its slots (0 where a
+    row is all -inf); None for a boolean mask or without ``whole_mask``. Subtracted from every score
+    (softmax is unchanged) so a row whose keys all carry finfo.min keeps its lse finite-sized."""
+    if not whole_mask or slot_mask is None or slot_mask.dtype == torch.bool:
+        return None
+    top = slot_mask.to(dtype).amax(-1, keepdim=True)
+    return torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+
+
 def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor, *, scale: float,
                   key_padding: Tensor | None = None, window: int | None = None,
-                  slot_mask: Tensor | None = None) -> DecodePartial:
+                  slot_mask: Tensor | None = None, whole_mask: bool = False) -> DecodePartial:
     """This rank's partial attention of q (B, Hq, Sq, D) against its shard k/v (B, Hkv, L, D).
 
     ``slot_mask`` (B or 1, 1 or Hq, Sq, >= T) over global slots is how a model's own mask (HF's, with its
     padding and window rules) reaches the shard: bool (True = keep) is ANDed in; a float mask is added
-    to the scaled scores (HF's additive 0 / finfo.min mask), its -inf entries dropped."""
+    to the scaled scores (HF's additive 0 / finfo.min mask), its -inf entries dropped. ``whole_mask``:
+    the mask is all there is (no causal rule; slots past its width, the pass-KV padding, drop), and
+    scores and lse are shifted by ``mask_shift``."""
     B, Hq, Sq, _ = q.shape
     Hkv, L, Dv = k.shape[1], k.shape[2], v.shape[-1]
     acc = _acc(q.dtype)
@@ -86,9 +111,11 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
     lse = q.new_full((B, Hq, Sq), float("-inf"), dtype=acc)
     if L == 0:
         return DecodePartial(out, lse, False)
+    whole_mask = whole_mask and slot_mask is not None
     kv_min, kv_max = int(kv_slots.min()), int(kv_slots.max())
-    if not shard_visible(kv_min, kv_max, int(q_slots.min()), int(q_slots.max()), window):
+    if not whole_mask and not shard_visible(kv_min, kv_max, int(q_slots.min()), int(q_slots.max()), window):
         return DecodePartial(out, lse, False)
+    shift = mask_shift(slot_mask, whole_mask, acc)
     g = Hq // Hkv
     qg = q.to(acc).reshape(B, Hkv, g * Sq, q.shape[-1]) if g > 1 else q.to(acc)
     o_acc = s_acc = None
@@ -96,7 +123,10 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
     for a in range(0, L, block):
         b = min(L, a + block)
         slots = kv_slots[a:b]
-        keep = slots.view(1, -1) <= q_slots.view(-1, 1)                      # (Sq, Lb) causal
+        if whole_mask:                                                      # (Sq, Lb): the mask's slots
+            keep = (slots < slot_mask.shape[-1]).view(1, -1).expand(Sq, -1)
+        else:
+            keep = slots.view(1, -1) <= q_slots.view(-1, 1)                  # (Sq, Lb) causal
         if window is not None:
             keep = keep & (q_slots.view(-1, 1) - slots.view(1, -1) < window)
         keep = keep.view(1, 1, Sq, -1)
@@ -117,6 +147,8 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
         scores = scores.view(B, Hq, Sq, b - a)
         if bias is not None:
             scores = scores + bias
+            if shift is not None:
+                scores = scores - shift
         scores = scores.masked_fill(~keep.expand(B, Hq, Sq, b - a), float("-inf"))
         m = scores.amax(-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
@@ -129,6 +161,37 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
     if o_acc is None:   # the model's mask (HF's sliding window on the compiled path) hid every slot
         return DecodePartial(out, lse, False)
     return DecodePartial(o_acc, s_acc, True)
+
+
+def unwritten_partial(slot_mask: Tensor, cache_len: int, shape: tuple[int, ...], dtype: torch.dtype
+                      ) -> tuple[Tensor, Tensor] | None:
+    """(out, lse) of the mask's slots [cache_len, W) that no rank holds yet, as one process sees them in
+    the gathered cache: keys and values 0, so each scores its mask value (0 / -inf for a boolean mask)
+    and adds nothing to the output. ``shape``: (B, Hq, Sq, Dv). None when there are no such slots."""
+    B, Hq, Sq, Dv = shape
+    if slot_mask.shape[-1] <= cache_len:
+        return None
+    cols = slot_mask[..., cache_len:]
+    bias = (torch.zeros(cols.shape, dtype=dtype, device=cols.device).masked_fill(~cols, float("-inf"))
+            if cols.dtype == torch.bool else cols.to(dtype))
+    shift = mask_shift(slot_mask, True, dtype)
+    if shift is not None:
+        bias = bias - shift
+    lse = torch.logsumexp(bias, -1).expand(B, Hq, Sq)
+    return torch.zeros(shape, dtype=dtype, device=cols.device), lse
+
+
+def with_unwritten(out: Tensor, lse: Tensor, slot_mask: Tensor | None, cache_len: int, whole_mask: bool
+                   ) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` (shifted by ``mask_shift``) merged with ``unwritten_partial`` under ``whole_mask``,
+    the shift added back to lse (else as they are)."""
+    if not whole_mask or slot_mask is None:
+        return out, lse
+    extra = unwritten_partial(slot_mask, cache_len, tuple(out.shape), out.dtype)
+    if extra is not None:
+        out, lse = merge_partials(out, lse, *extra)
+    shift = mask_shift(slot_mask, True, lse.dtype)
+    return out, lse if shift is None else lse + shift.squeeze(-1)
 
 
 def merge_across(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
@@ -227,7 +290,7 @@ def decode_partials(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slot
                     *, cache_len: int | None = None, key_padding: Tensor | None = None,
                     window: int | None = None, scale: float | None = None,
                     layout: CacheLayout | None = None, check: bool = True,
-                    slot_mask: Tensor | None = None) -> tuple[Tensor, Tensor, bool]:
+                    slot_mask: Tensor | None = None, whole_mask: bool = False) -> tuple[Tensor, Tensor, bool]:
     """(out, lse, computed) on ``comm``: the merged fp32 output and lse, and whether this rank computed."""
     kv_slots = kv_slots.to(device=q.device, dtype=torch.long).reshape(-1)
     q_slots = q_slots.to(device=q.device, dtype=torch.long).reshape(-1)
@@ -242,14 +305,15 @@ def decode_partials(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, kv_slot
         raise ShapeMismatchError(f"rank {comm.rank}: {problem}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     part = local_partial(q, k, v, kv_slots, q_slots, scale=scale, key_padding=key_padding, window=window,
-                         slot_mask=slot_mask)
+                         slot_mask=slot_mask, whole_mask=whole_mask)
     if comm.world_size == 1:
         out, lse = merge_across(part.out.unsqueeze(0), part.lse.unsqueeze(0))
-        return out, lse, part.computed
-    packed = torch.cat([part.out, part.lse.unsqueeze(-1)], -1)
-    rows = comm.all_gather(packed, 0, "decode partial (out, lse) all_gather").wait()
-    stacked = torch.stack(rows)
-    out, lse = merge_across(stacked[..., :-1], stacked[..., -1])
+    else:
+        packed = torch.cat([part.out, part.lse.unsqueeze(-1)], -1)
+        rows = comm.all_gather(packed, 0, "decode partial (out, lse) all_gather").wait()
+        stacked = torch.stack(rows)
+        out, lse = merge_across(stacked[..., :-1], stacked[..., -1])
+    out, lse = with_unwritten(out, lse, slot_mask, cache_len, whole_mask)
     return out, lse, part.computed
 
 
@@ -257,13 +321,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, kv_slots: Tensor, q_slo
                      cache_len: int | None = None, key_padding: Tensor | None = None,
                      window: int | None = None, scale: float | None = None, layout: CacheLayout | None = None,
                      group: Any = None, mesh_dim: int | str | None = None, comm: Communicator | None = None,
-                     timeout: float = 60.0, check: bool = True, slot_mask: Tensor | None = None) -> Tensor:
+                     timeout: float = 60.0, check: bool = True, slot_mask: Tensor | None = None,
+                     whole_mask: bool = False) -> Tensor:
     """Attention of replicated queries q (B, Hq, Sq, D) at global cache slots ``q_slots`` against the
     sharded cache (this rank's k/v (B, Hkv, L_r, D) at ``kv_slots``); every rank returns the full
     output (B, Hq, Sq, Dv) in q's dtype. GQA when Hq is a multiple of Hkv.
 
     ``slot_mask`` (bool, True = keep, or additive float, over global slots; see ``local_partial``) adds a
-    model's own mask.
+    model's own mask; ``whole_mask``: that mask is the whole rule, as in one process (module docstring).
     ``cache_len`` (default last query slot + 1) is the global number of slots; ``layout`` states who
     holds how many (checked on every call when given). ``comm`` overrides ``group`` (simulated ranks).
     Not differentiable (serving).
@@ -273,5 +338,5 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, *, kv_slots: Tensor, q_slo
     with torch.no_grad():
         out, _, _ = decode_partials(comm, q, k, v, kv_slots, q_slots, cache_len=cache_len,
                                     key_padding=key_padding, window=window, scale=scale, layout=layout,
-                                    check=check, slot_mask=slot_mask)
+                                    check=check, slot_mask=slot_mask, whole_mask=whole_mask)
     return out.to(q.dtype)

@@ -3,7 +3,8 @@
 What a compiled decode graph calls (``runtime/decode.py`` does the work): Dynamo, AOTAutograd and
 Inductor see one call whose output has q's shape with v's head dim, so the cache length can be a
 dynamic size (one graph for every generated token). The group travels by name, the cache layout as
-ints, a missing window as -1, a missing mask as None.
+ints, a missing window as -1, a missing mask as None. A model's mask is the whole rule, as the graph's
+SDPA over the gathered cache applies it in one process (``decode``: ``whole_mask``).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def decode_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slo
         return decode_attention(q, k, v, kv_slots=kv_slots, q_slots=q_slots,
                                 cache_len=None if cache_len < 0 else cache_len,
                                 slot_mask=slot_mask, window=None if window < 0 else window, scale=scale,
-                                layout=cl, comm=RingCommunicator(resolved, timeout, device=q.device))
+                                layout=cl, comm=RingCommunicator(resolved, timeout, device=q.device),
+                                whole_mask=True)
 
 
 @decode_attention_op.register_fake

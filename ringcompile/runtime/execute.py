@@ -29,11 +29,14 @@ def _context(comm: Communicator, q: Tensor, mask_extras, score_extras, seq_len: 
 
 def _forward_pass(comm: Communicator, q: Tensor, k: Tensor, v: Tensor, seq_len: int, strategy: str,
                   layout: str, dropout_seed) -> dead_rows.Pass:
-    """One forward of the strategy over these q/k/v for a given spec and extras (the dead-row
-    correction runs a second one with the bias form)."""
-    def run(run_spec: AttentionSpec, m_extras, s_extras) -> tuple[Tensor, Tensor]:
-        ctx = _context(comm, q, m_extras, s_extras, seq_len, run_spec, strategy, layout, dropout_seed)
-        return STRATEGIES[strategy].forward(ctx, q, k, v)
+    """One forward of the strategy over these q/k/v (or a batch slice of them) for a given spec and
+    extras (the dead-row correction runs a second one with the bias form on the dead batch rows)."""
+    def run(run_spec: AttentionSpec, m_extras, s_extras, rows: dead_rows.BatchRows | None = None
+            ) -> tuple[Tensor, Tensor]:
+        qs, ks, vs = (q, k, v) if rows is None else (rows.take(q), rows.take(k), rows.take(v))
+        seed = dropout_seed if rows is None else rows.seed
+        ctx = _context(comm, qs, m_extras, s_extras, seq_len, run_spec, strategy, layout, seed)
+        return STRATEGIES[strategy].forward(ctx, qs, ks, vs)
     return run
 
 
@@ -66,7 +69,8 @@ def run_forward(
     out, lse = run(spec, mask_extras, score_extras)
     if spec.dead_rows is None:
         return out, lse
-    return dead_rows.correct_forward(comm, q, out, lse, mask_extras, score_extras, seq_len, spec, layout, run)
+    return dead_rows.correct_forward(comm, q, out, lse, mask_extras, score_extras, seq_len, spec, layout, run,
+                                     dropout_seed)
 
 
 def run_backward(
@@ -77,12 +81,16 @@ def run_backward(
     """(dq, dk, dv, d_score_extras) for this rank's shard; extras' grads are summed over ranks."""
     validate_inputs(q, k, v, seq_len, comm.world_size, layout, strategy)
 
-    def run(run_spec: AttentionSpec, m_extras, s_extras, grad_out: Tensor, run_lse: Tensor) -> tuple:
-        ctx = _context(comm, q, m_extras, s_extras, seq_len, run_spec, strategy, layout, dropout_seed)
-        return STRATEGIES[strategy].backward(ctx, grad_out, q, k, v, out, run_lse)
+    def run(run_spec: AttentionSpec, m_extras, s_extras, grad_out: Tensor, run_lse: Tensor,
+            rows: dead_rows.BatchRows | None = None) -> tuple:
+        """``grad_out``/``run_lse`` are already of ``rows`` (all rows when None)."""
+        qs, ks, vs, outs = (q, k, v, out) if rows is None else (rows.take(x) for x in (q, k, v, out))
+        seed = dropout_seed if rows is None else rows.seed
+        ctx = _context(comm, qs, m_extras, s_extras, seq_len, run_spec, strategy, layout, seed)
+        return STRATEGIES[strategy].backward(ctx, grad_out, qs, ks, vs, outs, run_lse)
 
     if spec.dead_rows is None:
         return run(spec, mask_extras, score_extras, dout, lse)
     forward = _forward_pass(comm, q, k, v, seq_len, strategy, layout, dropout_seed)
     return dead_rows.correct_backward(comm, dout, q, lse, mask_extras, score_extras, seq_len, spec, layout,
-                                      forward, run)
+                                      forward, run, dropout_seed)

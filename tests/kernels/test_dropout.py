@@ -39,6 +39,23 @@ def test_keep_mask_matches_the_documented_hash(seed, b, h, q, kv, p):
     assert bool(dropout.keep_mask(seed, *t, p)[0]) == _keep_int(seed, b, h, q, kv, p)
 
 
+@given(x=st.integers(0, 2**32 - 1))
+def test_unmix32_inverts_mix32(x):
+    assert dropout.unmix32(_mix32_int(x)) == x and _mix32_int(dropout.unmix32(x)) == x
+
+
+@given(seed=st.integers(0, 2**63 - 1), b=st.integers(0, 2**31 - 1), h=st.integers(0, 63),
+       q=st.integers(0, 2**31 - 1), kv=st.integers(0, 2**31 - 1))
+def test_a_batch_row_seed_hashes_batch_zero_as_the_original_row(seed, b, h, q, kv):
+    """``batch_row_seed(seed, b)`` keeps entries of batch 0 exactly where ``seed`` keeps batch ``b``
+    (against the documented hash), as an int and as the op's one-element tensor seed alike."""
+    s = dropout.batch_row_seed(seed, b)
+    s_tensor = dropout.batch_row_seed(torch.tensor([seed]), b)
+    assert int(s_tensor.reshape(())) == s
+    for p in (0.3, 0.7):
+        assert _keep_int(s, 0, h, q, kv, p) == _keep_int(seed, b, h, q, kv, p)
+
+
 def test_keep_mask_is_blocking_invariant_and_has_the_right_rate():
     B, H, S = 2, 3, 96
     full = dropout.keep_mask(1234, *mods.index_grid(B, H, 0, S, 0, S), 0.3)

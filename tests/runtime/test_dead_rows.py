@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ringcompile.mods import Mod
 from ringcompile.runtime.simulated import simulated_ring_attention
@@ -40,15 +42,15 @@ def _padding(kind: str) -> torch.Tensor:
     return pm
 
 
-def _forms(keep_fn, c: float, additive: bool, with_bias: bool):
+def _forms(keep_fn, c: float, additive: bool, with_bias: bool, bias_fn=_key_bias):
     """(mask Mod, score Mod or None, DeadRowForm) for the op; extras are [pm] + ([kb] if with_bias)."""
     mask = Mod(keep_fn, True, "custom", n_extras=1)
-    score = Mod(_key_bias, False, "custom", n_extras=1) if with_bias else None
+    score = Mod(bias_fn, False, "custom", n_extras=1) if with_bias else None
 
     def bias_form(s, b, h, q, kv, *extras):
         pm, rest = extras[0], extras[1:]
         if with_bias:
-            s = _key_bias(s, b, h, q, kv, *rest)
+            s = bias_fn(s, b, h, q, kv, *rest)
         keep = keep_fn(b, h, q, kv, pm)  # masked pairs: eager's score minus the shift c
         masked = (s + c) - c if additive else torch.zeros_like(s)
         return torch.where(keep, s, masked)
@@ -116,10 +118,10 @@ def test_no_second_pass_without_dead_rows(monkeypatch, world, strategy):
     """Rows that all keep a key: the bias form is never run (forward or backward), result as eager."""
     from ringcompile.runtime import dead_rows
 
-    def never(spec):
+    def never(*args):
         raise AssertionError("the bias-form pass ran although every row keeps a key")
 
-    monkeypatch.setattr(dead_rows, "_bias_spec", never)
+    monkeypatch.setattr(dead_rows, "_bias_pass", never)
     torch.manual_seed(world)
     mask, score, form = _forms(_left_padding_causal_keep, MIN32, True, False)
     pm = torch.ones(B, S, dtype=torch.long)
@@ -174,3 +176,109 @@ def test_dead_rows_under_dropout_match_eager(world, strategy, inner, additive):
     want = torch.autograd.grad(ref, [q, k, v, kb], dout)
     for name, g, w in zip("q k v kb".split(), got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def _batch_bias(s, b, h, q, kv, kbb):  # a learned per-(batch, head, key) bias: reads b
+    return s + kbb[b, h, kv]
+
+
+def _recording_strategies(monkeypatch, calls: list):
+    """Wrap every strategy's forward/backward to record (phase, bias pass?, batch rows) per call."""
+    import types
+
+    from ringcompile.runtime import execute
+    from ringcompile.runtime.strategies import STRATEGIES as REAL
+
+    def wrap(name, phase, fn):
+        def recorded(ctx, *tensors):
+            q = tensors[0] if phase == "forward" else tensors[1]
+            calls.append((phase, ctx.spec.dead_rows is None, q.shape[0]))
+            return fn(ctx, *tensors)
+        return recorded
+
+    fake = {n: types.SimpleNamespace(forward=wrap(n, "forward", m.forward),
+                                     backward=wrap(n, "backward", m.backward)) for n, m in REAL.items()}
+    monkeypatch.setattr(execute, "STRATEGIES", fake)
+
+
+@pytest.mark.parametrize("world,strategy,inner", STRATEGIES)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_second_pass_runs_on_dead_batch_rows_only(monkeypatch, world, strategy, inner, dropout_p):
+    """B=4, dead rows only in batch rows 1 and 3 (row 1's only on the last rank at world 2): the bias-form
+    pass sees 2 batch rows (one pass of both, or one per row under dropout), never 4, and the result is
+    still eager's on ALL rows, forward and backward: GQA (4 query / 2 kv heads), a learned bias indexed
+    by (b, h, kv) with its gradient, dropout hashed on the original batch rows."""
+    from ringcompile.kernels.reference import attention_reference
+
+    Bb, Hq, Hkv = 4, 4, 2
+    torch.manual_seed(7000 + 10 * world + int(dropout_p * 10) + len(strategy))
+    mask, score, form = _forms(_query_padding_keep, MIN32, False, True, bias_fn=_batch_bias)
+    pm = torch.ones(Bb, S, dtype=torch.long)
+    pm[1, 5:] = 0
+    pm[3, 2:] = 0
+    q = torch.randn(Bb, Hq, S, D, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(Bb, Hkv, S, D, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    kbb = torch.randn(Bb, Hq, S, dtype=torch.float64, requires_grad=True)
+    seed = 99 if dropout_p else None
+    calls: list = []
+    _recording_strategies(monkeypatch, calls)
+    layout = "zigzag" if strategy == "zigzag" else None
+    out = simulated_ring_attention(q, k, v, world_size=world, strategy=strategy, layout=layout, mask=mask,
+                                   mask_extras=[pm], score=score, score_extras=[kbb], dead_rows=form,
+                                   kernel="cpu", inner_size=inner, enable_gqa=True, dropout_p=dropout_p,
+                                   dropout_seed=seed)
+
+    def eager_scores(s, b, h, qi, kv, pm_, kbb_):
+        return _batch_bias(s, b, h, qi, kv, kbb_).masked_fill(~_query_padding_keep(b, h, qi, kv, pm_), MIN32)
+
+    ref = attention_reference(q, k, v, score=Mod(eager_scores, False, "custom", n_extras=2),
+                              score_extras=[pm, kbb], dropout_p=dropout_p, dropout_seed=seed)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    dout = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [q, k, v, kbb], dout)
+    want = torch.autograd.grad(ref, [q, k, v, kbb], dout)
+    for name, g, w in zip("q k v kbb".split(), got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
+    per_pass = 1 if dropout_p else 2
+    assert all(n == (per_pass if bias else Bb) for _, bias, n in calls), calls
+    # rows the bias form ran on, summed over ranks: forward, then the backward's lse recompute + backward
+    assert sum(n for ph, bias, n in calls if bias and ph == "forward") == 2 * 2 * world, calls
+    assert sum(n for ph, bias, n in calls if bias and ph == "backward") == 2 * world, calls
+
+
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(0, S), min_size=1, max_size=4), seed=st.integers(0, 2**16),
+       world=st.sampled_from([1, 2]), dropout=st.booleans())
+def test_any_pattern_of_dead_batch_rows_matches_eager(lengths, seed, world, dropout):
+    """Query padding of any length per batch row (0: a whole row padded; S: none): the second pass
+    runs on exactly the batch rows with a padded query, and out and grads are eager's on all rows."""
+    from ringcompile.kernels.reference import attention_reference
+
+    Bb = len(lengths)
+    torch.manual_seed(seed)
+    pm = (torch.arange(S).view(1, -1) < torch.tensor(lengths).view(-1, 1)).long()
+    mask, score, form = _forms(_query_padding_keep, MIN32, True, True, bias_fn=_batch_bias)
+    q, k, v = (torch.randn(Bb, H, S, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    kbb = torch.randn(Bb, H, S, dtype=torch.float64, requires_grad=True)
+    p, dseed = (0.25, seed) if dropout else (0.0, None)
+    calls: list = []
+
+    def eager_scores(s, b, h, qi, kv, pm_, kbb_):
+        keep = _query_padding_keep(b, h, qi, kv, pm_)
+        return _batch_bias(s, b, h, qi, kv, kbb_) + torch.where(keep, 0.0, MIN32)
+
+    ref = attention_reference(q, k, v, score=Mod(eager_scores, False, "custom", n_extras=2),
+                              score_extras=[pm, kbb], dropout_p=p, dropout_seed=dseed)
+    dout = torch.randn_like(ref)
+    with pytest.MonkeyPatch.context() as mp:  # forward and backward
+        _recording_strategies(mp, calls)
+        out = simulated_ring_attention(q, k, v, world_size=world, strategy="local" if world == 1 else "ring",
+                                       mask=mask, mask_extras=[pm], score=score, score_extras=[kbb],
+                                       dead_rows=form, kernel="cpu", dropout_p=p, dropout_seed=dseed)
+        got = torch.autograd.grad(out, [q, k, v, kbb], dout)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
+    for g, w in zip(got, torch.autograd.grad(ref, [q, k, v, kbb], dout), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6)
+    n_dead = sum(n < S for n in lengths)
+    bias_rows = [n for _, bias, n in calls if bias]
+    assert sum(bias_rows) == 3 * world * n_dead, (lengths, calls)  # fwd, bwd's lse recompute, bwd
