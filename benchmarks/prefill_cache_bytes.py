@@ -4,6 +4,7 @@ sharding pass gathers each layer's K and V for the opaque op, then the op keeps 
 
     python benchmarks/prefill_cache_bytes.py                     # T = 2048 and 2047, N = 2
     python benchmarks/prefill_cache_bytes.py --seqs 4096 --world 4
+    python benchmarks/prefill_cache_bytes.py --logits-to-keep 1    # what generate's prefill asks for
 
 HF Llama (2 layers, hidden 64, 4 query / 2 KV heads of dim 16, float32, seeded), batch 1, one forward
 (the prefill) of ``m.forward = torch.compile(m.forward, backend="ring", options={"inner": "eager"})``
@@ -26,7 +27,7 @@ import torch
 LAYERS, HIDDEN, HEADS, KV_HEADS = 2, 64, 4, 2
 
 
-def _prefill(rank: int, world: int, T: int, keep_local: bool) -> dict:
+def _prefill(rank: int, world: int, T: int, keep_local: bool, keep_logits: int = 0) -> dict:
     import torch._dynamo
     import torch.distributed as dist
     import transformers as tf
@@ -60,12 +61,14 @@ def _prefill(rank: int, world: int, T: int, keep_local: bool) -> dict:
     dist.all_gather = counting
     try:
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)   # compile + first run
+            model(input_ids=ids, past_key_values=cache, use_cache=True,
+                  logits_to_keep=keep_logits)   # compile + first run
             counted.update(calls=0, bytes=0, shapes=[])
             cache = sharded_cache(LAYERS, rank, world, max_cache_len=T + 8, compiled=True, timeout=600.0)
             dist.barrier()
             t0 = time.perf_counter()
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                           logits_to_keep=keep_logits).logits
             ttft = time.perf_counter() - t0
     finally:
         dist.all_gather = plain
@@ -85,7 +88,7 @@ def _prefill(rank: int, world: int, T: int, keep_local: bool) -> dict:
             "logits": logits[0, -1].tolist(), "graphs": len(backend.HISTORY) - before}
 
 
-def _rank(rank: int, world: int, init_file: str, seqs: list[int], out_dir: str) -> None:
+def _rank(rank: int, world: int, init_file: str, seqs: list[int], out_dir: str, keep_logits: int) -> None:
     import torch.distributed as dist
 
     from ringcompile.runtime.spawned_ranks import exit_rank
@@ -93,7 +96,7 @@ def _rank(rank: int, world: int, init_file: str, seqs: list[int], out_dir: str) 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=600))
-    rows = [{"seq": T, "keep_local": keep, **_prefill(rank, world, T, keep)}
+    rows = [{"seq": T, "keep_local": keep, **_prefill(rank, world, T, keep, keep_logits)}
             for T in seqs for keep in (False, True)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(rows, f)
@@ -108,11 +111,14 @@ def main() -> None:
     ap.add_argument("--seqs", default="2048,2047")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--logits-to-keep", type=int, default=0,
+                    help="HF's logits_to_keep (generate's prefill passes 1; 0 = every position's logits)")
     a = ap.parse_args()
     seqs = [int(s) for s in a.seqs.split(",")]
     with tempfile.TemporaryDirectory() as out_dir:
         init_file = os.path.join(out_dir, "init")
-        if not run_spawned(_rank, (a.world, init_file, seqs, out_dir), a.world, timeout=a.timeout):
+        args = (a.world, init_file, seqs, out_dir, a.logits_to_keep)
+        if not run_spawned(_rank, args, a.world, timeout=a.timeout):
             raise SystemExit(f"ranks did not finish within {a.timeout} s")
         per_rank = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(a.world)]
     for i, row in enumerate(per_rank[0]):

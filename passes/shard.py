@@ -11,8 +11,10 @@ carry the sequence (found by ``seq_dims``) are sliced at the start; placements
 * partial consumed by a non-linear op, or at an output -> ``reduce_partial``;
 * ``x[:, :-k]`` of a shard -> the same shard with a shorter valid length (no communication);
 * ``x[:, k:]`` of a shard -> ``shift_seq`` (a halo of k positions from the neighbouring chunks);
-* sharded consumed by an op with no rule along the sequence (cumsum, conv1d over time, a
-  select of one position) -> ``gather_seq`` (correct, not cheap).
+* ``x[:, i]`` or ``x[:, -k:]`` of a few static positions of a shard (HF's ``logits_to_keep`` slice) ->
+  ``gather_rows`` (each rank sends its rows of those positions; replicated result);
+* sharded consumed by an op with no rule along the sequence (cumsum, conv1d over time) ->
+  ``gather_seq`` (correct, not cheap).
 
 Dynamic shapes: when the sequence length is a SymInt (``torch.compile(dynamic=True)`` or Dynamo's
 automatic dynamic shapes), decisions are made on the example length (the SymInt's hint, read without
@@ -340,6 +342,8 @@ class _Sharder:
             return self.loss(node)
         if t == aten.slice.Tensor and self.slice_seq(node):
             return
+        if t == aten.select.int and self.select_seq(node):
+            return
         if shape_of(node) is None and _has_unbacked(node):
             raise UnsupportedPatternError(SYMBOLIC_SHAPES_MSG)
         if _mutates(t) and paths and not isinstance(placements[0], Shard):
@@ -577,7 +581,8 @@ class _Sharder:
                              or self.sizes.offset(val_of(node).shape[dim]) != self.seq - n):
             return False  # not (sequence length - constant) for every length
         if start not in (0, None):
-            return self.shift(node, src, p, dim, start, n)
+            end = node.args[3] if len(node.args) > 3 else None
+            return self.shift(node, src, p, dim, start, n) or self.gather_rows(node, src, p, dim, start, end)
         if n == shape[dim]:
             self.value[node] = self.value.get(src, src)
             self.pl[node] = p
@@ -585,6 +590,55 @@ class _Sharder:
         self.value[node] = self.value.get(src, src)
         self.pl[node] = self.shard(dim, 1, n)
         return True
+
+    def gather_rows(self, node: fx.Node, src: fx.Node, p: Shard, dim: int, start: Any, end: Any) -> bool:
+        """``x[..., a:b, ...]`` of a few static positions (HF's ``logits_to_keep`` slice ``[:, -1:]``):
+        replicated, from ``gather_rows`` (each rank sends its rows of a..b-1), not the whole gathered
+        sequence. Static lengths only (a dynamic graph gathers, as before)."""
+        full = self.vlen(p)
+        if not isinstance(start, int) or not isinstance(end, int | None):
+            return False
+        a = start + full if start < 0 else start
+        b = full if end is None else (end + full if end < 0 else end)
+        a, b = max(0, a), min(b, full)
+        if shape_of(node)[dim] != b - a:
+            return False
+        rows = self._rows(node, src, p, dim, a, b)
+        if rows is None:
+            return False
+        self.value[node] = rows
+        self.pl[node] = _replicated_like(node)
+        return True
+
+    def select_seq(self, node: fx.Node) -> bool:
+        """``x[:, i]`` of one static sequence position: that row from its owner (``gather_rows``)."""
+        src, dim, index = node.args[0], node.args[1], node.args[2]
+        p, shape = self.placement(src), shape_of(src)
+        if not (isinstance(p, Shard) and shape is not None and isinstance(index, int)
+                and isinstance(dim, int)):
+            return False
+        dim = dim % len(shape)
+        if dim != p.dim:
+            return False
+        i = index + self.vlen(p) if index < 0 else index
+        rows = self._rows(node, src, p, dim, i, i + 1)
+        if rows is None:
+            return False
+        with self.graph.inserting_before(node):
+            self.value[node] = self.graph.call_function(aten.squeeze.dim, (rows, dim))
+        self.pl[node] = _replicated_like(node)
+        return True
+
+    def _rows(self, node: fx.Node, src: fx.Node, p: Shard, dim: int, a: int, b: int) -> fx.Node | None:
+        """Positions a..b-1 of the sharded ``src`` along ``dim``, replicated (None: not this way)."""
+        full = self.vlen(p)
+        shape = shape_of(src)
+        if (self.dynamic or p.inner != 1 or shape is None or shape[dim] != full
+                or not 0 <= a < b <= full or b - a >= full):
+            return None
+        return self._insert(node, ops.gather_rows.default,
+                            (self.value.get(src, src), dim, a, b, self.padded, self.layout, self.group_name,
+                             self.timeout), "gather rows")
 
     def _mask_junk(self, node: fx.Node, target: fx.Node, want: Shard, ignore: int) -> fx.Node:
         """where(row is valid, local target, ignore_index) for a sharded target with junk rows."""

@@ -315,6 +315,103 @@ def _gather_backward(ctx, grad):
 gather_seq.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
+# ---------------------------------------------------------------------------- gather_rows
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_plan(padded: int, world: int, layout: str, start: int, stop: int
+               ) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
+    """Per rank: (its local rows holding global positions start..stop-1, their rows in the output)."""
+    plan = []
+    for r in range(world):
+        positions = local_index(padded, world, r, layout)
+        held = [(i, p - start) for i, p in enumerate(positions) if start <= p < stop]
+        plan.append((tuple(i for i, _ in held), tuple(j for _, j in held)))
+    return tuple(plan)
+
+
+@functools.lru_cache(maxsize=256)
+def _rows_index(padded: int, world: int, layout: str, start: int, stop: int, device: torch.device
+                ) -> tuple[tuple[Tensor, Tensor], ...]:
+    """``_rows_plan`` as LongTensors on ``device``, built once per (device, content)."""
+    return tuple((torch.tensor(src, dtype=torch.long, device=device), torch.tensor(dst, dtype=torch.long,
+                                                                                  device=device))
+                 for src, dst in _rows_plan(padded, world, layout, start, stop))
+
+
+def _check_rows(dim: int, start: int, stop: int, padded: int, x: Tensor) -> None:
+    if not 0 <= start < stop <= padded or not 0 <= dim < x.dim():
+        raise ShapeMismatchError(f"cannot gather sequence rows {start}..{stop - 1} of a {padded}-position "
+                                 f"sequence along dim {dim} of a {x.dim()}-D shard")
+
+
+@torch.library.custom_op("ringcompile::gather_rows", mutates_args=(), **SYNCING)
+def gather_rows(x: Tensor, dim: int, start: int, stop: int, padded: int, layout: str, group_name: str,
+                timeout: float) -> Tensor:
+    """Global sequence positions ``start .. stop - 1`` of a sharded tensor, on every rank (``x[:, -1]``,
+    HF's ``logits_to_keep`` slice): each rank sends the ``stop - start`` rows it holds of them (zeros
+    elsewhere), not its whole shard, so selecting a few rows costs a few rows of communication."""
+    _check_rows(dim, start, stop, padded, x)
+    group = group_by_name(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    index = _rows_index(padded, world, layout, start, stop, x.device)
+    shape = list(x.shape)
+    shape[dim] = stop - start
+    src, dst = index[rank]
+    mine = x.new_zeros(shape).index_copy_(dim, dst, x.index_select(dim, src))
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    if world > 1:
+        _wait(dist.all_gather(parts, mine, group=group, async_op=True), timeout,
+              "all-gather of selected sequence rows", group)
+    else:
+        parts[0].copy_(mine)
+    out = x.new_empty(shape)
+    for part, (_, rows) in zip(parts, index, strict=True):
+        out.index_copy_(dim, rows, part.index_select(dim, rows))
+    return out
+
+
+@gather_rows.register_fake
+def _(x, dim, start, stop, padded, layout, group_name, timeout):
+    shape = list(x.shape)
+    shape[dim] = stop - start
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("ringcompile::gather_rows_backward", mutates_args=(), **SYNCING)
+def _gather_rows_backward(g: Tensor, local: int, dim: int, start: int, stop: int, padded: int, layout: str,
+                          group_name: str) -> Tensor:
+    """Gradient of ``gather_rows``: the output is replicated (the same gradient on every rank), so each
+    rank takes the rows it holds, with no communication (as ``gather_seq``'s backward)."""
+    group = group_by_name(group_name)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    src, dst = _rows_index(padded, world, layout, start, stop, g.device)[rank]
+    shape = list(g.shape)
+    shape[dim] = local
+    return g.new_zeros(shape).index_copy_(dim, src, g.index_select(dim, dst))
+
+
+@_gather_rows_backward.register_fake
+def _(g, local, dim, start, stop, padded, layout, group_name):
+    shape = list(g.shape)
+    shape[dim] = local
+    return g.new_empty(shape)
+
+
+def _gather_rows_setup(ctx, inputs, output) -> None:
+    x, ctx.dim, ctx.start, ctx.stop, ctx.padded, ctx.layout, ctx.group_name, _ = inputs
+    ctx.local = x.shape[ctx.dim]
+
+
+def _gather_rows_grad(ctx, grad):
+    g = _gather_rows_backward(grad.contiguous(), ctx.local, ctx.dim, ctx.start, ctx.stop, ctx.padded,
+                              ctx.layout, ctx.group_name)
+    return g, None, None, None, None, None, None, None
+
+
+gather_rows.register_autograd(_gather_rows_grad, setup_context=_gather_rows_setup)
+
+
 # ---------------------------------------------------------------------------- shift_seq (halo)
 
 

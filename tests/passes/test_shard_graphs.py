@@ -301,6 +301,19 @@ def case_collectives(rank, world):
         want = torch.zeros_like(x)
         want[:, k:] = w
         errs[f"shift_grad_{layout}_{S}_{k}"] = (gx - want).abs().max().item()
+    for layout, S, a, b in (("zigzag", 16, 5, 12), ("contiguous", 13, 12, 13), ("zigzag", 12, 0, 1)):
+        padded = padded_length(S, world, layout)
+        x = torch.randn(2, S, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(a + b))
+        x.requires_grad_(True)
+        local = shard_tensor(x, 1, world, rank, layout)
+        rows = ops.gather_rows(local, 1, a, b, padded, layout, "default", 30.0)
+        errs[f"rows_{layout}_{S}_{a}_{b}"] = (rows.detach() - x.detach()[:, a:b]).abs().max().item()
+        w = torch.randn(rows.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        (gx,) = torch.autograd.grad((rows * w).sum(), [x])  # each rank's grad covers its own rows only
+        gx = ops.reduce_partial(gx, "default", 30.0)
+        want = torch.zeros_like(x)
+        want[:, a:b] = w
+        errs[f"rows_grad_{layout}_{S}_{a}_{b}"] = (gx - want).abs().max().item()
     p = torch.full((2,), float(rank + 1), dtype=torch.float64, requires_grad=True)
     total = ops.reduce_partial(p, "default", 30.0)
     errs["reduce"] = (total.detach() - sum(range(1, world + 1))).abs().max().item()
@@ -310,7 +323,52 @@ def case_collectives(rank, world):
     return {"errs": errs}
 
 
-CASES = ["case_collectives", "case_block_causal", "case_block_bidirectional_zigzag", "case_rope_gqa_rmsnorm",
+def case_tail_rows(rank, world):
+    """HF's ``logits_to_keep`` slice (``h[:, -k:]``) and ``h[:, i]`` of a sharded graph: the rows come from
+    ``gather_rows`` (a few rows each), not a gather of the whole sequence; values and grads as one process."""
+    from ringcompile.passes.shard import shard_graph
+
+    from ringcompile.options import Options
+
+    errs, gathers, targets = {}, [], set()
+    for layout, S, pick in (("zigzag", 24, "last"), ("contiguous", 21, "tail3"), ("zigzag", 24, "select"),
+                            ("contiguous", 21, "select_mid")):
+        torch.manual_seed(S)
+        params = make_params()
+        names = list(params)
+        ids, labels = torch.randint(0, 37, (2, S)), torch.randint(0, 37, (2, S))
+        key = register_spec(AttentionSpec(mask=causal(), name="test"))
+
+        def tail(logits, pick=pick, S=S):
+            return {"last": logits[:, -1:], "tail3": logits[:, S - 3:], "select": logits[:, -1],
+                    "select_mid": logits[:, 7]}[pick]
+
+        def fn(*args, key=key, names=names, tail=tail):
+            p = dict(zip(names, args[:len(names)], strict=True))
+            logits = model(p, args[-2], args[-1], key=key, H=2, Hkv=2, D=8, mask=causal(), loss=False)[0]
+            return (tail(logits),)
+
+        inputs = [params[n] for n in names] + [ids, labels]
+        gm = _trace(fn, inputs)
+        shard_graph(gm, [], Options(layout=layout))
+        report = gm.meta["ringcompile_shard"]
+        gathers += report.gathers
+        targets |= {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        (out,) = gm(*inputs)
+        ref_params = {n: params[n].detach().clone().requires_grad_(True) for n in names}
+        ref = tail(model(ref_params, ids, labels, H=2, Hkv=2, D=8, mask=causal(), loss=False)[0])
+        w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        grads = torch.autograd.grad((out * w).sum(), [params[n] for n in names], allow_unused=True)
+        ref_grads = torch.autograd.grad((ref * w).sum(), [ref_params[n] for n in names], allow_unused=True)
+        errs[f"{pick}_out"] = (out.detach() - ref.detach()).abs().max().item()
+        for n, g, rg in zip(names, grads, ref_grads, strict=True):
+            if rg is not None:
+                errs[f"{pick}_grad_{n}"] = (g - rg).abs().max().item()
+    return {"errs": errs, "gathers": gathers, "targets": sorted(targets), "big_nodes": []}
+
+
+CASES = ["case_tail_rows", "case_collectives", "case_block_causal",
+         "case_block_bidirectional_zigzag", "case_rope_gqa_rmsnorm",
          "case_padding_no_loss", "case_sharded_outputs", "case_padded_loss", "case_shifted_loss",
          "case_shifted_padded_loss", "case_sequence_mean", "case_padded_mean_falls_back",
          "case_neighbour_ops", "case_seq_dims_override", "case_sharded_labels_shift",
@@ -413,3 +471,11 @@ def test_padded_mean_is_unsupported_not_wrong(results):
     for out in results["case_padded_mean_falls_back"]:
         assert "error" not in out, out.get("error")
         assert out["raised"] and "reduces over a sequence with padded" in out["raised"]
+
+
+def test_a_few_rows_of_a_shard_are_gathered_as_rows(results):
+    """``h[:, -1:]``, ``h[:, S-3:]``, ``h[:, -1]``, ``h[:, 7]`` after sharded attention: gather_rows, no
+    whole-sequence gather, values and every parameter gradient as one process."""
+    out = _check(results, "case_tail_rows")
+    assert out["gathers"] == [], out["gathers"]
+    assert "ringcompile.gather_rows.default" in out["targets"]
