@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from ringcompile.kernels import reference
 from ringcompile.kernels.triton import show, triton_block_kernels
 from ringcompile.kernels.triton import template as tpl
 from ringcompile.kernels.triton.head_split import (
@@ -20,7 +21,7 @@ from ringcompile.kernels.triton.head_split import (
     pieces,
     split_widths,
 )
-from test_triton_support import compare_block, triton_interpreter  # noqa: F401
+from test_triton_support import assert_close, compare_block, triton_interpreter  # noqa: F401
 
 from ringcompile import mods
 from ringcompile.spec import AttentionSpec
@@ -111,3 +112,29 @@ def test_split_head_dims_match_float64(d, dv, dtype):
     compare_block(kernels, q, k, v, tol=3e-2 if dtype == torch.bfloat16 else 5e-5, scale=d ** -0.5,
                   q_offset=25, kv_offset=12, seq_len=45, mask=mask, score=score, score_extras=[slopes],
                   seed=d + dv)
+
+
+def test_split_head_dim_with_key_padding_window_and_dropout():
+    """The other template paths at D=80, DV=96: key-padding bounds, a sliding window, dropout."""
+    g = torch.Generator().manual_seed(80)
+    q = torch.randn(1, 2, 17, 80, generator=g)
+    k = torch.randn(1, 1, 19, 80, generator=g)
+    v = torch.randn(1, 1, 19, 96, generator=g)
+    keep = torch.rand(1, 40, generator=g) > 0.3
+    mask = mods.and_masks(mods.sliding_window(9), mods.key_padding())
+    kernels = triton_block_kernels(AttentionSpec(mask=mask, kernel="triton", dropout_p=0.2), forced=True)
+    compare_block(kernels, q, k, v, tol=5e-5, scale=80 ** -0.5, q_offset=20, kv_offset=10, seq_len=40,
+                  mask=mask, mask_extras=[keep], seed=3, dropout_p=0.2)
+
+
+def test_split_head_dim_in_float64_stays_exact():
+    g = torch.Generator().manual_seed(96)
+    q, k = (torch.randn(1, 2, 9, 96, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, 2, 9, 80, generator=g, dtype=torch.float64)
+    kernels = triton_block_kernels(AttentionSpec(mask=mods.causal(), kernel="triton"), forced=True)
+    kw = dict(scale=0.1, q_offset=0, kv_offset=0, seq_len=9, mask=mods.causal())
+    out, lse = kernels.forward(q, k, v, **kw)
+    ref_out, ref_lse = reference.block_forward(q, k, v, **kw)
+    assert out.dtype == torch.float64
+    assert_close(out, ref_out, 1e-10, "out")
+    assert_close(lse, ref_lse, 1e-10, "lse")
