@@ -102,7 +102,7 @@ def qkv(d: int, dv: int, dtype: torch.dtype, seed: int):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("d,dv", [(80, 80), (96, 96), (96, 80), (80, 72)])
+@pytest.mark.parametrize("d,dv", [(80, 80), (96, 96), (96, 80), (80, 72), (48, 48), (160, 192)])
 def test_split_head_dims_match_float64(d, dv, dtype):
     """Causal + ALiBi, GQA 2:1, a ring step's offsets (queries after keys, partly masked): out, lse,
     dQ, dK, dV and the ALiBi slopes' gradient against float64 (bf16: bf16 tolerance)."""
