@@ -1,12 +1,18 @@
 """Head dims held as power-of-two column pieces instead of one padded tile (issue 16 item 8).
 
 Triton tiles are powers of two (``tl.arange``, ``tl.dot`` operands). A head dim that is the sum of
-two powers of two, each at least 16 (``tl.dot``'s minimum), is held as two exact tiles: 80 = 64 + 16,
-96 = 64 + 32, 160 = 128 + 32, 192 = 128 + 64. A dot over the head dim is then two dots chained
+two powers of two, each at least 16 (``tl.dot``'s minimum), can be held as two exact tiles: 80 = 64 +
+16, 96 = 64 + 32, 160 = 128 + 32, 192 = 128 + 64. A dot over the head dim is then two dots chained
 through the accumulator, and a tile with head-dim columns (q, k, v, dO, acc, dQ, dK, dV) is two
 tiles, so no MMA work is spent on padding and no load needs a head-dim mask. Any other dim (a power
 of two, or one whose tail would be under 16, e.g. 72 = 64 + 8) stays one tile padded to the next
 power of two with masked lanes, and generates exactly the source it did before pieces existed.
+
+Only the dims in ``SPLIT_DIMS`` are split: those the tile tables measured split (``tiles.SPLIT_D_CLASSES``).
+Another dim launches with its power of two's tiles, measured for the padded kernel, and a split kernel
+can spill there where the padded one does not (offline sm_90, triton 3.9, D=160 dK/dV at the D=256 row's
+(32, 32, 8, 1), bf16: 14144 B split, 24 B padded; BENCHMARKS.md). To split another dim, add it here and
+to ``tiles.SPLIT_D_CLASSES`` and search its tiles (``tile_search --dims``).
 
 The template marks what depends on a head dim (the ``template`` module's docstring lists the
 markers); ``expand`` writes those statements once per piece before the ``%%NAME%%`` holes are filled.
@@ -29,9 +35,18 @@ def pad_dim(d: int) -> int:
     return p
 
 
+# the head dims held split (see the module docstring): each has tile-table rows measured split
+SPLIT_DIMS = frozenset({80, 96})
+
+
 def split_widths(d: int) -> tuple[int, ...] | None:
-    """The power-of-two widths ``d`` is held as, largest first, or None when it is padded instead
-    (a power of two needs no split; a remainder under 16 or more than two pieces is not worth one)."""
+    """The power-of-two widths ``d`` is held as, largest first, or None when it is padded instead."""
+    return power_of_two_parts(d) if d in SPLIT_DIMS else None
+
+
+def power_of_two_parts(d: int) -> tuple[int, ...] | None:
+    """``d`` as two powers of two, each at least 16, largest first, or None (a power of two needs no
+    split; a remainder under 16 or more than two pieces is not worth one)."""
     widths, rest = [], d
     while rest:
         w = 1 << (rest.bit_length() - 1)

@@ -23,9 +23,9 @@ then still rounds P and dS through bf16 before their dots, as the compiled kerne
 interpreted bf16 runs carry the compiled kernel's rounding.
 
 Head dims (issue 16 item 8, ``head_split``): tiles are powers of two (``tl.arange``, ``tl.dot``). A
-dim that is two powers of two of at least 16 (80 = 64 + 16, 96 = 64 + 32) is held as two exact
-column pieces, so no MMA work goes to padding; any other dim is one tile padded to the next power of
-two with masked lanes (``D_PAD``, ``d_ok``), which costs MMA work, never memory traffic. Query/key
+dim of ``head_split.SPLIT_DIMS`` (80 = 64 + 16, 96 = 64 + 32) is held as two exact column pieces,
+so no MMA work goes to padding; any other dim is one tile padded to the next power of two with
+masked lanes (``D_PAD``, ``d_ok``), which costs MMA work, never memory traffic. Query/key
 (``d``) and value (``dv``) dims are split independently. ``head_split.expand`` writes the marked
 statements once per piece before the holes are filled:
 

@@ -5,13 +5,14 @@ forward plus both backward kernels under the Triton interpreter against float64 
 from __future__ import annotations
 
 import re
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from ringcompile.kernels import reference
-from ringcompile.kernels.triton import show, triton_block_kernels
+from ringcompile.kernels.triton import head_split, launch, show, tiles, triton_block_kernels
 from ringcompile.kernels.triton import template as tpl
 from ringcompile.kernels.triton.head_split import (
     expand,
@@ -19,6 +20,7 @@ from ringcompile.kernels.triton.head_split import (
     offset_lines,
     pad_dim,
     pieces,
+    power_of_two_parts,
     split_widths,
 )
 from test_triton_support import assert_close, compare_block, triton_interpreter  # noqa: F401
@@ -30,19 +32,40 @@ from ringcompile.spec import AttentionSpec
 @pytest.mark.parametrize("d,widths", [(80, (64, 16)), (96, (64, 32)), (160, (128, 32)), (192, (128, 64)),
                                       (48, (32, 16)), (72, None), (24, None), (112, None), (8, None),
                                       (64, None), (128, None), (256, None)])
-def test_split_widths(d, widths):
-    assert split_widths(d) == widths
+def test_power_of_two_parts(d, widths):
+    assert power_of_two_parts(d) == widths
+
+
+def test_split_dims_are_the_tile_tables_split_classes():
+    """A dim is split only where the tile tables measured the split kernels (head_split docstring)."""
+    assert set(tiles.SPLIT_D_CLASSES) == head_split.SPLIT_DIMS
+    assert split_widths(80) == (64, 16) and split_widths(96) == (64, 32)
+    assert split_widths(160) is None and pieces(160)[0].padded  # no measured split row: padded
+
+
+EVERY_DIM = frozenset(range(1, 1025))
+
+
+@pytest.fixture
+def split_every_dim(monkeypatch):
+    """Every dim that has two power-of-two parts is split (what adding dims to SPLIT_DIMS would run),
+    with a fresh cache of generated kernels (launch remembers them per signature, not per split)."""
+    monkeypatch.setattr(head_split, "SPLIT_DIMS", EVERY_DIM)
+    monkeypatch.setattr(launch, "_GENERATED", {})
 
 
 @given(st.integers(1, 1024))
 def test_pieces_cover_the_head_dim_exactly_or_pad_it(d):
-    ps = pieces(d)
-    assert all(p.width >= 16 and p.width & (p.width - 1) == 0 for p in ps)
-    if len(ps) == 1:
-        assert ps[0].padded and ps[0].width == pad_dim(d) >= d and ps[0].suffix == ""
-    else:
-        assert len(ps) == 2 and not any(p.padded for p in ps)
-        assert [p.offset for p in ps] == [0, ps[0].width] and sum(p.width for p in ps) == d
+    for split_dims in (head_split.SPLIT_DIMS, EVERY_DIM):
+        with mock.patch.object(head_split, "SPLIT_DIMS", split_dims):
+            ps = pieces(d)
+        assert all(p.width >= 16 and p.width & (p.width - 1) == 0 for p in ps)
+        if len(ps) == 1:
+            assert ps[0].padded and ps[0].width == pad_dim(d) >= d and ps[0].suffix == ""
+        else:
+            assert len(ps) == 2 and not any(p.padded for p in ps)
+            assert [p.offset for p in ps] == [0, ps[0].width] and sum(p.width for p in ps) == d
+        assert (len(ps) == 2) == (d in split_dims and power_of_two_parts(d) is not None)
 
 
 def strip_markers(text: str) -> str:
@@ -50,7 +73,7 @@ def strip_markers(text: str) -> str:
     return re.sub(r"@(dv|d|DV|D)(?!\w)", "", text)
 
 
-@pytest.mark.parametrize("d,dv", [(16, 16), (64, 64), (128, 64), (256, 256), (72, 40)])
+@pytest.mark.parametrize("d,dv", [(16, 16), (64, 64), (128, 64), (256, 256), (72, 40), (160, 48)])
 def test_padded_dims_generate_the_unsplit_template(d, dv):
     """A dim held as one padded tile (every power of two) renders the template text with its markers
     removed, and the same head-dim constants and lane masks as before the split existed: the
@@ -102,10 +125,22 @@ def qkv(d: int, dv: int, dtype: torch.dtype, seed: int):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("d,dv", [(80, 80), (96, 96), (96, 80), (80, 72), (48, 48), (160, 192)])
+@pytest.mark.parametrize("d,dv", [(80, 80), (96, 96), (96, 80), (80, 72)])
 def test_split_head_dims_match_float64(d, dv, dtype):
     """Causal + ALiBi, GQA 2:1, a ring step's offsets (queries after keys, partly masked): out, lse,
     dQ, dK, dV and the ALiBi slopes' gradient against float64 (bf16: bf16 tolerance)."""
+    check_against_float64(d, dv, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d,dv", [(48, 48), (160, 192)])
+def test_other_split_dims_match_float64(d, dv, dtype, split_every_dim):
+    """Dims not split by default (no measured split tiles), split: the same check."""
+    assert not pieces(d)[0].padded and not pieces(dv)[0].padded
+    check_against_float64(d, dv, dtype)
+
+
+def check_against_float64(d: int, dv: int, dtype: torch.dtype) -> None:
     q, k, v, slopes = qkv(d, dv, dtype, seed=d * 1000 + dv)
     mask, score = mods.causal(), mods.alibi()
     kernels = triton_block_kernels(AttentionSpec(mask=mask, score=score, kernel="triton"), forced=True)
