@@ -17,7 +17,8 @@ import torch
 
 from ringcompile.mods import Mod
 
-from . import template
+from . import head_split, template
+from .head_split import pad_dim  # noqa: F401  (the padded width, kept importable from here)
 from .lower_mods import LoweredMod, lower_mod
 from .padding_bounds import padding_parts
 
@@ -45,14 +46,6 @@ def fp32_dot_precision() -> str:
 
         raise KernelError(f"{FP32_DOT_ENV}={choice!r} is not one of {', '.join(FP32_DOT_CHOICES)}")
     return choice
-
-
-def pad_dim(d: int) -> int:
-    """Head dims are padded to a power of two (at least 16, what tl.dot needs) and masked."""
-    p = 16
-    while p < d:
-        p *= 2
-    return p
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +89,9 @@ class Specialisation:
     fp32_dot: str = "tf32"  # tl.dot input precision for fp32 inputs (see fp32_dot_precision)
 
     def key(self) -> str:
-        text = repr((CODEGEN_VERSION, _TEMPLATE_HASH, dataclasses.astuple(self)))
+        # the head-dim pieces are policy (head_split.py), not template text: they join the key
+        text = repr((CODEGEN_VERSION, _TEMPLATE_HASH, dataclasses.astuple(self),
+                     head_split.pieces(self.head_dim), head_split.pieces(self.v_head_dim)))
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def summary(self) -> str:
@@ -321,6 +316,8 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
     else:
         dot_args = ""
     exact = spec.dtype == torch.float64
+    # head dims as column pieces (head_split.py): the template's head-dim statements, once per piece
+    dims = {"d": head_split.pieces(spec.head_dim), "dv": head_split.pieces(spec.v_head_dim)}
     hoist = hoist_extra_grads(spec.dtype)
     tile_cast = (".to(tl.bfloat16).to(tl.float32)" if spec.dot_upcast  # bf16 rounding, fp32 interpreter dot
                  else f".to({_TL_TILE[spec.dtype]})")
@@ -330,8 +327,8 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "SPEC": spec.summary(),
         "MASK_ORIGIN": _comment(mask.origin) if mask else "#   none",
         "SCORE_ORIGIN": _comment(score.origin) if score else "#   none",
-        "D": str(spec.head_dim), "DV": str(spec.v_head_dim),
-        "D_PAD": str(pad_dim(spec.head_dim)), "DV_PAD": str(pad_dim(spec.v_head_dim)),
+        "HEAD_DIMS": "\n".join(head_split.header_lines(dims, {"d": spec.head_dim, "dv": spec.v_head_dim})),
+        "HEAD_OFFS": _indent_or_empty(head_split.offset_lines(dims), 4),
         "GROUPS": str(spec.groups),
         "ACC": "tl.float64" if spec.dtype == torch.float64 else "tl.float32",
         "DOT_ARGS": dot_args,
@@ -371,8 +368,8 @@ def render(spec: Specialisation, mask: LoweredMod | None, score: LoweredMod | No
         "DROP_DP": _drop_dp(spec.dropout, 8),
         "DROP_DP2": _drop_dp(spec.dropout, 12),
     }
-    source = (template.fill(template.HEADER, holes) + template.fill(template.FORWARD, holes)
-              + template.fill(template.BACKWARD_DKDV, holes) + template.fill(template.BACKWARD_DQ, holes))
+    source = "".join(template.fill(head_split.expand(part, dims), holes) for part in
+                     (template.HEADER, template.FORWARD, template.BACKWARD_DKDV, template.BACKWARD_DQ))
     return source + f"\n\n# which row of the measured tile table launches use (kernels/triton/tiles.py)\n" \
         f"TILE_CLASS = {tile_class(spec)!r}\n"
 

@@ -20,9 +20,24 @@ place (``tl.dot(p, v, acc)``); the dK/dV kernel computes transposed scores so th
 the M dimension of all its dots. ``%%LOAD_CAST%%`` upcasts bf16 tiles to fp32 under the
 Triton interpreter, whose bf16 ``tl.dot`` is wrong (numpy has no bf16); ``%%TILE_CAST%%``
 then still rounds P and dS through bf16 before their dots, as the compiled kernel does, so
-interpreted bf16 runs carry the compiled kernel's rounding. Head dims are padded to the next
-power of two (``tl.arange`` needs one) with masked loads: padded lanes cost MMA work, never
-memory traffic.
+interpreted bf16 runs carry the compiled kernel's rounding.
+
+Head dims (issue 16 item 8, ``head_split``): tiles are powers of two (``tl.arange``, ``tl.dot``). A
+dim of ``head_split.SPLIT_DIMS`` (80 = 64 + 16, 96 = 64 + 32) is held as two exact column pieces,
+so no MMA work goes to padding; any other dim is one tile padded to the next power of two with
+masked lanes (``D_PAD``, ``d_ok``), which costs MMA work, never memory traffic. Query/key
+(``d``) and value (``dv``) dims are split independently. ``head_split.expand`` writes the marked
+statements once per piece before the holes are filled:
+
+* ``name@d`` / ``name@dv``: a statement holding one is written once per piece of that dim, with the
+  piece's suffix (``q0``, ``q1``; nothing for a single padded tile);
+* ``D_PAD@d`` / ``DV_PAD@dv``: the piece's width; `` & d_ok@d[...]``: the lane mask, padded tiles only;
+* ``tl.dot(a@D, b@D<holes>)`` (``@DV``): a dot over the dim, chained through the accumulator over
+  the pieces: ``tl.dot(a1, b1, tl.dot(a0, b0<holes>)<holes>)``.
+
+With one padded tile the text is the template without its markers: powers of two generate exactly
+the source they did before pieces existed. A backslash at a line's end joins it to the next (the
+long lines of this text stay within the line limit).
 """
 
 from __future__ import annotations
@@ -39,10 +54,7 @@ HEADER = '''\
 import triton
 import triton.language as tl
 
-HEAD_DIM = tl.constexpr(%%D%%)  # query/key head dim, padded to D_PAD with masking
-V_HEAD_DIM = tl.constexpr(%%DV%%)  # value head dim, padded to DV_PAD
-D_PAD = tl.constexpr(%%D_PAD%%)
-DV_PAD = tl.constexpr(%%DV_PAD%%)
+%%HEAD_DIMS%%
 GROUPS = tl.constexpr(%%GROUPS%%)  # query heads per KV head: query head h reads KV head h // GROUPS
 # softmax base: 2 (exp2, log2(e) folded into the scale) except for float64, whose exactness a
 # float32 constant would spoil; lse is stored in base e either way
@@ -77,18 +89,14 @@ def block_fwd(
     v_base = V + b * stride_vb + kv_h * stride_vh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < V_HEAD_DIM
-    row_ok = offs_m < q_len
+%%HEAD_OFFS%%    row_ok = offs_m < q_len
     rows64 = offs_m.to(tl.int64)
     q_idx = (q_offset + offs_m)[:, None]
-    q = tl.load(q_base + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)%%LOAD_CAST%%
+    q@d = tl.load(q_base + rows64[:, None] * stride_qm + offs_d@d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok@d[None, :], other=0.0)%%LOAD_CAST%%
     m_i = tl.full([BLOCK_M], float("-inf"), %%ACC%%)
     l_i = tl.zeros([BLOCK_M], %%ACC%%)
-    acc = tl.zeros([BLOCK_M, DV_PAD], %%ACC%%)
+    acc@dv = tl.zeros([BLOCK_M, DV_PAD@dv], %%ACC%%)
 
     # kv tiles to visit: keys >= seq_len are padding; masks with known structure skip whole tiles
     q_first = q_offset + start_m * BLOCK_M
@@ -102,9 +110,9 @@ def block_fwd(
         col_ok = (cols < kv_stop)%%KV_COL_LO%%
         cols64 = cols.to(tl.int64)
         kv_idx = (kv_offset + cols)[None, :]
-        kT = tl.load(k_base + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)%%LOAD_CAST%%
-        score = tl.dot(q, kT%%DOT_ARGS%%) * %%QK_SCALE%%
+        kT@d = tl.load(k_base + cols64[None, :] * stride_kn + offs_d@d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & d_ok@d[:, None], other=0.0)%%LOAD_CAST%%
+        score = tl.dot(q@D, kT@D%%DOT_ARGS%%) * %%QK_SCALE%%
 %%SCORE_LINES%%
 %%MASK_LINES%%
         keep = col_ok[None, :]%%KEEP%%
@@ -115,18 +123,19 @@ def block_fwd(
         alpha = %%EXP%%(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
 %%DROP_FWD%%
-        v = tl.load(v_base + cols64[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)%%LOAD_CAST%%
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p_v%%TILE_CAST%%, v, acc%%DOT_ARGS%%)
+        v@dv = tl.load(v_base + cols64[:, None] * stride_vn + offs_dv@dv[None, :] * stride_vd,
+                    mask=col_ok[:, None] & dv_ok@dv[None, :], other=0.0)%%LOAD_CAST%%
+        acc@dv = acc@dv * alpha[:, None]
+        acc@dv = tl.dot(p_v%%TILE_CAST%%, v@dv, acc@dv%%DOT_ARGS%%)
         m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out@dv = acc@dv / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + %%LOG%%(l_safe)) * LN2)
-    tl.store(Out + b * stride_ob + h * stride_oh + rows64[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out, mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(Out + b * stride_ob + h * stride_oh + rows64[:, None] * stride_om \
++ offs_dv@dv[None, :] * stride_od,
+             out@dv, mask=row_ok[:, None] & dv_ok@dv[None, :])
     tl.store(Lse + b * stride_lb + h * stride_lh + rows64 * stride_lm, lse, mask=row_ok)
 '''
 
@@ -155,19 +164,17 @@ def block_bwd_dkdv(
     kv_h = kv_h32.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < V_HEAD_DIM
-%%PAD_INIT%%    col_ok = (offs_n < kv_len) & (kv_offset + offs_n < seq_len)%%KV_COL_PAD%%
+%%HEAD_OFFS%%%%PAD_INIT%%    col_ok = (offs_n < kv_len) & (kv_offset + offs_n < seq_len)%%KV_COL_PAD%%
     cols64 = offs_n.to(tl.int64)
     kv_idx = (kv_offset + offs_n)[:, None]
-    k = tl.load(K + b * stride_kb + kv_h * stride_kh + cols64[:, None] * stride_kn
-                + offs_d[None, :] * stride_kd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)%%LOAD_CAST%%
-    v = tl.load(V + b * stride_vb + kv_h * stride_vh + cols64[:, None] * stride_vn
-                + offs_dv[None, :] * stride_vd, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)%%LOAD_CAST%%
-    dk = tl.zeros([BLOCK_N, D_PAD], %%ACC%%)
-    dv = tl.zeros([BLOCK_N, DV_PAD], %%ACC%%)
+    k@d = tl.load(K + b * stride_kb + kv_h * stride_kh + cols64[:, None] * stride_kn
+                + offs_d@d[None, :] * stride_kd, \
+mask=col_ok[:, None] & d_ok@d[None, :], other=0.0)%%LOAD_CAST%%
+    v@dv = tl.load(V + b * stride_vb + kv_h * stride_vh + cols64[:, None] * stride_vn
+                + offs_dv@dv[None, :] * stride_vd, \
+mask=col_ok[:, None] & dv_ok@dv[None, :], other=0.0)%%LOAD_CAST%%
+    dk@d = tl.zeros([BLOCK_N, D_PAD@d], %%ACC%%)
+    dv@dv = tl.zeros([BLOCK_N, DV_PAD@dv], %%ACC%%)
 
     # q tiles to visit for this kv tile (the transpose of the forward's kv-tile bounds)
     kv_first = kv_offset + start_n * BLOCK_N
@@ -186,31 +193,31 @@ def block_bwd_dkdv(
             row_ok = rows < q_len
             rows64 = rows.to(tl.int64)
             q_idx = (q_offset + rows)[None, :]
-            qT = tl.load(q_base + rows64[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                         mask=row_ok[None, :] & d_ok[:, None], other=0.0)%%LOAD_CAST%%
-            do = tl.load(do_base + rows64[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=row_ok[:, None] & dv_ok[None, :], other=0.0)%%LOAD_CAST%%
+            qT@d = tl.load(q_base + rows64[None, :] * stride_qm + offs_d@d[:, None] * stride_qd,
+                         mask=row_ok[None, :] & d_ok@d[:, None], other=0.0)%%LOAD_CAST%%
+            do@dv = tl.load(do_base + rows64[:, None] * stride_dom + offs_dv@dv[None, :] * stride_dod,
+                         mask=row_ok[:, None] & dv_ok@dv[None, :], other=0.0)%%LOAD_CAST%%
             row_stat = b * stride_lb + h * stride_lh + rows64 * stride_lm
             lse = tl.load(Lse + row_stat, mask=row_ok, other=0.0)
             delta = tl.load(Delta + row_stat, mask=row_ok, other=0.0)
             lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-            score = tl.dot(k, qT%%DOT_ARGS%%) * %%QK_SCALE%%
+            score = tl.dot(k@D, qT@D%%DOT_ARGS%%) * %%QK_SCALE%%
 %%SCORE_LINES2%%
 %%MASK_LINES2%%
             keep = col_ok[:, None] & row_ok[None, :]%%KEEP%%
             p = tl.where(keep, %%EXP%%(%%SCORE_LOG2%% - lse2[None, :]), 0.0)
 %%DROP_BWD2%%
-            dv = tl.dot(p_v%%TILE_CAST%%, do, dv%%DOT_ARGS%%)
-            dp = tl.dot(v, tl.trans(do)%%DOT_ARGS%%)%%DROP_DP2%%
+            dv@dv = tl.dot(p_v%%TILE_CAST%%, do@dv, dv@dv%%DOT_ARGS%%)
+            dp = tl.dot(v@DV, tl.trans(do@DV)%%DOT_ARGS%%)%%DROP_DP2%%
             ds = p * (dp - delta[None, :])
 %%DSCORE_LINES2%%
-            dk = tl.dot(ds%%TILE_CAST%%, tl.trans(qT), dk%%DOT_ARGS%%)
+            dk@d = tl.dot(ds%%TILE_CAST%%, tl.trans(qT@d), dk@d%%DOT_ARGS%%)
 
-    dk = dk * sm_scale
+    dk@d = dk@d * sm_scale
     tl.store(DK + b * stride_dkb + kv_h * stride_dkh + cols64[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, dk, mask=(offs_n < kv_len)[:, None] & d_ok[None, :])
+             + offs_d@d[None, :] * stride_dkd, dk@d, mask=(offs_n < kv_len)[:, None] & d_ok@d[None, :])
     tl.store(DV + b * stride_dvb + kv_h * stride_dvh + cols64[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvd, dv, mask=(offs_n < kv_len)[:, None] & dv_ok[None, :])
+             + offs_dv@dv[None, :] * stride_dvd, dv@dv, mask=(offs_n < kv_len)[:, None] & dv_ok@dv[None, :])
 '''
 
 BACKWARD_DQ = '''
@@ -239,23 +246,20 @@ def block_bwd_dq(
     v_base = V + b * stride_vb + kv_h * stride_vh
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    d_ok = offs_d < HEAD_DIM
-    dv_ok = offs_dv < V_HEAD_DIM
-    row_ok = offs_m < q_len
+%%HEAD_OFFS%%    row_ok = offs_m < q_len
     rows64 = offs_m.to(tl.int64)
     q_idx = (q_offset + offs_m)[:, None]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows64[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)%%LOAD_CAST%%
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows64[:, None] * stride_dom
-                 + offs_dv[None, :] * stride_dod,
-                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)%%LOAD_CAST%%
+    q@d = tl.load(Q + b * stride_qb + h * stride_qh + rows64[:, None] * stride_qm \
++ offs_d@d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok@d[None, :], other=0.0)%%LOAD_CAST%%
+    do@dv = tl.load(DO + b * stride_dob + h * stride_doh + rows64[:, None] * stride_dom
+                 + offs_dv@dv[None, :] * stride_dod,
+                 mask=row_ok[:, None] & dv_ok@dv[None, :], other=0.0)%%LOAD_CAST%%
     row_stat = b * stride_lb + h * stride_lh + rows64 * stride_lm
     lse = tl.load(Lse + row_stat, mask=row_ok, other=0.0)
     delta = tl.load(Delta + row_stat, mask=row_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)
-    dq = tl.zeros([BLOCK_M, D_PAD], %%ACC%%)
+    dq@d = tl.zeros([BLOCK_M, D_PAD@d], %%ACC%%)
 
     q_first = q_offset + start_m * BLOCK_M
     q_last = q_offset + tl.minimum(start_m * BLOCK_M + BLOCK_M, q_len) - 1
@@ -268,25 +272,25 @@ def block_bwd_dq(
         col_ok = (cols < kv_stop)%%KV_COL_LO%%
         cols64 = cols.to(tl.int64)
         kv_idx = (kv_offset + cols)[None, :]
-        kT = tl.load(k_base + cols64[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)%%LOAD_CAST%%
-        vT = tl.load(v_base + cols64[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                     mask=col_ok[None, :] & dv_ok[:, None], other=0.0)%%LOAD_CAST%%
-        score = tl.dot(q, kT%%DOT_ARGS%%) * %%QK_SCALE%%
+        kT@d = tl.load(k_base + cols64[None, :] * stride_kn + offs_d@d[:, None] * stride_kd,
+                     mask=col_ok[None, :] & d_ok@d[:, None], other=0.0)%%LOAD_CAST%%
+        vT@dv = tl.load(v_base + cols64[None, :] * stride_vn + offs_dv@dv[:, None] * stride_vd,
+                     mask=col_ok[None, :] & dv_ok@dv[:, None], other=0.0)%%LOAD_CAST%%
+        score = tl.dot(q@D, kT@D%%DOT_ARGS%%) * %%QK_SCALE%%
 %%SCORE_LINES%%
 %%MASK_LINES%%
         keep = row_ok[:, None] & col_ok[None, :]%%KEEP%%
         p = tl.where(keep, %%EXP%%(%%SCORE_LOG2%% - lse2[:, None]), 0.0)
 %%DROP_BWD%%
-        dp = tl.dot(do, vT%%DOT_ARGS%%)%%DROP_DP%%
+        dp = tl.dot(do@DV, vT@DV%%DOT_ARGS%%)%%DROP_DP%%
         ds = p * (dp - delta[:, None])
 %%EXTRA_GRAD_LINES%%
 %%DSCORE_LINES%%
-        dq = tl.dot(ds%%TILE_CAST%%, tl.trans(kT), dq%%DOT_ARGS%%)
+        dq@d = tl.dot(ds%%TILE_CAST%%, tl.trans(kT@d), dq@d%%DOT_ARGS%%)
 
-%%EXTRA_GRAD_FLUSH%%    dq = dq * sm_scale
+%%EXTRA_GRAD_FLUSH%%    dq@d = dq@d * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows64[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq, mask=row_ok[:, None] & d_ok[None, :])
+             + offs_d@d[None, :] * stride_dqd, dq@d, mask=row_ok[:, None] & d_ok@d[None, :])
 '''
 
 

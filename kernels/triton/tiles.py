@@ -31,10 +31,9 @@ TILE_CLASSES = ("plain", "heavy")
 # number is the h100 profiles' ``shared_memory`` (cost_model/profiles).
 SM90_SHARED_LIMIT = 232448
 H100_SHARED_MEMORY = SM90_SHARED_LIMIT  # old name
-# head dims the table is measured at: powers of two, and the common ones that are padded to one
-# (80, 96 run with D_PAD = 128 and masked lanes, whose masks cost registers: with D=128's tiles their
-# backward kernels spill, BENCHMARKS.md), measured on their own
-MASKED_D_CLASSES = (80, 96)
+# head dims the table is measured at: powers of two, and the common ones that are not (80, 96), which
+# run as two power-of-two column pieces (64 + 16, 64 + 32: head_split.py) and are measured on their own
+SPLIT_D_CLASSES = (80, 96)
 D_CLASSES = (64, 80, 96, 128, 256)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -84,9 +83,9 @@ def candidate_order(kernel: str, head_dim: int) -> tuple[Tiles, ...]:
 
 def d_class(head_dim: int) -> int:
     """The measured head-dim class a head dim runs as: itself for 80 and 96, else its padded power of
-    two (at least 64; other padded dims, e.g. 112, use that power of two's row, which was not
-    measured with their masks)."""
-    if head_dim in MASKED_D_CLASSES:
+    two (at least 64; other dims use that power of two's row, which was not measured for them: padded
+    ones, e.g. 112, carry lane masks, split ones, e.g. 48 or 160, hold fewer columns than the row's)."""
+    if head_dim in SPLIT_D_CLASSES:
         return head_dim
     padded = 16
     while padded < head_dim:

@@ -1,6 +1,7 @@
-"""Head dims that are not powers of two (80, 96: Phi, GPT-J-6B / Falcon-style models) run padded to
-the next power of two with masked loads (docs/ARCHITECTURE.md, Kernels): forward and backward
-under the Triton interpreter against float64 block math."""
+"""Head dims that are not powers of two (80, 96: Phi, GPT-J-6B / Falcon-style models) run as two
+power-of-two pieces, and those without a split (72 = 64 + 8) padded to the next power of two with
+masked loads (docs/ARCHITECTURE.md, Kernels): forward and backward under the Triton interpreter
+against float64 block math. More split cases (GQA, ALiBi, bf16, DV != D): test_triton_head_split.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ringcompile import mods
 from ringcompile.spec import AttentionSpec
 
 
-@pytest.mark.parametrize("D", [80, 96])
+@pytest.mark.parametrize("D", [72, 80, 96])
 def test_non_power_of_two_head_dim_matches_float64(D):
     g = torch.Generator().manual_seed(D)
     q = torch.randn(1, 2, 18, D, generator=g)
@@ -25,7 +26,12 @@ def test_non_power_of_two_head_dim_matches_float64(D):
                   seed=D)
 
 
-def test_head_dim_80_source_pads_to_128_and_masks_the_padding():
-    src = show(AttentionSpec(mask=mods.causal()), head_dim=80)
-    assert "HEAD_DIM = tl.constexpr(80)" in src and "D_PAD = tl.constexpr(128)" in src
+def test_head_dim_72_source_pads_to_128_and_masks_the_padding():
+    src = show(AttentionSpec(mask=mods.causal()), head_dim=72)  # 64 + 8: a tail under tl.dot's 16
+    assert "HEAD_DIM = tl.constexpr(72)" in src and "D_PAD = tl.constexpr(128)" in src
     assert "d_ok = offs_d < HEAD_DIM" in src
+
+
+def test_head_dim_80_source_is_split_not_padded():
+    src = show(AttentionSpec(mask=mods.causal()), head_dim=80)
+    assert "HEAD_DIM = tl.constexpr(80)" in src and "D_PAD" not in src and "d_ok" not in src
