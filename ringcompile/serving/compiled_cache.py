@@ -17,7 +17,9 @@ attention function understands. This layer is what ``sharded_cache(..., compiled
   (``passes/rules/decode.py``) turns an SDPA reading it into ``decode_attention`` on the shard; any
   attention it cannot rewrite reads the gathered cache (correct, with a WARNING); a later prompt
   chunk (multi-turn) reading it becomes ``chunk_cache_attention`` (pass-KV / pass-Q);
-* ``crop`` (speculative decoding's rollback) drops this rank's slots >= n in place.
+* ``crop`` (speculative decoding's rollback) drops this rank's slots >= n in place;
+* ``reserve`` (outside a graph, ``serving/growth.py``) grows the shard for a longer ``max_cache_len``:
+  an entry's local index depends only on its slot, so the entries are copied where they were.
 """
 
 from __future__ import annotations
@@ -105,6 +107,26 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
         self.values[:, :, drop] = 0
         self.slots[drop] = -1
         self.cumulative_length.fill_(new_len)
+
+    def reserve(self, max_cache_len: int) -> bool:
+        """Hold at least ``max_cache_len`` global slots (call outside a compiled graph; True: it grew).
+        A preallocated shard is reallocated to this rank's entries under the layout for the new length
+        and its entries copied to the same local indices (a local index depends only on the slot);
+        the new entries are unwritten (slot -1). The compiled graphs see new shapes: Dynamo recompiles
+        once and then treats the length as dynamic (``serving/growth.py``)."""
+        if max_cache_len <= self.max_cache_len:
+            return False
+        self.max_cache_len = max_cache_len
+        if self.prefill_len is None:
+            return True
+        capacity = shard_capacity(self.world, self.prefill_len, max_cache_len)[self.rank]
+        held = self.keys.shape[-2]
+        keys = self.keys.new_zeros(*self.keys.shape[:2], capacity, self.keys.shape[-1])
+        values = self.values.new_zeros(*self.values.shape[:2], capacity, self.values.shape[-1])
+        slots = self.slots.new_full((capacity,), -1)
+        keys[:, :, :held], values[:, :, :held], slots[:held] = self.keys, self.values, self.slots
+        self.keys, self.values, self.slots = keys, values, slots
+        return True
 
     def filled(self) -> int:
         """Entries written on this rank (outside a graph: reads the slots buffer)."""
