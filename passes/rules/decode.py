@@ -151,10 +151,20 @@ def _mask_problem(mask_node: Any, q: Any, kv_len: Any) -> str | None:
     return None
 
 
-def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
-    """Replace each SDPA over a gathered sharded cache by decode_attention on the shard (in place)."""
+def layout_arg(prefill_len: Any) -> list[Any]:
+    """The cache layout argument of the emitted op. The prefill length is a graph node (a SymInt) once
+    Dynamo has seen caches with different prefill lengths (a new conversation, or assisted generation,
+    whose first forward is the prompt plus the draft's candidates): it stays a node, and the op reads
+    the value at run time."""
     from ringcompile.cache_codes import COMPILED_POLICY, COMPILED_PREFILL_LAYOUT, layout_code
 
+    code: list[Any] = layout_code(0, COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
+    code[0] = prefill_len if isinstance(prefill_len, fx.Node) else int(prefill_len)
+    return code
+
+
+def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
+    """Replace each SDPA over a gathered sharded cache by decode_attention on the shard (in place)."""
     done: list[DecodeRewrite] = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPA_TARGETS:
@@ -170,7 +180,7 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
         keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = gather.args
         q = _val(args["query"])
         scale = float(args["scale"]) if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-        layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
+        layout = layout_arg(prefill_len)
         mask = _val(args["attn_mask"])
         # a prompt chunk takes the chunk op, which slices a boolean mask per rank; an additive mask on a
         # chunk stays with decode_attention (replicated queries, the mask passed whole: correct, not cheaper)
@@ -203,8 +213,6 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
 
 def _rewrite_eager_chains(gm: fx.GraphModule) -> list[DecodeRewrite]:
     """Each plain eager chain over a gathered cache (``match_eager_chain``) becomes decode_attention."""
-    from ringcompile.cache_codes import COMPILED_POLICY, COMPILED_PREFILL_LAYOUT, layout_code
-
     done: list[DecodeRewrite] = []
     for sm in list(gm.graph.nodes):
         if not _is(sm, _SOFTMAX_TARGETS, frozenset({"softmax"})):
@@ -216,7 +224,7 @@ def _rewrite_eager_chains(gm: fx.GraphModule) -> list[DecodeRewrite]:
             done.append(DecodeRewrite(location_of(sm), False, chain, "eager-chain"))
             continue
         keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = chain.gather.args
-        layout = layout_code(int(prefill_len), COMPILED_PREFILL_LAYOUT, COMPILED_POLICY)
+        layout = layout_arg(prefill_len)
         with gm.graph.inserting_before(chain.output):
             new = gm.graph.call_function(
                 torch.ops.ringcompile.decode_attention.default,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ringcompile.errors import OptionError
+from ringcompile.log import get_logger
 from ringcompile.runtime.cache_append import cache_append, cache_gather, shard_capacity, shard_layout
 from ringcompile.runtime.cache_layout import CacheLayout
 
@@ -38,6 +39,8 @@ except ImportError:  # pragma: no cover - transformers is optional
     DynamicLayer = None  # type: ignore[assignment,misc]
 
 Tensor = torch.Tensor
+log = get_logger(__name__)
+_WARNED_EAGER: list[bool] = []
 
 
 class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object):  # type: ignore[misc]
@@ -76,6 +79,8 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
         prefill = self.prefill_len is None
+        if self.world > 1 and not torch.compiler.is_compiling():
+            _warn_eager_once(self.world)
         if prefill:
             self._allocate(key_states, value_states)
         n = key_states.shape[-2]
@@ -142,3 +147,16 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
 
     def get_max_length(self) -> int:
         return self.max_cache_len
+
+
+def _warn_eager_once(world: int) -> None:
+    """A step outside any compiled graph reads the gathered cache (``cache_gather``'s own implementation):
+    correct, but not sharded attention; say so once per process (Dynamo's eager fallback is otherwise
+    silent here: its recompile limit, or a graph break in the forward)."""
+    if _WARNED_EAGER:
+        return
+    _WARNED_EAGER.append(True)
+    log.warning("ringcompile: a compiled sharded KV cache was updated outside a compiled graph at world "
+                "size %d (the forward is not compiled with backend='ring', or Dynamo ran it eagerly: a graph "
+                "break or torch._dynamo.config.recompile_limit); such steps attend the gathered cache "
+                "(correct; every rank gathers the whole cache)", world)

@@ -41,13 +41,15 @@ def _prepared_two_turns(model, ids, mask, chunk, max_cache_len: int) -> dict:
             "sharded": all(isinstance(layer, CompiledShardedLayer) for layer in cache.layers)}
 
 
-def _conversation(model, ids, mask, cache, chunk) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _conversation(model, ids, mask, cache, chunk, short: bool = False) -> list[tuple[torch.Tensor, ...]]:
     """(sequences, logits) of turn 1, turn 2 (a new chunk), the continuation after crop(-3) and turn 3
-    (a chunk of another length: Dynamo may make the query length dynamic)."""
+    (a chunk of another length: Dynamo may make the query length dynamic); ``short``: turns 1 and 2."""
     seq1, logits1 = _generate(model, ids, mask, cache)
     ids2 = torch.cat([seq1, chunk], 1)
     mask2 = torch.cat([mask, torch.ones_like(ids2[:, mask.shape[1]:])], 1)
     seq2, logits2 = _generate(model, ids2, mask2, cache)
+    if short:
+        return [(seq1, logits1), (seq2, logits2)]
     cache.crop(-3)
     kept = int(cache.get_seq_length())
     mask3 = torch.cat([mask2, torch.ones_like(seq2[:, mask2.shape[1]:])], 1)[:, :kept + 1]
@@ -58,7 +60,8 @@ def _conversation(model, ids, mask, cache, chunk) -> list[tuple[torch.Tensor, to
     return [(seq1, logits1), (seq2, logits2), (seq3, logits3), (seq4, logits4)]
 
 
-def _forced_conversations(family: str, rank: int, world: int, methods=("pass_kv", "pass_q")) -> dict:
+def _forced_conversations(family: str, rank: int, world: int, methods=("pass_kv", "pass_q"),
+                          short: bool = False) -> dict:
     """The conversation on a compiled sharded cache with each chunk method forced in turn, against one
     process doing the same steps: per method, the tokens / logits and what the backend did."""
     import ringcompile.cost_model.decode as cost_decode
@@ -71,7 +74,7 @@ def _forced_conversations(family: str, rank: int, world: int, methods=("pass_kv"
     torch._dynamo.reset()
     model, ids, mask = build(family)
     chunk = torch.randint(3, 96, (ids.shape[0], CHUNK), generator=torch.Generator().manual_seed(7))
-    want = _conversation(model, ids, mask, DynamicCache(), chunk)
+    want = _conversation(model, ids, mask, DynamicCache(), chunk, short)
     model.forward = torch.compile(model.forward, backend="ring", options={"inner": "eager"})
     plain_choose = cost_decode.choose_chunk_method
     out: dict = {"model": model, "ids": ids, "mask": mask, "chunk": chunk, "want": want}
@@ -87,7 +90,7 @@ def _forced_conversations(family: str, rank: int, world: int, methods=("pass_kv"
         cache = sharded_cache(model.config.num_hidden_layers, rank, world, max_cache_len=MAX_CACHE,
                               compiled=True)
         try:
-            got = _conversation(model, ids, mask, cache, chunk)
+            got = _conversation(model, ids, mask, cache, chunk, short)
         finally:
             cost_decode.choose_chunk_method = plain_choose
         decisions = [d for g in backend.HISTORY[before:] for d in g.decisions]
@@ -132,7 +135,13 @@ def mistral(rank: int, world: int) -> dict:
 
 
 def llama_n4(rank: int, world: int) -> dict:
-    """The Llama conversation at N = 4: a 5-token chunk split 2/2/1/0 over the ranks."""
+    """Turns 1 and 2 of the Llama conversation at N = 4: the 5-token chunk is split 2/2/1/0 over the
+    ranks (rank 3 holds only padding queries)."""
+    return _public(_forced_conversations("llama", rank, world, short=True))
+
+
+def llama_n4_full(rank: int, world: int) -> dict:
+    """The whole Llama conversation (crop, a turn 3 chunk of another length) at N = 4 (RING_SLOW=1)."""
     return _public(_forced_conversations("llama", rank, world))
 
 
@@ -207,7 +216,7 @@ def _draft_model():
                                               num_key_value_heads=1, max_position_embeddings=128)).eval()
 
 
-def assisted(rank: int, world: int) -> dict:
+def assisted(rank: int, world: int, prepared: bool = False) -> dict:
     """Assisted generation on the compiled path: a draft model, prompt lookup (on a prompt that repeats
     itself, so it has candidates to propose), and a draft model through ``prepare`` (no cache passed):
     the same tokens as plain greedy decoding in one process; the candidates' verification is a chunk
@@ -228,8 +237,10 @@ def assisted(rank: int, world: int) -> dict:
     draft = _draft_model()
     model.forward = torch.compile(model.forward, backend="ring", options={"inner": "eager"})
     out: dict = {}
-    runs = (("assistant", ids, {"assistant_model": draft}, True), ("lookup", looping,
-            {"prompt_lookup_num_tokens": 3}, True), ("prepared", ids, {"assistant_model": draft}, False))
+    runs = [("assistant", ids, {"assistant_model": draft}, True),
+            ("lookup", looping, {"prompt_lookup_num_tokens": 3}, True)]
+    if prepared:        # its own process: a third run after those two passes Dynamo's recompile limit (8)
+        runs = [("prepared", ids, {"assistant_model": draft}, False)]
     for label, prompt, extra, explicit in runs:
         before = len(backend.HISTORY)
         kw = dict(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW,
@@ -254,9 +265,15 @@ def assisted(rank: int, world: int) -> dict:
                       "sharded": _is_compiled(used), "global_len": int(used.get_seq_length()),
                       "filled": [layer.filled() for layer in used.layers],
                       "outcomes": sorted({d.outcome for d in decisions if d.stage == "decode"}),
+                      "graphs": len(backend.HISTORY) - before,
                       "unsharded": [d.reason for d in decisions if d.leaves_attention_unsharded],
                       "warnings": [r.getMessage() for r in caught.records if r.levelno >= logging.WARNING]}
     return out
+
+
+def assisted_prepared(rank: int, world: int) -> dict:
+    """A draft model through ``prepare`` (no cache passed) (RING_SLOW=1)."""
+    return assisted(rank, world, prepared=True)
 
 
 def _is_compiled(cache) -> bool:
