@@ -35,6 +35,7 @@ from ..locations import location_of
 from .base import Decline, Rule, register_rule
 from .ops import SOFTMAX_OPS
 from .shapes import _is_full_slice
+from .window import cache_lengths, mask_window
 
 _GATHER = "ringcompile::cache_gather"
 _REPEAT_METHODS = {"expand", "reshape", "view", "contiguous"}
@@ -166,6 +167,7 @@ def layout_arg(prefill_len: Any) -> list[Any]:
 def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
     """Replace each SDPA over a gathered sharded cache by decode_attention on the shard (in place)."""
     done: list[DecodeRewrite] = []
+    lengths = cache_lengths(gm, is_gather)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPA_TARGETS:
             continue
@@ -178,6 +180,7 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
             continue
         gather, _, _ = cache_read(args["key"])
         keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = gather.args
+        window = mask_window(args["attn_mask"], _val(gather)[0].shape[2], positions, lengths)
         q = _val(args["query"])
         scale = float(args["scale"]) if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
         layout = layout_arg(prefill_len)
@@ -190,19 +193,21 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
             if decode:
                 new = gm.graph.call_function(
                     torch.ops.ringcompile.decode_attention.default,
-                    (args["query"], keys, values, slots, positions, args["attn_mask"], -1, -1, scale,
-                     group_name, float(timeout), layout))
+                    (args["query"], keys, values, slots, positions, args["attn_mask"], -1,
+                     -1 if window is None else window, scale, group_name, float(timeout), layout))
             else:       # a prompt chunk (multi-turn / chunked prefill): pass-KV or pass-Q, by the cost model
                 new = gm.graph.call_function(
                     torch.ops.ringcompile.chunk_cache_attention.default,
                     (args["query"], keys, values, slots, positions, args["attn_mask"], scale, group_name,
-                     float(timeout), layout, "auto"))
+                     float(timeout), layout, "auto", -1 if window is None else window))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         _erase_unused([args["key"], args["value"], gather])
         what = ("decode_attention on this rank's cache shard" if decode
                 else "chunk_cache_attention (pass-KV / pass-Q) on this rank's cache shard")
+        if window is not None:
+            what += f" (sliding window {window}, read from the mask: shards outside it are skipped)"
         done.append(DecodeRewrite(location_of(new), True, what))
     done += _rewrite_eager_chains(gm)
     if any(d.rewritten for d in done):

@@ -98,6 +98,7 @@ def _forced_conversations(family: str, rank: int, world: int, methods=("pass_kv"
             "same_tokens": [bool(torch.equal(g[0], w[0])) for g, w in zip(got, want, strict=True)],
             "logit_error": max(float((g[1] - w[1]).abs().max()) for g, w in zip(got, want, strict=True)),
             "chunk_rewrites": sum(d.outcome == "chunk_cache_attention" for d in decisions),
+            "windowed": sum("sliding window" in d.reason for d in decisions),
             "chunk_calls": len(asked), "cost_model_choice": sorted(set(asked)),
             "filled": [layer.filled() for layer in cache.layers], "global_len": int(cache.get_seq_length()),
             "unsharded": [d.reason for d in decisions if d.leaves_attention_unsharded]}

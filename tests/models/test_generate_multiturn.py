@@ -67,9 +67,12 @@ def test_multiturn_and_crop_over_a_compiled_sharded_cache_match_one_process(two_
 @pytest.mark.parametrize("family", ["mistral", pytest.param("qwen2", marks=pytest.mark.skipif(
     not SLOW, reason="RING_SLOW=1"))])
 def test_chunks_of_windowed_and_one_kv_head_models_match_one_process(two_ranks, family):
-    """Mistral: window 6 on a cache of up to 31 slots (whole shards fall out of it); Qwen2: one KV head."""
+    """Mistral: window 6 on a cache of up to 31 slots (whole shards fall out of it), read from HF's mask
+    and passed to the decode and chunk ops (``passes/rules/window.py``); Qwen2: one KV head."""
     _no_errors(family, two_ranks[family])
     _check_forced_methods(two_ranks[family], 2)
+    windowed = [r["pass_kv"]["windowed"] for r in two_ranks[family]]       # the first run compiled
+    assert all(w >= 4 if family == "mistral" else w == 0 for w in windowed), windowed  # decode + chunk
 
 
 def test_prepare_grows_the_cache_for_later_turns_with_bounded_graphs(two_ranks):
