@@ -44,7 +44,7 @@ def _check_forced_methods(per_rank: list[dict], world: int, turns: int = 4) -> N
         for rank, r in enumerate(results):
             assert r["same_tokens"] == [True] * turns, (method, rank, r)
             assert r["logit_error"] < 1e-4, (method, rank, r)
-            assert r["chunk_calls"] >= 4, (method, rank, r)        # turn 2's chunk, in both layers
+            assert r["chunk_calls"] >= (4 if turns == 4 else 2), (method, rank, r)  # each chunk, both layers
             assert set(r["cost_model_choice"]) <= {"pass_kv", "pass_q"} and r["cost_model_choice"], r
             assert not r["unsharded"], (method, rank, r)
             assert all(f <= math.ceil(r["global_len"] / world) + 1 for f in r["filled"]), (method, rank, r)
