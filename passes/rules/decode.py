@@ -35,6 +35,7 @@ from ..locations import location_of
 from .base import Decline, Rule, register_rule
 from .ops import SOFTMAX_OPS
 from .shapes import _is_full_slice
+from .window import cache_lengths, mask_window
 
 _GATHER = "ringcompile::cache_gather"
 _REPEAT_METHODS = {"expand", "reshape", "view", "contiguous"}
@@ -206,11 +207,23 @@ def _prefill_layout(gather: fx.Node) -> str:
     return gather.kwargs.get("prefill_layout", COMPILED_PREFILL_LAYOUT)
 
 
-def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
-    """Replace each SDPA over a gathered sharded cache by decode_attention on the shard (in place)."""
+def layout_arg(gather: fx.Node) -> list[Any]:
+    """The cache layout argument of the emitted op, from the gather's prefill length and layout. The
+    prefill length is a graph node (a SymInt) once Dynamo has seen caches with different prefill lengths
+    (a new conversation, or assisted generation, whose first forward is the prompt plus the draft's
+    candidates): it stays a node, and the op reads the value at run time."""
     from ringcompile.cache_codes import COMPILED_POLICY, layout_code
 
+    prefill_len = gather.args[5]
+    code: list[Any] = layout_code(0, _prefill_layout(gather), COMPILED_POLICY)
+    code[0] = prefill_len if isinstance(prefill_len, fx.Node) else int(prefill_len)
+    return code
+
+
+def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
+    """Replace each SDPA over a gathered sharded cache by decode_attention on the shard (in place)."""
     done: list[DecodeRewrite] = []
+    lengths = cache_lengths(gm, is_gather)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target not in _SDPA_TARGETS:
             continue
@@ -223,9 +236,10 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
             continue
         gather, _, _ = cache_read(args["key"])
         keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = gather.args[:8]
+        window = mask_window(args["attn_mask"], _val(gather)[0].shape[2], positions, lengths)
         q = _val(args["query"])
         scale = float(args["scale"]) if args["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-        layout = layout_code(int(prefill_len), _prefill_layout(gather), COMPILED_POLICY)
+        layout = layout_arg(gather)
         mask = _val(args["attn_mask"])
         # a prompt chunk takes the chunk op, which slices a boolean mask per rank; an additive mask on a
         # chunk stays with decode_attention (replicated queries, the mask passed whole: correct, not cheaper)
@@ -235,19 +249,21 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
             if decode:
                 new = gm.graph.call_function(
                     torch.ops.ringcompile.decode_attention.default,
-                    (args["query"], keys, values, slots, positions, args["attn_mask"], -1, -1, scale,
-                     group_name, float(timeout), layout))
+                    (args["query"], keys, values, slots, positions, args["attn_mask"], -1,
+                     -1 if window is None else window, scale, group_name, float(timeout), layout))
             else:       # a prompt chunk (multi-turn / chunked prefill): pass-KV or pass-Q, by the cost model
                 new = gm.graph.call_function(
                     torch.ops.ringcompile.chunk_cache_attention.default,
                     (args["query"], keys, values, slots, positions, args["attn_mask"], scale, group_name,
-                     float(timeout), layout, "auto"))
+                     float(timeout), layout, "auto", -1 if window is None else window))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         _erase_unused([args["key"], args["value"], gather])
         what = ("decode_attention on this rank's cache shard" if decode
                 else "chunk_cache_attention (pass-KV / pass-Q) on this rank's cache shard")
+        if window is not None:
+            what += f" (sliding window {window}, read from the mask: shards outside it are skipped)"
         done.append(DecodeRewrite(location_of(new), True, what))
     done += _rewrite_eager_chains(gm)
     if any(d.rewritten for d in done):
@@ -258,8 +274,6 @@ def rewrite_cache_attention(gm: fx.GraphModule) -> list[DecodeRewrite]:
 
 def _rewrite_eager_chains(gm: fx.GraphModule) -> list[DecodeRewrite]:
     """Each plain eager chain over a gathered cache (``match_eager_chain``) becomes decode_attention."""
-    from ringcompile.cache_codes import COMPILED_POLICY, layout_code
-
     done: list[DecodeRewrite] = []
     for sm in list(gm.graph.nodes):
         if not _is(sm, _SOFTMAX_TARGETS, frozenset({"softmax"})):
@@ -271,7 +285,7 @@ def _rewrite_eager_chains(gm: fx.GraphModule) -> list[DecodeRewrite]:
             done.append(DecodeRewrite(location_of(sm), False, chain, "eager-chain"))
             continue
         keys, values, slots, positions, _max_len, prefill_len, group_name, timeout = chain.gather.args[:8]
-        layout = layout_code(int(prefill_len), _prefill_layout(chain.gather), COMPILED_POLICY)
+        layout = layout_arg(chain.gather)
         with gm.graph.inserting_before(chain.output):
             new = gm.graph.call_function(
                 torch.ops.ringcompile.decode_attention.default,

@@ -38,9 +38,10 @@ def _rows(x: Tensor, start: int, stop: int, rows: int, fill: float | int | bool)
 @torch.library.custom_op("ringcompile::chunk_cache_attention", mutates_args=(), **op_support.SYNCING)
 def chunk_cache_attention(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Tensor,
                           slot_mask: Tensor | None, scale: float, group_name: str, timeout: float,
-                          layout: list[int], method: str) -> Tensor:
+                          layout: list[int], method: str, window: int = -1) -> Tensor:
     """Replicated chunk queries q (B, Hq, C, D) at ``q_slots`` (C,) against this rank's shard; every
-    rank returns the full output (B, Hq, C, Dv)."""
+    rank returns the full output (B, Hq, C, Dv). ``window`` (-1: none) is a sliding window the mask
+    also applies (``passes/rules/window.py``): shards outside it are skipped before any work."""
     from .chunk_prefill import chunk_attention
     from .communicator import RingCommunicator
     from .decode import decode_attention, filled_prefix
@@ -59,7 +60,8 @@ def chunk_cache_attention(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_s
     with op_support.device_guard(q.device), torch.no_grad():
         if C == 1 or world == 1:
             return decode_attention(q, k, v, kv_slots=kv_slots, q_slots=q_slots, slot_mask=slot_mask,
-                                    scale=scale, layout=cl, comm=comm, whole_mask=True)
+                                    window=None if window < 0 else window, scale=scale, layout=cl, comm=comm,
+                                    whole_mask=True)
         q_slots = q_slots.reshape(-1).to(device=q.device, dtype=torch.long)
         c = -(-C // world)
         start, stop = min(C, rank * c), min(C, (rank + 1) * c)
@@ -72,11 +74,12 @@ def chunk_cache_attention(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_s
         k, v, kv_slots = filled_prefix(k, v, kv_slots)
         out = chunk_attention(mine_q, k, v, q_slots=mine_slots, kv_slots=kv_slots,
                               cache_len=int(q_slots.max()) + 1, method=method, scale=scale, layout=cl,
-                              comm=comm, slot_mask=mine_mask, whole_mask=True)
+                              comm=comm, slot_mask=mine_mask, window=None if window < 0 else window,
+                              whole_mask=True)
         parts = comm.all_gather(out.contiguous(), 0, "chunk attention output all_gather").wait()
         return torch.cat(parts, 2)[:, :, :C]
 
 
 @chunk_cache_attention.register_fake
-def _(q, k, v, kv_slots, q_slots, slot_mask, scale, group_name, timeout, layout, method):
+def _(q, k, v, kv_slots, q_slots, slot_mask, scale, group_name, timeout, layout, method, window=-1):
     return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -7,10 +7,11 @@ fresh (empty) ``DynamicCache`` / ``StaticCache``, runs with ``sharded_cache(...,
 instead, sized for the call: the StaticCache's ``max_cache_len``, else ``prepare``'s
 ``max_cache_len``, else prompt length + ``max_new_tokens``. A cache that already holds tokens
 (multi-turn), another cache class, or one rank, is passed through unchanged: a compiled sharded
-cache from an earlier turn is reused as it is (its later chunks run as ``chunk_cache_attention``;
-size it for every turn with ``prepare(model, max_cache_len=M)``); a plain HF cache that already
-holds tokens cannot be sharded after the fact, so it stays (the gathered fallback, correct) with a
-WARNING. The sharded cache is
+cache from an earlier turn is reused (its later chunks run as ``chunk_cache_attention``), grown
+first when the call can reach past its length (``serving/growth.py``: the conversation so far plus
+``max_new_tokens``, the old length doubled until it fits; so ``max_cache_len`` is only the first
+turn's size); a plain HF cache that already holds tokens cannot be sharded after the fact, so it
+stays (the gathered fallback, correct) with a WARNING. The sharded cache is
 what ``generate`` returns (``past_key_values``); a fresh cache the caller passed stays empty.
 """
 
@@ -25,6 +26,7 @@ from ringcompile.errors import OptionError
 from ringcompile.log import get_logger
 from ringcompile.runtime.group import resolve_group
 
+from .growth import compiled_layers, reserve
 from .hf import _require_transformers, sharded_cache
 
 log = get_logger(__name__)
@@ -62,6 +64,8 @@ def prepare(model: Any, max_cache_len: int | None = None, *, group: Any = None, 
         if length is not None:
             kwargs[name] = sharded_cache(layers, rank, world, group=group, timeout=timeout,
                                          max_cache_len=length, compiled=True)
+        elif _is_compiled_sharded(cache):
+            _grow_for_call(model, cache, args, kwargs)
         return plain_generate(*args, **kwargs)
 
     generate._ringcompile_prepared = True  # type: ignore[attr-defined]
@@ -70,11 +74,41 @@ def prepare(model: Any, max_cache_len: int | None = None, *, group: Any = None, 
 
 
 def _is_compiled_sharded(cache: Any) -> bool:
-    """A cache of ``sharded_cache(..., compiled=True)`` (from an earlier turn): reused as it is."""
-    from .compiled_cache import CompiledShardedLayer
+    """A cache of ``sharded_cache(..., compiled=True)`` (from an earlier turn): reused, grown if needed."""
+    return bool(compiled_layers(cache))
 
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(isinstance(layer, CompiledShardedLayer) for layer in layers)
+
+def _grow_for_call(model: Any, cache: Any, args: tuple, kwargs: dict) -> None:
+    """Grow a reused compiled sharded cache to the most slots this generate call can reach."""
+    needed = call_length(model, args, kwargs)
+    if needed is None:
+        log.info("ringcompile.serving.prepare: the call's length is unknown (no input_ids); the sharded "
+                 "cache is not grown")
+        return
+    grown = reserve(cache, needed)
+    if grown is not None:
+        log.info("ringcompile.serving.prepare: the sharded KV cache grew to %d slots (this call reaches %d)",
+                 grown, needed)
+
+
+def call_length(model: Any, args: tuple, kwargs: dict) -> int | None:
+    """The most cache slots a ``generate`` call can reach: its prompt (the whole conversation) plus
+    ``max_new_tokens``, else its ``max_length``, from the call's arguments or generation config (as HF
+    resolves them); None when there is no prompt tensor."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor):
+        ids = kwargs.get("inputs_embeds")
+        if not isinstance(ids, torch.Tensor):
+            return None
+        prompt = ids.shape[1]
+    else:
+        prompt = ids.shape[-1]
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is not None:
+        return prompt + int(new)
+    length = kwargs.get("max_length", getattr(config, "max_length", None))
+    return None if length is None else max(int(length), prompt)
 
 
 def _cache_kwarg(model: Any) -> str:

@@ -20,7 +20,9 @@ attention function understands. This layer is what ``sharded_cache(..., compiled
   (``passes/rules/decode.py``) turns an SDPA reading it into ``decode_attention`` on the shard; any
   attention it cannot rewrite reads the gathered cache (correct, with a WARNING); a later prompt
   chunk (multi-turn) reading it becomes ``chunk_cache_attention`` (pass-KV / pass-Q);
-* ``crop`` (speculative decoding's rollback) drops this rank's slots >= n in place.
+* ``crop`` (speculative decoding's rollback) drops this rank's slots >= n in place;
+* ``reserve`` (outside a graph, ``serving/growth.py``) grows the shard for a longer ``max_cache_len``:
+  an entry's local index depends only on its slot, so the entries are copied where they were.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from ringcompile.cache_codes import COMPILED_PREFILL_LAYOUT, causal_layout
 from ringcompile.errors import OptionError
+from ringcompile.log import get_logger
 from ringcompile.runtime.cache_append import cache_append, cache_gather, shard_capacity, shard_layout
 from ringcompile.runtime.cache_layout import CacheLayout
 
@@ -40,6 +43,8 @@ except ImportError:  # pragma: no cover - transformers is optional
     DynamicLayer = None  # type: ignore[assignment,misc]
 
 Tensor = torch.Tensor
+log = get_logger(__name__)
+_WARNED_EAGER: list[bool] = []
 
 
 class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object):  # type: ignore[misc]
@@ -81,6 +86,8 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
                **kwargs: Any) -> tuple[Tensor, Tensor]:
         prefill = self.prefill_len is None
+        if self.world > 1 and not torch.compiler.is_compiling():
+            _warn_eager_once(self.world)
         if prefill:
             self._allocate(key_states, value_states)
         n = key_states.shape[-2]
@@ -113,6 +120,26 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
         self.slots[drop] = -1
         self.cumulative_length.fill_(new_len)
 
+    def reserve(self, max_cache_len: int) -> bool:
+        """Hold at least ``max_cache_len`` global slots (call outside a compiled graph; True: it grew).
+        A preallocated shard is reallocated to this rank's entries under the layout for the new length
+        and its entries copied to the same local indices (a local index depends only on the slot);
+        the new entries are unwritten (slot -1). The compiled graphs see new shapes: Dynamo recompiles
+        once and then treats the length as dynamic (``serving/growth.py``)."""
+        if max_cache_len <= self.max_cache_len:
+            return False
+        self.max_cache_len = max_cache_len
+        if self.prefill_len is None:
+            return True
+        capacity = shard_capacity(self.world, self.prefill_len, max_cache_len)[self.rank]
+        held = self.keys.shape[-2]
+        keys = self.keys.new_zeros(*self.keys.shape[:2], capacity, self.keys.shape[-1])
+        values = self.values.new_zeros(*self.values.shape[:2], capacity, self.values.shape[-1])
+        slots = self.slots.new_full((capacity,), -1)
+        keys[:, :, :held], values[:, :, :held], slots[:held] = self.keys, self.values, self.slots
+        self.keys, self.values, self.slots = keys, values, slots
+        return True
+
     def filled(self) -> int:
         """Entries written on this rank (outside a graph: reads the slots buffer)."""
         return int((self.slots >= 0).sum()) if self.is_initialized else 0
@@ -127,3 +154,16 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
 
     def get_max_length(self) -> int:
         return self.max_cache_len
+
+
+def _warn_eager_once(world: int) -> None:
+    """A step outside any compiled graph reads the gathered cache (``cache_gather``'s own implementation):
+    correct, but not sharded attention; say so once per process (Dynamo's eager fallback is otherwise
+    silent here: its recompile limit, or a graph break in the forward)."""
+    if _WARNED_EAGER:
+        return
+    _WARNED_EAGER.append(True)
+    log.warning("ringcompile: a compiled sharded KV cache was updated outside a compiled graph at world "
+                "size %d (the forward is not compiled with backend='ring', or Dynamo ran it eagerly: a graph "
+                "break or torch._dynamo.config.recompile_limit); such steps attend the gathered cache "
+                "(correct; every rank gathers the whole cache)", world)
