@@ -131,7 +131,7 @@ class CompiledShardedLayer(DynamicLayer if DynamicLayer is not None else object)
         self.max_cache_len = max_cache_len
         if self.prefill_len is None:
             return True
-        capacity = shard_capacity(self.world, self.prefill_len, max_cache_len)[self.rank]
+        capacity = shard_capacity(self.world, self.prefill_len, max_cache_len, self.prefill_layout)[self.rank]
         held = self.keys.shape[-2]
         keys = self.keys.new_zeros(*self.keys.shape[:2], capacity, self.keys.shape[-1])
         values = self.values.new_zeros(*self.values.shape[:2], capacity, self.values.shape[-1])
