@@ -1,6 +1,7 @@
 """The sliding window read from a mask (``passes/rules/window.py``): taken only when the graph states
 exactly HF's ``kv > q - w`` AND causal over the cache's slots and positions; the rewritten op then applies
-it itself. Every spelling still equals float64 over the unsharded cache (one process, world 1)."""
+it itself. Every spelling still equals float64 over the gathered cache, as one process reads it (world 1:
+the unwritten slots are zeros, which a mask keeping future slots attends to)."""
 
 from __future__ import annotations
 
@@ -68,8 +69,13 @@ def test_a_window_is_read_from_the_mask_only_when_exact(kind, window):
     torch._dynamo.reset()
     got = torch.compile(fn, backend=backend, fullgraph=True)(q, keys, values, slots, cum)
     assert windows == [-1 if window is None else window]
-    keep = _mask(kind, cum)[..., :T]
-    scores = q.double() @ full_k.double().repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
+    # one process reads the gathered cache: M slots, the unwritten ones zero keys and values (a mask that
+    # keeps a future slot, "no-causal", attends to them)
+    keep = _mask(kind, cum)
+    k_all = torch.zeros(2, 2, M, 8, dtype=torch.float64)
+    v_all = torch.zeros(2, 2, M, 8, dtype=torch.float64)
+    k_all[:, :, :T], v_all[:, :, :T] = full_k.double(), full_v.double()
+    scores = q.double() @ k_all.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
     probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), -1)
-    want = probs @ full_v.double().repeat_interleave(2, 1)
+    want = probs @ v_all.repeat_interleave(2, 1)
     assert float((got.double() - want).abs().max()) < 1e-5
