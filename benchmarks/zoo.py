@@ -60,8 +60,8 @@ def _int_rule(name: str, default: int) -> int | None:
         return max(4 * S, 64) if default > 4 * S else None
     if "rotary" in name and name.endswith("dim"):  # a rotary width must fit inside the shrunk head
         return 4
-    if "hidden_size" in name or name.endswith(("bottleneck_size", "d_model", "n_embd", "hidden_dim", "embed_dim", "dim",
-                      "embedding_size")):
+    if "hidden_size" in name or name.endswith(("bottleneck_size", "d_model", "n_embd", "hidden_dim",
+                                               "embed_dim", "dim", "embedding_size")):
         return 32
     if "intermediate" in name or name.endswith(("ffn_dim", "d_ff", "n_inner", "ffn_hidden_size")):
         return 64
