@@ -89,7 +89,7 @@ _MAX_LAYERS = 12  # a longer pattern period is cut here (its later layer kinds a
 
 def _layer_count(cfg) -> int | None:
     for name in _LAYER_COUNTS:
-        v = getattr(cfg, name, None)
+        v = vars(cfg).get(name)
         if isinstance(v, int) and not isinstance(v, bool):
             return v
     return None
@@ -175,6 +175,14 @@ def _declared_defaults(config_cls) -> dict:
     return out
 
 
+def _same(a, b) -> bool:
+    """a == b; False where comparing raises (configs with per-layer attributes refuse global reads)."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _reconstruct(config_cls, shrunk, impl: str):
     """``config_cls(**changed)``: the fields ``shrunk`` changed from the defaults, except those the
     constructor derived (declared None, set by ``__post_init__``), which it derives again from the
@@ -184,7 +192,7 @@ def _reconstruct(config_cls, shrunk, impl: str):
     defaults, n_old = vars(default_cfg), _layer_count(default_cfg)
     changed = {}
     for name, value in vars(shrunk).items():
-        if name.startswith("_") or name not in declared or defaults.get(name) == value:
+        if name.startswith("_") or name not in declared or _same(defaults.get(name), value):
             continue
         old = defaults.get(name)
         per_layer = isinstance(old, list) and len(old) == n_old  # a fixed pattern (Zamba2's block
@@ -236,9 +244,10 @@ def _shrink_fields(cfg, impl: str, fill_none: bool = False):
     if type(rope) is int and type(vars(cfg).get("head_dim")) is int:  # MLA: the rotary table's width
         _set(cfg, "head_dim", rope)
     if type(vars(cfg).get("kv_lora_rank")) is int and type(vars(cfg).get("num_key_value_heads")) is int:
-        _set(cfg, "num_key_value_heads", cfg.num_attention_heads)  # MLA: one latent K/V per query head
+        # MLA: one latent K/V per query head
+        _set(cfg, "num_key_value_heads", vars(cfg).get("num_attention_heads"))
     for name in _LAYER_COUNTS:
-        if type(getattr(cfg, name, None)) is int:
+        if type(vars(cfg).get(name)) is int:
             _set(cfg, name, n_new)
     _follow_layer_count(cfg, n_old, n_new)
     cfg._attn_implementation = impl
