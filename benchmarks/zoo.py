@@ -296,21 +296,28 @@ _OTHER_MODALITY = ("pixel_", "image", "video", "audio", "speech", "input_feature
 
 
 def config_class(family: str):
-    """The config class ``family``'s model is built from: the model class's own (Llama 4's
-    ``Llama4ForCausalLM`` takes the text config, not the composite ``Llama4Config`` the family maps to)."""
+    """The config class ``family``'s model is built from: for a composite config, the model class's own
+    (Llama 4's ``Llama4ForCausalLM`` takes the text config, not the ``Llama4Config`` the family maps to)."""
     import transformers as tf
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    mapped = CONFIG_MAPPING[family]
     own = getattr(getattr(tf, families()[family]), "config_class", None)
-    return own if isinstance(own, type) and issubclass(own, tf.PreTrainedConfig) else CONFIG_MAPPING[family]
+    if getattr(mapped, "sub_configs", None) and isinstance(own, type) \
+            and issubclass(own, tf.PreTrainedConfig):
+        return own  # only for composites: an alias family (exaone -> LlamaForCausalLM) keeps its config
+    return mapped
 
 
 def duplicate_of(family: str) -> str | None:
-    """Another family that builds the same model class from the same config class (a composite family
-    whose causal-LM class is its text family's), or None."""
+    """The family that builds the same model class from the same config class as ``family`` (an alias
+    such as gpt-sw3 for gpt2, a composite family whose causal-LM class is its text family's), when
+    that one is the canonical one: the family named by the config's ``model_type``, else the first
+    by name. None when ``family`` is canonical or has no twin."""
     fams = families()
-    key = (fams[family], config_class(family))
-    return next((f for f in fams if f < family and fams[f] == key[0] and config_class(f) is key[1]), None)
+    twins = sorted(f for f in fams if fams[f] == fams[family] and config_class(f) is config_class(family))
+    canonical = next((f for f in twins if f == getattr(config_class(f), "model_type", None)), twins[0])
+    return None if canonical == family else canonical
 
 
 def _multimodal(cls, config_cls) -> str | None:
