@@ -142,7 +142,7 @@ def _follow_layer_count(cfg, n_old: int | None, n_new: int) -> None:
             _set(cfg, name, [i for i in v if i < n_new])
 
 
-def shrink_config(config_cls, impl: str, fill_none: bool = False):
+def shrink_config(config_cls, impl: str, fill_none: bool = False, wide_heads: bool = False):
     """A tiny config of ``config_cls``: its defaults with every size-like int field shrunk, keeping
     enough layers for one period of a hybrid's layer pattern (``pattern_layers``).
 
@@ -150,13 +150,16 @@ def shrink_config(config_cls, impl: str, fill_none: bool = False):
     config derives from others (Zamba's ``attention_hidden_size = 2 * hidden_size``, LongCat's
     ``qk_head_dim``) follow the shrunk values instead of the defaults. ``fill_none``: also give every
     size field of ``_EXACT`` that the defaults leave None its tiny value (a config whose defaults do
-    not build, e.g. dots1's ``n_routed_experts=None``); windows stay None (None means no window)."""
+    not build, e.g. dots1's ``n_routed_experts=None``); windows stay None (None means no window).
+    ``wide_heads``: heads of 16, not 8 (NeoMME's 2-D RoPE on a quarter of the head needs 4 rotary dims)."""
     from transformers import PreTrainedConfig
 
     cfg = _shrink_fields(config_cls(), impl, fill_none)
+    if wide_heads and type(vars(cfg).get("head_dim")) is int:
+        _set(cfg, "head_dim", 2 * _EXACT["head_dim"])
     for name, sub in list(vars(cfg).items()):  # a composite's parts (T5Gemma's encoder and decoder,
         if isinstance(sub, PreTrainedConfig):    # BLT's patcher and global transformer) likewise
-            _set(cfg, name, shrink_config(type(sub), impl, fill_none))
+            _set(cfg, name, shrink_config(type(sub), impl, fill_none, wide_heads))
     return _reconstruct(config_cls, cfg, impl)
 
 
@@ -370,13 +373,16 @@ _MAX_PARAMS = 20_000_000  # a tiny config has well under 1M; more means a size f
 
 def _build_model(cls, config_cls, impl: str, inputs: dict):
     """``cls`` on the tiny config; retried with None size fields and special ids filled, then as a
-    decoder (Reformer's LM head exists only with ``is_decoder=True``), until one runs ``inputs``
+    decoder (Reformer's LM head exists only with ``is_decoder=True``), then with wider heads, until one
+    runs ``inputs``
     (else the first that builds). Sized on the meta device first, so a field the rules missed is a
     skip with its reason, not an out-of-memory kill."""
     first, built = None, None
-    for fill_none, decoder in ((False, False), (True, False), (False, True), (True, True)):
+    attempts = ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
+                (False, False, True))
+    for fill_none, decoder, wide_heads in attempts:
         try:
-            cfg = shrink_config(config_cls, impl, fill_none)
+            cfg = shrink_config(config_cls, impl, fill_none, wide_heads)
             if decoder:
                 if getattr(cfg, "is_decoder", None) is not False:
                     continue
