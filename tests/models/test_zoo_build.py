@@ -25,6 +25,7 @@ def zoo():
     "t5gemma",  # a composite config (encoder, decoder) shrunk part by part
     "dots1",    # defaults leave n_routed_experts None: filled on the retry
     "xmod",     # default_language None: the first of its languages
+    "neomme",   # 2-D RoPE on a quarter of the head: the retry with heads of 16
 ])
 def test_tiny_config_builds_and_runs(zoo, family):
     if family not in zoo.families():
