@@ -83,6 +83,9 @@ _FILL_NONE = ("head_dim", "num_key_value_heads", "num_experts_per_tok", "n_group
 _SSM_HEADS = (("mamba_n_heads", "mamba_d_head"), ("n_mamba_heads", "mamba_headdim"),
               ("num_heads", "head_dim"))
 
+_DROPOUTS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+             "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "activation_dropout")
+_SWITCHES = ("use_cache", "tie_word_embeddings")  # set False
 _LAYER_COUNTS = ("num_hidden_layers", "num_layers", "n_layer", "n_layers")
 _MAX_LAYERS = 12  # a longer pattern period is cut here (its later layer kinds are then not exercised)
 
@@ -142,7 +145,8 @@ def _follow_layer_count(cfg, n_old: int | None, n_new: int) -> None:
             _set(cfg, name, [i for i in v if i < n_new])
 
 
-def shrink_config(config_cls, impl: str, fill_none: bool = False, wide_heads: bool = False):
+def shrink_config(config_cls, impl: str, fill_none: bool = False, wide_heads: bool = False,
+                  derive_exact: bool = False):
     """A tiny config of ``config_cls``: its defaults with every size-like int field shrunk, keeping
     enough layers for one period of a hybrid's layer pattern (``pattern_layers``).
 
@@ -159,8 +163,8 @@ def shrink_config(config_cls, impl: str, fill_none: bool = False, wide_heads: bo
         _set(cfg, "head_dim", 2 * _EXACT["head_dim"])
     for name, sub in list(vars(cfg).items()):  # a composite's parts (T5Gemma's encoder and decoder,
         if isinstance(sub, PreTrainedConfig):    # BLT's patcher and global transformer) likewise
-            _set(cfg, name, shrink_config(type(sub), impl, fill_none, wide_heads))
-    return _reconstruct(config_cls, cfg, impl)
+            _set(cfg, name, shrink_config(type(sub), impl, fill_none, wide_heads, derive_exact))
+    return _reconstruct(config_cls, cfg, impl, derive_exact)
 
 
 def _declared_defaults(config_cls) -> dict:
@@ -186,13 +190,16 @@ def _same(a, b) -> bool:
         return False
 
 
-def _reconstruct(config_cls, shrunk, impl: str):
+def _reconstruct(config_cls, shrunk, impl: str, derive_exact: bool = False):
     """``config_cls(**changed)``: the fields ``shrunk`` changed from the defaults, except those the
     constructor derived (declared None, set by ``__post_init__``), which it derives again from the
-    shrunk ones. ``shrunk`` itself where the constructor refuses the changed fields."""
+    shrunk ones. The fixed tiny values (``_EXACT``: GQA's 2 K/V heads, 4 experts, the window of 8) and
+    the switches (dropout 0, no cache, untied) are passed even where derived, unless ``derive_exact``
+    (ESMC refuses grouped K/V heads). ``shrunk`` itself where the constructor refuses the changed fields."""
     declared = _declared_defaults(config_cls)
     default_cfg = config_cls()
     defaults, n_old = vars(default_cfg), _layer_count(default_cfg)
+    forced = set(_DROPOUTS) | set(_SWITCHES) | (set() if derive_exact else set(_EXACT))
     changed = {}
     for name, value in vars(shrunk).items():
         if name.startswith("_") or name not in declared or _same(defaults.get(name), value):
@@ -200,13 +207,16 @@ def _reconstruct(config_cls, shrunk, impl: str):
         old = defaults.get(name)
         per_layer = isinstance(old, list) and len(old) == n_old  # a fixed pattern (Zamba2's block
         derived = declared[name] is None and old is not None and not per_layer  # types): keep it cut
-        if derived and not hasattr(value, "to_dict"):  # a composite's shrunk part is always passed
+        if derived and not hasattr(value, "to_dict") and name not in forced:  # (composite parts too)
             continue  # derived by the constructor from other fields: let it derive again
         changed[name] = value
     try:
         cfg = config_cls(**changed)
     except Exception:  # noqa: BLE001 - a validation the mutated config does not trigger
         return shrunk
+    for name in forced:  # a constructor that overrides them from its own defaults (Qwen3-MoE's experts,
+        if name in vars(shrunk) and name in vars(cfg) and not _same(vars(cfg)[name], vars(shrunk)[name]):
+            _set(cfg, name, vars(shrunk)[name])  # T5's tied embeddings): set them again afterwards
     cfg._attn_implementation = impl
     return cfg
 
@@ -223,11 +233,10 @@ def _shrink_fields(cfg, impl: str, fill_none: bool = False):
             new = 1
         if new is not None and new < value or name in _EXACT and new is not None:
             _set(cfg, name, new)
-    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
-                 "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "activation_dropout"):
+    for name in _DROPOUTS:
         if hasattr(cfg, name):
             setattr(cfg, name, type(getattr(cfg, name))(0) if isinstance(getattr(cfg, name), int) else 0.0)
-    for name in ("use_cache", "tie_word_embeddings"):
+    for name in _SWITCHES:
         if hasattr(cfg, name):
             setattr(cfg, name, False)
     for name in _FILL_NONE + (tuple(k for k in _EXACT if "window" not in k) if fill_none else ()):
@@ -373,16 +382,18 @@ _MAX_PARAMS = 20_000_000  # a tiny config has well under 1M; more means a size f
 
 def _build_model(cls, config_cls, impl: str, inputs: dict):
     """``cls`` on the tiny config; retried with None size fields and special ids filled, then as a
-    decoder (Reformer's LM head exists only with ``is_decoder=True``), then with wider heads, until one
-    runs ``inputs``
+    decoder (Reformer's LM head exists only with ``is_decoder=True``), then with wider heads, then with
+    the derived fixed sizes left to the constructor, until one runs ``inputs``
     (else the first that builds). Sized on the meta device first, so a field the rules missed is a
     skip with its reason, not an out-of-memory kill."""
     first, built = None, None
-    attempts = ((False, False, False), (True, False, False), (False, True, False), (True, True, False),
-                (False, False, True))
-    for fill_none, decoder, wide_heads in attempts:
+    # (fill_none, decoder, wide_heads, derive_exact)
+    attempts = ((False, False, False, False), (True, False, False, False), (False, True, False, False),
+                (True, True, False, False), (False, False, True, False), (False, False, False, True),
+                (True, False, False, True))
+    for fill_none, decoder, wide_heads, derive_exact in attempts:
         try:
-            cfg = shrink_config(config_cls, impl, fill_none, wide_heads)
+            cfg = shrink_config(config_cls, impl, fill_none, wide_heads, derive_exact)
             if decoder:
                 if getattr(cfg, "is_decoder", None) is not False:
                     continue
