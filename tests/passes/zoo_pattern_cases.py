@@ -1,6 +1,10 @@
-"""Cases for test_shard_inplace_slice.py, importable in spawned ranks: an in-place add into a slice (on a
-non-sequence dim) of a sequence-sharded tensor, the way Gemma 3n's AltUp writes ``corrected[1:] += first``
-(zoo, issue 10). Under backend="ring" vs the same model in one process."""
+"""Cases for test_shard_zoo_patterns.py, importable in spawned ranks: patterns of zoo families (issue 10)
+that crashed or stayed unsharded, under backend="ring" vs the same model in one process:
+
+- ``SliceAddInPlace``: an in-place add into a slice (on a non-sequence dim) of a sequence-sharded tensor,
+  the way Gemma 3n's AltUp writes ``corrected[1:] += first`` (crashed: gather_seq returned a view);
+- ``ConcatenateFeatures``: ``torch.concatenate`` of two activations on the feature dim before attention, as
+  Zamba2's shared block does (unsharded: ``aten.concatenate`` had no sequence rule)."""
 
 from __future__ import annotations
 
@@ -31,12 +35,26 @@ class SliceAddInPlace(torch.nn.Module):
         return preds
 
 
-def compare(grad: bool = True) -> dict:
+class ConcatenateFeatures(torch.nn.Module):
+    """Hidden states and the embeddings joined on the feature dim by ``torch.concatenate``, then attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(2 * H * D, 3 * H * D)
+        self.mix = torch.nn.Linear(H * D, H * D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.concatenate([self.mix(x).tanh(), x], dim=-1)
+        q, k, v = self.qkv(h).view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def compare(cls: type = SliceAddInPlace, grad: bool = True) -> dict:
     """Output error and relative gradient errors against float64 eager on the unsharded input."""
     from ringcompile import backend
 
     torch.manual_seed(0)
-    model = SliceAddInPlace().double()
+    model = cls().double()
     x = torch.randn(B, S, H * D, dtype=torch.float64)
     torch._dynamo.reset()
     ref = copy.deepcopy(model)
@@ -59,9 +77,13 @@ def compare(grad: bool = True) -> dict:
                            for e in entries)}
 
 
-def case_grad(rank, world):
-    return compare(True)
+def case_inplace_slice_grad(rank, world):
+    return compare(SliceAddInPlace, True)
 
 
-def case_no_grad(rank, world):
-    return compare(False)
+def case_inplace_slice_no_grad(rank, world):
+    return compare(SliceAddInPlace, False)
+
+
+def case_concatenate(rank, world):
+    return compare(ConcatenateFeatures, True)
