@@ -586,6 +586,7 @@ _SPECIAL: dict[Any, Callable[[fx.Node], OpRule | None]] = {
     aten.select.int: _select,
     aten.slice.Tensor: _slice,
     aten.cat.default: _cat,
+    aten.concatenate.default: _cat,  # torch.concatenate (Zamba2), kept by the pre-dispatch retrace
     aten.stack.default: _stack,
     aten.split.Tensor: _split,
     aten.split_with_sizes.default: _split,

@@ -291,7 +291,10 @@ def gather_seq(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layou
     for r, part in enumerate(parts):
         idx = layout_index(padded, world, r, layout, x.device)
         full.index_copy_(axis, idx, part)
-    return _merge_seq(full.narrow(axis, 0, seq_len), dim).contiguous()
+    out = _merge_seq(full.narrow(axis, 0, seq_len), dim).contiguous()
+    # never a view: autograd forbids writing in place into a view made inside a custom op, and the
+    # graph may (Gemma 3n's ``corrected[1:] += first`` on a gathered value)
+    return out if out._base is None else out.clone()
 
 
 @gather_seq.register_fake
