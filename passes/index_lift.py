@@ -418,7 +418,7 @@ class IndexLifter:
                 dims = set(range(len(xs)))
             it = iter(idx)
             return x, tuple(0 if (j in dims and is_one(xs[j])) else next(it) for j in range(len(xs)))
-        if p is aten.expand:
+        if p is aten.expand or p is aten.expand_as:  # expand_as reads its template's shape only
             x = a[0]
             return x, bcast_idx(shape_of(x), idx)
         if p is aten.permute:
@@ -434,7 +434,7 @@ class IndexLifter:
             return a[0], tuple(new)
         if p is aten.t:
             return a[0], tuple(reversed(idx))
-        if p in RESHAPES:
+        if p in RESHAPES or p is aten.view_as or p is aten.reshape_as:
             x = a[0]
             return x, self._reshape_idx(shape_of(x), shape_of(n), idx)
         return None

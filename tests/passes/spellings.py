@@ -102,3 +102,47 @@ def gpt_oss_sinks(q, k, v, mask, sinks=None):
 
 
 SPELLINGS["gpt_oss_sinks"] = (gpt_oss_sinks, None)
+
+
+def granite_swa_lse_sinks(q, k, v, mask, sinks=None):
+    """GraniteSWA eager: the sink as post-attention lse scaling, ``out * sigmoid(logsumexp(w) - sink)`` with
+    the scale forced to float32 (an extra softmax-denominator logit per head)."""
+    H = q.shape[1]
+    if sinks is None:
+        sinks = torch.linspace(-1.0, 2.0, H, dtype=q.dtype)
+    w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + mask
+    lse = torch.logsumexp(w, dim=-1)
+    scale = (lse - sinks.view(1, -1, 1)).to(torch.float32).sigmoid()
+    p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(p, v)
+    return out * scale.unsqueeze(-1).to(out.dtype)
+
+
+def neox_japanese_baddbmm(q, k, v, mask):
+    """GPT-NeoX-Japanese ``_attn``: q/k merged to (B*H, S, D), ``baddbmm(zeros, q, k^T, beta=1, alpha=)``,
+    viewed back to (B, H, S, S) for the mask, then a 4-D matmul with v."""
+    B, H, S, D = q.shape
+    q3, k3 = q.reshape(B * H, S, D), k.reshape(B * H, S, D)
+    zeros = torch.zeros(B * H, S, S, dtype=q.dtype, device=q.device)
+    w = torch.baddbmm(zeros, q3, k3.transpose(1, 2), beta=1.0, alpha=1.0 / math.sqrt(D))
+    w = w.view(B, H, S, -1) + mask
+    p = F.softmax(w, dim=-1).to(v.dtype)
+    return torch.matmul(p, v)
+
+
+def flaubert_masked_fill(q, k, v, mask):
+    """Flaubert / XLM: q pre-scaled, a keep mask expanded with ``expand_as(scores)``, ``masked_fill_`` on the
+    scores, then ``softmax(scores.float()).type_as(scores)`` (the scores are dtype templates of both)."""
+    B, H, S, D = q.shape
+    keep = (mask[:, 0] == 0).to(torch.int64)  # (B, S, S), 1 = attend, like the model's mask argument
+    q = q / math.sqrt(D)
+    scores = torch.matmul(q, k.transpose(2, 3))
+    masked = (keep == 0).view(B, 1, S, -1).expand_as(scores)
+    scores.masked_fill_(masked, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores.float(), dim=-1).type_as(scores)
+    return torch.matmul(weights, v)
+
+
+SPELLINGS.update({"granite_swa_lse_sinks": (granite_swa_lse_sinks, None),
+                  "neox_japanese_baddbmm": (neox_japanese_baddbmm, None),
+                  "flaubert_masked_fill": (flaubert_masked_fill, None)})
