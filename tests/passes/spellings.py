@@ -1,4 +1,4 @@
-"""Attention as real models spell it (Falcon, XGLM, OPT, gpt-oss), shared by the world-size-1 tests and
+"""Attention as real models spell it (Falcon, XGLM, OPT, gpt-oss, GraniteSWA, GPT-NeoX-Japanese, Flaubert), shared by the world-size-1 tests and
 the 2-rank cases. Each spelling maps (q, k, v, mask) to the attention output (B, H, S, D); ``kv_heads``
 says how many KV heads the spelling wants."""
 
@@ -56,6 +56,9 @@ SPELLINGS = {"falcon_inplace": (falcon_inplace, 1), "inplace_chain": (inplace_ch
              "mqa_expand": (mqa_expand, 1)}
 
 
+SINK_SPELLINGS = ("gpt_oss_sinks", "granite_swa_lse_sinks")  # the ones that take a ``sinks`` parameter
+
+
 def causal_additive(S: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((S, S), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
 
@@ -73,7 +76,7 @@ class SpellingLM(torch.nn.Module):
         self.kv_proj = torch.nn.Linear(dim, 2 * self.kv * self.d)
         self.head = torch.nn.Linear(dim, vocab)
         self.extra = ()
-        if spelling == "gpt_oss_sinks":  # a learned sink logit per head: its gradient comes through lse
+        if spelling in SINK_SPELLINGS:  # a learned sink logit per head: its gradient comes through lse
             self.sinks = torch.nn.Parameter(torch.linspace(-1.0, 1.5, heads))
             self.extra = ("sinks",)
 
