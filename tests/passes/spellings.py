@@ -1,6 +1,6 @@
-"""Attention as real models spell it (Falcon, XGLM, OPT, gpt-oss, GraniteSWA, GPT-NeoX-Japanese, Flaubert), shared by the world-size-1 tests and
-the 2-rank cases. Each spelling maps (q, k, v, mask) to the attention output (B, H, S, D); ``kv_heads``
-says how many KV heads the spelling wants."""
+"""Attention as real models spell it (Falcon, XGLM, OPT, gpt-oss, GraniteSWA, GPT-NeoX-Japanese, Flaubert),
+shared by the world-size-1 tests and the 2-rank cases. Each spelling maps (q, k, v, mask) to the attention
+output (B, H, S, D); ``kv_heads`` says how many KV heads the spelling wants."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def flaubert_masked_fill(q, k, v, mask):
     """Flaubert / XLM: q pre-scaled, a keep mask expanded with ``expand_as(scores)``, ``masked_fill_`` on the
     scores, then ``softmax(scores.float()).type_as(scores)`` (the scores are dtype templates of both)."""
     B, H, S, D = q.shape
-    keep = (mask[:, 0] == 0).to(torch.int64)  # (B, S, S), 1 = attend, like the model's mask argument
+    keep = (mask[:, 0] == 0).to(torch.int64).expand(B, S, S)  # 1 = attend, like the model's mask argument
     q = q / math.sqrt(D)
     scores = torch.matmul(q, k.transpose(2, 3))
     masked = (keep == 0).view(B, 1, S, -1).expand_as(scores)

@@ -105,8 +105,9 @@ def test_non_attention_softmax_reported_without_warning(fresh):
 
 # ---------------------------------------------------------------------------- two gloo ranks
 
-# a subset (the suite's time budget): in-place + MQA, the view round trips + floor clamp, sinks (lse gradient),
-# the lse read by the graph (GraniteSWA), the zeros baddbmm with a 4-D p @ v, template reads (Flaubert)
+# a subset (the suite's time budget): in-place + MQA, the view round trips + floor clamp, sinks (lse
+# gradient), the lse read by the graph (GraniteSWA), the zeros baddbmm with a 4-D p @ v, template reads
+# (Flaubert)
 RANK_SPELLINGS = ["falcon_inplace", "xglm_round_trip", "gpt_oss_sinks", "granite_swa_lse_sinks",
                   "neox_japanese_baddbmm", "flaubert_masked_fill"]
 # float64 models that round to float32 on purpose: GraniteSWA's sink scale is forced to float32 (the ring's
@@ -263,7 +264,8 @@ def test_is_zeros_only_for_literal_zero_fills():
 
     g = torch.fx.Graph()
     made = {name: g.call_function(target, args) for name, target, args in [
-        ("zeros", torch.ops.aten.zeros.default, ([2, 3],)), ("full0", torch.ops.aten.full.default, ([2], 0.0)),
+        ("zeros", torch.ops.aten.zeros.default, ([2, 3],)),
+        ("full0", torch.ops.aten.full.default, ([2], 0.0)),
         ("full1", torch.ops.aten.full.default, ([2], 1.0)), ("ones", torch.ops.aten.ones.default, ([2],)),
         ("fullT", torch.ops.aten.full.default, ([2], True))]}
     assert {n for n, node in made.items() if is_zeros(node)} == {"zeros", "full0"}
@@ -271,7 +273,7 @@ def test_is_zeros_only_for_literal_zero_fills():
 
 @pytest.mark.parametrize("name", ["falcon_inplace", "flaubert_masked_fill", "inplace_chain"])
 def test_rewritten_inplace_score_ops_are_erased(fresh, name):
-    """The in-place op that wrote into q.k^T is dead after the rewrite: neither it nor the S x S product stays."""
+    """The in-place op that wrote into q.k^T is dead after the rewrite: it and the S x S product are gone."""
     fn, kv_heads = SPELLINGS[name]
     torch.compile(fn, backend="ring", options={"inner": "eager"})(*_inputs(kv_heads, seed=15))
     left = [str(n.target) for n in backend.HISTORY[-1].graph.graph.nodes if n.op == "call_function"]
