@@ -211,8 +211,14 @@ def _right_vs_float64(fn, args, atol=2e-5):
     return backend.HISTORY[-1]
 
 
-def test_lse_reader_with_keepdim_reads_the_ops_lse(fresh):
+@pytest.mark.parametrize("merged", [False, True])
+def test_lse_reader_with_keepdim_reads_the_ops_lse(fresh, merged):
+    """keepdim, an lse that is also returned, and (merged) 3-D (B*H, S, S) scores."""
     def fn(q, k, v, mask):
+        B, H, S, D = q.shape
+        if merged:
+            q, k, v = (t.reshape(B * H, S, D) for t in (q, k, v))
+            mask = mask.expand(B, H, S, S).reshape(B * H, S, S)
         w = q @ k.transpose(-1, -2) * 0.4 + mask
         lse = torch.logsumexp(w, -1, keepdim=True)
         return (torch.softmax(w, -1) @ v) * torch.sigmoid(lse - 0.5) + lse
