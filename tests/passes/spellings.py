@@ -4,6 +4,7 @@ output (B, H, S, D); ``kv_heads`` says how many KV heads the spelling wants."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,7 +57,8 @@ SPELLINGS = {"falcon_inplace": (falcon_inplace, 1), "inplace_chain": (inplace_ch
              "mqa_expand": (mqa_expand, 1)}
 
 
-SINK_SPELLINGS = ("gpt_oss_sinks", "granite_swa_lse_sinks")  # the ones that take a ``sinks`` parameter
+# the spellings that take a ``sinks`` parameter
+SINK_SPELLINGS = ("gpt_oss_sinks", "granite_swa_lse_sinks", "granite_swa_lse_sinks_model_dtype")
 
 
 def causal_additive(S: int, dtype: torch.dtype) -> torch.Tensor:
@@ -107,16 +109,17 @@ def gpt_oss_sinks(q, k, v, mask, sinks=None):
 SPELLINGS["gpt_oss_sinks"] = (gpt_oss_sinks, None)
 
 
-def granite_swa_lse_sinks(q, k, v, mask, sinks=None):
+def granite_swa_lse_sinks(q, k, v, mask, sinks=None, forced=torch.float32):
     """GraniteSWA eager: the sink as post-attention lse scaling, ``out * sigmoid(logsumexp(w) - sink)`` with
-    the scale forced to float32 (an extra softmax-denominator logit per head)."""
+    the softmax and the scale forced to float32 (an extra softmax-denominator logit per head); ``forced=None``
+    keeps both in the model's dtype (float64 runs are then exact)."""
     H = q.shape[1]
     if sinks is None:
         sinks = torch.linspace(-1.0, 2.0, H, dtype=q.dtype)
     w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + mask
     lse = torch.logsumexp(w, dim=-1)
-    scale = (lse - sinks.view(1, -1, 1)).to(torch.float32).sigmoid()
-    p = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+    scale = (lse - sinks.view(1, -1, 1)).to(forced or q.dtype).sigmoid()
+    p = F.softmax(w, dim=-1, dtype=forced or q.dtype).to(q.dtype)
     out = torch.matmul(p, v)
     return out * scale.unsqueeze(-1).to(out.dtype)
 
@@ -146,6 +149,8 @@ def flaubert_masked_fill(q, k, v, mask):
     return torch.matmul(weights, v)
 
 
+_granite_model_dtype = functools.partial(granite_swa_lse_sinks, forced=None)
 SPELLINGS.update({"granite_swa_lse_sinks": (granite_swa_lse_sinks, None),
+                  "granite_swa_lse_sinks_model_dtype": (_granite_model_dtype, None),
                   "neox_japanese_baddbmm": (neox_japanese_baddbmm, None),
                   "flaubert_masked_fill": (flaubert_masked_fill, None)})

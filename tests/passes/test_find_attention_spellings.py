@@ -109,7 +109,7 @@ def test_non_attention_softmax_reported_without_warning(fresh):
 # gradient), the lse read by the graph (GraniteSWA), the zeros baddbmm with a 4-D p @ v, template reads
 # (Flaubert)
 RANK_SPELLINGS = ["falcon_inplace", "xglm_round_trip", "gpt_oss_sinks", "granite_swa_lse_sinks",
-                  "neox_japanese_baddbmm", "flaubert_masked_fill"]
+                  "granite_swa_lse_sinks_model_dtype", "neox_japanese_baddbmm", "flaubert_masked_fill"]
 # float64 models that round to float32 on purpose: GraniteSWA's sink scale is forced to float32 (the ring's
 # lse and eager's differ in the last float64 bits, which can flip a float32 rounding); Flaubert's softmax
 # runs on ``scores.float()`` (the op computes it in float64, like ``softmax(dtype=float32)`` elsewhere)
