@@ -299,7 +299,7 @@ def extract_site(sm: fx.Node, index: int, spine: Spine, rule: str) -> Match:
         location=location_of(sm), q_perm=_or_none(qk.q_perm), k_perm=_or_none(k_perm),
         v_perm=_or_none(v_perm), out_perm=None if merged_pv else _or_none(pv.out_perm),
         is_3d=is_3d and not split, head_split=spine.head_split, sink=spine.sink,
-        lse_readers=list(spine.lse_readers), pv_merged=merged_pv, output_dtype=val_of(fwd.pv).dtype,
+        lse_readers=list(spine.lse_readers), pv_merged=fwd.pv_merged, output_dtype=val_of(fwd.pv).dtype,
         notes=chain.notes + ([RETURNED_NOTE] if fwd.returned is not None else []))
     return Match(rule, site)
 
