@@ -7,6 +7,7 @@ keep a different name (``tensor_val`` returns a tensor or None; ``val_of`` any v
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -227,6 +228,39 @@ def reads_only_metadata(user: fx.Node, node: fx.Node) -> bool:
 def value_users(node: fx.Node) -> list[fx.Node]:
     """The users of ``node`` that read its values (``reads_only_metadata`` ones left out)."""
     return [u for u in node.users if not reads_only_metadata(u, node)]
+
+
+def _writes(user: fx.Node, value: fx.Node) -> bool:
+    """``user`` (an aten op) writes into its argument ``value`` (by its schema's alias info)."""
+    schema = getattr(user.target, "_schema", None)
+    if schema is None:
+        return False
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        given = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+        if given is value or (isinstance(given, (list, tuple)) and value in given):
+            return True
+    return False
+
+
+def mutated_in_place(node: fx.Node) -> bool:
+    """Some later op writes in place into ``node``'s value or a view of it."""
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            if user.op != "call_function":
+                continue
+            if _writes(user, n):
+                return True
+            if packet_of(user) in ALIASING or user.target is operator.getitem:
+                todo.append(user)
+    return False
 
 
 def functional_packet(n: fx.Node) -> Any:

@@ -22,7 +22,15 @@ from ringcompile.options import Options
 from ringcompile.site import AttentionSite
 from ringcompile.spec import AttentionSpec, register_spec
 
-from .aten import ALIASING, INPLACE, RESHAPE_OVERLOADS, RING_ATTENTION, functional_packet, hint_of, packet_of
+from .aten import (
+    INPLACE,
+    RESHAPE_OVERLOADS,
+    RING_ATTENTION,
+    functional_packet,
+    hint_of,
+    mutated_in_place,
+    packet_of,
+)
 from .normalize import fake_mode_of
 
 log = get_logger(__name__)
@@ -135,39 +143,6 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
         out = b.call(aten.clone.default, (out,))
     site.output.replace_all_uses_with(out)
     return out
-
-
-def _writes(user: fx.Node, value: fx.Node) -> bool:
-    """``user`` (an aten op) writes into its argument ``value`` (by its schema's alias info)."""
-    schema = getattr(user.target, "_schema", None)
-    if schema is None:
-        return False
-    for i, arg in enumerate(schema.arguments):
-        if arg.alias_info is None or not arg.alias_info.is_write:
-            continue
-        given = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
-        if given is value or (isinstance(given, (list, tuple)) and value in given):
-            return True
-    return False
-
-
-def mutated_in_place(node: fx.Node) -> bool:
-    """Some later op writes in place into ``node``'s value or a view of it."""
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        for user in n.users:
-            if user.op != "call_function":
-                continue
-            if _writes(user, n):
-                return True
-            if packet_of(user) in ALIASING or user.target is operator.getitem:
-                todo.append(user)
-    return False
 
 
 def _memory_order(t: torch.Tensor) -> list[int] | None:

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
+from ..aten import mutated_in_place
 from .base import Decline
 from .shapes import _identity, _scalar_value, _shape, fold_permutes
 
@@ -60,9 +61,12 @@ _ZEROS = {aten.zeros.default: None, aten.zeros_like.default: None, aten.new_zero
 
 
 def is_zeros(node) -> bool:
-    """``node`` is a tensor of zeros by construction (``zeros``, ``zeros_like``, ``full(.., 0)``...); its
-    values are never inspected, so a fill that is not a literal zero is not one."""
+    """``node`` is a tensor of zeros by construction (``zeros``, ``zeros_like``, ``full(.., 0)``...) that no
+    op writes into, directly or through a view; its values are never inspected, so a fill that is not a
+    literal zero is not one."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _ZEROS:
+        return False
+    if mutated_in_place(node):
         return False
     pos = _ZEROS[node.target]
     if pos is None:
