@@ -297,10 +297,9 @@ def test_zeros_written_through_a_view_are_not_zeros():
     assert not is_zeros(z)
 
 
-@pytest.mark.xfail(strict=True, reason="known wrong answer (before this branch too): the mask/bias lifter "
-                   "reads a creation op by its fill value even when a view of it is written in place "
-                   "(index_lift.creation_value); needs a mutation guard in IndexLifter._lift")
 def test_bias_written_through_a_view_before_baddbmm(fresh):
+    """Was a wrong answer (the lifter read ``zeros`` by its fill, blind to the write through a view): now
+    the chain is refused with the reason, and the graph runs as written."""
     def fn(q, k, v, mask):
         B, H, S, D = q.shape
         q3, k3, v3 = (t.reshape(B * H, S, D) for t in (q, k, v))
@@ -309,4 +308,6 @@ def test_bias_written_through_a_view_before_baddbmm(fresh):
         w = torch.baddbmm(z, q3, k3.transpose(1, 2), beta=1.0, alpha=0.3)
         return torch.softmax(w, -1) @ v3
 
-    _right_vs_float64(fn, _inputs(None, seed=16))
+    entry = _right_vs_float64(fn, _inputs(None, seed=16))
+    assert not any(s.rewritten for s in entry.sites)
+    assert any("zeros is written in place" in r.reason for r in entry.rejected), entry.rejected
