@@ -7,6 +7,7 @@ keep a different name (``tensor_val`` returns a tensor or None; ``val_of`` any v
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -202,18 +203,79 @@ INPLACE = {
 }
 
 
+# Overloads that read one argument (at this position) for its shape, dtype or device only, never its
+# values: ``expand_as(mask, scores)``, ``softmax(...).type_as(scores)``, ``scores.new_zeros(...)``.
+METADATA_ARG: dict[Any, int] = {
+    aten.expand_as.default: 1, aten.view_as.default: 1, aten.reshape_as.default: 1, aten.type_as.default: 1,
+    aten.to.other: 1, aten.new_zeros.default: 0, aten.new_ones.default: 0, aten.new_empty.default: 0,
+    aten.new_full.default: 0, aten.zeros_like.default: 0, aten.ones_like.default: 0,
+    aten.empty_like.default: 0, aten.full_like.default: 0, aten.sym_size.int: 0, aten.sym_numel.default: 0,
+    aten.sym_stride.int: 0,
+}
+
+
+def reads_only_metadata(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` reads ``node`` as a template only (shape, dtype, device): a mutation of ``node``'s values
+    cannot reach ``user``'s result, and ``user`` does not keep ``node``'s values alive."""
+    pos = METADATA_ARG.get(user.target) if user.op == "call_function" else None
+    if pos is None or pos >= len(user.args) or user.args[pos] is not node:
+        return False
+    others: list[fx.Node] = []
+    fx.node.map_arg(([a for i, a in enumerate(user.args) if i != pos], user.kwargs), others.append)
+    return node not in others
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (``reads_only_metadata`` ones left out)."""
+    return [u for u in node.users if not reads_only_metadata(u, node)]
+
+
+def _writes(user: fx.Node, value: fx.Node) -> bool:
+    """``user`` (an aten op) writes into its argument ``value`` (by its schema's alias info)."""
+    schema = getattr(user.target, "_schema", None)
+    if schema is None:
+        return False
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        given = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
+        if given is value or (isinstance(given, (list, tuple)) and value in given):
+            return True
+    return False
+
+
+def mutated_in_place(node: fx.Node) -> bool:
+    """Some later op writes in place into ``node``'s value or a view of it."""
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            if user.op != "call_function":
+                continue
+            if _writes(user, n):
+                return True
+            if packet_of(user) in ALIASING or user.target is operator.getitem:
+                todo.append(user)
+    return False
+
+
 def functional_packet(n: fx.Node) -> Any:
     """``n``'s packet, with an in-place op read as its functional twin where that is exact.
 
-    Exact when the mutated tensor is a fresh result (not a view of anything) whose only user
-    is ``n``: nothing else can observe the mutation, so ``n``'s value is the functional op's.
+    Exact when the mutated tensor is a fresh result (not a view of anything) whose only value
+    reader is ``n`` (others may read its shape or dtype, ``expand_as(mask, scores)``): nothing else
+    can observe the mutation, so ``n``'s value is the functional op's.
     """
     p = packet_of(n)
     twin = INPLACE.get(p)
     if twin is None:
         return p
     src = n.args[0] if n.args else None
-    if (isinstance(src, fx.Node) and src.op == "call_function" and len(src.users) == 1
+    if (isinstance(src, fx.Node) and src.op == "call_function" and value_users(src) == [n]
             and packet_of(src) not in ALIASING):
         return twin
     return p

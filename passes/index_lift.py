@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ringcompile.errors import UnsupportedPatternError
+
 from .aten import (
     CASTS,
     CREATION,
@@ -30,11 +32,14 @@ from .aten import (
     SHAPE_ONLY,
     SOURCE_KEY,
     dtype_of,
+    functional_packet,
     is_one,
+    mutated_in_place,
     norm_dim,
     shape_or_raise,
     static_int,
     tensor_val,
+    value_users,
 )
 from .aten import functional_packet as packet_of
 from .pointwise import LIFTED, aten_one_to_one
@@ -293,10 +298,24 @@ def _is_const(x: Any, value: float) -> bool:
 # ---------------------------------------------------------------------------- the lifter
 
 
+def _written_elsewhere(n: fx.Node) -> bool:
+    """Some op writes into ``n``'s value, and that op is not ``n``'s only value reader read as its
+    functional twin (``zeros().masked_fill_(..)``: the lift reads ``n`` as the twin's input, before the
+    write). Then ``n``'s op (a creation fill, a view) does not say what its readers see."""
+    if not mutated_in_place(n):
+        return False
+    readers = value_users(n)
+    if len(readers) != 1:
+        return True
+    w = readers[0]
+    as_twin = functional_packet(w) is not getattr(w.target, "overloadpacket", None)
+    return not (w.args and w.args[0] is n and as_twin)
+
+
 def creation_value(n: fx.Node) -> Any:
     """The constant a creation op fills its tensor with (cast to its dtype), or None."""
     p = packet_of(n)
-    if p not in CREATION:
+    if p not in CREATION or _written_elsewhere(n):  # a fill written over later is not the fill
         return None
     if p in (aten.ones, aten.ones_like, aten.new_ones):
         v: Any = 1
@@ -418,7 +437,7 @@ class IndexLifter:
                 dims = set(range(len(xs)))
             it = iter(idx)
             return x, tuple(0 if (j in dims and is_one(xs[j])) else next(it) for j in range(len(xs)))
-        if p is aten.expand:
+        if p is aten.expand or p is aten.expand_as:  # expand_as reads its template's shape only
             x = a[0]
             return x, bcast_idx(shape_of(x), idx)
         if p is aten.permute:
@@ -434,7 +453,7 @@ class IndexLifter:
             return a[0], tuple(new)
         if p is aten.t:
             return a[0], tuple(reversed(idx))
-        if p in RESHAPES:
+        if p in RESHAPES or p is aten.view_as or p is aten.reshape_as:
             x = a[0]
             return x, self._reshape_idx(shape_of(x), shape_of(n), idx)
         return None
@@ -516,6 +535,10 @@ class IndexLifter:
             return self._lift_input(n, idx)
         if n.op != "call_function":
             raise NotLiftable(f"{n.op} node")
+        if _written_elsewhere(n):
+            raise UnsupportedPatternError(
+                f"{n.name} is written in place (directly or through a view) by an op other than its one "
+                "reader, so its value where the attention reads it is not the one its op computed")
         remapped = self.remap(n, idx)
         if remapped is not None:
             self.consumed.add(n)

@@ -28,7 +28,7 @@ from ringcompile.log import get_logger
 from ringcompile.mods import Mod, index_grid
 from ringcompile.spec import DeadRowForm
 
-from .aten import CASTS, IDENTITY, RESHAPES
+from .aten import CASTS, IDENTITY, RESHAPES, reads_only_metadata
 from .classify_mods import (
     Bool,
     MaskClass,
@@ -255,7 +255,7 @@ def _downstream(src: fx.Node, limit: int, order: dict[fx.Node, int]) -> set[fx.N
         for u in n.users:
             if u in seen or order.get(u, limit + 1) > limit:
                 continue
-            if packet_of(u) in SHAPE_ONLY or tensor_val(u) is None:
+            if packet_of(u) in SHAPE_ONLY or tensor_val(u) is None or reads_only_metadata(u, n):
                 continue
             seen.add(u)
             stack.append(u)

@@ -22,7 +22,15 @@ from ringcompile.options import Options
 from ringcompile.site import AttentionSite
 from ringcompile.spec import AttentionSpec, register_spec
 
-from .aten import ALIASING, RESHAPE_OVERLOADS, RING_ATTENTION, hint_of, packet_of
+from .aten import (
+    INPLACE,
+    RESHAPE_OVERLOADS,
+    RING_ATTENTION,
+    functional_packet,
+    hint_of,
+    mutated_in_place,
+    packet_of,
+)
 from .normalize import fake_mode_of
 
 log = get_logger(__name__)
@@ -95,7 +103,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     b = _Builder(gm, site.output)
     q = _to_bhsd(b, site.q, site.q_perm, site.is_3d, site.head_split)
     k = _to_bhsd(b, site.k, site.k_perm, site.is_3d, site.head_split)
-    v = _to_bhsd(b, site.v, site.v_perm, site.is_3d, site.head_split)
+    v = _to_bhsd(b, site.v, site.v_perm, site.is_3d, site.head_split if site.pv_merged else None)
     dtypes = [n.meta["val"].dtype for n in (q, k, v)]
     common = torch.promote_types(torch.promote_types(dtypes[0], dtypes[1]), dtypes[2])
     if any(d != common for d in dtypes):  # the op takes one dtype; compute in the widest one
@@ -113,7 +121,9 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
     out = b.call(operator.getitem, (call, 0))
     if site.sink is not None:
         out = _apply_sink(b, out, b.call(operator.getitem, (call, 1)), site.sink)
-    if site.head_split is not None:
+    if site.lse_readers:
+        _connect_lse(b, call, site)
+    if site.head_split is not None and site.pv_merged:
         out = b.call(aten.flatten.using_ints, (out, 0, 1))
     elif site.is_3d:
         out = b.call(aten.squeeze.dim, (out, 1))
@@ -133,39 +143,6 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, options: Options) -> f
         out = b.call(aten.clone.default, (out,))
     site.output.replace_all_uses_with(out)
     return out
-
-
-def _writes(user: fx.Node, value: fx.Node) -> bool:
-    """``user`` (an aten op) writes into its argument ``value`` (by its schema's alias info)."""
-    schema = getattr(user.target, "_schema", None)
-    if schema is None:
-        return False
-    for i, arg in enumerate(schema.arguments):
-        if arg.alias_info is None or not arg.alias_info.is_write:
-            continue
-        given = user.args[i] if i < len(user.args) else user.kwargs.get(arg.name)
-        if given is value or (isinstance(given, (list, tuple)) and value in given):
-            return True
-    return False
-
-
-def mutated_in_place(node: fx.Node) -> bool:
-    """Some later op writes in place into ``node``'s value or a view of it."""
-    seen: set[fx.Node] = set()
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        for user in n.users:
-            if user.op != "call_function":
-                continue
-            if _writes(user, n):
-                return True
-            if packet_of(user) in ALIASING or user.target is operator.getitem:
-                todo.append(user)
-    return False
 
 
 def _memory_order(t: torch.Tensor) -> list[int] | None:
@@ -205,6 +182,42 @@ def _apply_sink(b: _Builder, out: fx.Node, lse: fx.Node, sink: fx.Node) -> fx.No
     factor = b.call(aten.exp.default, (b.call(aten.sub.Tensor, (lse4, total)),))
     scaled = b.call(aten.mul.Tensor, (out, factor))
     return b.call(aten.to.dtype, (scaled, out.meta["val"].dtype))
+
+
+def _connect_lse(b: _Builder, call: fx.Node, site: AttentionSite) -> None:
+    """Readers of ``logsumexp(scores, -1)`` read the op's lse instead (cast to their dtype). Their
+    dependents that ran before the attention output move after the op's lse, in their order."""
+    lse = b.call(operator.getitem, (call, 1))
+    if site.is_3d:
+        lse = b.call(aten.squeeze.dim, (lse, 1))
+    inputs = {site.q, site.k, site.v, *site.mask_extras, *site.score_extras}
+    for reader in site.lse_readers:
+        want = reader.meta["val"]
+        keepdim = reader.args[2] if len(reader.args) > 2 else reader.kwargs.get("keepdim", False)
+        value = b.call(aten.unsqueeze.default, (lse, -1)) if keepdim else lse
+        if value.meta["val"].dtype != want.dtype:
+            value = b.call(aten.to.dtype, (value, want.dtype))
+        if value.meta["val"].dim() != want.dim():
+            raise UnsupportedPatternError(f"the op's lse does not have the shape of {reader.name}")
+        _move_dependents_after(reader, value, inputs)
+        reader.replace_all_uses_with(value)
+
+
+def _move_dependents_after(node: fx.Node, anchor: fx.Node, inputs: set[fx.Node]) -> None:
+    """Move every node that depends on ``node`` and sits before ``anchor`` to just after it (order kept);
+    refused when one of ``inputs`` (the op's own) is among them."""
+    order = {n: i for i, n in enumerate(anchor.graph.nodes)}
+    limit, todo, deps = order[anchor], [node], set()
+    while todo:
+        for u in todo.pop().users:
+            if u not in deps and order[u] < limit:
+                deps.add(u)
+                todo.append(u)
+    if deps & inputs:
+        raise UnsupportedPatternError(f"the attention's inputs depend on {node.name}, which its lse replaces")
+    for n in sorted(deps, key=order.__getitem__):
+        anchor.append(n)
+        anchor = n
 
 
 def split_merged_head_biases(gm: fx.GraphModule) -> int:
@@ -273,6 +286,26 @@ def rewrite_attention(gm: fx.GraphModule, sites: list[AttentionSite], options: O
         log.info("rewrote attention at %s (%s, mask=%s, score=%s, gqa=%d)", site.location, site.pattern,
                  site.mask_description, site.score_description, site.gqa_groups)
     gm.graph.eliminate_dead_code()
+    if _drop_dead_inplace(sites):
+        gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _drop_dead_inplace(sites: list[AttentionSite]) -> int:
+    """Erase a rewritten site's in-place score ops that nothing reads any more (Falcon's ``scores /= d``,
+    Flaubert's ``scores.masked_fill_``). Dead-code elimination keeps mutating ops, but discovery read
+    each as its functional twin (it mutates a fresh value no one else reads), so erasing it is exact and
+    frees the S x S product it wrote into."""
+    todo = [n for s in sites if s.rewritten for n in s.nodes
+            if packet_of(n) in INPLACE and functional_packet(n) is not packet_of(n)]
+    erased, changed = 0, True
+    while changed:
+        changed = False
+        for n in list(todo):
+            if not n.users:
+                n.graph.erase_node(n)
+                todo.remove(n)
+                erased, changed = erased + 1, True
+    return erased

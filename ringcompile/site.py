@@ -40,6 +40,11 @@ class AttentionSite:
                   (B, H, S, D) for the op because the mask chain ran on (B, H, S, S) scores.
     sink:         a (B, H, S, 1)-broadcastable logit column that joins the softmax's denominator
                   (gpt-oss attention sinks): out = out_ring * exp(lse - logaddexp(lse, sink)).
+    lse_readers:  ``logsumexp(scores, -1)`` nodes of the softmax's own input that the graph reads
+                  (GraniteSWA's sink scaling ``out * sigmoid(lse - sink)``): the rewrite points them at
+                  the op's lse, so the model's own ops apply the sink.
+    pv_merged:    with ``head_split``: v and the output are (B*H, S, D) too (Bloom); False when p @ v
+                  runs on the (B, H, S, S) probabilities and a 4-D v (GPT-NeoX-Japanese).
     output_dtype: dtype of ``output``'s value (the op's result is cast to it).
     notes:        extra facts for reports (what the mods extraction noticed, ...).
     """
@@ -71,6 +76,8 @@ class AttentionSite:
     is_3d: bool = False
     head_split: tuple | None = None
     sink: fx.Node | None = None
+    lse_readers: list[fx.Node] = dataclasses.field(default_factory=list)
+    pv_merged: bool = True
     output_dtype: torch.dtype | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     dead_rows: Any = None

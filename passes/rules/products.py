@@ -7,6 +7,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
+from ..aten import mutated_in_place
 from .base import Decline
 from .shapes import _identity, _scalar_value, _shape, fold_permutes
 
@@ -47,11 +48,31 @@ def match_qk(score: fx.Node, ndim: int) -> QK:
         alpha = _scalar_value(score.kwargs.get("alpha", 1.0))
         if beta != 1.0 or alpha is None:
             raise Decline("baddbmm with beta != 1")
-        return _qk_operands(a, b, ndim, "baddbmm", [bias], alpha)
+        # a bias that is all zeros by construction adds nothing: a scaled bmm (GPT-NeoX-Japanese)
+        return _qk_operands(a, b, ndim, "baddbmm", [] if is_zeros(bias) else [bias], alpha)
     if score.target in (aten.matmul.default, aten.bmm.default):
         a, b = score.args[:2]
         return _qk_operands(a, b, ndim, "bmm" if score.target == aten.bmm.default else "matmul")
     raise Decline(f"unknown matmul {score.target}")  # pragma: no cover - MATMUL_OPS is exhaustive
+
+
+_ZEROS = {aten.zeros.default: None, aten.zeros_like.default: None, aten.new_zeros.default: None,
+          aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2}
+
+
+def is_zeros(node) -> bool:
+    """``node`` is a tensor of zeros by construction (``zeros``, ``zeros_like``, ``full(.., 0)``...) that no
+    op writes into, directly or through a view; its values are never inspected, so a fill that is not a
+    literal zero is not one."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in _ZEROS:
+        return False
+    if mutated_in_place(node):
+        return False
+    pos = _ZEROS[node.target]
+    if pos is None:
+        return True
+    fill = node.args[pos] if len(node.args) > pos else node.kwargs.get("fill_value")
+    return isinstance(fill, (int, float)) and not isinstance(fill, bool) and fill == 0
 
 
 def _qk_operands(a, b, ndim: int, pattern: str, additive: list[fx.Node] | None = None,

@@ -1,7 +1,10 @@
 """The softmax(q.k^T) @ v rules, one per spelling:
 
 - ``softmax-sink``: gpt-oss attention sinks (a logit column concatenated, sliced off after the softmax);
-- ``softmax-head-split``: Bloom, a (B*H, S, S) matmul viewed to (B, H, S, S) for the mask chain;
+- ``softmax-head-split``: Bloom, a (B*H, S, S) matmul viewed to (B, H, S, S) for the mask chain (p @ v
+  merged back to (B*H, S, S), or on the 4-D probabilities and v: GPT-NeoX-Japanese);
+- ``softmax-lse``: the softmax input's ``logsumexp`` is read too (GraniteSWA's sink as post-attention
+  scaling ``out * sigmoid(lse - sink)``): those reads become the op's lse;
 - ``softmax-chain``: the plain chain (pointwise ops, in-place ones included, and view round trips).
 
 Each rule finds its ``Spine`` (the matmul and the chain to the softmax input), then they share the walk
@@ -18,7 +21,7 @@ import torch.fx as fx
 
 from ringcompile.site import AttentionSite
 
-from ..aten import VIEW_OPS, norm_dim, val_of
+from ..aten import VIEW_OPS, norm_dim, val_of, value_users
 from ..locations import location_of
 from .base import Decline, Match, NotAttention, Rule, register_rule
 from .chain import (
@@ -59,6 +62,7 @@ class Spine:
     head_split: tuple | None = None
     sink: fx.Node | None = None
     extra_nodes: set[fx.Node] = dataclasses.field(default_factory=set)
+    lse_readers: list[fx.Node] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -70,6 +74,7 @@ class Forward:
     pv: fx.Node
     dropout_p: float = 0.0
     sink_sliced: bool = False
+    pv_merged: bool = True  # head split: p @ v runs on merged (B*H, S, S) probabilities
     returned: fx.Node | None = None  # the probabilities are also an output of the graph (this node)
 
 
@@ -100,6 +105,29 @@ def _split_spine(sm: fx.Node) -> Spine | None:
     return Spine(mm, view, path, x, head_split=heads, extra_nodes={mm})
 
 
+def _lse_spine(sm: fx.Node) -> Spine | None:
+    """The plain chain whose softmax input is also read by ``logsumexp(x, -1)`` (and nothing else)."""
+    x = sm.args[0]
+    if not isinstance(x, fx.Node):
+        return None
+    readers = [u for u in value_users(x) if u is not sm]
+    if not readers or not all(_is_row_logsumexp(u, x) for u in readers):
+        return None
+    spine = _chain_spine(sm)
+    spine.lse_readers = readers
+    return spine
+
+
+def _is_row_logsumexp(u: fx.Node, x: fx.Node) -> bool:
+    """``u`` is ``logsumexp(x, -1)`` (keepdim or not): the log of the softmax's row normaliser."""
+    if u.op != "call_function" or u.target != aten.logsumexp.default or u.args[0] is not x:
+        return False
+    dims = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim")
+    ndim = len(_shape(x))
+    return (isinstance(dims, (list, tuple)) and len(dims) == 1 and isinstance(dims[0], int)
+            and norm_dim(dims[0], ndim) == ndim - 1)
+
+
 def _chain_spine(sm: fx.Node) -> Spine:
     why_not = not_attention_reason(sm)
     if why_not is not None:
@@ -125,8 +153,8 @@ def _check_spine(sm: fx.Node, spine: Spine) -> int:
         raise Decline(f"softmax over dim {dim}, not the key dim {ndim - 1}")
     if ndim not in (3, 4):
         raise Decline(f"{ndim}-D score matrix (only 3-D and 4-D attention is rewritten)")
-    for n in spine.path:
-        if len(n.users) != 1:
+    for n in spine.path:  # a dtype/shape template use (``type_as(p, scores)``) reads no values
+        if len([u for u in value_users(n) if u not in spine.lse_readers]) != 1:
             raise Decline(f"the score matrix ({n.name}) is also used outside the softmax")
     return ndim
 
@@ -195,6 +223,19 @@ def _resolve_heads(qk: QK, v: fx.Node, v_perm: tuple[int, ...], is_3d: bool):
     return k, k_perm, v, v_perm, groups
 
 
+def _resolve_split_qk_4d_v(qk: QK, pv, heads: tuple):
+    """GPT-NeoX-Japanese: (B*H, S, D) q/k split into ``heads`` = (B, H) for the op, a (B, H, S, D) v as it is
+    (no KV-head repeats: the merged q.k^T has one key head per query head)."""
+    qb, kb = permuted_shape(qk.q, qk.q_perm), permuted_shape(qk.k, qk.k_perm)
+    vb = permuted_shape(pv.v, pv.v_perm)
+    if not (isinstance(heads[1], int) and same_size(vb[1], heads[1]) and same_size(qb[0], vb[0] * vb[1])):
+        raise Decline(f"v heads {tuple(vb[:2])} do not match the (B, H) split {tuple(heads)} of q.k^T")
+    if not same_size(kb[0], qb[0]):
+        raise Decline("query and key batch sizes differ (broadcast over batch is not rewritten)")
+    _check_qkv((vb[0], vb[1], qb[1], qb[2]), (vb[0], vb[1], kb[1], kb[2]), vb, False)
+    return qk.k, qk.k_perm, pv.v, pv.v_perm, 1
+
+
 def _split_additive(spine: Spine, qk: QK) -> list[fx.Node]:
     """baddbmm's (B*H, ., .) bias as the (B, H, ., .) view ``rewrite.split_merged_head_biases`` added."""
     out = []
@@ -228,9 +269,13 @@ def extract_site(sm: fx.Node, index: int, spine: Spine, rule: str) -> Match:
     qk = match_qk(spine.mm, 3 if split else ndim)
     fwd = walk_forward(sm, spine)
     _check_forward(fwd, spine, ndim)
-    pv = match_pv(fwd.pv, fwd.probs, 3 if split else ndim)
+    merged_pv = split and fwd.pv_merged
+    pv = match_pv(fwd.pv, fwd.probs, 3 if merged_pv else ndim)
     is_3d = ndim == 3 or split
-    k, k_perm, v, v_perm, groups = _resolve_heads(qk, pv.v, pv.v_perm, is_3d)
+    if split and not merged_pv:
+        k, k_perm, v, v_perm, groups = _resolve_split_qk_4d_v(qk, pv, spine.head_split)
+    else:
+        k, k_perm, v, v_perm, groups = _resolve_heads(qk, pv.v, pv.v_perm, is_3d)
     additive = _split_additive(spine, qk) if split else qk.additive
     chain: Chain = extract_chain(spine.score, spine.x, 4 if split else ndim, additive, qk.alpha,
                                  merged_heads=spine.head_split if split and spine.score is spine.mm else None)
@@ -239,17 +284,22 @@ def extract_site(sm: fx.Node, index: int, spine: Spine, rule: str) -> Match:
         pattern = "einsum+matmul"
     if spine.sink is not None:
         pattern += "+sink"
-    bshd = not is_3d and pv.out_perm == (0, 2, 1, 3)
+    if spine.lse_readers:
+        pattern += "+lse"
+    four_d_out = not is_3d or (split and not merged_pv)
+    bshd = four_d_out and pv.out_perm == (0, 2, 1, 3)
     site = AttentionSite(
         name=f"attn{index}", pattern=pattern, q=qk.q, k=k, v=v, output=fwd.pv,
         layout="3d" if split else _layout_name(is_3d, qk.q_perm, k_perm),
-        output_layout="3d" if is_3d else ("bshd" if bshd else "bhsd"), scale=chain.scale, gqa_groups=groups,
+        output_layout="bshd" if bshd else ("bhsd" if four_d_out else "3d"), scale=chain.scale,
+        gqa_groups=groups,
         dropout_p=fwd.dropout_p, softmax_dtype=val_of(sm).dtype, mask=chain.mask, score=chain.score,
         mask_extras=chain.mask_extras, score_extras=chain.score_extras, dead_rows=chain.dead_rows,
         nodes=set(spine.path) | set(fwd.nodes) | {fwd.pv} | chain.consumed | spine.extra_nodes,
         location=location_of(sm), q_perm=_or_none(qk.q_perm), k_perm=_or_none(k_perm),
-        v_perm=_or_none(v_perm), out_perm=None if split else _or_none(pv.out_perm), is_3d=is_3d and not split,
-        head_split=spine.head_split, sink=spine.sink, output_dtype=val_of(fwd.pv).dtype,
+        v_perm=_or_none(v_perm), out_perm=None if merged_pv else _or_none(pv.out_perm),
+        is_3d=is_3d and not split, head_split=spine.head_split, sink=spine.sink,
+        lse_readers=list(spine.lse_readers), pv_merged=fwd.pv_merged, output_dtype=val_of(fwd.pv).dtype,
         notes=chain.notes + ([RETURNED_NOTE] if fwd.returned is not None else []))
     return Match(rule, site)
 
@@ -263,6 +313,9 @@ def _check_forward(fwd: Forward, spine: Spine, ndim: int) -> None:
     if fwd.returned is not None and fwd.dropout_p > 0:
         raise Decline("attention probabilities are returned from the graph and dropout is active (the "
                       "returned ones would not match the ring's dropout)")
+    if spine.lse_readers and fwd.dropout_p > 0:
+        raise Decline("the scores' logsumexp is read and dropout is active (the op's lse gradient is exact "
+                      "without dropout only)")
     if spine.sink is not None:
         if not fwd.sink_sliced:
             raise Decline("attention sinks: the sink column's probability is not sliced off before p @ v")
@@ -273,8 +326,11 @@ def _check_forward(fwd: Forward, spine: Spine, ndim: int) -> None:
                           "without dropout only)")
     xs, ps = _shape(spine.x), _shape(fwd.probs)
     if spine.head_split is not None:
-        if len(ps) != 3 or not same_size(ps[0], xs[0] * xs[1]) or not _same_shape(ps[1:], xs[2:]):
-            raise Decline("probabilities are not merged back to (B*H, S, S) before the matmul with v")
+        if len(ps) == 4 and _same_shape(ps, xs):
+            fwd.pv_merged = False  # p @ v on the (B, H, S, S) probabilities and a 4-D v
+        elif len(ps) != 3 or not same_size(ps[0], xs[0] * xs[1]) or not _same_shape(ps[1:], xs[2:]):
+            raise Decline("probabilities are neither merged back to (B*H, S, S) nor kept (B, H, S, S) "
+                          "before the matmul with v")
     elif not _same_shape(ps, _shape(fwd.nodes[0])[:-1] + (xs[-1],)):  # (a sink column is sliced off)
         raise Decline(f"probabilities are reshaped to {tuple(ps)} before the matmul with v (only view round "
                       "trips back to the softmax's shape are rewritten)")
@@ -290,4 +346,5 @@ def _rule(name: str, find_spine) -> Rule:
 
 SINK_RULE = register_rule(_rule("softmax-sink", _sink_spine))
 HEAD_SPLIT_RULE = register_rule(_rule("softmax-head-split", _split_spine))
+LSE_RULE = register_rule(_rule("softmax-lse", _lse_spine))
 CHAIN_RULE = register_rule(_rule("softmax-chain", _chain_spine))

@@ -1,9 +1,10 @@
-"""Attention as real models spell it (Falcon, XGLM, OPT, gpt-oss), shared by the world-size-1 tests and
-the 2-rank cases. Each spelling maps (q, k, v, mask) to the attention output (B, H, S, D); ``kv_heads``
-says how many KV heads the spelling wants."""
+"""Attention as real models spell it (Falcon, XGLM, OPT, gpt-oss, GraniteSWA, GPT-NeoX-Japanese, Flaubert),
+shared by the world-size-1 tests and the 2-rank cases. Each spelling maps (q, k, v, mask) to the attention
+output (B, H, S, D); ``kv_heads`` says how many KV heads the spelling wants."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -56,6 +57,10 @@ SPELLINGS = {"falcon_inplace": (falcon_inplace, 1), "inplace_chain": (inplace_ch
              "mqa_expand": (mqa_expand, 1)}
 
 
+# the spellings that take a ``sinks`` parameter
+SINK_SPELLINGS = ("gpt_oss_sinks", "granite_swa_lse_sinks", "granite_swa_lse_sinks_model_dtype")
+
+
 def causal_additive(S: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((S, S), torch.finfo(dtype).min, dtype=dtype).triu(1)[None, None]
 
@@ -73,7 +78,7 @@ class SpellingLM(torch.nn.Module):
         self.kv_proj = torch.nn.Linear(dim, 2 * self.kv * self.d)
         self.head = torch.nn.Linear(dim, vocab)
         self.extra = ()
-        if spelling == "gpt_oss_sinks":  # a learned sink logit per head: its gradient comes through lse
+        if spelling in SINK_SPELLINGS:  # a learned sink logit per head: its gradient comes through lse
             self.sinks = torch.nn.Parameter(torch.linspace(-1.0, 1.5, heads))
             self.extra = ("sinks",)
 
@@ -102,3 +107,50 @@ def gpt_oss_sinks(q, k, v, mask, sinks=None):
 
 
 SPELLINGS["gpt_oss_sinks"] = (gpt_oss_sinks, None)
+
+
+def granite_swa_lse_sinks(q, k, v, mask, sinks=None, forced=torch.float32):
+    """GraniteSWA eager: the sink as post-attention lse scaling, ``out * sigmoid(logsumexp(w) - sink)`` with
+    the softmax and the scale forced to float32 (an extra softmax-denominator logit per head); ``forced=None``
+    keeps both in the model's dtype (float64 runs are then exact)."""
+    H = q.shape[1]
+    if sinks is None:
+        sinks = torch.linspace(-1.0, 2.0, H, dtype=q.dtype)
+    w = torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5 + mask
+    lse = torch.logsumexp(w, dim=-1)
+    scale = (lse - sinks.view(1, -1, 1)).to(forced or q.dtype).sigmoid()
+    p = F.softmax(w, dim=-1, dtype=forced or q.dtype).to(q.dtype)
+    out = torch.matmul(p, v)
+    return out * scale.unsqueeze(-1).to(out.dtype)
+
+
+def neox_japanese_baddbmm(q, k, v, mask):
+    """GPT-NeoX-Japanese ``_attn``: q/k merged to (B*H, S, D), ``baddbmm(zeros, q, k^T, beta=1, alpha=)``,
+    viewed back to (B, H, S, S) for the mask, then a 4-D matmul with v."""
+    B, H, S, D = q.shape
+    q3, k3 = q.reshape(B * H, S, D), k.reshape(B * H, S, D)
+    zeros = torch.zeros(B * H, S, S, dtype=q.dtype, device=q.device)
+    w = torch.baddbmm(zeros, q3, k3.transpose(1, 2), beta=1.0, alpha=1.0 / math.sqrt(D))
+    w = w.view(B, H, S, -1) + mask
+    p = F.softmax(w, dim=-1).to(v.dtype)
+    return torch.matmul(p, v)
+
+
+def flaubert_masked_fill(q, k, v, mask):
+    """Flaubert / XLM: q pre-scaled, a keep mask expanded with ``expand_as(scores)``, ``masked_fill_`` on the
+    scores, then ``softmax(scores.float()).type_as(scores)`` (the scores are dtype templates of both)."""
+    B, H, S, D = q.shape
+    keep = (mask[:, 0] == 0).to(torch.int64).expand(B, S, S)  # 1 = attend, like the model's mask argument
+    q = q / math.sqrt(D)
+    scores = torch.matmul(q, k.transpose(2, 3))
+    masked = (keep == 0).view(B, 1, S, -1).expand_as(scores)
+    scores.masked_fill_(masked, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores.float(), dim=-1).type_as(scores)
+    return torch.matmul(weights, v)
+
+
+_granite_model_dtype = functools.partial(granite_swa_lse_sinks, forced=None)
+SPELLINGS.update({"granite_swa_lse_sinks": (granite_swa_lse_sinks, None),
+                  "granite_swa_lse_sinks_model_dtype": (_granite_model_dtype, None),
+                  "neox_japanese_baddbmm": (neox_japanese_baddbmm, None),
+                  "flaubert_masked_fill": (flaubert_masked_fill, None)})

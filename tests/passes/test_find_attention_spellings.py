@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from harness import run_cases  # noqa: E402
-from spellings import SPELLINGS, SpellingLM, causal_additive  # noqa: E402
+from spellings import SINK_SPELLINGS, SPELLINGS, SpellingLM, causal_additive  # noqa: E402
 
 import ringcompile  # noqa: E402
 from ringcompile import backend  # noqa: E402
@@ -105,8 +105,15 @@ def test_non_attention_softmax_reported_without_warning(fresh):
 
 # ---------------------------------------------------------------------------- two gloo ranks
 
-# a subset (the suite's time budget): in-place + MQA, the view round trips + floor clamp, sinks (lse gradient)
-RANK_SPELLINGS = ["falcon_inplace", "xglm_round_trip", "gpt_oss_sinks"]
+# a subset (the suite's time budget): in-place + MQA, the view round trips + floor clamp, sinks (lse
+# gradient), the lse read by the graph (GraniteSWA), the zeros baddbmm with a 4-D p @ v, template reads
+# (Flaubert)
+RANK_SPELLINGS = ["falcon_inplace", "xglm_round_trip", "gpt_oss_sinks", "granite_swa_lse_sinks",
+                  "granite_swa_lse_sinks_model_dtype", "neox_japanese_baddbmm", "flaubert_masked_fill"]
+# float64 models that round to float32 on purpose: GraniteSWA's sink scale is forced to float32 (the ring's
+# lse and eager's differ in the last float64 bits, which can flip a float32 rounding); Flaubert's softmax
+# runs on ``scores.float()`` (the op computes it in float64, like ``softmax(dtype=float32)`` elsewhere)
+RANK_TOL = {"granite_swa_lse_sinks": 1e-6, "flaubert_masked_fill": 1e-6}
 
 
 def _compare(spelling: str) -> dict:
@@ -147,12 +154,14 @@ def test_spelling_two_ranks_equal_one_process(rank_results, spelling):
     for rank, res in enumerate(rank_results[f"case_{spelling}"]):
         assert res is not None and "error" not in res, (rank, res)
         assert res["rewritten"] == [True] and any(res["sharded"]), res
-        assert res["out"] < 1e-9 and res["loss"] < 1e-9 and res["grad"] < 1e-9, res
+        tol = RANK_TOL.get(spelling, 1e-9)
+        assert res["out"] < tol and res["loss"] < tol and res["grad"] < tol, res
 
 
-def test_sinks_model_world_1_grads_include_the_sink_parameter(fresh):
+@pytest.mark.parametrize("spelling", SINK_SPELLINGS)
+def test_sinks_model_world_1_grads_include_the_sink_parameter(fresh, spelling):
     torch.manual_seed(1)
-    model = SpellingLM("gpt_oss_sinks").double()
+    model = SpellingLM(spelling).double()
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 53, (2, 12))
     logits, loss = torch.compile(model, backend="ring", options={"inner": "eager"})(ids, ids)
@@ -160,10 +169,11 @@ def test_sinks_model_world_1_grads_include_the_sink_parameter(fresh):
     loss.backward()
     r_logits, r_loss = ref(ids, ids)
     r_loss.backward()
-    torch.testing.assert_close(logits, r_logits, atol=1e-10, rtol=1e-10)
+    tol = RANK_TOL.get(spelling, 1e-10)
+    torch.testing.assert_close(logits, r_logits, atol=tol, rtol=tol)
     assert ref.sinks.grad.abs().min() > 1e-6  # the sink gradient is not trivially zero
     for (name, p), r in zip(model.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, r.grad, atol=1e-10, rtol=1e-8, msg=name)
+        torch.testing.assert_close(p.grad, r.grad, atol=tol, rtol=1e-8 if tol < 1e-9 else tol, msg=name)
 
 
 @pytest.mark.parametrize("kv_heads", [3, 1])
@@ -189,3 +199,115 @@ def test_ring_op_lse_gradient_matches_float64_autograd(kv_heads):
                                (q, k, v))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------- what the new rules refuse
+
+
+def _right_vs_float64(fn, args, atol=2e-5):
+    out = torch.compile(fn, backend="ring", options={"inner": "eager"})(*args)
+    ref = fn(*(a.double() for a in args))
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)
+    return backend.HISTORY[-1]
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_lse_reader_with_keepdim_reads_the_ops_lse(fresh, merged):
+    """keepdim, an lse that is also returned, and (merged) 3-D (B*H, S, S) scores."""
+    def fn(q, k, v, mask):
+        B, H, S, D = q.shape
+        if merged:
+            q, k, v = (t.reshape(B * H, S, D) for t in (q, k, v))
+            mask = mask.expand(B, H, S, S).reshape(B * H, S, S)
+        w = q @ k.transpose(-1, -2) * 0.4 + mask
+        lse = torch.logsumexp(w, -1, keepdim=True)
+        return (torch.softmax(w, -1) @ v) * torch.sigmoid(lse - 0.5) + lse
+
+    entry = _right_vs_float64(fn, _inputs(None, seed=11))
+    assert [s.pattern for s in entry.sites if s.rewritten] == ["matmul+lse"], (entry.sites, entry.rejected)
+
+
+def test_logsumexp_of_other_scores_is_not_the_ops_lse(fresh):
+    """The logsumexp is over the scores *before* the mask: not the softmax's normaliser, so no lse rule."""
+    def fn(q, k, v, mask):
+        s = q @ k.transpose(-1, -2) * 0.4
+        w = s + mask
+        return (torch.softmax(w, -1) @ v) * torch.sigmoid(torch.logsumexp(s, -1)).unsqueeze(-1)
+
+    entry = _right_vs_float64(fn, _inputs(None, seed=12))
+    assert not any(s.rewritten for s in entry.sites)
+    assert any("also used outside the softmax" in r.reason for r in entry.rejected), entry.rejected
+
+
+def test_lse_reader_with_dropout_declines(fresh):
+    def fn(q, k, v, mask):
+        w = q @ k.transpose(-1, -2) * 0.4 + mask
+        p = torch.nn.functional.dropout(torch.softmax(w, -1), 0.25, training=True)
+        return (p @ v) * torch.sigmoid(torch.logsumexp(w, -1)).unsqueeze(-1)
+
+    report = ringcompile.explain(fn, *_inputs(None, seed=13))
+    reasons = [r.reason for r in report.not_rewritten]
+    assert any("logsumexp is read and dropout is active" in r and r.endswith("[rule softmax-lse]")
+               for r in reasons), report
+
+
+@pytest.mark.parametrize("bias", ["ones", "half", "tiny"])
+def test_baddbmm_with_a_nonzero_bias_keeps_it(fresh, bias):
+    """Only a bias that is zeros by construction is dropped; any other is added (and the answer right)."""
+    def fn(q, k, v, mask):
+        B, H, S, D = q.shape
+        q3, k3 = q.reshape(B * H, S, D), k.reshape(B * H, S, D)
+        b = {"ones": torch.ones(B * H, S, S), "half": torch.full((B * H, S, S), 0.5),
+             "tiny": torch.full((B * H, S, S), 1e-3) * torch.arange(S).float()}[bias].to(q.dtype)
+        w = torch.baddbmm(b, q3, k3.transpose(1, 2), beta=1.0, alpha=0.3).view(B, H, S, S) + mask
+        return torch.softmax(w, -1) @ v
+
+    _right_vs_float64(fn, _inputs(None, seed=14))
+
+
+def test_is_zeros_only_for_literal_zero_fills():
+    from ringcompile.passes.rules.products import is_zeros
+
+    g = torch.fx.Graph()
+    made = {name: g.call_function(target, args) for name, target, args in [
+        ("zeros", torch.ops.aten.zeros.default, ([2, 3],)),
+        ("full0", torch.ops.aten.full.default, ([2], 0.0)),
+        ("full1", torch.ops.aten.full.default, ([2], 1.0)), ("ones", torch.ops.aten.ones.default, ([2],)),
+        ("fullT", torch.ops.aten.full.default, ([2], True))]}
+    assert {n for n, node in made.items() if is_zeros(node)} == {"zeros", "full0"}
+
+
+@pytest.mark.parametrize("name", ["falcon_inplace", "flaubert_masked_fill", "inplace_chain"])
+def test_rewritten_inplace_score_ops_are_erased(fresh, name):
+    """The in-place op that wrote into q.k^T is dead after the rewrite: it and the S x S product are gone."""
+    fn, kv_heads = SPELLINGS[name]
+    torch.compile(fn, backend="ring", options={"inner": "eager"})(*_inputs(kv_heads, seed=15))
+    left = [str(n.target) for n in backend.HISTORY[-1].graph.graph.nodes if n.op == "call_function"]
+    assert not [t for t in left if t.endswith("_.Tensor") or t.endswith("_.Scalar") or "matmul" in t], left
+
+
+def test_zeros_written_through_a_view_are_not_zeros():
+    from ringcompile.passes.rules.products import is_zeros
+
+    aten = torch.ops.aten
+    g = torch.fx.Graph()
+    z = g.call_function(aten.zeros.default, ([2, 3],))
+    view = g.call_function(aten.view.default, (z, [2, 3]))
+    g.call_function(aten.add_.Tensor, (view, 1.0))
+    assert not is_zeros(z)
+
+
+def test_bias_written_through_a_view_before_baddbmm(fresh):
+    """Was a wrong answer (the lifter read ``zeros`` by its fill, blind to the write through a view): now
+    the chain is refused with the reason, and the graph runs as written."""
+    def fn(q, k, v, mask):
+        B, H, S, D = q.shape
+        q3, k3, v3 = (t.reshape(B * H, S, D) for t in (q, k, v))
+        z = torch.zeros(B * H, S, S, dtype=q.dtype)
+        z.view(B * H, S, S).add_(torch.arange(S, dtype=q.dtype))
+        w = torch.baddbmm(z, q3, k3.transpose(1, 2), beta=1.0, alpha=0.3)
+        return torch.softmax(w, -1) @ v3
+
+    entry = _right_vs_float64(fn, _inputs(None, seed=16))
+    assert not any(s.rewritten for s in entry.sites)
+    assert any("zeros is written in place" in r.reason for r in entry.rejected), entry.rejected
