@@ -51,9 +51,8 @@ class _CountingRange:
         return r
 
 
-def _run(mask, q, k, v, key_mask, g, monkeypatch):
-    kernels = triton_block_kernels(AttentionSpec(mask=mask, kernel="triton"), forced=True)
-    kw = dict(scale=0.25, q_offset=64, kv_offset=0, seq_len=80, mask=mask, mask_extras=[key_mask])
+def _count_tile_steps(monkeypatch) -> _CountingRange:
+    """Every kernel module loaded from now on counts its tile-loop steps in the returned counter."""
     counter = _CountingRange()
     original_load = cache.load
 
@@ -63,6 +62,13 @@ def _run(mask, q, k, v, key_mask, g, monkeypatch):
         return module
 
     monkeypatch.setattr(cache, "load", load)
+    return counter
+
+
+def _run(mask, q, k, v, key_mask, g, monkeypatch):
+    kernels = triton_block_kernels(AttentionSpec(mask=mask, kernel="triton"), forced=True)
+    kw = dict(scale=0.25, q_offset=64, kv_offset=0, seq_len=80, mask=mask, mask_extras=[key_mask])
+    counter = _count_tile_steps(monkeypatch)
     out, lse = kernels.forward(q, k, v, **kw)
     fwd_steps = counter.tile_steps
     dout = torch.randn(out.shape, generator=g)
@@ -180,15 +186,7 @@ def _run_block(mask, q, k, v, key_mask, g, monkeypatch):
     """The Triton kernels on the block (queries Q0.., every key) in fp32, with the tile-loop count."""
     kernels = triton_block_kernels(AttentionSpec(mask=mask, kernel="triton"), forced=True)
     kw = dict(scale=0.25, q_offset=Q0, kv_offset=0, seq_len=S_FULL, mask=mask, mask_extras=[key_mask])
-    counter = _CountingRange()
-    original_load = cache.load
-
-    def load(key, source):
-        module = original_load(key, source)
-        monkeypatch.setattr(module, "range", counter, raising=False)
-        return module
-
-    monkeypatch.setattr(cache, "load", load)
+    counter = _count_tile_steps(monkeypatch)
     out, lse = kernels.forward(q[:, :, Q0:].float().contiguous(), k.float(), v.float(), **kw)
     fwd_steps = counter.tile_steps
     dout = torch.randn(out.shape, generator=g)

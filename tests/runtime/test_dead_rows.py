@@ -170,11 +170,16 @@ def test_dead_rows_under_dropout_match_eager(world, strategy, inner, additive):
     plain = attention_reference(q, k, v, score=Mod(eager_scores, False, "custom", n_extras=2),
                                 score_extras=[pm, kb])
     assert not torch.allclose(ref, plain), "dropout must drop something"
+    _assert_matches(out, ref, {"q": q, "k": k, "v": v, "kb": kb})
+
+
+def _assert_matches(out, ref, inputs: dict) -> None:
+    """``out`` equals the float64 reference, and so do the gradients of every named input."""
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
     dout = torch.randn_like(ref)
-    got = torch.autograd.grad(out, [q, k, v, kb], dout)
-    want = torch.autograd.grad(ref, [q, k, v, kb], dout)
-    for name, g, w in zip("q k v kb".split(), got, want, strict=True):
+    got = torch.autograd.grad(out, list(inputs.values()), dout)
+    want = torch.autograd.grad(ref, list(inputs.values()), dout)
+    for name, g, w in zip(inputs, got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
 
 
@@ -233,12 +238,7 @@ def test_second_pass_runs_on_dead_batch_rows_only(monkeypatch, world, strategy, 
 
     ref = attention_reference(q, k, v, score=Mod(eager_scores, False, "custom", n_extras=2),
                               score_extras=[pm, kbb], dropout_p=dropout_p, dropout_seed=seed)
-    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-7)
-    dout = torch.randn_like(ref)
-    got = torch.autograd.grad(out, [q, k, v, kbb], dout)
-    want = torch.autograd.grad(ref, [q, k, v, kbb], dout)
-    for name, g, w in zip("q k v kbb".split(), got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-8, rtol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
+    _assert_matches(out, ref, {"q": q, "k": k, "v": v, "kbb": kbb})
     per_pass = 1 if dropout_p else 2
     assert all(n == (per_pass if bias else Bb) for _, bias, n in calls), calls
     # rows the bias form ran on, summed over ranks: forward, then the backward's lse recompute + backward
