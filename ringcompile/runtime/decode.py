@@ -113,7 +113,12 @@ def local_partial(q: Tensor, k: Tensor, v: Tensor, kv_slots: Tensor, q_slots: Te
         return DecodePartial(out, lse, False)
     whole_mask = whole_mask and slot_mask is not None
     kv_min, kv_max = int(kv_slots.min()), int(kv_slots.max())
-    if not whole_mask and not shard_visible(kv_min, kv_max, int(q_slots.min()), int(q_slots.max()), window):
+    # a whole mask may keep later slots (no causal skip), but a window it states (passes/rules/window.py)
+    # still hides every shard wholly before it
+    q_min, q_max = int(q_slots.min()), int(q_slots.max())
+    visible = (window is None or kv_max > q_min - window) if whole_mask else shard_visible(
+        kv_min, kv_max, q_min, q_max, window)
+    if not visible:
         return DecodePartial(out, lse, False)
     shift = mask_shift(slot_mask, whole_mask, acc)
     g = Hq // Hkv
