@@ -9,7 +9,7 @@ doubled until it fits. That is a pure function of two lengths every rank knows (
 and generation arguments on every rank), so the ranks agree without a collective; and doubling
 bounds the number of distinct cache sizes, hence of shapes the compiled graphs see, by
 log2(final / first). Dynamo recompiles a graph once when the sizes first change and then keeps
-them dynamic (measured in ``tests/models/growth_cases.py``).
+them dynamic (measured by case ``growing`` in ``tests/models/multiturn_cases.py``).
 """
 
 from __future__ import annotations
