@@ -11,7 +11,7 @@ import argparse
 import ast
 from pathlib import Path
 
-PACKAGE_DIRS = ("ringcompile", "passes", "kernels", "cost_model")
+PACKAGE_DIRS = ("ringcompile", "passes", "kernels", "cost_model")  # the last three: older trees kept them at the top
 
 
 def package_files(root: Path) -> list[Path]:

@@ -1,8 +1,7 @@
 """The package's import graph read from source (AST), for the import-cycle test and the structure figures.
 
-The four source folders are one installed package: ``ringcompile/`` is ``ringcompile``, and
-``passes/``, ``kernels/``, ``cost_model/`` are ``ringcompile.passes``, ``ringcompile.kernels``,
-``ringcompile.cost_model`` (pyproject's ``package-dir``). Every ``import`` statement counts,
+The source is one installed package, ``ringcompile/`` (``ringcompile.passes``, ``ringcompile.kernels``,
+``ringcompile.cost_model`` are its sub-folders). Every ``import`` statement counts,
 at module level or inside a function (a lazy import still runs, and a cycle through one is a
 cycle that only shows up later); imports under ``if TYPE_CHECKING:`` do not, since they never run.
 An edge goes to the module named (``from a.b import c`` is an edge to ``a.b.c`` when ``c`` is a
@@ -16,8 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"ringcompile": "ringcompile", "passes": "ringcompile.passes", "kernels": "ringcompile.kernels",
-           "cost_model": "ringcompile.cost_model"}
+FOLDERS = {"ringcompile": "ringcompile"}
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:

@@ -45,3 +45,12 @@ def test_every_listed_package_exists() -> None:
     packages, package_dir = _listed()
     absent = [name for name in packages if not (_folder_of(name, package_dir) / "__init__.py").is_file()]
     assert not absent, f"listed in pyproject but no __init__.py: {absent}"
+
+
+def test_the_repository_root_holds_one_import_package() -> None:
+    """Running from a checkout puts its root on ``sys.path``; any package folder there beside ``ringcompile``
+    shadows an installed distribution of that name. transformers 5.25 requires Hugging Face's ``kernels``,
+    and a top-level ``kernels/`` folder here made ``import transformers``' model code fail under
+    ``python -m pytest`` (it imported our folder as theirs)."""
+    tops = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert tops == ["ringcompile"], f"move these under ringcompile/: {[t for t in tops if t != 'ringcompile']}"
