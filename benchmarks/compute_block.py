@@ -43,7 +43,6 @@ def _spec_and_extras(kind: str, seq: int):
 
 def _one(kind: str, block: int, seq: int, out: mp.Queue) -> None:
     from ringcompile.kernels.select import block_kernels
-
     from ringcompile.runtime.local import local_backward, local_forward
 
     torch.set_num_threads(1)

@@ -127,11 +127,11 @@ def measure(world_size: int, configs: list[dict], reps: int, timeout: float) -> 
 
 def predict(rows: list[dict], profile: str) -> None:
     import sympy as sp
+
+    import ringcompile
     from ringcompile.cost_model import symbols as sym
     from ringcompile.cost_model.planner import choose_for_call
     from ringcompile.cost_model.strategies import strategy_model
-
-    import ringcompile
 
     by_name = {str(s): s for s in sym.ALL}
     sizes = sorted({r["world_size"] for r in rows if r["world_size"] > 1})

@@ -21,8 +21,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from ringcompile.cost_model.whole_model import estimate_memory
 
+from ringcompile.cost_model.whole_model import estimate_memory
 from ringcompile.demo import activation_bytes
 from ringcompile.models import ModelConfig, build_model
 from ringcompile.runtime.spawned_ranks import exit_rank, free_port, run_spawned

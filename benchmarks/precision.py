@@ -18,9 +18,9 @@ import os
 import sys
 
 import torch
-from ringcompile.kernels.reference import attention_reference
 
 from ringcompile import mods
+from ringcompile.kernels.reference import attention_reference
 from ringcompile.runtime.simulated import simulated_ring_attention
 
 

@@ -31,9 +31,9 @@ def _prefill(rank: int, world: int, T: int, keep_local: bool, keep_logits: int =
     import torch._dynamo
     import torch.distributed as dist
     import transformers as tf
-    from ringcompile.passes import placements
 
     from ringcompile import backend
+    from ringcompile.passes import placements
     from ringcompile.serving.hf import sharded_cache
 
     saved = dict(placements.LOCAL_SHARD_OPS)

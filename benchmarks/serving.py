@@ -186,7 +186,6 @@ def run(cfg: dict) -> list[dict]:
     import dataclasses
 
     from ringcompile.cost_model.decode import calibrate_decode_host, estimate_decode
-
     from ringcompile.runtime.spawned_ranks import free_port, run_spawned
 
     threads = torch.get_num_threads()

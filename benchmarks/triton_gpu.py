@@ -35,9 +35,8 @@ def bench(fn) -> float:
 
 
 def ours(q, k, v, causal: bool):
-    from ringcompile.kernels.triton import triton_block_kernels
-
     from ringcompile import mods
+    from ringcompile.kernels.triton import triton_block_kernels
     from ringcompile.spec import AttentionSpec
 
     mask = mods.causal() if causal else None

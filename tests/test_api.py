@@ -5,11 +5,11 @@ import types
 
 import pytest
 import torch
-from ringcompile.kernels.reference import attention_reference
 
 import ringcompile
 from ringcompile import mods, spec
 from ringcompile.errors import OptionError, ShapeMismatchError
+from ringcompile.kernels.reference import attention_reference
 from ringcompile.runtime.dispatch import choose_strategy
 from ringcompile.runtime.group import SINGLE, resolve_group
 
@@ -135,9 +135,8 @@ def test_auto_on_zigzag_shards_lets_the_planner_pick_ulysses_with_the_spec_profi
 
 def test_options_profile_reaches_the_spec():
     """The backend's ``profile`` option is what the run-time planner of every rewritten site uses."""
-    from ringcompile.passes.rewrite import spec_for
-
     from ringcompile.options import Options
+    from ringcompile.passes.rewrite import spec_for
 
     site = types.SimpleNamespace(scale=None, mask=None, score=None, dropout_p=0.0, location="x", name="x",
                                  dead_rows=None)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from ringcompile.kernels.reference import attention_reference
 
 from ringcompile import mods
 from ringcompile.errors import RingCompileError
+from ringcompile.kernels.reference import attention_reference
 from ringcompile.spec import AttentionSpec, get_spec, register_spec
 
 

@@ -53,4 +53,5 @@ def test_the_repository_root_holds_one_import_package() -> None:
     and a top-level ``kernels/`` folder here made ``import transformers``' model code fail under
     ``python -m pytest`` (it imported our folder as theirs)."""
     tops = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
-    assert tops == ["ringcompile"], f"move these under ringcompile/: {[t for t in tops if t != 'ringcompile']}"
+    others = [t for t in tops if t != "ringcompile"]
+    assert tops == ["ringcompile"], f"move these under ringcompile/: {others}"

@@ -86,7 +86,6 @@ KERNEL_SHAPES = ((256, 256, 32), (512, 512, 32), (512, 512, 128), (1024, 1024, 6
 def runtime_block(spec) -> int:
     """Tokens per block pair the ring runtime hands the CPU kernels for ``spec`` (what it really runs)."""
     from ringcompile.kernels.select import cpu_block_kernels
-
     from ringcompile.runtime.strategies.common import compute_block
 
     return compute_block(spec, cpu_block_kernels(spec))

@@ -45,6 +45,7 @@ def measured_forward(head_dim: int, dtype: str, shared_memory: int
     """(tiles, measured shared bytes) of the forward's measured choice within ``shared_memory``, or
     None."""
     import torch
+
     from ringcompile.kernels.triton import tiles as ktiles
 
     pick = ktiles.chosen_measured("fwd", head_dim, getattr(torch, _TORCH_DTYPES[dtype]), shared_memory,

@@ -7,10 +7,10 @@ import torch
 from blockwise import blockwise_attention
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcompile.kernels import cpu, reference
-from ringcompile.kernels.select import block_kernels
 
 from ringcompile import mods
+from ringcompile.kernels import cpu, reference
+from ringcompile.kernels.select import block_kernels
 from ringcompile.spec import AttentionSpec
 
 MASKS = ["none", "causal", "sliding", "padding", "causal+padding", "alibi", "causal+alibi", "softcap",

@@ -31,9 +31,8 @@ def _sdpa(q, k, v, causal, dout):
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
 def test_block_kernels_match_sdpa_on_cuda(dtype, D, causal):
-    from ringcompile.kernels.triton import triton_block_kernels
-
     from ringcompile import mods
+    from ringcompile.kernels.triton import triton_block_kernels
     from ringcompile.spec import AttentionSpec
 
     g = torch.Generator(device="cuda").manual_seed(D + causal)

@@ -7,10 +7,10 @@ import torch
 from blockwise import blockwise_attention
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcompile.kernels import cpu, dropout, reference
 
 from ringcompile import mods
 from ringcompile.errors import RingCompileError
+from ringcompile.kernels import cpu, dropout, reference
 
 M32 = 0xFFFFFFFF
 

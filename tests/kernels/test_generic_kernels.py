@@ -10,12 +10,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcompile.kernels import cpu, generic, select
-from ringcompile.kernels import triton as triton_kernels
-from ringcompile.kernels.dropout import keep_mask
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringcompile import mods
+from ringcompile.kernels import cpu, generic, select
+from ringcompile.kernels import triton as triton_kernels
+from ringcompile.kernels.dropout import keep_mask
 from ringcompile.spec import AttentionSpec
 
 CUDA = torch.device("cuda", 0)

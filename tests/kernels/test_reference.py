@@ -4,9 +4,9 @@ import torch
 from blockwise import blockwise_attention
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcompile.kernels.reference import attention_reference, block_backward, block_forward
 
 from ringcompile import mods
+from ringcompile.kernels.reference import attention_reference, block_backward, block_forward
 
 MASKS = {
     "none": lambda: (None, None),

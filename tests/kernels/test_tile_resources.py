@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import torch
+
 from ringcompile.cost_model.profiles import load_profile
 from ringcompile.kernels.triton import tiles
 

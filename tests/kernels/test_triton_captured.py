@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ringcompile.kernels.triton import show, triton_block_kernels
-from ringcompile.kernels.triton.lower_mods import check_lowerable
 from test_triton_support import compare_block, triton_interpreter  # noqa: F401
 
 from ringcompile import mods
 from ringcompile.errors import KernelError
+from ringcompile.kernels.triton import show, triton_block_kernels
+from ringcompile.kernels.triton.lower_mods import check_lowerable
 from ringcompile.spec import AttentionSpec
 
 

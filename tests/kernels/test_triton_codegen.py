@@ -10,15 +10,15 @@ import textwrap
 
 import pytest
 import torch
+from test_triton_support import triton_interpreter  # noqa: F401
+
+from ringcompile import mods
+from ringcompile.errors import KernelError
 from ringcompile.kernels import reference, select
 from ringcompile.kernels.triton import cache, show, triton_block_kernels
 from ringcompile.kernels.triton.codegen import specialise
 from ringcompile.kernels.triton.launch import Tiles, TritonBlocks, planner_tiles
 from ringcompile.kernels.triton.lower_mods import LoweringError, check_lowerable, lower_mod
-from test_triton_support import triton_interpreter  # noqa: F401
-
-from ringcompile import mods
-from ringcompile.errors import KernelError
 from ringcompile.spec import AttentionSpec
 
 

@@ -37,7 +37,6 @@ def _bias_form(s, b, h, q, kv, pm, kbb):  # eager's masked_fill(~keep, MIN32), s
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_dead_batch_rows_on_triton_match_float64(dropout_p, monkeypatch):
     from ringcompile.kernels.reference import attention_reference
-
     from ringcompile.runtime import execute
 
     kernels_seen: list[tuple[bool, int, str]] = []

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ringcompile.kernels.triton import show, triton_block_kernels
 from test_triton_support import compare_block, triton_interpreter  # noqa: F401
 
 from ringcompile import mods
+from ringcompile.kernels.triton import show, triton_block_kernels
 from ringcompile.spec import AttentionSpec
 
 

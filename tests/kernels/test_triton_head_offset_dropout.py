@@ -7,11 +7,11 @@ one-process mask of those global heads. Run by the Triton interpreter on CPU wit
 from __future__ import annotations
 
 import torch
-from ringcompile.kernels import dropout, reference
-from ringcompile.kernels.triton import triton_block_kernels
 from test_triton_support import assert_close, triton_interpreter  # noqa: F401
 
 from ringcompile import mods
+from ringcompile.kernels import dropout, reference
+from ringcompile.kernels.triton import triton_block_kernels
 from ringcompile.spec import AttentionSpec
 
 P = 0.4

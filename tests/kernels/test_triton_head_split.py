@@ -11,6 +11,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_triton_support import assert_close, compare_block, triton_interpreter  # noqa: F401
+
+from ringcompile import mods
 from ringcompile.kernels import reference
 from ringcompile.kernels.triton import head_split, launch, show, tiles, triton_block_kernels
 from ringcompile.kernels.triton import template as tpl
@@ -23,9 +26,6 @@ from ringcompile.kernels.triton.head_split import (
     power_of_two_parts,
     split_widths,
 )
-from test_triton_support import assert_close, compare_block, triton_interpreter  # noqa: F401
-
-from ringcompile import mods
 from ringcompile.spec import AttentionSpec
 
 

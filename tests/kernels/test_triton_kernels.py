@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ringcompile.kernels import reference
-from ringcompile.kernels.triton import triton_block_kernels
 from test_triton_support import assert_close, compare_block, triton_interpreter  # noqa: F401
 
 from ringcompile import mods
+from ringcompile.kernels import reference
+from ringcompile.kernels.triton import triton_block_kernels
 from ringcompile.spec import AttentionSpec
 
 
@@ -174,8 +174,9 @@ def test_dropout_drops_the_same_entries_as_the_cpu_hash():
 def test_mod_graph_from_discovery_is_used_when_present():
     """A Mod's ``graph`` (what mod extraction attaches) is lowered instead of tracing ``fn``: here
     ``fn`` branches on data, so only its graph can be lowered."""
-    from ringcompile.kernels.triton.lower_mods import example_grid
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ringcompile.kernels.triton.lower_mods import example_grid
 
     def fn(b, h, q, kv, key_mask):
         return (kv <= q) & key_mask[b, kv] if bool((q >= 0).all()) else kv > q

@@ -9,9 +9,9 @@ import os
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ringcompile.kernels.triton import triton_block_kernels
 from test_triton_support import compare_block, triton_interpreter  # noqa: F401
 
+from ringcompile.kernels.triton import triton_block_kernels
 from ringcompile.mods import Mod
 from ringcompile.spec import AttentionSpec
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import re
 
 import torch
-from ringcompile.kernels import reference
-from ringcompile.kernels.triton import show, triton_block_kernels
 from test_triton_support import assert_close, compare_block, triton_interpreter  # noqa: F401
 
 from ringcompile import mods
+from ringcompile.kernels import reference
+from ringcompile.kernels.triton import show, triton_block_kernels
 from ringcompile.spec import AttentionSpec
 
 # names the template may multiply by a stride: int64 values, or head-dim lanes (< D_PAD)

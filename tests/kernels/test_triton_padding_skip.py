@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ringcompile.kernels import reference
-from ringcompile.kernels.triton import cache, padding_bounds, triton_block_kernels
 from test_triton_support import assert_close, triton_interpreter  # noqa: F401
 
 from ringcompile import mods
+from ringcompile.kernels import reference
+from ringcompile.kernels.triton import cache, padding_bounds, triton_block_kernels
 from ringcompile.spec import AttentionSpec
 
 TILE = 16  # the interpreter's tiles
@@ -151,8 +151,9 @@ def _hf_visible_from(q, k, v, first_query):
 
 def _discovered_mask(fn, q, k, v, extra) -> mods.Mod:
     """The mask mod the matcher lifts from ``fn``'s score chain (what the backend hands the kernels)."""
-    from ringcompile.passes.mods import extract_score_chain
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ringcompile.passes.mods import extract_score_chain
 
     aten = torch.ops.aten
     gm = make_fx(fn, pre_dispatch=True, tracing_mode="fake")(q, k, v, extra)

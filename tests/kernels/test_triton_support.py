@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ringcompile.kernels import reference
 
 IN_CHILD = os.environ.get("RING_TRITON_CHILD") == "1"

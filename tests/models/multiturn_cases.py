@@ -64,10 +64,10 @@ def _forced_conversations(family: str, rank: int, world: int, methods=("pass_kv"
                           short: bool = False) -> dict:
     """The conversation on a compiled sharded cache with each chunk method forced in turn, against one
     process doing the same steps: per method, the tokens / logits and what the backend did."""
-    import ringcompile.cost_model.decode as cost_decode
     import torch._dynamo
     from transformers import DynamicCache
 
+    import ringcompile.cost_model.decode as cost_decode
     from ringcompile import backend
     from ringcompile.serving.hf import sharded_cache
 

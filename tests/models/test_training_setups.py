@@ -248,9 +248,8 @@ def case_unsharded_warning(rank, world):
 
 def case_rewrite_declined(rank, world):
     """A site the rewrite declines (forced here): INFO from the rewrite, the one WARNING from the backend."""
-    from ringcompile.passes import rewrite
-
     from ringcompile.errors import UnsupportedPatternError
+    from ringcompile.passes import rewrite
 
     def decline(gm, site, options):
         raise UnsupportedPatternError("declined for the test")

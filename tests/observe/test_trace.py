@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from ringcompile.cost_model.planner import plan
 
 import ringcompile
 from ringcompile.cli import main
+from ringcompile.cost_model.planner import plan
 from ringcompile.errors import MissingDependencyError, RingCompileError
 from ringcompile.observe import advice, chrome, timeline
 from ringcompile.observe.collect import collecting

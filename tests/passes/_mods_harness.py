@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
-from ringcompile.kernels.reference import attention_reference
-from ringcompile.passes.mods import ExtractedMods, extract_attn_mask, extract_score_chain
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from ringcompile.kernels.reference import attention_reference
 from ringcompile.mods import evaluate_mask, index_grid
+from ringcompile.passes.mods import ExtractedMods, extract_attn_mask, extract_score_chain
 
 aten = torch.ops.aten
 MASKED = -1e4  # pre-softmax values at or below this are masked in the original

@@ -10,11 +10,11 @@ import sympy
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+
+from ringcompile.mods import KEY_PADDING_LOOKUPS
 from ringcompile.passes.classify_mods import Bool, classify_keep, to_sympy
 from ringcompile.passes.index_lift import ModGraphBuilder
 from ringcompile.passes.pointwise import LIFTED, by_kind
-
-from ringcompile.mods import KEY_PADDING_LOOKUPS
 
 
 def _keep_graph(spelling: str, lo: int, hi: int):

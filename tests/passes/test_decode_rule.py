@@ -55,6 +55,7 @@ def test_explain_names_an_eager_chain_over_the_cache_it_cannot_rewrite():
     assert len(reasons) == model.config.num_hidden_layers, str(report)
     assert all("sharded KV cache left on the gathered cache" in r and "decode-softmax" in r for r in reasons)
     import torch._dynamo
+
     from ringcompile.passes.rules.decode import rewrite_cache_attention
 
     graphs = []
@@ -104,9 +105,8 @@ def _plain_decode_step_inputs(static: bool):
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic_cache", "static_cache"])
 def test_explain_names_attention_over_an_unsharded_hf_cache(static):
-    from ringcompile.passes.rules.decode import PLAIN_CACHE_REASON
-
     import ringcompile
+    from ringcompile.passes.rules.decode import PLAIN_CACHE_REASON
 
     model, kw = _plain_decode_step_inputs(static)
     report = ringcompile.explain(model, **kw)
@@ -169,8 +169,8 @@ def test_eager_chain_spellings_over_the_gathered_cache(kind, rewritten, why):
     import math
 
     import torch._dynamo
-    from ringcompile.passes.rules.decode import rewrite_cache_attention
 
+    from ringcompile.passes.rules.decode import rewrite_cache_attention
     from ringcompile.runtime.cache_append import cache_append, shard_capacity
 
     g = torch.Generator().manual_seed(hash(kind) % 1000)

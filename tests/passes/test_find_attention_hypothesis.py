@@ -20,12 +20,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ringcompile.passes import PipelineState, run_pipeline, stages_through
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ringcompile
 from ringcompile import backend
 from ringcompile.options import Options
+from ringcompile.passes import PipelineState, run_pipeline, stages_through
 from ringcompile.runtime import local
 
 BLOCK = 8

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ringcompile.passes.find_attention import find_attention
-from ringcompile.passes.rules import RULES, Decline, Match, Rule, register_rule
-from ringcompile.passes.rules.ops import SOFTMAX_OPS
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import ringcompile
+from ringcompile.passes.find_attention import find_attention
+from ringcompile.passes.rules import RULES, Decline, Match, Rule, register_rule
+from ringcompile.passes.rules.ops import SOFTMAX_OPS
 
 
 def _graph(fn, *args):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcompile.passes.index_lift import IndexLifter, ModGraphBuilder, bcast_idx, toeplitz_band
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from ringcompile.passes.index_lift import IndexLifter, ModGraphBuilder, bcast_idx, toeplitz_band
 
 B, H = 2, 2
 

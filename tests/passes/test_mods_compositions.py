@@ -9,11 +9,11 @@ import torch
 from _mods_harness import check_chain
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from ringcompile.mods import index_grid
 from ringcompile.passes.classify_mods import classify_keep, to_sympy
 from ringcompile.passes.index_lift import ModGraphBuilder
 from ringcompile.passes.mods import _as_bool
-
-from ringcompile.mods import index_grid
 
 B, H, D = 2, 2, 4
 f64 = torch.float64

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _mods_harness import chain_ends, check_attn_mask, check_chain, trace
-from ringcompile.passes.mods import extract_score_chain
 
 from ringcompile.errors import UnsupportedPatternError
+from ringcompile.passes.mods import extract_score_chain
 
 B, H, S, D = 2, 3, 13, 4
 f64 = torch.float64

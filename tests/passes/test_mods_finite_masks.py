@@ -6,6 +6,7 @@ import math
 
 import torch
 from _mods_harness import chain_ends, node_values, trace
+
 from ringcompile.kernels.reference import attention_reference
 from ringcompile.passes.classify_mods import masks_exactly
 from ringcompile.passes.mods import extract_score_chain

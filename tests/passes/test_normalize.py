@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ringcompile.passes.aten import EXAMPLE_KEY, SOURCE_KEY
-from ringcompile.passes.normalize import _is_module_state, fake_mode_of, normalize
 
 from ringcompile.errors import UnsupportedPatternError
+from ringcompile.passes.aten import EXAMPLE_KEY, SOURCE_KEY
+from ringcompile.passes.normalize import _is_module_state, fake_mode_of, normalize
 
 
 class _Block(torch.nn.Module):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ringcompile.passes.rules.softmax import RETURNED_NOTE
 
 from ringcompile import backend
+from ringcompile.passes.rules.softmax import RETURNED_NOTE
 
 B, H, S, D = 2, 4, 16, 8
 

@@ -101,6 +101,7 @@ def test_ring_output_keeps_the_memory_order_of_the_sdpa_it_replaces():
     """CPU SDPA can return (B, H, S, D) with (B, S, H, D) strides and models ``view`` it as such
     (afmoe); the rewrite gives the ring output the same order, so such views stay valid."""
     import torch.fx as fx
+
     from ringcompile.passes import rewrite
 
     gen = torch.Generator().manual_seed(5)

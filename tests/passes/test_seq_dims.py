@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ringcompile.passes import PipelineState, run_pipeline, stages_through
-from ringcompile.passes.placements import Shard
-from ringcompile.passes.seq_dims import attention_ops, find_seq_dims, global_seq_len, input_name
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ringcompile.errors import UnsupportedPatternError
 from ringcompile.options import Options
+from ringcompile.passes import PipelineState, run_pipeline, stages_through
+from ringcompile.passes.placements import Shard
+from ringcompile.passes.seq_dims import attention_ops, find_seq_dims, global_seq_len, input_name
 
 _FIND_AND_REWRITE = stages_through("rewrite")[1:]
 

@@ -151,10 +151,10 @@ def _trace_symbolic(fn, inputs, dynamic_inputs):
 def _run_symbolic(rank, world, *, mask, S0=24, lengths=LENGTHS, B=2, H=2, Hkv=2, D=8, options=None,
                   seq_dims=None, **kw):
     """Trace and shard ONCE at length S0 with a symbolic length; run the same graph at every length."""
-    from ringcompile.passes.shard import shard_graph
     from test_shard_graphs import make_params, model
 
     from ringcompile.options import Options
+    from ringcompile.passes.shard import shard_graph
     from ringcompile.spec import AttentionSpec, register_spec
 
     torch.manual_seed(1234)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 from harness import run_cases  # noqa: E402
-from ringcompile.kernels.reference import attention_reference  # noqa: E402
 
+from ringcompile.kernels.reference import attention_reference  # noqa: E402
 from ringcompile.mods import causal, sliding_window  # noqa: E402
 from ringcompile.spec import AttentionSpec, register_spec  # noqa: E402
 
@@ -110,9 +110,8 @@ def _trace(fn, args):
 def _run_case(rank, world, *, B=2, S=24, H=2, Hkv=2, D=8, mask=None, rope=False, loss=True, rms=False,
               options=None, seq_dims=None, pool=False, shift=False, keep_outputs=False, neighbours=False,
               roll=False):
-    from ringcompile.passes.shard import shard_graph
-
     from ringcompile.options import Options
+    from ringcompile.passes.shard import shard_graph
 
     torch.manual_seed(1234)  # same inputs on every rank
     params = make_params(H=H, Hkv=Hkv, D=D)
@@ -326,9 +325,8 @@ def case_collectives(rank, world):
 def case_tail_rows(rank, world):
     """HF's ``logits_to_keep`` slice (``h[:, -k:]``) and ``h[:, i]`` of a sharded graph: the rows come from
     ``gather_rows`` (a few rows each), not a gather of the whole sequence; values and grads as one process."""
-    from ringcompile.passes.shard import shard_graph
-
     from ringcompile.options import Options
+    from ringcompile.passes.shard import shard_graph
 
     errs, gathers, targets = {}, [], set()
     for layout, S, pick in (("zigzag", 24, "last"), ("contiguous", 21, "tail3"), ("zigzag", 24, "select"),

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcompile.passes.placements import Shard, view_dim, view_groups
-from ringcompile.passes.seq_dims import find_seq_dims
 
 from ringcompile.errors import UnsupportedPatternError
+from ringcompile.passes.placements import Shard, view_dim, view_groups
+from ringcompile.passes.seq_dims import find_seq_dims
 from ringcompile.spec import AttentionSpec, register_spec
 
 

@@ -7,10 +7,10 @@ import sympy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ringcompile.passes.sym_sizes import SymSizes
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ringcompile.errors import UnsupportedPatternError
+from ringcompile.passes.sym_sizes import SymSizes
 
 
 def _symbolic_graph(example_len: int):

@@ -25,8 +25,9 @@ def _blocked_local_attention(q, k, v, block: int = 4):
 def test_blocked_local_attention_reason_names_it():
     """LongT5's local attention reaches the 'no rule matched' account (its einsum spine is not followed);
     the reason says what it is, from the scores' shape."""
-    from ringcompile.passes import _unmatched_softmax_reason
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ringcompile.passes import _unmatched_softmax_reason
 
     q, k, v = (torch.randn(2, 16, 2, 8, dtype=torch.float64) for _ in range(3))
     gm = make_fx(lambda q, k, v: _blocked_local_attention(q, k, v), pre_dispatch=True)(q, k, v)
@@ -49,8 +50,9 @@ def _whisper_front(x, w, labels):
 
 
 def test_sequence_walk_stops_say_why_for_whisper():
-    from ringcompile.passes.seq_dims import _why_stopped
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    from ringcompile.passes.seq_dims import _why_stopped
 
     args = (torch.randn(2, 4, 16), torch.randn(8, 4, 3), torch.randint(0, 5, (2, 8)))
     gm = make_fx(_whisper_front, pre_dispatch=True)(*args)

@@ -34,8 +34,8 @@ def _mask(kind: str, cum: torch.Tensor) -> torch.Tensor:
 def test_a_window_is_read_from_the_mask_only_when_exact(kind, window):
     import torch._dynamo
     import torch.nn.functional as F
-    from ringcompile.passes.rules.decode import rewrite_cache_attention
 
+    from ringcompile.passes.rules.decode import rewrite_cache_attention
     from ringcompile.runtime.cache_append import cache_append, shard_capacity
 
     g = torch.Generator().manual_seed(len(kind))

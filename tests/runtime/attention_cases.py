@@ -2,9 +2,9 @@
 attention on the unsharded input (forward and gradients), shared by the runtime tests."""
 
 import torch
-from ringcompile.kernels.reference import attention_reference
 
 from ringcompile import mods
+from ringcompile.kernels.reference import attention_reference
 from ringcompile.runtime.simulated import simulated_ring_attention
 
 MASKS = ("none", "causal", "sliding", "padding", "alibi", "softcap_causal", "document")

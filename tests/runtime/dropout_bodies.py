@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 from multirank_bodies import _compare, _seed
-from ringcompile.kernels.reference import attention_reference
 
 import ringcompile  # noqa: F401 - registers the ops
+from ringcompile.kernels.reference import attention_reference
 from ringcompile.runtime.group import resolve_group
 from ringcompile.runtime.layouts import shard_tensor
 from ringcompile.runtime.user_spec import build_spec

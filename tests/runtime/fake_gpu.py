@@ -11,8 +11,8 @@ peers send back what it sends, so a strategy's host side runs in one process.
 from __future__ import annotations
 
 import torch
-from ringcompile.kernels.select import BlockKernels
 
+from ringcompile.kernels.select import BlockKernels
 from ringcompile.runtime.communicator import Communicator, Pending
 
 GPU = torch.device("meta")

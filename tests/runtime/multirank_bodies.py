@@ -14,11 +14,11 @@ import zlib
 
 import torch
 import torch.distributed as dist
-from ringcompile.kernels.reference import attention_reference
 
 import ringcompile
 from ringcompile import mods
 from ringcompile.errors import CommunicationError, OptionError, ShapeMismatchError
+from ringcompile.kernels.reference import attention_reference
 from ringcompile.runtime import timing
 from ringcompile.runtime.group import resolve_group
 from ringcompile.runtime.layouts import shard_tensor

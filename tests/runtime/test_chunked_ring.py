@@ -17,11 +17,11 @@ from attention_cases import check_simulated
 from hypothesis import given
 from hypothesis import strategies as st
 from ring_harness import run_ranks
+
+from ringcompile import mods
 from ringcompile.cost_model import planner
 from ringcompile.kernels.reference import attention_reference
 from ringcompile.kernels.select import BlockKernels, block_kernels
-
-from ringcompile import mods
 from ringcompile.runtime import call_plan
 from ringcompile.runtime.local import DEFAULT_BLOCK
 from ringcompile.runtime.simulated import SimulatedCommunicator, simulated_ring_attention

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 from fake_gpu import GPU, EchoCommunicator
-from ringcompile.kernels import dropout
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ringcompile import mods
+from ringcompile.kernels import dropout
 from ringcompile.runtime.local import local_backward, local_forward
 from ringcompile.runtime.strategies.common import (
     RingContext,

@@ -8,9 +8,9 @@ import torch
 from attention_cases import MASKS, attention_case
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ringcompile.kernels.reference import attention_reference
 
 from ringcompile.errors import OptionError, ShapeMismatchError
+from ringcompile.kernels.reference import attention_reference
 from ringcompile.runtime.execute import run_forward
 from ringcompile.runtime.layouts import shard_tensor
 from ringcompile.runtime.simulated import simulate, simulated_ring_attention

@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fake_gpu import GPU
-from ringcompile.kernels.select import BlockKernels
 
 from ringcompile import mods
+from ringcompile.kernels.select import BlockKernels
 from ringcompile.runtime.strategies import STRATEGIES
 from ringcompile.runtime.strategies.common import (
     RingContext,

@@ -8,10 +8,10 @@ import torch
 from attention_cases import MASKS, attention_case, check_simulated
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcompile.kernels.reference import attention_reference
 
 from ringcompile import mods
 from ringcompile.errors import CommunicationError, OptionError
+from ringcompile.kernels.reference import attention_reference
 from ringcompile.runtime import timing
 from ringcompile.runtime.simulated import SimulatedCommunicator, simulate, simulated_ring_attention
 from ringcompile.runtime.strategies import common, ring

@@ -5,9 +5,9 @@ float64 reference with the same keep mask drop; then the same on spawned gloo ra
 
 import pytest
 import torch
-from ringcompile.kernels import dropout
 
 from ringcompile import mods
+from ringcompile.kernels import dropout
 from ringcompile.runtime.simulated import simulated_ring_attention
 from ringcompile.runtime.user_spec import build_spec
 
@@ -73,6 +73,7 @@ def test_ulysses_dropout_with_another_seed_drops_other_entries():
 def test_ulysses_dropout_with_mods_on_global_heads():
     """ALiBi (per-head slopes, learnable) and dropout together: both see global heads."""
     from attention_cases import attention_case
+
     from ringcompile.kernels.reference import attention_reference
 
     (q, k, v), m, s, me, se = attention_case("alibi", 1, 4, 2, 11, 4, 3)
@@ -90,7 +91,6 @@ def test_ulysses_dropout_with_mods_on_global_heads():
 def test_auto_ranks_ulysses_under_dropout(monkeypatch):
     """Dropout no longer takes ulysses out of "auto"'s candidates (heads must still divide by N)."""
     import ringcompile.cost_model.planner as planner
-
     from ringcompile.runtime.choice import choose_strategy
 
     seen = []

@@ -114,10 +114,10 @@ def test_a_shard_in_another_layout_or_world_raises():
 
 def test_the_placement_rule_and_the_planner_follow_the_caches_layout():
     import torch.fx as fx
-    from ringcompile.passes.placements import local_shard_rule
-    from ringcompile.passes.shard import choose_layout
 
     from ringcompile.options import Options
+    from ringcompile.passes.placements import local_shard_rule
+    from ringcompile.passes.shard import choose_layout
 
     g = fx.Graph()
     a = [g.placeholder(f"x{i}") for i in range(6)]

@@ -27,10 +27,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
-from ringcompile.passes.pointwise import LIFTED, triton_derivatives
 
 from ringcompile.errors import KernelError
 from ringcompile.mods import Mod
+from ringcompile.passes.pointwise import LIFTED, triton_derivatives
 
 aten = torch.ops.aten
 
