@@ -5,6 +5,7 @@ on the unsharded input in one process.
 - ``ConvProjections(kernel=1)``: q/k/v and output projections are ``Conv1d(k=1, groups=2)``; position-local,
   so the sequence passes through them and the graph is sharded (it was unsharded: ``aten.conv1d`` had no
   sequence rule). Conv weights and biases are replicated: their gradients must be summed over ranks once.
+  Also under ``dynamic=True`` (one symbolic graph for several lengths, padded ones too).
 - ``ConvProjections(kernel=3)``: the projections read neighbouring positions; the walk back from the attention
   stops there, so the graph runs unsharded with the convolution's reason (and stays right).
 - ``ConvAfterAttention``: k=1 projections, then a causal depthwise ``Conv1d(k=3)`` over time (a Mamba-like
@@ -109,3 +110,26 @@ def case_k3_projections(rank, world):
 
 def case_conv_after_attention(rank, world):
     return compare(ConvAfterAttention(), S=8)
+
+
+def case_k1_dynamic(rank, world):
+    """``dynamic=True``: one symbolic graph serves 8, 6 and 11 tokens (11: padded), each against eager."""
+    from ringcompile import backend
+
+    torch.manual_seed(0)
+    model = ConvProjections(kernel=1, causal=True).double()
+    ref = copy.deepcopy(model)
+    torch._dynamo.reset()
+    first = len(backend.HISTORY)
+    compiled = torch.compile(model, backend="ring", dynamic=True, options={"inner": "eager"})
+    errs = {}
+    for S in (8, 6, 11):
+        x = torch.randn(B, S, E, dtype=torch.float64)
+        out, r_out = compiled(x), ref(x)
+        errs[S] = ((out - r_out).abs().max() / r_out.abs().max()).item()
+    entries = backend.HISTORY[first:]
+    reports = [e.graph.meta["ringcompile_shard"] for e in entries
+               if e.graph is not None and e.graph.meta.get("ringcompile_shard") is not None]
+    return {"errs": errs, "graphs": len(entries), "dynamic": [r.dynamic for r in reports],
+            "gathers": [r.gathers for r in reports],
+            "reasons": [e.fallback_reason for e in entries if e.fallback_reason]}

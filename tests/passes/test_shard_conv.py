@@ -13,7 +13,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "models"))
 
 TOL = 1e-10
-CASES = ["case_k1_causal", "case_k1_padded", "case_k3_projections", "case_conv_after_attention"]
+CASES = ["case_k1_causal", "case_k1_padded", "case_k1_dynamic",
+         "case_k3_projections", "case_conv_after_attention"]
 
 
 def _check_right(name: str, res: dict) -> None:
@@ -55,3 +56,12 @@ def test_kernel3_conv_after_attention_is_gathered_with_the_reason(results):
         assert res["sharded"] and not res["reasons"], res
         assert any("convolution with kernel 3" in w and "halo" in w for w in res["gather_reasons"]), res
         assert res["gathered_in_decisions"] == res["gather_reasons"], res
+
+
+@pytest.mark.multirank
+def test_kernel1_conv_projections_sharded_under_dynamic_shapes(results):
+    for res in results["case_k1_dynamic"]:
+        assert res is not None and "error" not in res, res and res.get("error")
+        assert all(e < TOL for e in res["errs"].values()), res
+        assert True in res["dynamic"] and not res["reasons"], res  # a symbolic-length graph, sharded
+        assert not any(res["gathers"]), res
