@@ -65,3 +65,21 @@ def test_kernel1_conv_projections_sharded_under_dynamic_shapes(results):
         assert all(e < TOL for e in res["errs"].values()), res
         assert True in res["dynamic"] and not res["reasons"], res  # a symbolic-length graph, sharded
         assert not any(res["gathers"]), res
+
+
+def test_conv_projections_in_one_process():
+    """World 1 (no ranks): the rewritten attention gets SqueezeBERT's strided head dim straight from the
+    convs; the CPU kernel returned wrong values for it (see test_cpu_kernels' strided case)."""
+    import copy
+
+    import torch
+    from conv_cases import B, ConvProjections, E
+
+    torch.manual_seed(0)
+    model = ConvProjections(kernel=1, causal=True).double()
+    ref = copy.deepcopy(model)
+    x = torch.randn(B, 8, E, dtype=torch.float64)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="ring", dynamic=False, options={"inner": "eager"})(x)
+    r_out = ref(x)
+    assert ((out - r_out).abs().max() / r_out.abs().max()).item() < TOL
