@@ -13,7 +13,7 @@ carry the sequence (found by ``seq_dims``) are sliced at the start; placements
 * ``x[:, k:]`` of a shard -> ``shift_seq`` (a halo of k positions from the neighbouring chunks);
 * ``x[:, i]`` or ``x[:, -k:]`` of a few static positions of a shard (HF's ``logits_to_keep`` slice) ->
   ``gather_rows`` (each rank sends its rows of those positions; replicated result);
-* sharded consumed by an op with no rule along the sequence (cumsum, conv1d over time) ->
+* sharded consumed by an op with no rule along the sequence (cumsum, a conv with kernel > 1 over time) ->
   ``gather_seq`` (correct, not cheap).
 
 Dynamic shapes: when the sequence length is a SymInt (``torch.compile(dynamic=True)`` or Dynamo's
