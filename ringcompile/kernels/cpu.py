@@ -95,6 +95,15 @@ def _fused_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *more: torch.Te
     return all(math.isfinite(float(t.sum())) for t in (q, k, v, *more[:2]))  # cheap; inf/NaN propagate
 
 
+def _dense_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype`` with a unit stride along the head dim: the fused op reads rows as dense vectors
+    and gives wrong values (no error) for q/k/v whose last dim is strided, e.g. heads split from a
+    (B, C, S) layout as (B, H, D, S).permute(0, 1, 3, 2) (SqueezeBERT's conv projections). Public SDPA
+    checks this before picking the kernel; calling the op directly must too."""
+    x = x.to(dtype)
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
 # ---------------------------------------------------------------------------- forward
 
 
@@ -112,7 +121,7 @@ def block_forward(
     fused_ok = _fused_ok(q, k, v)
     pieces = plan_pieces(Sq, k.shape[2], q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
                          mask=mask, score=score, dropout=dropout_p > 0, fused_ok=fused_ok)
-    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    qa, ka, va = _dense_last(q, acc), _dense_last(k, acc), _dense_last(v, acc)
     if len(pieces) == 1 and pieces[0].kind != "general" and (pieces[0].q0, pieces[0].q1) == (0, Sq):
         pc = pieces[0]  # the common case: one fused call covers every query row, no copies
         return _FUSED_FWD(qa, ka[:, :, pc.k0:pc.k1], va[:, :, pc.k0:pc.k1], 0.0, pc.kind == "diagonal",
@@ -307,8 +316,8 @@ def block_backward(
     fused_ok = _fused_ok(q, k, v, out, dout, lse)
     pieces = plan_pieces(q.shape[2], k.shape[2], q_offset=q_offset, kv_offset=kv_offset, seq_len=seq_len,
                          mask=mask, score=score, dropout=dropout_p > 0, fused_ok=fused_ok)
-    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    oa, doa = out.to(acc), dout.to(acc)
+    qa, ka, va = _dense_last(q, acc), _dense_last(k, acc), _dense_last(v, acc)
+    oa, doa = _dense_last(out, acc), _dense_last(dout, acc)
     lse_a = lse.to(acc)
     safe_lse = torch.where(torch.isneginf(lse_a), torch.zeros_like(lse_a), lse_a)
     if len(pieces) == 1 and pieces[0].kind != "general" and pieces[0] == Piece(0, q.shape[2], 0, k.shape[2],

@@ -143,6 +143,8 @@ def shard_stage(state: PipelineState) -> None:
         what = (f"sequence {report.seq_len} over {report.world_size} ranks ({report.layout}), "
                 f"inputs {report.seeds}, {len(report.gathers)} gathers")
     state.decide("graph", "graph", "sharded", what)
+    for name, why in (report.gather_reasons if report is not None else {}).items():
+        state.decide(name, "gather", "gathered", why)
 
 
 STAGES: tuple[Stage, ...] = (

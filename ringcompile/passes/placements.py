@@ -34,6 +34,7 @@ import torch.fx as fx
 from .aten import VIEW_OPS, VIEW_SIZES, hint_of, norm_dim, norm_dims, size_expr, val_of  # noqa: F401 - re-exported
 from .aten import hint_shape as shape_of
 from .aten import sym_shape as sym_shape_of
+from .convolution import CONV_ARGS, conv_args, local_dims, why_not_local
 
 aten = torch.ops.aten
 
@@ -88,6 +89,8 @@ class OpRule:
     reduce: str = "full"  # how a reduced sequence dim combines: "sum", "mean" or "full"
     linear_in: tuple[ArgPath, ...] = ()  # args in which the op is linear (Partial may pass through)
     passive: tuple[ArgPath, ...] = ()  # args read only for their dtype/device (any placement will do)
+    # why an input dim with no link cannot carry the sequence, where the op knows better than "no link"
+    why_unlinked: dict[tuple[ArgPath, int], str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,6 +484,21 @@ def _linear(node: fx.Node) -> OpRule | None:
     return OpRule(links, reduce="sum")
 
 
+def _convolution(node: fx.Node) -> OpRule | None:
+    """Batch dim and the position-local spatial dims (kernel 1, stride 1, padding 0: ``passes.convolution``)
+    keep their place. The weight and bias get no link: replicated, their gradients are summed over ranks
+    like a linear layer's. Channels mix (by groups), so a sequence there has no rule, nor does a spatial
+    dim a kernel, stride or padding changes (``why_unlinked`` says which)."""
+    args = conv_args(node)
+    if args is None or shape_of(node) is None:
+        return None
+    local = local_dims(node, args)
+    links = [DimLink((0,), d, d) for d in ([0] if args.first_spatial == 2 else []) + local]
+    ndim = len(shape_of(node.args[0]))
+    why = {((0,), d): why_not_local(args, d) for d in range(args.first_spatial - 1, ndim) if d not in local}
+    return OpRule(links, reduce="full", why_unlinked=why)
+
+
 def _embedding(node: fx.Node) -> OpRule:
     ids = shape_of(node.args[1])
     out = shape_of(node)
@@ -598,6 +616,7 @@ _SPECIAL: dict[Any, Callable[[fx.Node], OpRule | None]] = {
     aten.addmm.default: _addmm,
     aten.linear.default: _linear,
     aten.embedding.default: _embedding,
+    **{op: _convolution for op in CONV_ARGS},
     aten.index.Tensor: _index,
     aten.index_select.default: _index_select,
     aten.native_dropout.default: _native_dropout,

@@ -18,6 +18,7 @@ from ringcompile.errors import UnsupportedPatternError
 
 from .aten import SOURCE_KEY, VIEW_OPS, is_ring_call, size_expr, val_of
 from .aten import hint_shape as shape_of
+from .convolution import conv_args, why_not_local
 from .placements import GETITEM, Shard, get_arg, links_for, view_dim
 
 
@@ -126,13 +127,12 @@ def _why_stopped(node: fx.Node) -> str:
 
 
 def _why_conv(node: fx.Node) -> str:
-    """A convolution's output length is not its input's and each output reads kernel-1 neighbours."""
-    weight = shape_of(node.args[1]) if len(node.args) > 1 else None
-    stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
-    kernel = list(weight[2:]) if weight is not None and len(weight) > 2 else "?"
-    return (f"a convolution over the sequence (kernel {kernel}, stride {stride}): its outputs read "
-            "neighbouring input frames across a shard boundary (a halo) and a stride changes the length; "
-            "neither has a sequence rule, so e.g. an audio encoder's conv front end keeps it unsharded")
+    """The convolution's own reason (``passes.convolution``): kernel, stride or padding along the sequence."""
+    args = conv_args(node)
+    if args is None:
+        return ("a convolution without static input/weight shapes: whether it is position-local along the "
+                "sequence is unknown, so it has no sequence rule")
+    return why_not_local(args)
 
 
 def _fresh_base(node: fx.Node, depth: int = 8) -> fx.Node | None:

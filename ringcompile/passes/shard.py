@@ -13,7 +13,7 @@ carry the sequence (found by ``seq_dims``) are sliced at the start; placements
 * ``x[:, k:]`` of a shard -> ``shift_seq`` (a halo of k positions from the neighbouring chunks);
 * ``x[:, i]`` or ``x[:, -k:]`` of a few static positions of a shard (HF's ``logits_to_keep`` slice) ->
   ``gather_rows`` (each rank sends its rows of those positions; replicated result);
-* sharded consumed by an op with no rule along the sequence (cumsum, conv1d over time) ->
+* sharded consumed by an op with no rule along the sequence (cumsum, a conv with kernel > 1 over time) ->
   ``gather_seq`` (correct, not cheap).
 
 Dynamic shapes: when the sequence length is a SymInt (``torch.compile(dynamic=True)`` or Dynamo's
@@ -106,6 +106,8 @@ class ShardReport:
     gathers: list[str] = dataclasses.field(default_factory=list)
     reductions: int = 0
     dynamic: bool = False  # the sequence length is a SymInt: lengths are computed in the graph at run time
+    # gathered value -> the op that needed it full, and why (a conv over time, a cumsum...)
+    gather_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def choose_layout(options: Options, masks: Sequence[Any], seq_len: int, world: int, dynamic: bool = False,
@@ -167,6 +169,7 @@ class _Sharder:
         self.cache: dict[tuple, fx.Node] = {}
         self.grad_region = grad_mode_regions(gm.graph)
         self.gathers: list[str] = []
+        self.gather_reasons: dict[str, str] = {}
         self.reductions = 0
 
     # ------------------------------------------------------------------ lengths written into the graph
@@ -292,6 +295,11 @@ class _Sharder:
         if any(not isinstance(self.placement(get_arg(node, p)), Replicate) for p in tensor_paths(node)):
             log.info("ringcompile shard: %s (%s) runs on the full sequence: %s", node.name, node.target, why)
         for path in tensor_paths(node):
+            arg = get_arg(node, path)
+            if isinstance(self.placement(arg), Shard):
+                self.gather_reasons.setdefault(arg.name, f"{node.name} ({node.target}) runs on the full "
+                                                         f"sequence: {why}")
+        for path in tensor_paths(node):
             self.use(node, path, R)
         self.pl[node] = _replicated_like(node)
 
@@ -386,14 +394,14 @@ class _Sharder:
         kept: set[tuple[int | None, Shard]] = set()
         valids = []
         reduced = False
-        bad: list[tuple[int, ...]] = []
+        bad: list[tuple[tuple[int, ...], int]] = []
         partial = []
         for path, p in zip(paths, placements, strict=True):
             if isinstance(p, Shard):
                 found = [lk for lk in links if lk.arg == path and lk.in_dim == p.dim]
                 outs = {(lk.out_index, lk.out_dim) for lk in found}
                 if not found:
-                    bad.append(path)
+                    bad.append((path, p.dim))
                 elif all(lk.out_dim is None for lk in found):
                     reduced = True
                 else:
@@ -402,7 +410,9 @@ class _Sharder:
             elif isinstance(p, Partial):
                 partial.append(path)
         if bad or (reduced and kept) or (reduced and rule.reduce == "full"):
-            return self.replicate_all(node, "the sequence dim is sliced, reduced or moved by this op")
+            why = next((rule.why_unlinked[b] for b in bad if b in rule.why_unlinked),
+                       "the sequence dim is sliced, reduced or moved by this op")
+            return self.replicate_all(node, why)
         out_dims = {od for _, od in kept}
         if len(out_dims) > 1 or len({oi for oi, _ in kept}) != len(kept):
             return self.replicate_all(node, "inputs are sharded along different output dims")
@@ -875,8 +885,9 @@ def shard_graph(aten_gm: fx.GraphModule, sites: Sequence[Any], options: Options)
     aten_gm.recompile()
     _refresh_meta(aten_gm)
     seed_names = {input_name(n): s.dim for n, s in seeds.items()}
+    reasons = {n: w for n, w in sharder.gather_reasons.items() if n in sharder.gathers}
     report = ShardReport(seq, sharder.padded, group.world_size, layout, seed_names, sharder.gathers,
-                         sharder.reductions, dynamic)
+                         sharder.reductions, dynamic, gather_reasons=reasons)
     aten_gm.meta["ringcompile_shard"] = report
     log.info("ringcompile shard: seq %d on %d ranks (%s, padded %d); inputs %s; %d gathers %s; "
              "%d all-reduces",

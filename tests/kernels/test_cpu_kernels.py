@@ -177,3 +177,23 @@ def test_non_finite_input_propagates():
     ref, _ = reference.block_forward(q, k, v, scale=0.3, mask=mods.causal())
     assert torch.equal(torch.isnan(out).any(-1), torch.isnan(ref).any(-1))
     assert bool(torch.isnan(out[0, 0, 2]).all())
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal"])
+def test_strided_head_dim_matches_reference(mask_name):
+    """q/k/v/dout whose head dim is strided (heads split from (B, C, S) as (B, H, D, S).transpose(-1, -2),
+    SqueezeBERT's layout): the fused op read them as dense rows and returned wrong values."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(2, 2, 8, 12, generator=gen, dtype=torch.float64).transpose(-1, -2)
+                     for _ in range(4))
+    assert q.stride(-1) != 1
+    mask = mods.causal() if mask_name == "causal" else None
+    kw = dict(scale=8 ** -0.5, mask=mask)
+    out_ref, lse_ref = reference.block_forward(q, k, v, **kw)
+    out, lse = cpu.block_forward(q, k, v, **kw)
+    _assert_close(out, out_ref, 1e-10, "out")
+    _assert_close(lse, lse_ref, 1e-10, "lse")
+    g_ref = reference.block_backward(q, k, v, out_ref, dout, lse_ref, **kw)
+    g = cpu.block_backward(q, k, v, out_ref.transpose(-1, -2).contiguous().transpose(-1, -2), dout, lse, **kw)
+    for name, a, b in zip(("dq", "dk", "dv"), g[:3], g_ref[:3], strict=True):
+        _assert_close(a, b, 1e-10, name)
