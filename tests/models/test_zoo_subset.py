@@ -17,8 +17,9 @@ pytestmark = pytest.mark.multirank
 # families wrong today because of a bug another change is fixing: {family: reason} (xfail strict, so the
 # test flips when it is fixed). T5's 2x bias gradient (issue 10 item 1a) was fixed on main.
 KNOWN_WRONG: dict[str, str] = {}
-# longcat_flash: its MoE graph-breaks each layer frame, compiled once and run per layer, so the ring calls
-# executed (not the sites compiled) must cover the eager attentions
+# longcat_flash: under transformers 5.24 its MoE graph-broke each layer frame, compiled once and run per layer
+# (5.25 compiles every layer: rewritten == expected), so the ring calls executed, not the sites compiled,
+# must cover the eager attentions
 RUNS = [("llama", "sdpa"), ("gpt2", "eager"), ("bert", "sdpa"), ("qwen2", "eager"), ("t5", "eager"),
         ("longcat_flash", "sdpa")]
 
@@ -37,7 +38,7 @@ def records():
 def test_zoo_family(records, family, impl):
     rec = records[(family, impl)]
     if family == "longcat_flash":
-        assert rec["status"] == "ok" and rec["ring_calls"] >= rec["expected_sites"] > rec["rewritten"], rec
+        assert rec["status"] == "ok" and rec["ring_calls"] >= rec["expected_sites"], rec
     assert rec["status"] in ("ok", "unsharded-reason"), rec
     if rec["status"] == "unsharded-reason":
         assert rec["reasons"], rec

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+
 from ringcompile.passes.convolution import conv_args, why_not_local
 from ringcompile.passes.placements import links_for
-from torch.fx.experimental.proxy_tensor import make_fx
 
 
 def _conv_node(fn, *args):
