@@ -170,13 +170,48 @@ def shrink_config(config_cls, impl: str, fill_none: bool = False, wide_heads: bo
     ``broad``: the retry-only field spellings too (``_int_rule``)."""
     from transformers import PreTrainedConfig
 
+    default = config_cls()
+    n_new = pattern_layers(default, _layer_count(default))
     cfg = _shrink_fields(config_cls(), impl, fill_none, broad)
+    overrides = _shrink_layer_overrides(default, cfg, n_new) if broad else None
+    if overrides is not None:
+        _set(cfg, "per_layer_config", overrides)
     if wide_heads and type(vars(cfg).get("head_dim")) is int:
         _set(cfg, "head_dim", 2 * _EXACT["head_dim"])
     for name, sub in list(vars(cfg).items()):  # a composite's parts (T5Gemma's encoder and decoder,
         if isinstance(sub, PreTrainedConfig):    # BLT's patcher and global transformer) likewise
             _set(cfg, name, shrink_config(type(sub), impl, fill_none, wide_heads, derive_exact, broad))
-    return _reconstruct(config_cls, cfg, impl, derive_exact)
+    return _reconstruct(config_cls, cfg, impl, derive_exact, overrides)
+
+
+def _shrink_layer_overrides(default, shrunk, n_new: int) -> dict | None:
+    """A heterogeneous config's per-layer overrides (transformers' ``per_layer_config``: Dots3's
+    sliding layers with 64 heads of their own) shrunk like the global fields, for the layers that
+    remain: a size field takes the shrunk global value, and a width that is the sum of two others in
+    the defaults (``head_dim = qk_nope_head_dim + qk_rope_head_dim``, named as their common suffix)
+    stays their sum. None when the defaults have no overrides."""
+    spec = vars(default).get("_heterogeneity_spec")
+    if spec is None:
+        return None
+    out = {}
+    for layer, override in spec.per_layer_overrides.items():
+        if layer >= n_new:
+            continue
+        old = {**{k: v for k, v in vars(default).items() if type(v) is int}, **override}
+        new = {k: v for k, v in vars(shrunk).items() if type(v) is int}
+        mine = {}
+        for name, value in override.items():
+            sized = type(value) is int and _int_rule(name, value) is not None
+            mine[name] = new[name] if sized and name in new else value
+        new.update(mine)
+        for total in [k for k in old if k in new]:
+            parts = [k for k in old if k != total and k.endswith("_" + total) and k in new]
+            for i, a in enumerate(parts):
+                for b in parts[i + 1:]:
+                    if old[total] == old[a] + old[b] and new[total] != new[a] + new[b]:
+                        mine[total] = new[a] + new[b]
+        out[layer] = mine
+    return out
 
 
 def _declared_defaults(config_cls) -> dict:
@@ -202,12 +237,13 @@ def _same(a, b) -> bool:
         return False
 
 
-def _reconstruct(config_cls, shrunk, impl: str, derive_exact: bool = False):
+def _reconstruct(config_cls, shrunk, impl: str, derive_exact: bool = False, overrides: dict | None = None):
     """``config_cls(**changed)``: the fields ``shrunk`` changed from the defaults, except those the
     constructor derived (declared None, set by ``__post_init__``), which it derives again from the
     shrunk ones. The fixed tiny values (``_EXACT``: GQA's 2 K/V heads, 4 experts, the window of 8) and
     the switches (dropout 0, no cache, untied) are passed even where derived, unless ``derive_exact``
-    (ESMC refuses grouped K/V heads). ``shrunk`` itself where the constructor refuses the changed fields."""
+    (ESMC refuses grouped K/V heads); ``overrides``: the shrunk per-layer overrides, passed as
+    ``per_layer_config``. ``shrunk`` itself where the constructor refuses the changed fields."""
     declared = _declared_defaults(config_cls)
     default_cfg = config_cls()
     defaults, n_old = vars(default_cfg), _layer_count(default_cfg)
@@ -222,6 +258,8 @@ def _reconstruct(config_cls, shrunk, impl: str, derive_exact: bool = False):
         if derived and not hasattr(value, "to_dict") and name not in forced:  # (composite parts too)
             continue  # derived by the constructor from other fields: let it derive again
         changed[name] = value
+    if overrides is not None:
+        changed["per_layer_config"] = overrides
     try:
         cfg = config_cls(**changed)
     except Exception:  # noqa: BLE001 - a validation the mutated config does not trigger
@@ -622,7 +660,11 @@ def run_one(family: str, impl: str) -> dict:
     if _wrong(errs):
         return {**rec, **_control(model, inputs, "wrong", "differs from one process")}
     if rec["expected_sites"] == 0:
-        return {**rec, "status": "skipped", "reason": "no attention in the eager forward"}
+        why = "no attention in the eager forward"
+        if rec["rewritten"]:  # Perceiver: latents attend over the sequence, the sequence not over itself
+            why = (f"no attention of the {S} inputs over themselves in the eager forward (what this table "
+                   f"counts); {rec['rewritten']} sites attending over them from other queries were rewritten")
+        return {**rec, "status": "skipped", "reason": why}
     if max(rec["rewritten"], rec["ring_calls"]) >= rec["expected_sites"] and rec["sharded_graphs"]:
         return {**rec, "status": "ok"}
     return {**rec, "status": "unsharded-reason" if reasons else "unsharded-silent"}
