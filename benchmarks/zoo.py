@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -457,11 +458,22 @@ def build(family: str, impl: str):
     if getattr(default_cfg, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.randint(3, V, (B, S), generator=g)
     model, inputs, error = _build_model(cls, config_cls, impl, inputs)
-    other = [p for p in _forward_params(cls) if p.startswith(_OTHER_MODALITY)]
+    params = _forward_params(cls)
+    other = [p for p in params if p.startswith(_OTHER_MODALITY)]
     if error is not None and other:
         raise _Skip(f"multimodal (inputs {', '.join(other[:3])}) and no text family to run instead: "
                     f"input_ids alone fail: {type(error).__name__}: {_one_line(error)}")
+    needed = [p for p in params if p not in _MADE_INPUTS and re.search(rf"\b{p}\b", str(error or ""))]
+    if error is not None and needed:  # Gemma 4's assistant drafts from its target's shared K/V states
+        raise _Skip(f"needs {', '.join(needed)}, which token ids do not give: "
+                    f"{type(error).__name__}: {_one_line(error)}")
     return model.double().eval(), inputs
+
+
+# forward inputs the zoo makes (or that token ids stand in for): an eager error naming another one
+# says what the model needs from outside
+_MADE_INPUTS = ("self", "input_ids", "decoder_input_ids", "inputs_embeds", "decoder_inputs_embeds",
+                "attention_mask", "position_ids", "labels", "kwargs", "inputs")
 
 
 def _input_variants(cfg, inputs: dict):

@@ -91,6 +91,7 @@ def test_broad_rules_only_on_retry(zoo):
     ("gemma3", "multimodal"),
     ("gemma4_assistant", "the default config does not build"),  # its validator refuses its defaults
     ("voxtral_realtime", "no text family to run instead: input_ids alone fail"),
+    ("gemma4_unified_assistant", "needs shared_kv_states"),  # a draft model: its target's K/V states
 ])
 def test_skips_say_why(zoo, family, words):
     if family not in zoo.families():
