@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -50,10 +51,16 @@ _EXACT = {
 }
 
 
-def _int_rule(name: str, default: int) -> int | None:
-    """The tiny value for an int config field, or None to keep the default."""
+def _int_rule(name: str, default: int, broad: bool = False) -> int | None:
+    """The tiny value for an int config field, or None to keep the default. ``broad``: also the
+    spellings only a retry shrinks (``_BROAD_WIDTH`` / ``_BROAD_COUNT``), so configs that already build
+    without them keep their sizes."""
     if name in _EXACT:
         return _EXACT[name]
+    if broad and name.startswith(_BROAD_WIDTH):
+        return 32
+    if broad and name.endswith(_BROAD_COUNT):
+        return 2
     if "vocab" in name:  # secondary vocabularies (BLT's hash-byte groups) too
         return V if default > V else None
     if "position" in name or name in ("n_positions", "n_ctx", "max_seq_len", "seq_length"):
@@ -75,6 +82,11 @@ def _int_rule(name: str, default: int) -> int | None:
         return 8
     return None
 
+
+# retry-only spellings: widths named ``d_X`` (Perceiver's ``d_latents``) and per-block layer counts
+# (Perceiver's ``num_self_attends_per_block``)
+_BROAD_WIDTH = ("d_",)
+_BROAD_COUNT = ("_per_block",)
 
 # fields a config leaves None (derived by the model, or required): set when shrinking, since the
 # derivation would use the unshrunk sizes or fail on None
@@ -146,7 +158,7 @@ def _follow_layer_count(cfg, n_old: int | None, n_new: int) -> None:
 
 
 def shrink_config(config_cls, impl: str, fill_none: bool = False, wide_heads: bool = False,
-                  derive_exact: bool = False):
+                  derive_exact: bool = False, broad: bool = False):
     """A tiny config of ``config_cls``: its defaults with every size-like int field shrunk, keeping
     enough layers for one period of a hybrid's layer pattern (``pattern_layers``).
 
@@ -155,16 +167,52 @@ def shrink_config(config_cls, impl: str, fill_none: bool = False, wide_heads: bo
     ``qk_head_dim``) follow the shrunk values instead of the defaults. ``fill_none``: also give every
     size field of ``_EXACT`` that the defaults leave None its tiny value (a config whose defaults do
     not build, e.g. dots1's ``n_routed_experts=None``); windows stay None (None means no window).
-    ``wide_heads``: heads of 16, not 8 (NeoMME's 2-D RoPE on a quarter of the head needs 4 rotary dims)."""
+    ``wide_heads``: heads of 16, not 8 (NeoMME's 2-D RoPE on a quarter of the head needs 4 rotary dims).
+    ``broad``: the retry-only field spellings too (``_int_rule``)."""
     from transformers import PreTrainedConfig
 
-    cfg = _shrink_fields(config_cls(), impl, fill_none)
+    default = config_cls()
+    n_new = pattern_layers(default, _layer_count(default))
+    cfg = _shrink_fields(config_cls(), impl, fill_none, broad)
+    overrides = _shrink_layer_overrides(default, cfg, n_new) if broad else None
+    if overrides is not None:
+        _set(cfg, "per_layer_config", overrides)
     if wide_heads and type(vars(cfg).get("head_dim")) is int:
         _set(cfg, "head_dim", 2 * _EXACT["head_dim"])
     for name, sub in list(vars(cfg).items()):  # a composite's parts (T5Gemma's encoder and decoder,
         if isinstance(sub, PreTrainedConfig):    # BLT's patcher and global transformer) likewise
-            _set(cfg, name, shrink_config(type(sub), impl, fill_none, wide_heads, derive_exact))
-    return _reconstruct(config_cls, cfg, impl, derive_exact)
+            _set(cfg, name, shrink_config(type(sub), impl, fill_none, wide_heads, derive_exact, broad))
+    return _reconstruct(config_cls, cfg, impl, derive_exact, overrides)
+
+
+def _shrink_layer_overrides(default, shrunk, n_new: int) -> dict | None:
+    """A heterogeneous config's per-layer overrides (transformers' ``per_layer_config``: Dots3's
+    sliding layers with 64 heads of their own) shrunk like the global fields, for the layers that
+    remain: a size field takes the shrunk global value, and a width that is the sum of two others in
+    the defaults (``head_dim = qk_nope_head_dim + qk_rope_head_dim``, named as their common suffix)
+    stays their sum. None when the defaults have no overrides."""
+    spec = vars(default).get("_heterogeneity_spec")
+    if spec is None:
+        return None
+    out = {}
+    for layer, override in spec.per_layer_overrides.items():
+        if layer >= n_new:
+            continue
+        old = {**{k: v for k, v in vars(default).items() if type(v) is int}, **override}
+        new = {k: v for k, v in vars(shrunk).items() if type(v) is int}
+        mine = {}
+        for name, value in override.items():
+            sized = type(value) is int and _int_rule(name, value) is not None
+            mine[name] = new[name] if sized and name in new else value
+        new.update(mine)
+        for total in [k for k in old if k in new]:
+            parts = [k for k in old if k != total and k.endswith("_" + total) and k in new]
+            for i, a in enumerate(parts):
+                for b in parts[i + 1:]:
+                    if old[total] == old[a] + old[b] and new[total] != new[a] + new[b]:
+                        mine[total] = new[a] + new[b]
+        out[layer] = mine
+    return out
 
 
 def _declared_defaults(config_cls) -> dict:
@@ -190,12 +238,13 @@ def _same(a, b) -> bool:
         return False
 
 
-def _reconstruct(config_cls, shrunk, impl: str, derive_exact: bool = False):
+def _reconstruct(config_cls, shrunk, impl: str, derive_exact: bool = False, overrides: dict | None = None):
     """``config_cls(**changed)``: the fields ``shrunk`` changed from the defaults, except those the
     constructor derived (declared None, set by ``__post_init__``), which it derives again from the
     shrunk ones. The fixed tiny values (``_EXACT``: GQA's 2 K/V heads, 4 experts, the window of 8) and
     the switches (dropout 0, no cache, untied) are passed even where derived, unless ``derive_exact``
-    (ESMC refuses grouped K/V heads). ``shrunk`` itself where the constructor refuses the changed fields."""
+    (ESMC refuses grouped K/V heads); ``overrides``: the shrunk per-layer overrides, passed as
+    ``per_layer_config``. ``shrunk`` itself where the constructor refuses the changed fields."""
     declared = _declared_defaults(config_cls)
     default_cfg = config_cls()
     defaults, n_old = vars(default_cfg), _layer_count(default_cfg)
@@ -210,6 +259,8 @@ def _reconstruct(config_cls, shrunk, impl: str, derive_exact: bool = False):
         if derived and not hasattr(value, "to_dict") and name not in forced:  # (composite parts too)
             continue  # derived by the constructor from other fields: let it derive again
         changed[name] = value
+    if overrides is not None:
+        changed["per_layer_config"] = overrides
     try:
         cfg = config_cls(**changed)
     except Exception:  # noqa: BLE001 - a validation the mutated config does not trigger
@@ -221,14 +272,15 @@ def _reconstruct(config_cls, shrunk, impl: str, derive_exact: bool = False):
     return cfg
 
 
-def _shrink_fields(cfg, impl: str, fill_none: bool = False):
+def _shrink_fields(cfg, impl: str, fill_none: bool = False, broad: bool = False):
     """``cfg`` with its size-like fields shrunk in place (the per-field rules)."""
     n_old = _layer_count(cfg)
     n_new = pattern_layers(cfg, n_old)
+    hidden_old = vars(cfg).get("hidden_size")
     for name, value in list(vars(cfg).items()):
         if isinstance(value, bool) or not isinstance(value, int):
             continue
-        new = _int_rule(name, value)
+        new = _int_rule(name, value, broad)
         if name.endswith("_token_id") and value >= V:  # special ids must fit the shrunk vocabulary
             new = 1
         if new is not None and new < value or name in _EXACT and new is not None:
@@ -252,6 +304,7 @@ def _shrink_fields(cfg, impl: str, fill_none: bool = False):
             if name.endswith("_token_id") and value is None:
                 _set(cfg, name, next(free, 2))
     _fit_ssm_heads(cfg)
+    _fit_hidden_splits(cfg, hidden_old)
     rope = vars(cfg).get("qk_rope_head_dim")
     if type(rope) is int and type(vars(cfg).get("head_dim")) is int:  # MLA: the rotary table's width
         _set(cfg, "head_dim", rope)
@@ -264,6 +317,19 @@ def _shrink_fields(cfg, impl: str, fill_none: bool = False):
     _follow_layer_count(cfg, n_old, n_new)
     cfg._attn_implementation = impl
     return cfg
+
+
+def _fit_hidden_splits(cfg, hidden_old) -> None:
+    """Int lists of widths that split the hidden size (Reformer's ``axial_pos_embds_dim`` (64, 192) of
+    256) split the shrunk hidden size instead, in equal parts."""
+    hidden = vars(cfg).get("hidden_size")
+    if type(hidden_old) is not int or type(hidden) is not int or hidden == hidden_old:
+        return
+    for name, v in list(vars(cfg).items()):
+        if (name.startswith("_") or "dim" not in name or not isinstance(v, (list, tuple)) or len(v) < 2
+                or not all(type(x) is int for x in v) or sum(v) != hidden_old or hidden % len(v)):
+            continue
+        _set(cfg, name, type(v)([hidden // len(v)] * len(v)))
 
 
 def _fit_ssm_heads(cfg) -> None:
@@ -332,18 +398,30 @@ def duplicate_of(family: str) -> str | None:
     return None if canonical == family else canonical
 
 
-def _multimodal(cls, config_cls) -> str | None:
-    """Why ``cls`` is skipped as a multimodal model whose text part runs as its own family, or None."""
+def _forward_params(cls) -> list[str]:
     import inspect
 
     try:
-        params = inspect.signature(cls.forward).parameters
+        return list(inspect.signature(cls.forward).parameters)
     except (TypeError, ValueError):
-        return None
-    other = [p for p in params if p.startswith(_OTHER_MODALITY)]
+        return []
+
+
+def _one_line(exc: BaseException, n: int = 200) -> str:
+    """The last line of an exception's message (validators wrap the cause in a multi-line message)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[-1] if lines else "")[:n]
+
+
+def _multimodal(cls, config_cls) -> str | None:
+    """Why ``cls`` is skipped as a multimodal model whose text part runs as its own family, or None."""
+    other = [p for p in _forward_params(cls) if p.startswith(_OTHER_MODALITY)]
     if not other or not getattr(config_cls, "sub_configs", None):
         return None
-    cfg = config_cls()
+    try:
+        cfg = config_cls()
+    except Exception:  # noqa: BLE001 - build() says why the defaults do not build
+        return None
     texts = [getattr(getattr(cfg, k, None), "model_type", None) for k in config_cls.sub_configs]
     text = next((t for t in texts if t in families()), None)
     if text is None:
@@ -363,18 +441,51 @@ def build(family: str, impl: str):
     why = _multimodal(cls, config_cls)
     if why is not None:
         raise _Skip(why)
-    if getattr(cls, "main_input_name", "input_ids") != "input_ids":
-        raise _Skip(f"main input is {cls.main_input_name}")
+    main = getattr(cls, "main_input_name", "input_ids")
+    if main != "input_ids" and "input_ids" not in _forward_params(cls):  # (Perceiver's main input
+        raise _Skip(f"main input is {main}")  # ``inputs`` also comes as input_ids)
+    try:
+        default_cfg = config_cls()
+    except Exception as exc:  # noqa: BLE001 - a validator that refuses the class's own defaults
+        raise _Skip(f"the default config does not build (nothing to shrink): {type(exc).__name__}: "
+                    f"{_one_line(exc)}") from None
     impls = [i for i, flag in (("eager", True), ("sdpa", getattr(cls, "_supports_sdpa", False)),
                                ("flex_attention", getattr(cls, "_supports_flex_attn", False))) if flag]
     if impl not in impls:
         raise _Skip(f"{impl} not offered")
     g = torch.Generator().manual_seed(3)
     inputs = {"input_ids": torch.randint(3, V, (B, S), generator=g)}
-    if getattr(config_cls(), "is_encoder_decoder", False):
+    if getattr(default_cfg, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = torch.randint(3, V, (B, S), generator=g)
-    model = _build_model(cls, config_cls, impl, inputs)
+    model, inputs, error = _build_model(cls, config_cls, impl, inputs)
+    params = _forward_params(cls)
+    other = [p for p in params if p.startswith(_OTHER_MODALITY)]
+    if error is not None and other:
+        raise _Skip(f"multimodal (inputs {', '.join(other[:3])}) and no text family to run instead: "
+                    f"input_ids alone fail: {type(error).__name__}: {_one_line(error)}")
+    needed = [p for p in params if p not in _MADE_INPUTS and re.search(rf"\b{p}\b", str(error or ""))]
+    if error is not None and needed:  # Gemma 4's assistant drafts from its target's shared K/V states
+        raise _Skip(f"needs {', '.join(needed)}, which token ids do not give: "
+                    f"{type(error).__name__}: {_one_line(error)}")
     return model.double().eval(), inputs
+
+
+# forward inputs the zoo makes (or that token ids stand in for): an eager error naming another one
+# says what the model needs from outside
+_MADE_INPUTS = ("self", "input_ids", "decoder_input_ids", "inputs_embeds", "decoder_inputs_embeds",
+                "attention_mask", "position_ids", "labels", "kwargs", "inputs")
+
+
+def _input_variants(cfg, inputs: dict):
+    """The inputs to try on ``cfg``'s model: the plain ones, then, for a model reading several codebook
+    streams per sample (MusicGen's decoder: ``num_codebooks`` rows of ids per sequence), each batch row
+    repeated as that many streams of fresh ids."""
+    yield inputs
+    k = vars(cfg).get("num_codebooks")
+    if type(k) is int and k > 1:
+        g = torch.Generator().manual_seed(4)
+        yield {name: torch.randint(3, V, (t.shape[0] * k, *t.shape[1:]), generator=g)
+               for name, t in inputs.items()}
 
 
 _MAX_PARAMS = 20_000_000  # a tiny config has well under 1M; more means a size field was not shrunk
@@ -383,17 +494,21 @@ _MAX_PARAMS = 20_000_000  # a tiny config has well under 1M; more means a size f
 def _build_model(cls, config_cls, impl: str, inputs: dict):
     """``cls`` on the tiny config; retried with None size fields and special ids filled, then as a
     decoder (Reformer's LM head exists only with ``is_decoder=True``), then with wider heads, then with
-    the derived fixed sizes left to the constructor, until one runs ``inputs``
-    (else the first that builds). Sized on the meta device first, so a field the rules missed is a
-    skip with its reason, not an out-of-memory kill."""
-    first, built = None, None
-    # (fill_none, decoder, wide_heads, derive_exact)
-    attempts = ((False, False, False, False), (True, False, False, False), (False, True, False, False),
-                (True, True, False, False), (False, False, True, False), (False, False, False, True),
-                (True, False, False, True))
-    for fill_none, decoder, wide_heads, derive_exact in attempts:
+    the derived fixed sizes left to the constructor, until one runs ``inputs`` or a variant of them
+    (``_input_variants``); else the first that builds. (model, inputs it ran, None) or (the first
+    model, ``inputs``, the first eager error). Sized on the meta device first, so a field the rules
+    missed is a skip with its reason, not an out-of-memory kill."""
+    first, built, run_error, too_big = None, None, None, None
+    # (fill_none, decoder, wide_heads, derive_exact, broad); the broad ones last, so a config that
+    # builds without the retry-only spellings keeps the sizes it had before they existed
+    attempts = ((False, False, False, False, False), (True, False, False, False, False),
+                (False, True, False, False, False), (True, True, False, False, False),
+                (False, False, True, False, False), (False, False, False, True, False),
+                (True, False, False, True, False), (False, False, False, False, True),
+                (True, False, False, False, True))
+    for fill_none, decoder, wide_heads, derive_exact, broad in attempts:
         try:
-            cfg = shrink_config(config_cls, impl, fill_none, wide_heads, derive_exact)
+            cfg = shrink_config(config_cls, impl, fill_none, wide_heads, derive_exact, broad)
             if decoder:
                 if getattr(cfg, "is_decoder", None) is not False:
                     continue
@@ -403,24 +518,28 @@ def _build_model(cls, config_cls, impl: str, inputs: dict):
             n = sum(p.numel() for p in params.values())
             if n > _MAX_PARAMS:
                 big = max(params, key=lambda k: params[k].numel())
-                raise _Skip(f"tiny config still has {n / 1e6:.0f}M parameters (largest: {big} "
-                            f"{tuple(params[big].shape)}): a size field the rules do not shrink")
+                too_big = too_big or _Skip(
+                    f"tiny config still has {n / 1e6:.0f}M parameters (largest: {big} "
+                    f"{tuple(params[big].shape)}): a size field the rules do not shrink")
+                continue  # a retry may shrink it
             torch.manual_seed(0)
             model = cls(cfg)
-        except _Skip:
-            raise
         except Exception as exc:  # noqa: BLE001
             first = first or exc
             continue
         built = built or model
-        try:
-            with torch.no_grad():
-                model.eval()(**inputs)
-        except Exception:  # noqa: BLE001 - run_one reports the first model's eager failure
-            continue
-        return model
+        for variant in _input_variants(cfg, inputs):
+            try:
+                with torch.no_grad():
+                    model.eval()(**variant)
+            except Exception as exc:  # noqa: BLE001 - run_one reports the first model's eager failure
+                run_error = run_error or exc
+                continue
+            return model, variant, None
     if built is not None:
-        return built
+        return built, inputs, run_error
+    if too_big is not None:
+        raise too_big
     why = f"tiny config does not build: {type(first).__name__}: {str(first)[:200]}"
     try:
         with torch.device("meta"):
@@ -553,7 +672,11 @@ def run_one(family: str, impl: str) -> dict:
     if _wrong(errs):
         return {**rec, **_control(model, inputs, "wrong", "differs from one process")}
     if rec["expected_sites"] == 0:
-        return {**rec, "status": "skipped", "reason": "no attention in the eager forward"}
+        why = "no attention in the eager forward"
+        if rec["rewritten"]:  # Perceiver: latents attend over the sequence, the sequence not over itself
+            why = (f"no attention of the {S} inputs over themselves in the eager forward (what this table "
+                   f"counts); {rec['rewritten']} sites attending over them from other queries were rewritten")
+        return {**rec, "status": "skipped", "reason": why}
     if max(rec["rewritten"], rec["ring_calls"]) >= rec["expected_sites"] and rec["sharded_graphs"]:
         return {**rec, "status": "ok"}
     return {**rec, "status": "unsharded-reason" if reasons else "unsharded-silent"}

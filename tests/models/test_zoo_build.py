@@ -26,6 +26,10 @@ def zoo():
     "dots1",    # defaults leave n_routed_experts None: filled on the retry
     "xmod",     # default_language None: the first of its languages
     "neomme",   # 2-D RoPE on a quarter of the head: the retry with heads of 16
+    "reformer",  # axial position widths (64, 192) must sum to the shrunk hidden size
+    "musicgen",  # the decoder reads num_codebooks rows of ids per sequence
+    "perceiver",  # main input ``inputs`` also taken as input_ids; d_latents and per-block counts (retry)
+    "dots3_note_text",  # per-layer overrides (sliding layers with 64 heads of their own) shrunk too
 ])
 def test_tiny_config_builds_and_runs(zoo, family):
     if family not in zoo.families():
@@ -43,9 +47,51 @@ def test_shrunk_derived_field_follows(zoo):
     assert cfg.hidden_size == 32 and cfg.attention_hidden_size == 2 * cfg.hidden_size
 
 
+def test_hidden_splits_follow(zoo):
+    from transformers import ReformerConfig
+
+    cfg = zoo.shrink_config(ReformerConfig, "eager")
+    assert sum(cfg.axial_pos_embds_dim) == cfg.hidden_size == 32
+
+
+def test_layer_overrides_shrink_consistently(zoo):
+    """Dots3's sliding layers override heads, K/V rank and widths: shrunk like the global fields, and
+    their head_dim stays qk_nope_head_dim + qk_rope_head_dim (the config refuses it otherwise)."""
+    cls = zoo.config_class("dots3_note_text") if "dots3_note_text" in zoo.families() else None
+    if cls is None:
+        pytest.skip("dots3_note_text is not in this transformers")
+    cfg = zoo.shrink_config(cls, "eager", broad=True)
+    for i, kind in enumerate(cfg.layer_types):
+        layer = cfg.per_layer_config[i]
+        assert layer.num_attention_heads == layer.num_key_value_heads == 4, (i, kind)
+        assert layer.kv_lora_rank == 8
+        if kind == "sliding_attention":
+            assert layer.head_dim == layer.qk_nope_head_dim + layer.qk_rope_head_dim
+
+
+def test_codebook_inputs(zoo):
+    if "musicgen" not in zoo.families():
+        pytest.skip("musicgen is not in this transformers")
+    model, inputs = zoo.build("musicgen", "eager")
+    assert inputs["input_ids"].shape == (zoo.B * model.config.num_codebooks, zoo.S)
+
+
+def test_broad_rules_only_on_retry(zoo):
+    """The retry-only spellings leave a config that builds without them as it was (the running zoo's
+    table stays valid): Funnel's d_inner keeps its default on the first attempt."""
+    from transformers import FunnelConfig, PerceiverConfig
+
+    assert zoo.shrink_config(FunnelConfig, "eager").d_inner == FunnelConfig().d_inner
+    assert zoo.shrink_config(PerceiverConfig, "eager").d_latents == PerceiverConfig().d_latents
+    assert zoo.shrink_config(PerceiverConfig, "eager", broad=True).d_latents == 32
+
+
 @pytest.mark.parametrize("family,words", [
     ("gpt-sw3", "same model class and config class as family gpt2"),
     ("gemma3", "multimodal"),
+    ("gemma4_assistant", "the default config does not build"),  # its validator refuses its defaults
+    ("voxtral_realtime", "no text family to run instead: input_ids alone fail"),
+    ("gemma4_unified_assistant", "needs shared_kv_states"),  # a draft model: its target's K/V states
 ])
 def test_skips_say_why(zoo, family, words):
     if family not in zoo.families():
