@@ -44,17 +44,20 @@ def _is_float(n: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
-def _reads(node: fx.Node, target: fx.Node, depth: int = 32) -> bool:
-    """Whether ``node``'s value depends on ``target`` (bounded walk up the inputs)."""
-    frontier, seen = [node], {node}
-    for _ in range(depth):
-        if target in frontier:
+def _reads(node: fx.Node, target: fx.Node) -> bool:
+    """Whether ``node``'s value depends on ``target``: a walk up the inputs that never climbs above
+    ``target`` (a graph is in topological order, so a node defined before it cannot read it). Exact at
+    any depth: a sink computed from the hidden states of a late layer is hundreds of nodes deep."""
+    todo, seen = [node], {node}
+    while todo:
+        n = todo.pop()
+        if n is target:
             return True
-        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
-        seen.update(frontier)
-        if not frontier:
-            return False
-    return True  # too deep to tell: assume it does
+        for a in n.all_input_nodes:
+            if a not in seen and not a < target:
+                seen.add(a)
+                todo.append(a)
+    return False
 
 
 def _drops_sink(user: fx.Node, probs: fx.Node) -> bool:

@@ -192,6 +192,36 @@ def test_logsumexp_of_the_shifted_scores_is_not_the_ops_lse(fresh):
     assert any("also used outside the softmax" in r for r in _reasons(report)), report
 
 
+def _sink_attention(q, k, v, m, col):
+    w = q @ k.transpose(-1, -2) * 0.5 + m
+    p = torch.softmax(torch.cat([w, col], -1).to(torch.float64), -1)[..., :-1].to(q.dtype)
+    return p @ v
+
+
+def test_sink_column_many_ops_deep_is_a_sink(fresh):
+    """Inkling2's sink of a late layer is computed from hidden states hundreds of nodes deep: the check
+    that the column does not read the scores gave up after 32 levels (and read it as "reads them")."""
+    def fn(q, k, v, m):
+        col = q.sum(-1, keepdim=True)
+        for _ in range(40):
+            col = (col * 0.9).tanh()
+        return _sink_attention(q, k, v, m, col)
+
+    entry, _ = _run_world_1(fn, 9)
+    assert [s.pattern for s in entry.sites if s.rewritten] == ["matmul+sink"], (entry.sites, entry.rejected)
+
+
+def test_sink_column_that_reads_the_scores_is_not_a_sink(fresh):
+    """A column computed from the scores themselves is no sink logit: not rewritten, and right."""
+    def fn(q, k, v, m):
+        w = q @ k.transpose(-1, -2) * 0.5 + m
+        p = torch.softmax(torch.cat([w, w.mean(-1, keepdim=True)], -1).to(torch.float64), -1)
+        return p[..., :-1].to(q.dtype) @ v
+
+    entry, report = _run_world_1(fn, 10)
+    assert not any(s.rewritten for s in entry.sites) and report.not_rewritten, report
+
+
 # ---------------------------------------------------------------------------- two gloo ranks
 
 RANK_CASES = {"case_shift_max_values": (EXACT, "matmul"), "case_shift_detach": (EXACT, "matmul"),
