@@ -149,17 +149,15 @@ def _max_chain(m: fx.Node) -> tuple[fx.Node, list, list[fx.Node]] | None:
 def _check_shift(sm: fx.Node, index: int) -> Match | None:
     """The row-shift rule: a softmax of attention whose input is max-shifted is checked here first, so an
     unsound shift is declined under this rule's name; a sound one is stripped by every softmax rule."""
-    x = sm.args[0]
-    if not isinstance(x, fx.Node) or not isinstance(val_of(x), torch.Tensor) or not_attention_reason(sm):
-        return None
     softmax_input(sm)
     return None
 
 
 def softmax_input(sm: fx.Node) -> tuple[fx.Node, RowShift | None]:
-    """The softmax's input with its row-max shifts stripped (and the shifts), or the input as it is."""
+    """The softmax's input with its row-max shifts stripped (and the shifts), or the input as it is
+    (always for a softmax that is not attention: a router's shift is not this rule's business)."""
     x = sm.args[0]
-    if not isinstance(x, fx.Node) or not isinstance(val_of(x), torch.Tensor):
+    if not isinstance(x, fx.Node) or not isinstance(val_of(x), torch.Tensor) or not_attention_reason(sm):
         return x, None
     shift = strip_row_shifts(sm, norm_dim(int(sm.args[1]), len(_shape(x))))
     return (x, None) if shift is None else (shift.base, shift)

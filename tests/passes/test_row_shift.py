@@ -103,6 +103,21 @@ def test_max_over_the_wrong_dim_declines_and_stays_right(fresh):
                for r in _reasons(report)), report
 
 
+def test_a_router_with_a_wrong_dim_shift_is_not_attention(fresh):
+    """A MoE router shifted by its max over the tokens: not attention, so reported as such (no warning),
+    never declined by the shift rule."""
+    gate = torch.randn(D, 5, generator=torch.Generator().manual_seed(11))
+
+    def fn(x):
+        logits = x.reshape(-1, D) @ gate
+        return torch.softmax(logits - logits.amax(0, keepdim=True), -1)
+
+    x = torch.randn(B, S, D)
+    report = ringcompile.explain(fn, x)
+    assert report.not_rewritten == [], report
+    torch.testing.assert_close(torch.compile(fn, backend="ring", options={"inner": "eager"})(x), fn(x))
+
+
 def test_max_over_more_dims_than_the_softmax_declines(fresh):
     """A max over (q, kv) is constant along each row, but eager's exp may underflow whole rows far below
     it (0 / 0): not dropped."""
