@@ -1,8 +1,8 @@
 """Attention rules as data: ``base`` holds the registry, each other module one family of spellings.
 
 Importing this package registers the built-in rules, in the order they are asked: flex, SDPA, then the
-softmax spellings (sinks, Bloom's head split, a read lse, the plain chain); ``decode`` (SDPA over a
-sharded KV cache) is asked before SDPA. Other modules add theirs with
+softmax spellings (the row-max shift check, sinks, Bloom's head split, a read lse, the plain chain);
+``decode`` (SDPA over a sharded KV cache) is asked before SDPA. Other modules add theirs with
 ``register_rule``; FlexAttention's rule (``flex``) anchors on the marker ``passes.flex`` leaves.
 """
 

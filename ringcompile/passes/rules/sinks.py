@@ -1,26 +1,28 @@
-"""Attention sinks (gpt-oss): a per-head logit column concatenated to the scores, sliced off after."""
+"""Attention sinks (gpt-oss, Inkling2): a logit column (per head, or per query) concatenated to the scores,
+sliced off after the softmax."""
 
 from __future__ import annotations
-
-import operator
-from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..aten import norm_dim, val_of
+from ..aten import norm_dim, val_of, value_users
+from .ops import CAST_OPS
 from .shapes import _shape, same_size
 
 aten = torch.ops.aten
 
 
 def strip_sink(x: fx.Node) -> tuple[fx.Node, fx.Node, set[fx.Node]] | None:
-    """gpt-oss attention sinks: ``x`` is ``cat([scores, sink_column], -1)``, maybe minus its row max
-    (softmax is shift invariant). Returns (scores, sink column, nodes dead after the rewrite)."""
-    nodes: set[fx.Node] = set()
-    if (x.target == aten.sub.Tensor and isinstance(x.args[0], fx.Node)
-            and _is_row_max_of(x.args[1], x.args[0])):
-        nodes |= {x, x.args[1], x.args[1].args[0]} if x.args[1].target is operator.getitem else {x, x.args[1]}
+    """Attention sinks (gpt-oss, Inkling2): ``x`` is ``cat([scores, sink_column], -1)``, maybe cast to a
+    float dtype after the cat (Inkling2's ``.float()``: the cast of the cat is a cast of both parts, and the
+    site computes in its own dtype). Row-max shifts are stripped before (``shift.softmax_input``).
+    Returns (scores, sink column, nodes dead after the rewrite)."""
+    casts: set[fx.Node] = set()
+    while x.target in CAST_OPS and isinstance(x.args[0], fx.Node) and _is_float(x) and _is_float(x.args[0]):
+        if len(value_users(x.args[0])) != 1:
+            return None
+        casts.add(x)
         x = x.args[0]
     if x.target != aten.cat.default or len(x.args[0]) != 2:
         return None
@@ -34,35 +36,28 @@ def strip_sink(x: fx.Node) -> tuple[fx.Node, fx.Node, set[fx.Node]] | None:
         return None
     if _reads(sink, scores):
         return None
-    return scores, sink, nodes | {x}
+    return scores, sink, casts | {x}
 
 
-def _is_row_max_of(m: Any, c: fx.Node) -> bool:
-    """``m`` is ``c.max(-1, keepdim=True).values`` or ``c.amax(-1, keepdim=True)``."""
-    if not isinstance(m, fx.Node):
-        return False
-    if m.target is operator.getitem and m.args[1] == 0 and isinstance(m.args[0], fx.Node):
-        mx = m.args[0]
-        return (mx.target == aten.max.dim and mx.args[0] is c and norm_dim(int(mx.args[1]), 4) == 3
-                and bool(mx.args[2] if len(mx.args) > 2 else mx.kwargs.get("keepdim", False)))
-    if m.target == aten.amax.default and m.args[0] is c:
-        dims = m.args[1] if len(m.args) > 1 else []
-        keep = m.args[2] if len(m.args) > 2 else m.kwargs.get("keepdim", False)
-        return list(dims) in ([-1], [3]) and bool(keep)
-    return False
+def _is_float(n: fx.Node) -> bool:
+    val = val_of(n)
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
-def _reads(node: fx.Node, target: fx.Node, depth: int = 32) -> bool:
-    """Whether ``node``'s value depends on ``target`` (bounded walk up the inputs)."""
-    frontier, seen = [node], {node}
-    for _ in range(depth):
-        if target in frontier:
+def _reads(node: fx.Node, target: fx.Node) -> bool:
+    """Whether ``node``'s value depends on ``target``: a walk up the inputs that never climbs above
+    ``target`` (a graph is in topological order, so a node defined before it cannot read it). Exact at
+    any depth: a sink computed from the hidden states of a late layer is hundreds of nodes deep."""
+    todo, seen = [node], {node}
+    while todo:
+        n = todo.pop()
+        if n is target:
             return True
-        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
-        seen.update(frontier)
-        if not frontier:
-            return False
-    return True  # too deep to tell: assume it does
+        for a in n.all_input_nodes:
+            if a not in seen and not a < target:
+                seen.add(a)
+                todo.append(a)
+    return False
 
 
 def _drops_sink(user: fx.Node, probs: fx.Node) -> bool:

@@ -7,7 +7,8 @@
   scaling ``out * sigmoid(lse - sink)``): those reads become the op's lse;
 - ``softmax-chain``: the plain chain (pointwise ops, in-place ones included, and view round trips).
 
-Each rule finds its ``Spine`` (the matmul and the chain to the softmax input), then they share the walk
+Each rule finds its ``Spine`` (the matmul and the chain to the softmax input, row-max shifts stripped by
+``shift.softmax_input``; ``softmax-row-shift`` declines the unsound ones first), then they share the walk
 forward to p @ v (``Forward``), the q/k/v resolution (GQA, MQA) and the site construction.
 """
 
@@ -45,6 +46,7 @@ from .shapes import (
     same_size,
     strip_kv_repeats,
 )
+from .shift import RowShift, softmax_input
 from .sinks import _drops_sink, strip_sink
 
 aten = torch.ops.aten
@@ -63,6 +65,11 @@ class Spine:
     sink: fx.Node | None = None
     extra_nodes: set[fx.Node] = dataclasses.field(default_factory=set)
     lse_readers: list[fx.Node] = dataclasses.field(default_factory=list)
+    shift: RowShift | None = None  # row-max shifts stripped from the softmax input (``x`` is unshifted)
+
+    def side_readers(self) -> set[fx.Node]:
+        """Reads of the chain that are not "uses outside the softmax": the lse readers, the shift's max."""
+        return set(self.lse_readers) | (self.shift.readers if self.shift is not None else set())
 
 
 @dataclasses.dataclass
@@ -81,19 +88,28 @@ class Forward:
 # ---------------------------------------------------------------------------- the three spines
 
 
+def _shifted(spine: Spine | None, shift: RowShift | None) -> Spine | None:
+    """``spine`` with the stripped row-max shifts recorded (their nodes die with the site)."""
+    if spine is not None and shift is not None:
+        spine.shift = shift
+        spine.extra_nodes = spine.extra_nodes | shift.nodes
+    return spine
+
+
 def _sink_spine(sm: fx.Node) -> Spine | None:
-    found = strip_sink(sm.args[0]) if isinstance(sm.args[0], fx.Node) else None
+    x, shift = softmax_input(sm)
+    found = strip_sink(x) if isinstance(x, fx.Node) else None
     if found is None:
         return None
     scores, sink, nodes = found
     spine = _score_spine(scores)
     if spine is None:
         raise Decline("attention sinks: no q.k^T matmul reaches the scores through pointwise ops")
-    return Spine(spine[0], spine[0], spine[1], scores, sink=sink, extra_nodes=nodes)
+    return _shifted(Spine(spine[0], spine[0], spine[1], scores, sink=sink, extra_nodes=nodes), shift)
 
 
 def _split_spine(sm: fx.Node) -> Spine | None:
-    x = sm.args[0]
+    x, shift = softmax_input(sm)
     split = _head_split_spine(x) if isinstance(x, fx.Node) and _score_spine(x) is None else None
     if split is None:
         return None
@@ -101,16 +117,17 @@ def _split_spine(sm: fx.Node) -> Spine | None:
     if len(mm.users) != 1:
         raise Decline(f"the score matrix ({mm.name}) is also used outside the softmax")
     if pre:  # 3-D chain ops before the head split (DeBERTa's relative-position bias): lift from the matmul
-        return Spine(mm, mm, pre[1:] + path, x, head_split=heads, extra_nodes={mm})
-    return Spine(mm, view, path, x, head_split=heads, extra_nodes={mm})
+        return _shifted(Spine(mm, mm, pre[1:] + path, x, head_split=heads, extra_nodes={mm}), shift)
+    return _shifted(Spine(mm, view, path, x, head_split=heads, extra_nodes={mm}), shift)
 
 
 def _lse_spine(sm: fx.Node) -> Spine | None:
     """The plain chain whose softmax input is also read by ``logsumexp(x, -1)`` (and nothing else)."""
-    x = sm.args[0]
+    x, shift = softmax_input(sm)
     if not isinstance(x, fx.Node):
         return None
-    readers = [u for u in value_users(x) if u is not sm]
+    on_the_way = shift.next if shift is not None else sm
+    readers = [u for u in value_users(x) if u is not on_the_way and (shift is None or u not in shift.readers)]
     if not readers or not all(_is_row_logsumexp(u, x) for u in readers):
         return None
     spine = _chain_spine(sm)
@@ -132,14 +149,14 @@ def _chain_spine(sm: fx.Node) -> Spine:
     why_not = not_attention_reason(sm)
     if why_not is not None:
         raise NotAttention(why_not)
-    x = sm.args[0]
+    x, shift = softmax_input(sm)
     spine = _score_spine(x)
     if spine is None:
         if _reshaped_score(x):
             raise Decline("the score matrix is reshaped between q.k^T and the softmax in a way other "
                           "than splitting (B*H) into (B, H); only pointwise ops may sit in between")
         raise Decline("no q.k^T matmul reaches the softmax through pointwise ops")
-    return Spine(spine[0], spine[0], spine[1], x)
+    return _shifted(Spine(spine[0], spine[0], spine[1], x), shift)
 
 
 # ---------------------------------------------------------------------------- shared steps
@@ -154,7 +171,7 @@ def _check_spine(sm: fx.Node, spine: Spine) -> int:
     if ndim not in (3, 4):
         raise Decline(f"{ndim}-D score matrix (only 3-D and 4-D attention is rewritten)")
     for n in spine.path:  # a dtype/shape template use (``type_as(p, scores)``) reads no values
-        if len([u for u in value_users(n) if u not in spine.lse_readers]) != 1:
+        if len([u for u in value_users(n) if u not in spine.side_readers()]) != 1:
             raise Decline(f"the score matrix ({n.name}) is also used outside the softmax")
     return ndim
 
