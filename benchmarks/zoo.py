@@ -73,6 +73,11 @@ def _int_rule(name: str, default: int) -> int | None:
         return 8
     if "head_dim" in name:
         return 8
+    if name.startswith("index_") and "heads" not in name:
+        # a sparse-attention indexer's counts (DSA's index_topk keys per query, pools, blocks, local and
+        # sink tokens): at their defaults (2048 keys) every query of an S-long input keeps every key, so
+        # the selection never runs; a quarter of S makes it choose (equal values keep divisibility checks)
+        return S // 4 if default > S // 4 else None
     return None
 
 
