@@ -92,3 +92,13 @@ def test_kolibri_indexer_drops_keys(zoo):
         model(**inputs)
     b, s = inputs["input_ids"].shape
     assert kept and all(k < b * s * (s + 1) // 2 for k in kept), kept
+
+
+def test_layers_reach_the_first_kv_borrower(zoo):
+    """A per-layer map to earlier layers (Kolibri 1.1's kv_source_layers) keeps enough layers for one
+    layer that reads another's K/V, so the zoo runs cross-layer K/V sharing."""
+    if "kolibri1_1" not in zoo.families():
+        pytest.skip("kolibri1_1 is not in this transformers")
+    cfg = zoo.shrink_config(zoo.config_class("kolibri1_1"), "eager")
+    assert "reuse" in cfg.kv_sharing_modes, cfg.kv_source_layers
+    assert cfg.num_hidden_layers <= 12
