@@ -80,6 +80,11 @@ def _int_rule(name: str, default: int, broad: bool = False) -> int | None:
         return 8
     if "head_dim" in name:
         return 8
+    if name.startswith("index_") and "heads" not in name:
+        # a sparse-attention indexer's counts (DSA's index_topk keys per query, pools, blocks, local and
+        # sink tokens): at their defaults (2048 keys) every query of an S-long input keeps every key, so
+        # the selection never runs; a quarter of S makes it choose (equal values keep divisibility checks)
+        return S // 4 if default > S // 4 else None
     return None
 
 
@@ -115,13 +120,23 @@ def _is_index_list(name: str, v) -> bool:
             and name.endswith(("_idxs", "_ids", "_indices")) and ("layer" in name or "attn" in name))
 
 
+def _first_borrower(name: str, v, n_layers: int | None) -> int | None:
+    """The first layer of a per-layer map to earlier layers (Kolibri 1.1's ``kv_source_layers``: the layer
+    whose K/V each layer reads) that reads another layer's, or None when ``v`` is no such map."""
+    if not (isinstance(v, (list, tuple)) and n_layers and len(v) == n_layers and "layer" in name
+            and all(type(x) is int and 0 <= x <= i for i, x in enumerate(v))):
+        return None
+    return next((i for i, x in enumerate(v) if x != i), None)
+
+
 def pattern_layers(cfg, n_layers: int | None) -> int:
     """The fewest layers (at least 2) that hold every kind of layer the config's layer pattern names, so a
     hybrid's attention layers exist: per-layer kind lists (``layer_types``, ``block_types``,
     ``layers_block_type``, ``mlp_layer_types``, ... or any list of strings as long as the layer count)
     up to the first occurrence of their last new kind; layer-index lists (``full_attn_idxs``,
     ``hybrid_layer_ids``) up to their first index; ``X_period`` / ``X_offset`` pairs (Jamba's
-    ``attn_layer_period`` / ``attn_layer_offset``) up to the offset."""
+    ``attn_layer_period`` / ``attn_layer_offset``) up to the offset; per-layer maps to earlier layers
+    (``kv_source_layers``) up to the first layer that reads another's, so cross-layer K/V sharing runs."""
     need = 2
     for name in dir(cfg):
         if name.startswith("_") or name.startswith("mtp_"):
@@ -138,6 +153,8 @@ def pattern_layers(cfg, n_layers: int | None) -> int:
             need = max(need, max(first.values()) + 1)
         elif _is_index_list(name, v):
             need = max(need, min(v) + 1)
+        elif _first_borrower(name, v, n_layers) is not None:
+            need = max(need, _first_borrower(name, v, n_layers) + 1)
         elif name.endswith("_period") and type(v) is int:
             offset = getattr(cfg, name[: -len("period")] + "offset", None)
             if type(offset) is int:

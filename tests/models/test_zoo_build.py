@@ -102,3 +102,49 @@ def test_skips_say_why(zoo, family, words):
 
 def test_canonical_twin_is_not_skipped(zoo):
     assert zoo.duplicate_of("gpt2") is None
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "kolibri1_1"])
+def test_sparse_indexer_selects_at_the_test_length(zoo, family):
+    """A sparse-attention indexer's counts (index_topk keys per query, Kolibri's pool, local and sink
+    tokens) at their defaults keep every key of an S-long input, so the zoo never ran the selection:
+    they shrink below S (and stay consistent: the pool a multiple of the block it averages)."""
+    if family not in zoo.families():
+        pytest.skip(f"{family} is not in this transformers")
+    cfg = zoo.shrink_config(zoo.config_class(family), "eager")
+    counts = {k: v for k, v in vars(cfg).items() if k.startswith("index_") and type(v) is int
+              and "heads" not in k and "dim" not in k}
+    assert counts and all(v < zoo.S for v in counts.values()), counts
+    if "index_pool_size" in counts:
+        assert counts["index_pool_size"] % counts["index_compression"] == 0, counts
+        assert counts["index_topk"] + counts["index_num_local_tokens"] + counts["index_num_sink_tokens"] \
+            < zoo.S, counts  # the per-query budget: queries seeing more keys than it select
+
+
+def test_kolibri_indexer_drops_keys(zoo):
+    """The tiny Kolibri 1.1 really attends to fewer keys than causal attention keeps (so its zoo rows
+    cover the data-dependent selection mask, not a causal mask under another name)."""
+    if "kolibri1_1" not in zoo.families():
+        pytest.skip("kolibri1_1 is not in this transformers")
+    import torch
+
+    model, inputs = zoo.build("kolibri1_1", "sdpa")
+    model = model.float()
+    kept: list[int] = []
+    for mod in model.modules():
+        if type(mod).__name__ == "Kolibri1_1Indexer":
+            mod.register_forward_hook(lambda _m, _i, out: kept.append(int(out[0].sum())))
+    with torch.no_grad():
+        model(**inputs)
+    b, s = inputs["input_ids"].shape
+    assert kept and all(k < b * s * (s + 1) // 2 for k in kept), kept
+
+
+def test_layers_reach_the_first_kv_borrower(zoo):
+    """A per-layer map to earlier layers (Kolibri 1.1's kv_source_layers) keeps enough layers for one
+    layer that reads another's K/V, so the zoo runs cross-layer K/V sharing."""
+    if "kolibri1_1" not in zoo.families():
+        pytest.skip("kolibri1_1 is not in this transformers")
+    cfg = zoo.shrink_config(zoo.config_class("kolibri1_1"), "eager")
+    assert "reuse" in cfg.kv_sharing_modes, cfg.kv_source_layers
+    assert cfg.num_hidden_layers <= 12
