@@ -6,18 +6,39 @@ the caller's tensor, some sequence slices of a shard are fresh tensors (a halo, 
 whole shard, and a conversion (a gather, a slice of a replicated value) is a copy taken once and reused.
 ``passes/shard.py`` asks this table, at each write, which values the write must reach.
 
-Aliasing is read from the op alone (``aten.ALIASING``: the ops whose result may alias their first
-argument, plus in-place ops, whose result is their target). "May" is taken as "does": a write then
-reaches more values than it may, so the checks built on it can only be stricter than needed.
+Aliasing is read from the op (``aten.ALIASING``: the ops whose result may alias their first argument,
+plus in-place ops, whose result is their target); ``to`` / ``type_as`` / ``contiguous`` alias only when
+the example values keep dtype, device and strides (else they copy). Otherwise "may" is taken as "does":
+a write then reaches more values than it may, so the checks built on it are only stricter than needed.
 """
 
 from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
-from .aten import ALIASING, _writes, packet_of
+from .aten import ALIASING, _writes, packet_of, val_of
+
+aten = torch.ops.aten
+
+
+# ops that return their input itself when it already has the asked dtype / layout, else a copy
+_SELF_OR_COPY = (aten.to, aten.type_as, aten.contiguous)
+_COPIES = (aten.lift_fresh_copy,)
+
+
+def _returns_self(node: fx.Node, src: fx.Node) -> bool:
+    """``to`` / ``type_as`` / ``contiguous``: the input itself when dtype, device and strides stay (read from
+    the example values; unknown counts as the input itself)."""
+    a, b = val_of(node), val_of(src)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return True
+    try:
+        return a.dtype == b.dtype and a.device == b.device and tuple(a.stride()) == tuple(b.stride())
+    except RuntimeError:  # symbolic strides that cannot be compared without a guard
+        return True
 
 
 def aliased_arg(node: fx.Node) -> fx.Node | None:
@@ -27,9 +48,14 @@ def aliased_arg(node: fx.Node) -> fx.Node | None:
     src = node.args[0]
     if node.target is operator.getitem:   # an output of split / unbind / chunk
         return src if packet_of(src) in ALIASING else None
-    if packet_of(node) in ALIASING or _writes(node, src):
+    if _writes(node, src):
         return src
-    return None
+    packet = packet_of(node)
+    if packet in _COPIES or packet not in ALIASING:
+        return None
+    if packet in _SELF_OR_COPY and not _returns_self(node, src):
+        return None
+    return src
 
 
 def written_arg(node: fx.Node) -> fx.Node | None:

@@ -32,11 +32,11 @@ class Spec:
     gqa: str = "repeat_interleave"  # repeat_interleave | expand (HF repeat_kv) | sdpa_gqa (enable_gqa=True)
     rope: str = "none"           # none | rotate_half | interleaved | complex | learned_pos
     cast: str = "none"           # none | type_as (no-op casts) | float32_softmax (then type_as)
-    inplace: tuple[str, ...] = ()  # subset of q_mul_, scores_div_, residual_add_, mlp_mul_, and writes into
-    #                                inputs and shards: ids_clamp_ (the sharded ids input, before the embedding
-    #                                reads it), hidden_view_add_ (x[..., :E/2] += through a view of the
-    #                                embedded shard), labels_fill_ (labels.masked_fill_ on padding, a
-    #                                replicated input, before the loss)
+    inplace: tuple[str, ...] = ()  # subset of q_mul_, scores_div_, residual_add_, mlp_mul_, and writes
+    #                                into inputs and shards: ids_clamp_ (the sharded ids input, before the
+    #                                embedding reads it), hidden_view_add_ (x[..., :E/2] += through a view
+    #                                of the embedded shard), labels_fill_ (labels.masked_fill_ on padding,
+    #                                a replicated input, before the loss)
     custom_fn: bool = False      # an autograd.Function with its own (bounded) backward in the MLP
     bias: str = "none"           # none | relative (learned table, T5-style) | alibi | c2p (manual spellings:
     #                              DeBERTa's content->position term, gather(q @ pos_k^T) over q - kv)
