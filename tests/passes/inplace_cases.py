@@ -27,6 +27,8 @@ class Attn(torch.nn.Module):
         self.proj = torch.nn.Linear(E, E)
         self.qkv = torch.nn.Linear(E, 3 * E)
         self.out = torch.nn.Linear(E, E)
+        if pattern == "shift_tokens_right":
+            self.emb = torch.nn.Embedding(4, E)
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(h).view(B, S, 3, H, D).permute(2, 0, 3, 1, 4)
@@ -83,6 +85,17 @@ class Attn(torch.nn.Module):
             a = self.attend(h)
             a.view(B, S, 2, E // 2)[:, :, 1].add_(h.view(B, S, 2, E // 2)[:, :, 0])
             return a
+        if p == "cast_copy_write":          # a write into x.to(float32), a copy: x itself is unchanged
+            y = x.to(torch.float32)
+            y.mul_(2.0)
+            return self.attend(h) + y.to(h.dtype)
+        if p == "shift_tokens_right":       # HF's decoder ids from a sharded int input (pad, embedded too)
+            h = h + self.emb(pad)
+            shifted = pad.new_zeros(pad.shape)
+            shifted[:, 1:] = pad[:, :-1].clone()
+            shifted[:, 0] = 3
+            shifted.masked_fill_(shifted == 0, 2)
+            return self.attend(h) * shifted[..., None].to(h.dtype)
         if p == "cache_update":             # a replicated buffer input updated with sharded values
             a = self.attend(h)
             pad_f = pad.to(h.dtype)
@@ -94,7 +107,7 @@ class Attn(torch.nn.Module):
 PATTERNS = ["input_add_after", "input_view_add_after", "input_slice_write", "pad_masked_fill_",
             "prefix_write", "suffix_write", "suffix_add_", "row_write", "last_row_write",
             "feature_slice_add_", "masked_fill_", "index_put_", "gathered_then_view_write",
-            "attn_out_view_add_", "cache_update"]
+            "attn_out_view_add_", "cache_update", "cast_copy_write", "shift_tokens_right"]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,7 +161,8 @@ def compare(pattern: str, grad: bool, input_grad: bool = False, inner: str = "ea
 
 
 SHARDED = ["input_add_after", "input_view_add_after", "pad_masked_fill_", "feature_slice_add_",
-           "masked_fill_", "gathered_then_view_write", "attn_out_view_add_", "cache_update"]
+           "masked_fill_", "gathered_then_view_write", "attn_out_view_add_", "cache_update",
+           "cast_copy_write", "shift_tokens_right"]
 # pattern -> what the fallback reason must say
 UNSHARDED = {
     "input_slice_write": "the caller's tensor",
