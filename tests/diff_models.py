@@ -32,7 +32,11 @@ class Spec:
     gqa: str = "repeat_interleave"  # repeat_interleave | expand (HF repeat_kv) | sdpa_gqa (enable_gqa=True)
     rope: str = "none"           # none | rotate_half | interleaved | complex | learned_pos
     cast: str = "none"           # none | type_as (no-op casts) | float32_softmax (then type_as)
-    inplace: tuple[str, ...] = ()  # subset of q_mul_, scores_div_, residual_add_, mlp_mul_
+    inplace: tuple[str, ...] = ()  # subset of q_mul_, scores_div_, residual_add_, mlp_mul_, and writes
+    #                                into inputs and shards: ids_clamp_ (the sharded ids input, before the
+    #                                embedding reads it), hidden_view_add_ (x[..., :E/2] += through a view
+    #                                of the embedded shard), labels_fill_ (labels.masked_fill_ on padding,
+    #                                a replicated input, before the loss)
     custom_fn: bool = False      # an autograd.Function with its own (bounded) backward in the MLP
     bias: str = "none"           # none | relative (learned table, T5-style) | alibi | c2p (manual spellings:
     #                              DeBERTa's content->position term, gather(q @ pos_k^T) over q - kv)
@@ -58,6 +62,8 @@ Pick = Callable[[str, Sequence[Any]], Any]
 # of the scores, attention sinks; a learned K/V prefix is cross-length attention by design), so that most
 # examples still exercise sharding
 RARE = [False] * 5 + [True]
+# in-place writes into graph inputs and into a shard (drawn last, so the other fields draw as before)
+INPUT_WRITES = ("ids_clamp_", "hidden_view_add_", "labels_fill_")
 
 
 def draw_spec(pick: Pick) -> Spec:
@@ -71,6 +77,7 @@ def draw_spec(pick: Pick) -> Spec:
     inplace = tuple(x for x in ("q_mul_", "scores_div_", "residual_add_", "mlp_mul_")
                     if (x != "scores_div_" or manual)
                     and pick(f"inplace_{x}", RARE if x == "scores_div_" else [False, True]))
+    inplace += tuple(x for x in INPUT_WRITES if pick(f"inplace_{x}", [False, False, True]))
     return Spec(
         batch=pick("batch", [1, 2]), seq=pick("seq", [8, 12, 16, 10]), heads=heads, kv_heads=kv_heads,
         layers=pick("layers", [1, 2]), spelling=spelling, gqa=gqa,
@@ -316,12 +323,18 @@ class DiffLM(torch.nn.Module):
         self.head = torch.nn.Linear(E, V)
 
     def forward(self, ids, pad, labels):
+        if "ids_clamp_" in self.spec.inplace:   # the caller sees its ids written (before the embedding
+            ids.clamp_(max=V - 3)               # saves them for its backward)
         x = self.emb(ids)
+        if "hidden_view_add_" in self.spec.inplace:
+            x[..., : E // 2] += 0.5
         if self.spec.rope == "learned_pos":
             x = x + self.pos(torch.arange(ids.shape[1], device=ids.device))
         for block in self.blocks:
             x = block(x, pad)
         logits = self.head(x)
+        if "labels_fill_" in self.spec.inplace:
+            labels.masked_fill_(pad == 0, -100)
         if not self.spec.loss:
             return (logits,)
         return logits, F.cross_entropy(logits.reshape(-1, V), labels.reshape(-1))
@@ -347,12 +360,13 @@ def _run(model, inputs, backend: str):
     torch._dynamo.reset()
     first = len(rb.HISTORY)
     opts = {"options": {"inner": "eager"}} if backend == "ring" else {}
+    inputs = [x.clone() for x in inputs]  # the model may write into them: each run gets its own
     out = torch.compile(model, backend=backend, dynamic=False, **opts)(*inputs)
     g = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(9), dtype=out[0].dtype)
     total = (out[0] * g).sum() + (out[1] if len(out) > 1 else 0)
     total.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
-    return [o.detach() for o in out], grads, rb.HISTORY[first:]
+    return [o.detach() for o in out], grads, rb.HISTORY[first:], inputs
 
 
 def _rel(a, b) -> float:
@@ -363,9 +377,11 @@ def run_example(spec: Spec, world: int) -> dict:
     """Errors of ring vs aot_eager, and what the backend did: {"out", "grad", "sharded", "reasons", ...}."""
     model, inputs = build(spec)
     ref = copy.deepcopy(model)
-    r_out, r_grads, _ = _run(ref, inputs, "aot_eager")
-    out, grads, entries = _run(model, inputs, "ring")
-    errs = {"out": max(_rel(a, b) for a, b in zip(out, r_out, strict=True))}
+    r_out, r_grads, _, r_after = _run(ref, inputs, "aot_eager")
+    out, grads, entries, after = _run(model, inputs, "ring")
+    errs = {"out": max(_rel(a, b) for a, b in zip(out, r_out, strict=True)),
+            # the inputs after the call (in-place writes the caller sees): how many entries differ
+            "inputs": float(sum((a != b).sum().item() for a, b in zip(after, r_after, strict=True)))}
     scale = max(g.abs().max().item() for g in r_grads.values() if g is not None) or 1.0
     gerr, missing = 0.0, []
     for name, rg in r_grads.items():

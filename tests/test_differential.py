@@ -2,13 +2,15 @@
 with a reason, on small random transformer-like models (tests/diff_models.py).
 
 The models draw from the ops real models use around attention: RoPE (rotate_half, interleaved, complex
-view_as_complex / view_as_real), type_as / to(dtype), in-place arithmetic on activations and scores, a
+view_as_complex / view_as_real), type_as / to(dtype), in-place arithmetic on activations and scores,
+in-place writes into the inputs (the sharded ids, the labels) and through a view of the embedded shard, a
 custom autograd.Function with its own backward, learned relative-position and ALiBi biases, DeBERTa's
 content->position bias (a gather of q @ pos_k^T over relative positions, on merged-head (B*H, S, S)
 scores before their 4-D view in the bmm spelling), causal /
 padding / sliding-window masks (bool or finfo.min additive), GQA through repeat_interleave, expand or
 SDPA's enable_gqa, SDPA vs matmul / bmm (merged heads) / einsum spellings, attention sinks, and K/V
-caches (an empty past, a learned prefix). Logits, the loss and every parameter gradient must agree
+caches (an empty past, a learned prefix). Logits, the loss, every parameter gradient and the inputs as the
+call leaves them must agree
 (float64; float32-accurate where the model runs its softmax in float32). A model the backend does not
 shard must say why; and most examples must be sharded, so the comparison is not vacuous.
 

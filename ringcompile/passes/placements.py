@@ -264,6 +264,17 @@ def is_pointwise(target: Any) -> bool:
     return torch.Tag.pointwise in tags
 
 
+def inplace_twin(target: Any) -> Any:
+    """The functional overload of an in-place aten op (``masked_fill_.Scalar`` -> ``masked_fill.Scalar``),
+    else None. A write into a shard keeps the functional op's dim rule: it writes the local shard's rows, in
+    place, as one device writes the whole tensor's (``copy_(dst, src)`` broadcasts src into dst)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.name.startswith("aten::") or not schema.name.endswith("_"):
+        return None
+    packet = getattr(aten, schema.name[len("aten::"):-1], None)
+    return getattr(packet, schema.overload_name or "default", None) if packet is not None else None
+
+
 def tensor_paths(node: fx.Node) -> list[ArgPath]:
     paths = []
     for i, a in enumerate(node.args):
@@ -285,7 +296,7 @@ def links_for(node: fx.Node) -> OpRule | None:
         return fn(node)
     if out is None:
         return None
-    if is_pointwise(t) or t in SAME_SHAPE_OPS:
+    if is_pointwise(t) or t in SAME_SHAPE_OPS or inplace_twin(t) in SAME_SHAPE_OPS or t == aten.copy_.default:
         paths = tensor_paths(node)
         passive: tuple[ArgPath, ...] = ()
         if t in DTYPE_TEMPLATE_OPS:

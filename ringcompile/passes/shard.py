@@ -48,6 +48,7 @@ from ringcompile.ops import RingCall
 from ringcompile.options import Options
 from ringcompile.spec import register_spec
 
+from .aliases import Aliases, written_arg
 from .aten import RING_ATTENTION
 from .placements import (
     GETITEM,
@@ -171,6 +172,11 @@ class _Sharder:
         self.gathers: list[str] = []
         self.gather_reasons: dict[str, str] = {}
         self.reductions = 0
+        # in-place writes: which values share storage on one device, and where sharding breaks that
+        self.aliases = Aliases(gm.graph)
+        self.fresh: set[fx.Node] = set()      # a copy locally, not a view of the value it aliases globally
+        self.overbroad: set[fx.Node] = set()  # x[:, :n] of a shard: locally the whole shard (past n rows)
+        self.written_inputs: dict[fx.Node, None] = {}  # sharded graph inputs written in place (copied back)
 
     # ------------------------------------------------------------------ lengths written into the graph
 
@@ -294,6 +300,9 @@ class _Sharder:
         """Fallback: compute ``node`` on full, replicated inputs."""
         if any(not isinstance(self.placement(get_arg(node, p)), Replicate) for p in tensor_paths(node)):
             log.info("ringcompile shard: %s (%s) runs on the full sequence: %s", node.name, node.target, why)
+        src = self.aliases.parent.get(node)
+        if src is not None and not isinstance(self.placement(src), Replicate):
+            self.fresh.add(node)  # a view of a gathered (or reduced) copy, not of the value itself
         for path in tensor_paths(node):
             arg = get_arg(node, path)
             if isinstance(self.placement(arg), Shard):
@@ -324,6 +333,58 @@ class _Sharder:
                 self.outputs(node)
 
     def visit(self, node: fx.Node) -> None:
+        target = written_arg(node)  # read before the walk rewires the arguments to local values
+        self._visit(node)
+        if target is not None:
+            self.after_write(node, target)
+
+    def after_write(self, node: fx.Node, target: fx.Node) -> None:
+        """``node`` wrote in place into ``target``: check that the write reaches locally every value it
+        reaches on one device (else raise: the graph runs unsharded), forget conversions taken of those
+        values before the write, and note a sharded graph input the write lands in (copied back at the
+        end)."""
+        al = self.aliases
+        chain = al.chain(target)
+        over = next((a for a in chain if a in self.overbroad), None)
+        if over is not None:
+            raise UnsupportedPatternError(
+                f"{node.name} ({node.target}) writes in place into {over.name}, a slice x[:, :n] of a "
+                "sequence shard: on each rank it is the whole local shard, so the write would reach "
+                "positions past n")
+        members = al.members(target)
+        # computed on full values from a gathered / reduced copy of the target: the write lands in the copy
+        copied = not isinstance(self.placement(target), Replicate) and isinstance(self.pl.get(node),
+                                                                                   Replicate)
+        reached = self._local_component(node if copied else target, members, cut=node if copied else None)
+        for n in sorted(members - reached, key=lambda n: al.order[n]):
+            if al.read_after(n, node) or n.op == "placeholder":
+                what = "the caller's tensor" if n.op == "placeholder" else f"{n.name}, read after it,"
+                raise UnsupportedPatternError(
+                    f"{node.name} ({node.target}) writes in place into {target.name}, which shares storage "
+                    f"with {what} on one device; on each rank {n.name} is a separate copy (a sequence slice "
+                    "of a shard that is a halo or gathered rows, or a gathered / reduced / sliced copy), so "
+                    "the write would not reach it")
+        self.cache = {k: v for k, v in self.cache.items() if k[1] not in members}
+        root = chain[-1]
+        if root.op == "placeholder" and isinstance(self.pl.get(root), Shard):
+            self.written_inputs[root] = None
+
+    def _local_component(self, start: fx.Node, members: set[fx.Node], cut: fx.Node | None) -> set[fx.Node]:
+        """The values among ``members`` that share ``start``'s storage on each rank: alias links, except
+        those of a value that is a local copy (``fresh``) and of ``cut`` (a write done on a copy)."""
+        al = self.aliases
+        seen, todo = set(), [start]
+        while todo:
+            n = todo.pop()
+            if n in seen or n not in members:
+                continue
+            seen.add(n)
+            if n in al.parent and n not in self.fresh and n is not cut:
+                todo.append(al.parent[n])
+            todo.extend(c for c in al.children.get(n, ()) if c not in self.fresh and c is not cut)
+        return seen
+
+    def _visit(self, node: fx.Node) -> None:
         t = node.target
         if t is GETITEM:
             src, idx = node.args
@@ -592,13 +653,17 @@ class _Sharder:
             return False  # not (sequence length - constant) for every length
         if start not in (0, None):
             end = node.args[3] if len(node.args) > 3 else None
-            return self.shift(node, src, p, dim, start, n) or self.gather_rows(node, src, p, dim, start, end)
+            done = self.shift(node, src, p, dim, start, n) or self.gather_rows(node, src, p, dim, start, end)
+            if done:
+                self.fresh.add(node)  # a halo exchange or gathered rows: a new tensor, not a view of src
+            return done
         if n == shape[dim]:
             self.value[node] = self.value.get(src, src)
             self.pl[node] = p
             return True
         self.value[node] = self.value.get(src, src)
         self.pl[node] = self.shard(dim, 1, n)
+        self.overbroad.add(node)
         return True
 
     def gather_rows(self, node: fx.Node, src: fx.Node, p: Shard, dim: int, start: Any, end: Any) -> bool:
@@ -637,6 +702,7 @@ class _Sharder:
         with self.graph.inserting_before(node):
             self.value[node] = self.graph.call_function(aten.squeeze.dim, (rows, dim))
         self.pl[node] = _replicated_like(node)
+        self.fresh.add(node)
         return True
 
     def _rows(self, node: fx.Node, src: fx.Node, p: Shard, dim: int, a: int, b: int) -> fx.Node | None:
@@ -753,8 +819,21 @@ class _Sharder:
             node.replace_all_uses_with(self.sizes.emit(size_expr(val_of(node))))
         self.pl[node] = R
 
+    def copy_back_inputs(self, before: fx.Node) -> None:
+        """A sharded graph input written in place: each rank wrote its shard (``to_local``'s copy), so the
+        caller's tensor gets the gathered result, as one device writes it."""
+        for x in self.written_inputs:
+            p = self.pl[x]
+            full = self._insert(before, ops.gather_seq.default,
+                                (self.value[x], p.dim, p.inner, self.len_arg(self.vlen(p)), self.padded_arg(),
+                                 self.layout, self.group_name, self.timeout), "gather written input")
+            self._insert(before, aten.copy_.default, (x, full), "copy back written input")
+            log.info("ringcompile shard: input %s is written in place; its shards are gathered and copied "
+                     "back into it", x.name)
+
     def outputs(self, node: fx.Node) -> None:
         sharded_out = self.options.outputs == "sharded"
+        self.copy_back_inputs(node)
 
         def fix(a: Any) -> Any:
             if not isinstance(a, fx.Node):

@@ -25,6 +25,7 @@ flattened together with faster-varying dims), and each rank holds its index list
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.distributed as dist
@@ -122,7 +123,12 @@ def _index(padded: int, group_name: str, layout: str, device) -> Tensor:
 
 def slice_local(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layout: str,
                 world: int, rank: int, fill: float = 0.0) -> Tensor:
-    """Pure slicing (no communication): pad the seq factor to ``padded`` and keep ``rank``'s positions."""
+    """Pure slicing (no communication): pad the seq factor to ``padded`` and keep ``rank``'s positions.
+
+    The result is a fresh tensor, never a view (not even of a buffer made here): the graph may write into
+    a shard in place (``x.add_(1)`` on an input, ``h[..., :4] += 1``), and autograd refuses an in-place
+    write into a view made inside a custom op with its own backward. ``index_select`` writes straight
+    into the merged-shape result, so this costs no extra copy."""
     xs, axis = _split_seq(x, dim, inner, seq_len)
     if padded > seq_len:
         pad_shape = list(xs.shape)
@@ -130,7 +136,11 @@ def slice_local(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layo
         value = fill if xs.is_floating_point() else int(fill)
         xs = torch.cat([xs, xs.new_full(pad_shape, value)], dim=axis)
     idx = layout_index(padded, world, rank, layout, x.device)
-    return _merge_seq(xs.index_select(axis, idx), dim)
+    split = list(xs.shape)
+    split[axis] = idx.numel()
+    out = xs.new_empty(list(x.shape[:dim]) + [math.prod(split[dim:axis + 2])] + list(x.shape[dim + 1:]))
+    torch.index_select(xs, axis, idx, out=out.view(split))
+    return out
 
 
 # ---------------------------------------------------------------------------- reduce_partial
@@ -206,7 +216,7 @@ def _slice_seq(x: Tensor, dim: int, inner: int, seq_len: int, padded: int, layou
     """This rank's shard of a full tensor, without communication (no autograd of its own)."""
     group = group_by_name(group_name)
     return slice_local(x, dim, inner, seq_len, padded, layout, dist.get_world_size(group),
-                       dist.get_rank(group), fill).contiguous()
+                       dist.get_rank(group), fill)
 
 
 @_slice_seq.register_fake
@@ -255,9 +265,13 @@ def _scatter_local(g: Tensor, dim: int, inner: int, seq_len: int, padded: int, l
     gs, axis = _split_seq(g, dim, inner, local_seq)
     shape = list(gs.shape)
     shape[axis] = padded
-    full = gs.new_zeros(shape)
+    flat = gs.new_zeros(list(g.shape[:dim]) + [math.prod(shape[dim:axis + 2])] + list(g.shape[dim + 1:]))
+    full = flat.view(shape)
     full.index_copy_(axis, _index(padded, group_name, layout, g.device), gs)
-    return _merge_seq(full.narrow(axis, 0, seq_len), dim).contiguous()
+    if padded == seq_len:
+        return flat  # never a view (as every collective's output)
+    out = _merge_seq(full.narrow(axis, 0, seq_len), dim).contiguous()
+    return out if out._base is None else out.clone()
 
 
 @_scatter_local.register_fake
