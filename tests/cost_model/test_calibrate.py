@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from ringcompile.cost_model.calibrate import STEPS, calibrate, fit_kernel, fit_link
-from ringcompile.cost_model.profiles import load_profile
 
 import ringcompile
+from ringcompile.cost_model.calibrate import STEPS, calibrate, fit_kernel, fit_link
+from ringcompile.cost_model.profiles import load_profile
 
 
 def test_fit_link_recovers_alpha_and_bandwidth():

@@ -4,11 +4,11 @@ on 4 gloo ranks as 2 x 2 writes a [node]/[intra]/[inter] profile that `plan --pr
 from __future__ import annotations
 
 import pytest
-from ringcompile.cost_model.calibrate_levels import check_factoring, fit_levels, with_levels
-from ringcompile.cost_model.profiles import load_profile
 
 import ringcompile
 from ringcompile.cli import main
+from ringcompile.cost_model.calibrate_levels import check_factoring, fit_levels, with_levels
+from ringcompile.cost_model.profiles import load_profile
 from ringcompile.errors import OptionError
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
+
+from ringcompile.cli import main
 from ringcompile.cost_model.decode import (
     DEFAULT_CALL_SECONDS,
     DecodeHostCost,
@@ -16,8 +18,6 @@ from ringcompile.cost_model.decode import (
     chunk_method_times,
     estimate_decode,
 )
-
-from ringcompile.cli import main
 
 
 @pytest.mark.parametrize("T", [8192, 32771])

@@ -6,6 +6,7 @@ import pytest
 import sympy as sp
 from hypothesis import given
 from hypothesis import strategies as st
+
 from ringcompile.cost_model import symbols as sym
 from ringcompile.cost_model.evaluate import ARGS, strategy_functions
 from ringcompile.cost_model.memory import memory_terms, memory_total

@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+
+from ringcompile.cli import main
 from ringcompile.cost_model import symbols as sym
 from ringcompile.cost_model.evaluate import HYBRID_ARGS, strategy_functions
 from ringcompile.cost_model.planner import plan, plans
 from ringcompile.cost_model.profiles import load_profile
 from ringcompile.cost_model.strategies import hybrid_split, kv_replication
-
-from ringcompile.cli import main
 from ringcompile.errors import OptionError
 from ringcompile.runtime.strategies import hybrid as runtime_hybrid
 
@@ -140,8 +140,8 @@ def test_auto_on_contiguous_causal_shards_ranks_the_layout_it_runs():
     split wins; on contiguous shards its real (imbalanced) time loses to Ulysses, which "auto" then runs.
     The zigzag-balanced estimate would have picked hybrid on both."""
     import torch
-    from ringcompile.cost_model.planner import choose_for_call
 
+    from ringcompile.cost_model.planner import choose_for_call
     from ringcompile.runtime.choice import choose_strategy
     from ringcompile.runtime.user_spec import build_spec
 

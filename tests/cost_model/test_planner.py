@@ -7,10 +7,10 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from ringcompile.cost_model.crossover import best_pieces, crossovers
-from ringcompile.cost_model.planner import choose_for_call
 
 import ringcompile
+from ringcompile.cost_model.crossover import best_pieces, crossovers
+from ringcompile.cost_model.planner import choose_for_call
 from ringcompile.errors import OptionError
 
 BIG = dict(seq_len=1 << 20, world_size=8, heads=32, kv_heads=8, head_dim=128)

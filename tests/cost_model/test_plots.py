@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from ringcompile.cost_model import plots
 
 from ringcompile.cli import main
+from ringcompile.cost_model import plots
 
 WORKLOAD = dict(heads=8, kv_heads=8, head_dim=64, batch=1, dtype="bfloat16", causal=True, backward=False,
                 profile="h100-nvlink")

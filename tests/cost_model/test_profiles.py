@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from ringcompile.cost_model.profiles import (
     available_profiles,
     default_profile_name,
@@ -11,7 +12,6 @@ from ringcompile.cost_model.profiles import (
     profile_from_dict,
 )
 from ringcompile.cost_model.tiles import choose_tiles, measured_forward, shared_memory_bytes
-
 from ringcompile.errors import OptionError
 
 REQUIRED = {"h100-nvlink", "h100-infiniband", "a100-nvlink", "a100-infiniband", "tpu-v4", "cpu-gloo-loopback"}

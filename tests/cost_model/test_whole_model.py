@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ringcompile.cost_model.model_plan import parse_bytes
-from ringcompile.cost_model.whole_model import MemoryModel, estimate_memory
 from torch.utils.checkpoint import checkpoint
 
 from ringcompile.cli import main
+from ringcompile.cost_model.model_plan import parse_bytes
+from ringcompile.cost_model.whole_model import MemoryModel, estimate_memory
 from ringcompile.demo import activation_bytes
 from ringcompile.errors import OptionError
 from ringcompile.models import ModelConfig, build_model

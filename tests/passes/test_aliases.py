@@ -5,8 +5,9 @@ strides), else they copy, so a write into the copy does not reach (nor copy back
 from __future__ import annotations
 
 import torch
-from ringcompile.passes.aliases import Aliases
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from ringcompile.passes.aliases import Aliases
 
 
 def _graph(fn, *args):
