@@ -71,6 +71,14 @@ def saved_bytes(model: torch.nn.Module, fn) -> tuple[object, int]:
     return activation_bytes(fn, list(model.parameters()))
 
 
+def checkpoint_side_effects():
+    """transformers >= 5.25 with Hugging Face's ``kernels`` installed sets a context variable in every
+    checkpointed layer's forward; Dynamo graph-breaks at the checkpoint unless told not to replay it in the
+    backward (what ringcompile's warning tells a user to set; ``ringcompile/dynamo_breaks.py``)."""
+    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    return torch._dynamo.config.patch(**({name: True} if hasattr(torch._dynamo.config, name) else {}))
+
+
 def measure(seq: int, dim: int, layers: int, checkpoint: bool) -> dict:
     """One compiled training step (after a compile step): activation bytes and the loss."""
     from ringcompile import backend
@@ -82,11 +90,12 @@ def measure(seq: int, dim: int, layers: int, checkpoint: bool) -> dict:
     ids = torch.randint(0, VOCAB, (1, seq), generator=g)
     labels = torch.randint(0, VOCAB, (1, seq), generator=g)
     first = len(backend.HISTORY)
-    compiled(input_ids=ids, labels=labels).loss.backward()  # compile
-    model.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    out, saved = saved_bytes(model, lambda: compiled(input_ids=ids, labels=labels))
-    out.loss.backward()
+    with checkpoint_side_effects():
+        compiled(input_ids=ids, labels=labels).loss.backward()  # compile
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        out, saved = saved_bytes(model, lambda: compiled(input_ids=ids, labels=labels))
+        out.loss.backward()
     entries = [e for e in backend.HISTORY[first:] if e.graph is not None]
     return {"bytes": saved, "loss": out.loss.item(), "step_s": time.perf_counter() - t0,
             "sites": sum(s.rewritten for e in entries for s in e.sites),

@@ -21,16 +21,20 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "models"))
 
 TOL = 1e-10
+# transformers >= 5.25 runs Falcon's eager softmax in float32 (``softmax(..., dtype=torch.float32)``) even in
+# a float64 model, so the one-process reference rounds its probabilities to float32 (~1e-8 apart from the
+# ring, which computes in the inputs' float64)
+FALCON_TOL = 1e-6
 
 
-def _check(res: dict, world: int, pattern: str | None) -> None:
+def _check(res: dict, world: int, pattern: str | None, tol: float = TOL) -> None:
     assert "error" not in res, res.get("error")
     assert not res["fallbacks"], res["fallbacks"]
     assert res["sites"] and all(ok for _, ok, _ in res["sites"]), res["sites"]
     assert pattern is None or all(p == pattern for p, _, _ in res["sites"]), res["sites"]
     assert world == 1 or any(res["sharded"]), "the graph was not sequence-sharded"
-    assert res["out"] < TOL, res["out"]
-    bad = {k: v for k, v in res["grads"].items() if not v < TOL}
+    assert res["out"] < tol, res["out"]
+    bad = {k: v for k, v in res["grads"].items() if not v < tol}
     assert not bad, bad
 
 
@@ -63,4 +67,4 @@ def test_relative_bias_two_ranks_bucketed_c2p_p2c_padded(two_ranks):
 def test_falcon_alibi_float64_finfo_min_mask_two_ranks(two_ranks):
     # the lifted where(causal, 0.0, finfo(float64).min) overflowed float32 inside the mod and raised
     for res in two_ranks["case_falcon_alibi"]:
-        _check(res, 2, None)
+        _check(res, 2, None, tol=FALCON_TOL)
