@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..aten import INPLACE, RULE_CASTS, functional_packet, packet_of
+from ..aten import INPLACE, RULE_CASTS, functional_packet, packet_of, val_of
 
 aten = torch.ops.aten
 
@@ -19,6 +19,17 @@ SDPA_OPS = {aten.scaled_dot_product_attention.default}
 
 
 CAST_OPS = RULE_CASTS  # the vocabulary's (passes/aten.py)
+
+
+def is_float_cast(n: object) -> bool:
+    """``n`` casts one floating dtype to another (``.float()`` of scores, not a mask's bool -> float)."""
+    return (isinstance(n, fx.Node) and n.op == "call_function" and n.target in CAST_OPS
+            and isinstance(n.args[0], fx.Node) and _is_float(n) and _is_float(n.args[0]))
+
+
+def _is_float(n: fx.Node) -> bool:
+    val = val_of(n)
+    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
 DROPOUT_OPS = {aten.dropout.default, aten.native_dropout.default}

@@ -21,7 +21,7 @@ import torch.fx as fx
 from ..aten import norm_dim, val_of, value_users
 from .base import Decline, Match, Rule, register_rule
 from .chain import not_attention_reason
-from .ops import CAST_OPS, SOFTMAX_OPS
+from .ops import CAST_OPS, SOFTMAX_OPS, is_float_cast
 from .shapes import _same_shape, _shape, same_size
 
 aten = torch.ops.aten
@@ -55,7 +55,7 @@ def strip_row_shifts(sm: fx.Node, dim: int) -> RowShift | None:
     readers: set[fx.Node] = set()
     while True:
         casts, c = [], cur
-        while _is_float_cast(c):
+        while is_float_cast(c):
             casts.append(c)
             c = c.args[0]
         found = _row_max_shift(c, dim)
@@ -72,16 +72,6 @@ def strip_row_shifts(sm: fx.Node, dim: int) -> RowShift | None:
     if not nodes:
         return None
     return RowShift(cur, downstream, nodes, readers)
-
-
-def _is_float_cast(n: fx.Node) -> bool:
-    return (isinstance(n, fx.Node) and n.op == "call_function" and n.target in CAST_OPS
-            and isinstance(n.args[0], fx.Node) and _is_float(n) and _is_float(n.args[0]))
-
-
-def _is_float(n: fx.Node) -> bool:
-    val = val_of(n)
-    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
 def _row_max_shift(sub: fx.Node, dim: int) -> tuple[set[fx.Node], fx.Node] | None:

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from ..aten import norm_dim, val_of, value_users
-from .ops import CAST_OPS
+from .ops import is_float_cast
 from .shapes import _shape, same_size
 
 aten = torch.ops.aten
@@ -19,7 +19,7 @@ def strip_sink(x: fx.Node) -> tuple[fx.Node, fx.Node, set[fx.Node]] | None:
     site computes in its own dtype). Row-max shifts are stripped before (``shift.softmax_input``).
     Returns (scores, sink column, nodes dead after the rewrite)."""
     casts: set[fx.Node] = set()
-    while x.target in CAST_OPS and isinstance(x.args[0], fx.Node) and _is_float(x) and _is_float(x.args[0]):
+    while is_float_cast(x):
         if len(value_users(x.args[0])) != 1:
             return None
         casts.add(x)
@@ -37,11 +37,6 @@ def strip_sink(x: fx.Node) -> tuple[fx.Node, fx.Node, set[fx.Node]] | None:
     if _reads(sink, scores):
         return None
     return scores, sink, casts | {x}
-
-
-def _is_float(n: fx.Node) -> bool:
-    val = val_of(n)
-    return isinstance(val, torch.Tensor) and val.dtype.is_floating_point
 
 
 def _reads(node: fx.Node, target: fx.Node) -> bool:
