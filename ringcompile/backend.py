@@ -13,7 +13,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from .dynamo_breaks import checked_on_first_call, warn_checkpoint_breaks
+from .dynamo_breaks import checked_on_first_call, warn_hop_breaks
 from .errors import OptionError, UnshardedAttentionError
 from .log import get_logger
 from .options import Options
@@ -217,7 +217,7 @@ def _two_level(opts: Options) -> Options:
 def ring_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                  options: Mapping[str, Any] | Options | None = None) -> Callable:
     """``torch.compile(model, backend="ring", options={...})`` lands here: run ``passes.STAGES``."""
-    warn_checkpoint_breaks()
+    warn_hop_breaks()
     return checked_on_first_call(_compile(gm, example_inputs, options))
 
 

@@ -24,7 +24,7 @@ CHECKPOINT_REMEDY = ("set torch._dynamo.config.skip_fwd_side_effects_in_bwd_unde
 REMEDY = "move the side effect out of the region (Dynamo's hint above says how)"
 
 
-def checkpoint_breaks() -> list[str]:
+def hop_breaks() -> list[str]:
     """Dynamo's graph-break reasons so far at a higher-order op (a checkpointed region among them)."""
     try:
         from torch._dynamo.utils import counters
@@ -33,16 +33,16 @@ def checkpoint_breaks() -> list[str]:
     return [r for r in counters.get("graph_break", {}) if str(r).startswith("HOP")]
 
 
-def warn_checkpoint_breaks() -> list[str]:
+def warn_hop_breaks() -> list[str]:
     """Log a WARNING for each new higher-order-op graph-break reason; returns the new ones."""
-    new = [r for r in checkpoint_breaks() if r not in _warned]
+    new = [r for r in hop_breaks() if r not in _warned]
     for reason in new:
         _warned.add(reason)
         first = " ".join(str(reason).split())[:300]
         remedy = CHECKPOINT_REMEDY if "torch.utils.checkpoint" in str(reason) else REMEDY
-        log.warning("ringcompile: Dynamo graph-broke at a checkpointed region (a higher-order op), "
-                    "which then runs eagerly outside the compiled graphs: attention in it is not sharded "
-                    "and not in explain(): %s. To fix: %s", first, remedy)
+        log.warning("ringcompile: Dynamo graph-broke at a higher-order op (a checkpointed region, a "
+                    "cond, ...), which then runs eagerly outside the compiled graphs: attention in it is not "
+                    "sharded and not in explain(): %s. To fix: %s", first, remedy)
     return new
 
 
@@ -55,7 +55,7 @@ def checked_on_first_call(compiled: Callable) -> Callable:
         nonlocal done
         if not done:
             done = True
-            warn_checkpoint_breaks()
+            warn_hop_breaks()
         return compiled(*args)
 
     if getattr(compiled, "_boxed_call", False):
