@@ -75,8 +75,9 @@ def checkpoint_side_effects():
     """transformers >= 5.25 with Hugging Face's ``kernels`` installed sets a context variable in every
     checkpointed layer's forward; Dynamo graph-breaks at the checkpoint unless told not to replay it in the
     backward (what ringcompile's warning tells a user to set; ``ringcompile/dynamo_breaks.py``)."""
-    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
-    return torch._dynamo.config.patch(**({name: True} if hasattr(torch._dynamo.config, name) else {}))
+    from ringcompile.dynamo_breaks import skip_checkpoint_side_effects
+
+    return skip_checkpoint_side_effects()
 
 
 def measure(seq: int, dim: int, layers: int, checkpoint: bool) -> dict:

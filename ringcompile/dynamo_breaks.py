@@ -18,10 +18,20 @@ log = get_logger(__name__)
 
 _warned: set[str] = set()
 
-CHECKPOINT_REMEDY = ("set torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True before "
+# the Dynamo setting that lets a checkpointed region with a side effect be captured whole
+CHECKPOINT_SETTING = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+CHECKPOINT_REMEDY = (f"set torch._dynamo.config.{CHECKPOINT_SETTING} = True before "
                      "compiling (the side effect is then not replayed by the backward's recompute), or "
                      "remove the side effect")
 REMEDY = "move the side effect out of the region (Dynamo's hint above says how)"
+
+
+def skip_checkpoint_side_effects() -> Any:
+    """A ``torch._dynamo.config.patch`` setting ``CHECKPOINT_SETTING`` (no-op on a torch without it)."""
+    import torch
+
+    return torch._dynamo.config.patch(**({CHECKPOINT_SETTING: True}
+                                          if hasattr(torch._dynamo.config, CHECKPOINT_SETTING) else {}))
 
 
 def hop_breaks() -> list[str]:
